@@ -1,0 +1,329 @@
+"""The format-neutral adapter model: what every reader produces and every writer and the merge engine consume.
+
+An `Adapter` is a list of `Delta`s, each naming the base tensor it changes (`target`, in the base checkpoint's
+own naming once resolved) and able to produce its dense update for that tensor. Orientation and scale quirks
+of the on-disk format are resolved by the reader; the few that need the base (GPT-2 Conv1D orientation,
+square layers) are resolved at plan time by `Delta.resolve(base_shape, hint)`.
+
+Conventions:
+* factors are kept as loaded (CPU, stored dtype) and moved to the compute device / fp32 only when applied;
+* `scale` is the resolved per-module multiplier (alpha/r, alpha/sqrt(r), an absolute scale ...);
+* `contribution(W)` returns the fp32 update ΔW to *add* to W (so W' = W + Σ weight·ΔW), which for DoRA and IA³
+  depends on W itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+
+from loraport.errors import PlanError
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class Delta:
+    """Base class. `target` is the base tensor name; `rows` optionally restricts the update to a row slice
+    [start, stop) of the target (fused projections such as CLIP's in_proj_weight)."""
+
+    target: str
+    rows: tuple[int, int] | None = field(default=None, kw_only=True)
+    source_key: str = field(default="", kw_only=True)  # the adapter key it came from, for messages
+
+    kind: ClassVar[str] = "delta"
+
+    # --- plan time -------------------------------------------------------------------------------
+    def implied_shape(self) -> Shape | None:
+        """The shape of the (row-sliced) target this delta implies, or None if it cannot say."""
+        return None
+
+    def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
+        """Return a copy whose orientation is fixed for a target of `base_shape`, or raise PlanError.
+        `hint` is the checkpoint's layer kind for the target ("conv1d" for GPT-2 style, else None)."""
+        want = self.implied_shape()
+        have = self._sliced(base_shape)
+        if want is not None and tuple(want) != tuple(have):
+            raise PlanError(
+                f"shape mismatch for {self.target}: adapter key {self.source_key or '?'} implies "
+                f"{list(want)}, base tensor is {list(have)}"
+            )
+        return self
+
+    def _sliced(self, base_shape: Shape) -> Shape:
+        if self.rows is None:
+            return tuple(base_shape)
+        return (self.rows[1] - self.rows[0], *base_shape[1:])
+
+    # --- compute ---------------------------------------------------------------------------------
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        """fp32 ΔW for (the row slice of) W, on W's device. W is fp32 and must not be modified."""
+        raise NotImplementedError
+
+    def apply_(self, W: torch.Tensor, weight: float = 1.0, base: torch.Tensor | None = None) -> None:
+        """W += weight·ΔW in place. `base` is the unmodified base tensor (for W-dependent deltas) when
+        W already carries other updates; defaults to W itself."""
+        ref = W if base is None else base
+        if self.rows is not None:
+            a, b = self.rows
+            W[a:b].add_(self.contribution(ref[a:b]), alpha=weight)
+        else:
+            W.add_(self.contribution(ref), alpha=weight)
+
+    @property
+    def depends_on_base(self) -> bool:
+        return False
+
+    # --- description -----------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return 0
+
+    def rank(self) -> int | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "target": self.target, "rank": self.rank(), "params": self.num_params()}
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+@dataclass
+class LoraDelta(Delta):
+    """ΔW = scale · (B @ A), optionally transposed, reshaped to a conv kernel, with Tucker `mid` and DoRA.
+
+    A: [r, in] (conv: [r, in, kh, kw]); B: [out, r] (conv: [out, r, 1, 1]).
+    transpose: the target stores (B@A)ᵀ (PEFT embeddings, GPT-2 Conv1D). None = decide at plan time from the
+      base (layer hint, then shape).
+    mid: Tucker core [r, r, kh, kw] (LyCORIS/kohya `lora_mid`): ΔW[o,i,h,w] = Σ B[o,a]·mid[a,b,h,w]·A[b,i].
+    magnitude / dora_axis: DoRA. `dora_axis` says which axis of B@A the magnitude indexes: "out" (PEFT, MLX,
+      torchtune, LyCORIS ≥3.2) or "in" (older LyCORIS / kohya). W' = m/‖W+ΔW‖ ⊙ (W+ΔW), norm over the other axes.
+    """
+
+    A: torch.Tensor = None  # type: ignore[assignment]
+    B: torch.Tensor = None  # type: ignore[assignment]
+    scale: float = 1.0
+    transpose: bool | None = False
+    mid: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    dora_axis: str = "out"
+    dora_eps: float = 0.0
+    alpha: float | None = None  # as stored, for inspect/writers; scale is what the math uses
+    scale_rule: str = "alpha/r"
+
+    kind: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        if self.A is None or self.B is None:
+            raise PlanError(f"LoRA factors missing for {self.target}")
+
+    # shapes -------------------------------------------------------------------------------------
+    def _product_shape(self) -> Shape:
+        """Shape of B@A before any transpose (conv: the full kernel shape)."""
+        out = self.B.shape[0]
+        if self.A.dim() > 2:  # conv: [r, in, kh, kw]
+            if self.mid is not None:
+                return (out, self.A.shape[1], *self.mid.shape[2:])
+            return (out, *self.A.shape[1:])
+        if self.mid is not None and self.mid.dim() > 2:
+            return (out, self.A.shape[1], *self.mid.shape[2:])
+        return (out, self.A.shape[1])
+
+    def implied_shape(self) -> Shape | None:
+        s = self._product_shape()
+        if self.transpose:
+            return (s[1], s[0], *s[2:])
+        return s
+
+    def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
+        have = self._sliced(base_shape)
+        prod = self._product_shape()
+        straight = tuple(prod)
+        flipped = (prod[1], prod[0], *prod[2:])
+        t = self.transpose
+        if t is None:
+            if hint == "conv1d" and len(prod) == 2:
+                t = True
+            elif have == straight:
+                t = False
+            elif have == flipped:
+                t = True
+            else:
+                t = False
+        want = flipped if t else straight
+        # a 1x1 conv base may be stored 2-D or 4-D: accept both when the element counts agree
+        if have != want and not (
+            len(prod) in (2, 4) and math.prod(have) == math.prod(want) and _squeeze11(have) == _squeeze11(want)
+        ):
+            raise PlanError(
+                f"shape mismatch for {self.target}: adapter key {self.source_key or '?'} implies "
+                f"{list(want)}, base tensor is {list(have)}"
+            )
+        return replace(self, transpose=t)
+
+    # math -----------------------------------------------------------------------------------------
+    def product(self, device: torch.device) -> torch.Tensor:
+        """scale·B@A in fp32 with the orientation of B@A (not transposed), kernel-shaped for convs."""
+        A = _f32(self.A, device)
+        B = _f32(self.B, device)
+        out, r = B.shape[0], B.shape[1]
+        if self.mid is not None:
+            mid = _f32(self.mid, device)
+            # ΔW[o,i,...] = Σ_ab B[o,a] mid[a,b,...] A[b,i]
+            d = torch.einsum("ab...,oa,bi->oi...", mid, B.reshape(out, -1), A.reshape(A.shape[0], -1))
+        else:
+            d = (B.reshape(out, r) @ A.reshape(A.shape[0], -1)).reshape(self._product_shape())
+        if self.scale != 1.0:
+            d.mul_(self.scale)
+        return d
+
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        d = self.product(W.device)
+        if self.transpose:
+            d = d.transpose(0, 1)
+        d = d.reshape(W.shape)
+        if self.magnitude is None:
+            return d
+        return dora_contribution(W, d, self.magnitude, self._dora_dim(), self.dora_eps)
+
+    def _dora_dim(self) -> int:
+        axis = 0 if self.dora_axis == "out" else 1
+        return 1 - axis if self.transpose else axis
+
+    def apply_(self, W: torch.Tensor, weight: float = 1.0, base: torch.Tensor | None = None) -> None:
+        plain_2d = self.magnitude is None and self.mid is None and self.A.dim() == 2 and W.dim() == 2
+        if not plain_2d:
+            return super().apply_(W, weight, base)
+        # fast path: W += (weight·scale) · B@A with one fused addmm_, no ΔW temporary beyond the GEMM
+        tgt = W if self.rows is None else W[self.rows[0] : self.rows[1]]
+        A = _f32(self.A, W.device)
+        B = _f32(self.B, W.device)
+        if self.transpose:
+            tgt.addmm_(A.t(), B.t(), alpha=weight * self.scale)
+        else:
+            tgt.addmm_(B, A, alpha=weight * self.scale)
+
+    @property
+    def depends_on_base(self) -> bool:
+        return self.magnitude is not None
+
+    def rank(self) -> int | None:
+        return int(self.A.shape[0])
+
+    def num_params(self) -> int:
+        n = self.A.numel() + self.B.numel()
+        n += 0 if self.mid is None else self.mid.numel()
+        n += 0 if self.magnitude is None else self.magnitude.numel()
+        return n
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(scale=self.scale, alpha=self.alpha, scale_rule=self.scale_rule, dora=self.magnitude is not None)
+        if self.mid is not None:
+            d["tucker"] = True
+        return d
+
+
+def _squeeze11(shape: Shape) -> Shape:
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
+def dora_contribution(W: torch.Tensor, d: torch.Tensor, magnitude: torch.Tensor, dim: int, eps: float = 0.0):
+    """ΔW such that W + ΔW = m/‖W+d‖ ⊙ (W+d), the norm taken over every axis except `dim` (PEFT's DoRA merge)."""
+    merged = W + d
+    other = [i for i in range(merged.dim()) if i != dim]
+    norm = torch.linalg.vector_norm(merged, dim=other, keepdim=True)
+    if eps:
+        norm = norm + eps
+    view = [1] * merged.dim()
+    view[dim] = -1
+    m = magnitude.to(device=W.device, dtype=torch.float32).reshape(view)
+    return merged.mul_(m / norm).sub_(W)
+
+
+@dataclass
+class FullDelta(Delta):
+    """A dense difference ΔW (LyCORIS full/diff, bias diffs), times `scale`."""
+
+    diff: torch.Tensor = None  # type: ignore[assignment]
+    scale: float = 1.0
+    kind: ClassVar[str] = "full"
+
+    def implied_shape(self) -> Shape | None:
+        return tuple(self.diff.shape)
+
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        d = _f32(self.diff, W.device).reshape(W.shape)
+        return d * self.scale if self.scale != 1.0 else d.clone()
+
+    def num_params(self) -> int:
+        return self.diff.numel()
+
+
+@dataclass
+class ReplaceDelta(Delta):
+    """A full replacement of the target (PEFT `modules_to_save`, resized embeddings). With weight w the result
+    is W + w·(R − W), so w = 1 replaces exactly."""
+
+    value: torch.Tensor = None  # type: ignore[assignment]
+    kind: ClassVar[str] = "replace"
+
+    def implied_shape(self) -> Shape | None:
+        return tuple(self.value.shape)
+
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        return _f32(self.value, W.device).reshape(W.shape) - W
+
+    @property
+    def depends_on_base(self) -> bool:
+        return True
+
+    def num_params(self) -> int:
+        return self.value.numel()
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: its deltas plus what we know about where it came from."""
+
+    deltas: list[Delta]
+    format: str
+    path: str = ""
+    config: dict = field(default_factory=dict)  # the raw config we read (PEFT adapter_config.json, ...)
+    metadata: dict = field(default_factory=dict)  # file metadata (safetensors __metadata__, GGUF KV, ...)
+    notes: list[str] = field(default_factory=list)  # quirks worth telling a user ("alpha missing: scale 1")
+    files: list[str] = field(default_factory=list)  # the files read, for provenance hashes
+    name: str = ""
+
+    def __post_init__(self):
+        seen: dict[tuple, str] = {}
+        for d in self.deltas:
+            key = (d.target, d.rows)
+            if key in seen:
+                raise PlanError(
+                    f"adapter {self.path or self.name}: two entries update {d.target}"
+                    f" ({seen[key] or '?'} and {d.source_key or '?'})"
+                )
+            seen[key] = d.source_key
+
+    @property
+    def targets(self) -> list[str]:
+        return [d.target for d in self.deltas]
+
+    def num_params(self) -> int:
+        return sum(d.num_params() for d in self.deltas)
+
+    def ranks(self) -> list[int]:
+        return sorted({r for d in self.deltas if (r := d.rank()) is not None})
+
+    def kinds(self) -> list[str]:
+        return sorted({d.kind for d in self.deltas})
+
+    def renamed(self, mapping: dict[str, str]) -> Adapter:
+        """A copy whose targets are renamed through `mapping` (unmapped names are kept)."""
+        ds = [replace(d, target=mapping.get(d.target, d.target)) for d in self.deltas]
+        return replace(self, deltas=ds)

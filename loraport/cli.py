@@ -1,0 +1,53 @@
+"""The command line: a thin click layer over the Python API.
+
+Commands live in `loraport/commands/<name>.py`, each exposing `register(group)`; they are discovered here so
+that adding a command never means editing a shared switch. A `LoraportError` becomes one line on stderr and
+its exit code (2 bad input / usage, 1 failure); an unexpected exception also prints one line (set
+LORAPORT_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import click
+
+from loraport import __version__
+from loraport.errors import LoraportError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoraportError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except MemoryError:
+            click.echo("error: out of memory", err=True)
+            sys.exit(1)
+        except OSError as e:
+            if os.environ.get("LORAPORT_DEBUG"):
+                raise
+            click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="loraport")
+def main() -> None:
+    """Merge, convert, re-quantize and export LoRA / QLoRA adapters, with parity checks."""
+
+
+def _discover() -> None:
+    from loraport import commands
+
+    for m in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"loraport.commands.{m.name}").register(main)
+
+
+_discover()

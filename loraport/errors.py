@@ -1,0 +1,28 @@
+"""The error hierarchy. Every user-facing failure is a LoraportError with a message a user can act on;
+the CLI prints it as one line and exits with `exit_code` (2 = bad input / usage, 1 = failure)."""
+
+
+class LoraportError(Exception):
+    exit_code = 2
+
+
+class BadInputError(LoraportError):
+    """A file or argument we were given is unusable (missing, malformed, unsupported)."""
+
+
+class UnsafeInputError(BadInputError):
+    """An input would need code execution (a pickle beyond weights_only) to load."""
+
+
+class PlanError(BadInputError):
+    """The adapter(s) and base do not fit together (unmatched targets, shape mismatch, duplicates)."""
+
+
+class OutputError(LoraportError):
+    """The output cannot be written where asked (exists, inside an input, no space)."""
+
+
+class ValidationFailed(LoraportError):
+    """An artifact's outputs disagree with the reference beyond tolerance."""
+
+    exit_code = 1

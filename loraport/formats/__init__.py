@@ -1,0 +1,97 @@
+"""Adapter formats: one module per on-disk format, each registering an `AdapterFormat` subclass with
+`@register`. Modules in this package are discovered automatically, so adding a format is adding a file
+(and its spec in the top-level `formats/<name>.md`)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loraport.errors import BadInputError
+
+if TYPE_CHECKING:
+    from loraport.adapter import Adapter
+    from loraport.checkpoint import Checkpoint
+
+_REGISTRY: dict[str, type[AdapterFormat]] = {}
+
+
+class AdapterFormat:
+    """One on-disk adapter format. Subclasses set the class attributes and implement `detect` and `read`
+    (and `write` where the format can be written)."""
+
+    name: str = ""
+    title: str = ""  # human name for tables
+    spec: str = ""  # formats/<spec>.md
+    readable: bool = True
+    writable: bool = False
+    mergeable: bool = True  # loraport merge accepts it
+
+    @classmethod
+    def detect(cls, path: Path) -> int:
+        """Confidence 0..100 that `path` is in this format (0: certainly not). Must be cheap and never raise."""
+        return 0
+
+    @classmethod
+    def read(cls, path: Path, base: Checkpoint | None = None, **options) -> Adapter:
+        raise NotImplementedError
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, base: Checkpoint | None = None, **options) -> list[Path]:
+        raise BadInputError(f"writing the {cls.name} format is not supported")
+
+
+def register(cls: type[AdapterFormat]) -> type[AdapterFormat]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
+
+
+def formats() -> dict[str, type[AdapterFormat]]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_format(name: str) -> type[AdapterFormat]:
+    fmts = formats()
+    if name not in fmts:
+        raise BadInputError(f"unknown format {name!r}; known: {', '.join(fmts)}")
+    return fmts[name]
+
+
+def detect(path: str | Path) -> type[AdapterFormat]:
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"adapter not found: {p}")
+    scored = sorted(((f.detect(p), n) for n, f in formats().items()), reverse=True)
+    if not scored or scored[0][0] <= 0:
+        raise BadInputError(
+            f"{p}: not a recognised adapter (tried {', '.join(formats())}); pass --format to force one"
+        )
+    return formats()[scored[0][1]]
+
+
+def load_adapter(path: str | Path, format: str | None = None, base: Checkpoint | None = None, **options) -> Adapter:
+    """Read an adapter from `path` (format auto-detected unless given). `base`, when known, lets readers
+    whose keys only make sense against a base (kohya, GGUF) name their targets in the base's naming."""
+    fmt = get_format(format) if format else detect(path)
+    adapter = fmt.read(Path(path), base=base, **options)
+    if not adapter.deltas:
+        raise BadInputError(f"{path}: the adapter has no tensors that loraport can apply")
+    return adapter

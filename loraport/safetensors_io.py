@@ -1,0 +1,266 @@
+"""Safetensors read and write, streaming and validated.
+
+Reading: the header is checked before anything is allocated from it (length within the file, valid JSON,
+known dtypes, shapes and offsets that fit the file and do not overlap), then tensors are served as zero-copy
+views of a read-only memory map. Writing: `StreamingWriter` takes the full list of (name, dtype, shape) up
+front — the plan knows it — writes the header, then accepts tensors one by one in that order, so a shard is
+never held in memory.
+
+Layout (little-endian): u64 header length N · N bytes of JSON {name: {dtype, shape, data_offsets:[b,e]},
+"__metadata__": {str: str}} padded with spaces · data, offsets relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraport.errors import BadInputError
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_BAD_NAME = re.compile(r"[\x00-\x1f]")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file. Tensors come back as read-only zero-copy views
+    (clone before modifying)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise BadInputError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or n + 8 > size:
+                    raise BadInputError(
+                        f"{self.path}: corrupted safetensors header (header length {n} exceeds the file "
+                        f"size {size}); the file is truncated or not safetensors"
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise BadInputError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            raise BadInputError(f"{self.path}: corrupted safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise BadInputError(f"{self.path}: corrupted safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise BadInputError(f"{self.path}: safetensors __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, ent in header.items():
+            self.tensors[name] = info = _check_entry(self.path, name, ent, self.data_start, data_len)
+            spans.append((info.begin, info.end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise BadInputError(f"{self.path}: tensors {n0!r} and {n1!r} overlap in the data section")
+        self._mm: mmap.mmap | None = None
+        self._size = size
+
+    # ordered as in the data section, which is how writers (and our streaming writer) lay them out
+    def names(self) -> list[str]:
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: t.begin)]
+
+    def _map(self) -> mmap.mmap | None:
+        if self._mm is None and self._size > 0:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def raw(self, name: str) -> memoryview:
+        info = self.tensors[name]
+        mm = self._map()
+        if info.nbytes == 0:
+            return memoryview(b"")
+        return memoryview(mm)[info.begin : info.end]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise BadInputError(f"{self.path}: no tensor named {name!r}")
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: we never write through it
+            t = torch.frombuffer(self.raw(name), dtype=info.dtype)
+        return t.reshape(info.shape)
+
+    def load_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor, copied out of the map (for small files: adapters)."""
+        return {n: self.get(n).clone() for n in self.names()}
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # views still alive; the map closes when they go
+                pass
+            self._mm = None
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _check_entry(path: Path, name: str, ent, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor {name[:80]!r}"
+    if not name or _BAD_NAME.search(name) or len(name) > 1024:
+        raise BadInputError(f"{path}: invalid tensor name {name[:80]!r}")
+    if not isinstance(ent, dict):
+        raise BadInputError(f"{where}: header entry is not an object")
+    dt = ent.get("dtype")
+    if dt not in DTYPES:
+        raise BadInputError(f"{where}: unknown dtype {str(dt)[:20]!r}")
+    shape = ent.get("shape")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**48 for s in shape
+    ):
+        raise BadInputError(f"{where}: invalid shape {str(shape)[:60]}")
+    offs = ent.get("data_offsets")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                for o in offs)):
+        raise BadInputError(f"{where}: invalid data_offsets")
+    b, e = offs
+    if not 0 <= b <= e <= data_len:
+        raise BadInputError(f"{where}: data offsets {offs} outside the file's data section ({data_len} bytes)")
+    dtype = DTYPES[dt]
+    if math.prod(shape) * itemsize(dtype) != e - b:
+        raise BadInputError(f"{where}: {e - b} bytes do not hold shape {shape} of {dt}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a CPU tensor without a copy when it is contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class StreamingWriter:
+    """Write one safetensors file whose header is known in advance; tensors arrive in order, one at a time."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        off = 0
+        self.order: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            if name in header:
+                raise BadInputError(f"duplicate output tensor {name!r}")
+            n = math.prod(shape) * itemsize(dtype)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            self.order.append((name, n))
+            off += n
+        self.total = off
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(len(blob)) % 8)  # align the data section to 8 bytes
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._i = 0
+        self.bytes_written = 0
+
+    def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
+        exp_name, exp_n = self.order[self._i]
+        if name != exp_name:
+            raise RuntimeError(f"writer expected {exp_name!r}, got {name!r}")
+        buf = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
+        if buf.nbytes != exp_n:
+            raise RuntimeError(f"{name}: {buf.nbytes} bytes, header says {exp_n}")
+        self._f.write(buf)
+        self._i += 1
+        self.bytes_written += exp_n
+
+    def close(self) -> None:
+        if self._i != len(self.order):
+            self._f.close()
+            raise RuntimeError(f"{self.path}: only {self._i} of {len(self.order)} tensors written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Small-file convenience (adapters, fixtures): same bytes as the streaming writer."""
+    w = StreamingWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata)
+    try:
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
