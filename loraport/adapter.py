@@ -114,6 +114,7 @@ class LoraDelta(Delta):
     dora_eps: float = 0.0
     alpha: float | None = None  # as stored, for inspect/writers; scale is what the math uses
     scale_rule: str = "alpha/r"
+    layer: str | None = None  # "linear" | "embedding" | "conv1d" | "conv": what the writer must name it
 
     kind: ClassVar[str] = "lora"
 
@@ -163,7 +164,8 @@ class LoraDelta(Delta):
                 f"shape mismatch for {self.target}: adapter key {self.source_key or '?'} implies "
                 f"{list(want)}, base tensor is {list(have)}"
             )
-        return replace(self, transpose=t)
+        layer = self.layer or ("conv1d" if t and hint == "conv1d" else "conv" if len(prod) > 2 else "linear")
+        return replace(self, transpose=t, layer=layer)
 
     # math -----------------------------------------------------------------------------------------
     def product(self, device: torch.device) -> torch.Tensor:
@@ -302,7 +304,7 @@ class Adapter:
     def __post_init__(self):
         seen: dict[tuple, str] = {}
         for d in self.deltas:
-            key = (d.target, d.rows)
+            key = (d.target, d.rows, d.kind == "replace")  # a replacement may sit under a LoRA (PEFT base_layer)
             if key in seen:
                 raise PlanError(
                     f"adapter {self.path or self.name}: two entries update {d.target}"

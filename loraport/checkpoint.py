@@ -112,6 +112,11 @@ class Checkpoint:
         sh, key = self._where[name]
         return sh.file.get(key)
 
+    def raw(self, name: str) -> memoryview:
+        """The stored bytes of `name` (for copying untouched tensors without decoding them)."""
+        sh, key = self._where[name]
+        return sh.file.raw(key)
+
     def model_type(self) -> str:
         return str(self.config.get("model_type", "")) if isinstance(self.config, dict) else ""
 
@@ -125,7 +130,8 @@ class Checkpoint:
         cfg = self.config if isinstance(self.config, dict) else {}
         v = cfg.get("tie_word_embeddings")
         if v is None:
-            v = (cfg.get("text_config") or {}).get("tie_word_embeddings") if isinstance(cfg.get("text_config"), dict) else None
+            text = cfg.get("text_config")
+            v = text.get("tie_word_embeddings") if isinstance(text, dict) else None
         return bool(v) if v is not None else cfg.get("model_type") in ("gpt2",)
 
     def resolve(self, target: str) -> list[str]:

@@ -46,12 +46,11 @@ def parse_size(s: str) -> int:
     t = s.strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
              "KB": 10**3, "B": 1}
-    for u, mul in units.items():
+    num, mul = t, 1
+    for u, m in units.items():
         if t.endswith(u):
-            num = t[: -len(u)]
+            num, mul = t[: -len(u)], m
             break
-    else:
-        num, mul = t, 1
     try:
         v = float(num)
     except ValueError:

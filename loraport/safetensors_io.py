@@ -105,7 +105,7 @@ class SafetensorsFile:
             self.tensors[name] = info = _check_entry(self.path, name, ent, self.data_start, data_len)
             spans.append((info.begin, info.end, name))
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise BadInputError(f"{self.path}: tensors {n0!r} and {n1!r} overlap in the data section")
         self._mm: mmap.mmap | None = None

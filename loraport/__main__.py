@@ -1,0 +1,3 @@
+from loraport.cli import main
+
+main()

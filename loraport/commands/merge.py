@@ -1,0 +1,64 @@
+"""`loraport merge`: base + adapter(s) → merged safetensors (or a baked ONNX model)."""
+
+from __future__ import annotations
+
+import click
+
+from loraport.console import emit_json, err, human_bytes, parse_size, progress
+
+
+def register(group: click.Group) -> None:
+    group.add_command(merge_cmd)
+
+
+@click.command("merge")
+@click.option("--base", required=True, type=click.Path(),
+              help="HF model folder, diffusers folder, .safetensors or .onnx")
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(),
+              help="adapter path (repeatable)")
+@click.option("--weight", "weights", multiple=True, type=float, help="weight of the adapter at the same position "
+              "(repeatable, default 1.0)")
+@click.option("--out", required=True, type=click.Path(), help="output folder (or file for a single-file base)")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              show_default=True, help="output dtype of float tensors (auto = the base's)")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--shard-size", default=None, help="re-shard the output, e.g. 5GB (default: mirror the base)")
+@click.option("--quantize", default=None, type=click.Choice(["fp16", "bf16", "fp32", "int8", "nf4", "fp4"]),
+              help="re-quantize the merged weights")
+@click.option("--double-quant", is_flag=True, help="nf4/fp4: quantize the absmax statistics too")
+@click.option("--blocksize", default=64, show_default=True, type=int, help="nf4/fp4 block size")
+@click.option("--fp16-base", default=None, type=click.Path(), help="with a quantized --base: the original 16-bit "
+              "weights to re-quantize from (keeps small deltas)")
+@click.option("--format", "adapter_format", default=None, help="force the adapter format (default: detect)")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="refuse adapters whose targets are partly missing from the base")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out")
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary on stdout")
+def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
+              fp16_base, adapter_format, strict, overwrite, as_json):
+    """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
+    from loraport.errors import BadInputError
+    from loraport.merge import merge
+
+    if len(weights) > len(adapters):
+        raise BadInputError(f"{len(weights)} --weight values for {len(adapters)} --adapter paths")
+    ws = list(weights) + [1.0] * (len(adapters) - len(weights))
+    qopts = {}
+    if quantize in ("nf4", "fp4"):
+        qopts = {"blocksize": blocksize, "double_quant": double_quant}
+    report = merge(base, list(zip(adapters, ws)), out, dtype=dtype, device=device,
+                   shard_size=parse_size(shard_size) if shard_size else None, overwrite=overwrite,
+                   quantize=quantize, quant_options=qopts, strict=strict, adapter_format=adapter_format,
+                   fp16_base=fp16_base,
+                   progress=None if as_json else (lambda total: progress("merging", total)))
+    if as_json:
+        emit_json(report)
+        return
+    if report.get("skipped_targets"):
+        err.print(f"[yellow]skipped {len(report['skipped_targets'])} unmatched target(s)[/yellow]")
+    for q in report.get("quantization", []) or []:
+        if isinstance(q, dict) and q.get("warning"):
+            err.print(f"[yellow]warning:[/yellow] {q['warning']}")
+    err.print(f"merged {len(report['adapters'])} adapter(s) into {report.get('tensors_updated', '?')} tensor(s) "
+              f"→ {report['out']} ({human_bytes(report.get('bytes_written', 0))}, {report['seconds']:.1f}s on "
+              f"{report.get('device', '?')})")

@@ -1,0 +1,240 @@
+"""Hugging Face PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors` (or a weights-only
+`adapter_model.bin`). Spec: formats/peft.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
+from loraport.errors import BadInputError
+from loraport.formats import AdapterFormat, register
+from loraport.safetensors_io import save_file
+from loraport.tensorfile import load_tensors, read_json
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+# init schemes that train against a mutated base: valid on the original base only after PEFT's conversion
+MUTATED_BASE_INITS = ("pissa", "olora", "corda", "lora_ga", "eva")
+
+# (regex on the key without prefix) -> (role, group that names the module)
+_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?:(?P<role>lora_A|lora_B)(?:\.[^.]+)?\.(?P<param>weight|bias)"
+    r"|(?P<emb>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?"
+    r"|(?P<mag>lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$"
+)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
+    for k, v in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({k})$", module):
+                return v
+        except re.error:
+            raise BadInputError(f"invalid rank/alpha pattern {k!r} in {CONFIG}") from None
+    return default
+
+
+def _num(cfg: dict, key: str, default, path: Path):
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadInputError(f"{path / CONFIG}: {key} must be a number, got {v!r}")
+    return v
+
+
+@register
+class PeftFormat(AdapterFormat):
+    name = "peft"
+    title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA)"
+    spec = "peft"
+    writable = True
+
+    @classmethod
+    def detect(cls, path: Path) -> int:
+        try:
+            if path.is_dir() and (path / CONFIG).is_file():
+                cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+                return 90 if isinstance(cfg, dict) and "peft_type" in cfg else 20
+        except (OSError, ValueError):
+            return 10
+        return 0
+
+    @classmethod
+    def read(cls, path: Path, base=None, **options) -> Adapter:
+        if not path.is_dir():
+            raise BadInputError(f"{path}: a PEFT adapter is a folder with {CONFIG} and {WEIGHTS[0]}")
+        cfg = read_json(path / CONFIG, CONFIG)
+        ptype = str(cfg.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            raise BadInputError(
+                f"{path}: PEFT method {ptype} is not LoRA; loraport merges LoRA/DoRA adapters "
+                "(LoHa/LoKr/IA3 are read from LyCORIS files)"
+            )
+        init = cfg.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
+            raise BadInputError(
+                f"{path}: init_lora_weights={init!r} trains against a modified base; convert it with PEFT's "
+                "save_pretrained(path_initial_model_for_weight_conversion=...) first"
+            )
+        wfile = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
+        if wfile is None:
+            raise BadInputError(f"{path}: missing {WEIGHTS[0]} (or legacy {WEIGHTS[1]})")
+        tensors, meta = load_tensors(wfile)
+
+        r_default = _num(cfg, "r", 8, path)
+        a_default = _num(cfg, "lora_alpha", 8, path)
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+            raise BadInputError(f"{path / CONFIG}: rank_pattern/alpha_pattern must be objects")
+        rslora = bool(cfg.get("use_rslora", False))
+        notes: list[str] = []
+        if cfg.get("fan_in_fan_out"):
+            notes.append("fan_in_fan_out flag ignored: orientation is decided from the base layer")
+
+        parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        replacements: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key, t in tensors.items():
+            k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            m = _KEY.match(k)
+            if m is None:
+                if "lora_" in k or "token_adapter" in k:
+                    unknown.append(key)
+                    continue
+                # modules_to_save / trainable biases: full tensors, possibly still wrapped
+                k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
+                k = re.sub(r"\.original_module\.", ".", k)
+                k = re.sub(r"\.base_layer\.", ".", k)  # saved embedding/base layers (save_embedding_layers)
+                replacements[k] = t
+                continue
+            mod = m.group("mod")
+            if m.group("role"):
+                parts[mod][f"{m.group('role')}.{m.group('param')}"] = t
+            elif m.group("emb"):
+                parts[mod][m.group("emb")] = t
+            else:
+                parts[mod]["magnitude"] = t
+        if unknown:
+            raise BadInputError(
+                f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save "
+                "and trainable biases are understood"
+            )
+
+        deltas = []
+        for mod, p in parts.items():
+            emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+            A = p.get("lora_embedding_A" if emb else "lora_A.weight")
+            B = p.get("lora_embedding_B" if emb else "lora_B.weight")
+            if A is None or B is None:
+                raise BadInputError(f"{wfile}: module {mod} has only one of its LoRA factors")
+            r = int(A.shape[0])
+            if B.dim() < 2 or B.shape[1] != r and not (A.dim() == 4 and B.dim() == 4):
+                raise BadInputError(f"{wfile}: {mod}: lora_A rank {r} does not match lora_B {list(B.shape)}")
+            if A.dim() == 4 and B.shape[1] != r:
+                raise BadInputError(f"{wfile}: {mod}: grouped conv LoRA (groups > 1) is not supported")
+            cfg_r = _pattern_value(rank_pattern, mod, r_default)
+            if cfg_r != r:
+                notes.append(f"{mod}: rank {r} in the weights, {cfg_r} in the config; the weights win")
+            alpha = _pattern_value(alpha_pattern, mod, a_default)
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            layer = "embedding" if emb else ("conv" if A.dim() > 2 else None)
+            deltas.append(LoraDelta(
+                f"{mod}.weight", A=A, B=B, scale=scale, transpose=True if emb else None,
+                magnitude=p.get("magnitude"), dora_axis="out", alpha=float(alpha),
+                scale_rule="alpha/sqrt(r)" if rslora else "alpha/r", layer=layer,
+                source_key=PREFIX + mod,
+            ))
+            if "lora_B.bias" in p:
+                deltas.append(FullDelta(f"{mod}.bias", diff=p["lora_B.bias"], scale=scale,
+                                        source_key=PREFIX + mod + ".lora_B.bias"))
+        for k, t in replacements.items():
+            deltas.append(ReplaceDelta(k, value=t, source_key=PREFIX + k))
+        if any(d.magnitude is not None for d in deltas if isinstance(d, LoraDelta)):
+            notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
+        if replacements:
+            notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
+        return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
+                       files=[str(path / CONFIG), str(wfile)], name=path.name)
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+        """Write PEFT files into the folder `path` (which must exist and be empty: callers stage it)."""
+        tensors: dict[str, torch.Tensor] = {}
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        targets, to_save = [], []
+        dora = {isinstance(d, LoraDelta) and d.magnitude is not None for d in adapter.deltas if d.kind == "lora"}
+        if dora == {True, False}:
+            raise BadInputError("PEFT cannot express DoRA on some modules and plain LoRA on others")
+        fan_in_fan_out = False
+        loras = [d for d in adapter.deltas if isinstance(d, LoraDelta)]
+        for d in adapter.deltas:
+            if d.rows is not None:
+                raise BadInputError(f"{d.target}: a row-sliced update (fused projection) has no PEFT form")
+            if isinstance(d, LoraDelta):
+                if d.mid is not None:
+                    raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form; use --lossy")
+                if not d.target.endswith(".weight"):
+                    raise BadInputError(f"{d.target}: PEFT LoRA targets a module's .weight")
+                mod = d.target[: -len(".weight")]
+                emb = d.layer == "embedding"
+                if d.transpose and not emb:
+                    fan_in_fan_out = True
+                if d.magnitude is not None and d.dora_axis != "out":
+                    raise BadInputError(f"{d.target}: PEFT DoRA normalises per output feature; this DoRA uses "
+                                        "the input axis")
+                ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+                tensors[f"{PREFIX}{mod}.{ka}"] = d.A.contiguous()
+                tensors[f"{PREFIX}{mod}.{kb}"] = d.B.contiguous()
+                if d.magnitude is not None:
+                    tensors[f"{PREFIX}{mod}.lora_magnitude_vector"] = d.magnitude.contiguous()
+                targets.append(mod)
+                rank_pattern[mod] = int(d.A.shape[0])
+                alpha_pattern[mod] = d.scale * d.A.shape[0]
+            elif isinstance(d, ReplaceDelta):
+                tensors[PREFIX + d.target] = d.value.contiguous()
+                to_save.append(d.target.rsplit(".", 1)[0])
+            elif isinstance(d, FullDelta) and d.target.endswith(".bias") and any(
+                x.target == d.target[:-5] + ".weight" for x in loras
+            ):
+                owner = next(x for x in loras if x.target == d.target[:-5] + ".weight")
+                tensors[f"{PREFIX}{d.target[:-5]}.lora_B.bias"] = (d.diff.float() * (d.scale / owner.scale)).to(
+                    d.diff.dtype)
+            else:
+                raise BadInputError(f"{d.target}: {d.kind} updates have no PEFT LoRA form; use --lossy")
+        ranks = list(rank_pattern.values())
+        alphas = list(alpha_pattern.values())
+        r0 = max(set(ranks), key=ranks.count) if ranks else 8
+        a0 = max(set(alphas), key=alphas.count) if alphas else float(r0)
+        a0 = int(a0) if float(a0).is_integer() else a0
+        cfg = {
+            "peft_type": "LORA",
+            "task_type": adapter.config.get("task_type") if adapter.format == "peft" else None,
+            "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
+            "r": r0,
+            "lora_alpha": a0,
+            "use_rslora": False,
+            "use_dora": dora == {True},
+            "fan_in_fan_out": fan_in_fan_out,
+            "target_modules": sorted(set(targets)),
+            "rank_pattern": {re.escape(m): r for m, r in rank_pattern.items() if r != r0},
+            "alpha_pattern": {re.escape(m): a for m, a in alpha_pattern.items() if a != a0},
+            "modules_to_save": sorted(set(to_save)) or None,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "lora_bias": any(k.endswith("lora_B.bias") for k in tensors),
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, path / WEIGHTS[0], {"format": "pt"})
+        return [path / CONFIG, path / WEIGHTS[0]]

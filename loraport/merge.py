@@ -1,0 +1,524 @@
+"""The merge engine: plan first, then stream.
+
+Plan: every adapter target is resolved to exactly one base tensor (or the saved copies of a tied weight),
+its orientation fixed against the base shape, and every failure (unmatched targets, shape mismatches, an
+adapter that touches nothing) reported before a byte is written.
+
+Stream: for each base tensor in file order, read it from the memory map, apply every delta in fp32 on the
+device (W' = W + Σ wᵢ·ΔWᵢ), round once to the output dtype or hand it to a quantizer, and write it straight
+into its output shard, whose header was computed from the plan. Reading, computing and writing run in three
+stages connected by small bounded queues, so I/O and math overlap and peak memory is a few tensors.
+Untouched tensors whose dtype does not change are copied as raw bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraport import __version__
+from loraport.adapter import Adapter, Delta
+from loraport.checkpoint import Checkpoint
+from loraport.errors import BadInputError, PlanError
+from loraport.outputs import check_free_space, check_output, staged_output
+from loraport.safetensors_io import StreamingWriter, itemsize
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+QUANTIZE_CASTS = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+def pick_device(spec: str | None = "auto") -> torch.device:
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError("--device cuda asked for, but CUDA is not available here (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise BadInputError(f"unsupported device {spec!r}")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class MergePlan:
+    base: Checkpoint
+    adapters: list[tuple[Adapter, float]]
+    updates: dict[str, list[tuple[Delta, float]]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def updated_names(self) -> list[str]:
+        return [n for n in self.base.names() if n in self.updates]
+
+
+def _candidates(target: str) -> list[str]:
+    c = [target]
+    if target.startswith("model."):
+        c.append(target[len("model."):])
+    else:
+        c.append("model." + target)
+    return c
+
+
+def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: bool = True) -> MergePlan:
+    plan = MergePlan(base, adapters)
+    for adapter, weight in adapters:
+        unmatched, matched = [], 0
+        for d in adapter.deltas:
+            names: list[str] = []
+            for cand in _candidates(d.target):
+                names = base.resolve(cand)
+                if names:
+                    break
+            if not names:
+                unmatched.append(d.target)
+                continue
+            for name in names:
+                info = base.info(name)
+                if d.rows is not None and not (0 <= d.rows[0] < d.rows[1] <= (info.shape[0] if info.shape else 0)):
+                    raise PlanError(f"{adapter.path}: rows {d.rows} of {name} are outside its {list(info.shape)}")
+                if info.dtype not in FLOATS:
+                    raise PlanError(f"{adapter.path}: {name} is {info.dtype}, not a float tensor; cannot update it"
+                                    " (a quantized base needs dequantizing first)")
+                r = d.resolve(tuple(info.shape), base.layer_hint(name))
+                if r.target != name:
+                    from dataclasses import replace
+
+                    r = replace(r, target=name)
+                plan.updates.setdefault(name, []).append((r, weight))
+            matched += 1
+        if unmatched:
+            shown = ", ".join(unmatched[:8]) + (f" ... (+{len(unmatched) - 8} more)" if len(unmatched) > 8 else "")
+            if strict:
+                raise PlanError(
+                    f"{adapter.path}: {len(unmatched)} of {len(adapter.deltas)} adapter targets have no tensor in "
+                    f"the base: {shown} (wrong base model? --no-strict merges the rest)"
+                )
+            plan.skipped += unmatched
+        if matched == 0:
+            raise PlanError(f"{adapter.path}: none of the adapter's {len(adapter.deltas)} targets is in the base "
+                            f"(e.g. {adapter.deltas[0].target}); is this the right base model?")
+    return plan
+
+
+def merged_tensor(plan: MergePlan, name: str, device: torch.device | str = "cpu",
+                  base_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged tensor `name` in fp32 on `device` (the base tensor upcast when nothing updates it)."""
+    device = torch.device(device)
+    src = plan.base.get(name) if base_tensor is None else base_tensor
+    W = src.to(device=device, dtype=torch.float32, copy=True)
+    ups = plan.updates.get(name, ())
+    # replacements (modules_to_save, PEFT's saved base_layer) define the base the other deltas apply to
+    for d, w in ups:
+        if d.kind == "replace":
+            d.apply_(W, w)
+    rest = [(d, w) for d, w in ups if d.kind != "replace"]
+    ref = W.clone() if len(rest) > 1 and any(d.depends_on_base for d, _ in rest) else None
+    for d, w in rest:
+        d.apply_(W, w, base=ref)
+    return W
+
+
+# ------------------------------------------------------------------------------------------------ layout
+@dataclass
+class OutEntry:
+    name: str  # base tensor name (global)
+    key: str  # key inside its output file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class OutFile:
+    relpath: str
+    entries: list[OutEntry]  # one per written tensor
+    sources: list[str]  # base tensor names whose output lands here, in order
+    metadata: dict
+
+
+def _layout(plan: MergePlan, out_dtype: torch.dtype | None, quantizer, shard_size: int | None) -> list[OutFile]:
+    base = plan.base
+    per_src: dict[str, list[OutEntry]] = {}
+    for name in base.names():
+        info = base.info(name)
+        sh, key = base.shard_of(name)
+        prefix = sh.prefix
+        ents = None
+        if quantizer is not None:
+            q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name))
+            if q is not None:
+                ents = [OutEntry(name, n[len(prefix):] if n.startswith(prefix) else n, dt, tuple(s))
+                        for n, dt, s in q]
+        if ents is None:
+            dt = out_dtype if (out_dtype is not None and info.dtype in FLOATS) else info.dtype
+            ents = [OutEntry(name, key, dt, tuple(info.shape))]
+        per_src[name] = ents
+    files: list[OutFile] = []
+    for sh in base.shards:
+        meta = dict(sh.file.metadata)
+        names = [sh.prefix + k for k in sh.file.names()]
+        files.append(OutFile(sh.relpath, [e for n in names for e in per_src[n]], names, meta))
+    if shard_size:
+        files = _reshard(files, shard_size)
+    return files
+
+
+def _nbytes(e: OutEntry) -> int:
+    n = itemsize(e.dtype)
+    for s in e.shape:
+        n *= s
+    return n
+
+
+def _reshard(files: list[OutFile], limit: int) -> list[OutFile]:
+    """Re-split each folder's tensors into shards of at most `limit` bytes, HF-style names."""
+    by_dir: dict[str, list[OutFile]] = {}
+    for f in files:
+        by_dir.setdefault(str(Path(f.relpath).parent), []).append(f)
+    out: list[OutFile] = []
+    for d, fs in by_dir.items():
+        stem = "diffusion_pytorch_model" if any("diffusion_pytorch_model" in f.relpath for f in fs) else "model"
+        meta = fs[0].metadata
+        groups: list[tuple[list[OutEntry], list[str]]] = [([], [])]
+        size = 0
+        for f in fs:
+            for src in f.sources:
+                ents = [e for e in f.entries if e.name == src]
+                n = sum(_nbytes(e) for e in ents)
+                if groups[-1][0] and size + n > limit:
+                    groups.append(([], []))
+                    size = 0
+                groups[-1][0].extend(ents)
+                groups[-1][1].append(src)
+                size += n
+        total = len(groups)
+        for i, (ents, srcs) in enumerate(groups, 1):
+            name = f"{stem}.safetensors" if total == 1 else f"{stem}-{i:05d}-of-{total:05d}.safetensors"
+            rel = name if d in ("", ".") else f"{d}/{name}"
+            out.append(OutFile(rel, ents, srcs, dict(meta)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str | None) -> dict:
+    return {
+        "loraport.version": __version__,
+        "loraport.adapters": json.dumps([
+            {"path": a.path, "format": a.format, "weight": w,
+             "files": {Path(f).name: sha256_file(f) for f in a.files if Path(f).is_file()},
+             "scale_rules": sorted({getattr(d, "scale_rule", d.kind) for d in a.deltas})}
+            for a, w in adapters
+        ]),
+        "loraport.dtype": dtype,
+        "loraport.quantize": quantize or "none",
+    }
+
+
+_DONE = object()
+
+
+class _Pipeline:
+    """reader → compute → writer, each in its own thread (torch and file I/O release the GIL)."""
+
+    def __init__(self, depth: int = 2):
+        self.q_loaded: queue.Queue = queue.Queue(depth)
+        self.q_ready: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.stop.set()
+
+
+def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str | Path], out: str | Path, *,
+          dtype: str = "auto", device: str = "auto", shard_size: int | None = None, overwrite: bool = False,
+          quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
+          adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None) -> dict:
+    """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
+    .safetensors base). Returns a report dict. See the module docstring for how."""
+    t0 = time.perf_counter()
+    adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
+    if not adapters:
+        raise BadInputError("no --adapter given")
+    base_p = Path(base)
+    if base_p.suffix == ".onnx":
+        try:
+            from loraport.onnx import bake
+        except ImportError:
+            raise BadInputError("ONNX baking is not available in this installation") from None
+        return bake(str(base_p), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
+                    device=device)
+    out_p = check_output(out, [base, fp16_base, *[a for a, _ in adapters]], overwrite)
+    dev = pick_device(device)
+    if dtype not in ("auto", *DTYPES):
+        raise BadInputError(f"unknown --dtype {dtype!r} (auto, fp32, fp16, bf16)")
+    out_dtype = None if dtype == "auto" else DTYPES[dtype]
+    quantizer = None
+    if quantize:
+        if quantize in QUANTIZE_CASTS:
+            out_dtype = DTYPES[quantize]
+        else:
+            from loraport.quant import get_quantizer
+
+            quantizer = get_quantizer(quantize, **(quant_options or {}))
+
+    ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
+    from loraport.formats import load_adapter
+
+    loaded = [(load_adapter(a, format=adapter_format, base=ckpt), w) for a, w in adapters]
+    plan = build_plan(ckpt, loaded, strict=strict)
+    single = ckpt.kind == "safetensors-file"
+    if single and shard_size:
+        raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
+    layout = _layout(plan, out_dtype, quantizer, shard_size)
+    total = sum(_nbytes(e) for f in layout for e in f.entries)
+    check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
+    prov = _provenance(loaded, dtype, quantize)
+
+    with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
+        stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress)
+        if not single:
+            _write_side_files(ckpt, layout, stage, out_dtype, quantizer)
+    report = {
+        "base": str(base_p), "out": str(out_p), "device": str(dev), "dtype": dtype,
+        "quantize": quantize, "adapters": [{"path": a.path, "format": a.format, "weight": w,
+                                            "targets": len(a.deltas)} for a, w in loaded],
+        "tensors": len(ckpt.names()), "tensors_updated": len(plan.updates), "skipped_targets": plan.skipped,
+        "files": [f.relpath for f in layout], "bytes_written": stats["bytes"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if quantizer is not None:
+        report["quantization"] = quantizer.report()
+    ckpt.close()
+    return report
+
+
+def open_base(path: Path, fp16_base=None, quantize: str | None = None):
+    """The base as a Checkpoint; bitsandbytes-quantized folders are served dequantized by loraport.quant."""
+    ckpt = Checkpoint.open(path)
+    qc = ckpt.config.get("quantization_config") if isinstance(ckpt.config, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" or fp16_base is not None:
+        try:
+            from loraport.quant.bnb_checkpoint import open_quantized_base
+        except ImportError:
+            raise BadInputError(f"{path}: a bitsandbytes-quantized base is not supported by this installation") \
+                from None
+        return open_quantized_base(ckpt, fp16_base=fp16_base, quantize=quantize)
+    if fp16_base is not None:
+        raise BadInputError("--fp16-base is only meaningful with a quantized --base")
+    return ckpt
+
+
+def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, dev: torch.device,
+            out_dtype, quantizer, prov: dict, progress) -> dict:
+    base = plan.base
+    pipe = _Pipeline()
+    order = [(fi, src) for fi, f in enumerate(layout) for src in f.sources]
+    cuda = dev.type == "cuda"
+    raw_ok = hasattr(base, "raw")
+
+    def wants_raw(name: str) -> bool:
+        if name in plan.updates or not raw_ok:
+            return False
+        info = base.info(name)
+        if quantizer is not None and quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) is not None:
+            return False
+        return out_dtype is None or info.dtype not in FLOATS or info.dtype == out_dtype
+
+    def reader():
+        try:
+            for fi, name in order:
+                if wants_raw(name):
+                    item = (fi, name, "raw", None)
+                else:
+                    t = base.get(name)
+                    if cuda:
+                        t = t.pin_memory().to(dev, non_blocking=True)
+                    else:
+                        t = t.clone()  # touch the pages here, off the compute thread
+                    item = (fi, name, "tensor", t)
+                if not pipe.put(pipe.q_loaded, item):
+                    return
+            pipe.put(pipe.q_loaded, _DONE)
+        except BaseException as e:  # noqa: BLE001 - forwarded to the main thread
+            pipe.fail(e)
+
+    def compute():
+        try:
+            while True:
+                item = pipe.get(pipe.q_loaded)
+                if item is _DONE:
+                    pipe.put(pipe.q_ready, _DONE)
+                    return
+                fi, name, how, t = item
+                if how == "raw":
+                    outs = None
+                else:
+                    info = base.info(name)
+                    if name in plan.updates or quantizer is not None or (out_dtype and t.dtype != out_dtype):
+                        merged = merged_tensor(plan, name, dev, base_tensor=t) if name in plan.updates else None
+                        q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) if quantizer else None
+                        if q is not None:
+                            w32 = merged if merged is not None else t.to(dev, torch.float32)
+                            b32 = t.to(dev, torch.float32) if merged is not None else None
+                            outs = list(quantizer.quantize(name, w32, base32=b32).values())
+                        else:
+                            src = merged if merged is not None else t
+                            dt = out_dtype if (out_dtype is not None and info.dtype in FLOATS) else info.dtype
+                            outs = [src.to(dt).cpu() if src.dtype != dt or cuda else src]
+                    else:
+                        outs = [t.cpu()]
+                if not pipe.put(pipe.q_ready, (fi, name, outs)):
+                    return
+        except BaseException as e:  # noqa: BLE001
+            pipe.fail(e)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=compute, daemon=True)]
+    for th in threads:
+        th.start()
+    writers: dict[int, StreamingWriter] = {}
+    written = 0
+    try:
+        with _progress(progress, sum(_nbytes(e) for f in layout for e in f.entries)) as advance:
+            while True:
+                item = pipe.get(pipe.q_ready)
+                if item is _DONE or pipe.error:
+                    break
+                fi, name, outs = item
+                f = layout[fi]
+                w = writers.get(fi)
+                if w is None:
+                    path = stage if single else stage / f.relpath
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    w = writers[fi] = StreamingWriter(path, [(e.key, e.dtype, e.shape) for e in f.entries],
+                                                      {**f.metadata, **prov})
+                ents = [e for e in f.entries if e.name == name]
+                if outs is None:
+                    w.write(ents[0].key, base.raw(name))
+                    n = _nbytes(ents[0])
+                else:
+                    if len(outs) != len(ents):
+                        raise RuntimeError(f"{name}: {len(outs)} tensors for {len(ents)} entries")
+                    n = 0
+                    for e, t in zip(ents, outs):
+                        if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                            raise RuntimeError(f"{name}: produced {t.dtype} {list(t.shape)}, planned {e.dtype} "
+                                               f"{list(e.shape)}")
+                        w.write(e.key, t)
+                        n += _nbytes(e)
+                written += n
+                advance(n)
+                if w._i == len(f.entries):
+                    w.close()
+        if pipe.error:
+            raise pipe.error
+        for fi, f in enumerate(layout):
+            if fi not in writers:  # a file with no tensors
+                path = stage if single else stage / f.relpath
+                writers[fi] = StreamingWriter(path, [], {**f.metadata, **prov})
+                writers[fi].close()
+    except BaseException:
+        pipe.stop.set()
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        pipe.stop.set()
+        for th in threads:
+            th.join(timeout=5)
+    return {"bytes": written}
+
+
+class _progress:
+    def __init__(self, progress, total):
+        self.progress, self.total = progress, total
+
+    def __enter__(self):
+        if self.progress is None:
+            return lambda n=1: None
+        self._cm = self.progress(self.total)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            return self._cm.__exit__(*exc)
+        return False
+
+
+def _write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_dtype, quantizer) -> None:
+    """Copy every non-weight file; write indexes for multi-file folders; update config.json for the dtype
+    and quantization."""
+    for rel in ckpt.extra_files:
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ckpt.root / rel, dst)
+    by_dir: dict[str, list[OutFile]] = {}
+    for f in layout:
+        by_dir.setdefault(str(Path(f.relpath).parent), []).append(f)
+    old_index = {str(Path(i).parent): Path(i).name for i in ckpt.index_files}
+    for d, fs in by_dir.items():
+        if len(fs) == 1 and d not in old_index:
+            continue
+        stem = Path(fs[0].relpath).name.split("-0")[0].removesuffix(".safetensors")
+        name = old_index.get(d, f"{stem}.safetensors.index.json")
+        wm = {e.key: Path(f.relpath).name for f in fs for e in f.entries}
+        idx = {"metadata": {"total_size": sum(_nbytes(e) for f in fs for e in f.entries)}, "weight_map": wm}
+        dst = stage / (name if d in ("", ".") else f"{d}/{name}")
+        dst.write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
+    cfg_path = stage / "config.json"
+    if cfg_path.is_file() and (out_dtype is not None or quantizer is not None):
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        if out_dtype is not None:
+            name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[out_dtype]
+            for k in ("torch_dtype", "dtype"):
+                if k in cfg or k == "torch_dtype":
+                    cfg[k] = name
+        if quantizer is not None:
+            cfg = quantizer.config_update(cfg)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")

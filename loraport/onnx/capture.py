@@ -1,0 +1,218 @@
+"""Capture an ONNX graph of a transformers decoder without touching its weights.
+
+The model is built from the base folder's config.json with every parameter on the `meta` device (no storage),
+its small computed buffers (rotary `inv_freq`, ...) kept as real values, and traced with
+`torch.onnx.export(dynamo=True, optimize=False)` on meta inputs. `optimize=False` keeps the initializer names
+equal to the model's parameter names, which is what lets the weights be streamed in afterwards by name.
+The result is a `Captured`: the graph as an `onnx.ModelProto` with *no* initializers, plus the list of
+initializers it expects (name, ONNX dtype, shape) and the buffer values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+
+from loraport.errors import BadInputError
+
+# Families the export is tested on (model_type -> title). Other decoder LMs that transformers defines are
+# attempted too, with a note in the report.
+TESTED_FAMILIES: dict[str, str] = {
+    "llama": "Llama",  # Llama 2/3, TinyLlama
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "phi3": "Phi-3",
+    "gpt2": "GPT-2",  # Conv1D weights stored [in, out]
+}
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class InitSpec:
+    name: str
+    onnx_dtype: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class LoraSlot:
+    """One LoRA branch in a multi-LoRA graph: y += (x @ A) @ B with A [in, r], B [r, out]."""
+
+    module: str  # module path, e.g. model.layers.0.self_attn.q_proj
+    target: str  # the base weight it belongs to
+    d_in: int
+    d_out: int
+
+    @property
+    def a_name(self) -> str:
+        return f"{self.module}.lora_A.weight"
+
+    @property
+    def b_name(self) -> str:
+        return f"{self.module}.lora_B.weight"
+
+
+@dataclass
+class Captured:
+    proto: onnx.ModelProto  # graph without initializers
+    inits: list[InitSpec]
+    buffers: dict[str, torch.Tensor]  # real values of non-parameter initializers
+    input_names: list[str]
+    model_type: str
+    notes: list[str] = field(default_factory=list)
+    lora_slots: list[LoraSlot] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Register every new nn.Parameter on the meta device; buffers stay real (they are computed, small)."""
+    orig = torch.nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        orig(self, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = orig
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise BadInputError("ONNX export needs transformers: pip install transformers") from None
+    return transformers
+
+
+def build_skeleton(config: dict, dtype: str = "fp32"):
+    """The causal-LM module for `config` with meta parameters and real buffers, in eval mode."""
+    tf = _transformers()
+    mt = config.get("model_type") if isinstance(config, dict) else None
+    if not mt:
+        raise BadInputError("base config.json has no model_type; ONNX export needs a transformers model folder")
+    try:
+        cfg = tf.AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"transformers cannot build a config for model_type {mt!r}: {e}") from None
+    cfg.use_cache = False
+    if hasattr(cfg, "_attn_implementation"):
+        cfg._attn_implementation = "eager"
+    tdt = TORCH_DTYPES[dtype]
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(tdt)
+    try:
+        with _params_on_meta(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=tdt)
+    except ValueError as e:
+        raise BadInputError(f"model_type {mt!r} is not a causal LM transformers can build: {e}") from None
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def add_lora_slots(model, targets: dict[str, tuple[int, int]], rank: int = 2) -> list[LoraSlot]:
+    """Attach y += (x @ A) @ B to each target module (a forward hook), A/B meta parameters named
+    `<module>.lora_A.weight` / `<module>.lora_B.weight` in MatMul layout. `targets`: weight name -> (in, out)."""
+    modules = dict(model.named_modules())
+    slots = []
+    for target, (d_in, d_out) in sorted(targets.items()):
+        mod_name = target[: -len(".weight")] if target.endswith(".weight") else target
+        mod = modules.get(mod_name)
+        if mod is None or not hasattr(mod, "weight"):
+            raise BadInputError(f"multi-LoRA: {target} is not the weight of a module of this model")
+        if isinstance(mod, torch.nn.Embedding):
+            raise BadInputError(f"multi-LoRA: {target} is an embedding; embedding LoRA needs a merged export")
+        for part, shape in (("lora_A", (d_in, rank)), ("lora_B", (rank, d_out))):
+            holder = torch.nn.Module()
+            holder.register_parameter("weight", torch.nn.Parameter(torch.empty(shape, device="meta",
+                                                                               dtype=mod.weight.dtype)))
+            mod.add_module(part, holder)
+        mod.register_forward_hook(_lora_hook)
+        slots.append(LoraSlot(mod_name, target, d_in, d_out))
+    return slots
+
+
+def _lora_hook(mod, args, out):
+    x = args[0]
+    return out + (x @ mod.lora_A.weight) @ mod.lora_B.weight
+
+
+def _forward_inputs(model) -> list[str]:
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "position_ids" in params:
+        names.append("position_ids")
+    return names
+
+
+def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: dict | None = None,
+            with_past: bool = False) -> Captured:
+    """Trace the model for `config` once, weights-free. `lora_targets` (weight name -> (in, out)) adds
+    multi-LoRA branches."""
+    if with_past:
+        raise BadInputError("--with-past (KV-cache inputs/outputs) is not supported yet: transformers 5's "
+                            "DynamicCache does not pass torch.export; export without it")
+    model = build_skeleton(config, dtype)
+    slots = add_lora_slots(model, lora_targets) if lora_targets else []
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to("meta")
+    names = _forward_inputs(model)
+    b, s = 2, 7
+    example = {
+        "input_ids": torch.zeros(b, s, dtype=torch.int64, device="meta"),
+        "attention_mask": torch.ones(b, s, dtype=torch.int64, device="meta"),
+        "position_ids": torch.zeros(b, s, dtype=torch.int64, device="meta"),
+    }
+    kwargs = {n: example[n] for n in names}
+    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_Null()):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, input_names=names,
+                                     output_names=["logits"], dynamic_shapes=dyn, opset_version=opset,
+                                     optimize=False, verbose=False)
+    except Exception as e:  # the exporter raises many types; one line is what a user can act on
+        raise BadInputError(f"torch.onnx could not capture model_type {config.get('model_type')!r}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    graph = prog.model.graph
+    inits = []
+    for name, v in graph.initializers.items():
+        if name not in params and name not in buffers:
+            raise BadInputError(f"captured graph has an initializer {name!r} that is neither a parameter nor a "
+                                "buffer; this architecture cannot be exported weights-free")
+        inits.append(InitSpec(name, int(v.dtype.value), tuple(int(d) for d in v.shape)))
+    graph.initializers.clear()
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(prog.model)
+    del proto.graph.initializer[:]
+    notes = []
+    mt = str(config.get("model_type"))
+    if mt not in TESTED_FAMILIES:
+        notes.append(f"model_type {mt!r} is not in loraport's tested families; validate the result")
+    return Captured(proto, inits, {k: v for k, v in buffers.items() if any(i.name == k for i in inits)},
+                    names, mt, notes, slots)
+
+
+class _Null:
+    def write(self, s):
+        return len(s)
+
+    def flush(self):
+        pass

@@ -1,0 +1,136 @@
+"""Atomic outputs: everything is written into a hidden temporary sibling and renamed into place only when
+complete, so an interrupted run leaves either nothing or the previous complete output. Stale temporaries
+from killed runs are swept on the next run. Inputs are never written to, and an output may not be, contain
+or sit inside an input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+from loraport.errors import OutputError
+
+TMP_TAG = ".loraport-tmp-"
+OLD_TAG = ".loraport-old-"
+
+
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
+    """Refuse outputs that would clobber an input or an existing output (without overwrite)."""
+    o = Path(out).resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        ip = Path(i).resolve()
+        if o == ip:
+            raise OutputError(f"--out {out} is the same as the input {i}; choose a new path")
+        if ip in o.parents:
+            raise OutputError(f"--out {out} is inside the input {i}; choose a path outside it")
+        if o in ip.parents:
+            raise OutputError(f"--out {out} contains the input {i}; choose another path")
+    if o.exists() and not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
+    if not o.parent.is_dir():
+        raise OutputError(f"the folder for --out does not exist: {o.parent}")
+    return o
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove temporaries left by killed runs for this output (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        _remove(p)
+    for p in out.parent.glob(f".{out.name}{OLD_TAG}*"):
+        if not out.exists():  # a crash between the two renames: the old output is the last complete one
+            p.rename(out)
+        else:
+            _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
+    """Yield a temporary path to write into; on success it replaces `out` atomically, on any failure
+    (exception, Ctrl-C, SIGTERM) it is removed and `out` is left as it was."""
+    out = Path(out).resolve()
+    sweep_stale(out)
+    stage = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+    _remove(stage)
+    if is_dir:
+        stage.mkdir()
+    prev = signal.getsignal(signal.SIGTERM)
+
+    def _term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread
+        prev = None
+    try:
+        yield stage
+        _fsync_tree(stage)
+        if out.exists():
+            if not overwrite:
+                raise OutputError(f"{out} appeared while writing; not replaced (pass --overwrite)")
+            old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            _remove(old)
+        else:
+            os.replace(stage, out)
+    except BaseException:
+        _remove(stage)
+        raise
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _fsync_tree(p: Path) -> None:
+    try:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError:
+        pass
+
+
+def check_free_space(where: Path, needed: int, margin: float = 1.02) -> None:
+    free = shutil.disk_usage(where).free
+    if needed * margin > free:
+        from loraport.console import human_bytes
+
+        raise OutputError(
+            f"not enough free space in {where}: the output needs {human_bytes(needed)}, "
+            f"{human_bytes(free)} is free"
+        )
