@@ -1,0 +1,37 @@
+"""`loraport combine`: several adapters into one (cat, svd, ties, dare)."""
+
+from __future__ import annotations
+
+import click
+
+from loraport.commands._lowrank_cli import common_options, parse_weights, rank_options, report
+
+
+def register(group: click.Group) -> None:
+    group.add_command(combine_cmd)
+
+
+@click.command("combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", default=None, help="comma-separated weight per adapter, e.g. 0.7,0.3 (default 1 each)")
+@click.option("--method", default="svd", show_default=True, type=click.Choice(["cat", "svd", "ties", "dare"]),
+              help="cat: exact, ranks add; svd: exact sum re-factorized; ties/dare: per their papers")
+@rank_options
+@click.option("--density", type=float, default=None,
+              help="ties: fraction of entries kept per task (default 0.2); dare: keep probability (default 0.5)")
+@click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the drop masks")
+@click.option("--out", required=True, type=click.Path(), help="the adapter to write")
+@click.option("--to", "to", default=None, help="output format (default: the first input's when writable, else peft)")
+@click.option("--format", "fmt", default=None, help="force the input format (default: detect)")
+@click.option("--base", default=None, type=click.Path(), help="base model, for formats whose keys need it (kohya)")
+@common_options
+def combine_cmd(adapters, weights, method, rank, energy, max_rank, density, seed, out, to, fmt, base, dtype,
+                device, overwrite, as_json):
+    """One adapter approximating Σ wᵢ·ΔWᵢ. Without --rank/--energy, svd/ties/dare keep the largest input rank
+    of each layer. Every layer reports its relative error against the exact weighted sum."""
+    from loraport.lowrank import combine
+
+    rep = combine(list(adapters), out, weights=parse_weights(weights, len(adapters)), method=method, rank=rank,
+                  energy=energy, max_rank=max_rank, density=density, seed=seed, to=to, fmt=fmt, base=base,
+                  dtype=dtype, device=device, overwrite=overwrite)
+    report(rep, as_json, f"combined LoRA ({method})")
