@@ -116,7 +116,8 @@ def build_skeleton(config: dict, dtype: str = "fp32"):
     try:
         with _params_on_meta(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=tdt)
+            key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            model = tf.AutoModelForCausalLM.from_config(cfg, **{key: tdt})
     except ValueError as e:
         raise BadInputError(f"model_type {mt!r} is not a causal LM transformers can build: {e}") from None
     finally:
@@ -202,12 +203,26 @@ def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: di
 
     proto = ir.serde.serialize_model(prog.model)
     del proto.graph.initializer[:]
+    _strip_debug_metadata(proto)
     notes = []
     mt = str(config.get("model_type"))
     if mt not in TESTED_FAMILIES:
         notes.append(f"model_type {mt!r} is not in loraport's tested families; validate the result")
     return Captured(proto, inits, {k: v for k, v in buffers.items() if any(i.name == k for i in inits)},
                     names, mt, notes, slots)
+
+
+# node metadata the exporter adds for debugging; dropped (they are most of the .onnx file's size). The module
+# scopes (`pkg.torch.onnx.name_scopes`) are kept: they let `bake` find weights in graphs whose names were lost.
+_DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy", "namespace")
+
+
+def _strip_debug_metadata(proto: onnx.ModelProto) -> None:
+    for n in proto.graph.node:
+        keep = [p for p in n.metadata_props if p.key not in _DEBUG_KEYS]
+        if len(keep) != len(n.metadata_props):
+            del n.metadata_props[:]
+            n.metadata_props.extend(keep)
 
 
 class _Null:

@@ -1,0 +1,206 @@
+"""`loraport convert --to onnx`: merged, quantized and multi-LoRA exports (spec: formats/onnx.md).
+
+Structure and weights are separate: `capture()` traces the graph once with meta (storage-free) parameters;
+then every initializer the graph names is produced by the merge engine (`merged_tensor`), optionally
+quantized, and appended to `model.onnx.data` — one tensor in memory at a time. The output folder:
+
+    model.onnx            graph (+ tiny tensors inline), IR version 10
+    model.onnx.data       every other initializer, in graph order
+    loraport_onnx.json    manifest: kind, dtype, quantization, adapters, LoRA slots (read by `validate`)
+    config.json ...       the base folder's non-weight files (tokenizer, generation config)
+    adapters/<name>.onnx_adapter   (multi-LoRA only) one ORT adapter file per --adapter
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from loraport import __version__
+from loraport.errors import BadInputError
+from loraport.onnx.capture import TORCH_DTYPES, capture
+from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
+
+IR_VERSION = 10  # accepted by every onnxruntime >= 1.20 (1.20 rejects > 10) and required for opset 21
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST = "loraport_onnx.json"
+DEFAULT_OPSET = 20
+QUANT_OPSET = 21
+
+
+def _adapter_name(path: str, used: set[str]) -> str:
+    stem = Path(str(path)).name or "adapter"
+    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "adapter"
+    base, i = name, 2
+    while name in used:
+        name, i = f"{base}-{i}", i + 1
+    used.add(name)
+    return name
+
+
+def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out: str | Path, *,
+                opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
+                multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
+                device: str = "auto", strict: bool = True, block_size: int = 32) -> dict:
+    """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`."""
+    from loraport.merge import pick_device
+    from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
+    from loraport.onnx.quantize import quantized_tensors, rewrite
+    from loraport.onnx.weights import WeightSource
+    from loraport.outputs import check_free_space, check_output, staged_output
+
+    t0 = time.perf_counter()
+    if dtype not in TORCH_DTYPES:
+        raise BadInputError(f"--dtype {dtype!r} is not supported for ONNX (fp32 or fp16)")
+    if quantize in ("fp32", "fp16"):
+        dtype, quantize = quantize, None
+    if quantize not in (None, "int8", "int4"):
+        raise BadInputError(f"--quantize {quantize!r} is not available for ONNX (int8, int4)")
+    if opset is None:
+        opset = QUANT_OPSET if quantize else DEFAULT_OPSET
+    if not 17 <= int(opset) <= 23:
+        raise BadInputError(f"--opset {opset}: loraport exports opsets 17-23")
+    if quantize == "int8" and opset < 21:
+        raise BadInputError(f"--quantize int8 writes per-channel DequantizeLinear for opset >= 21; got --opset {opset}")
+    if multi_lora and not adapters:
+        raise BadInputError("--multi-lora needs at least one --adapter")
+    out_p = check_output(out, [base, *[a for a, _ in adapters if isinstance(a, (str, Path))]], overwrite)
+    pick_device(device)
+
+    src = WeightSource(base, adapters, device=device, strict=strict, merge=not multi_lora)
+    try:
+        lora_targets = None
+        if multi_lora:
+            lora_targets = {}
+            for ad, _ in src.adapters:
+                check_plain(ad)
+            from loraport.merge import build_plan
+
+            for ad, w in src.adapters:
+                plan = build_plan(src.ckpt, [(ad, w)], strict=strict)
+                for name, ups in plan.updates.items():
+                    for d, _ in ups:
+                        lora_targets[name] = (int(d.A.shape[1]), int(d.B.shape[0]))
+        cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets, with_past=with_past)
+        proto = cap.proto
+        float_dtype = TORCH_DTYPES[dtype]
+        slot_names = {n for s in cap.lora_slots for n in (s.a_name, s.b_name)}
+        qentries = {}
+        if quantize:
+            weights = {i.name: i.shape for i in cap.inits if i.name not in cap.buffers and i.name not in slot_names
+                       and len(i.shape) == 2}
+            qentries = rewrite(proto, weights, quantize, proto.graph.input[0].type.tensor_type.elem_type,
+                               block=block_size)
+        need = sum(int(torch.Size(i.shape).numel()) * 4 for i in cap.inits)
+        check_free_space(out_p.parent, need // (2 if dtype == "fp16" else 1))
+
+        with staged_output(out_p, is_dir=True, overwrite=overwrite) as stage:
+            writer = ExternalDataWriter(stage, DATA_FILE)
+            inits = []
+            try:
+                for spec in cap.inits:
+                    if spec.name in slot_names:
+                        zero = [spec.shape[0], 0] if spec.name.endswith(".lora_A.weight") else [0, spec.shape[1]]
+                        inits.append(helper.make_tensor(spec.name, spec.onnx_dtype, zero, vals=[]))
+                        continue
+                    if spec.name in cap.buffers:
+                        t = cap.buffers[spec.name].to(ONNX_TO_TORCH[spec.onnx_dtype])
+                        inits.append(writer.add(spec.name, t, spec.onnx_dtype, spec.shape))
+                        continue
+                    W = src.merged(spec.name)
+                    if tuple(W.shape) != spec.shape:
+                        if W.numel() != torch.Size(spec.shape).numel():
+                            raise BadInputError(f"{spec.name}: checkpoint shape {list(W.shape)} != model shape "
+                                                f"{list(spec.shape)} (config.json and weights disagree)")
+                        W = W.reshape(spec.shape)
+                    if spec.name in qentries:
+                        for qn, qt in quantized_tensors(qentries[spec.name], W, float_dtype):
+                            inits.append(writer.add(qn, qt))
+                    else:
+                        inits.append(writer.add(spec.name, W.to(ONNX_TO_TORCH[spec.onnx_dtype]), spec.onnx_dtype,
+                                                spec.shape))
+                    del W
+            finally:
+                writer.close()
+            proto.graph.initializer.extend(inits)
+            if cap.lora_slots:
+                _expose_lora_inputs(proto, cap.lora_slots)
+            proto.ir_version = IR_VERSION
+            proto.producer_name, proto.producer_version = "loraport", __version__
+            onnx.save_model(proto, str(stage / MODEL_FILE))
+            try:
+                onnx.checker.check_model(str(stage / MODEL_FILE))
+            except onnx.checker.ValidationError as e:
+                raise BadInputError(f"the exported graph failed onnx.checker: {str(e).splitlines()[0][:300]}") \
+                    from None
+            for rel in src.ckpt.extra_files:
+                dst = stage / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src.ckpt.root / rel, dst)
+            adapters_out = []
+            used: set[str] = set()
+            if multi_lora:
+                (stage / "adapters").mkdir()
+                slots = {s.module: {"in": s.d_in, "out": s.d_out, "dtype": int(proto.graph.input[0].type.tensor_type
+                                                                                 .elem_type)} for s in cap.lora_slots}
+                elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+                for s in slots.values():
+                    s["dtype"] = elem
+                t2m = {s.target: s.module for s in cap.lora_slots}
+                for (ad, w), (path, _) in zip(src.adapters, adapters):
+                    name = _adapter_name(str(path), used)
+                    rel = f"adapters/{name}.onnx_adapter"
+                    write_adapter_file(adapter_arrays(ad, w, slots, t2m), stage / rel)
+                    adapters_out.append({"name": name, "file": rel, "source": str(Path(str(path)).resolve()),
+                                         "weight": w, "format": ad.format, "targets": len(ad.deltas)})
+            else:
+                for (ad, w), (path, _) in zip(src.adapters, adapters):
+                    adapters_out.append({"name": _adapter_name(str(path), used), "source": str(Path(str(path))
+                                        .resolve()), "weight": w, "format": ad.format, "targets": len(ad.deltas)})
+            manifest = {
+                "loraport_version": __version__,
+                "kind": "multi-lora" if multi_lora else "merged",
+                "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
+                "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
+                "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
+                "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": ["logits"],
+                "adapters": adapters_out,
+                "lora_slots": [{"module": s.module, "target": s.target, "in": s.d_in, "out": s.d_out}
+                               for s in cap.lora_slots],
+                "quantized_weights": len(qentries),
+            }
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            data_bytes = writer.bytes_written
+        report = {
+            "out": str(out_p), "kind": manifest["kind"], "model_type": cap.model_type, "dtype": dtype,
+            "quantize": quantize, "opset": int(opset), "ir_version": IR_VERSION, "inputs": cap.input_names,
+            "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
+            "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
+            "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return report
+    finally:
+        src.close()
+
+
+def _expose_lora_inputs(proto: onnx.ModelProto, slots) -> None:
+    """Make each LoRA A/B an overridable initializer: listed in graph.input with a symbolic rank axis
+    (`<module>.lora_r`)."""
+    g = proto.graph
+    elem = {i.name: i.data_type for i in g.initializer}
+    for s in slots:
+        # one rank axis per module: an adapter may cover only some modules (the rest keep rank 0), and ORT
+        # plans buffers assuming equal symbolic dims are equal
+        r = f"{s.module}.lora_r"
+        g.input.append(helper.make_tensor_value_info(s.a_name, elem[s.a_name], [s.d_in, r]))
+        g.input.append(helper.make_tensor_value_info(s.b_name, elem[s.b_name], [r, s.d_out]))
+    # shapes inferred at capture time carry the placeholder rank: drop them all
+    del g.value_info[:]
