@@ -90,10 +90,13 @@ class SafetensorsFile:
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-            raise BadInputError(f"{self.path}: corrupted safetensors header ({e})") from None
+            raise BadInputError(f"{self.path}: corrupted safetensors header ({str(e)[:120]})") from None
+        except RecursionError:  # "[[[[...": nesting deeper than the JSON decoder's stack
+            raise BadInputError(f"{self.path}: corrupted safetensors header (JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise BadInputError(f"{self.path}: corrupted safetensors header (not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise BadInputError(f"{self.path}: safetensors __metadata__ must map strings to strings")
         self.metadata: dict[str, str] = meta
@@ -163,14 +166,22 @@ def _no_duplicates(pairs):
     return d
 
 
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")  # lone surrogates ("\\ud800" in the JSON) decode but cannot be written back
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_entry(path: Path, name: str, ent, data_start: int, data_len: int) -> TensorInfo:
     where = f"{path}: tensor {name[:80]!r}"
-    if not name or _BAD_NAME.search(name) or len(name) > 1024:
+    if not name or _BAD_NAME.search(name) or len(name) > 1024 or not _utf8(name):
         raise BadInputError(f"{path}: invalid tensor name {name[:80]!r}")
     if not isinstance(ent, dict):
         raise BadInputError(f"{where}: header entry is not an object")
     dt = ent.get("dtype")
-    if dt not in DTYPES:
+    if not isinstance(dt, str) or dt not in DTYPES:
         raise BadInputError(f"{where}: unknown dtype {str(dt)[:20]!r}")
     shape = ent.get("shape")
     if not isinstance(shape, list) or len(shape) > 8 or not all(

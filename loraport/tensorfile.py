@@ -7,6 +7,9 @@ containers, and that refusal becomes an `UnsafeInputError` naming the file and t
 from __future__ import annotations
 
 import json
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,11 +36,32 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     raise BadInputError(f"{p}: unknown tensor file type (expected .safetensors, or a .bin/.pt weights-only pickle)")
 
 
-def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
+def _check_zip(p: Path) -> None:
+    """torch.save writes its zip records uncompressed; a compressed record in a small file can expand to any
+    size in memory (a zip bomb), so refuse it before torch reads it."""
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
-    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if not zipfile.is_zipfile(p):
+            return  # legacy (pre-1.6) torch pickle: torch.load reads it sequentially
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
+        raise BadInputError(f"{p}: cannot read this pickle file (broken zip: {str(e)[:100]})") from None
+    size = p.stat().st_size
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED or i.file_size > size:
+            raise UnsafeInputError(f"{p}: refused to load: record {i.filename[:60]!r} is compressed "
+                                   f"({i.file_size} bytes unpacked from a {size}-byte file); torch.save never "
+                                   "compresses, so this is not a plain checkpoint; convert it to .safetensors")
+
+
+def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
+    _check_zip(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter is not the user's business
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError, RecursionError, ...
+        msg = _torch_reason(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "unpickl" in str(e).lower():
             raise UnsafeInputError(
                 f"{p}: refused to load: the pickle needs code execution beyond plain tensors ({msg}); "
@@ -54,14 +78,27 @@ def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _torch_reason(e: BaseException) -> str:
+    """The one informative line of torch.load's multi-paragraph error (which also suggests the unsafe
+    weights_only=False; we never do that)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    pick = [x for x in lines if re.search(r"unsupported|blocked|not an allowed", x, re.I)]
+    line = m.group(1) if m else (pick or lines or [type(e).__name__])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()[:200] or type(e).__name__
+
+
 def read_json(p: str | Path, what: str = "config") -> dict:
     p = Path(p)
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"{p}: missing {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{p}: invalid JSON in {what} ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, over-long integers
+        raise BadInputError(f"{p}: invalid JSON in {what} ({str(e)[:120]})") from None
+    except RecursionError:
+        raise BadInputError(f"{p}: invalid JSON in {what} (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{p}: {what} must be a JSON object")
     return obj
