@@ -1,19 +1,28 @@
-"""loraport: merge, convert, re-quantize and export LoRA / QLoRA adapters from every ecosystem."""
+"""loraport: merge, convert, re-quantize and export LoRA / QLoRA adapters from every ecosystem.
+
+Public API (each also a CLI command): `load_adapter`, `merge`, `convert`, `export_onnx`, `validate`.
+"""
 
 __version__ = "0.1.0"
 
 from loraport.errors import LoraportError  # noqa: E402
+from loraport.formats import load_adapter  # noqa: E402
+from loraport.merge import merge  # noqa: E402  (binds the function over the submodule's name on purpose)
 
-__all__ = ["LoraportError", "__version__", "load_adapter", "merge"]
+__all__ = ["LoraportError", "__version__", "convert", "export_onnx", "load_adapter", "merge", "validate"]
 
 
-def __getattr__(name):  # lazy public API: keeps `import loraport` cheap for the CLI
-    if name == "load_adapter":
-        from loraport.formats import load_adapter
+def __getattr__(name):  # the heavier entry points load on first use
+    if name == "convert":
+        from loraport.convert import convert_adapter
 
-        return load_adapter
-    if name == "merge":
-        from loraport.merge import merge
+        return convert_adapter
+    if name == "export_onnx":
+        from loraport.onnx import export_onnx
 
-        return merge
+        return export_onnx
+    if name == "validate":
+        from loraport.validate import validate
+
+        return validate
     raise AttributeError(name)

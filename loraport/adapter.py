@@ -272,6 +272,7 @@ class ReplaceDelta(Delta):
     is W + w·(R − W), so w = 1 replaces exactly."""
 
     value: torch.Tensor = None  # type: ignore[assignment]
+    saved_base: bool = False  # a copy of the base layer saved alongside (PEFT save_embedding_layers): not trained
     kind: ClassVar[str] = "replace"
 
     def implied_shape(self) -> Shape | None:
@@ -285,7 +286,7 @@ class ReplaceDelta(Delta):
         return True
 
     def num_params(self) -> int:
-        return self.value.numel()
+        return 0 if self.saved_base else self.value.numel()
 
 
 @dataclass

@@ -44,7 +44,7 @@ def describe(adapter) -> dict:
     alphas = Counter(d.alpha for d in loras if d.alpha is not None)
     rules = Counter(d.scale_rule for d in loras)
     scales = Counter(round(d.scale, 6) for d in loras)
-    leaf = Counter(d.target.removesuffix(".weight").rsplit(".", 1)[-1] for d in adapter.deltas)
+    leaf = Counter(t.removesuffix(".weight").rsplit(".", 1)[-1] for t in {d.target for d in adapter.deltas})
     params = adapter.num_params()
     full = 0
     for d in adapter.deltas:
@@ -60,7 +60,7 @@ def describe(adapter) -> dict:
         "path": adapter.path, "format": adapter.format, "kinds": adapter.kinds(),
         "ranks": dict(sorted(ranks.items())), "alphas": {str(k): v for k, v in alphas.items()},
         "scale_rules": dict(rules), "scales": {str(k): v for k, v in scales.items()},
-        "targets": len(adapter.deltas), "target_modules": dict(sorted(leaf.items())),
+        "targets": len({d.target for d in adapter.deltas}), "target_modules": dict(sorted(leaf.items())),
         "dora": any(getattr(d, "magnitude", None) is not None for d in adapter.deltas),
         "trainable_params": params, "full_rank_params": full,
         "compression": round(full / factor_params, 1) if factor_params else None,
@@ -92,7 +92,7 @@ def inspect_cmd(path, fmt, base, plot, as_json):
             return
         out.print(f"[bold]{p}[/bold]: merged by loraport {prov.get('loraport.version')}")
         for a in prov.get("loraport.adapters", []):
-            files = ", ".join(f"{k} sha256:{v[:16]}…" for k, v in a.get("files", {}).items())
+            files = ", ".join(f"{k} sha256:{v}" for k, v in a.get("files", {}).items())
             out.print(f"  adapter {a.get('path')} ({a.get('format')}, weight {a.get('weight')}, "
                       f"{'/'.join(a.get('scale_rules', []))}) {files}")
         out.print(f"  dtype {prov.get('loraport.dtype')}, quantize {prov.get('loraport.quantize')}")
@@ -125,11 +125,12 @@ def inspect_cmd(path, fmt, base, plot, as_json):
               f"scale(s) {', '.join(rep['scales']) or '-'}")
     out.print(f"  targets       {rep['targets']}: " + ", ".join(f"{m} ×{n}" for m, n in rep["target_modules"].items()))
     out.print(f"  DoRA          {'yes' if rep['dora'] else 'no'}")
-    out.print(f"  parameters    {rep['trainable_params']:,} trainable")
+    out.print(f"  parameters    {rep['trainable_params']} trainable")
     if rep["compression"]:
-        out.print(f"  full-rank     the same layers at full rank: {rep['full_rank_params']:,} numbers "
+        out.print(f"  full-rank     the same layers at full rank: {rep['full_rank_params']} numbers "
                   f"({rep['compression']:g}× more)")
-    out.print(f"  dtype         {', '.join(rep['dtypes'])}; files {human_bytes(rep['file_bytes'])}")
+    out.print(f"  dtype         {', '.join(rep['dtypes'])}; files {human_bytes(rep['file_bytes'])} "
+              f"({rep['file_bytes']} bytes)")
     for n in rep["notes"]:
         out.print(f"  note          {n}")
     if plot:

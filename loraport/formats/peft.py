@@ -101,6 +101,7 @@ class PeftFormat(AdapterFormat):
 
         parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         replacements: dict[str, torch.Tensor] = {}
+        saved_base: set[str] = set()
         unknown = []
         for key, t in tensors.items():
             k = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -112,7 +113,9 @@ class PeftFormat(AdapterFormat):
                 # modules_to_save / trainable biases: full tensors, possibly still wrapped
                 k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
                 k = re.sub(r"\.original_module\.", ".", k)
-                k = re.sub(r"\.base_layer\.", ".", k)  # saved embedding/base layers (save_embedding_layers)
+                if ".base_layer." in k:  # saved embedding/base layers (save_embedding_layers)
+                    k = k.replace(".base_layer.", ".")
+                    saved_base.add(k)
                 replacements[k] = t
                 continue
             mod = m.group("mod")
@@ -156,7 +159,7 @@ class PeftFormat(AdapterFormat):
                 deltas.append(FullDelta(f"{mod}.bias", diff=p["lora_B.bias"], scale=scale,
                                         source_key=PREFIX + mod + ".lora_B.bias"))
         for k, t in replacements.items():
-            deltas.append(ReplaceDelta(k, value=t, source_key=PREFIX + k))
+            deltas.append(ReplaceDelta(k, value=t, saved_base=k in saved_base, source_key=PREFIX + k))
         if any(d.magnitude is not None for d in deltas if isinstance(d, LoraDelta)):
             notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
         if replacements:
