@@ -13,6 +13,10 @@ from loraport.errors import BadInputError
 from loraport.names.llm import is_embedding
 
 
+class Inexpressible(BadInputError):
+    """The target format has no exact form for an update; `loraport convert --lossy` may re-factor it."""
+
+
 def oriented(d: LoraDelta, transpose: bool, base=None) -> LoraDelta:
     """The same ΔW expressed with `d.transpose == transpose` (swapping A/B: (B@A)ᵀ = Aᵀ@Bᵀ). A delta whose
     orientation is still undecided is settled against the base when given, else by its layer/name."""
@@ -65,7 +69,7 @@ def pad_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, to
 def require_lora_only(adapter: Adapter, fmt: str, allowed=(LoraDelta,)) -> None:
     for d in adapter.deltas:
         if not isinstance(d, allowed):
-            raise BadInputError(
+            raise Inexpressible(
                 f"{fmt} cannot express the {d.kind} update on {d.target} (it stores LoRA factors only); "
                 "pass --lossy to re-factor it to low rank"
             )

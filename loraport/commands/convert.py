@@ -1,0 +1,76 @@
+"""`loraport convert`: an adapter in another format (no merge), or — with --to onnx / onnx-adapter — an ONNX
+export (loraport/onnx)."""
+
+from __future__ import annotations
+
+import click
+
+from loraport.errors import BadInputError
+
+TARGETS = ("peft", "kohya", "diffusers", "mlx", "gguf", "torchtune", "onnx", "onnx-adapter")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(convert_cmd)
+
+
+@click.command("convert")
+@click.argument("adapter", required=False, type=click.Path())
+@click.option("--to", "to", required=True, type=click.Choice(TARGETS), help="output format")
+@click.option("--out", required=True, type=click.Path(), help="file or folder to write")
+@click.option("--base", default=None, type=click.Path(),
+              help="base model: names GGUF/torchtune/kohya targets, gives head counts for q/k permutation, and the "
+                   "weights DoRA needs for --lossy")
+@click.option("--format", "fmt", default=None, help="force the input format (default: detect)")
+@click.option("--lossy", is_flag=True, help="allow an SVD re-factorization where the target cannot express the "
+                                            "adapter exactly (error reported)")
+@click.option("--rank", type=int, default=None, help="with --lossy: re-factor every update to this rank")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+# ONNX options (issue 7): passed through to loraport.onnx.cli_convert
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="ONNX: adapter (repeatable)")
+@click.option("--weight", "weights", multiple=True, type=float, help="ONNX: weight per --adapter (repeatable)")
+@click.option("--multi-lora", is_flag=True, help="ONNX: keep LoRA A/B as switchable inputs, one .onnx_adapter each")
+@click.option("--graph", default=None, type=click.Path(), help="ONNX: multi-LoRA graph an .onnx_adapter is made for")
+@click.option("--opset", type=int, default=None, help="ONNX: opset version")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX: weight dtype")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="ONNX: quantized weights")
+@click.option("--with-past", is_flag=True, help="ONNX: KV-cache inputs/outputs for generation")
+def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, adapters, weights, multi_lora, graph,
+                opset, dtype, quantize, with_past):
+    """Convert ADAPTER to another format without merging: exact where the target can express it (scales
+    baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
+    from loraport.console import emit_json, err
+
+    onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
+                 "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past}
+    if to in ("onnx", "onnx-adapter"):
+        from loraport.convert import onnx_convert
+
+        all_adapters = ([adapter] if adapter else []) + list(adapters)
+        rep = onnx_convert(adapters=all_adapters, weights=list(weights), to=to, out=out, base=base, format=fmt,
+                           multi_lora=multi_lora, graph=graph, opset=opset, dtype=dtype, quantize=quantize,
+                           with_past=with_past, lossy=lossy, rank=rank, overwrite=overwrite)
+    else:
+        used = [k for k, v in onnx_only.items() if v]
+        if used:
+            raise BadInputError(f"{', '.join(used)} only apply to --to onnx / onnx-adapter")
+        if not adapter:
+            raise BadInputError("missing ADAPTER (the adapter to convert)")
+        from loraport.convert import convert_adapter
+
+        rep = convert_adapter(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank, overwrite=overwrite)
+    if as_json:
+        emit_json(rep)
+        return
+    if not isinstance(rep, dict) or "source_format" not in rep:
+        err.print(f"wrote {out}")
+        return
+    err.print(f"{rep['source_format']} → {rep['to']}: {rep['deltas']} update(s) written to {rep['out']}")
+    for n in rep.get("notes", []):
+        err.print(f"  note: {n}")
+    if rep.get("lossy"):
+        err.print(f"  lossy: {len(rep['refactored'])} update(s) re-factored, max relative error "
+                  f"{rep['max_rel_error']:.3g}")
+    if rep.get("max_abs_diff") is not None:
+        err.print(f"  read back: max |ΔW difference| {rep['max_abs_diff']:.3g}")
