@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return export_onnx
     if name == "bake":
-        from loraport.onnx.bake import bake
+        from loraport.onnx.baking import bake
 
         return bake
     if name == "cli_convert":
