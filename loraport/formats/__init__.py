@@ -95,3 +95,14 @@ def load_adapter(path: str | Path, format: str | None = None, base: Checkpoint |
     if not adapter.deltas:
         raise BadInputError(f"{path}: the adapter has no tensors that loraport can apply")
     return adapter
+
+
+def support_matrix() -> str:
+    """The README's support matrix (format × read / write / merge), generated from the registry."""
+    yes, no = "yes", "—"
+    rows = ["| format | name | read | write | merge | spec |", "|---|---|---|---|---|---|"]
+    for name, f in formats().items():
+        rows.append(f"| {f.title or name} | `{name}` | {yes if f.readable else no} | {yes if f.writable else no} | "
+                    f"{yes if f.mergeable and f.readable else no} | [formats/{f.spec or name}.md]"
+                    f"(formats/{f.spec or name}.md) |")
+    return "\n".join(rows)
