@@ -48,6 +48,8 @@ CASES: dict[str, tuple[str, list[tuple[str, float]]]] = {
     "conv1d_dora": ("gpt2", [("gpt2_dora", 1.0)]),
     "bf16_qwen2": ("qwen2_bf16", [("qwen2_plain", 1.0)]),
     "tied_head_bf16": ("qwen2_bf16", [("qwen2_tied_head", 1.0)]),
+    "dora_bf16_tied_embedding": ("qwen2_bf16", [("qwen2_dora_bf16", 1.0)]),
+    "tied_embedding_gpt2": ("gpt2", [("gpt2_tied_embed", 1.0)]),
     "sharded": ("llama_sharded", [("llama_plain", 1.0)]),
     "two_weighted": ("llama", [("llama_plain", 0.7), ("llama_rslora_patterns", -0.4)]),
     "two_weighted_sharded": ("llama_sharded", [("llama_plain2", 1.5), ("llama_dora", 0.5)]),
