@@ -276,7 +276,8 @@ class _Pipeline:
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str | Path], out: str | Path, *,
           dtype: str = "auto", device: str = "auto", shard_size: int | None = None, overwrite: bool = False,
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
-          adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None) -> dict:
+          adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
+          nonfinite: str = "warn", manifest: bool = True) -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
     .safetensors base). Returns a report dict. See the module docstring for how."""
     t0 = time.perf_counter()
@@ -309,6 +310,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     from loraport.formats import load_adapter
 
     loaded = [(load_adapter(a, format=adapter_format, base=ckpt), w) for a, w in adapters]
+    from loraport.finite import check_adapters, check_mode
+
+    warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
     plan = build_plan(ckpt, loaded, strict=strict)
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
@@ -318,10 +322,24 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
     prov = _provenance(loaded, dtype, quantize)
 
+    from loraport import manifest as mf
+
+    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]]) if manifest else None
     with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
-        stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress)
+        stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress, nonfinite=nonfinite)
         if not single:
             _write_side_files(ckpt, layout, stage, out_dtype, quantizer)
+        if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
+            summary = {"base": str(base_p), "dtype": dtype, "quantize": quantize, "strict": strict,
+                       "adapters": [{"path": a.path, "format": a.format, "weight": w, "targets": len(a.deltas)}
+                                    for a, w in loaded],
+                       "tensors": len(ckpt.names()), "tensors_updated": len(plan.updates),
+                       "skipped_targets": len(plan.skipped)}
+            man = mf.build(stage, inputs=hashes.result(), plan=summary, name=out_p.name)
+            if not single:
+                mf.write_into(stage, man)
+    if hashes is not None and single:
+        mf.write_sibling(out_p, man)
     report = {
         "base": str(base_p), "out": str(out_p), "device": str(dev), "dtype": dtype,
         "quantize": quantize, "adapters": [{"path": a.path, "format": a.format, "weight": w,
@@ -330,6 +348,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         "files": [f.relpath for f in layout], "bytes_written": stats["bytes"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["warnings"] = warns + stats.get("nonfinite", [])
+    if hashes is not None:
+        report["manifest"] = str(mf.manifest_path(out_p))
     if quantizer is not None:
         report["quantization"] = quantizer.report()
     ckpt.close()
@@ -353,12 +374,15 @@ def open_base(path: Path, fp16_base=None, quantize: str | None = None):
 
 
 def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, dev: torch.device,
-            out_dtype, quantizer, prov: dict, progress) -> dict:
+            out_dtype, quantizer, prov: dict, progress, nonfinite: str = "warn") -> dict:
     base = plan.base
     pipe = _Pipeline()
     order = [(fi, src) for fi, f in enumerate(layout) for src in f.sources]
     cuda = dev.type == "cuda"
     raw_ok = hasattr(base, "raw")
+    from loraport.finite import check_merged
+
+    flagged: list[str] = []
 
     def wants_raw(name: str) -> bool:
         if name in plan.updates or not raw_ok:
@@ -411,6 +435,10 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                             outs = [src.to(dt).cpu() if src.dtype != dt or cuda else src]
                     else:
                         outs = [t.cpu()]
+                if outs is not None and name in plan.updates:
+                    msg = check_merged(name, t, outs, nonfinite)  # raises in "fail" mode
+                    if msg:
+                        flagged.append(msg)
                 if not pipe.put(pipe.q_ready, (fi, name, outs)):
                     return
         except BaseException as e:  # noqa: BLE001
@@ -469,7 +497,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         pipe.stop.set()
         for th in threads:
             th.join(timeout=5)
-    return {"bytes": written}
+    return {"bytes": written, "nonfinite": flagged}
 
 
 class _progress:

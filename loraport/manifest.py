@@ -1,0 +1,193 @@
+"""Integrity manifests: what an output holds (sha256 and size of every file), what it was made from (the
+inputs' sha256) and how (the plan summary), so `loraport verify OUT` can tell later whether an output is still
+exactly what loraport wrote.
+
+Where: a folder output carries `loraport-manifest.json` inside it (written into the staged folder, so it is
+renamed into place with the rest); a single-file output gets a sibling `<name>.manifest.json`, itself written
+to a temporary and renamed (atomic on its own; a run killed between the two renames leaves the previous
+manifest, which `verify` then reports as a mismatch rather than silently passing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from loraport import __version__
+from loraport.errors import BadInputError, LoraportError
+
+FOLDER_MANIFEST = "loraport-manifest.json"
+SCHEMA = "loraport-manifest/1"
+
+
+class VerifyFailed(LoraportError):
+    """The output no longer matches its manifest."""
+
+    exit_code = 1
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path(out: str | Path) -> Path:
+    """Where the manifest of the output `out` lives (whether or not `out` exists yet)."""
+    out = Path(out)
+    if out.is_dir():
+        return out / FOLDER_MANIFEST
+    return out.with_name(out.name + ".manifest.json")
+
+
+def _files_of(root: Path) -> dict[str, Path]:
+    if root.is_file():
+        return {root.name: root}
+    return {f.relative_to(root).as_posix(): f for f in sorted(root.rglob("*"))
+            if f.is_file() and f.name != FOLDER_MANIFEST}
+
+
+def input_hashes(paths: list[str | Path]) -> dict[str, str]:
+    """sha256 of every file of every input (a folder contributes its files, keyed by path)."""
+    out: dict[str, str] = {}
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_file():
+            out[str(p)] = sha256_file(p)
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    out[str(f)] = sha256_file(f)
+    return out
+
+
+def build(written: Path, *, inputs: dict[str, str], plan: dict, name: str | None = None) -> dict:
+    """The manifest of a staged output (`written` is the staged file or folder; `name` the final file name
+    of a single-file output, since the staged file has a temporary name)."""
+    files = _files_of(written)
+    if written.is_file() and name:
+        files = {name: written}
+    return {
+        "schema": SCHEMA,
+        "loraport_version": __version__,
+        "kind": "file" if written.is_file() else "folder",
+        "files": {rel: {"sha256": sha256_file(f), "size": f.stat().st_size} for rel, f in files.items()},
+        "inputs": inputs,
+        "plan": plan,
+    }
+
+
+def write_into(stage: Path, manifest: dict) -> Path:
+    """Folder outputs: write the manifest inside the staged folder."""
+    p = stage / FOLDER_MANIFEST
+    p.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return p
+
+
+def write_sibling(out: Path, manifest: dict) -> Path:
+    """Single-file outputs: `<out>.manifest.json`, written to a temporary sibling and renamed into place."""
+    from loraport.outputs import TMP_TAG
+
+    dst = manifest_path(out)
+    tmp = dst.parent / f".{dst.name}{TMP_TAG}{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return dst
+
+
+def load(out: str | Path) -> tuple[Path, dict]:
+    out = Path(out)
+    if not out.exists():
+        raise BadInputError(f"{out}: not found")
+    mp = manifest_path(out)
+    if not mp.is_file():
+        raise BadInputError(f"{out}: no loraport manifest ({mp.name} missing); was it written by loraport merge?")
+    try:
+        m = json.loads(mp.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise VerifyFailed(f"{mp}: the manifest is unreadable ({str(e)[:100]})") from None
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(m.get("files"), dict):
+        raise VerifyFailed(f"{mp}: not a {SCHEMA} manifest")
+    for rel, ent in m["files"].items():
+        if not isinstance(rel, str) or not isinstance(ent, dict) or not isinstance(ent.get("sha256"), str):
+            raise VerifyFailed(f"{mp}: malformed entry for {str(rel)[:80]!r}")
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts or "\x00" in rel:
+            raise VerifyFailed(f"{mp}: entry {rel[:80]!r} is not a path inside the output")
+    return mp, m
+
+
+def verify(out: str | Path, check_inputs: bool = False) -> dict:
+    """Re-hash every file the manifest lists. Returns a report; `problems` is empty when all match.
+    Extra files in a folder output are reported as problems too (something was added after loraport)."""
+    out = Path(out)
+    mp, m = load(out)
+    root = out if out.is_dir() else out.parent
+    problems: list[str] = []
+    checked = 0
+    for rel, ent in sorted(m["files"].items()):
+        f = out if m.get("kind") == "file" and rel == out.name else root / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = f.stat().st_size
+        if isinstance(ent.get("size"), int) and size != ent["size"]:
+            problems.append(f"{rel}: size {size}, manifest says {ent['size']}")
+            continue
+        if sha256_file(f) != ent["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+        checked += 1
+    if out.is_dir():
+        extra = sorted(set(_files_of(out)) - set(m["files"]))
+        problems += [f"{rel}: not in the manifest" for rel in extra]
+    inputs_changed: list[str] = []
+    if check_inputs:
+        for p, h in sorted((m.get("inputs") or {}).items()):
+            if not Path(p).is_file():
+                inputs_changed.append(f"{p}: input missing")
+            elif sha256_file(p) != h:
+                inputs_changed.append(f"{p}: input changed since the merge")
+    return {"out": str(out), "manifest": str(mp), "files_checked": checked, "files": len(m["files"]),
+            "problems": problems, "inputs_changed": inputs_changed, "plan": m.get("plan", {}),
+            "ok": not problems}
+
+
+class BackgroundHashes:
+    """sha256 of the inputs computed on a daemon thread while the merge streams (overlapping the reads)."""
+
+    def __init__(self, paths: list[str | Path]):
+        import threading
+
+        self._paths = paths
+        self._result: dict[str, str] | None = None
+        self._error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = input_hashes(self._paths)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> dict[str, str]:
+        self._t.join()
+        if self._error is not None:
+            raise self._error
+        return self._result or {}
