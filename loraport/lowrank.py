@@ -170,8 +170,8 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
                      density: float | None = None, seed: int = 0, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None) -> tuple[Adapter, dict]:
     """One adapter whose update approximates Σ wᵢ·ΔWᵢ per target. `cat` is exact (ranks add, PEFT's layout);
-    `svd` re-factorizes the exact sum at the rank `spec` gives (default: the largest input rank of the
-    layer); `ties`/`dare` merge the dense per-layer updates (trim + sign election + disjoint mean; random
+    `svd` re-factorizes the exact sum at the rank `spec` gives (default, as PEFT: the largest rank of
+    any input); `ties`/`dare` merge the dense per-layer updates (trim + sign election + disjoint mean; random
     drop with a seeded mask + rescale), then re-factorize. Every layer reports its error against the exact
     weighted sum."""
     if method not in METHODS:
@@ -195,6 +195,9 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
             if d.magnitude is not None:
                 raise BadInputError(f"{name}: {d.target} is DoRA; magnitudes cannot be combined (merge instead)")
             groups.setdefault((d.target, d.rows), []).append((i, d))
+    # PEFT's default for svd/ties/dare: the largest rank of any input, for every layer
+    default_rank = max((d.rank() or 0 for ms in groups.values() for _, d in ms), default=1)
+    fixed = spec.rank if (spec.rank or spec.energy) else default_rank
     out: list[Delta] = []
     layers = []
     for (target, _rows), members in groups.items():
@@ -209,8 +212,7 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
             B2, A2, err, extra = B_cat, A_cat, 0.0, {}
         elif method == "svd":
             svd = dc.lowrank_svd(B_cat, A_cat)
-            k = max(1, dc.pick_rank(svd.S, spec.rank if spec.rank or spec.energy else max(row["rank_in"]),
-                                    spec.energy, spec.max_rank))
+            k = max(1, dc.pick_rank(svd.S, fixed, spec.energy, spec.max_rank))
             B2, A2 = svd.factors(k)
             err, extra = svd.tail_error(k), {}
         else:
@@ -220,8 +222,7 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
             else:
                 seeds = [dc.layer_seed(seed, i, target) for i, _ in members]
                 merged = dc.dare_merge(dense, ws, density, seeds)
-            rank = spec.rank if spec.rank or spec.energy else max(row["rank_in"])
-            svd, k = dc.truncated_svd(merged, rank, spec.energy, spec.max_rank, seed=seed)
+            svd, k = dc.truncated_svd(merged, fixed, spec.energy, spec.max_rank, seed=seed)
             k = max(1, k)
             B2, A2 = svd.factors(k)
             approx = B2 @ A2

@@ -27,8 +27,8 @@ def register(group: click.Group) -> None:
 @common_options
 def combine_cmd(adapters, weights, method, rank, energy, max_rank, density, seed, out, to, fmt, base, dtype,
                 device, overwrite, as_json):
-    """One adapter approximating Σ wᵢ·ΔWᵢ. Without --rank/--energy, svd/ties/dare keep the largest input rank
-    of each layer. Every layer reports its relative error against the exact weighted sum."""
+    """One adapter approximating Σ wᵢ·ΔWᵢ. Without --rank/--energy, svd/ties/dare keep the largest rank of any
+    input (PEFT's default). Every layer reports its relative error against the exact weighted sum."""
     from loraport.lowrank import combine
 
     rep = combine(list(adapters), out, weights=parse_weights(weights, len(adapters)), method=method, rank=rank,
