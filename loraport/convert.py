@@ -53,6 +53,8 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
     try:
         adapter = load_adapter(src, format=format, base=ckpt)
         _check_naming(adapter, to, ckpt)
+        if to != "peft":
+            adapter = drop_identity_replacements(adapter, ckpt)
         report: dict = {"source": str(src), "source_format": adapter.format, "to": to, "out": str(outp),
                         "base": None if base is None else str(base), "lossy": False, "refactored": []}
         dev = torch.device(device)
@@ -101,6 +103,25 @@ def _check_naming(adapter: Adapter, to: str, ckpt) -> None:
         raise BadInputError(
             f"{adapter.path}: targets are in {adapter.format} naming (e.g. {foreign[0]}); converting to {to} needs "
             "--base HF_MODEL to map them to HF names (and undo the q/k row permutation)")
+
+
+def drop_identity_replacements(adapter: Adapter, ckpt) -> Adapter:
+    """PEFT saves the untouched base layer of adapted embeddings (`save_embedding_layers`); as a replacement
+    equal to the base it changes nothing, and formats that store only LoRA factors have no place for it."""
+    if ckpt is None:
+        return adapter
+    keep, dropped = [], 0
+    for d in adapter.deltas:
+        if d.kind == "replace" and d.target in ckpt and d.rows is None:
+            w = ckpt.get(d.target)
+            if tuple(w.shape) == tuple(d.value.shape) and torch.equal(w, d.value.to(w.dtype)):
+                dropped += 1
+                continue
+        keep.append(d)
+    if not dropped:
+        return adapter
+    return replace(adapter, deltas=keep,
+                   notes=adapter.notes + [f"{dropped} saved base layer(s) identical to the base dropped"])
 
 
 # --- lossy re-factorization ----------------------------------------------------------------------------
