@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from loraport.console import emit_json, err, human_bytes, parse_size, progress
 
@@ -14,11 +15,12 @@ def register(group: click.Group) -> None:
 @click.command("merge")
 @click.option("--base", required=True, type=click.Path(),
               help="HF model folder, diffusers folder, .safetensors or .onnx")
-@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(),
-              help="adapter path (repeatable)")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(),
+              help="adapter path (repeatable; required unless --adapter-dir or --jobs is given)")
 @click.option("--weight", "weights", multiple=True, type=float, help="weight of the adapter at the same position "
               "(repeatable, default 1.0)")
-@click.option("--out", required=True, type=click.Path(), help="output folder (or file for a single-file base)")
+@click.option("--out", type=click.Path(), help="output folder (or file for a single-file base); with "
+              "--adapter-dir the folder that receives one output per adapter")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
               show_default=True, help="output dtype of float tensors (auto = the base's)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
@@ -34,12 +36,33 @@ def register(group: click.Group) -> None:
               help="refuse adapters whose targets are partly missing from the base")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out")
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary on stdout")
+@click.option("--adapter-dir", default=None, type=click.Path(),
+              help="batch: merge every adapter in this folder, each into --out/<name>")
+@click.option("--jobs", "jobs_file", default=None, type=click.Path(),
+              help='batch: a JSON list of {"adapter": path(s), "weight": w(s), "out": path}')
+@click.option("--fail-on-nonfinite", is_flag=True, help="refuse adapters or merged tensors with NaN/Inf "
+              "(default: warn)")
+@click.option("--no-manifest", is_flag=True, help="skip the integrity manifest (sha256 of outputs and inputs)")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
-              fp16_base, adapter_format, strict, overwrite, as_json):
+              fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
+              no_manifest):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     from loraport.errors import BadInputError
     from loraport.merge import merge
 
+    nonfinite = "fail" if fail_on_nonfinite else "warn"
+    if adapter_dir or jobs_file:
+        _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=adapter_format,
+               dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
+               overwrite=overwrite, quantize=quantize,
+               quant_options={"blocksize": blocksize, "double_quant": double_quant}
+               if quantize in ("nf4", "fp4") else {}, strict=strict, fp16_base=fp16_base, nonfinite=nonfinite,
+               manifest=not no_manifest)
+        return
+    if not adapters:
+        raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
+    if not out:
+        raise BadInputError("--out is required")
     if len(weights) > len(adapters):
         raise BadInputError(f"{len(weights)} --weight values for {len(adapters)} --adapter paths")
     ws = list(weights) + [1.0] * (len(adapters) - len(weights))
@@ -49,11 +72,13 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     report = merge(base, list(zip(adapters, ws)), out, dtype=dtype, device=device,
                    shard_size=parse_size(shard_size) if shard_size else None, overwrite=overwrite,
                    quantize=quantize, quant_options=qopts, strict=strict, adapter_format=adapter_format,
-                   fp16_base=fp16_base,
+                   fp16_base=fp16_base, nonfinite=nonfinite, manifest=not no_manifest,
                    progress=None if as_json else (lambda total: progress("merging", total)))
     if as_json:
         emit_json(report)
         return
+    for w in report.get("warnings", []) or []:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", markup=True)
     if report.get("skipped_targets"):
         err.print(f"[yellow]skipped {len(report['skipped_targets'])} unmatched target(s)[/yellow]")
     for q in report.get("quantization", []) or []:
@@ -62,3 +87,42 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     err.print(f"merged {len(report['adapters'])} adapter(s) into {report.get('tensors_updated', '?')} tensor(s) "
               f"→ {report['out']} ({human_bytes(report.get('bytes_written', 0))}, {report['seconds']:.1f}s on "
               f"{report.get('device', '?')})")
+
+
+def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=None, **merge_options):
+    """--adapter-dir / --jobs: one merge per adapter, continuing past failures; exit 1 if any failed."""
+    import sys
+    from pathlib import Path
+
+    from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs
+    from loraport.errors import BadInputError
+
+    if adapter_dir and jobs_file:
+        raise BadInputError("give either --adapter-dir or --jobs, not both")
+    if adapters or weights:
+        raise BadInputError("--adapter/--weight cannot be combined with --adapter-dir or --jobs")
+    if adapter_dir:
+        if not out:
+            raise BadInputError("--adapter-dir needs --out (the folder that receives one output per adapter)")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        jobs = jobs_from_dir(adapter_dir, out, adapter_format)
+    else:
+        jobs = jobs_from_file(jobs_file)
+
+    def show(r):
+        if not as_json:
+            if r.ok:
+                err.print(f"[green]ok[/green]    {escape(r.name)} → {escape(r.out)} ({r.seconds:.1f}s)", markup=True)
+                for w in r.report.get("warnings", []) or []:
+                    err.print(f"      [yellow]warning:[/yellow] {escape(w)}", markup=True)
+            else:
+                err.print(f"[red]FAIL[/red]  {escape(r.name)}: {escape(r.error)}", markup=True)
+
+    results = run_jobs(base, jobs, on_result=show, adapter_format=adapter_format, **merge_options)
+    failed = sum(not r.ok for r in results)
+    if as_json:
+        emit_json({"jobs": [r.as_dict() for r in results], "ok": len(results) - failed, "failed": failed})
+    else:
+        err.print(f"{len(results) - failed} of {len(results)} merge(s) succeeded")
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,139 @@
+"""Batch merging: many adapters into one base, one output each, continuing past a bad one.
+
+Jobs come from a folder (`--adapter-dir DIR`: every entry of DIR that a reader recognises becomes
+OUTDIR/<name>) or a job file (`--jobs FILE`: a JSON list of {"adapter": path | [paths], "weight": w | [ws],
+"out": path}). Each job is an ordinary `merge()` call with its own staged output, so a failed job leaves
+nothing behind and never stops the others. The base is opened by each job (memory-mapped, read-only: the
+page cache is shared, nothing is copied).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraport.errors import BadInputError, LoraportError
+
+_BAD_NAME_CHARS = ("/", "\\", "\x00")
+
+
+@dataclass
+class Job:
+    adapters: list[tuple[str, float]]
+    out: str
+    name: str = ""
+
+
+@dataclass
+class JobResult:
+    name: str
+    out: str
+    ok: bool
+    error: str = ""
+    exit_code: int = 0
+    seconds: float = 0.0
+    report: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "out": self.out, "ok": self.ok, "seconds": round(self.seconds, 3)}
+        if not self.ok:
+            d["error"] = self.error
+            d["exit_code"] = self.exit_code
+        else:
+            d["tensors_updated"] = self.report.get("tensors_updated")
+            d["bytes_written"] = self.report.get("bytes_written")
+            d["warnings"] = self.report.get("warnings", [])
+        return d
+
+
+def _safe_name(name: str, where: str) -> str:
+    if not name or name in (".", "..") or any(c in name for c in _BAD_NAME_CHARS) or name.startswith("."):
+        raise BadInputError(f"{where}: {name!r} cannot name an output folder")
+    return name
+
+
+def jobs_from_dir(adapter_dir: str | Path, out_dir: str | Path, adapter_format: str | None = None) -> list[Job]:
+    """One job per entry of `adapter_dir` that a reader recognises (or every entry, with a forced format):
+    OUTDIR/<entry name> (a file adapter's suffix is dropped)."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise BadInputError(f"--adapter-dir {d}: not a folder")
+    from loraport.formats import formats
+
+    jobs = []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if adapter_format is None and not any(f.detect(p) > 0 for f in formats().values()):
+            continue
+        name = _safe_name(p.stem if p.is_file() else p.name, str(d))
+        jobs.append(Job([(str(p), 1.0)], str(Path(out_dir) / name), name))
+    if not jobs:
+        raise BadInputError(f"--adapter-dir {d}: no adapters found in it")
+    return jobs
+
+
+def jobs_from_file(path: str | Path) -> list[Job]:
+    """A JSON list of {"adapter": p | [p...], "weight": w | [w...] (optional), "out": path, "name": optional}.
+    Relative paths are relative to the job file's folder."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"--jobs {p}: not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadInputError(f"--jobs {p}: invalid JSON ({str(e)[:100]})") from None
+    if not isinstance(data, list) or not data:
+        raise BadInputError(f"--jobs {p}: expected a non-empty JSON list of jobs")
+    here = p.parent
+    jobs = []
+    for i, j in enumerate(data):
+        where = f"--jobs {p}: job {i}"
+        if not isinstance(j, dict):
+            raise BadInputError(f"{where}: expected an object with adapter and out")
+        ads = j.get("adapter", j.get("adapters"))
+        ads = [ads] if isinstance(ads, str) else ads
+        if not isinstance(ads, list) or not ads or not all(isinstance(a, str) and a for a in ads):
+            raise BadInputError(f"{where}: 'adapter' must be a path or a list of paths")
+        ws = j.get("weight", j.get("weights", [1.0] * len(ads)))
+        ws = [ws] if isinstance(ws, (int, float)) and not isinstance(ws, bool) else ws
+        if not isinstance(ws, list) or len(ws) != len(ads) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w == w for w in ws):
+            raise BadInputError(f"{where}: 'weight' must be a number or a list with one number per adapter")
+        out = j.get("out")
+        if not isinstance(out, str) or not out or "\x00" in out:
+            raise BadInputError(f"{where}: 'out' must be a path")
+        name = j.get("name", Path(out).name)
+        if not isinstance(name, str):
+            raise BadInputError(f"{where}: 'name' must be a string")
+        jobs.append(Job([(str(here / a), float(w)) for a, w in zip(ads, ws)], str(here / out), name))
+    outs = [str(Path(j.out).resolve()) for j in jobs]
+    dup = next((o for o in outs if outs.count(o) > 1), None)
+    if dup:
+        raise BadInputError(f"--jobs {p}: two jobs write to the same output {dup}")
+    return jobs
+
+
+def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options) -> list[JobResult]:
+    """Run each job with `merge()`; a failing job is recorded and the next one runs."""
+    from loraport.merge import merge
+
+    results = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            rep = merge(base, job.adapters, job.out, **merge_options)
+            r = JobResult(job.name, job.out, True, report=rep)
+        except LoraportError as e:
+            r = JobResult(job.name, job.out, False, str(e), e.exit_code)
+        except OSError as e:
+            r = JobResult(job.name, job.out, False, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+        except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:  # a reader's bug: report, go on
+            r = JobResult(job.name, job.out, False, f"internal error: {type(e).__name__}: {str(e)[:200]}", 1)
+        r.seconds = time.perf_counter() - t0
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
