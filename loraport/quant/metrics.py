@@ -1,0 +1,38 @@
+"""Per-tensor quantization quality, as pure functions of fp32 tensors.
+
+rel_error = ‖Q(W) − W‖ / ‖W‖ · snr_db = 20·log10(‖W‖ / ‖Q(W) − W‖)
+delta_survival = ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖: how much of an adapter's update is still in the quantized weights
+(≈1 when the delta survives on average, ≈0 when rounding put the weights back on the base's codes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ERASED_BELOW = 0.5  # delta_survival under this: the adapter is mostly erased in that tensor
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float32))
+
+
+def rel_error(W: torch.Tensor, Wq: torch.Tensor) -> tuple[float, float]:
+    """(relative error, SNR in dB) of a reconstruction Wq of W."""
+    nw, ne = _norm(W), _norm(Wq - W)
+    rel = ne / nw if nw > 0 else (0.0 if ne == 0 else math.inf)
+    snr = math.inf if ne == 0 else (20 * math.log10(nw / ne) if nw > 0 else -math.inf)
+    return rel, snr
+
+
+def delta_survival(Wq_merged: torch.Tensor, Wq_base: torch.Tensor, delta: torch.Tensor) -> float | None:
+    nd = _norm(delta)
+    if nd == 0:
+        return None
+    return _norm(Wq_merged - Wq_base) / nd
+
+
+def finite(x: float) -> float | None:
+    """JSON-safe rounding: inf/nan become None."""
+    return round(x, 6) if math.isfinite(x) else None

@@ -1,0 +1,237 @@
+"""The quantizers the merge engine calls (protocol in loraport/quant/__init__.py): which tensors get
+quantized, the exact tensors bitsandbytes + transformers load, config.json's `quantization_config`, and a
+per-layer quality report.
+
+Which tensors: 2-D `*.weight` tensors of Linear layers. Embeddings and output heads (name table below),
+GPT-2 Conv1D weights (stored transposed), odd-sized weights and everything not 2-D stay unquantized; every
+unquantized 2-D weight's module is listed in `llm_int8_skip_modules` (plus "lm_head", which transformers
+only skips by default when the list is empty), so transformers builds a plain Linear for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from loraport.errors import BadInputError
+from loraport.quant import bnb_layout as L
+from loraport.quant.blockwise import check_blocksize, dequantize_4bit, dequantize_absmax, quantize_4bit, \
+    quantize_absmax
+from loraport.quant.metrics import ERASED_BELOW, delta_survival, finite, rel_error
+from loraport.quant.rowwise import FP16_MAX, dequantize_int8, quantize_int8
+
+# 2-D weights that are not Linear layers (or are output heads transformers keeps in full precision), by the
+# last module name. One line per spelling, with the families that use it.
+NOT_LINEAR: tuple[tuple[str, str], ...] = (
+    ("lm_head", "most causal LMs (output head)"),
+    ("embed_out", "GPT-NeoX / Pythia (output head)"),
+    ("output", "original LLaMA / Mistral checkpoints (output head)"),
+    ("embed_tokens", "LLaMA, Mistral, Qwen, Gemma, OPT, BART"),
+    ("embed_positions", "OPT, BART, Whisper"),
+    ("embed_in", "GPT-NeoX / Pythia"),
+    ("wte", "GPT-2, GPT-J, CodeGen"),
+    ("wpe", "GPT-2"),
+    ("word_embeddings", "BLOOM, Falcon, BERT"),
+    ("position_embeddings", "BERT, CLIP"),
+    ("token_type_embeddings", "BERT"),
+    ("tok_embeddings", "original LLaMA, InternLM2"),
+    ("shared", "T5, BART (tied embedding)"),
+    ("relative_attention_bias", "T5 (Embedding)"),
+    ("patch_embedding", "CLIP / SigLIP vision towers"),
+)
+_NOT_LINEAR = re.compile(r"(^|\.)(" + "|".join(re.escape(n) for n, _ in NOT_LINEAR) + r")\.weight$")
+DTYPE_OPTIONS = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def _dtype_opt(v, what: str) -> torch.dtype | None:
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    if v not in DTYPE_OPTIONS:
+        raise BadInputError(f"unknown {what} {v!r} (bf16, fp16 or fp32)")
+    return DTYPE_OPTIONS[v]
+
+
+class BnbQuantizer:
+    """Shared logic; subclasses define the tensor layout (`_entries`, `_quantize`) and the config."""
+
+    name = ""
+    bits = 0
+
+    def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True):
+        # compute dtype: what transformers dequantizes to and computes in (the base model's dtype by default)
+        self.compute_dtype = _dtype_opt(compute_dtype, "compute dtype") or _dtype_opt(dtype, "dtype")
+        if self.compute_dtype is None:
+            self.compute_dtype = torch.bfloat16
+        self.metrics = metrics
+        self._planned: dict[str, list] = {}
+        self._skipped: dict[str, str] = {}  # module -> why
+        self._rows: list[dict] = []
+
+    # --- protocol ----------------------------------------------------------------------------------
+    def bind(self, base) -> None:
+        """Optional: learn the base's dtype (the default compute dtype) before planning."""
+        dts = [base.info(n).dtype for n in base.names() if self._eligible(n, tuple(base.info(n).shape), None)[0]]
+        dts = [d for d in dts if d in (torch.float16, torch.bfloat16, torch.float32)]
+        if dts and not getattr(self, "_explicit_dtype", False):
+            self.compute_dtype = max(set(dts), key=dts.count)
+
+    def entries(self, name: str, shape: tuple[int, ...], hint: str | None = None):
+        if name in self._planned:
+            return self._planned[name]
+        ok, why = self._eligible(name, shape, hint)
+        if not ok:
+            if len(shape) == 2 and name.endswith(".weight"):
+                self._skipped[name.removesuffix(".weight")] = why
+            return None
+        ents = self._entries(name, tuple(shape))
+        self._planned[name] = ents
+        return ents
+
+    def quantize(self, name: str, merged32: torch.Tensor, base32: torch.Tensor | None = None) -> dict:
+        shape = tuple(merged32.shape)
+        if self.entries(name, shape) is None:
+            raise ValueError(f"{name} was not planned for quantization")
+        if not bool(torch.isfinite(merged32).all()):
+            raise BadInputError(f"{name}: the merged weight has inf/NaN values; cannot quantize it "
+                                f"(check the adapter's scale and weight)")
+        out, deq = self._quantize(name, merged32)
+        row = {"name": name, "shape": list(shape), "bytes_before": merged32.numel() * _itemsize(self.compute_dtype),
+               "bytes_after": sum(t.numel() * t.element_size() for t in out.values())}
+        if self.metrics:
+            rel, snr = rel_error(merged32, deq)
+            row.update(rel_error=finite(rel), snr_db=finite(snr))
+            if base32 is not None:
+                _, deq_b = self._quantize(name, base32, stats_only=True)
+                surv = delta_survival(deq, deq_b, merged32 - base32)
+                changed = float((deq != deq_b).float().mean())
+                row.update(delta_survival=finite(surv) if surv is not None else None,
+                           values_changed=round(changed, 6))
+                if surv is not None and surv < ERASED_BELOW:
+                    row["erased"] = True
+        self._rows.append(row)
+        return {k: v.cpu() for k, v in out.items()}
+
+    def report(self) -> list[dict]:
+        rows = list(self._rows)
+        if not rows:
+            return rows
+        upd = [r["delta_survival"] for r in rows if r.get("delta_survival") is not None]
+        total = {"name": "(total)", "tensors": len(rows),
+                 "bytes_before": sum(r["bytes_before"] for r in rows),
+                 "bytes_after": sum(r["bytes_after"] for r in rows)}
+        errs = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
+        if errs:
+            total["rel_error_max"] = max(errs)
+            total["rel_error_mean"] = round(sum(errs) / len(errs), 6)
+        if upd:
+            med = sorted(upd)[len(upd) // 2]
+            erased = sum(1 for s in upd if s < ERASED_BELOW)
+            total.update(updated_tensors=len(upd), delta_survival_median=med, erased_tensors=erased)
+            if erased * 2 > len(upd):
+                total["warning"] = (
+                    f"re-quantizing erased most of the adapter: {erased}/{len(upd)} updated tensors keep less "
+                    f"than {ERASED_BELOW:.0%} of their delta (median {med:.0%}). Write 16-bit instead (omit "
+                    f"--quantize) or re-quantize from the original weights with --fp16-base")
+        rows.append(total)
+        return rows
+
+    def skipped_modules(self) -> list[str]:
+        return sorted(set(self._skipped) | {"lm_head"})
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _eligible(self, name: str, shape: tuple[int, ...], hint: str | None) -> tuple[bool, str]:
+        if len(shape) != 2 or not name.endswith(".weight"):
+            return False, "not a 2-D weight"
+        if _NOT_LINEAR.search(name):
+            return False, "embedding or output head"
+        if hint == "conv1d":
+            return False, "Conv1D (stored transposed)"
+        if math.prod(shape) % 2 or min(shape) == 0:
+            return False, "odd or empty size"
+        return True, ""
+
+    def _entries(self, name, shape):
+        raise NotImplementedError
+
+    def _quantize(self, name, W32, stats_only=False):
+        raise NotImplementedError
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+class FourBitQuantizer(BnbQuantizer):
+    bits = 4
+
+    def __init__(self, quant_type: str, blocksize: int = 64, double_quant: bool = False, compute_dtype=None,
+                 dtype=None, metrics: bool = True, **unknown):
+        if unknown:
+            raise BadInputError(f"unknown {quant_type} option(s): {', '.join(sorted(unknown))}")
+        try:
+            check_blocksize(int(blocksize))
+        except (TypeError, ValueError):
+            raise BadInputError(f"--blocksize {blocksize!r}: use a power of two from 32 to 4096 (64 is what "
+                                f"bitsandbytes and transformers use)") from None
+        super().__init__(compute_dtype, dtype, metrics)
+        self._explicit_dtype = compute_dtype is not None or dtype is not None
+        self.name = self.quant_type = quant_type
+        self.blocksize = int(blocksize)
+        self.double_quant = bool(double_quant)
+
+    def _entries(self, name, shape):
+        return L.entries_4bit(name, shape, self.quant_type, self.blocksize, self.double_quant, self.compute_dtype)
+
+    def _quantize(self, name, W32, stats_only=False):
+        packed, absmax = quantize_4bit(W32, self.quant_type, self.blocksize)
+        nested = None
+        am = absmax
+        if self.double_quant:
+            nested = quantize_absmax(absmax)
+            am = dequantize_absmax(*nested)
+        deq = dequantize_4bit(packed, am, self.quant_type, self.blocksize, tuple(W32.shape)) if self.metrics else None
+        if stats_only:
+            return None, deq
+        out = L.tensors_4bit(name, tuple(W32.shape), self.quant_type, self.blocksize, self.compute_dtype,
+                             packed, absmax, nested)
+        return out, deq
+
+    def config_update(self, config: dict) -> dict:
+        cfg = dict(config)
+        cfg["quantization_config"] = L.quantization_config(4, quant_type=self.quant_type,
+                                                           double_quant=self.double_quant,
+                                                           compute_dtype=self.compute_dtype,
+                                                           skip_modules=self.skipped_modules())
+        return cfg
+
+
+class Int8Quantizer(BnbQuantizer):
+    name = "int8"
+    bits = 8
+
+    def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True, **unknown):
+        if unknown:
+            raise BadInputError(f"unknown int8 option(s): {', '.join(sorted(unknown))}")
+        super().__init__(compute_dtype, dtype, metrics)
+        self._explicit_dtype = compute_dtype is not None or dtype is not None
+
+    def _entries(self, name, shape):
+        return L.entries_int8(name, shape)
+
+    def _quantize(self, name, W32, stats_only=False):
+        if float(W32.abs().max()) > FP16_MAX:
+            raise BadInputError(f"{name}: values beyond ±65504 cannot be stored by LLM.int8 (it quantizes an "
+                                f"fp16 copy); use --quantize nf4 or a 16-bit output")
+        CB, SCB = quantize_int8(W32)
+        deq = dequantize_int8(CB, SCB) if self.metrics else None
+        if stats_only:
+            return None, deq
+        return L.tensors_int8(name, CB, SCB), deq
+
+    def config_update(self, config: dict) -> dict:
+        cfg = dict(config)
+        cfg["quantization_config"] = L.quantization_config(8, skip_modules=self.skipped_modules())
+        return cfg

@@ -1,0 +1,38 @@
+"""LLM.int8 row-wise absmax quantization (bitsandbytes `Int8Params` / `int8_vectorwise_quant`), as pure
+functions of tensors, bit-exact with bitsandbytes' CPU op.
+
+The weight is first rounded to fp16 (transformers and bitsandbytes always quantize the fp16 copy, so SCB values
+are fp16-representable); SCB[r] = max|W16[r]| as fp32; CB = round_half_even(W16 * (127 / SCB)) as int8 (a zero
+row stays zero). Dequantized as CB * SCB[r] * (1/127) in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INV127 = 7.874015718698502e-3  # the fp64 constant bitsandbytes multiplies by
+FP16_MAX = 65504.0
+_ROWS_ELEMS = 1 << 18
+
+
+def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (CB int8 [out, in], SCB fp32 [out]) for a 2-D weight."""
+    if W.dim() != 2:
+        raise ValueError("int8 row-wise quantization needs a 2-D weight")
+    rows, cols = W.shape
+    CB = torch.empty((rows, cols), dtype=torch.int8, device=W.device)
+    SCB = torch.empty(rows, dtype=torch.float32, device=W.device)
+    step = max(1, _ROWS_ELEMS // max(cols, 1)) if W.device.type == "cpu" else max(rows, 1)
+    for r in range(0, rows, step):
+        a = W[r:r + step].to(torch.float16)
+        stats = a.abs().amax(dim=1).float()
+        scaled = a * (127.0 / stats).unsqueeze(1)  # fp16 * fp32 -> fp32, as the peer computes it
+        scaled.round_()
+        scaled.masked_fill_((stats == 0).unsqueeze(1), 0.0)
+        CB[r:r + step] = scaled.to(torch.int8)
+        SCB[r:r + step] = stats
+    return CB, SCB
+
+
+def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (CB * SCB.view(-1, 1).to(torch.float32) * INV127).to(dtype)
