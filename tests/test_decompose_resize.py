@@ -60,7 +60,7 @@ def test_resize_below_rank_matches_eckart_young(adapters, tmp_path, k):
     for name, d in ref.items():
         s = _svals(d)
         opt = float(s[k:].pow(2).sum().sqrt())
-        err = float(torch.linalg.vector_norm((got[name].double() - d.double())))
+        err = float(torch.linalg.vector_norm(got[name].double() - d.double()))
         assert err == pytest.approx(opt, rel=1e-4, abs=1e-6), name
         assert rep[name]["rel_error"] == pytest.approx(opt / float(s.pow(2).sum().sqrt()), rel=1e-4)
         assert rep[name]["rank_out"] == k
