@@ -14,7 +14,7 @@ LLAMA = LLM / "bases" / "llama"
 MOE = LLM / "bases" / "qwen2moe"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peft_deltas(adapter: str, base: str = str(LLAMA)) -> dict[str, torch.Tensor]:
     """ΔW per base tensor as PEFT itself merges the adapter (merged − base, fp32)."""
     from peft import PeftModel
