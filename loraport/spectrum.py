@@ -9,6 +9,7 @@ backend (no display needed).
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -163,8 +164,13 @@ def plot_spectrum(report: dict, path: str | Path) -> Path:
         _xticks(ax, xs, labels, step)
 
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # written beside, renamed into place: never a half-written PNG
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
