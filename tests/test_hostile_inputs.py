@@ -1,0 +1,322 @@
+"""Hostile and broken inputs: nothing executed, a clean one-line error (exit 2), bounded memory.
+
+Every reader in the registry is covered through the fixtures it accepts (tests/_hostile_util.seeds()), so a
+reader added later gets the same treatment without editing this file.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import _hostile_util as H
+from loraport.errors import LoraportError, UnsafeInputError
+
+ROOT = H.ROOT
+ALL = os.environ.get("LORAPORT_HOSTILE_ALL") == "1"  # every seed of every format (the default: two per format)
+
+
+def _seeds_per_format(k: int = 2) -> list[H.Seed]:
+    out = []
+    for _fmt, ss in sorted(H.seeds_by_format().items()):
+        out += ss if ALL else ss[:1] + ss[len(ss) // 2: len(ss) // 2 + 1][: k - 1]
+    return out
+
+
+def test_every_format_has_a_seed():
+    """A reader without a fixture would escape these tests; say so loudly."""
+    from loraport.formats import formats
+
+    readable = {n for n, f in formats().items() if f.readable}
+    covered = set(H.seeds_by_format())
+    assert covered, "no fixture adapter could be read"
+    missing = sorted(readable - covered)
+    if missing:
+        pytest.skip(f"readers without a readable fixture (not covered here yet): {missing}")
+
+
+# ---------------------------------------------------------------------------------------------- pickles
+@pytest.mark.parametrize("suffix", H.PICKLE_SUFFIXES)
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("via", ["system", "exec"])
+def test_malicious_pickle_never_runs(tmp_path, suffix, zipped, via):
+    from loraport.tensorfile import load_tensors
+
+    marker = tmp_path / "PWNED"
+    f = tmp_path / f"evil{suffix}"
+    H.malicious_pickle(f, marker, zipped=zipped, via=via)
+    with pytest.raises(UnsafeInputError) as ei:
+        load_tensors(f)
+    assert not marker.exists()
+    msg = str(ei.value)
+    assert H.clean_message(ei.value) and str(f) in msg and "safetensors" in msg
+    assert "weights_only` set to `False" not in msg  # never relay torch's advice to load unsafely
+
+
+def test_zip_bomb_pickle_refused_before_allocation(tmp_path):
+    from loraport.tensorfile import load_tensors
+
+    f = tmp_path / "bomb.bin"
+    H.zip_bomb(f, 200_000_000)
+    assert f.stat().st_size < 1_000_000
+    with H.memory_cap(1 << 30):  # 200 MB unpacked would still fit: the refusal is by inspection, not by luck
+        with pytest.raises(UnsafeInputError, match="compressed"):
+            load_tensors(f)
+
+
+def _picklify(copy: Path, marker: Path) -> list[Path]:
+    """Replace every tensor file of an adapter copy by a malicious pickle under each pickle suffix."""
+    planted = []
+    files = [copy] if copy.is_file() else [f for f in copy.rglob("*") if f.is_file()]
+    for f in files:
+        if f.suffix in (".safetensors", *H.PICKLE_SUFFIXES):
+            f.unlink()
+            for suf in H.PICKLE_SUFFIXES:
+                g = f.with_suffix(suf)
+                H.malicious_pickle(g, marker, via="exec" if suf == ".pt" else "system")
+                planted.append(g)
+    return planted
+
+
+@pytest.mark.parametrize("seed", H.seeds(), ids=lambda s: s.label)
+def test_no_reader_runs_a_planted_pickle(tmp_path, seed):
+    """Every seed with its tensor files swapped for pickles whose payload would create a file: the reader
+    refuses (or does not look at them) and the file is never created."""
+    if seed.path.is_file() and seed.path.suffix not in (".safetensors", *H.PICKLE_SUFFIXES):
+        pytest.skip("not a tensor-file adapter")
+    marker = tmp_path / "PWNED"
+    copy = H.copy_seed(seed, tmp_path)
+    if copy.is_file():
+        H.malicious_pickle(copy, marker)
+        variants = [copy]
+        for suf in H.PICKLE_SUFFIXES:
+            g = copy.with_suffix(suf)
+            if g != copy:
+                shutil.copy2(copy, g)
+                variants.append(g)
+    else:
+        if not _picklify(copy, marker):
+            pytest.skip("no tensor files")
+        variants = [copy]
+    for v in variants:
+        r = H.exercise(v, seed)
+        assert isinstance(r, LoraportError), f"{v}: a planted pickle was accepted"
+        assert H.clean_message(r)
+        if seed.path.suffix in H.PICKLE_SUFFIXES or seed.format == "peft" or any(
+                f.suffix in H.PICKLE_SUFFIXES for f in seed.files()):
+            assert isinstance(r, UnsafeInputError), f"{v}: {r}"
+    assert not marker.exists()
+
+
+def test_cli_refuses_planted_pickle(tmp_path):
+    """The real CLI in a subprocess: PEFT adapter_model.bin with an os.system payload → exit 2, one line."""
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None)
+    marker = tmp_path / "PWNED"
+    copy = H.copy_seed(seed, tmp_path)
+    (copy / "adapter_model.safetensors").unlink()
+    H.malicious_pickle(copy / "adapter_model.bin", marker)
+    r = subprocess.run([sys.executable, "-m", "loraport", "merge", "--base", str(seed.base), "--adapter",
+                        str(copy), "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "adapter_model.bin" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_no_unsafe_loaders_in_source():
+    """Static guard: every torch.load passes weights_only=True; no pickle/eval/exec/np.load(allow_pickle)."""
+    bad = []
+    for f in sorted((ROOT / "loraport").rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = ast.unparse(node.func)
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            where = f"{f.relative_to(ROOT)}:{node.lineno}"
+            if fn.endswith("torch.load") and kw.get("weights_only") != "True":
+                bad.append(f"{where}: torch.load without weights_only=True")
+            if fn in ("pickle.load", "pickle.loads", "cPickle.load", "dill.load", "joblib.load", "eval", "exec"):
+                bad.append(f"{where}: {fn}")
+            if fn.endswith(("np.load", "numpy.load")) and kw.get("allow_pickle") == "True":
+                bad.append(f"{where}: {fn}(allow_pickle=True)")
+    assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+def _run_case(seed: H.Seed, case: H.Case, tmp: Path):
+    copy = H.copy_seed(seed, tmp, "hostile_input")
+    case.apply(H.target_file(copy, case.file))
+    with H.memory_cap(), H.time_limit(60):
+        r = H.exercise(copy, seed)
+    return copy, r
+
+
+@pytest.mark.parametrize("seed", _seeds_per_format(), ids=lambda s: s.label)
+def test_hostile_corpus(tmp_path, seed):
+    """Every deliberate bad input for this seed: a clean one-line LoraportError naming the input where an
+    error is required, and never any other exception (bounded memory, no hang)."""
+    cases = H.hostile_cases(seed)
+    assert cases
+    problems = []
+    for i, case in enumerate(cases):
+        d = tmp_path / str(i)
+        d.mkdir()
+        copy, r = _run_case(seed, case, d)
+        if case.expect == "error" and r == "ok":
+            problems.append(f"{case.name}: accepted")
+        if isinstance(r, LoraportError):
+            if not H.clean_message(r):
+                problems.append(f"{case.name}: message not one line: {str(r)[:200]!r}")
+            elif copy.name not in str(r) and "hostile_input" not in str(r):
+                problems.append(f"{case.name}: message does not name the input: {str(r)[:200]}")
+        shutil.rmtree(d, ignore_errors=True)
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _first(seed: H.Seed, *names: str) -> H.Case | None:
+    cases = H.hostile_cases(seed)
+    for n in names:
+        for c in cases:
+            if c.expect == "error" and c.name.endswith(n):
+                return c
+    return None
+
+
+@pytest.mark.parametrize("fmt", sorted(H.seeds_by_format()))
+def test_cli_exit_2_one_line(tmp_path, fmt):
+    """Through `loraport merge`: exit 2, exactly one line on stderr, no traceback, no output."""
+    seed = next((s for s in H.seeds_by_format()[fmt] if s.base is not None), None)
+    if seed is None:
+        pytest.skip(f"{fmt}: no fixture base to merge into")
+    runner = CliRunner()
+    from loraport.cli import main
+
+    tried = 0
+    for names in (("header_len_beyond_file", "truncated@0", "garbage"), ("shape_2^60", "tensor_count_2^60"),
+                  ("json_not_object", "json_truncated"), ("duplicate_key", "bad_magic")):
+        case = _first(seed, *names)
+        if case is None:
+            continue
+        d = tmp_path / str(tried)
+        d.mkdir()
+        copy = H.copy_seed(seed, d)
+        case.apply(H.target_file(copy, case.file))
+        out = d / "out"
+        res = runner.invoke(main, ["merge", "--base", str(seed.base), "--adapter", str(copy), "--out", str(out),
+                                   "--format", fmt, "--device", "cpu"])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code == 2, f"{case.name}: exit {res.exit_code}: {res.stderr}{res.exception!r}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{case.name}: {res.stderr}"
+        assert "Traceback" not in res.stderr and not out.exists()
+        tried += 1
+    assert tried
+
+
+def test_hostile_base_checkpoint(tmp_path):
+    """The base is an input too: a broken shard, an index pointing outside the folder, a missing shard."""
+    from loraport.cli import main
+
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None)
+    sharded = next((p for p in (H.FIXTURES / "peft" / "bases").iterdir() if any(p.glob("*.index.json"))), None)
+    runner = CliRunner()
+    cases = []
+    b = tmp_path / "b1"
+    shutil.copytree(seed.base, b)
+    st = next(b.glob("*.safetensors"))
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    cases.append(("truncated shard", b))
+    if sharded is not None:
+        b2 = tmp_path / "b2"
+        shutil.copytree(sharded, b2)
+        idx = next(b2.glob("*.index.json"))
+        idx.write_text(idx.read_text().replace("model-00001", "../../etc/model-00001"))
+        cases.append(("index escapes the folder", b2))
+        b3 = tmp_path / "b3"
+        shutil.copytree(sharded, b3)
+        sorted(b3.glob("model-*.safetensors"))[0].unlink()
+        cases.append(("missing shard", b3))
+    for label, base in cases:
+        out = tmp_path / f"out-{label.replace(' ', '_')}"
+        res = runner.invoke(main, ["merge", "--base", str(base), "--adapter", str(seed.path), "--out", str(out)])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, f"{label}: {res.exit_code} {res.stderr} {res.exception!r}"
+        assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="checkpoint._read_json (lead's) does not catch RecursionError; "
+                   "add it next to JSONDecodeError and drop this marker")
+def test_hostile_base_index_deep_nesting(tmp_path):
+    from loraport.cli import main
+
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None)
+    sharded = next(p for p in (H.FIXTURES / "peft" / "bases").iterdir() if any(p.glob("*.index.json")))
+    b = tmp_path / "b"
+    shutil.copytree(sharded, b)
+    next(b.glob("*.index.json")).write_text("[" * 50000)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["merge", "--base", str(b), "--adapter", str(seed.path), "--out", str(out)])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.exception
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- NaN / Inf
+def _nan_adapter(tmp_path: Path) -> tuple[H.Seed, Path]:
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None)
+    copy = H.copy_seed(seed, tmp_path, "nan_adapter")
+    case = next(c for c in H.hostile_cases(seed) if c.name.endswith("nan_in_weights"))
+    case.apply(H.target_file(copy, case.file))
+    return seed, copy
+
+
+def test_nonfinite_warns_by_default_and_refuses_on_request(tmp_path):
+    from loraport.cli import main
+
+    seed, copy = _nan_adapter(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["merge", "--base", str(seed.base), "--adapter", str(copy), "--out", str(out)])
+    assert res.exit_code == 0, res.stderr
+    assert "non-finite" in res.stderr and "warning" in res.stderr
+    out2 = tmp_path / "out2"
+    res = runner.invoke(main, ["merge", "--base", str(seed.base), "--adapter", str(copy), "--out", str(out2),
+                               "--fail-on-nonfinite"])
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "non-finite" in lines[0] and "nan_adapter" in lines[0]
+    assert not out2.exists()
+
+
+def test_nonfinite_from_fp16_overflow_is_caught(tmp_path):
+    """A finite adapter whose merged weights overflow fp16: found in the merged tensors, refused on request."""
+    import torch
+
+    from loraport.errors import BadInputError
+    from loraport.merge import merge
+    from loraport.safetensors_io import SafetensorsFile, save_file
+
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None
+                and (s.path / "adapter_model.safetensors").is_file()
+                and '"use_dora": true' not in (s.path / "adapter_config.json").read_text())  # DoRA renormalises
+    copy = H.copy_seed(seed, tmp_path, "big_adapter")
+    f = copy / "adapter_model.safetensors"
+    sf = SafetensorsFile(f)
+    ts = sf.load_all()
+    sf.close()
+    k = next(k for k in ts if "lora_B" in k)
+    ts[k] = torch.full_like(ts[k], 1e8)  # finite in fp32, far beyond fp16's 65504 once merged
+    save_file(ts, f)
+    rep = merge(seed.base, [copy], tmp_path / "o1", dtype="fp16", device="cpu")
+    assert any("non-finite" in w for w in rep["warnings"])
+    with pytest.raises(BadInputError, match="non-finite"):
+        merge(seed.base, [copy], tmp_path / "o2", dtype="fp16", device="cpu", nonfinite="fail")
+    assert not (tmp_path / "o2").exists()
+    assert not list(tmp_path.glob(".o2*"))
