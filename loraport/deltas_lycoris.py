@@ -1,0 +1,219 @@
+"""LyCORIS delta kinds: LoHa (Hadamard product), LoKr (Kronecker product) and IA³ (learned channel scales).
+
+The math is LyCORIS's *forward* path (the one ComfyUI and A1111 reproduce): the scale alpha/r is applied once.
+(LyCORIS's own merge helper multiplies LoHa/LoKr by it twice; we do not copy that.)
+
+Shapes (PyTorch order, W [out, in] or [out, in, kh, kw]):
+* LoHa:  ΔW = s·(w1a @ w1b) ⊙ (w2a @ w2b), w?a [out, r], w?b [r, in·kh·kw];
+         Tucker: ΔW = s·rebuild(t1, w1a, w1b) ⊙ rebuild(t2, w2a, w2b), t? [r, r, kh, kw], w?a [r, out], w?b [r, in],
+         rebuild(t, a, b)[o, i, ...] = Σ_pq t[p, q, ...]·a[p, o]·b[q, i].
+* LoKr:  ΔW = s·kron(w1, w2), w1 = lokr_w1 | w1a @ w1b  [out_l, in_m];
+         w2 = lokr_w2 | w2a @ w2b [out_k, in_n(·kh·kw)] | rebuild(t2, w2a, w2b) [out_k, in_n, kh, kw].
+* IA³:   W' = W ⊙ (1 + v) along the output axis (or the input axis when trained on the input): ΔW = W ⊙ v.
+DoRA (`dora_scale`) on LoHa/LoKr: W' = m/‖W+ΔW‖ ⊙ (W+ΔW), the norm per output row or per input column.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from loraport.adapter import Delta, Shape, dora_contribution
+from loraport.errors import PlanError
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.float32)
+
+
+def rebuild_tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[out, in, kh, kw] from a Tucker core t [r, r, kh, kw], a [r, out], b [r, in]."""
+    return torch.einsum("pq...,po,qi->oi...", t, a, b)
+
+
+def _fits(have: Shape, want: Shape) -> bool:
+    """`want` is the delta's shape, possibly with the kernel flattened into the input axis ([out, in·kh·kw])."""
+    if tuple(have) == tuple(want):
+        return True
+    return (len(want) == 2 and len(have) > 2 and have[0] == want[0] and math.prod(have[1:]) == want[1]) or (
+        len(have) == 2 and len(want) == 4 and tuple(want[2:]) == (1, 1) and tuple(have) == tuple(want[:2]))
+
+
+@dataclass
+class _Factored(Delta):
+    """Common part of LoHa and LoKr: a scaled dense product, optional transpose, optional DoRA."""
+
+    scale: float = 1.0
+    alpha: float | None = None
+    transpose: bool = False  # the base stores ΔWᵀ (OpenCLIP text_projection)
+    magnitude: torch.Tensor | None = None
+    dora_axis: str = "out"
+    dora_eps: float = 0.0
+
+    def _product_shape(self) -> Shape:
+        raise NotImplementedError
+
+    def product(self, device: torch.device) -> torch.Tensor:
+        """s·ΔW in fp32, shaped as the product (kernel possibly flattened)."""
+        raise NotImplementedError
+
+    def implied_shape(self) -> Shape | None:
+        s = self._product_shape()
+        return (s[1], s[0], *s[2:]) if self.transpose else s
+
+    def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
+        have = self._sliced(base_shape)
+        want = self.implied_shape()
+        if not _fits(have, want):
+            raise PlanError(f"shape mismatch for {self.target}: adapter key {self.source_key or '?'} implies "
+                            f"{list(want)}, base tensor is {list(have)}")
+        return self
+
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        d = self.product(W.device)
+        if self.transpose:
+            d = d.transpose(0, 1)
+        d = d.reshape(W.shape)
+        if self.magnitude is None:
+            return d
+        axis = 0 if self.dora_axis == "out" else 1
+        if self.transpose:
+            axis = 1 - axis
+        return dora_contribution(W, d, self.magnitude, axis, self.dora_eps)
+
+    @property
+    def depends_on_base(self) -> bool:
+        return self.magnitude is not None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(scale=self.scale, alpha=self.alpha, dora=self.magnitude is not None)
+        return d
+
+
+@dataclass
+class LohaDelta(_Factored):
+    w1a: torch.Tensor = None  # type: ignore[assignment]
+    w1b: torch.Tensor = None  # type: ignore[assignment]
+    w2a: torch.Tensor = None  # type: ignore[assignment]
+    w2b: torch.Tensor = None  # type: ignore[assignment]
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    kind: ClassVar[str] = "loha"
+
+    def _product_shape(self) -> Shape:
+        if self.t1 is not None:
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
+        return (self.w1a.shape[0], self.w1b.shape[1])
+
+    def product(self, device: torch.device) -> torch.Tensor:
+        w1a, w1b, w2a, w2b = (_f32(t, device) for t in (self.w1a, self.w1b, self.w2a, self.w2b))
+        if self.t1 is not None:
+            d = rebuild_tucker(_f32(self.t1, device), w1a, w1b) * rebuild_tucker(_f32(self.t2, device), w2a, w2b)
+        else:
+            d = (w1a @ w1b) * (w2a @ w2b)
+        return d.mul_(self.scale) if self.scale != 1.0 else d
+
+    def rank(self) -> int | None:
+        return int(self.w1b.shape[0])
+
+    def num_params(self) -> int:
+        ts = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.magnitude)
+        return sum(t.numel() for t in ts if t is not None)
+
+
+@dataclass
+class LokrDelta(_Factored):
+    w1: torch.Tensor | None = None
+    w1a: torch.Tensor | None = None
+    w1b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2a: torch.Tensor | None = None
+    w2b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    kind: ClassVar[str] = "lokr"
+
+    def __post_init__(self):
+        if (self.w1 is None) == (self.w1a is None or self.w1b is None):
+            raise PlanError(f"{self.source_key or self.target}: LoKr needs lokr_w1 or both lokr_w1_a/lokr_w1_b")
+        if (self.w2 is None) == (self.w2a is None or self.w2b is None):
+            raise PlanError(f"{self.source_key or self.target}: LoKr needs lokr_w2 or both lokr_w2_a/lokr_w2_b")
+
+    def _w1_shape(self) -> Shape:
+        return tuple(self.w1.shape) if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1])
+
+    def _w2_shape(self) -> Shape:
+        if self.w2 is not None:
+            return tuple(self.w2.shape)
+        if self.t2 is not None:
+            return (self.w2a.shape[1], self.w2b.shape[1], *self.t2.shape[2:])
+        return (self.w2a.shape[0], self.w2b.shape[1])
+
+    def _product_shape(self) -> Shape:
+        a, b = self._w1_shape(), self._w2_shape()
+        return (a[0] * b[0], a[1] * b[1], *b[2:])
+
+    def product(self, device: torch.device) -> torch.Tensor:
+        w1 = _f32(self.w1, device) if self.w1 is not None else _f32(self.w1a, device) @ _f32(self.w1b, device)
+        if self.w2 is not None:
+            w2 = _f32(self.w2, device)
+        elif self.t2 is not None:
+            w2 = rebuild_tucker(_f32(self.t2, device), _f32(self.w2a, device), _f32(self.w2b, device))
+        else:
+            w2 = _f32(self.w2a, device) @ _f32(self.w2b, device)
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        d = torch.kron(w1.contiguous(), w2.contiguous())
+        return d.mul_(self.scale) if self.scale != 1.0 else d
+
+    def rank(self) -> int | None:
+        b = self.w2b if self.w2b is not None else self.w1b
+        return None if b is None else int(b.shape[0])
+
+    def num_params(self) -> int:
+        ts = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2, self.magnitude)
+        return sum(t.numel() for t in ts if t is not None)
+
+
+@dataclass
+class Ia3Delta(Delta):
+    """W' = W ⊙ (1 + v): v scales output channels (rows) or, with on_input, input channels (columns)."""
+
+    vector: torch.Tensor = None  # type: ignore[assignment]
+    on_input: bool = False
+
+    kind: ClassVar[str] = "ia3"
+
+    def _axis(self) -> int:
+        return 1 if self.on_input else 0
+
+    def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
+        have = self._sliced(base_shape)
+        n = self.vector.numel()
+        if len(have) < 2 or have[self._axis()] != n:
+            side = "input" if self.on_input else "output"
+            raise PlanError(f"shape mismatch for {self.target}: IA³ vector {self.source_key or '?'} has {n} "
+                            f"{side} channels, base tensor is {list(have)}")
+        return replace(self)
+
+    def contribution(self, W: torch.Tensor) -> torch.Tensor:
+        view = [1] * W.dim()
+        view[self._axis()] = -1
+        return W * _f32(self.vector, W.device).reshape(view)
+
+    @property
+    def depends_on_base(self) -> bool:
+        return True
+
+    def num_params(self) -> int:
+        return self.vector.numel()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["axis"] = "in" if self.on_input else "out"
+        return d

@@ -1,0 +1,383 @@
+"""kohya-ss / sd-scripts single-file LoRA as read by A1111 and ComfyUI (`lora_unet_…`, `lora_te_…`,
+`lora_te1_/te2_…` with `.lora_down/.lora_up/.alpha`, LoCon convs, Tucker `lora_mid`, `dora_scale`).
+Spec: formats/kohya.md.
+
+The same single-file layout carries the LyCORIS algorithms (`hada_*`, `lokr_*`, IA³, full diffs); this module
+holds the parser for all of them and `formats/lycoris.py` registers the LyCORIS face of it. Module names are
+matched *forward*: every base tensor's kohya names are built from the base (loraport.names.sd) and looked up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
+from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
+from loraport.errors import BadInputError
+from loraport.formats import AdapterFormat, register
+from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name
+from loraport.safetensors_io import SafetensorsFile, save_file
+from loraport.tensorfile import load_tensors
+
+# suffix after "<module>." → role
+LORA_KEYS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
+             "lora_A.weight": "down", "lora_B.weight": "up"}  # A1111 also accepts PEFT spellings
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+IA3_KEYS = ("weight", "on_input")
+FULL_KEYS = ("diff", "diff_b")
+COMMON_KEYS = ("alpha", "dora_scale", "scale")  # `scale`: A1111's absolute per-module scale
+KNOWN_SUFFIXES = set(LORA_KEYS) | set(LOHA_KEYS) | set(LOKR_KEYS) | set(IA3_KEYS) | set(FULL_KEYS) | set(COMMON_KEYS)
+LYCORIS_ONLY = set(LOHA_KEYS) | set(LOKR_KEYS) | {"on_input", "diff", "diff_b"}
+LYCORIS_EPS = float(torch.finfo(torch.float32).eps)  # LyCORIS adds eps(dtype) to the DoRA norm
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """'lora_unet_x_to_q.lora_down.weight' → ('lora_unet_x_to_q', 'lora_down.weight'), None if not kohya-like."""
+    mod, dot, suffix = key.partition(".")
+    if not dot or not mod.startswith(KNOWN_PREFIXES) or suffix not in KNOWN_SUFFIXES:
+        return None
+    return mod, suffix
+
+
+def header_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file without reading its data; [] if it is not one."""
+    if not path.is_file() or path.suffix != ".safetensors":
+        return []
+    try:
+        f = SafetensorsFile(path)
+    except BadInputError:
+        return []
+    try:
+        return list(f.tensors)
+    finally:
+        f.close()
+
+
+def kind_of(parts: dict[str, torch.Tensor]) -> str | None:
+    if any(k.startswith("hada_") for k in parts):
+        return "loha"
+    if any(k.startswith("lokr_") for k in parts):
+        return "lokr"
+    if "down" in parts or "up" in parts:
+        return "lora"
+    if "diff" in parts or "diff_b" in parts:
+        return "full"
+    if "weight" in parts:
+        return "ia3"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ build deltas
+def _dora(ds: torch.Tensor | None, out: int, inp: int, where: str, notes: set[str]) -> tuple:
+    """(magnitude, axis) from a `dora_scale` tensor: [out,1,...] → output axis, [1,in,...] → input axis."""
+    if ds is None:
+        return None, "out"
+    s = tuple(ds.shape)
+    if len(s) >= 2 and s[0] == out and all(x == 1 for x in s[1:]) and not (out == 1 and s[1] == inp):
+        notes.add("DoRA on the output axis (dora_scale [out,1])")
+        return ds.reshape(-1), "out"
+    flat_in = len(s) > 2 and inp % s[1] == 0  # conv factors flatten the kernel into the input axis
+    if len(s) >= 2 and s[0] == 1 and (s[1] == inp or flat_in) and all(x == 1 for x in s[2:]):
+        notes.add("DoRA on the input axis (dora_scale [1,in], LyCORIS < 3.2 / kohya)")
+        return ds.reshape(-1), "in"
+    if len(s) == 1 and s[0] in (out, inp):
+        axis = "out" if s[0] == out else "in"
+        notes.add("DoRA magnitude 1-D: " + ("ambiguous (square layer), output axis assumed" if out == inp
+                                             else f"{axis}put axis"))
+        return ds, axis
+    raise BadInputError(f"{where}: dora_scale {list(s)} fits neither the output ({out}) nor the input ({inp}) axis")
+
+
+def _scale(parts: dict, r: int | None, notes_count: dict) -> tuple[float, float | None]:
+    if "scale" in parts:
+        return float(parts["scale"].float()), None
+    a = parts.get("alpha")
+    if a is None or r is None:
+        notes_count["alpha"] += 1
+        return 1.0, None
+    alpha = float(a.float()) if a.numel() == 1 else float("nan")
+    if not math.isfinite(alpha):
+        raise BadInputError("alpha must be one finite number")
+    if alpha == 0:  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
+        return 1.0, float(r)
+    return alpha / r, alpha
+
+
+def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, ent_b: Entry | None,
+                path: Path, notes: set[str], counts: dict) -> list[Delta]:
+    where = f"{path}: {mod}"
+    kind = kind_of(parts)
+    tgt = ent_w.target if ent_w else f"{mod}.weight"
+    rows = ent_w.rows if ent_w else None
+    transpose = ent_w.transpose if ent_w else False
+    common = dict(rows=rows, source_key=mod)
+    if kind == "lora":
+        A, B = parts.get("down"), parts.get("up")
+        if A is None or B is None:
+            raise BadInputError(f"{where}: has only one of lora_down/lora_up")
+        mid = parts.get("mid")
+        r = int(A.shape[0])
+        if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
+            raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
+        scale, alpha = _scale(parts, r, counts)
+        inp = int(A.shape[1])
+        mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
+        if mid is not None:
+            notes.add("Tucker conv (lora_mid)")
+        return [LoraDelta(tgt, A=A, B=B, mid=mid, scale=scale, alpha=alpha, transpose=transpose,
+                          magnitude=mag, dora_axis=axis, dora_eps=LYCORIS_EPS if mag is not None else 0.0,
+                          **common)]
+    if kind == "loha":
+        need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
+            raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
+        r = int(parts["hada_w1_b"].shape[0])
+        scale, alpha = _scale(parts, r, counts)
+        d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
+                      w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
+                      alpha=alpha, transpose=transpose, **common)
+        out, inp = d._product_shape()[:2]
+        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+        return [d]
+    if kind == "lokr":
+        full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
+        r = None
+        if not full2 and "lokr_w2_b" in parts:
+            r = int(parts["lokr_w2_b"].shape[0])
+        elif not full1 and "lokr_w1_b" in parts:
+            r = int(parts["lokr_w1_b"].shape[0])
+        if full1 and full2:
+            notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
+            scale, alpha = 1.0, None
+        else:
+            scale, alpha = _scale(parts, r, counts)
+        try:
+            d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
+                          w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
+                          t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
+        except Exception as e:  # PlanError from the factor check
+            raise BadInputError(f"{where}: {e}") from None
+        out, inp = d._product_shape()[:2]
+        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+        return [d]
+    if kind == "full":
+        ds: list[Delta] = []
+        if "diff" in parts:
+            ds.append(FullDelta(tgt, diff=parts["diff"], **common))
+        if "diff_b" in parts:
+            if ent_w is not None and ent_b is None:
+                raise BadInputError(f"{where}: diff_b given but the base has no bias for this module")
+            btgt = ent_b.target if ent_b else f"{mod}.bias"
+            ds.append(FullDelta(btgt, diff=parts["diff_b"], rows=ent_b.rows if ent_b else None,
+                                source_key=mod + ".diff_b"))
+        return ds
+    if kind == "ia3":
+        on_input = bool(int(parts["on_input"].reshape(-1)[0])) if "on_input" in parts else False
+        return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
+    raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
+
+
+# ------------------------------------------------------------------------------------------------ read
+def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) -> Adapter:
+    tensors, meta = load_tensors(path)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    unrecognised: list[str] = []
+    for key, t in tensors.items():
+        sp = split_key(key)
+        if sp is None:
+            unrecognised.append(key)
+            continue
+        mod, suffix = sp
+        groups[mod][LORA_KEYS.get(suffix, suffix)] = t
+    if not groups:
+        raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
+                            f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
+    names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+    notes: set[str] = set()
+    counts: dict[str, int] = defaultdict(int)
+    unmatched: list[str] = []
+    deltas: list[Delta] = []
+    spellings: set[str] = set()
+    for mod, parts in groups.items():
+        ent_w = ent_b = None
+        if names is not None:
+            found = names.by_kohya.get(mod)
+            if not found:
+                unmatched.append(mod)
+                continue
+            ent_w, ent_b = found.get("weight"), found.get("bias")
+            if ent_w is None and ent_b is None:
+                unmatched.append(mod)
+                continue
+            ent = ent_w or ent_b
+            if ent.module.startswith("unet.") and mod.startswith("lora_unet_"):
+                spellings.add("SGM/LDM" if ent.sgm == mod else "diffusers")
+            if ent_w is not None and ent_w.rows is not None:
+                notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
+        deltas += make_deltas(mod, parts, ent_w, ent_b, path, notes, counts)
+    skipped = unrecognised + [f"{m}.*" for m in unmatched]
+    if skipped:
+        msg = (f"{path}: {len(groups) - len(unmatched)} module(s) recognised"
+               + (f"; {len(unrecognised)} key(s) not recognised (e.g. {', '.join(unrecognised[:3])})"
+                  if unrecognised else "")
+               + (f"; {len(unmatched)} module(s) not in the base (e.g. {', '.join(unmatched[:3])})"
+                  if unmatched else ""))
+        if strict:
+            raise BadInputError(msg + " — wrong base or mixed file? --no-strict skips them")
+        notes.add(f"skipped {len(skipped)} unmatched key(s)/module(s)")
+    if counts["alpha"]:
+        notes.add(f"alpha missing on {counts['alpha']} module(s): scale 1")
+    if spellings:
+        notes.add("UNet names: " + " and ".join(sorted(spellings)) + (" (SDXL)" if "SGM/LDM" in spellings else ""))
+    if names is None:
+        notes.add("no base given: targets keep their kohya names (pass --base to merge or convert)")
+    if base is not None and names is not None and not deltas:
+        raise BadInputError(f"{path}: none of its modules is in the base")
+    metadata = dict(meta)
+    if skipped:
+        metadata["skipped"] = skipped
+    return Adapter(deltas, fmt, str(path), config={}, metadata=metadata, notes=sorted(notes), files=[str(path)],
+                   name=path.stem)
+
+
+# ------------------------------------------------------------------------------------------------ write
+def _kohya_module(d: Delta, names: SDNames | None, unet_names: str | None) -> str:
+    """The kohya module name for a delta's target (forward from the base, or from diffusers-style names)."""
+    if names is not None:
+        e = names.entry_for_target(d.target, d.rows)
+        if e is None or not e.kohya:
+            raise BadInputError(f"{d.target}: no kohya name for this base tensor")
+        if unet_names == "sgm" and e.sgm:
+            return e.sgm
+        if unet_names == "diffusers" and e.sgm:
+            return next(k for k in e.kohya if k.startswith("lora_unet_") and k != e.sgm)
+        return e.kohya[0]
+    t = d.target
+    if t.startswith(KNOWN_PREFIXES) and "." in t and "." not in t.rsplit(".", 1)[0]:
+        return t.rsplit(".", 1)[0]  # read without a base: already a kohya name
+    comp, _, rest = t.partition(".")
+    prefix = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2",
+              "transformer": "lora_transformer"}.get(comp)
+    if prefix is None or d.rows is not None:
+        raise BadInputError(f"{t}: cannot name it in kohya form without the base model; pass --base")
+    return kohya_name(prefix, rest.rsplit(".", 1)[0])
+
+
+def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
+    shape = [-1] + [1] * (ndim - 1) if axis == "out" else [1, -1] + [1] * (ndim - 2)
+    return mag.reshape(shape).contiguous()
+
+
+def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False, unet_names: str | None = None,
+                      **_) -> list[Path]:
+    """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
+    bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW."""
+    names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[str, str] = {}
+    pending_bias: list[Delta] = []
+
+    def put(mod: str, suffix: str, t: torch.Tensor) -> None:
+        key = f"{mod}.{suffix}"
+        if key in out:
+            raise BadInputError(f"two updates map to {key} ({seen.get(key)})")
+        out[key] = t.contiguous()
+        seen[key] = suffix
+
+    for d in adapter.deltas:
+        if isinstance(d, ReplaceDelta):
+            raise BadInputError(f"{d.target}: full replacements have no kohya form")
+        if isinstance(d, FullDelta) and d.target.endswith(".bias"):
+            pending_bias.append(d)
+            continue
+        mod = _kohya_module(d, names, unet_names)
+        if isinstance(d, LoraDelta):
+            if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
+                raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
+            r = int(d.A.shape[0])
+            up = d.B
+            if bake and d.scale != 1.0:
+                up = (d.B.float() * d.scale).to(d.B.dtype)
+            put(mod, "lora_down.weight", d.A)
+            put(mod, "lora_up.weight", up)
+            if d.mid is not None:
+                put(mod, "lora_mid.weight", d.mid)
+            put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
+            if d.magnitude is not None:
+                nd = 4 if d.A.dim() == 4 else 2
+                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+        elif isinstance(d, LohaDelta):
+            for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
+                         ("hada_t1", d.t1), ("hada_t2", d.t2)):
+                if t is not None:
+                    put(mod, k, t)
+            put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+            if d.magnitude is not None:
+                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+        elif isinstance(d, LokrDelta):
+            for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
+                         ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
+                if t is not None:
+                    put(mod, k, t)
+            if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
+                if d.scale != 1.0:
+                    out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
+            else:
+                put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+            if d.magnitude is not None:
+                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+        elif isinstance(d, Ia3Delta):
+            put(mod, "weight", d.vector)
+            put(mod, "on_input", torch.tensor(int(d.on_input)))
+        elif isinstance(d, FullDelta):
+            put(mod, "diff", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
+        else:
+            raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
+    for d in pending_bias:
+        wd = type(d)(d.target[: -len(".bias")] + ".weight", diff=d.diff, rows=d.rows)
+        mod = _kohya_module(wd, names, unet_names) if names is None else None
+        if names is not None:
+            e = names.entry_for_target(d.target, d.rows)
+            if e is None or not e.kohya:
+                raise BadInputError(f"{d.target}: no kohya name for this base tensor")
+            mod = e.kohya[0]
+        put(mod, "diff_b", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
+    meta = {"ss_network_module": "lycoris.kohya" if any(k.split(".", 1)[1] in LYCORIS_ONLY for k in out)
+            else "networks.lora", "loraport_source_format": adapter.format}
+    save_file(out, path, meta)
+    return [path]
+
+
+@register
+class KohyaFormat(AdapterFormat):
+    name = "kohya"
+    title = "kohya / sd-scripts / A1111 / ComfyUI single-file LoRA"
+    spec = "kohya"
+    writable = True
+
+    @classmethod
+    def detect(cls, path: Path) -> int:
+        keys = header_keys(path)
+        if not keys:
+            return 0
+        parsed = [sp for k in keys if (sp := split_key(k))]
+        if not parsed:
+            return 0
+        if any(s in LYCORIS_ONLY for _, s in parsed):
+            return 40  # the LyCORIS face reads these
+        return 85 if len(parsed) == len(keys) else 60
+
+    @classmethod
+    def read(cls, path: Path, base=None, **options) -> Adapter:
+        return read_single_file(Path(path), cls.name, base=base, **options)
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+        return write_single_file(adapter, Path(path), base=base, **options)
