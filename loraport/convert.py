@@ -53,8 +53,7 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
     try:
         adapter = load_adapter(src, format=format, base=ckpt)
         _check_naming(adapter, to, ckpt)
-        if to != "peft":
-            adapter = drop_identity_replacements(adapter, ckpt)
+        adapter = drop_identity_replacements(adapter, ckpt)
         report: dict = {"source": str(src), "source_format": adapter.format, "to": to, "out": str(outp),
                         "base": None if base is None else str(base), "lossy": False, "refactored": []}
         dev = torch.device(device)
