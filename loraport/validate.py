@@ -317,7 +317,7 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
     if not Path(base).is_dir():
         raise BadInputError(f"--base {base}: not a model folder")
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in (adapters or [])]
-    if not adapters and man.get("adapters"):
+    if not adapters and man.get("adapters") and not active.endswith(".onnx_adapter"):
         adapters = [(a["source"], float(a.get("weight", 1.0))) for a in man["adapters"]]
     tol = _tolerance(tolerance, art.precision)
 
@@ -330,7 +330,13 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
 
     # the cases: (name, adapters active in the reference, .onnx_adapter to activate)
     cases: list[tuple[str, list, str | None]] = []
-    if man.get("kind") == "multi-lora":
+    if active.endswith(".onnx_adapter"):  # an adapter file made later with convert --to onnx-adapter
+        if not Path(active).is_file():
+            raise BadInputError(f"--active {active}: file not found")
+        if len(loaded) != 1:
+            raise BadInputError("--active <file.onnx_adapter> needs exactly one --adapter (the one it was made from)")
+        cases.append((Path(active).stem, [(loaded[0][0], loaded[0][1])], str(active)))
+    elif man.get("kind") == "multi-lora" or (art.kind == "onnx" and _has_lora_inputs(art.model)):
         entries = man.get("adapters", [])
         mapping = _match_adapters(entries, loaded)
         choices = ["none", *[e["name"] for e in entries]]
@@ -371,6 +377,12 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
     report["seconds"] = round(time.perf_counter() - t0, 3)
     ckpt.close()
     return report
+
+
+def _has_lora_inputs(model: Path) -> bool:
+    from loraport.onnx.adapter_file import graph_slots
+
+    return bool(graph_slots(model))
 
 
 def _tolerance(tolerance, precision: str) -> dict:
