@@ -1,8 +1,12 @@
 """Per-tensor quantization quality, as pure functions of fp32 tensors.
 
 rel_error = ‖Q(W) − W‖ / ‖W‖ · snr_db = 20·log10(‖W‖ / ‖Q(W) − W‖)
-delta_survival = ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖: how much of an adapter's update is still in the quantized weights
-(≈1 when the delta survives on average, ≈0 when rounding put the weights back on the base's codes).
+delta_survival = ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖: the size of the change the adapter makes to the quantized weights
+  relative to its own size (0 when rounding put the weights back on the base's codes; it can exceed 1 when ΔW
+  is smaller than the grid step, because each flipped code moves a whole step).
+delta_retained = ⟨Q(W + ΔW) − Q(W), ΔW⟩ / ‖ΔW‖²: the part of that change that points along ΔW — the fraction
+  of the adapter that is really kept (≈1 when rounding dithers around W + ΔW, ≈0 when the adapter is erased).
+  The "mostly erased" warning uses this one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def delta_survival(Wq_merged: torch.Tensor, Wq_base: torch.Tensor, delta: torch.
     if nd == 0:
         return None
     return _norm(Wq_merged - Wq_base) / nd
+
+
+def delta_retained(Wq_merged: torch.Tensor, Wq_base: torch.Tensor, delta: torch.Tensor) -> float | None:
+    d = delta.reshape(-1)
+    nd2 = float(torch.dot(d, d))
+    if nd2 == 0:
+        return None
+    return float(torch.dot((Wq_merged - Wq_base).reshape(-1), d)) / nd2
 
 
 def finite(x: float) -> float | None:

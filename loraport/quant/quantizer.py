@@ -19,7 +19,7 @@ from loraport.errors import BadInputError
 from loraport.quant import bnb_layout as L
 from loraport.quant.blockwise import check_blocksize, dequantize_4bit, dequantize_absmax, quantize_4bit, \
     quantize_absmax
-from loraport.quant.metrics import ERASED_BELOW, delta_survival, finite, rel_error
+from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival, finite, rel_error
 from loraport.quant.rowwise import FP16_MAX, dequantize_int8, quantize_int8
 
 # 2-D weights that are not Linear layers (or are output heads transformers keeps in full precision), by the
@@ -69,10 +69,12 @@ class BnbQuantizer:
         self._planned: dict[str, list] = {}
         self._skipped: dict[str, str] = {}  # module -> why
         self._rows: list[dict] = []
+        self._from_quantized = False
 
     # --- protocol ----------------------------------------------------------------------------------
     def bind(self, base) -> None:
-        """Optional: learn the base's dtype (the default compute dtype) before planning."""
+        """Optional: learn the base's dtype (the default compute dtype) and whether it was itself quantized."""
+        self._from_quantized = bool(getattr(base, "specs", None))
         dts = [base.info(n).dtype for n in base.names() if self._eligible(n, tuple(base.info(n).shape), None)[0]]
         dts = [d for d in dts if d in (torch.float16, torch.bfloat16, torch.float32)]
         if dts and not getattr(self, "_explicit_dtype", False):
@@ -97,19 +99,21 @@ class BnbQuantizer:
         if not bool(torch.isfinite(merged32).all()):
             raise BadInputError(f"{name}: the merged weight has inf/NaN values; cannot quantize it "
                                 f"(check the adapter's scale and weight)")
-        out, deq = self._quantize(name, merged32)
+        out, deq, codes = self._quantize(name, merged32)
         row = {"name": name, "shape": list(shape), "bytes_before": merged32.numel() * _itemsize(self.compute_dtype),
                "bytes_after": sum(t.numel() * t.element_size() for t in out.values())}
         if self.metrics:
             rel, snr = rel_error(merged32, deq)
             row.update(rel_error=finite(rel), snr_db=finite(snr))
             if base32 is not None:
-                _, deq_b = self._quantize(name, base32, stats_only=True)
-                surv = delta_survival(deq, deq_b, merged32 - base32)
-                changed = float((deq != deq_b).float().mean())
-                row.update(delta_survival=finite(surv) if surv is not None else None,
-                           values_changed=round(changed, 6))
-                if surv is not None and surv < ERASED_BELOW:
+                _, deq_b, codes_b = self._quantize(name, base32, stats_only=True)
+                delta = merged32 - base32
+                surv = delta_survival(deq, deq_b, delta)
+                kept = delta_retained(deq, deq_b, delta)
+                row.update(delta_survival=None if surv is None else finite(surv),
+                           delta_retained=None if kept is None else finite(kept),
+                           codes_changed=round(self._changed(codes, codes_b), 6))
+                if kept is not None and kept < ERASED_BELOW:
                     row["erased"] = True
         self._rows.append(row)
         return {k: v.cpu() for k, v in out.items()}
@@ -118,7 +122,7 @@ class BnbQuantizer:
         rows = list(self._rows)
         if not rows:
             return rows
-        upd = [r["delta_survival"] for r in rows if r.get("delta_survival") is not None]
+        upd = [r["delta_retained"] for r in rows if r.get("delta_retained") is not None]
         total = {"name": "(total)", "tensors": len(rows),
                  "bytes_before": sum(r["bytes_before"] for r in rows),
                  "bytes_after": sum(r["bytes_after"] for r in rows)}
@@ -129,12 +133,18 @@ class BnbQuantizer:
         if upd:
             med = sorted(upd)[len(upd) // 2]
             erased = sum(1 for s in upd if s < ERASED_BELOW)
-            total.update(updated_tensors=len(upd), delta_survival_median=med, erased_tensors=erased)
+            surv = sorted(r["delta_survival"] for r in rows if r.get("delta_survival") is not None)
+            total.update(updated_tensors=len(upd), delta_retained_median=med,
+                         delta_survival_median=surv[len(surv) // 2] if surv else None, erased_tensors=erased)
             if erased * 2 > len(upd):
                 total["warning"] = (
                     f"re-quantizing erased most of the adapter: {erased}/{len(upd)} updated tensors keep less "
-                    f"than {ERASED_BELOW:.0%} of their delta (median {med:.0%}). Write 16-bit instead (omit "
+                    f"than {ERASED_BELOW:.0%} of their delta (median kept {med:.0%}). Write 16-bit instead (omit "
                     f"--quantize) or re-quantize from the original weights with --fp16-base")
+            elif self._from_quantized:
+                total["warning"] = (
+                    f"re-quantized from an already-quantized base: median {med:.0%} of the adapter kept; "
+                    f"--fp16-base with the original weights keeps more")
         rows.append(total)
         return rows
 
@@ -154,6 +164,10 @@ class BnbQuantizer:
         return True, ""
 
     def _entries(self, name, shape):
+        raise NotImplementedError
+
+    @staticmethod
+    def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
         raise NotImplementedError
 
     def _quantize(self, name, W32, stats_only=False):
@@ -194,10 +208,15 @@ class FourBitQuantizer(BnbQuantizer):
             am = dequantize_absmax(*nested)
         deq = dequantize_4bit(packed, am, self.quant_type, self.blocksize, tuple(W32.shape)) if self.metrics else None
         if stats_only:
-            return None, deq
+            return None, deq, packed
         out = L.tensors_4bit(name, tuple(W32.shape), self.quant_type, self.blocksize, self.compute_dtype,
                              packed, absmax, nested)
-        return out, deq
+        return out, deq, packed
+
+    @staticmethod
+    def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
+        x = a ^ b
+        return float(((x >> 4) != 0).sum() + ((x & 0x0F) != 0).sum()) / (2 * x.numel())
 
     def config_update(self, config: dict) -> dict:
         cfg = dict(config)
@@ -228,8 +247,12 @@ class Int8Quantizer(BnbQuantizer):
         CB, SCB = quantize_int8(W32)
         deq = dequantize_int8(CB, SCB) if self.metrics else None
         if stats_only:
-            return None, deq
-        return L.tensors_int8(name, CB, SCB), deq
+            return None, deq, CB
+        return L.tensors_int8(name, CB, SCB), deq, CB
+
+    @staticmethod
+    def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a != b).float().mean())
 
     def config_update(self, config: dict) -> dict:
         cfg = dict(config)
