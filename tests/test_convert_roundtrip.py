@@ -216,3 +216,79 @@ def test_cli_convert_json_and_errors(tmp_path):
     assert not (tmp_path / "b.gguf").exists()
     r = _cli("convert", PEFT / "llama_lora", "--to", "mlx", "--out", tmp_path / "c", "--quantize", "int8")
     assert r.returncode == 2 and "--quantize" in r.stderr
+
+
+# --- MoE experts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["gguf", "mlx"])
+def test_moe_switch_roundtrip(tmp_path, fmt):
+    """mlx-lm SwitchLinear LoRA → GGUF `ffn_*_exps` (3-D) / MLX again → same per-expert ΔW on the Qwen2-MoE base."""
+    from tests._llm_util import MOE
+
+    src = LLM / "mlx" / "qwen2moe_switch"
+    out = tmp_path / f"x{_ext(fmt)}"
+    rep = convert_adapter(src, fmt, out, base=MOE)
+    assert rep["max_abs_diff"] == 0.0
+    if fmt == "gguf":
+        import gguf
+
+        shapes = {t.name: tuple(reversed([int(x) for x in t.shape])) for t in gguf.GGUFReader(str(out)).tensors}
+        assert shapes["blk.0.ffn_up_exps.weight.lora_a"] == (4, 2, 16)  # [E, r, in]
+        assert shapes["blk.0.ffn_up_exps.weight.lora_b"] == (4, 8, 2)  # [E, out, r]
+    assert max_diff(loraport_deltas(out, MOE), loraport_deltas(src, MOE)) <= TOL
+
+
+# --- GGUF outtypes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
+def test_gguf_f16_and_q8_0_read_like_gguf_py(tmp_path, qtype):
+    """convert_lora_to_gguf --outtype f16 / q8_0: loraport's reading equals gguf-py's own dequantization."""
+    import gguf
+
+    src = gguf.GGUFReader(str(LLM / "gguf" / "llama_lora.gguf"))
+    out = tmp_path / f"{qtype}.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    want = {}
+    n_q = 0
+    for t in src.tensors:
+        a = np.array(t.data, dtype=np.float32)
+        if qtype == "F16" or not gguf.quants.Q8_0.can_quantize(a):  # the converter falls back to F16 too
+            w.add_tensor(t.name, a.astype(np.float16))
+            want[t.name] = a.astype(np.float16).astype(np.float32)
+        else:
+            n_q += 1
+            q = gguf.quants.quantize(a, qt)
+            w.add_tensor(t.name, q, raw_dtype=qt)
+            want[t.name] = gguf.quants.dequantize(q, qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from loraport.formats import load_adapter
+
+    ad = {d.target: d for d in load_adapter(out).deltas}
+    for name, d in ad.items():
+        A, B = torch.from_numpy(want[name + ".lora_a"]), torch.from_numpy(want[name + ".lora_b"])
+        assert torch.equal(d.A.float(), A) and torch.equal(d.B.float(), B), name
+    assert qtype == "F16" or n_q > 0
+
+
+def test_rope_permutation_inverse_property():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from loraport.names.llm import rope_permute_rows, rope_unpermute_rows
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 4))
+    def check(heads, half, cols):
+        t = torch.randn(heads * 2 * half, cols)
+        p = rope_permute_rows(t, heads)
+        assert torch.equal(rope_unpermute_rows(p, heads), t)
+        # per head, rows [h0 | h1] become interleaved pairs (h0[i], h1[i])
+        hd = 2 * half
+        assert torch.equal(p[1], t[half]) and torch.equal(p[hd - 2], t[half - 1])
+
+    check()
