@@ -1,0 +1,88 @@
+"""What we write for a quantized model equals what transformers + bitsandbytes themselves save for the same
+weights (fixtures made with BitsAndBytesConfig + save_pretrained), key by key and byte by byte."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loraport.quant import get_quantizer
+from loraport.quant.bnb_layout import QS_PREFIX
+from loraport.safetensors_io import SafetensorsFile
+from tests._quant_util import BF16, INT8, NF4_DQ
+
+
+def _quantize_all(q, src: SafetensorsFile) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in src.names():
+        v = src.get(k)
+        ents = q.entries(k, tuple(v.shape), None)
+        if ents is None:
+            out[k] = v
+            continue
+        t = q.quantize(k, v.float())
+        assert list(t) == [n for n, _, _ in ents]
+        for n, dt, sh in ents:
+            assert t[n].dtype == dt and tuple(t[n].shape) == tuple(sh), n
+        out.update(t)
+    return out
+
+
+@pytest.mark.parametrize("name,folder,opts", [("nf4", NF4_DQ, {"double_quant": True}), ("int8", INT8, {})])
+def test_tensors_equal_transformers_save(name, folder, opts):
+    q = get_quantizer(name, **opts)
+    ours = _quantize_all(q, SafetensorsFile(BF16 / "model.safetensors"))
+    ref_f = SafetensorsFile(folder / "model.safetensors")
+    assert set(ours) == set(ref_f.names())
+    for k in ref_f.names():
+        ref, mine = ref_f.get(k), ours[k]
+        assert mine.dtype == ref.dtype, k
+        if QS_PREFIX in k:
+            # the double-quant JSON is padded with spaces to a length fixed before quantizing
+            a, b = bytes(ref.tolist()), bytes(mine.tolist())
+            assert b.rstrip(b" ") == a and json.loads(b) == json.loads(a)
+            if "nested_offset" not in json.loads(a):
+                assert b == a
+        else:
+            assert mine.shape == ref.shape and torch.equal(mine, ref), k
+
+
+@pytest.mark.parametrize("name,folder,opts", [("nf4", NF4_DQ, {"double_quant": True}), ("int8", INT8, {})])
+def test_quantization_config_matches_transformers(name, folder, opts):
+    q = get_quantizer(name, **opts)
+    _quantize_all(q, SafetensorsFile(BF16 / "model.safetensors"))
+    ours = q.config_update(json.loads((BF16 / "config.json").read_text()))["quantization_config"]
+    ref = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert list(ours) == list(ref)  # same keys, same order
+    skip = ours.pop("llm_int8_skip_modules")
+    assert ref.pop("llm_int8_skip_modules") is None
+    assert ours == ref
+    # we declare every unquantized 2-D weight's module, and lm_head (transformers' default skip)
+    assert skip == ["lm_head", "model.embed_tokens"]
+
+
+def test_entries_decide_what_stays_unquantized():
+    q = get_quantizer("nf4")
+    assert q.entries("model.layers.0.mlp.down_proj.weight", (64, 128)) is not None
+    for name, shape, hint in [("model.embed_tokens.weight", (128, 64), None), ("lm_head.weight", (128, 64), None),
+                              ("model.norm.weight", (64,), None), ("model.layers.0.self_attn.q_proj.bias", (64,), None),
+                              ("transformer.h.0.attn.c_attn.weight", (64, 192), "conv1d"),
+                              ("model.odd.weight", (3, 5), None)]:
+        assert q.entries(name, shape, hint) is None, name
+    assert q.config_update({})["quantization_config"]["llm_int8_skip_modules"] == [
+        "lm_head", "model.embed_tokens", "model.odd", "transformer.h.0.attn.c_attn"]
+
+
+def test_bad_options_are_user_errors():
+    from loraport.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="blocksize"):
+        get_quantizer("nf4", blocksize=48)
+    with pytest.raises(BadInputError, match="unknown quantization"):
+        get_quantizer("int4")
+    with pytest.raises(BadInputError, match="inf/NaN"):
+        q = get_quantizer("int8")
+        q.entries("a.weight", (2, 2))
+        q.quantize("a.weight", torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
