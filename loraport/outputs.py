@@ -5,6 +5,7 @@ or sit inside an input."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
             raise OutputError(f"--out {out} is inside the input {i}; choose a path outside it")
         if o in ip.parents:
             raise OutputError(f"--out {out} contains the input {i}; choose another path")
+    if o.parent.is_dir():
+        sweep_stale(o)  # first: a run killed between its two renames restores the previous output here
     if o.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     if not o.parent.is_dir():
@@ -39,16 +42,22 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
 
 def sweep_stale(out: Path) -> None:
     """Remove temporaries left by killed runs for this output (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}{OLD_TAG}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        # killed between its two renames (its stage is still there, `out` is gone): the old output is the
+        # last complete one. Killed after both renames: `out` is the new output, or the user removed it since;
+        # either way the old one is garbage and must not come back.
+        if not out.exists() and (out.parent / f".{out.name}{TMP_TAG}{pid}").exists():
+            p.rename(out)
+        else:
+            _remove(p)
     for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _alive(int(pid)):
             continue
         _remove(p)
-    for p in out.parent.glob(f".{out.name}{OLD_TAG}*"):
-        if not out.exists():  # a crash between the two renames: the old output is the last complete one
-            p.rename(out)
-        else:
-            _remove(p)
 
 
 def _alive(pid: int) -> bool:
@@ -104,6 +113,13 @@ def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
             _remove(old)
         else:
             os.replace(stage, out)
+    except OSError as e:
+        _remove(stage)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up mid-write (despite the size check)
+            free = shutil.disk_usage(out.parent).free
+            raise OutputError(f"no space left on the device while writing {out} ({free} bytes free after "
+                              "removing the partial output); free some space or choose another --out") from None
+        raise
     except BaseException:
         _remove(stage)
         raise

@@ -1,0 +1,103 @@
+"""Fuzzing every reader: mutate valid fixtures (bytes, safetensors header fields, JSON config values) and
+require either a clean LoraportError or a valid result (read, planned against the base, merged) — never
+another exception, a hang, or an allocation beyond a capped address space.
+
+Default: a bounded, deterministic run (LORAPORT_FUZZ_EXAMPLES total, default ~100 per reader).
+By hand:  LORAPORT_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_readers.py   (random, split across readers)
+A crashing input is copied to $LORAPORT_FUZZ_SAVE (default /tmp/loraport-fuzz-failures); commit it as a
+regression under fixtures/regressions/<name>/ with a case.json (see test_regressions_stay_fixed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import _hostile_util as H
+from loraport.errors import LoraportError
+
+BY_FORMAT = H.seeds_by_format()
+FORMATS = sorted(BY_FORMAT)
+TOTAL = int(os.environ.get("LORAPORT_FUZZ_EXAMPLES", "0"))
+PER_FORMAT = max(TOTAL // max(len(FORMATS), 1), 1) if TOTAL else 100
+LONG = TOTAL > 0
+SAVE = Path(os.environ.get("LORAPORT_FUZZ_SAVE", "/tmp/loraport-fuzz-failures"))
+
+
+def _save_failure(fmt: str, copy: Path, seed: H.Seed, desc: str, err: BaseException) -> Path:
+    blob = copy.read_bytes() if copy.is_file() else b"".join(f.read_bytes() for f in sorted(copy.rglob("*"))
+                                                              if f.is_file())
+    d = SAVE / f"{fmt}-{hashlib.sha256(blob).hexdigest()[:12]}"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    (shutil.copytree if copy.is_dir() else shutil.copy2)(copy, d / copy.name)
+    (d / "case.json").write_text(json.dumps({
+        "format": fmt, "adapter": copy.name, "seed": str(seed.path.relative_to(H.ROOT)),
+        "base": str(seed.base.relative_to(H.ROOT)) if seed.base else None, "mutation": desc,
+        "error": f"{type(err).__name__}: {str(err)[:300]}",
+    }, indent=1))
+    return d
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fuzz_reader(fmt):
+    seeds = BY_FORMAT[fmt]
+    stats = {"ok": 0, "error": 0}
+
+    @settings(max_examples=PER_FORMAT, deadline=None, database=None, derandomize=not LONG,
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(data=st.data())
+    def run(data):
+        ch = H.Chooser(data=data)
+        seed = ch.pick(seeds)
+        with tempfile.TemporaryDirectory(prefix="lpfuzz-") as td:
+            copy = H.copy_seed(seed, Path(td), "fuzzed")
+            descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 3))]
+            try:
+                with H.memory_cap(), H.time_limit(30):
+                    r = H.exercise(copy, seed)
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                where = _save_failure(fmt, copy, seed, " + ".join(descs), e)
+                raise AssertionError(f"{seed.label} after {descs}: {type(e).__name__}: {str(e)[:300]} "
+                                     f"(input saved to {where})\n{traceback.format_exc()[-2000:]}") from None
+            if isinstance(r, LoraportError):
+                assert H.clean_message(r), f"{seed.label} after {descs}: multi-line message {str(r)[:300]!r}"
+                stats["error"] += 1
+            else:
+                stats["ok"] += 1
+
+    run()
+    assert stats["ok"] + stats["error"] >= 1
+
+
+def _regressions() -> list[Path]:
+    return sorted(p for p in H.REGRESSIONS.glob("*/case.json")) if H.REGRESSIONS.is_dir() else []
+
+
+@pytest.mark.parametrize("case", _regressions(), ids=lambda p: p.parent.name)
+def test_regressions_stay_fixed(case, tmp_path):
+    """Inputs that once crashed a reader (found by fuzzing): now a clean error or a valid result."""
+    spec = json.loads(case.read_text())
+    src = case.parent / spec["adapter"]
+    base = H.ROOT / spec["base"] if spec.get("base") else None
+    seed = H.Seed(src, spec["format"], base)
+    copy = tmp_path / src.name
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, copy)
+    with H.memory_cap(), H.time_limit(60):
+        r = H.exercise(copy, seed)
+    if spec.get("expect") == "error":
+        assert isinstance(r, LoraportError), r
+    if isinstance(r, LoraportError):
+        assert H.clean_message(r)
