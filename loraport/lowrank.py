@@ -340,6 +340,8 @@ def _regex(pat: str | None, flag: str):
 
 
 # --- files in, files out ---------------------------------------------------------------------------
+SINGLE_FILE_FORMATS = ("kohya", "lycoris")  # formats written as one file rather than a folder
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf", ".pt", ".onnx_adapter")
 OUT_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -352,17 +354,26 @@ def _out_dtype(name: str) -> torch.dtype | None:
 def write_adapter(adapter: Adapter, out: str | Path, to: str, inputs: list, overwrite: bool = False,
                   base=None) -> list[str]:
     """Write `adapter` in format `to` at `out` through a temporary sibling renamed into place."""
-    from loraport.formats import get_format
     from loraport.outputs import check_output, staged_output
+
+    fmt = writer(to, out)
+    outp = check_output(out, inputs, overwrite)
+    is_dir = outp.suffix not in SINGLE_FILE_SUFFIXES
+    with staged_output(outp, is_dir=is_dir, overwrite=overwrite) as stage:
+        written = fmt.write(adapter, stage, base=base)
+    return [str(outp / Path(w).name) if is_dir else str(outp) for w in (written or [])]
+
+
+def writer(to: str, out: str | Path):
+    """The format class for `to`, refused up front (before any work) when it cannot be written at `out`."""
+    from loraport.formats import get_format
 
     fmt = get_format(to)
     if not fmt.writable:
         raise BadInputError(f"the {to} format cannot be written")
-    outp = check_output(out, inputs, overwrite)
-    is_dir = outp.suffix != ".safetensors"
-    with staged_output(outp, is_dir=is_dir, overwrite=overwrite) as stage:
-        written = fmt.write(adapter, stage, base=base)
-    return [str(outp / Path(w).name) if is_dir else str(outp) for w in (written or [])]
+    if to in SINGLE_FILE_FORMATS and Path(out).suffix != ".safetensors":
+        raise BadInputError(f"a {to} adapter is one .safetensors file: give --out NAME.safetensors")
+    return fmt
 
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
@@ -378,6 +389,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     from loraport.outputs import check_output
 
     check_output(out, [base, tuned], overwrite)
+    writer(to, out)
     dev = pick_device(device)
     b, t = Checkpoint.open(base), Checkpoint.open(tuned)
     try:
@@ -411,8 +423,9 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, ene
     b = Checkpoint.open(base) if base else None
     try:
         ad = _load(adapter, fmt, b)
-        res, rep = resize_adapter(ad, spec, dev, _out_dtype(dtype))
         to = to or _writable_or_peft(ad.format)
+        writer(to, out)
+        res, rep = resize_adapter(ad, spec, dev, _out_dtype(dtype))
         rep["files"] = write_adapter(res, out, to, [adapter, base], overwrite, base=b)
     finally:
         if b is not None:
@@ -440,8 +453,9 @@ def combine(adapters: list[str | Path], out: str | Path, *, weights: list[float]
     b = Checkpoint.open(base) if base else None
     try:
         ads = [_load(p, fmt, b) for p in adapters]
-        res, rep = combine_adapters(ads, weights, method, spec, density, seed, dev, _out_dtype(dtype))
         to = to or _writable_or_peft(ads[0].format)
+        writer(to, out)
+        res, rep = combine_adapters(ads, weights, method, spec, density, seed, dev, _out_dtype(dtype))
         rep["files"] = write_adapter(res, out, to, [*adapters, base], overwrite, base=b)
     finally:
         if b is not None:
