@@ -4,7 +4,11 @@ diffusers' own PEFT→kohya converter and LDM checkpoint converter."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,7 +36,8 @@ def tiny_unet(xl: bool = False):
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=(2, 4, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 32,
+            addition_embed_type="text_time", addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=4 * 6 + 32,
             transformer_layers_per_block=(1, 1, 2))
     return UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=8, norm_num_groups=8,
@@ -191,3 +196,38 @@ def apply_adapter(adapter, base) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=None) -> float:
     keys = keys if keys is not None else a.keys()
     return max(((a[k].float() - b[k].float()).abs().max().item() for k in keys), default=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ shared bases
+@functools.cache
+def workdir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="loraport-sd-"))
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+@functools.cache
+def sd_base(xl: bool = False) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """(diffusers folder, original single file, flat base state) of the tiny pipeline, built once per process."""
+    d = workdir() / ("sdxl" if xl else "sd1")
+    d.mkdir()
+    pipe = tiny_pipeline(xl)
+    pipe.save_pretrained(d / "base", safe_serialization=True)
+    base = flat_state(pipe)
+    save_single(base, d / "single.safetensors", xl)
+    return d / "base", d / "single.safetensors", base
+
+
+def pipeline_on_base(xl: bool = False):
+    """A fresh pipeline holding the shared base weights (for PEFT to inject a LoRA into)."""
+    return load_pipeline(sd_base(xl)[0], xl)
+
+
+def run_cli(*args):
+    """`loraport ...` in-process (click's CliRunner): (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from loraport.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    return r.exit_code, r.stdout, r.stderr

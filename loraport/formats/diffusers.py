@@ -1,0 +1,290 @@
+"""diffusers LoRA files (`pytorch_lora_weights.safetensors`): PEFT-style keys under a pipeline component
+(`unet.` / `text_encoder.` / `text_encoder_2.` / `transformer.`), the LoraConfig per component in the
+safetensors metadata (`lora_adapter_metadata`), kohya-converted `network_alphas`, and the legacy
+attention-processor spellings (`…processor.to_q_lora.down.weight`, `…lora_linear_layer.up.weight`).
+Spec: formats/diffusers.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from loraport.adapter import Adapter, LoraDelta
+from loraport.errors import BadInputError
+from loraport.formats import AdapterFormat, register
+from loraport.formats.kohya import header_keys
+from loraport.names.sd import SDNames, te_spellings
+from loraport.safetensors_io import save_file
+from loraport.tensorfile import load_tensors
+
+WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior", "decoder")
+# legacy attention-processor projections → module (UNet attention / CLIP text attention)
+LEGACY_PROJ = {"to_q": ("to_q", "q_proj"), "to_k": ("to_k", "k_proj"), "to_v": ("to_v", "v_proj"),
+               "to_out": ("to_out.0", "out_proj")}
+
+_PROJ = "to_q|to_k|to_v|to_out"
+# key → (module, role); role in A, B, bias, magnitude, alpha. Order matters: first match wins.
+KEY_FORMS: tuple[tuple[re.Pattern, str, str], ...] = (
+    (re.compile(r"^(?P<m>.+)\.lora_A(?:\.default)?\.weight$"), "A", "peft"),
+    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.default)?\.weight$"), "B", "peft"),
+    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.default)?\.bias$"), "bias", "peft"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$"), "magnitude", "peft"),
+    (re.compile(rf"^(?P<m>.+?)(?:\.processor)?\.(?P<p>{_PROJ})_lora\.down\.weight$"), "A", "attn-processor"),
+    (re.compile(rf"^(?P<m>.+?)(?:\.processor)?\.(?P<p>{_PROJ})_lora\.up\.weight$"), "B", "attn-processor"),
+    (re.compile(r"^(?P<m>.+)\.lora_linear_layer\.down\.weight$"), "A", "lora_linear_layer"),
+    (re.compile(r"^(?P<m>.+)\.lora_linear_layer\.up\.weight$"), "B", "lora_linear_layer"),
+    (re.compile(r"^(?P<m>.+)\.lora\.down\.weight$"), "A", "lora.down/up"),
+    (re.compile(r"^(?P<m>.+)\.lora\.up\.weight$"), "B", "lora.down/up"),
+    (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha", "network_alphas"),
+)
+
+
+def parse_key(key: str) -> tuple[str, str, str] | None:
+    """key → (component-prefixed module path, role, spelling) or None."""
+    for rx, role, form in KEY_FORMS:
+        m = rx.match(key)
+        if not m:
+            continue
+        mod = m.group("m")
+        if form == "attn-processor":
+            unet_name, te_name = LEGACY_PROJ[m.group("p")]
+            mod = f"{mod}.{te_name if mod.startswith('text_encoder') else unet_name}"
+        if "lora_" in mod.rsplit(".", 1)[-1]:
+            return None
+        return mod, role, form
+    return None
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        f = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
+        if f is None:
+            raise BadInputError(f"{path}: no {WEIGHTS[0]} in this folder")
+        return f
+    return path
+
+
+def component_configs(meta: dict[str, str], where: Path) -> dict[str, dict]:
+    """lora_adapter_metadata {"unet.r": 4, "text_encoder.lora_alpha": 8, ...} → {"unet": {"r": 4}, ...}."""
+    raw = meta.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{where}: {METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise BadInputError(f"{where}: {METADATA_KEY} must be a JSON object")
+    out: dict[str, dict] = defaultdict(dict)
+    for k, v in flat.items():
+        comp, dot, field = str(k).partition(".")
+        if dot:
+            out[comp][field] = v
+    return dict(out)
+
+
+def _pattern(patterns, module: str, default):
+    """PEFT's rule: the first key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
+    for k, v in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({k})$", module):
+                return v
+        except re.error:
+            raise BadInputError(f"invalid rank/alpha pattern {k!r} in {METADATA_KEY}") from None
+    return default
+
+
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadInputError(f"{METADATA_KEY}: {what} must be a number, got {v!r}")
+    return float(v)
+
+
+@register
+class DiffusersFormat(AdapterFormat):
+    name = "diffusers"
+    title = "diffusers LoRA (pytorch_lora_weights.safetensors)"
+    spec = "diffusers"
+    writable = True
+
+    @classmethod
+    def detect(cls, path: Path) -> int:
+        try:
+            if path.is_dir():
+                return 90 if any((path / w).is_file() for w in WEIGHTS) else 0
+            keys = header_keys(path)
+        except OSError:
+            return 0
+        parsed = [p for k in keys if (p := parse_key(k)) and p[1] != "alpha"]
+        if not parsed:
+            return 0
+        prefixed = sum(p[0].split(".", 1)[0] in COMPONENTS for p in parsed)
+        if any(k.startswith("base_model.model.") for k in keys):
+            return 10  # PEFT keys in a bare file
+        return 85 if prefixed == len(parsed) else 50
+
+    @classmethod
+    def read(cls, path: Path, base=None, strict: bool = True, **options) -> Adapter:
+        path = Path(path)
+        wfile = _weights_file(path)
+        tensors, meta = load_tensors(wfile)
+        configs = component_configs(meta, wfile)
+        parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        forms: set[str] = set()
+        unrecognised, notes = [], set()
+        for key, t in tensors.items():
+            p = parse_key(key)
+            if p is None:
+                unrecognised.append(key)
+                continue
+            mod, role, form = p
+            if mod.split(".", 1)[0] not in COMPONENTS:
+                mod = "unet." + mod
+                notes.add("keys without a component prefix: read as unet")
+            parts[mod][role] = t
+            if role in ("A", "B"):
+                forms.add(form)
+        names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+        deltas, unmatched, no_alpha = [], [], 0
+        for mod, p in parts.items():
+            if "A" not in p or "B" not in p:
+                if set(p) <= {"alpha"}:
+                    unrecognised.append(mod + ".alpha")
+                    continue
+                raise BadInputError(f"{wfile}: {mod} has only one of its LoRA factors")
+            A, B = p["A"], p["B"]
+            r = int(A.shape[0])
+            if B.dim() < 2 or B.shape[1] != r:
+                raise BadInputError(f"{wfile}: {mod}: down/A {list(A.shape)} and up/B {list(B.shape)} do not fit")
+            comp, _, rel = mod.partition(".")
+            cfg = configs.get(comp)
+            rule = "alpha/r"
+            if cfg is not None:
+                alpha = _number(_pattern(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", 8)), "lora_alpha")
+                rs = bool(cfg.get("use_rslora", False))
+                scale = alpha / math.sqrt(r) if rs else alpha / r
+                rule = "alpha/sqrt(r)" if rs else rule
+            elif "alpha" in p:
+                alpha = float(p["alpha"].float().reshape(-1)[0])
+                scale = alpha / r
+            else:
+                alpha, scale = None, 1.0
+                no_alpha += 1
+            target, rows, transpose = f"{mod}.weight", None, False
+            if names is not None:
+                ent = None
+                for spelled in (mod, *[f"{comp}.{s}" for s in te_spellings(rel)]):
+                    if (found := names.by_module.get(spelled)) and "weight" in found:
+                        ent = found["weight"]
+                        break
+                if ent is None:
+                    unmatched.append(mod)
+                    continue
+                target, rows, transpose = ent.target, ent.rows, ent.transpose
+            mag = p.get("magnitude")
+            deltas.append(LoraDelta(target, A=A, B=B, scale=scale, alpha=alpha, scale_rule=rule, rows=rows,
+                                    transpose=transpose, magnitude=None if mag is None else mag.reshape(-1),
+                                    dora_axis="out", source_key=mod))
+            if "bias" in p:
+                from loraport.adapter import FullDelta
+
+                btarget = target[: -len(".weight")] + ".bias"
+                deltas.append(FullDelta(btarget, diff=p["bias"], scale=scale, rows=rows, source_key=mod + ".bias"))
+        if unrecognised or unmatched:
+            msg = (f"{wfile}: {len(deltas)} LoRA module(s) recognised"
+                   + (f"; {len(unrecognised)} key(s) not recognised (e.g. {', '.join(unrecognised[:3])})"
+                      if unrecognised else "")
+                   + (f"; {len(unmatched)} module(s) not in the base (e.g. {', '.join(unmatched[:3])})"
+                      if unmatched else ""))
+            if strict:
+                raise BadInputError(msg + " — wrong base or mixed file? --no-strict skips them")
+            notes.add(f"skipped {len(unrecognised) + len(unmatched)} unmatched key(s)/module(s)")
+        if not deltas:
+            raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
+        if configs:
+            notes.add("scale from lora_adapter_metadata (" + ", ".join(sorted(configs)) + ")")
+        elif no_alpha:
+            notes.add(f"alpha missing on {no_alpha} module(s): scale 1")
+        if "network_alphas" in {f for *_, f in (parse_key(k) or ("", "", "") for k in tensors)}:
+            notes.add("network_alphas (kohya-converted) give the scale")
+        legacy = forms - {"peft"}
+        if legacy:
+            notes.add("legacy spelling: " + ", ".join(sorted(legacy)))
+        if any(d.magnitude is not None for d in deltas if isinstance(d, LoraDelta)):
+            notes.add("DoRA: magnitude per output feature (PEFT)")
+        metadata = dict(meta)
+        if unrecognised or unmatched:
+            metadata["skipped"] = unrecognised + unmatched
+        return Adapter(deltas, "diffusers", str(path), config=configs, metadata=metadata, notes=sorted(notes),
+                       files=[str(wfile)], name=path.stem)
+
+    @classmethod
+    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+        """One pytorch_lora_weights-style file: PEFT keys under component prefixes, the per-component
+        LoraConfig (ranks/alphas as rank_pattern/alpha_pattern) in `lora_adapter_metadata`."""
+        path = Path(path)
+        if path.is_dir() or path.suffix != ".safetensors":
+            path = path / WEIGHTS[0] if path.is_dir() else path
+        names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+        tensors: dict[str, torch.Tensor] = {}
+        per: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
+        dora: dict[str, set] = defaultdict(set)
+        for d in adapter.deltas:
+            if not isinstance(d, LoraDelta):
+                raise BadInputError(f"{d.target}: {d.kind} updates have no diffusers LoRA form (it holds plain "
+                                    "LoRA/DoRA only); convert to kohya/lycoris instead")
+            if d.mid is not None:
+                raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no diffusers form")
+            if d.magnitude is not None and d.dora_axis != "out":
+                raise BadInputError(f"{d.target}: diffusers (PEFT) DoRA normalises per output feature; this DoRA "
+                                    "uses the input axis")
+            if names is not None:
+                ent = names.entry_for_target(d.target, d.rows)
+                if ent is None:
+                    raise BadInputError(f"{d.target}: not a tensor of the given base")
+                if bool(d.transpose) != ent.transpose:
+                    raise BadInputError(f"{d.target}: a transposed LoRA has no diffusers form")
+                mod = ent.module
+            else:
+                comp = d.target.split(".", 1)[0]
+                if comp not in COMPONENTS or not d.target.endswith(".weight") or d.rows is not None:
+                    raise BadInputError(f"{d.target}: cannot name it as a diffusers module without the base; "
+                                        "pass --base")
+                if d.transpose:
+                    raise BadInputError(f"{d.target}: a transposed LoRA has no diffusers form")
+                mod = d.target[: -len(".weight")]
+            comp, _, rel = mod.partition(".")
+            tensors[f"{mod}.lora_A.weight"] = d.A.contiguous()
+            tensors[f"{mod}.lora_B.weight"] = d.B.contiguous()
+            if d.magnitude is not None:
+                m = d.magnitude.reshape(-1)
+                tensors[f"{mod}.lora_magnitude_vector"] = (m.reshape(1, -1, 1, 1) if d.A.dim() == 4 else m).contiguous()
+            r = int(d.A.shape[0])
+            # patterns match the module path inside the component; drop CLIP's optional text_model. wrapper
+            per[comp][te_spellings(rel)[-1]] = (r, d.scale * r)
+            dora[comp].add(d.magnitude is not None)
+        meta_cfg: dict[str, object] = {}
+        for comp, mods in per.items():
+            if len(dora[comp]) > 1:
+                raise BadInputError(f"component {comp}: DoRA on some modules and plain LoRA on others has no "
+                                    "diffusers form")
+            ranks = Counter(r for r, _ in mods.values())
+            alphas = Counter(a for _, a in mods.values())
+            r0, a0 = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+            cfg = {
+                "r": r0, "lora_alpha": int(a0) if float(a0).is_integer() else a0,
+                "target_modules": sorted(mods), "use_rslora": False, "use_dora": dora[comp] == {True},
+                "rank_pattern": {re.escape(m): r for m, (r, _) in mods.items() if r != r0},
+                "alpha_pattern": {re.escape(m): a for m, (_, a) in mods.items() if a != a0},
+                "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+            }
+            meta_cfg.update({f"{comp}.{k}": v for k, v in cfg.items()})
+        save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(meta_cfg, indent=2, sort_keys=True)})
+        return [path]
