@@ -195,6 +195,9 @@ def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
                          alpha=float(k), scale_rule="refactored")
         else:
             D = dense_delta(d, ckpt, device)
+            if D.dim() < 2:
+                raise BadInputError(f"{d.target}: a 1-D update (bias / norm) has no LoRA form, not even a lossy one; "
+                                    "convert to a format that stores it (peft)")
             M = D.reshape(D.shape[0], -1)
             svd = svd_full(M)
             Bk, Ak = svd.factors(k)

@@ -292,3 +292,17 @@ def test_rope_permutation_inverse_property():
         assert torch.equal(p[1], t[half]) and torch.equal(p[hd - 2], t[half - 1])
 
     check()
+
+
+@pytest.mark.slow
+def test_gguf_to_onnx_adapter_reads_back_to_peft_delta(tmp_path):
+    """GGUF → `.onnx_adapter` for a loraport multi-LoRA graph (loraport/onnx writer) → the .onnx_adapter
+    reader: the same ΔW as PEFT's merge of the original adapter."""
+    from loraport.convert import onnx_convert
+
+    graph = tmp_path / "g"
+    onnx_convert(adapters=[str(PEFT / "llama_lora")], to="onnx", out=str(graph), base=str(LLAMA), multi_lora=True)
+    out = tmp_path / "x.onnx_adapter"
+    onnx_convert(adapters=[str(LLM / "gguf" / "llama_lora.gguf")], to="onnx-adapter", out=str(out), graph=str(graph),
+                 base=str(LLAMA))
+    assert max_diff(loraport_deltas(out), peft_deltas(str(PEFT / "llama_lora"))) <= TOL
