@@ -49,7 +49,7 @@ def peft_deltas(pm, adapter: str = "default") -> dict[str, torch.Tensor]:
 
     out = {}
     for name, mod in pm.base_model.model.named_modules():
-        if isinstance(mod, LoraLayer) and adapter in mod.lora_A:
+        if isinstance(mod, LoraLayer) and (adapter in mod.lora_A or adapter in mod.lora_embedding_A):
             out[f"{name}.weight"] = mod.get_delta_weight(adapter).detach().float()
     return out
 

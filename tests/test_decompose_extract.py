@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,8 +49,6 @@ def test_extracted_adapter_loads_and_merges_in_peft(llama_pair, tmp_path):
     tmp, base, tuned_sd, ref = llama_pair
     out = tmp_path / "lora"
     assert cli("extract", "--base", tmp / "base", "--tuned", tmp / "tuned", "--rank", 8, "--out", out).exit_code == 0
-    import copy
-
     merged = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).merge_and_unload().state_dict()
     for name, w in tuned_sd.items():
         tol = fp32_tol(ref[name], w) if name in ref else 0.0
@@ -120,3 +119,35 @@ def test_extract_bad_input(llama_pair, tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     r = cli("extract", "--base", b, "--tuned", t, "--rank", 4, "--out", b / "inside")
     assert r.exit_code == 2 and "inside the input" in r.stderr
+
+
+def test_extract_gpt2_conv1d_and_embedding_round_trip_through_peft(tmp_path):
+    """Conv1D weights are stored [in, out] and embedding LoRAs transposed: the extracted adapter must say so
+    (fan_in_fan_out, lora_embedding_A/B) for PEFT itself to load and merge it back to the tuned weights."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=1, eos_token_id=2)).eval()
+    base.save_pretrained(tmp_path / "base")
+    pm = lora_model(base, r=4, seed=1, targets=["c_attn", "c_fc", "wte"], fan_in_fan_out=True)
+    ref = peft_deltas(pm)
+    tuned = pm.merge_and_unload()
+    tuned.save_pretrained(tmp_path / "tuned")
+    tsd = tuned.state_dict()
+    out = tmp_path / "lora"
+    r = cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", 4, "--out", out)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    pm2 = PeftModel.from_pretrained(copy.deepcopy(base), str(out))
+    got = peft_deltas(pm2)
+    assert set(got) == set(ref) and "transformer.wte.weight" in got
+    for name, d in ref.items():
+        assert float((got[name] - d).abs().max()) <= fp32_tol(d, tsd[name]), name
+    merged = pm2.merge_and_unload().state_dict()
+    for name, w in tsd.items():
+        src = "transformer.wte.weight" if name == "lm_head.weight" else name  # tied to the embeddings
+        tol = fp32_tol(ref[src], w) if src in ref else 0.0
+        assert float((merged[name] - w).abs().max()) <= tol, name
