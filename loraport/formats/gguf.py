@@ -440,6 +440,8 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
                                 layer="embedding" if emb else "linear", source_key=p["lora_a"]))
     if not deltas:
         raise BadInputError(f"{path}: the GGUF adapter has no LoRA tensors")
+    if permute and any(qk_kind(d.target) for d in deltas):
+        notes.append("q/k lora_b rows un-permuted from llama.cpp's RoPE order to the HF base's")
     return Adapter(deltas, "gguf", str(path), config={}, metadata={k: v for k, v in meta.items()
                                                                       if not isinstance(v, list)},
                    notes=notes, files=[str(path)], name=path.stem)

@@ -139,7 +139,7 @@ class MlxFormat(AdapterFormat):
                 axis = "in" if emb and m.numel() == a.shape[0] else "out"
             deltas.append(LoraDelta(
                 f"{mod}.weight", A=a.t().contiguous(), B=b.t().contiguous(), scale=scale, transpose=emb,
-                magnitude=m, dora_axis=axis, alpha=scale * a.shape[1], scale_rule="scale",
+                magnitude=m, dora_axis=axis, alpha=None, scale_rule="scale",
                 layer="embedding" if emb else "linear", source_key=f"{mod}.lora_a",
             ))
         deltas = _combine_stacked(deltas)
@@ -265,7 +265,7 @@ def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scal
         return [ExpertsLoraDelta(stacked, parts=[ExpertPart(a, b, scale, rows, f"{mod}.lora_a")],
                                  source_key=f"{mod}.lora_a")]
     return [LoraDelta(per_expert.format(xid=e), A=a[e].contiguous(), B=b[e].contiguous(), scale=scale,
-                      transpose=False, alpha=scale * r, scale_rule="scale", layer="linear",
+                      transpose=False, alpha=None, scale_rule="scale", layer="linear",
                       source_key=f"{mod}.lora_a[{e}]") for e in range(E)]
 
 

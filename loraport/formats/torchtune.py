@@ -142,6 +142,8 @@ class TorchtuneFormat(AdapterFormat):
                 target = hf
             deltas.append(LoraDelta(target, A=A, B=B, scale=alpha / r, transpose=False, magnitude=m,
                                     dora_axis="out", alpha=alpha, layer="linear", source_key=f"{mod}.lora_a.weight"))
+        if permute and any(qk_kind(d.target) for d in deltas):
+            notes.append("q/k lora_b rows (and DoRA magnitudes) un-permuted from Meta's RoPE order to the HF base's")
         if cfg.get("r") not in (None, *{d.A.shape[0] for d in deltas}):
             notes.append(f"config r={cfg.get('r')} differs from the weights' rank; the weights win")
         return Adapter(deltas, "torchtune", str(path), config=cfg, notes=notes,
