@@ -34,6 +34,18 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
             sys.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - a bug, but still one line for the user
+            if os.environ.get("LORAPORT_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: {type(e).__name__}: {msg} (internal error; LORAPORT_DEBUG=1 shows the traceback)",
+                       err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
