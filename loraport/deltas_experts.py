@@ -83,3 +83,16 @@ class ExpertsLoraDelta(Delta):
         d.update(experts=int(self.parts[0].A.shape[0]) if self.parts else 0, parts=len(self.parts),
                  scale=[p.scale for p in self.parts])
         return d
+
+
+def combine_stacked(deltas: list) -> list:
+    """gate and up LoRAs of a fused gate_up tensor become one delta with two parts."""
+    out, by_target = [], {}
+    for d in deltas:
+        if isinstance(d, ExpertsLoraDelta) and d.target in by_target:
+            by_target[d.target].parts.extend(d.parts)
+            continue
+        if isinstance(d, ExpertsLoraDelta):
+            by_target[d.target] = d
+        out.append(d)
+    return out

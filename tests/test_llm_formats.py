@@ -247,3 +247,71 @@ def test_name_table_agrees_with_gguf_py():
             checked += 1
     assert checked > 20
     assert math.isfinite(checked)
+
+
+def test_gguf_experts_onto_stacked_base(tmp_path):
+    """GGUF `ffn_*_exps` LoRA (from the mlx switch fixture) onto transformers' stacked gate_up_proj / down_proj:
+    same merged tensors as onto the per-expert on-disk base, re-stacked the way transformers loads them."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from loraport.checkpoint import Checkpoint
+    from loraport.convert import convert_adapter
+    from loraport.merge import build_plan, merged_tensor
+
+    g = tmp_path / "moe.gguf"
+    convert_adapter(LLM / "mlx" / "qwen2moe_switch", "gguf", g, base=MOE)
+    model = AutoModelForCausalLM.from_pretrained(MOE, dtype=torch.float32)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, tmp_path / "s.safetensors")
+    ck_s, ck_d = Checkpoint.open(tmp_path / "s.safetensors"), Checkpoint.open(MOE)
+    ad_s, ad_d = load_adapter(g, base=ck_s), load_adapter(g, base=ck_d)
+    assert {d.kind for d in ad_s.deltas} == {"lora", "lora-experts"}
+    ps, pd = build_plan(ck_s, [(ad_s, 1.0)]), build_plan(ck_d, [(ad_d, 1.0)])
+    gu = merged_tensor(ps, "model.layers.0.mlp.experts.gate_up_proj")
+    dn = merged_tensor(ps, "model.layers.0.mlp.experts.down_proj")
+    inter = gu.shape[1] // 2
+    for e in range(gu.shape[0]):
+        gate = merged_tensor(pd, f"model.layers.0.mlp.experts.{e}.gate_proj.weight")
+        up = merged_tensor(pd, f"model.layers.0.mlp.experts.{e}.up_proj.weight")
+        down = merged_tensor(pd, f"model.layers.0.mlp.experts.{e}.down_proj.weight")
+        assert torch.allclose(gu[e, :inter], gate, atol=1e-6) and torch.allclose(gu[e, inter:], up, atol=1e-6)
+        assert torch.allclose(dn[e], down, atol=1e-6)
+    assert not torch.allclose(gu, ck_s.get("model.layers.0.mlp.experts.gate_up_proj").float())
+
+
+def test_mlx_dora_embedding_per_row(tmp_path):
+    """mlx-lm DoRAEmbedding.fuse: W'' = (m / ‖W + s·a@b‖_row)[:, None] ⊙ (W + s·a@b), m one per table row."""
+    from safetensors.torch import save_file
+
+    from loraport.checkpoint import Checkpoint
+    from loraport.merge import build_plan, merged_tensor
+
+    ck = Checkpoint.open(LLAMA)
+    W = ck.get("model.embed_tokens.weight").float()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(W.shape[0], 2, generator=g), torch.randn(2, W.shape[1], generator=g)
+    m = W.norm(dim=1) * (1 + 0.3 * torch.rand(W.shape[0], generator=g))
+    d = tmp_path / "mlx"
+    d.mkdir()
+    save_file({"model.embed_tokens.lora_a": a, "model.embed_tokens.lora_b": b, "model.embed_tokens.m": m},
+              d / "adapters.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora",
+                                                       "lora_parameters": {"rank": 2, "scale": 0.5}}))
+    ad = load_adapter(d, base=ck)
+    got = merged_tensor(build_plan(ck, [(ad, 1.0)]), "model.embed_tokens.weight")
+    adapted = W + 0.5 * a @ b
+    want = (m / adapted.norm(dim=1))[:, None] * adapted
+    assert float((got - want).abs().max()) <= 1e-5
+
+
+def test_torchtune_native_safetensors(tmp_path):
+    """torchtune with safe_serialization: native keys in adapter_model.safetensors (the PEFT reader declines)."""
+    from safetensors.torch import save_file
+
+    src = LLM / "torchtune" / "llama_lora"
+    d = tmp_path / "tt"
+    d.mkdir()
+    save_file(torch.load(src / "adapter_model.pt", weights_only=True), d / "adapter_model.safetensors")
+    shutil.copy(src / "adapter_config.json", d)
+    assert detect(d).name == "torchtune"
+    assert max_diff(loraport_deltas(d), peft_deltas(str(LLM / "peft" / "llama_lora"))) <= TOL

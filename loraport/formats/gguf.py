@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
-from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta
+from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
 from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
@@ -34,6 +34,8 @@ from loraport.names.llm import (
     gguf_to_hf,
     head_counts,
     hf_experts_to_gguf,
+    hf_experts_to_mlx,
+    mlx_switch_to_hf,
     hf_to_gguf,
     qk_kind,
     rope_permute_rows,
@@ -440,11 +442,22 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
                                 layer="embedding" if emb else "linear", source_key=p["lora_a"]))
     if not deltas:
         raise BadInputError(f"{path}: the GGUF adapter has no LoRA tensors")
+    deltas = combine_stacked(deltas)
     if permute and any(qk_kind(d.target) for d in deltas):
         notes.append("q/k lora_b rows un-permuted from llama.cpp's RoPE order to the HF base's")
     return Adapter(deltas, "gguf", str(path), config={}, metadata={k: v for k, v in meta.items()
                                                                       if not isinstance(v, list)},
                    notes=notes, files=[str(path)], name=path.stem)
+
+
+def _stacked_name(per_expert: str) -> tuple[str, str] | None:
+    """The transformers ≥ 5 stacked tensor (and out-row part) holding a per-expert HF weight, via the MLX
+    SwitchLinear table (the same stacking)."""
+    sw = hf_experts_to_mlx(per_expert)
+    if sw is None:
+        return None
+    hf = mlx_switch_to_hf(sw[0])
+    return (hf[1], hf[2]) if hf else None
 
 
 def _experts(path, stem, a, b, alpha, to_hf, names) -> list:
@@ -457,6 +470,11 @@ def _experts(path, stem, a, b, alpha, to_hf, names) -> list:
         hf = gguf_experts_to_hf(stem, E, names)
         if hf is None:
             raise BadInputError(f"{path}: no HF name known for GGUF tensor {stem!r}")
+        stacked = _stacked_name(hf[0])
+        if names is not None and hf[0] not in names and stacked is not None and stacked[0] in names:
+            name, part = stacked
+            rows = (int(part) * b.shape[1], (int(part) + 1) * b.shape[1]) if part else None
+            return [ExpertsLoraDelta(name, parts=[ExpertPart(a, b, scale, rows, stem + ".lora_a")], source_key=stem)]
         return [LoraDelta(hf[e], A=a[e].contiguous(), B=b[e].contiguous(), scale=scale, transpose=False,
                           alpha=alpha or None, layer="linear", source_key=f"{stem}.lora_a[{e}]") for e in range(E)]
     return [ExpertsLoraDelta(stem, parts=[ExpertPart(a, b, scale, None, stem + ".lora_a")], source_key=stem)]

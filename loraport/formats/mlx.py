@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
-from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta
+from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
 from loraport.formats._llm import (
@@ -142,7 +142,7 @@ class MlxFormat(AdapterFormat):
                 magnitude=m, dora_axis=axis, alpha=None, scale_rule="scale",
                 layer="embedding" if emb else "linear", source_key=f"{mod}.lora_a",
             ))
-        deltas = _combine_stacked(deltas)
+        deltas = combine_stacked(deltas)
         if any(isinstance(d, LoraDelta) and d.magnitude is not None for d in deltas):
             notes.append("DoRA: magnitude per output row, W' = m/||W+sBA|| (W+sBA)")
         return Adapter(deltas, "mlx", str(path), config=cfg, metadata={}, notes=notes,
@@ -268,15 +268,3 @@ def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scal
                       transpose=False, alpha=None, scale_rule="scale", layer="linear",
                       source_key=f"{mod}.lora_a[{e}]") for e in range(E)]
 
-
-def _combine_stacked(deltas: list) -> list:
-    """gate and up LoRAs of a fused gate_up tensor become one delta with two parts."""
-    out, by_target = [], {}
-    for d in deltas:
-        if isinstance(d, ExpertsLoraDelta) and d.target in by_target:
-            by_target[d.target].parts.extend(d.parts)
-            continue
-        if isinstance(d, ExpertsLoraDelta):
-            by_target[d.target] = d
-        out.append(d)
-    return out
