@@ -151,3 +151,49 @@ def test_extract_gpt2_conv1d_and_embedding_round_trip_through_peft(tmp_path):
         src = "transformer.wte.weight" if name == "lm_head.weight" else name  # tied to the embeddings
         tol = fp32_tol(ref[src], w) if src in ref else 0.0
         assert float((merged[name] - w).abs().max()) <= tol, name
+
+
+def test_extract_to_kohya_from_a_diffusers_unet(tmp_path):
+    """--to kohya writes through the kohya writer (names mapped from the base's keys); its reader gives back
+    W_tuned − W_base for attention linears, 1×1 and 3×3 convs."""
+    from diffusers import UNet2DConditionModel
+
+    from loraport.checkpoint import Checkpoint
+    from loraport.formats import load_adapter
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=16)
+    g = torch.Generator().manual_seed(1)
+    for which in ("base", "tuned"):
+        (tmp_path / which).mkdir()
+        (tmp_path / which / "model_index.json").write_text(json.dumps(
+            {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+        if which == "tuned":  # rank-4 updates on attention, 1x1 and 3x3 conv weights
+            with torch.no_grad():
+                for n, p in unet.named_parameters():
+                    if n.endswith(("attn1.to_q.weight", "attn2.to_k.weight", "conv1.weight", "proj_in.weight")):
+                        o, i = p.shape[0], p[0].numel()
+                        d = torch.randn(o, 4, generator=g) @ torch.randn(4, i, generator=g) * 0.01
+                        p.add_(d.reshape(p.shape))
+        unet.save_pretrained(tmp_path / which / "unet")
+    out = tmp_path / "lora.safetensors"
+    r = cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", 4, "--to", "kohya",
+            "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    base, tuned = Checkpoint.open(tmp_path / "base"), Checkpoint.open(tmp_path / "tuned")
+    ad = load_adapter(out, base=base)
+    assert {d.target for d in ad.deltas} == {x["target"] for x in rep["layers"]}
+    kinds = {len(x["shape"]) for x in rep["layers"]}
+    assert kinds == {2, 4}
+    for d in ad.deltas:
+        W = base.get(d.target).float()
+        want = tuned.get(d.target).float() - W
+        got = d.resolve(tuple(W.shape)).contribution(W)
+        assert float((got - want).abs().max()) <= fp32_tol(want, tuned.get(d.target).float()), d.target
+    r = cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", 4, "--to", "kohya",
+            "--out", tmp_path / "folder")
+    assert r.exit_code == 2 and ".safetensors" in r.stderr
