@@ -31,8 +31,9 @@ FILE_SUFFIXES = (".safetensors", ".gguf", ".onnx_adapter", ".pt", ".bin")
 
 def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path | None = None,
                     format: str | None = None, lossy: bool = False, rank: int | None = None,
-                    overwrite: bool = False, device: str = "cpu") -> dict:
-    """Read `src` (format auto-detected unless `format`), write it as `to` at `out`. Returns a report."""
+                    overwrite: bool = False, device: str = "cpu", **read_options) -> dict:
+    """Read `src` (format auto-detected unless `format`; `read_options` go to the reader, e.g.
+    mlx_alpha="apply"), write it as `to` at `out`. Returns a report."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import get_format, load_adapter
     from loraport.outputs import check_output, staged_output
@@ -51,7 +52,7 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
     outp = check_output(out, [src, base], overwrite)
     ckpt = Checkpoint.open(base) if base is not None else None
     try:
-        adapter = load_adapter(src, format=format, base=ckpt)
+        adapter = load_adapter(src, format=format, base=ckpt, **read_options)
         _check_naming(adapter, to, ckpt)
         adapter = drop_identity_replacements(adapter, ckpt)
         report: dict = {"source": str(src), "source_format": adapter.format, "to": to, "out": str(outp),
