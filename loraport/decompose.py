@@ -175,6 +175,21 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> SVD:
     return SVD(Qb @ Uc, S, Vhc @ Qa.mT, "lowrank-qr", float(S.double().pow(2).sum()))
 
 
+def product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B @ A‖_F from the thin factors: ‖R_B R_Aᵀ‖_F with B = Q_B R_B, Aᵀ = Q_A R_A."""
+    Rb = torch.linalg.qr(B, mode="r").R
+    Ra = torch.linalg.qr(A.mT, mode="r").R
+    return float(torch.linalg.matrix_norm(Rb @ Ra.mT))
+
+
+def lowrank_rel_error(B_ref: torch.Tensor, A_ref: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B_ref·A_ref − B·A‖_F / ‖B_ref·A_ref‖_F without forming either product (the difference is the
+    product of [B_ref, −B] and [A_ref; A])."""
+    den = product_norm(B_ref, A_ref)
+    num = product_norm(torch.cat([B_ref, -B], 1), torch.cat([A_ref, A], 0))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
 def pick_rank(S: torch.Tensor, rank: int | None, energy: float | None, max_rank: int | None = None) -> int:
     """The rank to keep from a complete spectrum S."""
     if (rank is None) == (energy is None):

@@ -7,7 +7,8 @@
   re-factorized), `ties` / `dare` (dense per-layer merges per their papers, then re-factorized);
 * `extract` / `resize` / `combine`: the same with files in and files out (atomic, refused if present).
 
-Every per-layer result carries its relative Frobenius error against the exact update it approximates.
+Every per-layer result carries its relative Frobenius error against the exact update it approximates,
+measured on the factors as written (after rounding to the output dtype); resize/svd also give the optimum.
 Factors are written balanced (B = U√σ, A = √σVᵀ) with scale 1 (alpha = rank); `cat` keeps PEFT's layout
 (wᵢ·scaleᵢ folded into Aᵢ, Bᵢ as is), so its output equals PEFT's `add_weighted_adapter(..., "cat")`.
 """
@@ -136,10 +137,12 @@ def resize_adapter(adapter: Adapter, spec: RankSpec, device: torch.device | str 
         svd = dc.lowrank_svd(B, A)
         k = max(1, dc.pick_rank(svd.S, spec.rank, spec.energy, spec.max_rank))
         B2, A2 = svd.factors(k)
-        out.append(from_factors(d, B2, A2, dtype))
-        err = svd.tail_error(k)
+        new = from_factors(d, B2, A2, dtype)
+        out.append(new)
+        opt = svd.tail_error(k)
+        err = dc.lowrank_rel_error(B, A, *thin_factors(new, device))  # as written (incl. dtype rounding)
         layers.append({"target": d.target, "rank_in": d.rank(), "rank_out": k, "rel_error": err,
-                       "energy_kept": 1 - err * err, "dora": d.magnitude is not None,
+                       "optimal_error": opt, "energy_kept": 1 - opt * opt, "dora": d.magnitude is not None,
                        "seconds": time.perf_counter() - t0})
     if any(x["dora"] for x in layers):
         notes.append("DoRA: magnitudes kept; rel_error is that of the direction update scale·B·A")
@@ -209,12 +212,12 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
         A_cat = torch.cat([A * w for (_, _, A), w in zip(thin, ws)], 0)  # exact: B_cat @ A_cat = Σ w·ΔW
         row = {"target": target, "inputs": [i for i, _ in members], "rank_in": [d.rank() for _, d in members]}
         if method == "cat":
-            B2, A2, err, extra = B_cat, A_cat, 0.0, {}
+            B2, A2, extra = B_cat, A_cat, {}
         elif method == "svd":
             svd = dc.lowrank_svd(B_cat, A_cat)
             k = max(1, dc.pick_rank(svd.S, fixed, spec.energy, spec.max_rank))
             B2, A2 = svd.factors(k)
-            err, extra = svd.tail_error(k), {}
+            extra = {"optimal_error": svd.tail_error(k)}
         else:
             dense = [B @ A for _, B, A in thin]  # scaleᵢ·ΔWᵢ, unweighted
             if method == "ties":
@@ -225,12 +228,13 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
             svd, k = dc.truncated_svd(merged, fixed, spec.energy, spec.max_rank, seed=seed)
             k = max(1, k)
             B2, A2 = svd.factors(k)
-            approx = B2 @ A2
-            err = dc.relative_error(B_cat @ A_cat, approx)
             extra = {"merge_error": dc.relative_error(B_cat @ A_cat, merged),
-                     "trunc_error": dc.relative_error(merged, approx)}
+                     "trunc_error": dc.relative_error(merged, B2 @ A2)}
         dt = dtype or ref.A.dtype
-        out.append(from_factors(ref, B2, A2, dt, source_key=target))
+        new = from_factors(ref, B2, A2, dt, source_key=target)
+        out.append(new)
+        # against the exact weighted sum, as written (after rounding to the output dtype)
+        err = dc.lowrank_rel_error(B_cat, A_cat, *thin_factors(new, device))
         row.update(rank_out=int(A2.shape[0]), rel_error=err, seconds=time.perf_counter() - t0, **extra)
         layers.append(row)
     notes = [f"combined with --method {method}, weights {weights}"]
@@ -296,11 +300,12 @@ def extract_adapter(base, tuned, spec: RankSpec, device: torch.device | str = "c
         svd, k = dc.truncated_svd(M, spec.rank, spec.energy, spec.max_rank, method=method, seed=seed)
         k = max(1, k)
         B, A = svd.factors(k)
-        err = dc.relative_error(M, B @ A)
         shape = (M.shape[0], M.shape[1]) if transpose or D.dim() == 2 else tuple(D.shape)
         layer = "embedding" if emb else ("conv1d" if hint == "conv1d" else ("conv" if D.dim() > 2 else None))
-        deltas.append(make_lora(name, B, A, shape, transpose=transpose, layer=layer,
-                                dtype=dtype or info.dtype))
+        new = make_lora(name, B, A, shape, transpose=transpose, layer=layer, dtype=dtype or info.dtype)
+        deltas.append(new)
+        Bw, Aw = thin_factors(new, dev)  # the factors as written: the error includes the dtype rounding
+        err = dc.relative_error(M, Bw @ Aw)
         layers.append({"target": name, "shape": list(D.shape), "rank": k, "method": svd.method,
                        "rel_error": err, "norm": float(torch.linalg.vector_norm(M)),
                        "seconds": time.perf_counter() - t0})

@@ -126,3 +126,18 @@ def test_resize_bad_input(adapters, tmp_path):
     r = cli("resize", tmp / "lora", "--rank", 4, "--out", tmp / "lora")
     assert r.exit_code == 2 and "same as the input" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_reported_error_is_that_of_the_written_factors(adapters, tmp_path):
+    """bf16 output: the truncation is lossless (optimal_error ≈ 0) but the stored factors are rounded, and
+    rel_error must say by how much — measured, not assumed."""
+    tmp, base, ref, *_ = adapters
+    r = cli("resize", tmp / "lora", "--rank", 8, "--dtype", "bf16", "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    rep = {x["target"]: x for x in json.loads(r.stdout)["layers"]}
+    got = read_delta(tmp_path / "b", base.state_dict())
+    for name, d in ref.items():
+        true = float(torch.linalg.vector_norm(got[name].double() - d.double()) / torch.linalg.vector_norm(d.double()))
+        assert rep[name]["optimal_error"] < 1e-6
+        assert 1e-4 < true < 2e-2
+        assert rep[name]["rel_error"] == pytest.approx(true, rel=1e-3)
