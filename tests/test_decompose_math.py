@@ -79,6 +79,7 @@ def test_effective_rank():
     assert dc.effective_rank(torch.tensor([3.0, 0, 0])) == pytest.approx(1)
 
 
+@pytest.mark.filterwarnings("ignore:The density")
 def test_ties_matches_peft_with_equal_weights():
     from peft.utils.merge_utils import ties
 
@@ -130,3 +131,13 @@ def test_layer_seed_depends_on_layer_not_order():
     assert dc.layer_seed(0, 1, "a.weight") == dc.layer_seed(0, 1, "a.weight")
     assert dc.layer_seed(0, 1, "a.weight") != dc.layer_seed(0, 0, "a.weight")
     assert dc.layer_seed(0, 1, "a.weight") != dc.layer_seed(1, 1, "a.weight")
+
+
+def test_lowrank_error_without_forming_products():
+    g = _gen(4)
+    B1, A1 = torch.randn(60, 5, generator=g), torch.randn(5, 80, generator=g)
+    B2, A2 = B1 + 1e-3 * torch.randn(60, 5, generator=g), A1.clone()
+    dense = float(torch.linalg.vector_norm((B1 @ A1 - B2 @ A2).double()) / torch.linalg.vector_norm((B1 @ A1).double()))
+    assert dc.lowrank_rel_error(B1, A1, B2, A2) == pytest.approx(dense, rel=1e-4)
+    assert dc.product_norm(B1, A1) == pytest.approx(float(torch.linalg.vector_norm(B1 @ A1)), rel=1e-5)
+    assert dc.lowrank_rel_error(B1, A1, B1, A1) < 1e-6
