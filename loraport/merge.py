@@ -313,7 +313,12 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     from loraport.finite import check_adapters, check_mode
 
     warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
-    plan = build_plan(ckpt, loaded, strict=strict)
+    try:
+        plan = build_plan(ckpt, loaded, strict=strict)
+    except PlanError as e:  # name the adapter file(s) when the message (e.g. a delta's shape check) does not
+        if any(a.path in str(e) for a, _ in loaded):
+            raise
+        raise PlanError(f"{', '.join(a.path for a, _ in loaded)}: {e}") from None
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
         raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")

@@ -162,7 +162,7 @@ def base_of(seed: Seed):
     return _BASES[seed.base]
 
 
-def exercise(path: Path, seed: Seed, nonfinite_ok: bool = True):
+def exercise(path: Path, seed: Seed):
     """Read `path` as seed.format and, when the seed has a base, plan and compute every merged tensor.
     Returns "ok" or the LoraportError raised; any other exception propagates (a bug)."""
     from loraport.errors import LoraportError
@@ -173,11 +173,15 @@ def exercise(path: Path, seed: Seed, nonfinite_ok: bool = True):
     try:
         ad = load_adapter(path, format=seed.format, base=base)
         str(ad.deltas[0].target)
+    except LoraportError as e:
+        return e
+    try:
         if base is not None:
             plan = build_plan(base, [(ad, 1.0)], strict=False)
             for name in list(plan.updates)[:64]:
                 merged_tensor(plan, name, "cpu")
     except LoraportError as e:
+        e.stage = "plan"  # merge() prefixes plan errors with the adapter path; build_plan alone may not
         return e
     return "ok"
 
@@ -426,6 +430,7 @@ def _gguf_cases(f: Path) -> list[tuple[str, Callable[[Path], None], str]]:
 
     cases = [(f"truncated@{c}", put(data[:c]), "error") for c in sorted({0, 4, 12, 20, 24, size // 2, size - 1})
              if c < size]
+    cases += _gguf_field_cases(f, data, put)
     cases += [
         ("bad_magic", put(b"GGUX" + data[4:]), "error"),
         ("version_99", put(data[:4] + struct.pack("<I", 99) + data[8:]), "error"),
@@ -433,6 +438,58 @@ def _gguf_cases(f: Path) -> list[tuple[str, Callable[[Path], None], str]]:
         ("kv_count_2^60", put(u64(16, HUGE)), "error"),
         ("first_key_len_2^60", put(u64(24, HUGE)), "error"),
     ]
+    return cases
+
+
+def _gguf_field_cases(f: Path, data: bytes, put) -> list[tuple[str, Callable[[Path], None], str]]:
+    """Field-level attacks located with gguf-py's reader: tensor dims/type/offset, string and array lengths."""
+    try:
+        import gguf
+        r = gguf.GGUFReader(f)
+    except Exception:  # noqa: BLE001 - no gguf-py, or a file it cannot parse: byte-level cases only
+        return []
+
+    def at(off: int, fmt: str, v: int) -> bytes:
+        n = struct.calcsize(fmt)
+        return data[:off] + struct.pack(fmt, v) + data[off + n:]
+
+    cases = []
+    if r.tensors:
+        t = r.tensors[0]
+        pos, offs = t.field.offset, []
+        for part in t.field.parts:
+            offs.append(pos)
+            pos += part.nbytes
+        name_len, _, n_dims, dims, ttype, toff = offs
+        cases += [
+            ("tensor_name_len_2^60", put(at(name_len, "<Q", HUGE)), "error"),
+            ("tensor_n_dims_2^31", put(at(n_dims, "<I", 2**31 - 1)), "error"),
+            ("tensor_dim_2^60", put(at(dims, "<Q", HUGE)), "error"),
+            ("tensor_dim_0", put(at(dims, "<Q", 0)), "any"),
+            ("tensor_type_9999", put(at(ttype, "<I", 9999)), "error"),
+            ("tensor_offset_2^60", put(at(toff, "<Q", HUGE)), "error"),
+            ("tensor_offset_misaligned", put(at(toff, "<Q", int(t.field.parts[-1][0]) + 1)), "error"),
+        ]
+        if len(r.tensors) > 1:
+            t1 = r.tensors[1]
+            n0, n1 = t.name.encode(), t1.name.encode()
+            if len(n0) == len(n1):
+                o1 = t1.field.offset + 8
+                cases.append(("duplicate_tensor_name", put(data[:o1] + n0 + data[o1 + len(n0):]), "error"))
+            evil = (b"../" * 40)[: len(n1) - 1] + b"x"
+            cases.append(("tensor_name_dotdot", put(data[:t1.field.offset + 8] + evil
+                                                    + data[t1.field.offset + 8 + len(n1):]), "any"))
+    for fld in list(r.fields.values())[3:]:  # past the header counters
+        if fld.types and fld.types[0] == gguf.GGUFValueType.STRING:
+            pos = fld.offset + fld.parts[0].nbytes + fld.parts[1].nbytes + fld.parts[2].nbytes
+            cases.append((f"kv_{fld.name}_strlen_2^60", put(at(pos, "<Q", HUGE)), "error"))
+            cases.append((f"kv_{fld.name}_type_999", put(at(pos - 4, "<I", 999)), "error"))
+            break
+    for fld in list(r.fields.values())[3:]:
+        if fld.types and fld.types[0] == gguf.GGUFValueType.ARRAY:
+            pos = fld.offset + fld.parts[0].nbytes + fld.parts[1].nbytes + fld.parts[2].nbytes + 4
+            cases.append((f"kv_{fld.name}_array_len_2^60", put(at(pos, "<Q", HUGE)), "error"))
+            break
     return cases
 
 
@@ -447,9 +504,18 @@ def _pickle_cases(f: Path) -> list[tuple[str, Callable[[Path], None], str]]:
 
 def _bytes_cases(f: Path) -> list[tuple[str, Callable[[Path], None], str]]:
     data = f.read_bytes()
-    return [("truncated@0", lambda p: p.write_bytes(b""), "error"),
-            ("truncated@half", lambda p: p.write_bytes(data[: len(data) // 2]), "any"),
-            ("garbage", lambda p: p.write_bytes(bytes(range(256)) * 4), "error")]
+    size = len(data)
+    cases = [("truncated@0", lambda p: p.write_bytes(b""), "error"),
+             ("garbage", lambda p: p.write_bytes(bytes(range(256)) * 4), "error")]
+    for cut in sorted({4, 8, 16, 64, size // 4, size // 2, size - 1}):
+        if 0 < cut < size:
+            cases.append((f"truncated@{cut}", lambda p, c=cut: p.write_bytes(data[:c]), "any"))
+    for off in (0, 4, 8, 16):  # root offsets / lengths / counts in the first bytes of most binary formats
+        for fmt, v in (("<I", 0xFFFFFFF0), ("<Q", HUGE)):
+            if off + struct.calcsize(fmt) <= size:
+                b2 = data[:off] + struct.pack(fmt, v) + data[off + struct.calcsize(fmt):]
+                cases.append((f"u{8 * struct.calcsize(fmt)}@{off}=huge", lambda p, b2=b2: p.write_bytes(b2), "any"))
+    return cases
 
 
 _BY_KIND = {"safetensors": _st_cases, "json": _json_cases, "gguf": _gguf_cases, "pickle": _pickle_cases,
