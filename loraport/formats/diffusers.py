@@ -230,8 +230,8 @@ class DiffusersFormat(AdapterFormat):
         """One pytorch_lora_weights-style file: PEFT keys under component prefixes, the per-component
         LoraConfig (ranks/alphas as rank_pattern/alpha_pattern) in `lora_adapter_metadata`."""
         path = Path(path)
-        if path.is_dir() or path.suffix != ".safetensors":
-            path = path / WEIGHTS[0] if path.is_dir() else path
+        if path.is_dir():
+            path = path / WEIGHTS[0]
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
         tensors: dict[str, torch.Tensor] = {}
         per: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
