@@ -86,3 +86,24 @@ def test_bad_options_are_user_errors():
         q = get_quantizer("int8")
         q.entries("a.weight", (2, 2))
         q.quantize("a.weight", torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("name,opts", [("nf4", {}), ("nf4", {"double_quant": True}), ("int8", {})])
+def test_report_metrics_on_sampled_rows_match_full_metrics(monkeypatch, name, opts):
+    import loraport.quant.quantizer as Q
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(512, 256, generator=g) * 0.02
+    dW = (torch.randn(512, 4, generator=g) @ torch.randn(4, 256, generator=g)) * 1e-3
+    rows = {}
+    for cap in (1 << 30, 64 * 256):
+        monkeypatch.setattr(Q, "METRIC_ELEMS", cap)
+        q = get_quantizer(name, **opts)
+        q.entries("m.weight", (512, 256))
+        out = q.quantize("m.weight", W + dW, base32=W)
+        rows[cap] = q.report()[0]
+        assert out["m.weight"].shape[0] in (512, 512 * 256 // 2)  # the written tensor is always complete
+    full, sampled = rows[1 << 30], rows[64 * 256]
+    assert "metric_rows" not in full and sampled["metric_rows"] == 64
+    assert abs(sampled["rel_error"] / full["rel_error"] - 1) < 0.1
+    assert abs(sampled["delta_retained"] - full["delta_retained"]) < 0.15

@@ -98,6 +98,14 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     return packed.unsqueeze(1), absmax
 
 
+@functools.cache
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """fp32 [256, 2]: the two levels a packed byte holds (high nibble first) — one gather per byte."""
+    code = code_table(quant_type)
+    b = torch.arange(256)
+    return torch.stack((code[b >> 4], code[b & 0x0F]), dim=1).to(device)
+
+
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
                     shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code[q] * absmax[block] in fp32, then cast to `dtype`."""
@@ -107,8 +115,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
     p = packed.reshape(-1)
     if p.dtype != torch.uint8:
         p = p.view(torch.uint8)
-    q = torch.stack((p >> 4, p & 0x0F), dim=1).reshape(-1)[:n]
-    vals = code_table(quant_type).to(p.device)[q.long()]
+    vals = _pair_table(quant_type, p.device).index_select(0, p.to(torch.int32)).view(-1)[:n]
     full = (n // blocksize) * blocksize
     out = torch.empty(n, dtype=torch.float32, device=p.device)
     out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).view(-1)

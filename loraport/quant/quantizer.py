@@ -42,6 +42,7 @@ NOT_LINEAR: tuple[tuple[str, str], ...] = (
     ("patch_embedding", "CLIP / SigLIP vision towers"),
 )
 _NOT_LINEAR = re.compile(r"(^|\.)(" + "|".join(re.escape(n) for n, _ in NOT_LINEAR) + r")\.weight$")
+METRIC_ELEMS = 1 << 21  # report metrics on at most ~2M elements per tensor (whole rows, evenly spaced)
 DTYPE_OPTIONS = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -99,15 +100,27 @@ class BnbQuantizer:
         if not bool(torch.isfinite(merged32).all()):
             raise BadInputError(f"{name}: the merged weight has inf/NaN values; cannot quantize it "
                                 f"(check the adapter's scale and weight)")
-        out, deq, codes = self._quantize(name, merged32)
+        out, full = self._quantize(name, merged32)
         row = {"name": name, "shape": list(shape), "bytes_before": merged32.numel() * _itemsize(self.compute_dtype),
                "bytes_after": sum(t.numel() * t.element_size() for t in out.values())}
         if self.metrics:
-            rel, snr = rel_error(merged32, deq)
+            rows = self._metric_rows(shape)
+            if rows is not None:
+                row["metric_rows"] = int(rows.numel())
+            W = merged32 if rows is None else merged32.index_select(0, rows)
+            if rows is not None and getattr(self, "double_quant", False):
+                # sampled rows + double quantization: quantize the sample itself, so the merged and the base
+                # sample share one procedure (their absmax statistics are quantized over the same rows)
+                full, rows_read = self._quantize(name, W)[1], None
+            else:
+                rows_read = rows
+            deq, codes = self._reconstruct(full, rows_read)
+            rel, snr = rel_error(W, deq)
             row.update(rel_error=finite(rel), snr_db=finite(snr))
             if base32 is not None:
-                _, deq_b, codes_b = self._quantize(name, base32, stats_only=True)
-                delta = merged32 - base32
+                B = base32 if rows is None else base32.index_select(0, rows)
+                deq_b, codes_b = self._reconstruct(self._quantize(name, B)[1], None)
+                delta = W - B
                 surv = delta_survival(deq, deq_b, delta)
                 kept = delta_retained(deq, deq_b, delta)
                 row.update(delta_survival=None if surv is None else finite(surv),
@@ -170,7 +183,22 @@ class BnbQuantizer:
     def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
         raise NotImplementedError
 
-    def _quantize(self, name, W32, stats_only=False):
+    def _metric_rows(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Rows the report's metrics are computed on: all of them up to METRIC_ELEMS elements, else evenly
+        spaced rows worth about METRIC_ELEMS (exact for those rows: they are read from the written codes)."""
+        rows, cols = shape
+        if rows * cols <= METRIC_ELEMS or not self._row_aligned(cols):
+            return None
+        k = max(1, METRIC_ELEMS // cols)
+        return torch.linspace(0, rows - 1, k).round().long().unique()
+
+    def _row_aligned(self, cols: int) -> bool:
+        return True
+
+    def _quantize(self, name, W32):
+        raise NotImplementedError
+
+    def _reconstruct(self, full, rows):
         raise NotImplementedError
 
 
@@ -199,19 +227,26 @@ class FourBitQuantizer(BnbQuantizer):
     def _entries(self, name, shape):
         return L.entries_4bit(name, shape, self.quant_type, self.blocksize, self.double_quant, self.compute_dtype)
 
-    def _quantize(self, name, W32, stats_only=False):
+    def _quantize(self, name, W32):
+        """(output tensors, (packed, dequantized absmax, shape)) for one weight."""
         packed, absmax = quantize_4bit(W32, self.quant_type, self.blocksize)
-        nested = None
-        am = absmax
-        if self.double_quant:
-            nested = quantize_absmax(absmax)
-            am = dequantize_absmax(*nested)
-        deq = dequantize_4bit(packed, am, self.quant_type, self.blocksize, tuple(W32.shape)) if self.metrics else None
-        if stats_only:
-            return None, deq, packed
+        nested = quantize_absmax(absmax) if self.double_quant else None
         out = L.tensors_4bit(name, tuple(W32.shape), self.quant_type, self.blocksize, self.compute_dtype,
                              packed, absmax, nested)
-        return out, deq, packed
+        return out, (packed, absmax, nested, tuple(W32.shape))
+
+    def _row_aligned(self, cols: int) -> bool:
+        return cols % self.blocksize == 0 and cols % 2 == 0
+
+    def _reconstruct(self, full, rows):
+        """(fp32 dequantized weight, packed codes), restricted to `rows` when given."""
+        packed, absmax, nested, shape = full
+        am = dequantize_absmax(*nested) if nested is not None else absmax
+        if rows is not None:
+            packed = packed.view(shape[0], -1).index_select(0, rows)
+            am = am.view(shape[0], -1).index_select(0, rows)
+            shape = (rows.numel(), shape[1])
+        return dequantize_4bit(packed, am, self.quant_type, self.blocksize, shape), packed
 
     @staticmethod
     def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -240,15 +275,18 @@ class Int8Quantizer(BnbQuantizer):
     def _entries(self, name, shape):
         return L.entries_int8(name, shape)
 
-    def _quantize(self, name, W32, stats_only=False):
+    def _quantize(self, name, W32):
         if float(W32.abs().max()) > FP16_MAX:
             raise BadInputError(f"{name}: values beyond ±65504 cannot be stored by LLM.int8 (it quantizes an "
                                 f"fp16 copy); use --quantize nf4 or a 16-bit output")
         CB, SCB = quantize_int8(W32)
-        deq = dequantize_int8(CB, SCB) if self.metrics else None
-        if stats_only:
-            return None, deq, CB
-        return L.tensors_int8(name, CB, SCB), deq, CB
+        return L.tensors_int8(name, CB, SCB), (CB, SCB)
+
+    def _reconstruct(self, full, rows):
+        CB, SCB = full
+        if rows is not None:
+            CB, SCB = CB.index_select(0, rows), SCB.index_select(0, rows)
+        return dequantize_int8(CB, SCB), CB
 
     @staticmethod
     def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
