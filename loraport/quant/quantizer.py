@@ -244,7 +244,7 @@ class FourBitQuantizer(BnbQuantizer):
         am = dequantize_absmax(*nested) if nested is not None else absmax
         if rows is not None:
             packed = packed.view(shape[0], -1).index_select(0, rows)
-            am = am.view(shape[0], -1).index_select(0, rows)
+            am = am.view(shape[0], -1).index_select(0, rows).reshape(-1)
             shape = (rows.numel(), shape[1])
         return dequantize_4bit(packed, am, self.quant_type, self.blocksize, shape), packed
 
