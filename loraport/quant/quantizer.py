@@ -250,7 +250,7 @@ class FourBitQuantizer(BnbQuantizer):
 
     @staticmethod
     def _changed(a: torch.Tensor, b: torch.Tensor) -> float:
-        x = a ^ b
+        x = a.reshape(-1) ^ b.reshape(-1)
         return float(((x >> 4) != 0).sum() + ((x & 0x0F) != 0).sum()) / (2 * x.numel())
 
     def config_update(self, config: dict) -> dict:
