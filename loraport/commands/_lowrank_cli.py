@@ -61,5 +61,8 @@ def report(rep: dict, as_json: bool, title: str, rank_key: str = "rank") -> None
             r = f"{'+'.join(map(str, rin)) if isinstance(rin, list) else rin} → {x['rank_out']}"
         t.add_row(x["target"], str(r), f"{x['rel_error']:.3e}")
     err.print(t)
+    if "density" in rep:
+        seed = f", seed {rep['seed']} (masks per layer from crc32(seed:adapter:layer))" if "seed" in rep else ""
+        err.print(f"{rep['method']}: density {rep['density']}{seed}; errors are against the exact weighted sum")
     err.print(f"{rep['num_layers']} layer(s), max rel. error {rep['max_rel_error']:.3e}, "
               f"mean {rep['mean_rel_error']:.3e} → {rep['out']} ({rep['format']})")
