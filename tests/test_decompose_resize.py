@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,36 @@ def test_reported_error_is_that_of_the_written_factors(adapters, tmp_path):
         assert rep[name]["optimal_error"] < 1e-6
         assert 1e-4 < true < 2e-2
         assert rep[name]["rel_error"] == pytest.approx(true, rel=1e-3)
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "peft" / "adapters"
+FIXTURE_ADAPTERS = sorted(p for p in FIXTURES.glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("src", FIXTURE_ADAPTERS, ids=lambda p: p.name)
+def test_resize_every_peft_fixture(src, tmp_path):
+    """Every committed PEFT fixture (embeddings, Conv1D, conv, DoRA, rsLoRA + patterns, modules_to_save, bf16)
+    resizes to rank 2 with each layer at the Eckart–Young optimum of its own scale·B·A, magnitudes and
+    non-LoRA entries carried over."""
+    from loraport.formats import load_adapter
+    from loraport.lowrank import thin_factors
+
+    out = tmp_path / "r2"
+    r = cli("resize", src, "--rank", 2, "--dtype", "fp32", "--out", out)
+    assert r.exit_code == 0, r.output
+    before = {(d.target, d.rows): d for d in load_adapter(src).deltas}
+    after = {(d.target, d.rows): d for d in load_adapter(out).deltas}
+    assert set(before) == set(after)
+    for key, d in before.items():
+        n = after[key]
+        assert n.kind == d.kind
+        if d.kind != "lora":
+            continue
+        assert n.transpose == d.transpose and n.rank() == min(2, d.rank())
+        ref = torch.matmul(*thin_factors(d)).double()
+        got = torch.matmul(*thin_factors(n)).double()
+        s = torch.linalg.svdvals(ref)
+        opt = float(s[2:].pow(2).sum().sqrt())
+        assert float(torch.linalg.vector_norm(got - ref)) == pytest.approx(opt, rel=1e-3, abs=1e-6 * float(s[0]))
+        if d.magnitude is not None:
+            assert torch.equal(n.magnitude.float(), d.magnitude.float())
