@@ -197,3 +197,15 @@ def test_extract_to_kohya_from_a_diffusers_unet(tmp_path):
     r = cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", 4, "--to", "kohya",
             "--out", tmp_path / "folder")
     assert r.exit_code == 2 and ".safetensors" in r.stderr
+
+
+def test_extract_include_exclude(llama_pair, tmp_path):
+    tmp, *_ = llama_pair
+    r = cli("extract", "--base", tmp / "base", "--tuned", tmp / "tuned", "--rank", 2, "--include", r"self_attn\.",
+            "--exclude", "k_proj", "--out", tmp_path / "x", "--json")
+    assert r.exit_code == 0, r.output
+    names = {x["target"].split(".")[-2] for x in json.loads(r.stdout)["layers"]}
+    assert names == {"q_proj", "v_proj", "o_proj"}
+    r = cli("extract", "--base", tmp / "base", "--tuned", tmp / "tuned", "--rank", 2, "--include", "(",
+            "--out", tmp_path / "y")
+    assert r.exit_code == 2 and "regular expression" in r.stderr
