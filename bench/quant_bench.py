@@ -45,11 +45,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, weights):
+def timed(fn, weights, repeats: int = 3):
+    """Best of `repeats` passes over all weights (after a warm-up call), and the outputs of the last pass."""
     fn(weights[0])  # warm-up (tables, allocator)
-    t = time.perf_counter()
-    outs = [fn(w) for w in weights]
-    return time.perf_counter() - t, outs
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = [fn(w) for w in weights]
+        best = min(best, time.perf_counter() - t)
+    return best, outs
 
 
 def throughput(weights: list[torch.Tensor]) -> list[tuple]:
@@ -114,7 +118,8 @@ def merge_overhead(shapes: dict, layers: int, rank: int = 16) -> list[tuple]:
                                                       "torch_dtype": "bfloat16", "hidden_size": hidden}))
         save_file(lora, ad / "adapter_model.safetensors", {"format": "pt"})
         (ad / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [m.split(".")[-1] for m in shapes],
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+            "target_modules": [m.split(".")[-1] for m in shapes],
             "base_model_name_or_path": "bench", "fan_in_fan_out": False, "use_rslora": False}))
         runs = [("bf16 merge", {}), ("--quantize nf4 (report on)", {"quantize": "nf4"}),
                 ("--quantize nf4 --double-quant", {"quantize": "nf4", "quant_options": {"double_quant": True}}),
@@ -137,13 +142,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--merge-layers", type=int, default=2, help="decoder layers in the merge-overhead model")
     ap.add_argument("--no-merge", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     shapes = layer_shapes(*SHAPES[a.shape])
     g = torch.Generator().manual_seed(0)
-    weights = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for _ in range(a.layers) for s in shapes.values()]
+    weights = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+               for _ in range(a.layers) for s in shapes.values()]
     mib = sum(w.numel() * 2 for w in weights) / 2**20
+    import os
+
     print(f"quantize throughput: {len(weights)} Llama-{a.shape} linear weights, {mib:.0f} MiB bf16, "
-          f"{torch.get_num_threads()} threads, blocksize 64")
+          f"{torch.get_num_threads()} threads, blocksize 64 (load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs)")
     print(f"{'':22s} {'loraport MiB/s':>15s} {'bitsandbytes MiB/s':>19s} {'ratio':>7s}  codes identical")
     for label, ours, bnb, same in throughput(weights):
         print(f"{label:22s} {ours:15.0f} {bnb:19.0f} {ours / bnb:6.1f}x  {'yes' if same else 'NO'}")

@@ -107,3 +107,15 @@ def test_report_metrics_on_sampled_rows_match_full_metrics(monkeypatch, name, op
     assert "metric_rows" not in full and sampled["metric_rows"] == 64
     assert abs(sampled["rel_error"] / full["rel_error"] - 1) < 0.1
     assert abs(sampled["delta_retained"] - full["delta_retained"]) < 0.15
+
+
+def test_report_table_lists_layers_total_and_warning():
+    from loraport.quant.report import format_table
+
+    q = get_quantizer("nf4")
+    W = torch.randn(64, 128) * 0.02
+    for i in range(3):
+        q.entries(f"l{i}.weight", (64, 128))
+        q.quantize(f"l{i}.weight", W + 1e-6, base32=W)  # a delta far below the grid step: erased
+    text = format_table(q.report())
+    assert text.count(" erased") == 3 and "total: 3 tensors" in text and "warning: re-quantizing erased" in text
