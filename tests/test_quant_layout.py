@@ -112,8 +112,10 @@ def test_report_metrics_on_sampled_rows_match_full_metrics(monkeypatch, name, op
 def test_report_table_lists_layers_total_and_warning():
     from loraport.quant.report import format_table
 
+    from loraport.quant.blockwise import dequantize_4bit, quantize_4bit
+
     q = get_quantizer("nf4")
-    W = torch.randn(64, 128) * 0.02
+    W = dequantize_4bit(*quantize_4bit(torch.randn(64, 128) * 0.02), "nf4", 64, (64, 128))  # on the grid
     for i in range(3):
         q.entries(f"l{i}.weight", (64, 128))
         q.quantize(f"l{i}.weight", W + torch.randn(64, 128) * 1e-5, base32=W)  # far below the grid step
