@@ -120,4 +120,5 @@ def test_report_table_lists_layers_total_and_warning():
         q.entries(f"l{i}.weight", (64, 128))
         q.quantize(f"l{i}.weight", W + torch.randn(64, 128) * 1e-5, base32=W)  # far below the grid step
     text = format_table(q.report())
-    assert sum(line.endswith(" erased") for line in text.splitlines()) == 3 and "total: 3 tensors" in text and "warning: re-quantizing erased" in text
+    assert sum(line.endswith(" erased") for line in text.splitlines()) == 3
+    assert "total: 3 tensors" in text and "warning: re-quantizing erased" in text
