@@ -135,3 +135,8 @@ def test_damaged_quantized_base_is_a_clear_error(tmp_path, src, edit, match):
         merge(d, [LORA], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_fp16_base_needs_a_quantized_base():
+    with pytest.raises(BadInputError, match="only meaningful"):
+        open_quantized_base(Checkpoint.open(BF16), fp16_base=BF16)

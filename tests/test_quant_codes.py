@@ -110,3 +110,18 @@ def test_quantize_is_device_agnostic_on_cpu_paths():
     x = torch.empty(1 << 16).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     for qt in ("nf4", "fp4"):
         assert torch.equal(_codes(x, qt), _codes_exact(x, qt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cuda_path_gives_the_cpu_codes(quant_type):
+    W = _weight((512, 1024), torch.bfloat16, seed=5)
+    p_cpu, a_cpu = quantize_4bit(W, quant_type, 64)
+    p_gpu, a_gpu = quantize_4bit(W.cuda(), quant_type, 64)
+    assert torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(a_gpu.cpu(), a_cpu)
+    q, n, o = quantize_absmax(a_cpu)
+    qg, ng, og = quantize_absmax(a_gpu)
+    assert torch.equal(qg.cpu(), q) and torch.equal(ng.cpu(), n)
+    CB, SCB = quantize_int8(W)
+    CBg, SCBg = quantize_int8(W.cuda())
+    assert torch.equal(CBg.cpu(), CB) and torch.equal(SCBg.cpu(), SCB)

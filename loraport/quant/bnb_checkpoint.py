@@ -78,6 +78,9 @@ def open_quantized_base(ckpt: Checkpoint, fp16_base: str | Path | None = None, q
     """The engine's entry point for a quantized --base. Without --fp16-base: the dequantized view (merging
     into dequant(W), exactly what a QLoRA adapter was trained against). With --fp16-base: the original 16-bit
     checkpoint, after checking that it is the same model (names and shapes)."""
+    if fp16_base is not None and not _find_specs(ckpt):
+        raise BadInputError(f"--fp16-base is only meaningful with a bitsandbytes-quantized --base; {ckpt.root} is "
+                            f"not quantized (merge into it directly)")
     bnb = BnbCheckpoint.from_checkpoint(ckpt)
     if fp16_base is None:
         return bnb
