@@ -127,7 +127,7 @@ class DiffusersFormat(AdapterFormat):
             return 0
         prefixed = sum(p[0].split(".", 1)[0] in COMPONENTS for p in parsed)
         if any(k.startswith("base_model.model.") for k in keys):
-            return 10  # PEFT keys in a bare file
+            return 0  # PEFT keys: a PEFT adapter folder, not a diffusers file
         return 85 if prefixed == len(parsed) else 50
 
     @classmethod

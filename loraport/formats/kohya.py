@@ -93,24 +93,51 @@ def _dora(ds: torch.Tensor | None, out: int, inp: int, where: str, notes: set[st
     raise BadInputError(f"{where}: dora_scale {list(s)} fits neither the output ({out}) nor the input ({inp}) axis")
 
 
-def _scale(parts: dict, r: int | None, notes_count: dict) -> tuple[float, float | None]:
+def _number(t: torch.Tensor, where: str, what: str) -> float:
+    v = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float("nan")
+    if not math.isfinite(v):
+        got = f"{list(t.shape)} {t.reshape(-1)[:2].tolist()}"
+        raise BadInputError(f"{where}: {what} must be one finite number, got {got}")
+    return v
+
+
+def _scale(parts: dict, r: int | None, notes_count: dict, where: str = "") -> tuple[float, float | None]:
     if "scale" in parts:
-        return float(parts["scale"].float()), None
+        return _number(parts["scale"], where, "scale"), None
     a = parts.get("alpha")
     if a is None or r is None:
         notes_count["alpha"] += 1
         return 1.0, None
-    alpha = float(a.float()) if a.numel() == 1 else float("nan")
-    if not math.isfinite(alpha):
-        raise BadInputError("alpha must be one finite number")
+    alpha = _number(a, where, "alpha")
     if alpha == 0:  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
         return 1.0, float(r)
     return alpha / r, alpha
 
 
+def _check_factors(where: str, parts: dict[str, torch.Tensor]) -> None:
+    for k, t in parts.items():
+        if k in ("alpha", "on_input", "scale"):
+            continue
+        if not t.is_floating_point():
+            raise BadInputError(f"{where}: {k} is {str(t.dtype).replace('torch.', '')}, not a float tensor")
+        if t.numel() == 0 or t.dim() > 4:
+            raise BadInputError(f"{where}: {k} has an unusable shape {list(t.shape)}")
+
+
+def _mm_fits(where: str, a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise BadInputError(f"{where}: {an} {list(a.shape)} and {bn} {list(b.shape)} do not multiply")
+
+
+def _tucker_fits(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """core t [r, r, kh, kw] with a [r, out], b [r, in]"""
+    return a.dim() == b.dim() == 2 and t.dim() >= 2 and t.shape[0] == a.shape[0] and t.shape[1] == b.shape[0]
+
+
 def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, ent_b: Entry | None,
                 path: Path, notes: set[str], counts: dict) -> list[Delta]:
     where = f"{path}: {mod}"
+    _check_factors(where, parts)
     kind = kind_of(parts)
     tgt = ent_w.target if ent_w else f"{mod}.weight"
     rows = ent_w.rows if ent_w else None
@@ -124,7 +151,7 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
         r = int(A.shape[0])
         if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
             raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
-        scale, alpha = _scale(parts, r, counts)
+        scale, alpha = _scale(parts, r, counts, where)
         inp = int(A.shape[1])
         mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
         if mid is not None:
@@ -136,8 +163,19 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
         need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
             raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
+        t1, t2 = parts.get("hada_t1"), parts.get("hada_t2")
+        for n in ("1", "2"):
+            a, b, t = parts[f"hada_w{n}_a"], parts[f"hada_w{n}_b"], parts.get(f"hada_t{n}")
+            if t is None:
+                _mm_fits(where, a, b, f"hada_w{n}_a", f"hada_w{n}_b")
+            elif not _tucker_fits(t, a, b):
+                raise BadInputError(f"{where}: hada_t{n} {list(t.shape)} does not fit hada_w{n}_a/b")
+        p1 = (parts["hada_w1_a"].shape, parts["hada_w1_b"].shape)
+        if (p1[0][1 if t1 is not None else 0], p1[1][1]) != (parts["hada_w2_a"].shape[1 if t2 is not None else 0],
+                                                             parts["hada_w2_b"].shape[1]):
+            raise BadInputError(f"{where}: the two Hadamard factors have different shapes")
         r = int(parts["hada_w1_b"].shape[0])
-        scale, alpha = _scale(parts, r, counts)
+        scale, alpha = _scale(parts, r, counts, where)
         d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
                       w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
                       alpha=alpha, transpose=transpose, **common)
@@ -147,6 +185,16 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
         return [d]
     if kind == "lokr":
         full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
+        if not full1 and "lokr_w1_a" in parts and "lokr_w1_b" in parts:
+            _mm_fits(where, parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1_a", "lokr_w1_b")
+        if not full2 and "lokr_w2_a" in parts and "lokr_w2_b" in parts:
+            a, b, t = parts["lokr_w2_a"], parts["lokr_w2_b"], parts.get("lokr_t2")
+            if t is None:
+                _mm_fits(where, a, b, "lokr_w2_a", "lokr_w2_b")
+            elif not _tucker_fits(t, a, b):
+                raise BadInputError(f"{where}: lokr_t2 {list(t.shape)} does not fit lokr_w2_a/b")
+        if full1 and parts["lokr_w1"].dim() != 2:
+            raise BadInputError(f"{where}: lokr_w1 {list(parts['lokr_w1'].shape)} is not a matrix")
         r = None
         if not full2 and "lokr_w2_b" in parts:
             r = int(parts["lokr_w2_b"].shape[0])
@@ -156,7 +204,7 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
             notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
             scale, alpha = 1.0, None
         else:
-            scale, alpha = _scale(parts, r, counts)
+            scale, alpha = _scale(parts, r, counts, where)
         try:
             d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
                           w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
@@ -179,7 +227,14 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
                                 source_key=mod + ".diff_b"))
         return ds
     if kind == "ia3":
-        on_input = bool(int(parts["on_input"].reshape(-1)[0])) if "on_input" in parts else False
+        on_input = False
+        if "on_input" in parts:
+            flag = _number(parts["on_input"], where, "on_input")
+            if flag not in (0.0, 1.0):
+                raise BadInputError(f"{where}: on_input must be 0 or 1, got {flag}")
+            on_input = flag == 1.0
+        if parts["weight"].dim() not in (1, 4) or parts["weight"].numel() == 0:
+            raise BadInputError(f"{where}: IA³ weight {list(parts['weight'].shape)} is not a channel vector")
         return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
     raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
 
