@@ -142,7 +142,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     nearest search: v = clamp(x * (1/absmax_group), -1, 1); bin = trunc(((v + 1) * 0.5) * 65535 + 0.5); an
     all-zero group gets code 0."""
     absmax = absmax.to(torch.float32)
-    offset = absmax.mean()
+    offset = absmax.cpu().mean().to(absmax.device)  # one reduction order on every device: same codes as on CPU
     A = absmax - offset
     n = A.numel()
     bs = NESTED_BLOCKSIZE
