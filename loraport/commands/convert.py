@@ -16,7 +16,8 @@ def register(group: click.Group) -> None:
 
 @click.command("convert")
 @click.argument("adapter", required=False, type=click.Path())
-@click.option("--to", "to", required=True, type=click.Choice(TARGETS), help="output format")
+@click.option("--to", "to", required=True, help="output format: " + "|".join(TARGETS) + " (or any other writable "
+              "format `loraport formats` lists)")
 @click.option("--out", required=True, type=click.Path(), help="file or folder to write")
 @click.option("--base", default=None, type=click.Path(),
               help="base model: names GGUF/torchtune/kohya targets, gives head counts for q/k permutation, and the "
@@ -42,6 +43,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
     baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
     from loraport.console import emit_json, err
 
+    _check_target(to)
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
                  "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past}
     if to in ("onnx", "onnx-adapter"):
@@ -74,3 +76,11 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
                   f"{rep['max_rel_error']:.3g}")
     if rep.get("max_abs_diff") is not None:
         err.print(f"  read back: max |ΔW difference| {rep['max_abs_diff']:.3g}")
+
+
+def _check_target(to: str) -> None:
+    from loraport.formats import formats
+
+    writable = {n for n, f in formats().items() if f.writable}
+    if to not in TARGETS and to not in writable:
+        raise BadInputError(f"unknown --to {to!r}; choose one of {', '.join(sorted(set(TARGETS) | writable))}")
