@@ -1,0 +1,259 @@
+"""Benchmark: `loraport merge` vs PEFT (load + merge_and_unload + save_pretrained) vs a plain copy of the base
+files, side by side in one run, with the peak memory of each.
+
+For each `--size`, a synthetic fp16 Llama-shaped model (sharded, with an index) and all-linear PEFT LoRA
+adapters (r=16; r=64 for 8b) are generated from local random data in a temp folder. Every row runs in its
+own child process; before each row the base and adapter files are read once, so every row starts with its
+inputs in the page cache (warm cache, equal for all), and the previous row's output is deleted and synced.
+
+Rows:  copy          shutil.copyfile of every base file + fsync (what reading and writing the bytes costs)
+       loraport      `loraport merge` with one adapter (default flags: manifest on; --no-manifest row too)
+       loraport x8   eight adapters at once (weights 1/8 each)
+       loraport nf4  `--quantize nf4` (bitsandbytes NF4 layout, loraport.quant)
+       peft          transformers LlamaForCausalLM.from_pretrained(fp16) + PeftModel.from_pretrained +
+                     merge_and_unload() + save_pretrained(); capped with RLIMIT_AS (--peft-mem-limit) so a
+                     model larger than memory fails with MemoryError instead of swapping the machine to death
+Columns: wall (s), net = wall minus the child's start-up (interpreter + imports of torch/loraport or
+torch/transformers/peft, as reported by the child itself once its imports are done), peak anon RSS (RssAnon
+sampled every 10 ms: private memory, page cache excluded), peak RSS (VmHWM: file pages mapped by the process
+included), and ratios.
+
+    python bench/merge_bench.py                       # 400m (~440 MB)
+    python bench/merge_bench.py --size 400m --size 4g # two sizes: peak RSS independent of model size
+    python bench/merge_bench.py --size 8b --rows copy,loraport,peft   # ~16 GB, r=64: bigger than RAM-bound
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import PY, ROOT, SIZES, build_adapter, build_base, drop_written, gib, run_child, table, warm  # noqa: E402
+
+ALL_ROWS = ("copy", "loraport", "loraport-nomanifest", "loraport-x8", "loraport-nf4", "peft")
+
+
+# ------------------------------------------------------------------------------------------------ children
+# Each child reports when its interpreter has started and its imports are done ("ready", seconds since the
+# parent launched it); net time = wall - ready.
+def _ready() -> None:
+    import os
+
+    t0 = float(os.environ.get("BENCH_T0", "0") or 0)
+    if t0:
+        print(f"BENCH_READY {time.time() - t0:.4f}", file=sys.stderr, flush=True)
+
+
+def child_loraport(*argv: str) -> None:
+    import loraport.formats  # noqa: F401 - format discovery, as the merge command does on first use
+    import loraport.manifest  # noqa: F401
+    import loraport.merge  # noqa: F401
+    from loraport.cli import main
+
+    _ready()
+    main(list(argv), prog_name="loraport")
+
+
+def child_copy(src: str, dst: str) -> None:
+    import os
+
+    _ready()
+    s, d = Path(src), Path(dst)
+    d.mkdir()
+    for f in sorted(s.iterdir()):
+        shutil.copyfile(f, d / f.name)
+        with open(d / f.name, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+
+def child_peft(base: str, adapter: str, out: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    _ready()
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float16)
+    model = PeftModel.from_pretrained(model, adapter)
+    model = model.merge_and_unload()
+    model.save_pretrained(out, max_shard_size="2GB")
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _argv_loraport(base: Path, adapters: list[Path], out: Path, extra: list[str]) -> list[str]:
+    argv = [PY, __file__, "--child", "loraport", "merge", "--base", str(base), "--out", str(out), "--device", "cpu",
+            "--json"]
+    for a in adapters:
+        argv += ["--adapter", str(a)]
+        if len(adapters) > 1:
+            argv += ["--weight", str(1 / len(adapters))]
+    return argv + extra
+
+
+def _max_diff(a: Path, b: Path, names: list[str]) -> float:
+    """max |loraport − PEFT| over a few merged tensors (a sanity check that both did the same merge)."""
+    from loraport.checkpoint import Checkpoint
+
+    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    d = 0.0
+    for n in names:
+        d = max(d, float((ca.get(n).float() - cb.get(n).float()).abs().max()))
+    ca.close()
+    cb.close()
+    return d
+
+
+def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, keep_peft_out: bool = True) -> list[dict]:
+    rank = 64 if size == "8b" else 16
+    base, ad = tmp / f"base-{size}", tmp / f"adapter-{size}"
+    t0 = time.perf_counter()
+    nbytes = build_base(base, size)
+    abytes = build_adapter(ad, size, rank)
+    extra_ads = []
+    if "loraport-x8" in rows:
+        for i in range(1, 8):
+            extra_ads.append(tmp / f"adapter-{size}-{i}")
+            build_adapter(extra_ads[-1], size, rank, seed=100 + i)
+    print(f"[{size}] built base {gib(nbytes)} ({len(list(base.glob('*.safetensors')))} shards), adapter r={rank} "
+          f"{gib(abytes)} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    res = []
+    merged_lp = tmp / f"out-{size}-loraport"
+    for row in rows:
+        out = tmp / f"out-{size}-{row}"
+        ads = [ad, *extra_ads] if row == "loraport-x8" else [ad]
+        warm([base, *ads])
+        if row == "copy":
+            argv = [PY, __file__, "--child", "copy", str(base), str(out)]
+        elif row == "peft":
+            argv = [PY, __file__, "--child", "peft", str(base), str(ad), str(out)]
+        else:
+            extra = {"loraport-nomanifest": ["--no-manifest"], "loraport-nf4": ["--quantize", "nf4"]}.get(row, [])
+            if row == "loraport-nf4":
+                try:
+                    from loraport.quant import get_quantizer
+
+                    get_quantizer("nf4")
+                except Exception as e:  # noqa: BLE001 - the quantizer is optional here: report n/a
+                    res.append({"size": size, "row": row, "na": f"n/a ({e})"})
+                    continue
+            argv = _argv_loraport(base, ads, out, extra)
+        print(f"[{size}] {row} ...", file=sys.stderr)
+        r = run_child(row, argv, mem_limit=peft_limit if row == "peft" else None, stamp="BENCH_T0")
+        ready = [ln.split()[1] for ln in r.err.splitlines() if ln.startswith("BENCH_READY ")]
+        st = float(ready[0]) if ready else float("nan")
+        ent = {"size": size, "row": row, "rc": r.rc, "wall": r.wall, "startup": st, "net": r.wall - st,
+               "anon": r.anon, "hwm": r.hwm, "bytes": nbytes}
+        if r.rc != 0:
+            last = (r.err.strip().splitlines() or ["?"])[-1]
+            ent["failed"] = last[:160]
+        res.append(ent)
+        if row == "peft" and r.rc == 0 and merged_lp.exists():
+            names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+            ent["max_abs_vs_loraport"] = _max_diff(merged_lp, out, names)
+        if row != "loraport" or not keep_peft_out:
+            drop_written(out)
+    drop_written(merged_lp)
+    shutil.rmtree(base)
+    for a in [ad, *extra_ads]:
+        shutil.rmtree(a)
+    return res
+
+
+def report(res: list[dict]) -> str:
+    lines = []
+    sizes = list(dict.fromkeys(r["size"] for r in res))
+    for size in sizes:
+        rs = {r["row"]: r for r in res if r["size"] == size}
+        ok = lambda k, rs=rs: k in rs and "na" not in rs[k] and rs[k].get("rc") == 0  # noqa: E731
+        rows = []
+        for name, r in rs.items():
+            if "na" in r:
+                rows.append([name, r["na"], "", "", "", "", ""])
+                continue
+            gbps = r["bytes"] / max(r["net"], 1e-9) / 1e9
+            status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('failed', '')}"
+            rows.append([name, f"{r['wall']:.2f}", f"{r['net']:.2f}", f"{gbps:.2f}", gib(r["anon"]), gib(r["hwm"]),
+                         status])
+        lines.append(f"\n== size {size}: {gib(next(iter(rs.values())).get('bytes', 0))} fp16 base, "
+                     f"{SIZES[size][2]} layers ==")
+        lines.append(table(rows, ["row", "wall s", "net s", "GB/s net", "peak anon", "peak RSS", "status"]))
+        rat = []
+        lp = rs.get("loraport")
+        if ok("loraport"):
+            if ok("peft"):
+                p = rs["peft"]
+                rat.append(["loraport / PEFT time (net)", f"{lp['net'] / p['net']:.3f}",
+                            f"{p['net'] / lp['net']:.1f}x faster (target >= 3x)"])
+                rat.append(["loraport / PEFT peak anon RSS", f"{lp['anon'] / p['anon']:.3f}", "(target <= 0.5)"])
+                if "max_abs_vs_loraport" in p:
+                    rat.append(["max |loraport - PEFT| (2 tensors)", f"{p['max_abs_vs_loraport']:.3g}", ""])
+            elif "peft" in rs:
+                rat.append(["PEFT", "cannot run", rs["peft"].get("failed", rs["peft"].get("na", ""))[:100]])
+            if ok("copy"):
+                rat.append(["loraport / copy time (net)", f"{lp['net'] / rs['copy']['net']:.3f}", "(target <= 2)"])
+            if ok("loraport-nomanifest") and ok("copy"):
+                rat.append(["loraport --no-manifest / copy (net)",
+                            f"{rs['loraport-nomanifest']['net'] / rs['copy']['net']:.3f}", "(target <= 2)"])
+            if ok("loraport-x8"):
+                rat.append(["8 adapters / 1 adapter (net)", f"{rs['loraport-x8']['net'] / lp['net']:.3f}",
+                            "(target < 1.5)"])
+            if ok("loraport-nf4"):
+                rat.append(["nf4 / fp16 merge (wall)", f"{rs['loraport-nf4']['wall'] / lp['wall']:.3f}",
+                            "(target < 1.5)"])
+        if rat:
+            lines.append("")
+            lines.append(table(rat, ["ratio", "value", ""]))
+    if len(sizes) > 1:
+        lp = [r for r in res if r["row"] == "loraport" and r.get("rc") == 0]
+        if len(lp) > 1:
+            lines.append("\nloraport peak anon RSS by size: " + ", ".join(f"{r['size']}: {gib(r['anon'])}" for r in lp))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", action="append", choices=[s for s in SIZES if s != "tiny"] + ["tiny"],
+                    help="model size (repeatable; default 400m)")
+    ap.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {', '.join(ALL_ROWS)}")
+    ap.add_argument("--tmp", default=None, help="where to build the models (default: a temp dir)")
+    ap.add_argument("--peft-mem-limit", default="20GB", help="RLIMIT_AS for the PEFT child")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        {"copy": child_copy, "peft": child_peft, "loraport": child_loraport}[sys.argv[2]](*sys.argv[3:])
+        return
+    a = ap.parse_args()
+    from loraport.console import parse_size
+
+    rows = [r for r in a.rows.split(",") if r]
+    bad = [r for r in rows if r not in ALL_ROWS]
+    if bad:
+        ap.error(f"unknown rows {bad}")
+    if "peft" in rows and "loraport" in rows:  # loraport first so PEFT's output can be compared with it
+        rows = [r for r in rows if r != "peft"] + ["peft"]
+    tmp_parent = Path(a.tmp) if a.tmp else None
+    res = []
+    with tempfile.TemporaryDirectory(prefix="loraport-bench-", dir=tmp_parent) as d:
+        for size in a.size or ["400m"]:
+            res += bench_size(size, Path(d), rows, parse_size(a.peft_mem_limit))
+    import os
+    import platform
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; warm page cache for inputs, outputs fsynced")
+    print(report(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    _ = ROOT
+    main()
