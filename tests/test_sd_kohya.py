@@ -259,3 +259,32 @@ def test_cli_merge_wrong_base_is_one_line(sd1, sdxl, tmp_path):
     assert code == 2
     assert "Traceback" not in stderr and "not in the base" in stderr and stderr.count("\n") <= 1
     assert not (tmp_path / "o").exists()
+
+
+def test_sd_scripts_text_encoder_spelling(sd1, tmp_path):
+    """sd-scripts names the SD1 text encoder `lora_te_text_model_…` (diffusers' converter writes `lora_te1_…`
+    without `text_model_` for a transformers-5 CLIP); both land on the same tensors, as in diffusers."""
+    tmp, base, fused = sd1
+    t = SafetensorsFile(tmp / "lora.safetensors").load_all()
+    ren = {(k.replace("lora_te1_", "lora_te_text_model_", 1) if k.startswith("lora_te1_") else k): v
+           for k, v in t.items()}
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in ren)
+    save_file(ren, tmp_path / "sdscripts.safetensors")
+    for b in (tmp / "base", tmp / "single.safetensors"):
+        ck = Checkpoint.open(b)
+        merged = apply_adapter(load_adapter(tmp_path / "sdscripts.safetensors", base=ck), ck)
+        ref = fused if b.name == "base" else to_single_file(fused, xl=False)
+        assert max_diff(merged, ref, list(merged)) <= TOL
+        assert len(merged) == len(_changed(base, fused))
+
+
+def test_inspect_without_base_names_format_and_quirks(sd1):
+    tmp, _, _ = sd1
+    code, out, err = run_cli("inspect", tmp / "lora.safetensors", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["format"] == "kohya"
+    assert any("no base given" in n for n in rep["notes"])
+    code, out, err = run_cli("inspect", tmp / "lora.safetensors", "--base", tmp / "single.safetensors", "--json")
+    assert code == 0, err
+    assert "UNet names: diffusers" in json.loads(out)["notes"]

@@ -132,3 +132,37 @@ def test_cli_inspect_convert_merge(tmp_path):
     want = apply_adapter(load_adapter(SD / "lycoris_loha_dora_out.safetensors", base=ck), ck)
     got = Checkpoint.open(tmp_path / "m")
     assert max((got.get(k).float() - v).abs().max().item() for k, v in want.items()) <= 1e-6
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_ia3_both_axes(tmp_path, on_input):
+    """IA³ on a Linear and a Conv2d, trained on the output or the input channels (LyCORIS `on_input`)."""
+    ia3 = pytest.importorskip("lycoris.modules.ia3")
+    from loraport.safetensors_io import save_file
+
+    pipe = load_pipeline(SD / "base")
+    mods = {"lora_te_encoder_layers_0_mlp_fc1": pipe.text_encoder.get_submodule("encoder.layers.0.mlp.fc1"),
+            "lora_unet_conv_in": pipe.unet.conv_in}
+    torch.manual_seed(3)
+    tensors, xs = {}, {}
+    for name, org in mods.items():
+        m = ia3.IA3Module(name, org, 1.0, train_on_input=on_input)
+        with torch.no_grad():
+            m.weight.normal_(0, 0.5)
+        m.apply_to()
+        x = torch.randn(1, org.in_channels, 4, 4) if isinstance(org, torch.nn.Conv2d) else torch.randn(3, 8)
+        with torch.no_grad():
+            xs[name] = (x, org(x))
+        tensors.update({f"{name}.{k}": v for k, v in m.state_dict().items() if k in ("weight", "on_input")})
+    save_file(tensors, tmp_path / "ia3.safetensors")
+    ck = Checkpoint.open(SD / "base")
+    ad = load_adapter(tmp_path / "ia3.safetensors", base=ck)
+    assert ad.format == "lycoris" and ad.kinds() == ["ia3"]
+    merged = apply_adapter(ad, ck)
+    for d in ad.deltas:
+        org = mods[d.source_key]
+        x, y = xs[d.source_key]
+        W = merged[d.target]
+        got = (F.conv2d(x, W, org.bias, org.stride, org.padding) if isinstance(org, torch.nn.Conv2d)
+               else F.linear(x, W, org.bias))
+        assert (got - y).abs().max().item() <= 1e-5
