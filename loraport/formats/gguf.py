@@ -381,6 +381,9 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
     notes = []
     if alpha == 0:
         notes.append("adapter.lora.alpha missing or 0: scale 1 (llama.cpp rule)")
+    if meta.get("adapter.alora.invocation_tokens"):
+        notes.append("activated LoRA (aLoRA): llama.cpp applies it only after its invocation tokens; merged or "
+                     "converted, it applies to every token")
     pairs: dict[str, dict[str, str]] = defaultdict(dict)
     ignored = []
     for name in f.tensors:
