@@ -20,6 +20,7 @@ stay in cache. On CUDA the exact search is used directly.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -28,6 +29,7 @@ from loraport.quant.tables import code_table, dynamic_map, sorted_levels
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _AMBIGUOUS = 255
+_LITTLE = sys.byteorder == "little"
 _CHUNK = 1 << 18  # elements per CPU chunk (1 MiB of fp32): keeps the temporaries in L2/L3
 
 
@@ -61,7 +63,10 @@ def _codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """uint8 codes of fp32 values already scaled into [-1, 1] (1-D)."""
     if scaled.device.type != "cpu":
         return _codes_exact(scaled, quant_type)
-    key = (scaled.view(torch.int32) >> 16) & 0xFFFF
+    if _LITTLE:
+        key = scaled.view(torch.uint16)[1::2].to(torch.int32)  # the high half of each little-endian fp32
+    else:
+        key = (scaled.view(torch.int32) >> 16) & 0xFFFF
     c = _code_lut(quant_type).index_select(0, key)
     amb = (c == _AMBIGUOUS).nonzero().squeeze(1)
     if amb.numel():
