@@ -165,7 +165,8 @@ def unet_block_map(lay: UnetLayout) -> dict[str, str]:
         for i in range(lay.levels) if "{i}" in dif else (0,):
             if dif.startswith("up_blocks.{i}.attentions") and i not in lay.up_attn:
                 continue  # that slot holds the upsampler
-            for j in range(lay.n + 1) if "{j}" in dif else (0,):
+            layers = lay.n + 1 if dif.startswith("up_blocks") else lay.n  # up levels have one layer more
+            for j in range(layers) if "{j}" in dif else (0,):
                 slots = {k: f(i, j, lay.n) for k, f in UNET_SLOTS.items()}
                 out[dif.format(i=i, j=j)] = ldm.format(**slots, up_op=2 if i in lay.up_attn else 1)
     return out
@@ -230,6 +231,7 @@ class SDNames:
         self.entries: list[Entry] = []
         self.by_kohya: dict[str, dict[str, Entry]] = {}
         self.by_module: dict[str, dict[str, Entry]] = {}
+        self.by_target: dict[tuple[str, tuple[int, int] | None], Entry] = {}
         self.family = "sdxl" if any(n.startswith(("text_encoder_2.", "conditioner.embedders.1.", "unet.add_embedding",
                                                   "model.diffusion_model.label_emb")) for n in names) else "sd"
         self.notes: list[str] = []
@@ -301,6 +303,7 @@ class SDNames:
 
     def _put(self, e: Entry, modules: list[str] | None = None) -> None:
         self.entries.append(e)
+        self.by_target.setdefault((e.target, e.rows), e)
         for k in e.kohya:
             self.by_kohya.setdefault(k, {}).setdefault(e.param, e)
         for m in modules or [e.module]:
@@ -308,7 +311,4 @@ class SDNames:
 
     # ---------------------------------------------------------------------------------------------
     def entry_for_target(self, target: str, rows: tuple[int, int] | None) -> Entry | None:
-        for e in self.entries:
-            if e.target == target and e.rows == rows:
-                return e
-        return None
+        return self.by_target.get((target, rows))
