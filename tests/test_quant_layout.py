@@ -122,3 +122,12 @@ def test_report_table_lists_layers_total_and_warning():
     text = format_table(q.report())
     assert sum(line.endswith(" erased") for line in text.splitlines()) == 3
     assert "total: 3 tensors" in text and "warning: re-quantizing erased" in text
+
+
+def test_int8_refuses_values_beyond_fp16():
+    from loraport.errors import BadInputError
+
+    q = get_quantizer("int8")
+    q.entries("a.weight", (2, 2))
+    with pytest.raises(BadInputError, match="65504"):
+        q.quantize("a.weight", torch.tensor([[1e5, 0.0], [0.0, 1.0]]))

@@ -97,10 +97,10 @@ class BnbQuantizer:
         shape = tuple(merged32.shape)
         if self.entries(name, shape) is None:
             raise ValueError(f"{name} was not planned for quantization")
-        if not bool(torch.isfinite(merged32).all()):
+        out, full = self._quantize(name, merged32)
+        if not bool(torch.isfinite(full[1]).all()):  # absmax / SCB: any inf/NaN in the weight shows there
             raise BadInputError(f"{name}: the merged weight has inf/NaN values; cannot quantize it "
                                 f"(check the adapter's scale and weight)")
-        out, full = self._quantize(name, merged32)
         row = {"name": name, "shape": list(shape), "bytes_before": merged32.numel() * _itemsize(self.compute_dtype),
                "bytes_after": sum(t.numel() * t.element_size() for t in out.values())}
         if self.metrics:
@@ -276,10 +276,10 @@ class Int8Quantizer(BnbQuantizer):
         return L.entries_int8(name, shape)
 
     def _quantize(self, name, W32):
-        if float(W32.abs().max()) > FP16_MAX:
-            raise BadInputError(f"{name}: values beyond ±65504 cannot be stored by LLM.int8 (it quantizes an "
-                                f"fp16 copy); use --quantize nf4 or a 16-bit output")
         CB, SCB = quantize_int8(W32)
+        if bool(torch.isinf(SCB).any()):  # the fp16 copy overflowed
+            raise BadInputError(f"{name}: values beyond ±{FP16_MAX:g} cannot be stored by LLM.int8 (it quantizes "
+                                f"an fp16 copy); use --quantize nf4 or a 16-bit output")
         return L.tensors_int8(name, CB, SCB), (CB, SCB)
 
     def _reconstruct(self, full, rows):
