@@ -202,6 +202,9 @@ class PeftFormat(AdapterFormat):
                 targets.append(mod)
                 rank_pattern[mod] = int(d.A.shape[0])
                 alpha_pattern[mod] = d.scale * d.A.shape[0]
+            elif isinstance(d, ReplaceDelta) and d.saved_base:
+                mod, leaf = d.target.rsplit(".", 1)  # PEFT's own saved copy of a targeted layer
+                tensors[f"{PREFIX}{mod}.base_layer.{leaf}"] = d.value.contiguous()
             elif isinstance(d, ReplaceDelta):
                 tensors[PREFIX + d.target] = d.value.contiguous()
                 to_save.append(d.target.rsplit(".", 1)[0])
