@@ -588,7 +588,7 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
     kind = kind_of(f)
     ops = ["flip", "truncate", "u64", "insert", "splice"]
     if kind == "safetensors" and len(data) >= 8:
-        ops += ["st_header"] * 4
+        ops += ["st_header"] * 4 + ["st_values"] * 2
     if kind == "json":
         ops += ["json"] * 4
     op = ch.pick(ops)
@@ -621,6 +621,28 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
             data = bytearray(st_join(_dump(h), body))
         except (TypeError, ValueError):
             return f"{f.name}:{op}:skipped"
+    elif op == "st_values":  # special values (NaN, Inf, huge, 0) inside a tensor: scalars like alpha too
+        try:
+            h, body = st_split(bytes(data))
+            (n,) = struct.unpack("<Q", bytes(data[:8]))
+            keys = [k for k in _tensor_keys(h) if h[k].get("dtype") in ("F32", "F16", "BF16")
+                    and h[k]["data_offsets"][1] > h[k]["data_offsets"][0]]
+            keys = [k for k in keys if 8 + n + h[k]["data_offsets"][1] <= len(data)]
+        except (ValueError, struct.error, TypeError, AttributeError, KeyError, IndexError):
+            return f"{f.name}:{op}:skipped"
+        if not keys:
+            return f"{f.name}:{op}:skipped"
+        k = ch.pick(sorted(keys))
+        b0, e0 = h[k]["data_offsets"]
+        dt = h[k]["dtype"]
+        w = 4 if dt == "F32" else 2
+        for _ in range(ch.integer(1, 4)):
+            v = ch.pick([float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 0.0, 1e-45, 65504.0])
+            raw = struct.pack("<f", v) if dt == "F32" else (
+                struct.pack("<e", v if abs(v) <= 65504 or v != v else float("inf")) if dt == "F16"
+                else struct.pack("<f", v)[2:])
+            i = 8 + n + b0 + ch.integer(0, (e0 - b0) // w - 1) * w
+            data[i:i + w] = raw
     elif op == "json":
         try:
             obj = json.loads(bytes(data))
