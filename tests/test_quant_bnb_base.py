@@ -140,3 +140,18 @@ def test_damaged_quantized_base_is_a_clear_error(tmp_path, src, edit, match):
 def test_fp16_base_needs_a_quantized_base():
     with pytest.raises(BadInputError, match="only meaningful"):
         open_quantized_base(Checkpoint.open(BF16), fp16_base=BF16)
+
+
+def test_fp4_with_bf16_quant_storage_reads_like_bitsandbytes(tmp_path):
+    """bnb_4bit_quant_storage=bfloat16 stores the same packed bytes viewed as bf16 (FSDP-QLoRA setups)."""
+    from transformers import BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_quant_storage=torch.bfloat16,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    quiet_model(BF16, quantization_config=qc, device_map="cpu", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    ck = BnbCheckpoint.open(tmp_path)
+    assert SafetensorsFile(tmp_path / "model.safetensors").tensors[W].dtype == torch.bfloat16
+    ref = bnb_dequantized_state(quiet_model(tmp_path, device_map="cpu"))
+    assert ck.quant["quant_type"] == "fp4" and not ck.quant["double_quant"]
+    for n in ck.names():
+        assert torch.equal(ck.get(n), ref[n].to(ck.info(n).dtype)), n

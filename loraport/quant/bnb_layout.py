@@ -123,6 +123,8 @@ def parse_qs_json(raw: torch.Tensor, where: str) -> dict:
     """Decode a stored quant-state JSON tensor (uint8 bytes) into a dict, validating the fields we use."""
     from loraport.errors import BadInputError
 
+    if raw.numel() > 1 << 16:
+        raise BadInputError(f"{where}: quant_state JSON of {raw.numel()} bytes is not a bitsandbytes quant state")
     try:
         d = json.loads(bytes(raw.reshape(-1).to(torch.uint8).tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
