@@ -187,3 +187,16 @@ def test_cli_merge_and_inspect_free_errors(patterned, tmp_path):
     assert max_diff(got, to_single_file(fused, xl=False)) <= TOL
     flat = flat_state(pipeline_on_base(False))
     assert flat.keys() == base.keys()
+
+
+def test_convert_to_kohya_without_base(patterned, tmp_path):
+    """Without a base, diffusers-named targets are flattened forward (CLIP in the text_model_ spelling); read
+    back against the base, the file gives the same weights as diffusers fused from the original."""
+    tmp, f, base, fused = patterned
+    code, out, err = run_cli("convert", f, "--to", "kohya", "--out", tmp_path / "k.safetensors")
+    assert code == 0, err
+    keys = SafetensorsFile(tmp_path / "k.safetensors").tensors
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)
+    ck = Checkpoint.open(sd_base(False)[0])
+    merged = apply_adapter(load_adapter(tmp_path / "k.safetensors", base=ck), ck)
+    assert max_diff(merged, fused, list(merged)) <= TOL

@@ -19,7 +19,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
-from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name
+from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import load_tensors
 
@@ -303,7 +303,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) 
 
 
 # ------------------------------------------------------------------------------------------------ write
-def _kohya_module(d: Delta, names: SDNames | None, unet_names: str | None) -> str:
+def _kohya_module(d: Delta, names: SDNames | None, unet_names: str | None, sdxl: bool = False) -> str:
     """The kohya module name for a delta's target (forward from the base, or from diffusers-style names)."""
     if names is not None:
         e = names.entry_for_target(d.target, d.rows)
@@ -318,11 +318,14 @@ def _kohya_module(d: Delta, names: SDNames | None, unet_names: str | None) -> st
     if t.startswith(KNOWN_PREFIXES) and "." in t and "." not in t.rsplit(".", 1)[0]:
         return t.rsplit(".", 1)[0]  # read without a base: already a kohya name
     comp, _, rest = t.partition(".")
-    prefix = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2",
+    prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2",
               "transformer": "lora_transformer"}.get(comp)
     if prefix is None or d.rows is not None:
         raise BadInputError(f"{t}: cannot name it in kohya form without the base model; pass --base")
-    return kohya_name(prefix, rest.rsplit(".", 1)[0])
+    mod = rest.rsplit(".", 1)[0]
+    if comp.startswith("text_encoder"):
+        mod = te_spellings(mod)[0]  # the ecosystem's CLIP spelling (text_model_...)
+    return kohya_name(prefix, mod)
 
 
 def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
@@ -338,6 +341,7 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
     out: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
     pending_bias: list[Delta] = []
+    sdxl = any(d.target.startswith("text_encoder_2.") for d in adapter.deltas)
 
     def put(mod: str, suffix: str, t: torch.Tensor) -> None:
         key = f"{mod}.{suffix}"
@@ -352,7 +356,7 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         if isinstance(d, FullDelta) and d.target.endswith(".bias"):
             pending_bias.append(d)
             continue
-        mod = _kohya_module(d, names, unet_names)
+        mod = _kohya_module(d, names, unet_names, sdxl)
         if isinstance(d, LoraDelta):
             if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
                 raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
@@ -397,7 +401,7 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
     for d in pending_bias:
         wd = type(d)(d.target[: -len(".bias")] + ".weight", diff=d.diff, rows=d.rows)
-        mod = _kohya_module(wd, names, unet_names) if names is None else None
+        mod = _kohya_module(wd, names, unet_names, sdxl) if names is None else None
         if names is not None:
             e = names.entry_for_target(d.target, d.rows)
             if e is None or not e.kohya:
