@@ -141,3 +141,25 @@ def test_lowrank_error_without_forming_products():
     assert dc.lowrank_rel_error(B1, A1, B2, A2) == pytest.approx(dense, rel=1e-4)
     assert dc.product_norm(B1, A1) == pytest.approx(float(torch.linalg.vector_norm(B1 @ A1)), rel=1e-5)
     assert dc.lowrank_rel_error(B1, A1, B1, A1) < 1e-6
+
+
+@pytest.mark.gpu
+def test_cuda_gives_the_cpu_results():
+    """Same math on the GPU: spectra and truncations agree to fp32 rounding, DARE masks are identical
+    (drawn on the CPU), randomized sketches reach the same (near-optimal) error."""
+    g = _gen(21)
+    B, A = torch.randn(300, 12, generator=g), torch.randn(12, 500, generator=g)
+    c, d = dc.lowrank_svd(B, A), dc.lowrank_svd(B.cuda(), A.cuda())
+    torch.testing.assert_close(d.S.cpu(), c.S, rtol=1e-5, atol=1e-5 * float(c.S[0]))
+    M, s = _decaying(700, 500, 8)
+    for method in ("full", "randomized"):
+        (dcpu, k1), (dgpu, k2) = dc.truncated_svd(M, rank=16, method=method), dc.truncated_svd(M.cuda(), rank=16,
+                                                                                                method=method)
+        e1 = dc.relative_error(M, torch.matmul(*dcpu.factors(k1)))
+        e2 = dc.relative_error(M.cuda(), torch.matmul(*dgpu.factors(k2)))
+        assert k1 == k2 and e2 == pytest.approx(e1, rel=1e-2)
+    ts = [torch.randn(40, 30, generator=g) for _ in range(2)]
+    torch.testing.assert_close(dc.dare_merge([t.cuda() for t in ts], [0.7, 0.3], 0.5, [1, 2]).cpu(),
+                               dc.dare_merge(ts, [0.7, 0.3], 0.5, [1, 2]))
+    torch.testing.assert_close(dc.ties_merge([t.cuda() for t in ts], [1.0, 1.0], 0.3).cpu(),
+                               dc.ties_merge(ts, [1.0, 1.0], 0.3))
