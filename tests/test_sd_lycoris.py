@@ -166,3 +166,18 @@ def test_ia3_both_axes(tmp_path, on_input):
         got = (F.conv2d(x, W, org.bias, org.stride, org.padding) if isinstance(org, torch.nn.Conv2d)
                else F.linear(x, W, org.bias))
         assert (got - y).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["loha_tucker", "lokr_tucker", "loha_dora_out", "locon_tucker_dora_in", "ia3"])
+def test_cuda_matches_cpu(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base = Checkpoint.open(SD / "base")
+    ad = load_adapter(SD / f"lycoris_{case}.safetensors", base=base)
+    for d in ad.deltas:
+        W = base.get(d.target).float()
+        r = d.resolve(tuple(W.shape))
+        cpu = r.contribution(W)
+        gpu = r.contribution(W.cuda()).cpu()
+        assert (cpu - gpu).abs().max().item() <= 1e-5 * max(1.0, cpu.abs().max().item())
