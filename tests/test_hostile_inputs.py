@@ -162,10 +162,7 @@ def _run_case(seed: H.Seed, case: H.Case, tmp: Path):
 
 # Problems found in other owners' readers and reported to them: (format, case-name fragment) -> note. A listed
 # problem turns the case into an xfail; anything not listed fails the test.
-KNOWN: dict[tuple[str, str], str] = {
-    ("lycoris", "_in_weights"): "formats/kohya.py: NaN alpha/on_input -> message without the file, or int(NaN)",
-    ("kohya", "_in_weights"): "formats/kohya.py: NaN alpha -> 'alpha must be one finite number' without the file",
-}
+KNOWN: dict[tuple[str, str], str] = {}  # (kohya/lycoris NaN alpha and on_input: found here, fixed by their owner)
 
 
 def _known(seed: H.Seed, problem: str) -> str | None:
