@@ -114,9 +114,10 @@ def interruptions(quick: bool) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="lprob-int-"))
     try:
         base, ad = T.make_big_model(root)
+        conv = T.run_convert_interruptions(root, ad)
         if quick:
-            return T.run_interruptions(root, base, ad)
-        return T.run_interruptions(root, base, ad, fresh=T.FULL, replace=T.FULL)
+            return T.run_interruptions(root, base, ad) + conv
+        return T.run_interruptions(root, base, ad, fresh=T.FULL, replace=T.FULL) + conv
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -155,12 +156,12 @@ def main() -> None:
                                                  "fuzz_iterations", "fuzz_lost")}
     print(f"| **all** | | {tot['bad_inputs']} | | | {tot['bad_lost']} | {tot['pickles_planted']} "
           f"({tot['pickle_payloads_ran']}) | {tot['fuzz_iterations']} | {tot['fuzz_lost']} |")
-    by = collections.Counter((r["signal"], r["output"]) for r in ints)
-    print(f"\ninterruptions of a real `loraport merge` (~57 MB base): {len(ints)} points "
+    by = collections.Counter((r["phase"], r["signal"], r["output"]) for r in ints)
+    print(f"\ninterruptions of real `loraport merge` (~57 MB base) and `loraport convert` runs: {len(ints)} points "
           f"({sum(r['result'] == 'interrupted' for r in ints)} interrupted mid-run, the rest had finished), "
           f"{lost_int} lost")
-    for (sig, out), n in sorted(by.items()):
-        print(f"  {sig:8s} → output {out}: {n}")
+    for (phase, sig, out), n in sorted(by.items()):
+        print(f"  {phase:8s} {sig:8s} → output {out}: {n}")
     print(f"  inputs byte-identical: {all(r['inputs_identical'] for r in ints)}; temporaries swept by the next run: "
           f"{all(r['swept_next_run'] for r in ints)}")
     print(f"\n{time.perf_counter() - t0:.0f} s, peak RSS {peak:.0f} MB")

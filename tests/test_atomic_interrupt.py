@@ -89,6 +89,8 @@ def interrupt_run(cmd: list[str], out: Path, moment: str, sig: int, total: int, 
         n = _stage_bytes(out, p.pid)
         if moment == "start" and time.monotonic() - t0 > 0.2:
             reached = True
+        elif moment.startswith("t=") and time.monotonic() - t0 > float(moment[2:]):
+            reached = True
         elif moment == "staged" and n is not None:
             reached = True
         elif moment in ("25%", "75%") and n is not None and n >= total * int(moment[:-1]) / 100:
@@ -216,6 +218,45 @@ def test_killed_between_renames_restores_previous_output(tmp_path):
     shutil.rmtree(out)
     check_output(out, [], overwrite=False)
     assert not out.exists() and not _litter(out)
+
+
+CONVERT_POINTS = [(signal.SIGKILL, "staged"), (signal.SIGKILL, "t=1.5"), (signal.SIGINT, "t=2.0"),
+                  (signal.SIGTERM, "staged"), (signal.SIGKILL, "renamed")]
+
+
+def run_convert_interruptions(root: Path, ad: Path, points=CONVERT_POINTS) -> list[dict]:
+    """`loraport convert` (PEFT -> MLX folder) interrupted at observed moments and fixed delays."""
+    from loraport.convert import convert_adapter
+
+    before = _tree_hashes(ad)
+    ref = root / "conv_ref"
+    convert_adapter(ad, "mlx", ref)
+    ref_h = _tree_hashes(ref)
+    out = root / "conv"
+    records = []
+    for sig, moment in points:
+        cmd = [sys.executable, "-m", "loraport", "convert", str(ad), "--to", "mlx", "--out", str(out)]
+        what = interrupt_run(cmd + (["--overwrite"] if out.exists() else []), out, moment, sig, 1)
+        state = _tree_hashes(out) if out.exists() else None
+        records.append({"phase": "convert", "signal": sig.name, "moment": moment, "result": what,
+                        "output": "none" if state is None else ("complete" if state == ref_h else "BROKEN"),
+                        "ok": state is None or state == ref_h})
+    import shutil
+    if out.exists():
+        shutil.rmtree(out)
+    convert_adapter(ad, "mlx", out)
+    swept = not _litter(out) and _tree_hashes(out) == ref_h
+    same = _tree_hashes(ad) == before
+    for r in records:
+        r["swept_next_run"], r["inputs_identical"] = swept, same
+    return records
+
+
+def test_interrupted_converts_lose_nothing(big):
+    root, base, ad = big
+    records = run_convert_interruptions(root, ad, CONVERT_POINTS[:2])
+    bad = [r for r in records if not (r["ok"] and r["swept_next_run"] and r["inputs_identical"])]
+    assert not bad, json.dumps(bad, indent=1)
 
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
