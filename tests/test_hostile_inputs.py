@@ -338,3 +338,96 @@ def test_nonfinite_from_fp16_overflow_is_caught(tmp_path):
         merge(seed.base, [copy], tmp_path / "o2", dtype="fp16", device="cpu", nonfinite="fail")
     assert not (tmp_path / "o2").exists()
     assert not list(tmp_path.glob(".o2*"))
+
+
+# ---------------------------------------------------------------------------------------------- ONNX base
+def _onnx_base(d: Path, base: Path) -> Path:
+    """An ONNX model holding the fixture base's weights as external-data initializers, one MatMul each
+    (built with onnx.helper: a container for hostile edits, not a fidelity claim)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from loraport.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(base)
+    d.mkdir()
+    inits, nodes, outs, off = [], [], [], 0
+    with open(d / "weights.bin", "wb") as f:
+        for i, n in enumerate(ck.names()):
+            a = ck.get(n).float().numpy()
+            t = TensorProto(name=n, data_type=TensorProto.FLOAT, dims=list(a.shape),
+                            data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", "weights.bin"), ("offset", str(off)), ("length", str(a.nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            f.write(a.tobytes())
+            off += a.nbytes
+            inits.append(t)
+            nodes.append(helper.make_node("MatMul", ["x", n], [f"y{i}"],
+                                          name="/" + n.rsplit(".", 1)[0].replace(".", "/") + "/MatMul"))
+            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    ck.close()
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outs,
+                          initializer=inits)
+    onnx.save(helper.make_model(g), str(d / "model.onnx"))
+    return d / "model.onnx"
+
+
+def _edit_onnx(model: Path, target: str, **ext) -> None:
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.name == target)
+    if "dims" in ext:
+        del t.dims[:]
+        t.dims.extend(ext.pop("dims"))
+    for e in t.external_data:
+        if e.key in ext:
+            e.value = str(ext[e.key])
+    onnx.save(m, str(model))
+
+
+def test_hostile_onnx_base(tmp_path):
+    """An ONNX base is an input too: external data outside the model folder, offsets/lengths beyond the data
+    file, absurd dims, a truncated or garbage model: exit 2, one line, nothing written."""
+    from loraport.cli import main
+
+    seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None
+                and (s.path / "adapter_config.json").is_file() and "llama" in s.base.name)
+    ref = _onnx_base(tmp_path / "ok", seed.base)
+    runner = CliRunner()
+    res = runner.invoke(main, ["merge", "--base", str(ref), "--adapter", str(seed.path), "--out",
+                               str(tmp_path / "ok.onnx")])
+    if res.exit_code != 0:
+        pytest.skip(f"this adapter does not bake into the hand-built ONNX graph: {res.stderr.strip()[:200]}")
+    from loraport.formats import load_adapter
+
+    target = load_adapter(seed.path).deltas[0].target
+    (tmp_path / "outside.bin").write_bytes((tmp_path / "ok" / "weights.bin").read_bytes())
+    size = (tmp_path / "ok" / "weights.bin").stat().st_size
+    cases = {
+        "location ../": lambda m: _edit_onnx(m, target, location="../outside.bin"),
+        "location absolute": lambda m: _edit_onnx(m, target, location=str(tmp_path / "outside.bin")),
+        "offset beyond file": lambda m: _edit_onnx(m, target, offset=size),
+        "offset 2^60": lambda m: _edit_onnx(m, target, offset=H.HUGE),
+        "length 2^60": lambda m: _edit_onnx(m, target, length=H.HUGE),
+        "dims 2^40 x 2^40": lambda m: _edit_onnx(m, target, dims=[2**40, 2**40]),
+        "weights truncated": lambda m: (m.parent / "weights.bin").write_bytes(b"\0" * 16),
+        "model truncated": lambda m: m.write_bytes(m.read_bytes()[: m.stat().st_size // 2]),
+        "model garbage": lambda m: m.write_bytes(bytes(range(256)) * 8),
+        "model empty": lambda m: m.write_bytes(b""),
+    }
+    problems = []
+    for i, (label, edit) in enumerate(cases.items()):
+        d = tmp_path / f"c{i}"
+        m = _onnx_base(d, seed.base)
+        edit(m)
+        out = tmp_path / f"out{i}.onnx"
+        with H.memory_cap():
+            res = runner.invoke(main, ["merge", "--base", str(m), "--adapter", str(seed.path), "--out", str(out)])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        if res.exit_code != 2 or len(lines) != 1:
+            problems.append(f"{label}: exit {res.exit_code}, {res.stderr.strip()[:200]!r} {res.exception!r}")
+        if list(tmp_path.glob(f"out{i}*")) or list(tmp_path.glob(f".out{i}*")):
+            problems.append(f"{label}: left output files behind")
+    assert not problems, "\n".join(problems)
