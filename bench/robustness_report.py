@@ -108,6 +108,26 @@ def fuzz(seeds: list[H.Seed], n: int, rng: random.Random) -> dict:
     return c
 
 
+def base_inputs() -> dict:
+    """The hostile-base tests (broken shards, escaping index, ONNX external data attacks), run as-is."""
+    import inspect
+
+    import test_hostile_inputs as T
+
+    c = collections.Counter()
+    for fn in (T.test_hostile_base_checkpoint, T.test_hostile_onnx_base):
+        src = inspect.getsource(fn)
+        n = src.count("cases.append(") + src.count('": lambda m:')
+        with tempfile.TemporaryDirectory(prefix="lprob-base-") as td:
+            c["tried"] += n
+            try:
+                fn(Path(td))
+            except Exception as e:  # noqa: BLE001 - any failure counts every case of the test as lost
+                c["lost"] += n
+                print(f"  LOST {fn.__name__}: {str(e)[:200]}", file=sys.stderr)
+    return c
+
+
 def interruptions(quick: bool) -> list[dict]:
     import test_atomic_interrupt as T
 
@@ -139,6 +159,7 @@ def main() -> None:
                      "pickles_planted": p["tried"], "pickles_refused": p["refused"],
                      "pickle_payloads_ran": p["payload ran"], "fuzz_iterations": f["iterations"],
                      "fuzz_clean_errors": f["clean error"], "fuzz_valid": f["valid"], "fuzz_lost": f["lost"]})
+    bases = base_inputs()
     ints = interruptions(args.quick)
     lost_int = sum(not (r["ok"] and r["swept_next_run"] and r["inputs_identical"]) for r in ints)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -156,6 +177,7 @@ def main() -> None:
                                                  "fuzz_iterations", "fuzz_lost")}
     print(f"| **all** | | {tot['bad_inputs']} | | | {tot['bad_lost']} | {tot['pickles_planted']} "
           f"({tot['pickle_payloads_ran']}) | {tot['fuzz_iterations']} | {tot['fuzz_lost']} |")
+    print(f"| base checkpoints (safetensors folder, ONNX) | | {bases['tried']} | | | {bases['lost']} | | | |")
     by = collections.Counter((r["phase"], r["signal"], r["output"]) for r in ints)
     print(f"\ninterruptions of real `loraport merge` (~57 MB base) and `loraport convert` runs: {len(ints)} points "
           f"({sum(r['result'] == 'interrupted' for r in ints)} interrupted mid-run, the rest had finished), "
