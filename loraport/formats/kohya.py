@@ -290,7 +290,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) 
     if counts["alpha"]:
         notes.add(f"alpha missing on {counts['alpha']} module(s): scale 1")
     if spellings:
-        notes.add("UNet names: " + " and ".join(sorted(spellings)) + (" (SDXL)" if "SGM/LDM" in spellings else ""))
+        notes.add("UNet names: " + " and ".join(sorted(spellings)) + (" (SDXL)" if names.family == "sdxl" else ""))
     if names is None:
         notes.add("no base given: targets keep their kohya names (pass --base to merge or convert)")
     if base is not None and names is not None and not deltas:
@@ -298,7 +298,9 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) 
     metadata = dict(meta)
     if skipped:
         metadata["skipped"] = skipped
-    return Adapter(deltas, fmt, str(path), config={}, metadata=metadata, notes=sorted(notes), files=[str(path)],
+    config = {k: meta[k] for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha",
+                                    "ss_base_model_version") if k in meta}
+    return Adapter(deltas, fmt, str(path), config=config, metadata=metadata, notes=sorted(notes), files=[str(path)],
                    name=path.stem)
 
 
