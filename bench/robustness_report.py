@@ -117,7 +117,8 @@ def base_inputs() -> dict:
     c = collections.Counter()
     for fn in (T.test_hostile_base_checkpoint, T.test_hostile_onnx_base):
         src = inspect.getsource(fn)
-        n = src.count("cases.append(") + src.count('": lambda m:')
+        n = src.count("cases.append(") + src.count('": lambda m:') + ("BASE_CONFIG_WRONG" in src) * len(
+            T.BASE_CONFIG_WRONG)
         with tempfile.TemporaryDirectory(prefix="lprob-base-") as td:
             c["tried"] += n
             try:

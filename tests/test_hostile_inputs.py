@@ -7,6 +7,7 @@ reader added later gets the same treatment without editing this file.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -240,6 +241,10 @@ def test_cli_exit_2_one_line(tmp_path, fmt):
     assert tried
 
 
+BASE_CONFIG_WRONG = {"model_type": 123, "tie_word_embeddings": "no", "text_config": [1], "torch_dtype": {"x": 1},
+                     "quantization_config": "bitsandbytes", "num_attention_heads": "4", "hidden_size": -1}
+
+
 def test_hostile_base_checkpoint(tmp_path):
     """The base is an input too: a broken shard, an index pointing outside the folder, a missing shard."""
     from loraport.cli import main
@@ -269,6 +274,17 @@ def test_hostile_base_checkpoint(tmp_path):
         lines = [x for x in res.stderr.splitlines() if x.strip()]
         assert res.exit_code == 2 and len(lines) == 1, f"{label}: {res.exit_code} {res.stderr} {res.exception!r}"
         assert not out.exists()
+    # config.json values of the wrong type: a clean error or a valid merge, never a crash
+    cfg = json.loads((seed.base / "config.json").read_text()) if (seed.base / "config.json").is_file() else {}
+    for i, (k, v) in enumerate(BASE_CONFIG_WRONG.items()):
+        b = tmp_path / f"cfg{i}"
+        shutil.copytree(seed.base, b)
+        (b / "config.json").write_text(json.dumps({**cfg, k: v}))
+        out = tmp_path / f"out-cfg{i}"
+        res = runner.invoke(main, ["merge", "--base", str(b), "--adapter", str(seed.path), "--out", str(out)])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.exit_code in (0, 2), f"config {k}={v!r}: exit {res.exit_code} {res.exception!r}"
+        assert res.exit_code == 0 or (len(lines) == 1 and not out.exists()), res.stderr
 
 
 @pytest.mark.xfail(strict=True, reason="checkpoint._read_json (lead's) does not catch RecursionError; "
