@@ -119,3 +119,16 @@ def test_regressions_stay_fixed(case, tmp_path):
         assert isinstance(r, LoraportError), r
     if isinstance(r, LoraportError):
         assert H.clean_message(r)
+
+
+def test_harness_catches_big_allocations_and_hangs():
+    """The fuzz harness's guards work: an allocation past the cap fails, a Python-level hang is cut off."""
+    import torch
+
+    with pytest.raises((MemoryError, RuntimeError)):
+        with H.memory_cap(256 << 20):
+            torch.empty(1 << 31, dtype=torch.uint8).fill_(1)
+    with pytest.raises(H.Hang):
+        with H.time_limit(0.2):
+            while True:
+                pass
