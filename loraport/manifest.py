@@ -192,3 +192,18 @@ class BackgroundHashes:
         if self._error is not None:
             raise self._error
         return self._result or {}
+
+
+def validate_hints(out: str | Path) -> dict:
+    """What `loraport validate` needs to rebuild the reference of a merged output from its manifest:
+    {"base": path, "adapters": [{"source": path, "weight": w}]} ({} without a readable manifest)."""
+    try:
+        _, m = load(out)
+    except LoraportError:
+        return {}
+    plan = m.get("plan") if isinstance(m.get("plan"), dict) else {}
+    ads = [a for a in plan.get("adapters", []) if isinstance(a, dict) and isinstance(a.get("path"), str)]
+    if not isinstance(plan.get("base"), str) or not ads:
+        return {}
+    return {"base": plan["base"], "adapters": [{"source": a["path"], "weight": float(a.get("weight", 1.0))}
+                                               for a in ads]}
