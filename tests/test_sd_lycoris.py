@@ -181,3 +181,35 @@ def test_cuda_matches_cpu(case):
         cpu = r.contribution(W)
         gpu = r.contribution(W.cuda()).cpu()
         assert (cpu - gpu).abs().max().item() <= 1e-5 * max(1.0, cpu.abs().max().item())
+
+
+def test_standalone_wrapper_lycoris_prefix(tmp_path):
+    """lycoris.create_lycoris (the standalone wrapper SimpleTuner uses) names modules `lycoris_<path>`."""
+    lycoris = pytest.importorskip("lycoris")
+    pipe = load_pipeline(SD / "base")
+    torch.manual_seed(5)
+    net = lycoris.create_lycoris(pipe.unet, 1.0, linear_dim=4, linear_alpha=2.0, algo="loha")
+    net.apply_to()
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.normal_(0, 0.3)
+    f = tmp_path / "wrap.safetensors"
+    net.save_weights(str(f), torch.float32, None)
+    assert detect(f).name == "lycoris"
+    ck = Checkpoint.open(SD / "base")
+    ad = load_adapter(f, base=ck)
+    merged = apply_adapter(ad, ck)
+    target = {d.source_key: d.target for d in ad.deltas}
+    assert all(k.startswith("lycoris_") for k in target) and len(target) == len(net.loras) > 20
+    for lo in net.loras:
+        org = lo.org_module[0]
+        W = merged[target[lo.lora_name]]
+        if isinstance(org, torch.nn.Conv2d):
+            x = torch.randn(1, org.in_channels, 4, 4)
+            got = F.conv2d(x, W, org.bias, org.stride, org.padding)
+        else:
+            x = torch.randn(2, org.in_features)
+            got = F.linear(x, W, org.bias)
+        with torch.no_grad():
+            y = lo(x)
+        assert ((got - y).abs().max() / y.abs().max()).item() <= 3e-6
