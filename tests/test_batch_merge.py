@@ -141,6 +141,10 @@ def test_verify_detects_any_change(tmp_path):
     assert set(m["files"]) == set(_hashes(out)) - {"loraport-manifest.json"}
     assert any(k.endswith("adapter_config.json") for k in m["inputs"])
     assert m["plan"]["tensors_updated"] > 0
+    from loraport.manifest import validate_hints
+
+    hints = validate_hints(out)  # what `loraport validate` can take from the manifest
+    assert Path(hints["base"]) == Path(base) and Path(hints["adapters"][0]["source"]) == Path(seeds[0].path)
     runner = CliRunner()
     assert runner.invoke(main, ["verify", str(out), "--inputs"]).exit_code == 0
     w = next(out.glob("*.safetensors"))
