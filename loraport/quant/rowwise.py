@@ -13,6 +13,7 @@ import torch
 INV127 = 7.874015718698502e-3  # the fp64 constant bitsandbytes multiplies by
 FP16_MAX = 65504.0
 _ROWS_ELEMS = 1 << 18
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,10 +27,10 @@ def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for r in range(0, rows, step):
         a = W[r:r + step].to(torch.float16)
         stats = a.abs().amax(dim=1).float()
-        scaled = a * (127.0 / stats).unsqueeze(1)  # fp16 * fp32 -> fp32, as the peer computes it
-        scaled.round_()
-        scaled.masked_fill_((stats == 0).unsqueeze(1), 0.0)
-        CB[r:r + step] = scaled.to(torch.int8)
+        # fp16 -> fp32 is exact, so this is the peer's fp16 * fp32 product; a zero row: 0 * (127 / tiny) = 0,
+        # the zeros the peer produces (from 0 * inf)
+        scaled = a.float().mul_((127.0 / stats.clamp(min=_TINY)).unsqueeze(1))
+        CB[r:r + step].copy_(scaled.round_())
         SCB[r:r + step] = stats
     return CB, SCB
 
