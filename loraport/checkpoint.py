@@ -117,6 +117,16 @@ class Checkpoint:
         sh, key = self._where[name]
         return sh.file.raw(key)
 
+    def span(self, name: str) -> tuple[int, int, int]:
+        """(fd, offset, nbytes) of `name`'s stored bytes (see SafetensorsFile.span)."""
+        sh, key = self._where[name]
+        return sh.file.span(key)
+
+    def release(self, name: str) -> None:
+        """Drop `name`'s mapped pages from this process once consumed (they stay in the page cache)."""
+        sh, key = self._where[name]
+        sh.file.release(key)
+
     def model_type(self) -> str:
         return str(self.config.get("model_type", "")) if isinstance(self.config, dict) else ""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import queue
 import shutil
 import threading
@@ -118,11 +119,12 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
 
 
 def merged_tensor(plan: MergePlan, name: str, device: torch.device | str = "cpu",
-                  base_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """The merged tensor `name` in fp32 on `device` (the base tensor upcast when nothing updates it)."""
+                  base_tensor: torch.Tensor | None = None, copy: bool = True) -> torch.Tensor:
+    """The merged tensor `name` in fp32 on `device` (the base tensor upcast when nothing updates it).
+    copy=False: `base_tensor` is a private fp32 tensor on `device` and is merged in place."""
     device = torch.device(device)
     src = plan.base.get(name) if base_tensor is None else base_tensor
-    W = src.to(device=device, dtype=torch.float32, copy=True)
+    W = src.to(device=device, dtype=torch.float32, copy=copy or base_tensor is None)
     ups = plan.updates.get(name, ())
     # replacements (modules_to_save, PEFT's saved base_layer) define the base the other deltas apply to
     for d, w in ups:
@@ -240,11 +242,29 @@ def _provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str
 
 _DONE = object()
 
+# Bytes of tensor data in flight between the stages (and kept in the buffer pool): bounds peak memory by size
+# rather than by tensor count, and leaves room for two of the largest Llama-8B matrices (fp32 + fp16 copies).
+INFLIGHT_BYTES = 768 << 20
+
+
+@dataclass
+class _Item:
+    fi: int
+    name: str
+    how: str  # "raw" (copied in the kernel) or "tensor"
+    cost: int = 0  # bytes charged to the in-flight budget
+    view: torch.Tensor | None = None  # the base tensor (zero-copy view of the map)
+    t: torch.Tensor | None = None  # what the compute stage starts from
+    owned: bool = False  # t is a private fp32 buffer that may be merged in place
+    event: object = None  # CUDA: the host→device copy of t
+    outs: list | None = None  # tensors to write, in layout order
+    pooled: list = field(default_factory=list)  # buffers to hand back to the pool once written
+
 
 class _Pipeline:
     """reader → compute → writer, each in its own thread (torch and file I/O release the GIL)."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 3):
         self.q_loaded: queue.Queue = queue.Queue(depth)
         self.q_ready: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
@@ -271,6 +291,124 @@ class _Pipeline:
         if self.error is None:
             self.error = e
         self.stop.set()
+
+
+class _Budget:
+    """A byte budget for tensors in flight: the reader waits while the stages hold `limit` bytes (a single
+    tensor larger than the limit still passes, alone)."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.stop = limit, 0, stop
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cv:
+            while self.used and self.used + n > self.limit:
+                if self.stop.is_set():
+                    return False
+                self.cv.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+class _Buffers:
+    """Reused host buffers. A fresh large tensor costs one page fault per 4 KiB on first touch (and an munmap
+    when freed) — more than the arithmetic done on it; a model has few distinct shapes, so buffers are kept per
+    byte size, at most `cap` bytes of them idle."""
+
+    def __init__(self, cap: int):
+        self.cap, self.kept = cap, 0
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.issued: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape) * itemsize(dtype)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        with self.lock:
+            lst = self.free.get(n)
+            buf = lst.pop() if lst else None
+            if buf is not None:
+                self.kept -= n
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.uint8)
+        with self.lock:
+            self.issued[buf.data_ptr()] = buf
+        return buf.view(dtype).view(shape)
+
+    def give(self, t: torch.Tensor | None) -> None:
+        if t is None or t.device.type != "cpu" or t.numel() == 0:
+            return
+        with self.lock:
+            buf = self.issued.pop(t.data_ptr(), None)
+            if buf is None:
+                return
+            n = buf.numel()
+            while self.kept + n > self.cap and self.kept:  # make room: drop the largest idle buffers
+                k = max(s for s, lst in self.free.items() if lst)
+                self.free[k].pop()
+                self.kept -= k
+            if self.kept + n <= self.cap:
+                self.free.setdefault(n, []).append(buf)
+                self.kept += n
+
+
+class _CudaStager:
+    """Host → device copies through two reused pinned buffers on a side stream, so the copy of the next tensor
+    runs while the current one is computed. Tensors above `limit` bytes are copied synchronously."""
+
+    def __init__(self, dev: torch.device, limit: int = 256 << 20):
+        self.dev, self.limit = dev, limit
+        self.stream = torch.cuda.Stream(dev)
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.events: list = [None, None]
+        self.i = 0
+
+    def to_device(self, view: torch.Tensor):
+        n = view.numel() * view.element_size()
+        if n == 0 or n > self.limit:
+            return view.to(self.dev), None
+        k, self.i = self.i, self.i ^ 1
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the previous copy out of this pinned buffer is complete
+        buf = self.bufs[k]
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[k] = torch.empty(-(-n // (1 << 20)) << 20, dtype=torch.uint8, pin_memory=True)
+        host = buf[:n].view(view.dtype).view(view.shape)
+        host.copy_(view)
+        with torch.cuda.stream(self.stream):
+            t = host.to(self.dev, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.events[k] = ev
+        return t, ev
+
+    def ready(self, t: torch.Tensor, ev) -> None:
+        """Make the compute thread's stream wait for the copy of `t` (and keep t's memory until it is done)."""
+        cur = torch.cuda.current_stream(self.dev)
+        cur.wait_event(ev)
+        t.record_stream(cur)
+
+
+def _maybe_nonfinite(outs: list[torch.Tensor]) -> bool:
+    """False only when no output holds a NaN/Inf: one min/max pass (NaN propagates, ±Inf lands at an end)
+    instead of an element-wise isfinite; the exact count runs only when this says True."""
+    for o in outs:
+        if not o.is_floating_point() or o.numel() == 0:
+            continue
+        try:
+            lo, hi = torch.aminmax(o)
+        except RuntimeError:  # a dtype without a min/max kernel
+            return True
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return True
+    return False
 
 
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str | Path], out: str | Path, *,
@@ -385,9 +523,14 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
     order = [(fi, src) for fi, f in enumerate(layout) for src in f.sources]
     cuda = dev.type == "cuda"
     raw_ok = hasattr(base, "raw")
+    span_ok = hasattr(base, "span")
+    release = getattr(base, "release", None)
     from loraport.finite import check_merged
 
     flagged: list[str] = []
+    budget = _Budget(INFLIGHT_BYTES, pipe.stop)
+    pool = _Buffers(INFLIGHT_BYTES)
+    stager = _CudaStager(dev) if cuda else None
 
     def wants_raw(name: str) -> bool:
         if name in plan.updates or not raw_ok:
@@ -397,18 +540,40 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
             return False
         return out_dtype is None or info.dtype not in FLOATS or info.dtype == out_dtype
 
+    def out_dtype_of(info) -> torch.dtype:
+        return out_dtype if (out_dtype is not None and info.dtype in FLOATS) else info.dtype
+
     def reader():
+        # Prepares each tensor for the compute stage without allocating: an updated tensor is copied (and
+        # upcast) from the memory map straight into a reused fp32 buffer; a tensor that only changes dtype is
+        # cast into a reused output buffer; on CUDA it is staged through pinned memory and copied to the
+        # device asynchronously while the previous tensor is being computed.
         try:
             for fi, name in order:
                 if wants_raw(name):
-                    item = (fi, name, "raw", None)
+                    item = _Item(fi, name, "raw")
                 else:
-                    t = base.get(name)
-                    if cuda:
-                        t = t.pin_memory().to(dev, non_blocking=True)
+                    info = base.info(name)
+                    shape, n = tuple(info.shape), info.nbytes // itemsize(info.dtype)
+                    q = quantizer.entries(name, shape, base.layer_hint(name)) if quantizer is not None else None
+                    dt = out_dtype_of(info)
+                    cost = n * (8 + itemsize(dt)) if q is not None else n * (4 + itemsize(dt))
+                    if not budget.acquire(cost):
+                        return
+                    item = _Item(fi, name, "tensor", cost=cost, view=base.get(name))
+                    if q is None and name not in plan.updates:  # no math: cast here, or pass the view through
+                        if dt != info.dtype:
+                            item.outs = [pool.take(dt, shape).copy_(item.view)]
+                            item.pooled = list(item.outs)
+                        else:
+                            item.outs = [item.view]
+                    elif cuda:
+                        item.t, item.event = stager.to_device(item.view)
+                    elif q is not None:
+                        item.t = item.view
                     else:
-                        t = t.clone()  # touch the pages here, off the compute thread
-                    item = (fi, name, "tensor", t)
+                        item.t = pool.take(torch.float32, shape).copy_(item.view)
+                        item.owned = True
                 if not pipe.put(pipe.q_loaded, item):
                     return
             pipe.put(pipe.q_loaded, _DONE)
@@ -422,32 +587,48 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                 if item is _DONE:
                     pipe.put(pipe.q_ready, _DONE)
                     return
-                fi, name, how, t = item
-                if how == "raw":
-                    outs = None
-                else:
-                    info = base.info(name)
-                    if name in plan.updates or quantizer is not None or (out_dtype and t.dtype != out_dtype):
-                        merged = merged_tensor(plan, name, dev, base_tensor=t) if name in plan.updates else None
-                        q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) if quantizer else None
-                        if q is not None:
-                            w32 = merged if merged is not None else t.to(dev, torch.float32)
-                            b32 = t.to(dev, torch.float32) if merged is not None else None
-                            outs = list(quantizer.quantize(name, w32, base32=b32).values())
-                        else:
-                            src = merged if merged is not None else t
-                            dt = out_dtype if (out_dtype is not None and info.dtype in FLOATS) else info.dtype
-                            outs = [src.to(dt).cpu() if src.dtype != dt or cuda else src]
-                    else:
-                        outs = [t.cpu()]
-                if outs is not None and name in plan.updates:
-                    msg = check_merged(name, t, outs, nonfinite)  # raises in "fail" mode
-                    if msg:
-                        flagged.append(msg)
-                if not pipe.put(pipe.q_ready, (fi, name, outs)):
+                if item.how == "tensor" and item.outs is None:
+                    _compute(item)
+                if not pipe.put(pipe.q_ready, item):
                     return
         except BaseException as e:  # noqa: BLE001
             pipe.fail(e)
+
+    def _compute(item: _Item) -> None:
+        name = item.name
+        info = base.info(name)
+        t = item.t
+        if item.event is not None:
+            stager.ready(t, item.event)
+        merged = None
+        if name in plan.updates:
+            merged = merged_tensor(plan, name, dev, base_tensor=t, copy=not item.owned)
+        q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) if quantizer else None
+        if q is not None:
+            w32 = merged if merged is not None else t.to(dev, torch.float32)
+            b32 = t.to(dev, torch.float32) if merged is not None else None
+            outs = list(quantizer.quantize(name, w32, base32=b32).values())
+        else:
+            src = merged if merged is not None else t
+            dt = out_dtype_of(info)
+            if src.dtype == dt and not cuda:
+                outs = [src]
+                if item.owned:
+                    item.pooled.append(src)
+                    item.owned = False
+            else:
+                out = pool.take(dt, tuple(info.shape))
+                out.copy_(src)  # the single rounding to the output dtype (device → host on CUDA)
+                outs = [out]
+                item.pooled.append(out)
+        if item.owned:
+            pool.give(t)
+        item.t = merged = None
+        if name in plan.updates and _maybe_nonfinite(outs):
+            msg = check_merged(name, item.view, outs, nonfinite)  # raises in "fail" mode
+            if msg:
+                flagged.append(msg)
+        item.outs = outs
 
     threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=compute, daemon=True)]
     for th in threads:
@@ -460,7 +641,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                 item = pipe.get(pipe.q_ready)
                 if item is _DONE or pipe.error:
                     break
-                fi, name, outs = item
+                fi, name, outs = item.fi, item.name, item.outs
                 f = layout[fi]
                 w = writers.get(fi)
                 if w is None:
@@ -469,8 +650,12 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                     w = writers[fi] = StreamingWriter(path, [(e.key, e.dtype, e.shape) for e in f.entries],
                                                       {**f.metadata, **prov})
                 ents = [e for e in f.entries if e.name == name]
-                if outs is None:
-                    w.write(ents[0].key, base.raw(name))
+                if item.how == "raw":
+                    if span_ok:
+                        fd, off, nb = base.span(name)
+                        w.copy_range(ents[0].key, fd, off, nb)  # in the kernel, never through Python
+                    else:
+                        w.write(ents[0].key, base.raw(name))
                     n = _nbytes(ents[0])
                 else:
                     if len(outs) != len(ents):
@@ -482,6 +667,13 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                                                f"{list(e.shape)}")
                         w.write(e.key, t)
                         n += _nbytes(e)
+                    for t in item.pooled:
+                        pool.give(t)
+                    item.view = item.outs = None
+                    item.pooled = []
+                    budget.release(item.cost)
+                if release is not None:
+                    release(name)
                 written += n
                 advance(n)
                 if w._i == len(f.entries):

@@ -112,6 +112,7 @@ class SafetensorsFile:
             if b1 < e0:
                 raise BadInputError(f"{self.path}: tensors {n0!r} and {n1!r} overlap in the data section")
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
         self._size = size
 
     # ordered as in the data section, which is how writers (and our streaming writer) lay them out
@@ -144,11 +145,41 @@ class SafetensorsFile:
             t = torch.frombuffer(self.raw(name), dtype=info.dtype)
         return t.reshape(info.shape)
 
+    def span(self, name: str) -> tuple[int, int, int]:
+        """(file descriptor, absolute offset, byte count) of a tensor's stored bytes, for copying them with
+        os.copy_file_range / sendfile without mapping them into this process."""
+        info = self.tensors[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            try:  # tensors are streamed in file order: ask the kernel for aggressive readahead
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except (AttributeError, OSError):
+                pass
+        return self._fd, info.begin, info.nbytes
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of a tensor that has been consumed (they stay in the page cache), so the resident
+        set of a streaming pass does not grow with the file. Views of it stay valid (pages fault back in)."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        b = -(-info.begin // page) * page  # whole pages inside the tensor only: neighbours may still be in use
+        e = info.end // page * page
+        if e > b:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, b, e - b)
+            except (OSError, ValueError):
+                pass
+
     def load_all(self) -> dict[str, torch.Tensor]:
         """Every tensor, copied out of the map (for small files: adapters)."""
         return {n: self.get(n).clone() for n in self.names()}
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -238,6 +269,28 @@ class StreamingWriter:
         self._f.write(blob)
         self._i = 0
         self.bytes_written = 0
+        self._data_start = 8 + len(blob)
+
+    def copy_range(self, name: str, fd: int, offset: int, n: int) -> None:
+        """Write tensor `name` by copying `n` bytes at `offset` of the open file `fd` (an untouched tensor of an
+        input) inside the kernel — copy_file_range, else sendfile, else read/write — never through Python."""
+        exp_name, exp_n = self.order[self._i]
+        if name != exp_name:
+            raise RuntimeError(f"writer expected {exp_name!r}, got {name!r}")
+        if n != exp_n:
+            raise RuntimeError(f"{name}: {n} bytes, header says {exp_n}")
+        self._f.flush()
+        out = self._f.fileno()
+        pos = self._data_start + self.bytes_written
+        done = 0
+        while done < n:
+            k = _copy_chunk(fd, out, offset + done, pos + done, min(n - done, 1 << 30))
+            if k <= 0:
+                raise OSError(f"{self.path}: input ended while copying {name} ({done} of {n} bytes)")
+            done += k
+        self._f.seek(pos + n)
+        self._i += 1
+        self.bytes_written += n
 
     def write(self, name: str, data: torch.Tensor | memoryview | bytes) -> None:
         exp_name, exp_n = self.order[self._i]
@@ -263,6 +316,22 @@ class StreamingWriter:
             self._f.close()
         except OSError:
             pass
+
+
+_COPY = {"how": "copy_file_range"}
+
+
+def _copy_chunk(src: int, dst: int, src_off: int, dst_off: int, n: int) -> int:
+    """Copy up to n bytes between two files at explicit offsets (file positions untouched); bytes copied."""
+    if _COPY["how"] == "copy_file_range":
+        try:
+            return os.copy_file_range(src, dst, n, src_off, dst_off)
+        except (AttributeError, OSError):  # old kernel / Python, cross-device, unsupported filesystem
+            _COPY["how"] = "pread"
+    buf = os.pread(src, min(n, 64 << 20), src_off)
+    if not buf:
+        return 0
+    return os.pwrite(dst, buf, dst_off)
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
