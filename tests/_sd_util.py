@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from loraport.names.sd import TEXT_ENCODERS, layout_from_diffusers, openclip_to_hf, unet_name_maps
+from loraport.names.sd import (CLIP_TEXT_MODEL_PARTS, TEXT_ENCODERS, layout_from_diffusers, openclip_to_hf,
+                               unet_name_maps)
 from loraport.safetensors_io import save_file
 
 warnings.filterwarnings("ignore")
@@ -134,13 +135,13 @@ def oracle_fused(folder: Path, lora_file: Path, xl: bool = False, scale: float =
 
 
 # ------------------------------------------------------------------------------------------------ single file
-def to_single_file(flat: dict[str, torch.Tensor], xl: bool) -> dict[str, torch.Tensor]:
+def to_single_file(flat: dict[str, torch.Tensor], xl: bool, family: str | None = None) -> dict[str, torch.Tensor]:
     """Original-checkpoint naming of a diffusers-folder state (built with loraport.names.sd; the tests check
     this table against diffusers' own LDM converter separately)."""
     unet = {k[5:]: v for k, v in flat.items() if k.startswith("unet.")}
     to_ldm, _ = unet_name_maps(layout_from_diffusers(unet))
     out = {"model.diffusion_model." + to_ldm(k): v for k, v in unet.items()}
-    fam = "sdxl" if xl else "sd1"
+    fam = family or ("sdxl" if xl else "sd1")  # "sd2": OpenCLIP text encoder under cond_stage_model.model.
     for comp, single, layout, _, f in TEXT_ENCODERS:
         if f != fam:
             continue
@@ -154,6 +155,7 @@ def to_single_file(flat: dict[str, torch.Tensor], xl: bool) -> dict[str, torch.T
 
 def openclip_from_hf(te: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """HF CLIP text model → OpenCLIP names (fused in_proj), by inverting OPENCLIP_PARTS on the HF names."""
+    te = {("text_model." + k if k.split(".")[0] in CLIP_TEXT_MODEL_PARTS else k): v for k, v in te.items()}
     n_layers = 1 + max(int(k.split(".")[3]) for k in te if k.startswith("text_model.encoder.layers."))
     oc_names = ["text_projection", "token_embedding.weight", "ln_final.weight", "ln_final.bias"]
     for i in range(n_layers):

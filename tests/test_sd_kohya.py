@@ -288,3 +288,20 @@ def test_inspect_without_base_names_format_and_quirks(sd1):
     code, out, err = run_cli("inspect", tmp / "lora.safetensors", "--base", tmp / "single.safetensors", "--json")
     assert code == 0, err
     assert "UNet names: diffusers" in json.loads(out)["notes"]
+
+
+def test_sd2_layout_openclip_text_encoder(sd1, tmp_path):
+    """SD2.x single files keep the text encoder in OpenCLIP layout (cond_stage_model.model., fused in_proj);
+    `lora_te_` q/k/v then land in row thirds, as for SDXL's second encoder."""
+    tmp, base, fused = sd1
+    sf = to_single_file(base, xl=False, family="sd2")
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight") for k in sf)
+    save_file({k: v.contiguous() for k, v in sf.items()}, tmp_path / "sd2.safetensors")
+    ck = Checkpoint.open(tmp_path / "sd2.safetensors")
+    ad = load_adapter(tmp / "lora.safetensors", base=ck)
+    assert any(d.rows for d in ad.deltas)
+    merged = apply_adapter(ad, ck)
+    ref = to_single_file(fused, xl=False, family="sd2")
+    assert max_diff(merged, ref, list(merged)) <= TOL
+    changed = {k for k in ref if not torch.equal(ref[k], sf[k])}
+    assert set(merged) == changed
