@@ -117,15 +117,19 @@ class Checkpoint:
         sh, key = self._where[name]
         return sh.file.raw(key)
 
-    def span(self, name: str) -> tuple[int, int, int]:
-        """(fd, offset, nbytes) of `name`'s stored bytes (see SafetensorsFile.span)."""
+    def span(self, name: str) -> tuple[int, int, int] | None:
+        """(fd, offset, nbytes) of `name`'s stored bytes (see SafetensorsFile.span); None when the shard is not
+        a plain safetensors file (a dequantizing view)."""
         sh, key = self._where[name]
-        return sh.file.span(key)
+        span = getattr(sh.file, "span", None)
+        return span(key) if span is not None else None
 
     def release(self, name: str) -> None:
         """Drop `name`'s mapped pages from this process once consumed (they stay in the page cache)."""
         sh, key = self._where[name]
-        sh.file.release(key)
+        release = getattr(sh.file, "release", None)
+        if release is not None:
+            release(key)
 
     def model_type(self) -> str:
         return str(self.config.get("model_type", "")) if isinstance(self.config, dict) else ""

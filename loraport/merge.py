@@ -651,9 +651,9 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                                                       {**f.metadata, **prov})
                 ents = [e for e in f.entries if e.name == name]
                 if item.how == "raw":
-                    if span_ok:
-                        fd, off, nb = base.span(name)
-                        w.copy_range(ents[0].key, fd, off, nb)  # in the kernel, never through Python
+                    span = base.span(name) if span_ok else None
+                    if span is not None:
+                        w.copy_range(ents[0].key, *span)  # in the kernel, never through Python
                     else:
                         w.write(ents[0].key, base.raw(name))
                     n = _nbytes(ents[0])
