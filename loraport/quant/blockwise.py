@@ -59,18 +59,36 @@ def _codes_exact(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     return order.to(scaled.device)[pos]
 
 
-def _codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """uint8 codes of fp32 values already scaled into [-1, 1] (1-D)."""
+class _Work:
+    """Per-call scratch buffers for the CPU chunk loop: large temporaries are reused, not re-allocated (each
+    fresh allocation of this size is a page-faulting mmap)."""
+
+    def __init__(self, chunk: int, blocksize: int):
+        self.x = torch.empty(chunk, dtype=torch.float32)
+        self.abs = torch.empty(chunk, dtype=torch.float32)
+        self.key = torch.empty(chunk, dtype=torch.int32)
+        self.amb = torch.empty(chunk, dtype=torch.bool)
+
+
+def _codes(scaled: torch.Tensor, quant_type: str, out: torch.Tensor | None = None,
+           work: _Work | None = None) -> torch.Tensor:
+    """uint8 codes of fp32 values already scaled into [-1, 1] (1-D), written to `out` when given."""
     if scaled.device.type != "cpu":
-        return _codes_exact(scaled, quant_type)
+        c = _codes_exact(scaled, quant_type)
+        return c if out is None else out.copy_(c)
+    m = scaled.numel()
+    key = work.key[:m] if work is not None else torch.empty(m, dtype=torch.int32)
     if _LITTLE:
-        key = scaled.view(torch.uint16)[1::2].to(torch.int32)  # the high half of each little-endian fp32
+        key.copy_(scaled.view(torch.uint16)[1::2])  # the high half of each little-endian fp32
     else:
-        key = (scaled.view(torch.int32) >> 16) & 0xFFFF
-    c = _code_lut(quant_type).index_select(0, key)
-    amb = (c == _AMBIGUOUS).nonzero().squeeze(1)
-    if amb.numel():
-        c[amb] = _codes_exact(scaled[amb], quant_type)
+        torch.bitwise_and(scaled.view(torch.int32) >> 16, 0xFFFF, out=key)
+    c = torch.empty(m, dtype=torch.uint8) if out is None else out
+    torch.index_select(_code_lut(quant_type), 0, key, out=c)
+    if int(c.max()) == _AMBIGUOUS:  # a cheap uint8 reduction; then locate the few cells to resolve exactly
+        amb = work.amb[:m] if work is not None else torch.empty(m, dtype=torch.bool)
+        torch.eq(c, _AMBIGUOUS, out=amb)
+        idx = amb.nonzero().squeeze(1)
+        c[idx] = _codes_exact(scaled[idx], quant_type)
     return c
 
 
@@ -83,15 +101,20 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     full = (n // blocksize) * blocksize
     codes = torch.empty(n + (n & 1), dtype=torch.uint8, device=W.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=W.device)
-    chunk = max(blocksize, (_CHUNK // blocksize) * blocksize) if W.device.type == "cpu" else max(full, blocksize)
+    cpu = W.device.type == "cpu"
+    chunk = max(blocksize, (_CHUNK // blocksize) * blocksize) if cpu else max(full, blocksize)
+    work = _Work(min(chunk, max(full, blocksize)), blocksize) if cpu else None
     for s in range(0, full, chunk):
         e = min(s + chunk, full)
-        x = flat[s:e].to(torch.float32, copy=True).view(-1, blocksize)
-        lo, hi = torch.aminmax(x, dim=1)
-        am = torch.maximum(hi, -lo)
-        absmax[s // blocksize: e // blocksize] = am
+        if cpu:
+            x = work.x[: e - s].view(-1, blocksize)
+            x.copy_(flat[s:e].view(-1, blocksize))
+        else:
+            x = flat[s:e].to(torch.float32, copy=True).view(-1, blocksize)
+        am = absmax[s // blocksize: e // blocksize]
+        torch.amax(torch.abs(x, out=work.abs[: e - s].view(-1, blocksize)) if cpu else x.abs(), dim=1, out=am)
         x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1))
-        codes[s:e] = _codes(x.view(-1), quant_type)
+        _codes(x.view(-1), quant_type, out=codes[s:e], work=work)
     if full < n:
         x = flat[full:].to(torch.float32)
         am = x.abs().max().clamp(min=1e-38)
@@ -99,8 +122,15 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
         codes[full:n] = _codes((x / am).contiguous(), quant_type)
     if n & 1:  # the peer pads the scaled values with a 0.0 before packing
         codes[n] = _codes_exact(torch.zeros(1, device=W.device), quant_type)[0]
-    packed = (codes[0::2] << 4) | codes[1::2]
-    return packed.unsqueeze(1), absmax
+    return _pack(codes).unsqueeze(1), absmax
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, the first in the high nibble."""
+    if _LITTLE and codes.device.type == "cpu":
+        v = codes.view(torch.int16)  # (c0 | c1 << 8): the low byte of (v << 4 | v >> 8) is c0 << 4 | c1
+        return torch.bitwise_or(v << 4, v >> 8).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2]
 
 
 @functools.cache
