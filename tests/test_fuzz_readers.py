@@ -87,7 +87,37 @@ def _regressions() -> list[Path]:
     return sorted(p for p in H.REGRESSIONS.glob("*/case.json")) if H.REGRESSIONS.is_dir() else []
 
 
+def _replay_in_subprocess(case: Path, spec: dict, timeout: float = 20) -> str:
+    """'hang', 'crash' or 'clean' for an input replayed in a child process (a regex or C loop that never
+    returns cannot be interrupted in-process)."""
+    import subprocess
+    import sys
+
+    src = case.parent / spec["adapter"]
+    base = str(H.ROOT / spec["base"]) if spec.get("base") else None
+    code = "\n".join([
+        "import shutil, sys, tempfile",
+        "from pathlib import Path",
+        "sys.path.insert(0, 'tests')",
+        "import _hostile_util as H",
+        f"src, fmt, base = Path({str(src)!r}), {spec['format']!r}, {base!r}",
+        "copy = Path(tempfile.mkdtemp()) / src.name",
+        "(shutil.copytree if src.is_dir() else shutil.copy2)(src, copy)",
+        "r = H.exercise(copy, H.Seed(src, fmt, Path(base) if base else None))",
+        "shutil.rmtree(copy.parent, ignore_errors=True)",
+        "print('clean' if r == 'ok' or H.clean_message(r) else 'crash')",
+    ])
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=H.ROOT, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "hang"
+    return "clean" if r.returncode == 0 and r.stdout.strip().endswith("clean") else "crash"
+
+
 def _fixed(case: Path, spec: dict) -> bool:
+    if spec.get("hang"):
+        return _replay_in_subprocess(case, spec, timeout=8) == "clean"
     src = case.parent / spec["adapter"]
     seed = H.Seed(src, spec["format"], H.ROOT / spec["base"] if spec.get("base") else None)
     with tempfile.TemporaryDirectory() as td:
@@ -108,6 +138,9 @@ def test_regressions_stay_fixed(case, tmp_path):
         if not _fixed(case, spec):
             pytest.xfail(f"known, reported: {spec['known_failure']}")
         pytest.fail(f"{case.parent.name} is fixed: drop known_failure from its case.json")
+    if spec.get("hang"):
+        assert _replay_in_subprocess(case, spec, timeout=60) == "clean"
+        return
     src = case.parent / spec["adapter"]
     base = H.ROOT / spec["base"] if spec.get("base") else None
     seed = H.Seed(src, spec["format"], base)
