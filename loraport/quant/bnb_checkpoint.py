@@ -133,6 +133,22 @@ class _LogicalFile:
             return self._shard.file.raw(key)
         return tensor_bytes(self.get(key))
 
+    def span(self, key: str):
+        """The stored bytes of an unquantized tensor, for the engine's kernel copy; None for a dequantized one."""
+        if self._owner.specs.get(self._shard.prefix + key) is not None:
+            return None
+        span = getattr(self._shard.file, "span", None)
+        return span(key) if span is not None else None
+
+    def release(self, key: str) -> None:
+        spec = self._owner.specs.get(self._shard.prefix + key)
+        st = self._owner.stored
+        for stored in ([key] if spec is None else [n for n in (spec.weight, *spec.aux.values())]):
+            sh, k = (self._shard, key) if spec is None else st.shard_of(stored)
+            release = getattr(sh.file, "release", None)
+            if release is not None:
+                release(k)
+
     def close(self) -> None:
         self._shard.file.close()
 
