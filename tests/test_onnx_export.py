@@ -56,6 +56,7 @@ def test_merged_export_layout(merged):
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_merged_export():
     out = export_kw(GPT2, [(ADAPTERS / "gpt2_conv1d", 1.0)])
     f = feeds(2, 7, seed=3)
@@ -112,20 +113,23 @@ def test_multi_lora_refuses_dora_cleanly(multi):
     assert not out.exists()
 
 
-def test_existing_output_refused(merged):
-    r = cli("convert", "--to", "onnx", "--base", str(LLAMA), "--adapter", str(PLAIN), "--out", str(merged))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+def test_existing_output_and_bad_options_refused(merged, tmp_path):
+    from loraport.errors import BadInputError, OutputError
+    from loraport.onnx import cli_convert
+
+    with pytest.raises(OutputError, match="--overwrite"):
+        cli_convert(to="onnx", base=str(LLAMA), adapters=[str(PLAIN)], out=str(merged))
+    with pytest.raises(BadInputError, match="--base"):
+        cli_convert(to="onnx", adapters=[str(PLAIN)], out=str(tmp_path / "x"))
+    with pytest.raises(BadInputError, match="opset"):
+        cli_convert(to="onnx", base=str(LLAMA), adapters=[str(PLAIN)], quantize="int8", opset=20,
+                    out=str(tmp_path / "y"))
+    with pytest.raises(BadInputError, match="--graph"):
+        cli_convert(to="onnx-adapter", adapter_path=str(PLAIN), out=str(tmp_path / "z.onnx_adapter"))
+    assert not any(tmp_path.iterdir())
 
 
-def test_bad_options_exit_2(tmp_path):
-    r = cli("convert", "--to", "onnx", "--adapter", str(PLAIN), "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "--base" in r.stderr
-    r = cli("convert", "--to", "onnx", "--base", str(LLAMA), "--adapter", str(PLAIN), "--quantize", "int8",
-            "--opset", "20", "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "opset" in r.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
+@pytest.mark.slow
 def test_fp16_export_runs_close_to_fp32():
     out = export_kw(LLAMA, [(PLAIN, 1.0)], dtype="fp16")
     f = feeds(2, 9, seed=1)
