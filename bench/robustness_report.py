@@ -181,7 +181,8 @@ def main() -> None:
     print(f"| base checkpoints (safetensors folder, ONNX) | | {bases['tried']} | | | {bases['lost']} | | | |")
     by = collections.Counter((r["phase"], r["signal"], r["output"]) for r in ints)
     print(f"\ninterruptions of real `loraport merge` (~57 MB base) and `loraport convert` runs: {len(ints)} points "
-          f"({sum(r['result'] == 'interrupted' for r in ints)} interrupted mid-run, the rest had finished), "
+          f"({sum(r['result'] == 'interrupted' for r in ints)} signalled before the process exited, the rest had "
+          f"already finished), "
           f"{lost_int} lost")
     for (phase, sig, out), n in sorted(by.items()):
         print(f"  {phase:8s} {sig:8s} → output {out}: {n}")
