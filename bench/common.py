@@ -168,7 +168,8 @@ class Run:
     rc: int
     wall: float
     anon: int  # peak RssAnon, bytes (sampled)
-    hwm: int  # ru_maxrss of the child, bytes (file-backed mapped pages included)
+    hwm: int  # peak VmHWM, bytes (file-backed mapped pages included)
+    cpu: float = 0.0  # user + system CPU seconds of the child (exact: RUSAGE_CHILDREN before/after)
     out: str = ""
     err: str = ""
 
@@ -189,7 +190,7 @@ def _status(pid: int) -> tuple[int, int]:
 
 
 def run_child(label: str, argv: list[str], *, mem_limit: int | None = None, timeout: float | None = None,
-              env: dict | None = None, stamp: str | None = None) -> Run:
+              env: dict | None = None) -> Run:
     """Run argv, sampling its RssAnon; mem_limit caps the child's address space (RLIMIT_AS), so a
     runaway child fails with MemoryError instead of taking the machine down."""
 
@@ -198,8 +199,7 @@ def run_child(label: str, argv: list[str], *, mem_limit: int | None = None, time
             resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
 
     env = {**os.environ, **(env or {})}
-    if stamp:  # the child can report how long its start-up took: time.time() - float(env[stamp])
-        env[stamp] = repr(time.time())
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
                          env=env, cwd=ROOT)
@@ -222,17 +222,9 @@ def run_child(label: str, argv: list[str], *, mem_limit: int | None = None, time
     wall = time.perf_counter() - t0
     done.set()
     th.join()
-    return Run(label, p.returncode, wall, peak[0], peak[1], out, err)
-
-
-def startup(argv: list[str], repeat: int = 3) -> float:
-    """Median wall time of a child that only imports what the measured run imports."""
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True, cwd=ROOT, capture_output=True)
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Run(label, p.returncode, wall, peak[0], peak[1], out, err, cpu)
 
 
 def gib(n: float) -> str:

@@ -13,8 +13,9 @@ Rows:  copy          shutil.copyfile of every base file + fsync (what reading an
        peft          transformers LlamaForCausalLM.from_pretrained(fp16) + PeftModel.from_pretrained +
                      merge_and_unload() + save_pretrained(); capped with RLIMIT_AS (--peft-mem-limit) so a
                      model larger than memory fails with MemoryError instead of swapping the machine to death
-Columns: wall (s), net = wall minus the child's start-up (interpreter + imports of torch/loraport or
-torch/transformers/peft, as reported by the child itself once its imports are done), peak anon RSS (RssAnon
+Columns: wall (s), net = wall minus the child's start-up (the same child stopped right after its imports:
+interpreter, torch/loraport or torch/transformers/peft imports, tear-down), cpu s net (user+system CPU seconds
+of the child minus those of its start-up: robust when other work shares the cores), peak anon RSS (RssAnon
 sampled every 10 ms: private memory, page cache excluded), peak RSS (VmHWM: file pages mapped by the process
 included), and ratios.
 
@@ -41,14 +42,13 @@ ALL_ROWS = ("copy", "loraport", "loraport-nomanifest", "loraport-x8", "loraport-
 
 
 # ------------------------------------------------------------------------------------------------ children
-# Each child reports when its interpreter has started and its imports are done ("ready", seconds since the
-# parent launched it); net time = wall - ready.
+# Start-up = the wall time of the same child when it stops right after its imports (BENCH_IMPORTS_ONLY=1):
+# interpreter start, imports (torch alone is ~3 s here) and interpreter tear-down. net = wall - start-up.
 def _ready() -> None:
     import os
 
-    t0 = float(os.environ.get("BENCH_T0", "0") or 0)
-    if t0:
-        print(f"BENCH_READY {time.time() - t0:.4f}", file=sys.stderr, flush=True)
+    if os.environ.get("BENCH_IMPORTS_ONLY"):
+        sys.exit(0)
 
 
 def child_loraport(*argv: str) -> None:
@@ -109,7 +109,7 @@ def _max_diff(a: Path, b: Path, names: list[str]) -> float:
     return d
 
 
-def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, keep_peft_out: bool = True) -> list[dict]:
+def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, repeat: int = 1) -> list[dict]:
     rank = 64 if size == "8b" else 16
     base, ad = tmp / f"base-{size}", tmp / f"adapter-{size}"
     t0 = time.perf_counter()
@@ -144,11 +144,21 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, keep_peft
                     continue
             argv = _argv_loraport(base, ads, out, extra)
         print(f"[{size}] {row} ...", file=sys.stderr)
-        r = run_child(row, argv, mem_limit=peft_limit if row == "peft" else None, stamp="BENCH_T0")
-        ready = [ln.split()[1] for ln in r.err.splitlines() if ln.startswith("BENCH_READY ")]
-        st = float(ready[0]) if ready else float("nan")
+        runs = []
+        for i in range(repeat):
+            if i:
+                drop_written(out)
+                warm([base, *ads])
+            runs.append(run_child(row, argv, mem_limit=peft_limit if row == "peft" else None))
+            if runs[-1].rc != 0:
+                break
+        r = min(runs, key=lambda x: (x.rc != 0, x.wall))
+        sts = [run_child("startup", argv, env={"BENCH_IMPORTS_ONLY": "1"}) for _ in range(repeat)]
+        st = min(x.wall for x in sts)
         ent = {"size": size, "row": row, "rc": r.rc, "wall": r.wall, "startup": st, "net": r.wall - st,
-               "anon": r.anon, "hwm": r.hwm, "bytes": nbytes}
+               "cpu": r.cpu, "cpu_net": r.cpu - min(x.cpu for x in sts),
+               "anon": max(x.anon for x in runs), "hwm": max(x.hwm for x in runs), "bytes": nbytes,
+               "walls": [round(x.wall, 3) for x in runs]}
         if r.rc != 0:
             last = (r.err.strip().splitlines() or ["?"])[-1]
             ent["failed"] = last[:160]
@@ -156,7 +166,7 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, keep_peft
         if row == "peft" and r.rc == 0 and merged_lp.exists():
             names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
             ent["max_abs_vs_loraport"] = _max_diff(merged_lp, out, names)
-        if row != "loraport" or not keep_peft_out:
+        if row != "loraport":
             drop_written(out)
     drop_written(merged_lp)
     shutil.rmtree(base)
@@ -174,15 +184,15 @@ def report(res: list[dict]) -> str:
         rows = []
         for name, r in rs.items():
             if "na" in r:
-                rows.append([name, r["na"], "", "", "", "", ""])
+                rows.append([name, r["na"], "", "", "", "", "", ""])
                 continue
             gbps = r["bytes"] / max(r["net"], 1e-9) / 1e9
             status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('failed', '')}"
-            rows.append([name, f"{r['wall']:.2f}", f"{r['net']:.2f}", f"{gbps:.2f}", gib(r["anon"]), gib(r["hwm"]),
-                         status])
+            rows.append([name, f"{r['wall']:.2f}", f"{r['net']:.2f}", f"{gbps:.2f}", f"{r['cpu_net']:.2f}",
+                         gib(r["anon"]), gib(r["hwm"]), status])
         lines.append(f"\n== size {size}: {gib(next(iter(rs.values())).get('bytes', 0))} fp16 base, "
                      f"{SIZES[size][2]} layers ==")
-        lines.append(table(rows, ["row", "wall s", "net s", "GB/s net", "peak anon", "peak RSS", "status"]))
+        lines.append(table(rows, ["row", "wall s", "net s", "GB/s net", "cpu s net", "peak anon", "peak RSS", "status"]))
         rat = []
         lp = rs.get("loraport")
         if ok("loraport"):
@@ -203,6 +213,8 @@ def report(res: list[dict]) -> str:
             if ok("loraport-x8"):
                 rat.append(["8 adapters / 1 adapter (net)", f"{rs['loraport-x8']['net'] / lp['net']:.3f}",
                             "(target < 1.5)"])
+                rat.append(["8 adapters / 1 adapter (cpu net)",
+                            f"{rs['loraport-x8']['cpu_net'] / max(lp['cpu_net'], 1e-9):.3f}", ""])
             if ok("loraport-nf4"):
                 rat.append(["nf4 / fp16 merge (wall)", f"{rs['loraport-nf4']['wall'] / lp['wall']:.3f}",
                             "(target < 1.5)"])
@@ -223,6 +235,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {', '.join(ALL_ROWS)}")
     ap.add_argument("--tmp", default=None, help="where to build the models (default: a temp dir)")
     ap.add_argument("--peft-mem-limit", default="20GB", help="RLIMIT_AS for the PEFT child")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported (a shared, "
+                    "noisy machine) and the largest peak memory")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         {"copy": child_copy, "peft": child_peft, "loraport": child_loraport}[sys.argv[2]](*sys.argv[3:])
@@ -240,7 +254,7 @@ def main() -> None:
     res = []
     with tempfile.TemporaryDirectory(prefix="loraport-bench-", dir=tmp_parent) as d:
         for size in a.size or ["400m"]:
-            res += bench_size(size, Path(d), rows, parse_size(a.peft_mem_limit))
+            res += bench_size(size, Path(d), rows, parse_size(a.peft_mem_limit), a.repeat)
     import os
     import platform
 
