@@ -192,7 +192,8 @@ def report(res: list[dict]) -> str:
                          gib(r["anon"]), gib(r["hwm"]), status])
         lines.append(f"\n== size {size}: {gib(next(iter(rs.values())).get('bytes', 0))} fp16 base, "
                      f"{SIZES[size][2]} layers ==")
-        lines.append(table(rows, ["row", "wall s", "net s", "GB/s net", "cpu s net", "peak anon", "peak RSS", "status"]))
+        head = ["row", "wall s", "net s", "GB/s net", "cpu s net", "peak anon", "peak RSS", "status"]
+        lines.append(table(rows, head))
         rat = []
         lp = rs.get("loraport")
         if ok("loraport"):
