@@ -57,21 +57,42 @@ def _changed(base, fused):
     return sorted(k for k in fused if not torch.equal(fused[k], base[k]))
 
 
-def test_name_table_matches_diffusers_ldm_converter():
-    """loraport.names.sd's diffusers→LDM UNet map, checked by diffusers' own LDM→diffusers converter."""
+# the real UNet configs (SD 1.5: 4 levels, attention in the first three; SDXL: 3 levels, 2/10 transformer layers,
+# text_time embedding), built on the meta device: names and shapes only
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64)
+SDXL = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), sample_size=128)
+
+
+@pytest.mark.parametrize("cfg", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_name_table_matches_diffusers_ldm_converter(cfg):
+    """loraport.names.sd's diffusers→LDM UNet map, checked by diffusers' own LDM→diffusers converter on the
+    real SD 1.5 and SDXL UNet layouts."""
+    from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from _sd_util import tiny_unet
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    sd = unet.state_dict()
+    to_ldm, to_dif = unet_name_maps(layout_from_diffusers(sd))
+    ldm = {"model.diffusion_model." + to_ldm(k): v for k, v in sd.items()}
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert set(back) == set(sd)
+    assert all(back[k].shape == sd[k].shape for k in sd)
+    assert all(to_dif(to_ldm(k)) == k for k in sd)
+    # the index built from either naming gives every UNet tensor one kohya name in each spelling
+    from loraport.names.sd import SDNames
 
-    for xl in (False, True):
-        unet = tiny_unet(xl)
-        sd = unet.state_dict()
-        to_ldm, to_dif = unet_name_maps(layout_from_diffusers(sd))
-        ldm = {"model.diffusion_model." + to_ldm(k): v for k, v in sd.items()}
-        back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
-        assert set(back) == set(sd)
-        assert all(torch.equal(back[k], sd[k]) for k in sd)
-        assert all(to_dif(to_ldm(k)) == k for k in sd)
+    a = SDNames(["unet." + k for k in sd], None)
+    b = SDNames(list(ldm), None)
+    assert set(a.by_kohya) == set(b.by_kohya)
+    assert len({e.sgm for e in a.entries}) == len({k.rsplit(".", 1)[0] for k in sd})
 
 
 def test_openclip_table_matches_diffusers_converter():

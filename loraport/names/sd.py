@@ -256,6 +256,8 @@ class SDNames:
             names = [kohya_name("lora_unet", ldm_mod)] + ([kohya_name("lora_unet", dif_mod)] if dif_mod else [])
             if self.family != "sdxl" and dif_mod:
                 names.reverse()  # SD1/2 kohya files use diffusers names, SDXL files SGM names
+            if dif_mod:
+                names.append(kohya_name("lycoris", dif_mod))  # LyCORIS standalone wrapper on a diffusers UNet
             self._put(Entry(name, None, False, f"unet.{dif_mod or ldm_mod}", param, tuple(names), names[0 if
                             self.family == "sdxl" or not dif_mod else 1]))
             return
