@@ -117,8 +117,9 @@ def _merge_cmd(base, ad, out, *extra) -> list[str]:
 
 
 # (signal, moment) pairs: fresh output (nothing there before) and replacing a previous complete output
-FRESH = [(signal.SIGKILL, "25%"), (signal.SIGINT, "75%"), (signal.SIGTERM, "staged")]
-REPLACE = [(signal.SIGKILL, "written"), (signal.SIGKILL, "renamed"), (signal.SIGTERM, "25%")]
+# the default run: 4 points (the full 36-point matrix is the slow test and bench/robustness_report.py)
+FRESH = [(signal.SIGKILL, "25%"), (signal.SIGINT, "75%")]
+REPLACE = [(signal.SIGKILL, "renamed"), (signal.SIGTERM, "written")]
 SIGNALS = (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)
 FULL = [(s, m) for m in MOMENTS for s in SIGNALS]  # every moment x every signal (slow: ~36 runs)
 
@@ -254,7 +255,7 @@ def run_convert_interruptions(root: Path, ad: Path, points=CONVERT_POINTS) -> li
 
 def test_interrupted_converts_lose_nothing(big):
     root, base, ad = big
-    records = run_convert_interruptions(root, ad, CONVERT_POINTS[:2])
+    records = run_convert_interruptions(root, ad, CONVERT_POINTS[:1])
     bad = [r for r in records if not (r["ok"] and r["swept_next_run"] and r["inputs_identical"])]
     assert not bad, json.dumps(bad, indent=1)
 

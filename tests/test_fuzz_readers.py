@@ -2,7 +2,7 @@
 require either a clean LoraportError or a valid result (read, planned against the base, merged) — never
 another exception, a hang, or an allocation beyond a capped address space.
 
-Default: a bounded, deterministic run (1200 examples split across the readers, at least 100 each).
+Default: a bounded, deterministic run (1000 examples split across the readers, at least 100 each).
 By hand:  LORAPORT_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_readers.py   (random, split across readers)
 A crashing input is copied to $LORAPORT_FUZZ_SAVE (default /tmp/loraport-fuzz-failures); commit it as a
 regression under fixtures/regressions/<name>/ with a case.json (see test_regressions_stay_fixed).
@@ -28,7 +28,7 @@ from loraport.errors import LoraportError
 BY_FORMAT = H.seeds_by_format()
 FORMATS = sorted(BY_FORMAT)
 TOTAL = int(os.environ.get("LORAPORT_FUZZ_EXAMPLES", "0"))
-DEFAULT_TOTAL = 1200  # the bounded default run: ~30 s on 2 cores, split evenly, at least 100 per reader
+DEFAULT_TOTAL = 1000  # the bounded default run: ~25 s on 2 cores, split evenly, at least 100 per reader
 PER_FORMAT = max(TOTAL // max(len(FORMATS), 1), 1) if TOTAL else max(DEFAULT_TOTAL // max(len(FORMATS), 1), 100)
 LONG = TOTAL > 0
 SAVE = Path(os.environ.get("LORAPORT_FUZZ_SAVE", "/tmp/loraport-fuzz-failures"))
