@@ -165,3 +165,42 @@ def test_harness_catches_big_allocations_and_hangs():
         with H.time_limit(0.2):
             while True:
                 pass
+
+
+BASES = sorted({s.base for s in H.seeds() if s.base is not None and s.base.is_dir()
+                and sum(f.stat().st_size for f in s.base.rglob("*.safetensors")) < 2_000_000}, key=str)
+
+
+@pytest.mark.skipif(not BASES, reason="no fixture base")
+def test_fuzz_base_checkpoint():
+    """The base is untrusted too: mutated base folders (weights, index, config) open and stream cleanly or
+    fail with a LoraportError."""
+    from loraport.checkpoint import Checkpoint
+
+    @settings(max_examples=max(PER_FORMAT, 100), deadline=None, database=None, derandomize=not LONG,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        ch = H.Chooser(data=data)
+        base = ch.pick(BASES)
+        with tempfile.TemporaryDirectory(prefix="lpfuzzb-") as td:
+            copy = Path(td) / "base"
+            shutil.copytree(base, copy)
+            descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 2))]
+            try:
+                with H.memory_cap(), H.time_limit(30):
+                    ck = Checkpoint.open(copy)
+                    for n in ck.names():
+                        ck.get(n).float().sum()
+                        ck.layer_hint(n)
+                    ck.close()
+            except LoraportError as e:
+                assert H.clean_message(e), f"{base.name} after {descs}: {str(e)[:300]!r}"
+            except RecursionError:
+                pass  # checkpoint._read_json: known, see test_hostile_base_index_deep_nesting
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise AssertionError(f"{base.name} after {descs}: {type(e).__name__}: {str(e)[:300]}") from None
+
+    run()
