@@ -326,3 +326,23 @@ def test_sd2_layout_openclip_text_encoder(sd1, tmp_path):
     assert max_diff(merged, ref, list(merged)) <= TOL
     changed = {k for k in ref if not torch.equal(ref[k], sf[k])}
     assert set(merged) == changed
+
+
+def test_sdxl_text_projection_is_transposed_in_single_file(sdxl, tmp_path):
+    """OpenCLIP stores text_projection as x @ P (transposed vs the HF Linear): a `lora_te2_text_projection`
+    LoRA lands transposed in the single file and as is in the diffusers folder."""
+    tmp, base, _ = sdxl
+    torch.manual_seed(0)
+    w = base["text_encoder_2.text_projection.weight"]
+    t = {"lora_te2_text_projection.lora_down.weight": torch.randn(2, w.shape[1]),
+         "lora_te2_text_projection.lora_up.weight": torch.randn(w.shape[0], 2),
+         "lora_te2_text_projection.alpha": torch.tensor(1.0)}
+    save_file(t, tmp_path / "proj.safetensors")
+    folder = apply_adapter(load_adapter(tmp_path / "proj.safetensors", base=Checkpoint.open(tmp / "base")),
+                           Checkpoint.open(tmp / "base"))
+    ck1 = Checkpoint.open(tmp / "single.safetensors")
+    single = apply_adapter(load_adapter(tmp_path / "proj.safetensors", base=ck1), ck1)
+    up, down = t["lora_te2_text_projection.lora_up.weight"], t["lora_te2_text_projection.lora_down.weight"]
+    want = w.float() + 0.5 * up @ down  # alpha 1 / rank 2
+    assert (folder["text_encoder_2.text_projection.weight"] - want).abs().max() <= 1e-5
+    assert (single["conditioner.embedders.1.model.text_projection"] - want.t()).abs().max() <= 1e-5
