@@ -178,6 +178,8 @@ def _read_json(p: Path, optional: bool = False):
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInputError(f"{p}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise BadInputError(f"{p}: invalid JSON (nested too deeply)") from None
 
 
 def _folder_shards(folder: Path, rel: str, prefix: str) -> tuple[list[Shard], list[str]]:

@@ -287,8 +287,6 @@ def test_hostile_base_checkpoint(tmp_path):
         assert res.exit_code == 0 or (len(lines) == 1 and not out.exists()), res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint._read_json (lead's) does not catch RecursionError; "
-                   "add it next to JSONDecodeError and drop this marker")
 def test_hostile_base_index_deep_nesting(tmp_path):
     from loraport.cli import main
 

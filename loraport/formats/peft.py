@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
+import threading
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,14 +34,45 @@ _KEY = re.compile(
 )
 
 
-def _pattern_value(patterns: dict, module: str, default):
+class _PatternTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Bound the time spent in user-supplied regexes (a pattern key can backtrack exponentially).
+    SIGALRM interrupts the regex engine; off the main thread there is no guard."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(*_):
+        raise _PatternTimeout
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _pattern_value(patterns: dict, module: str, default, what: str, where: Path):
     """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
     for k, v in patterns.items():
         try:
-            if re.match(rf"(.*\.)?({k})$", module):
-                return v
+            with _time_limit(1.0):
+                hit = re.match(rf"(.*\.)?({k})$", module)
         except re.error:
-            raise BadInputError(f"invalid rank/alpha pattern {k!r} in {CONFIG}") from None
+            raise BadInputError(f"{where / CONFIG}: invalid {what} key {k[:60]!r}") from None
+        except _PatternTimeout:
+            raise BadInputError(f"{where / CONFIG}: {what} key {k[:60]!r} takes too long to match "
+                                "(catastrophic backtracking); refused") from None
+        if hit:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise BadInputError(f"{where / CONFIG}: {what}[{k[:60]!r}] must be a positive number, got {v!r}")
+            return v
     return default
 
 
@@ -143,10 +177,10 @@ class PeftFormat(AdapterFormat):
                 raise BadInputError(f"{wfile}: {mod}: lora_A rank {r} does not match lora_B {list(B.shape)}")
             if A.dim() == 4 and B.shape[1] != r:
                 raise BadInputError(f"{wfile}: {mod}: grouped conv LoRA (groups > 1) is not supported")
-            cfg_r = _pattern_value(rank_pattern, mod, r_default)
+            cfg_r = _pattern_value(rank_pattern, mod, r_default, "rank_pattern", path)
             if cfg_r != r:
                 notes.append(f"{mod}: rank {r} in the weights, {cfg_r} in the config; the weights win")
-            alpha = _pattern_value(alpha_pattern, mod, a_default)
+            alpha = _pattern_value(alpha_pattern, mod, a_default, "alpha_pattern", path)
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             layer = "embedding" if emb else ("conv" if A.dim() > 2 else None)
             deltas.append(LoraDelta(
