@@ -70,3 +70,28 @@ def test_cli_merge_quantize_json_has_the_report(tmp_path):
             "delta_retained", "codes_changed"}
     assert all(keys <= set(r) for r in rows[:-1])
     assert 0.05 < rows[0]["rel_error"] < 0.15 and rows[-1]["delta_retained_median"] > 0.8
+
+
+def test_gpt2_conv1d_stays_16bit_declared_and_loads(tmp_path):
+    """GPT-2's Conv1D weights are left unquantized and listed in llm_int8_skip_modules: transformers keeps
+    them as Conv1D and the model runs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=1, n_head=4, bos_token_id=0,
+                               eos_token_id=0)).to(torch.bfloat16).save_pretrained(base)
+    pm = get_peft_model(quiet_model(base, dtype=torch.float32),
+                        LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                   init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "lora")
+    ref = logits(pm.merge_and_unload())
+    out = tmp_path / "q"
+    merge(base, [tmp_path / "lora"], out, quantize="nf4")
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "transformer.h.0.attn.c_attn" in skip and "lm_head" in skip
+    model = quiet_model(out, device_map="cpu")
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    got = logits(model)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
