@@ -31,7 +31,7 @@ LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
 SIZES: dict[str, tuple[int, int, int, int, int, int, int]] = {
     "tiny": (256, 688, 4, 8, 8, 4096, 4 << 20),  # ~12 MB, for tests
     "400m": (1024, 2816, 12, 16, 16, 32000, 200 << 20),  # ~440 MB, 3 shards
-    "1.5g": (2048, 5632, 12, 32, 8, 32000, 500 << 20),  # ~1.6 GB
+    "1.5g": (2048, 5632, 16, 32, 8, 32000, 500 << 20),  # ~1.7 GB
     "4g": (2560, 6912, 24, 20, 20, 32000, 2 << 30),  # ~4.1 GB
     "8b": (4096, 14336, 32, 32, 8, 128256, 5 << 30),  # Llama-3-8B shaped, ~16 GB
 }
@@ -224,7 +224,7 @@ def run_child(label: str, argv: list[str], *, mem_limit: int | None = None, time
     th.join()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return Run(label, p.returncode, wall, peak[0], peak[1], out, err, cpu)
+    return Run(label, p.returncode, wall, peak[0], peak[1], cpu=cpu, out=out, err=err)
 
 
 def gib(n: float) -> str:
