@@ -471,7 +471,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
     from loraport.formats import load_adapter
 
-    loaded = [(load_adapter(a, format=adapter_format, base=ckpt), w) for a, w in adapters]
+    loaded = [(load_adapter(a, format=adapter_format, base=ckpt, strict=strict), w) for a, w in adapters]
     from loraport.finite import check_adapters, check_mode
 
     warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
@@ -758,11 +758,15 @@ def _write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_
         dst = stage / (name if d in ("", ".") else f"{d}/{name}")
         dst.write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
     cfg_path = stage / "config.json"
-    if cfg_path.is_file() and (out_dtype is not None or quantizer is not None):
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return
+    rewritten = getattr(ckpt, "config_rewritten", False)  # e.g. a dequantized base drops quantization_config
+    if cfg_path.is_file() and (out_dtype is not None or quantizer is not None or rewritten):
+        if rewritten:
+            cfg = dict(ckpt.config)
+        else:
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                return
         if out_dtype is not None:
             name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[out_dtype]
             for k in ("torch_dtype", "dtype"):

@@ -66,8 +66,6 @@ def test_bnb_base_to_16bit_equals_merging_into_dequantized_weights(tmp_path):
         assert torch.equal(g, v.to(torch.bfloat16)), k
 
 
-@pytest.mark.xfail(reason="needs the merge.py change in the quant report: write ckpt.config when "
-                          "ckpt.config_rewritten", strict=False)
 def test_bnb_base_to_16bit_config_has_no_quantization_config(tmp_path):
     out = tmp_path / "merged"
     merge(NF4_DQ, [LORA], out)
