@@ -170,6 +170,7 @@ class Run:
     anon: int  # peak RssAnon, bytes (sampled)
     hwm: int  # peak VmHWM, bytes (file-backed mapped pages included)
     cpu: float = 0.0  # user + system CPU seconds of the child (exact: RUSAGE_CHILDREN before/after)
+    gpu: dict | None = None  # GPU utilisation samples, when a CUDA row
     out: str = ""
     err: str = ""
 

@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PY, ROOT, SIZES, build_adapter, build_base, drop_written, gib, run_child, table, warm  # noqa: E402
 
-ALL_ROWS = ("copy", "loraport", "loraport-nomanifest", "loraport-x8", "loraport-nf4", "peft")
+ALL_ROWS = ("copy", "loraport", "loraport-nomanifest", "loraport-x8", "loraport-nf4", "peft", "loraport-cuda",
+            "loraport-x8-cuda")
+DEFAULT_ROWS = ALL_ROWS[:6]
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -86,8 +88,44 @@ def child_peft(base: str, adapter: str, out: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _argv_loraport(base: Path, adapters: list[Path], out: Path, extra: list[str]) -> list[str]:
-    argv = [PY, __file__, "--child", "loraport", "merge", "--base", str(base), "--out", str(out), "--device", "cpu",
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class GpuSampler:
+    """GPU utilisation while a row runs: `nvidia-smi -lms 100` in the background (else no figure)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.p, self.vals = enabled, None, []
+
+    def __enter__(self):
+        if self.enabled and shutil.which("nvidia-smi"):
+            import subprocess
+
+            self.p = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                       "-i", "0", "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.terminate()
+            out, _ = self.p.communicate()
+            self.vals = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+        return False
+
+    def summary(self) -> dict | None:
+        if not self.enabled:
+            return None
+        if not self.vals:
+            return {"how": "nvidia-smi unavailable"}
+        return {"mean": round(sum(self.vals) / len(self.vals), 1), "max": max(self.vals), "samples": len(self.vals),
+                "how": "nvidia-smi every 100 ms"}
+
+
+def _argv_loraport(base: Path, adapters: list[Path], out: Path, extra: list[str], device: str = "cpu") -> list[str]:
+    argv = [PY, __file__, "--child", "loraport", "merge", "--base", str(base), "--out", str(out), "--device", device,
             "--json"]
     for a in adapters:
         argv += ["--adapter", str(a)]
@@ -116,7 +154,7 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, repeat: i
     nbytes = build_base(base, size)
     abytes = build_adapter(ad, size, rank)
     extra_ads = []
-    if "loraport-x8" in rows:
+    if "loraport-x8" in rows or "loraport-x8-cuda" in rows:
         for i in range(1, 8):
             extra_ads.append(tmp / f"adapter-{size}-{i}")
             build_adapter(extra_ads[-1], size, rank, seed=100 + i)
@@ -126,7 +164,11 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, repeat: i
     merged_lp = tmp / f"out-{size}-loraport"
     for row in rows:
         out = tmp / f"out-{size}-{row}"
-        ads = [ad, *extra_ads] if row == "loraport-x8" else [ad]
+        ads = [ad, *extra_ads] if row.startswith("loraport-x8") else [ad]
+        cuda = row.endswith("-cuda")
+        if cuda and not _has_cuda():
+            res.append({"size": size, "row": row, "na": "n/a (no CUDA here)"})
+            continue
         warm([base, *ads])
         if row == "copy":
             argv = [PY, __file__, "--child", "copy", str(base), str(out)]
@@ -142,14 +184,16 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, repeat: i
                 except Exception as e:  # noqa: BLE001 - the quantizer is optional here: report n/a
                     res.append({"size": size, "row": row, "na": f"n/a ({e})"})
                     continue
-            argv = _argv_loraport(base, ads, out, extra)
+            argv = _argv_loraport(base, ads, out, extra, "cuda" if cuda else "cpu")
         print(f"[{size}] {row} ...", file=sys.stderr)
         runs = []
         for i in range(repeat):
             if i:
                 drop_written(out)
                 warm([base, *ads])
-            runs.append(run_child(row, argv, mem_limit=peft_limit if row == "peft" else None))
+            with GpuSampler(enabled=cuda) as gpu:
+                runs.append(run_child(row, argv, mem_limit=peft_limit if row == "peft" else None))
+            runs[-1].gpu = gpu.summary()
             if runs[-1].rc != 0:
                 break
         r = min(runs, key=lambda x: (x.rc != 0, x.wall))
@@ -159,6 +203,8 @@ def bench_size(size: str, tmp: Path, rows: list[str], peft_limit: int, repeat: i
                "cpu": r.cpu, "cpu_net": r.cpu - min(x.cpu for x in sts),
                "anon": max(x.anon for x in runs), "hwm": max(x.hwm for x in runs), "bytes": nbytes,
                "walls": [round(x.wall, 3) for x in runs]}
+        if cuda:
+            ent["gpu"] = r.gpu
         if r.rc != 0:
             last = (r.err.strip().splitlines() or ["?"])[-1]
             ent["failed"] = last[:160]
@@ -216,6 +262,12 @@ def report(res: list[dict]) -> str:
                             "(target < 1.5)"])
                 rat.append(["8 adapters / 1 adapter (cpu net)",
                             f"{rs['loraport-x8']['cpu_net'] / max(lp['cpu_net'], 1e-9):.3f}", ""])
+            for c, one in (("loraport-cuda", "loraport"), ("loraport-x8-cuda", "loraport-x8")):
+                if ok(c):
+                    g = rs[c].get("gpu") or {}
+                    rat.append([f"{c} / cpu (net)", f"{rs[c]['net'] / rs[one]['net']:.3f}" if ok(one) else "-",
+                                f"{rs[c]['bytes'] / rs[c]['net'] / 1e9:.2f} GB/s; GPU util mean {g.get('mean', '?')}% "
+                                f"max {g.get('max', '?')}% ({g.get('how', 'no sampler')})"])
             if ok("loraport-nf4"):
                 rat.append(["nf4 / fp16 merge (wall)", f"{rs['loraport-nf4']['wall'] / lp['wall']:.3f}",
                             "(target < 1.5)"])
@@ -233,7 +285,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", action="append", choices=[s for s in SIZES if s != "tiny"] + ["tiny"],
                     help="model size (repeatable; default 400m)")
-    ap.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated subset of {', '.join(ALL_ROWS)}")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help=f"comma-separated subset of {', '.join(ALL_ROWS)} (default: all but the CUDA rows)")
     ap.add_argument("--tmp", default=None, help="where to build the models (default: a temp dir)")
     ap.add_argument("--peft-mem-limit", default="20GB", help="RLIMIT_AS for the PEFT child")
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported (a shared, "
