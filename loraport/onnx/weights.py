@@ -31,6 +31,7 @@ class WeightSource:
             (a if isinstance(a, Adapter) else load_adapter(a, base=self.ckpt), float(w)) for a, w in adapters
         ]
         # the multi-LoRA graph keeps the base weights unmerged; the adapters only go to .onnx_adapter files
+        self._files: dict[str, object] = {}
         self.plan = build_plan(self.ckpt, self.adapters if merge else [], strict=strict)
 
     # names -----------------------------------------------------------------------------------------
@@ -58,7 +59,30 @@ class WeightSource:
         if ck_name is None:
             raise BadInputError(f"{self.base_path}: the model built from config.json has a weight {name!r} that "
                                 "the checkpoint does not contain (config and weights disagree?)")
-        return merged_tensor(self.plan, ck_name, self.device)
+        return merged_tensor(self.plan, ck_name, self.device, base_tensor=self._read(ck_name))
+
+    def _read(self, name: str) -> torch.Tensor | None:
+        """The base tensor read into private memory (not through the memory map): pages of a mapped file count
+        in the process's resident set until unmapped, so reading a whole model through the map would make the
+        export's peak RSS grow with the model."""
+        try:
+            sh, key = self.ckpt.shard_of(name)
+            info = sh.file.tensors[key]
+        except (AttributeError, KeyError):
+            return None  # not a plain safetensors checkpoint (e.g. a dequantizing view): let the engine read it
+        f = self._files.get(sh.relpath)
+        if f is None:
+            f = self._files[sh.relpath] = open(sh.file.path, "rb")
+        buf = bytearray(info.nbytes)
+        f.seek(info.begin)
+        if f.readinto(buf) != info.nbytes:
+            raise BadInputError(f"{sh.file.path}: truncated while reading {name}")
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self.ckpt.close()
