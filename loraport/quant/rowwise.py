@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from loraport.quant.blockwise import run_chunks
+
 INV127 = 7.874015718698502e-3  # the fp64 constant bitsandbytes multiplies by
 FP16_MAX = 65504.0
-_ROWS_ELEMS = 1 << 18
+_SERIAL = 1 << 15  # elements per CPU chunk (see blockwise.run_chunks)
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -23,15 +25,32 @@ def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = W.shape
     CB = torch.empty((rows, cols), dtype=torch.int8, device=W.device)
     SCB = torch.empty(rows, dtype=torch.float32, device=W.device)
-    step = max(1, _ROWS_ELEMS // max(cols, 1)) if W.device.type == "cpu" else max(rows, 1)
-    for r in range(0, rows, step):
-        a = W[r:r + step].to(torch.float16)
-        stats = a.abs().amax(dim=1).float()
+    cpu = W.device.type == "cpu"
+    step = max(1, _SERIAL // max(cols, 1)) if cpu else max(rows, 1)
+
+    def job(r: int, work: tuple | None = None) -> None:
+        k = min(step, rows - r)
+        if work is None:
+            a = W[r:r + k].to(torch.float16)
+            stats = a.abs().amax(dim=1).float()
+            scaled = a.float()
+        else:  # reused buffers
+            h, f = work[0][: k * cols].view(k, cols), work[1][: k * cols].view(k, cols)
+            a = h.copy_(W[r:r + k])
+            scaled = f.copy_(a)
+            stats = torch.abs(scaled).amax(dim=1)  # |fp16| is exact in fp32
         # fp16 -> fp32 is exact, so this is the peer's fp16 * fp32 product; a zero row: 0 * (127 / tiny) = 0,
         # the zeros the peer produces (from 0 * inf)
-        scaled = a.float().mul_((127.0 / stats.clamp(min=_TINY)).unsqueeze(1))
-        CB[r:r + step].copy_(scaled.round_())
-        SCB[r:r + step] = stats
+        scaled.mul_((127.0 / stats.clamp(min=_TINY)).unsqueeze(1))
+        CB[r:r + k].copy_(scaled.round_())
+        SCB[r:r + k] = stats
+
+    if cpu:
+        n = step * cols
+        run_chunks(range(0, rows, step), job,
+                   lambda: (torch.empty(n, dtype=torch.float16), torch.empty(n, dtype=torch.float32)))
+    else:
+        job(0)
     return CB, SCB
 
 
