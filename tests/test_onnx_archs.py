@@ -8,7 +8,7 @@ import torch
 
 from tests._onnx_util import export_kw, feeds, max_abs, ort_run, peft_logits, workdir
 
-COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
 FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),

@@ -138,3 +138,32 @@ def test_fp16_export_runs_close_to_fp32():
     o = ort_run(out / "model.onnx", f).astype(np.float32)
     ref = peft_logits(LLAMA, PLAIN, f)
     assert max_abs(o, ref) <= 2e-2 * max(1.0, np.abs(ref).max())
+
+
+def test_deep_model_traced_with_two_layers_and_cloned():
+    """A 5-layer model is traced with 2 decoder layers and layer 1's subgraph cloned for layers 2-4: the
+    result must still equal PEFT, at several shapes."""
+    import peft
+    import torch
+    import transformers
+
+    d = workdir("deep")
+    if not (d / "lora" / "adapter_config.json").is_file():
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        torch.manual_seed(1)
+        m = transformers.AutoModelForCausalLM.from_config(cfg)
+        m.save_pretrained(d / "base")
+        pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    init_lora_weights=False))
+        pm.save_pretrained(d / "lora")
+    from loraport.onnx import export_onnx
+
+    rep = export_onnx(d / "base", [(d / "lora", 1.0)], d / "onnx", overwrite=True)
+    assert any("cloned" in n for n in rep["notes"])
+    m = onnx.load(str(d / "onnx" / "model.onnx"), load_external_data=False)
+    assert {t.name for t in m.graph.initializer} >= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(5)}
+    for shape in ((2, 9), (1, 15)):
+        f = feeds(*shape, seed=shape[1])
+        ref = peft_logits(d / "base", d / "lora", f)
+        assert max_abs(ort_run(d / "onnx" / "model.onnx", f), ref) <= 1e-4

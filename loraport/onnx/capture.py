@@ -161,12 +161,34 @@ def _forward_inputs(model) -> list[str]:
 
 
 def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: dict | None = None,
-            with_past: bool = False) -> Captured:
+            with_past: bool = False, replicate: bool = True) -> Captured:
     """Trace the model for `config` once, weights-free. `lora_targets` (weight name -> (in, out)) adds
-    multi-LoRA branches."""
+    multi-LoRA branches. With `replicate`, a model whose decoder layers are all alike is traced with two
+    layers and layer 1's subgraph is cloned for the rest (tracing cost no longer grows with depth)."""
     if with_past:
         raise BadInputError("--with-past (KV-cache inputs/outputs) is not supported yet: transformers 5's "
                             "DynamicCache does not pass torch.export; export without it")
+    from loraport.onnx.replicate import layer_count_key, replicate_layers, uniform_layers
+
+    key = layer_count_key(config)
+    n_layers = int(config.get(key) or 0) if key else 0
+    if replicate and not lora_targets and n_layers > 2 and uniform_layers(config):
+        cap = capture(_with_layers(config, key, 2), dtype, opset, None, with_past, replicate=False)
+        if replicate_layers(cap, n_layers):
+            cap.notes.append(f"traced 2 of {n_layers} identical decoder layers; layer 1 cloned for the rest")
+            return cap
+    return _capture(config, dtype, opset, lora_targets)
+
+
+def _with_layers(config: dict, key: str, n: int) -> dict:
+    c = dict(config)
+    c[key] = n
+    if isinstance(c.get("layer_types"), list):
+        c["layer_types"] = c["layer_types"][:n]
+    return c
+
+
+def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None) -> Captured:
     model = build_skeleton(config, dtype)
     slots = add_lora_slots(model, lora_targets) if lora_targets else []
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}

@@ -1,0 +1,136 @@
+"""Clone a traced decoder layer: trace a model with 2 decoder layers, then repeat layer 1's subgraph for
+layers 2..L-1. Tracing cost is then independent of depth, which is most of the export time.
+
+Layer 1's nodes are the ones whose `pkg.torch.onnx.name_scopes` metadata contains `<layers>.1`. Layer 1 must
+take exactly one value from layer 0 (the hidden state) and give exactly one value to what follows (the final
+norm's input); everything else it reads (rotary cos/sin, the attention mask, its own weights) is shared or
+renamed. Any doubt (a node without scope, nested graphs, several carried values) leaves the full trace.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from loraport.onnx.capture import Captured, InitSpec
+
+SCOPES = "pkg.torch.onnx.name_scopes"
+# per-layer structure switches: a model using any of these non-uniformly is traced in full
+_NONUNIFORM_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "mlp_only_layers", "first_k_dense_replace",
+                    "decoder_sparse_step", "cross_attention_layers", "no_rope_layers", "sliding_window_pattern")
+
+
+def layer_count_key(config: dict) -> str | None:
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(k), int):
+            return k
+    return None
+
+
+def uniform_layers(config: dict) -> bool:
+    lt = config.get("layer_types")
+    if isinstance(lt, list) and len(set(map(str, lt))) > 1:
+        return False
+    if config.get("use_sliding_window") and config.get("max_window_layers") not in (None, 0):
+        return False
+    return not any(config.get(k) for k in _NONUNIFORM_KEYS)
+
+
+def _scopes(node) -> list[str] | None:
+    for p in node.metadata_props:
+        if p.key == SCOPES:
+            try:
+                v = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            return v if isinstance(v, list) else None
+    return None
+
+
+def replicate_layers(cap: Captured, n_layers: int) -> bool:
+    """Extend `cap` (traced with 2 layers) to `n_layers` in place. False (and `cap` unchanged) if unsafe."""
+    names = [i.name for i in cap.inits]
+    prefix = None
+    for n in names:
+        m = re.match(r"^(.+)\.1\.", n)
+        if m and any(x.startswith(m.group(1) + ".0.") for x in names):
+            prefix = m.group(1)
+            break
+    if prefix is None:
+        return False
+    l0, l1 = f"{prefix}.0", f"{prefix}.1"
+    g = cap.proto.graph
+    nodes = list(g.node)
+    member = []
+    for n in nodes:
+        s = _scopes(n)
+        if s is None:
+            return False
+        member.append(1 if l1 in s else 0 if l0 in s else -1)
+        if any(a.type in (5, 10) for a in n.attribute):  # GRAPH / GRAPHS attributes
+            if member[-1] >= 0:
+                return False
+    idx1 = [i for i, m in enumerate(member) if m == 1]
+    if not idx1:
+        return False
+    produced1 = {o for i in idx1 for o in nodes[i].output if o}
+    # constants the exporter deduplicated across layers are shared, not carried
+    produced0 = {o for i, m in enumerate(member) if m == 0 and not (nodes[i].op_type == "Constant"
+                                                                    and not nodes[i].input)
+                 for o in nodes[i].output if o}
+    carry_in = {x for i in idx1 for x in nodes[i].input if x and x not in produced1 and x in produced0}
+    used_outside = {x for i, m in enumerate(member) if m != 1 for x in nodes[i].input}
+    graph_outs = {o.name for o in g.output}
+    carry_out = {o for o in produced1 if o in used_outside or o in graph_outs}
+    if len(carry_in) != 1 or len(carry_out) != 1 or carry_out & graph_outs:
+        return False
+    if idx1 != list(range(idx1[0], idx1[-1] + 1)):
+        return False  # layer 1 must be one contiguous block in topological order
+    (cin,), (cout,) = carry_in, carry_out
+    scope_re = re.compile(r"'" + re.escape(l1) + r"(?=['.])")
+    clones = []
+    prev_out = cout
+    for k in range(2, n_layers):
+        ren = {o: f"{o}__layer{k}" for o in produced1}
+        for i in idx1:
+            src = nodes[i]
+            n = type(src)()
+            n.CopyFrom(src)
+            n.name = f"{src.name}__layer{k}" if src.name else ""
+            for j, x in enumerate(n.input):
+                if x == cin:
+                    n.input[j] = prev_out
+                elif x in ren:
+                    n.input[j] = ren[x]
+                elif x.startswith(l1 + "."):
+                    n.input[j] = f"{prefix}.{k}." + x[len(l1) + 1:]
+            for j, o in enumerate(n.output):
+                if o:
+                    n.output[j] = ren[o]
+            for p in n.metadata_props:
+                if p.key == SCOPES:
+                    p.value = scope_re.sub(f"'{prefix}.{k}", p.value)
+            clones.append(n)
+        prev_out = ren[cout]
+    after = nodes[idx1[-1] + 1:]
+    for n in after:
+        for j, x in enumerate(n.input):
+            if x == cout:
+                n.input[j] = prev_out
+    new_nodes = nodes[: idx1[-1] + 1] + clones + after
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.value_info[:]
+    layer1 = [s for s in cap.inits if s.name.startswith(l1 + ".")]
+    out: list[InitSpec] = []
+    for s in cap.inits:
+        out.append(s)
+        if layer1 and s is layer1[-1]:
+            for k in range(2, n_layers):
+                for s1 in layer1:
+                    new = f"{prefix}.{k}." + s1.name[len(l1) + 1:]
+                    out.append(InitSpec(new, s1.onnx_dtype, s1.shape))
+                    if s1.name in cap.buffers:
+                        cap.buffers[new] = cap.buffers[s1.name]
+    cap.inits[:] = out
+    return True
