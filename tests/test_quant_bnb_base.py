@@ -70,6 +70,9 @@ def test_bnb_base_to_16bit_config_has_no_quantization_config(tmp_path):
     out = tmp_path / "merged"
     merge(NF4_DQ, [LORA], out)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = quiet_model(out, device_map="cpu")  # a plain 16-bit model again
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
 def test_requantizing_a_quantized_base_erases_the_adapter_and_fp16_base_keeps_it(tmp_path):
