@@ -115,7 +115,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                         t = cap.buffers[spec.name].to(ONNX_TO_TORCH[spec.onnx_dtype])
                         inits.append(writer.add(spec.name, t, spec.onnx_dtype, spec.shape))
                         continue
-                    W = src.merged(spec.name)
+                    W = src.merged(spec.name, None if spec.name in qentries else ONNX_TO_TORCH[spec.onnx_dtype])
                     if tuple(W.shape) != spec.shape:
                         if W.numel() != torch.Size(spec.shape).numel():
                             raise BadInputError(f"{spec.name}: checkpoint shape {list(W.shape)} != model shape "

@@ -51,15 +51,19 @@ class WeightSource:
                     return emb
         return None
 
-    def merged(self, name: str) -> torch.Tensor:
-        """fp32 merged tensor for model parameter `name`."""
+    def merged(self, name: str, want: torch.dtype | None = None) -> torch.Tensor:
+        """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
+        stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer)."""
         from loraport.merge import merged_tensor
 
         ck_name = self.checkpoint_name(name)
         if ck_name is None:
             raise BadInputError(f"{self.base_path}: the model built from config.json has a weight {name!r} that "
                                 "the checkpoint does not contain (config and weights disagree?)")
-        return merged_tensor(self.plan, ck_name, self.device, base_tensor=self._read(ck_name))
+        raw = self._read(ck_name)
+        if raw is not None and ck_name not in self.plan.updates and raw.dtype == want:
+            return raw
+        return merged_tensor(self.plan, ck_name, self.device, base_tensor=raw)
 
     def _read(self, name: str) -> torch.Tensor | None:
         """The base tensor read into private memory (not through the memory map): pages of a mapped file count
