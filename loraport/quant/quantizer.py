@@ -118,7 +118,8 @@ class BnbQuantizer:
             rel, snr = rel_error(W, deq)
             row.update(rel_error=finite(rel), snr_db=finite(snr))
             if base32 is not None:
-                B = base32 if rows is None else base32.index_select(0, rows)
+                # any float dtype: only the sampled rows are upcast
+                B = (base32 if rows is None else base32.index_select(0, rows)).to(W.device, torch.float32)
                 deq_b, codes_b = self._reconstruct(self._quantize(name, B)[1], None)
                 delta = W - B
                 surv = delta_survival(deq, deq_b, delta)
