@@ -167,3 +167,10 @@ def test_deep_model_traced_with_two_layers_and_cloned():
         f = feeds(*shape, seed=shape[1])
         ref = peft_logits(d / "base", d / "lora", f)
         assert max_abs(ort_run(d / "onnx" / "model.onnx", f), ref) <= 1e-4
+    multi = export_onnx(d / "base", [(d / "lora", 1.0)], d / "onnx-multi", multi_lora=True, overwrite=True)
+    assert any("cloned" in n for n in multi["notes"]) and multi["lora_slots"] == 5 * 7
+    f = feeds(2, 7, seed=3)
+    model = d / "onnx-multi" / "model.onnx"
+    assert max_abs(ort_run(model, f), peft_logits(d / "base", None, f)) <= 1e-5
+    assert max_abs(ort_run(model, f, d / "onnx-multi" / "adapters" / "lora.onnx_adapter"),
+                   peft_logits(d / "base", d / "lora", f)) <= 1e-4

@@ -11,6 +11,7 @@ initializers it expects (name, ONNX dtype, shape) and the buffer values.
 from __future__ import annotations
 
 import contextlib
+import re
 import inspect
 import logging
 import warnings
@@ -172,12 +173,38 @@ def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: di
 
     key = layer_count_key(config)
     n_layers = int(config.get(key) or 0) if key else 0
-    if replicate and not lora_targets and n_layers > 2 and uniform_layers(config):
-        cap = capture(_with_layers(config, key, 2), dtype, opset, None, with_past, replicate=False)
-        if replicate_layers(cap, n_layers):
-            cap.notes.append(f"traced 2 of {n_layers} identical decoder layers; layer 1 cloned for the rest")
-            return cap
+    if replicate and n_layers > 2 and uniform_layers(config):
+        small = _two_layer_targets(lora_targets, n_layers) if lora_targets else None
+        if not lora_targets or small is not None:
+            cap = _capture(_with_layers(config, key, 2), dtype, opset, small)
+            if replicate_layers(cap, n_layers):
+                cap.notes.append(f"traced 2 of {n_layers} identical decoder layers; layer 1 cloned for the rest")
+                return cap
     return _capture(config, dtype, opset, lora_targets)
+
+
+_LAYER = re.compile(r"^(.*?(?:layers|h|blocks))\.(\d+)\.(.+)$")
+
+
+def _two_layer_targets(targets: dict, n_layers: int) -> dict | None:
+    """LoRA targets for a 2-layer trace when layers 1..L-1 carry the same slots (else None: trace in full)."""
+    per: dict[int, dict[str, tuple]] = {}
+    other = {}
+    for t, dims in targets.items():
+        m = _LAYER.match(t)
+        if m:
+            per.setdefault(int(m.group(2)), {})[m.group(1) + "|" + m.group(3)] = dims
+        else:
+            other[t] = dims
+    first = per.get(1)
+    if not first or any(per.get(i) != first for i in range(1, n_layers)):
+        return None
+    small = dict(other)
+    for i in (0, 1):
+        for k, dims in per.get(i, {}).items():
+            pre, rest = k.split("|", 1)
+            small[f"{pre}.{i}.{rest}"] = dims
+    return small
 
 
 def _with_layers(config: dict, key: str, n: int) -> dict:

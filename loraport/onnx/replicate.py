@@ -133,4 +133,11 @@ def replicate_layers(cap: Captured, n_layers: int) -> bool:
                     if s1.name in cap.buffers:
                         cap.buffers[new] = cap.buffers[s1.name]
     cap.inits[:] = out
+    from dataclasses import replace
+
+    slots1 = [s for s in cap.lora_slots if s.module.startswith(l1 + ".")]
+    for k in range(2, n_layers):
+        for s in slots1:
+            target = re.sub(r"((?:^|\.)(?:layers|h|blocks)\.)1\.", rf"\g<1>{k}.", s.target, count=1)
+            cap.lora_slots.append(replace(s, module=f"{prefix}.{k}." + s.module[len(l1) + 1:], target=target))
     return True
