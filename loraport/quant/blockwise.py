@@ -244,10 +244,12 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     blocks = (torch.nn.functional.pad(A, (0, pad)) if pad else A).view(nb, bs)
     nested = blocks.abs().amax(dim=1)
     v = (blocks * (1.0 / nested).unsqueeze(1)).clamp_(-1.0, 1.0)
-    t = ((v + 1.0) * 0.5) * 65535.0 + 0.5
-    idx = t.nan_to_num_(0.0).to(torch.int32).clamp_(0, 65535)
-    q = _dynamic_lut().to(A.device)[idx.long()]
-    q = torch.where((nested == 0).unsqueeze(1), torch.zeros_like(q), q)
+    v.add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5)  # the peer's order of fp32 operations, in place
+    idx = v.nan_to_num_(0.0).to(torch.int32).clamp_(0, 65535).view(-1)
+    q = _dynamic_lut().to(A.device).index_select(0, idx).view(nb, bs)
+    zero = nested == 0
+    if bool(zero.any()):
+        q[zero] = 0
     return q.reshape(-1)[:n].contiguous(), nested, offset
 
 
