@@ -44,7 +44,7 @@ def export(base: str, adapters: tuple[tuple[str, float], ...], **kw) -> Path:
     from loraport.onnx import export_onnx
 
     opts = [f"{k}={v}" for k, v in sorted(kw.items())]
-    key = "-".join([Path(base).name, *[Path(a).name for a, _ in adapters], *opts])
+    key = "-".join([Path(base).parent.name, Path(base).name, *[Path(a).name for a, _ in adapters], *opts])
     out = _WORK / "exports" / key
     out.parent.mkdir(exist_ok=True)
     export_onnx(base, list(adapters), out, **kw)
