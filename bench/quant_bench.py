@@ -45,7 +45,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, weights, repeats: int = 3):
+def timed(fn, weights, repeats: int = 5):
     """Best of `repeats` passes over all weights (after a warm-up call), and the outputs of the last pass."""
     fn(weights[0])  # warm-up (tables, allocator)
     best = float("inf")
