@@ -117,31 +117,36 @@ def run_child(route: str, base: Path, adapter: Path, out: Path, extra: str = "")
     return d
 
 
-def latency(model: Path, adapter: Path | None, seq: int, runs: int) -> float:
+def latencies(cases: dict[str, tuple[Path, Path | None]], seq: int, runs: int) -> dict[str, float]:
+    """Median ORT CPU latency per case; the cases are run round-robin so machine load hits them alike."""
     import numpy as np
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in s.get_inputs()}
-    f = {"input_ids": np.zeros((1, seq), np.int64), "attention_mask": np.ones((1, seq), np.int64),
-         "position_ids": np.arange(seq, dtype=np.int64)[None]}
-    f = {k: v for k, v in f.items() if k in names}
-    ro = None
-    if adapter is not None:
-        a = ort.LoraAdapter()
-        a.Load(str(adapter))
-        ro = ort.RunOptions()
-        ro.add_active_adapter(a)
-    for _ in range(2):
-        s.run(None, f, ro)
-    ts = []
+    live = {}
+    for name, (model, adapter) in cases.items():
+        s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in s.get_inputs()}
+        f = {"input_ids": np.zeros((1, seq), np.int64), "attention_mask": np.ones((1, seq), np.int64),
+             "position_ids": np.arange(seq, dtype=np.int64)[None]}
+        f = {k: v for k, v in f.items() if k in names}
+        a = ro = None
+        if adapter is not None:
+            a = ort.LoraAdapter()
+            a.Load(str(adapter))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(a)
+        live[name] = (s, f, ro, a)  # keep the adapter referenced while its RunOptions is used
+        for _ in range(2):
+            s.run(None, f, ro)
+    ts: dict[str, list[float]] = {n: [] for n in cases}
     for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, f, ro)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for name, (s, f, ro, _a) in live.items():
+            t = time.perf_counter()
+            s.run(None, f, ro)
+            ts[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in ts.items()}
 
 
 def main() -> None:
@@ -183,10 +188,11 @@ def main() -> None:
         print(f"loraport / plain: time {o['seconds'] / p['seconds']:.2f}x, "
               f"peak RSS {o['peak_rss'] / p['peak_rss']:.2f}x (goal <= 0.5x, <= 0.3x)")
     if a.size != "8b":
-        lm = latency(work / "onnx-merged" / "model.onnx", None, a.seq, a.runs)
         multi = work / "onnx-multi"
-        lm_multi = latency(multi / "model.onnx", multi / "adapters" / "adapter.onnx_adapter", a.seq, a.runs)
-        lm_none = latency(work / "onnx-multi" / "model.onnx", None, a.seq, a.runs)
+        lat = latencies({"merged": (work / "onnx-merged" / "model.onnx", None),
+                         "multi": (multi / "model.onnx", multi / "adapters" / "adapter.onnx_adapter"),
+                         "none": (multi / "model.onnx", None)}, a.seq, a.runs)
+        lm, lm_multi, lm_none = lat["merged"], lat["multi"], lat["none"]
         print(f"\nORT CPU latency, batch 1 x seq {a.seq}, median of {a.runs}:")
         print(f"  merged graph                    {lm * 1e3:8.1f} ms")
         print(f"  multi-LoRA graph, adapter on    {lm_multi * 1e3:8.1f} ms  ({lm_multi / lm:.2f}x merged)")
