@@ -236,21 +236,36 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     all-zero group gets code 0."""
     absmax = absmax.to(torch.float32)
     offset = absmax.cpu().mean().to(absmax.device)  # one reduction order on every device: same codes as on CPU
-    A = absmax - offset
-    n = A.numel()
+    n = absmax.numel()
     bs = NESTED_BLOCKSIZE
     nb = -(-n // bs)
-    pad = nb * bs - n
-    blocks = (torch.nn.functional.pad(A, (0, pad)) if pad else A).view(nb, bs)
-    nested = blocks.abs().amax(dim=1)
-    v = (blocks * (1.0 / nested).unsqueeze(1)).clamp_(-1.0, 1.0)
-    v.add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5)  # the peer's order of fp32 operations, in place
-    idx = v.nan_to_num_(0.0).to(torch.int32).clamp_(0, 65535).view(-1)
-    q = _dynamic_lut().to(A.device).index_select(0, idx).view(nb, bs)
-    zero = nested == 0
-    if bool(zero.any()):
-        q[zero] = 0
-    return q.reshape(-1)[:n].contiguous(), nested, offset
+    q = torch.empty(nb * bs, dtype=torch.uint8, device=absmax.device)
+    nested = torch.empty(nb, dtype=torch.float32, device=absmax.device)
+    lut = _dynamic_lut().to(absmax.device)
+    groups = max(1, _SERIAL // bs) if absmax.device.type == "cpu" else nb
+
+    def job(g: int, _work=None) -> None:
+        h = min(g + groups, nb)
+        a = absmax[g * bs: h * bs] - offset
+        if a.numel() < (h - g) * bs:
+            a = torch.nn.functional.pad(a, (0, (h - g) * bs - a.numel()))
+        blocks = a.view(h - g, bs)
+        m = nested[g:h]
+        torch.amax(blocks.abs(), dim=1, out=m)
+        v = blocks.mul_((1.0 / m).unsqueeze(1)).clamp_(-1.0, 1.0)
+        v.add_(1.0).mul_(0.5).mul_(65535.0).add_(0.5)  # the peer's order of fp32 operations, in place
+        idx = v.nan_to_num_(0.0).to(torch.int32).clamp_(0, 65535).view(-1)
+        out = q[g * bs: h * bs]
+        torch.index_select(lut, 0, idx, out=out)
+        zero = m == 0
+        if bool(zero.any()):
+            out.view(h - g, bs)[zero] = 0
+
+    if absmax.device.type == "cpu":
+        run_chunks(range(0, nb, groups), job, lambda: None)
+    else:
+        job(0)
+    return q[:n], nested, offset
 
 
 def dequantize_absmax(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: float | torch.Tensor,
