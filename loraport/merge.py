@@ -630,7 +630,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) if quantizer else None
         if q is not None:
             w32 = merged if merged is not None else t.to(dev, torch.float32)
-            b32 = t.to(dev, torch.float32) if merged is not None else None
+            b32 = t if merged is not None else None  # the quantizer upcasts only the rows it samples
             outs = list(quantizer.quantize(name, w32, base32=b32).values())
         else:
             src = merged if merged is not None else t
