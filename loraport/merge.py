@@ -469,6 +469,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
             quantizer = get_quantizer(quantize, **(quant_options or {}))
 
     ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
+    if quantizer is not None and hasattr(quantizer, "bind"):
+        quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     from loraport.formats import load_adapter
 
     loaded = [(load_adapter(a, format=adapter_format, base=ckpt, strict=strict), w) for a, w in adapters]

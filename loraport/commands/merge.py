@@ -81,9 +81,10 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
         err.print(f"[yellow]warning:[/yellow] {escape(w)}", markup=True)
     if report.get("skipped_targets"):
         err.print(f"[yellow]skipped {len(report['skipped_targets'])} unmatched target(s)[/yellow]")
-    for q in report.get("quantization", []) or []:
-        if isinstance(q, dict) and q.get("warning"):
-            err.print(f"[yellow]warning:[/yellow] {q['warning']}")
+    if report.get("quantization"):
+        from loraport.quant.report import format_table
+
+        err.print(escape(format_table(report["quantization"])), markup=True)
     err.print(f"merged {len(report['adapters'])} adapter(s) into {report.get('tensors_updated', '?')} tensor(s) "
               f"→ {report['out']} ({human_bytes(report.get('bytes_written', 0))}, {report['seconds']:.1f}s on "
               f"{report.get('device', '?')})")
