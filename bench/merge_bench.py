@@ -59,6 +59,7 @@ def child_loraport(*argv: str) -> None:
     import loraport.merge  # noqa: F401
     from loraport.cli import main
 
+    loraport.formats.formats()  # imports every format module, as the first adapter detection does
     _ready()
     main(list(argv), prog_name="loraport")
 
