@@ -120,3 +120,15 @@ def test_validate_bad_input_exit_2(tmp_path):
         _api(out, [PLAIN], tolerance="tight")
     with pytest.raises(BadInputError, match="--active"):
         _api(out, [PLAIN], active="qa")
+
+
+@pytest.mark.gpu
+def test_validate_on_cuda_provider():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider (install onnxruntime-gpu instead)")
+    out = export_kw(LLAMA, [(PLAIN, 1.0)])
+    rep = _api(out, [PLAIN], provider="cuda")
+    assert rep["providers"][0] == "CUDAExecutionProvider"
+    assert rep["passed"], rep["cases"]
