@@ -439,9 +439,10 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           dtype: str = "auto", device: str = "auto", shard_size: int | None = None, overwrite: bool = False,
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
           adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
-          nonfinite: str = "warn", manifest: bool = True) -> dict:
+          nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None) -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
-    .safetensors base). Returns a report dict. See the module docstring for how."""
+    .safetensors base, an .onnx file for an .onnx base: baking). Returns a report dict. See the module docstring
+    for how. `reference`: for an ONNX base, the HF folder it was exported from (weights matched by value)."""
     t0 = time.perf_counter()
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
@@ -453,7 +454,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         except ImportError:
             raise BadInputError("ONNX baking is not available in this installation") from None
         return bake(str(base_p), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
-                    device=device)
+                    device=device, reference=str(reference) if reference else None)
+    if reference is not None:
+        raise BadInputError("--reference applies to an .onnx --base (baking)")
     out_p = check_output(out, [base, fp16_base, *[a for a, _ in adapters]], overwrite)
     dev = pick_device(device)
     if dtype not in ("auto", *DTYPES):
