@@ -184,17 +184,8 @@ class LoraDelta(Delta):
         return d
 
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
-        d = self.product(W.device)
-        if self.transpose:
-            d = d.transpose(0, 1)
-        d = d.reshape(W.shape)
-        if self.magnitude is None:
-            return d
-        return dora_contribution(W, d, self.magnitude, self._dora_dim(), self.dora_eps)
-
-    def _dora_dim(self) -> int:
-        axis = 0 if self.dora_axis == "out" else 1
-        return 1 - axis if self.transpose else axis
+        return oriented_contribution(W, self.product(W.device), self.transpose, self.magnitude, self.dora_axis,
+                                     self.dora_eps)
 
     def apply_(self, W: torch.Tensor, weight: float = 1.0, base: torch.Tensor | None = None) -> None:
         plain_2d = self.magnitude is None and self.mid is None and self.A.dim() == 2 and W.dim() == 2
@@ -232,6 +223,19 @@ class LoraDelta(Delta):
 
 def _squeeze11(shape: Shape) -> Shape:
     return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
+def oriented_contribution(W: torch.Tensor, product: torch.Tensor, transpose: bool | None,
+                          magnitude: torch.Tensor | None, dora_axis: str = "out", eps: float = 0.0) -> torch.Tensor:
+    """The update for W from a factored product shaped like B@A (conv kernels possibly flattened): transposed
+    when the target stores it so, reshaped to W, and turned into a DoRA update when there is a magnitude.
+    `dora_axis` names the axis of B@A the magnitude indexes ("out" rows or "in" columns)."""
+    d = product.transpose(0, 1) if transpose else product
+    d = d.reshape(W.shape)
+    if magnitude is None:
+        return d
+    axis = 0 if dora_axis == "out" else 1
+    return dora_contribution(W, d, magnitude, 1 - axis if transpose else axis, eps)
 
 
 def dora_contribution(W: torch.Tensor, d: torch.Tensor, magnitude: torch.Tensor, dim: int, eps: float = 0.0):

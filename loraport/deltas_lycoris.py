@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from loraport.adapter import Delta, Shape, dora_contribution
+from loraport.adapter import Delta, Shape, oriented_contribution
 from loraport.errors import PlanError
 
 
@@ -73,16 +73,8 @@ class _Factored(Delta):
         return self
 
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
-        d = self.product(W.device)
-        if self.transpose:
-            d = d.transpose(0, 1)
-        d = d.reshape(W.shape)
-        if self.magnitude is None:
-            return d
-        axis = 0 if self.dora_axis == "out" else 1
-        if self.transpose:
-            axis = 1 - axis
-        return dora_contribution(W, d, self.magnitude, axis, self.dora_eps)
+        return oriented_contribution(W, self.product(W.device), self.transpose, self.magnitude, self.dora_axis,
+                                     self.dora_eps)
 
     @property
     def depends_on_base(self) -> bool:

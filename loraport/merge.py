@@ -13,7 +13,6 @@ Untouched tensors whose dtype does not change are copied as raw bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -29,6 +28,7 @@ from loraport import __version__
 from loraport.adapter import Adapter, Delta
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError, PlanError
+from loraport.manifest import sha256_file
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.safetensors_io import StreamingWriter, itemsize
 
@@ -242,14 +242,6 @@ def _reshard(files: list[OutFile], limit: int) -> list[OutFile]:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str | None) -> dict:
     return {
         "loraport.version": __version__,

@@ -16,6 +16,7 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
+from loraport.formats._common import check_unmatched
 from loraport.formats import AdapterFormat, register
 from loraport.formats.kohya import header_keys
 from loraport.names.sd import SDNames, te_spellings
@@ -197,15 +198,7 @@ class DiffusersFormat(AdapterFormat):
 
                 btarget = target[: -len(".weight")] + ".bias"
                 deltas.append(FullDelta(btarget, diff=p["bias"], scale=scale, rows=rows, source_key=mod + ".bias"))
-        if unrecognised or unmatched:
-            msg = (f"{wfile}: {len(deltas)} LoRA module(s) recognised"
-                   + (f"; {len(unrecognised)} key(s) not recognised (e.g. {', '.join(unrecognised[:3])})"
-                      if unrecognised else "")
-                   + (f"; {len(unmatched)} module(s) not in the base (e.g. {', '.join(unmatched[:3])})"
-                      if unmatched else ""))
-            if strict:
-                raise BadInputError(msg + " — wrong base or mixed file? --no-strict skips them")
-            notes.add(f"skipped {len(unrecognised) + len(unmatched)} unmatched key(s)/module(s)")
+        check_unmatched(wfile, len(deltas), unrecognised, unmatched, strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
         if configs:

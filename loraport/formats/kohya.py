@@ -18,6 +18,7 @@ import torch
 from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
+from loraport.formats._common import check_unmatched
 from loraport.formats import AdapterFormat, register
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
@@ -278,15 +279,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) 
                 notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
         deltas += make_deltas(mod, parts, ent_w, ent_b, path, notes, counts)
     skipped = unrecognised + [f"{m}.*" for m in unmatched]
-    if skipped:
-        msg = (f"{path}: {len(groups) - len(unmatched)} module(s) recognised"
-               + (f"; {len(unrecognised)} key(s) not recognised (e.g. {', '.join(unrecognised[:3])})"
-                  if unrecognised else "")
-               + (f"; {len(unmatched)} module(s) not in the base (e.g. {', '.join(unmatched[:3])})"
-                  if unmatched else ""))
-        if strict:
-            raise BadInputError(msg + " — wrong base or mixed file? --no-strict skips them")
-        notes.add(f"skipped {len(skipped)} unmatched key(s)/module(s)")
+    check_unmatched(path, len(groups) - len(unmatched), unrecognised, unmatched, strict, notes)
     if counts["alpha"]:
         notes.add(f"alpha missing on {counts['alpha']} module(s): scale 1")
     if spellings:
