@@ -246,7 +246,7 @@ def test_story2_readme_convert_kohya_to_diffusers_verbatim(tmp_path):
     args = shlex.split(line.split("#")[0])[1:]
     unknown = [a for a in args if a.startswith("./") and a not in paths]
     assert not unknown, f"README line {line!r}: no fixture for {unknown}"
-    ok(cli(*[paths.get(a, a) for a in args]), line)
+    ok(cli(*[paths.get(a, a) for a in args]), " ".join(args))
 
 
 # ================================================================================================ story 3
