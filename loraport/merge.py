@@ -517,6 +517,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         report["manifest"] = str(mf.manifest_path(out_p))
     if quantizer is not None:
         report["quantization"] = quantizer.report()
+        # surface the quantizer's warnings (e.g. "re-quantization erased most of the adapter") where CI looks
+        report["warnings"] += [r["warning"] for r in report["quantization"] if isinstance(r, dict) and r.get("warning")]
     ckpt.close()
     return report
 

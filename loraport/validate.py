@@ -368,7 +368,13 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
             if hooked is not None:
                 report["notes"] += [n for n in hooked.notes if n not in report["notes"]]
                 hooked.remove()
-        out = runner(feeds, adapter_file)
+        try:
+            out = runner(feeds, adapter_file)
+        except RuntimeError as e:  # the runtime cannot execute this artifact (not a parity failure)
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            hint = (" (bitsandbytes' CPU backend cannot run 4-bit layers narrower than the block size)"
+                    if art.precision in ("nf4", "fp4", "int4") else "")
+            raise BadInputError(f"{art.path}: the artifact could not be run: {msg}{hint}") from None
         m = compare(out, ref)
         ok = judge(m, tol)
         passed &= ok

@@ -80,17 +80,20 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     if as_json:
         emit_json(report)
         return
+    in_table = {r.get("warning") for r in report.get("quantization") or [] if isinstance(r, dict)}
     for w in report.get("warnings", []) or []:
-        err.print(f"[yellow]warning:[/yellow] {escape(w)}", markup=True)
+        if w not in in_table:  # the quantization table prints its own warnings
+            err.print(f"[yellow]warning:[/yellow] {escape(w)}", markup=True)
     if report.get("skipped_targets"):
         err.print(f"[yellow]skipped {len(report['skipped_targets'])} unmatched target(s)[/yellow]")
     if report.get("quantization"):
         from loraport.quant.report import format_table
 
         err.print(escape(format_table(report["quantization"])), markup=True)
-    err.print(f"merged {len(report['adapters'])} adapter(s) into {report.get('tensors_updated', '?')} tensor(s) "
-              f"→ {report['out']} ({human_bytes(report.get('bytes_written', 0))}, {report['seconds']:.1f}s on "
-              f"{report.get('device', '?')})")
+    n = report.get("tensors_updated", report.get("initializers_updated", "?"))  # the latter: ONNX baking
+    size = report.get("bytes_written", report.get("external_data_bytes", 0))
+    err.print(f"merged {len(report['adapters'])} adapter(s) into {n} tensor(s) → {report['out']} "
+              f"({human_bytes(size)}, {report['seconds']:.1f}s on {report.get('device', '?')})")
 
 
 def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=None, **merge_options):
