@@ -24,6 +24,17 @@ _WORK = Path(tempfile.mkdtemp(prefix="loraport-onnx-tests-"))
 atexit.register(shutil.rmtree, _WORK, True)
 
 
+class LogitsOnly(torch.nn.Module):
+    """A HF causal LM reduced to (input_ids, attention_mask) -> logits, for exporting a base with torch.onnx."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 def workdir(name: str) -> Path:
     p = _WORK / name
     p.mkdir(parents=True, exist_ok=True)

@@ -12,18 +12,9 @@ import onnx
 import pytest
 import torch
 
-from tests._onnx_util import ADAPTERS, LLAMA, cli, export_kw, feeds, hf_model, max_abs, ort_run, workdir
+from tests._onnx_util import ADAPTERS, LLAMA, LogitsOnly, cli, export_kw, feeds, hf_model, max_abs, ort_run, workdir
 
 PLAIN = ADAPTERS / "llama_plain"
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask):
-        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def _export_base(kind: str):
@@ -38,7 +29,7 @@ def _export_base(kind: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "torchscript":
-            torch.onnx.export(_Logits(m), (ids, am), str(path), dynamo=False, opset_version=17,
+            torch.onnx.export(LogitsOnly(m), (ids, am), str(path), dynamo=False, opset_version=17,
                               input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=dyn)
             mp = onnx.load(str(path))
             onnx.save_model(mp, str(path), save_as_external_data=True, location="torchscript.onnx.data")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._onnx_util import LogitsOnly
 from tests._story_util import (PEFT_FX, QUANT_FX, ROOT, SD_FX, bnb_dequantized, cli, corrupt_one_onnx_weight,
                                diff_stats, hf_model, lm_logits, ok, ort_logits, peft_merged_state, peft_unmerged,
                                quiet, read_json, token_ids)
@@ -376,15 +377,6 @@ def test_story3c_bnb_4bit_base_to_16bit_output(tmp_path):
 
 
 # ================================================================================================ story 4
-class _Logits(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask):
-        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 def _export_base_with_torch(path: Path) -> None:
     """The base exported by someone else (torch.onnx, TorchScript exporter: weight names lost, MatMul weights
     stored transposed) — the `loraport merge --base ./model.onnx` case."""
@@ -395,7 +387,7 @@ def _export_base_with_torch(path: Path) -> None:
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "b", 1: "s"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Logits(m), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(LogitsOnly(m), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_axes=dyn)
 
 
