@@ -79,12 +79,20 @@ def detect(path: str | Path) -> type[AdapterFormat]:
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"adapter not found: {p}")
-    scored = sorted(((f.detect(p), n) for n, f in formats().items()), reverse=True)
+    scored = sorted(((_safe_detect(f, p), n) for n, f in formats().items()), reverse=True)
     if not scored or scored[0][0] <= 0:
         raise BadInputError(
             f"{p}: not a recognised adapter (tried {', '.join(formats())}); pass --format to force one"
         )
     return formats()[scored[0][1]]
+
+
+def _safe_detect(fmt: type[AdapterFormat], p: Path) -> int:
+    """Detection is a guess over untrusted files: a format whose probe fails simply does not claim the file."""
+    try:
+        return int(fmt.detect(p))
+    except Exception:  # noqa: BLE001 - any probe failure means "not this format"
+        return 0
 
 
 def load_adapter(path: str | Path, format: str | None = None, base: Checkpoint | None = None, **options) -> Adapter:
