@@ -112,6 +112,28 @@ def test_quantize_is_device_agnostic_on_cpu_paths():
         assert torch.equal(_codes(x, qt), _codes_exact(x, qt))
 
 
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_table_codes_at_every_cell_edge_and_midpoint(qt):
+    """The table path against an exact search on the values where a table can go wrong: both ends of every
+    16-bit cell in [-1, 1], and each level midpoint with its 4 fp32 neighbours on either side (ties go low)."""
+    from loraport.quant.blockwise import _codes, _codes_exact
+    from loraport.quant.tables import sorted_levels
+
+    top = torch.arange(65536, dtype=torch.int64) << 16
+    top = torch.where(top >= 2**31, top - 2**32, top).to(torch.int32)
+    ends = torch.cat([top, top | 0xFFFF]).view(torch.float32)
+    ends = ends[ends.abs() <= 1]
+    mids, _ = sorted_levels(qt)
+    near = [mids]
+    up, down = mids.clone(), mids.clone()
+    for _ in range(4):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        near += [up, down]
+    x = torch.cat([ends, *near, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    x = torch.cat([x, x[: x.numel() % 2]])  # an even count
+    assert torch.equal(_codes(x, qt), _codes_exact(x, qt))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_cuda_path_gives_the_cpu_codes(quant_type):

@@ -14,8 +14,11 @@ map[q] * nested_absmax[i // 256] + offset.
 
 Speed (CPU): the nearest-level search is two 65 536-entry tables indexed by the top 16 bits of the scaled fp32
 value (the cell's lower position and the one midpoint inside it) and one exact comparison — no search, no
-branches. Chunks of 32 768 elements run with reused buffers, spread over Python threads (`run_chunks`). On
-CUDA an exact search is used directly (same codes).
+branches. The work is done in int32 end to end (the comparison's sign bit is subtracted as -1/0; two codes
+are packed from an int64 view), because mixed-width integer ops are several times slower in torch. Chunks of
+2**17 elements run with reused buffers on Python threads that each keep torch single-threaded
+(`run_chunks`): few, long ops per thread, so the threads neither wait on the GIL nor oversubscribe the cores.
+On CUDA an exact search is used directly (same codes).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from loraport.quant.tables import code_table, dynamic_map, sorted_levels
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _LITTLE = sys.byteorder == "little"
-_SERIAL = 1 << 15  # elements per CPU chunk: below torch's intra-op grain size (ops run single-threaded)
+_SERIAL = 1 << 17  # elements per CPU chunk (each worker thread runs torch single-threaded, see run_chunks)
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -62,6 +65,17 @@ def _cell_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(nan, 0, p_lo).to(torch.uint8), thr
 
 
+@functools.cache
+def _signed_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The cell tables indexed by (fp32 bits >> 16) + 32768 — the arithmetic shift of the signed bit pattern,
+    made non-negative — as (low int32, mid fp32, sorted position -> code int32 or None for NF4)."""
+    low, mid = _cell_tables(quant_type)
+    low = torch.cat([low[32768:], low[:32768]]).to(torch.int32)
+    mid = torch.cat([mid[32768:], mid[:32768]])
+    order = None if quant_type == "nf4" else sorted_levels(quant_type)[1].to(torch.int32)
+    return low, mid, order
+
+
 def _codes_exact(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     mids, order = sorted_levels(quant_type)
     pos = torch.bucketize(scaled, mids.to(scaled.device))
@@ -74,43 +88,45 @@ class _Work:
     def __init__(self, chunk: int, blocksize: int):
         self.x = torch.empty(chunk, dtype=torch.float32)
         self.abs = torch.empty(chunk, dtype=torch.float32)
+        self.am = torch.empty(chunk // blocksize + 1, dtype=torch.float32)
         self.key = torch.empty(chunk, dtype=torch.int32)
         self.thr = torch.empty(chunk, dtype=torch.float32)
-        self.step = torch.empty(chunk, dtype=torch.int32)
-        self.c = torch.empty(chunk, dtype=torch.uint8)
-        self.p16a = torch.empty(chunk // 2 + 1, dtype=torch.int16)
-        self.p16b = torch.empty(chunk // 2 + 1, dtype=torch.int16)
+        self.c = torch.empty(chunk + 2, dtype=torch.int32)
+        self.p64a = torch.empty(chunk // 2 + 1, dtype=torch.int64)
+        self.p64b = torch.empty(chunk // 2 + 1, dtype=torch.int64)
+
+
+def _codes32(scaled: torch.Tensor, quant_type: str, work: _Work) -> torch.Tensor:
+    """int32 codes (a view into work's buffers) of CPU fp32 values already scaled into [-1, 1] (1-D).
+
+    Two table lookups by the top 16 bits and one exact comparison, all element-wise: position = low[cell] -
+    signbit(mid[cell] - x) read as -1/0, which is x > mid for finite values (the difference of two fp32 rounds
+    to 0 only when they are equal); FP4 then maps sorted positions to its bit patterns."""
+    m = scaled.numel()
+    key, thr, c = work.key[:m], work.thr[:m], work.c[:m]
+    low, mid, order = _signed_tables(quant_type)
+    torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=key)
+    key.add_(32768)
+    torch.index_select(low, 0, key, out=c)
+    torch.index_select(mid, 0, key, out=thr)
+    torch.sub(thr, scaled, out=thr)
+    step = thr.view(torch.int32)
+    step.bitwise_right_shift_(31)  # -1 where x > mid, else 0
+    c.sub_(step)
+    if order is not None:
+        torch.index_select(order, 0, c, out=key)
+        c.copy_(key)
+    return c
 
 
 def _codes(scaled: torch.Tensor, quant_type: str, out: torch.Tensor | None = None,
            work: _Work | None = None) -> torch.Tensor:
-    """uint8 codes of fp32 values already scaled into [-1, 1] (1-D), written to `out` when given.
-
-    CPU: two table lookups by the top 16 bits and one exact comparison, all element-wise (no search):
-    position = low[cell] + signbit(mid[cell] - x), which is x > mid for finite values (the difference of two
-    fp32 rounds to 0 only when they are equal); FP4 then maps sorted positions to bit patterns."""
+    """uint8 codes of fp32 values already scaled into [-1, 1] (1-D), written to `out` when given."""
     if scaled.device.type != "cpu":
         c = _codes_exact(scaled, quant_type)
         return c if out is None else out.copy_(c)
-    m = scaled.numel()
-    if work is None:
-        work = _Work(m, 1)
-    key, thr, step = work.key[:m], work.thr[:m], work.step[:m]
-    if _LITTLE:
-        key.copy_(scaled.view(torch.uint16)[1::2])  # the high half of each little-endian fp32
-    else:
-        torch.bitwise_and(scaled.view(torch.int32) >> 16, 0xFFFF, out=key)
-    low, mid = _cell_tables(quant_type)
-    c = torch.empty(m, dtype=torch.uint8) if out is None else out
-    torch.index_select(low, 0, key, out=c)
-    torch.index_select(mid, 0, key, out=thr)
-    torch.sub(thr, scaled, out=thr)
-    torch.bitwise_right_shift(thr.view(torch.int32), 31, out=step)  # -1 where x > mid, else 0
-    c.sub_(step)
-    if quant_type != "nf4":
-        _, order = sorted_levels(quant_type)
-        torch.index_select(order, 0, key.copy_(c), out=c)
-    return c
+    c = _codes32(scaled.contiguous(), quant_type, work if work is not None else _Work(scaled.numel(), 1))
+    return c.to(torch.uint8) if out is None else out.copy_(c)
 
 
 def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +142,16 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
 
         def job(s: int, work: _Work) -> None:
             e = min(s + chunk, full)
-            x = work.x[: e - s].view(-1, blocksize)
-            x.copy_(flat[s:e].view(-1, blocksize))
+            nb = (e - s) // blocksize
+            x = work.x[: e - s].view(nb, blocksize)
+            x.copy_(flat[s:e].view(nb, blocksize))
             am = absmax[s // blocksize: e // blocksize]
-            torch.amax(torch.abs(x, out=work.abs[: e - s].view(-1, blocksize)), dim=1, out=am)
-            x.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1))
-            c = _codes(x.view(-1), quant_type, out=work.c[: e - s], work=work)
-            _pack(c, out=packed[s // 2: e // 2], work=work)
+            torch.amax(torch.abs(x, out=work.abs[: e - s].view(nb, blocksize)), dim=1, out=am)
+            r = work.am[:nb]
+            torch.reciprocal(torch.clamp(am, min=1e-38, out=r), out=r)  # the peer multiplies by 1/absmax
+            x.mul_(r.unsqueeze(1))
+            c = _codes32(x.view(-1), quant_type, work)
+            _pack32(c, packed[s // 2: e // 2], work)
 
         run_chunks(range(0, full, chunk), job, lambda: _Work(chunk, blocksize))
     elif full:
@@ -151,11 +170,28 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     return packed.unsqueeze(1), absmax
 
 
+def _pack32(codes: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
+    """Pack an even number of int32 codes into `out` (uint8), the first of each pair in the high nibble.
+    Little-endian: an int64 view holds (c0 | c1 << 32), and the low byte of (v << 4 | v >> 32) is c0 << 4 | c1
+    (the uint8 cast keeps the low byte)."""
+    if not _LITTLE:
+        out.copy_(_pack(codes.to(torch.uint8)))
+        return
+    v = codes.view(torch.int64)
+    m = v.numel()
+    a, b = work.p64a[:m], work.p64b[:m]
+    torch.bitwise_left_shift(v, 4, out=a)
+    torch.bitwise_right_shift(v, 32, out=b)
+    torch.bitwise_or(a, b, out=a)
+    out.copy_(a)
+
+
 def run_chunks(starts, job, make_work) -> None:
-    """Run job(start, work) for every start: on CPU each chunk is small enough that torch runs its ops
-    without intra-op threads, and the chunks are spread over torch.get_num_threads() Python threads (torch
-    releases the GIL inside ops). Unlike one big multi-threaded op per step, this does not stall when the
-    cores are shared with other processes."""
+    """Run job(start, work) for every start, spread over torch.get_num_threads() Python threads (at most 8),
+    each of which first sets torch to one intra-op thread for itself (a per-thread setting: the caller's
+    threads are untouched). Each chunk is a handful of long element-wise ops, so the threads spend little
+    time waiting on the GIL (torch releases it inside ops), and nothing spins waiting for a busy core — one
+    big multi-threaded op per step stalls when other processes share the cores. A single chunk runs inline."""
     starts = list(starts)
     workers = max(1, min(torch.get_num_threads(), 8, len(starts)))
     if workers == 1:
@@ -168,6 +204,7 @@ def run_chunks(starts, job, make_work) -> None:
     def run(s: int) -> None:
         w = getattr(local, "work", None)
         if w is None:
+            torch.set_num_threads(1)
             w = local.work = make_work()
         job(s, w)
 

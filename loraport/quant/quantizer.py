@@ -42,7 +42,7 @@ NOT_LINEAR: tuple[tuple[str, str], ...] = (
     ("patch_embedding", "CLIP / SigLIP vision towers"),
 )
 _NOT_LINEAR = re.compile(r"(^|\.)(" + "|".join(re.escape(n) for n, _ in NOT_LINEAR) + r")\.weight$")
-METRIC_ELEMS = 1 << 18  # report metrics on at most ~256K elements per tensor (whole rows, evenly spaced)
+METRIC_ELEMS = 1 << 16  # report metrics on at most ~64K elements per tensor (whole rows, evenly spaced)
 DTYPE_OPTIONS = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
