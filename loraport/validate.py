@@ -8,7 +8,9 @@ never goes through the merge engine it is checking.
 
 Artifacts: a merged safetensors folder (run with transformers), an ONNX folder or .onnx file from
 `convert --to onnx` / `merge --base x.onnx` (run with onnxruntime on the chosen provider), a multi-LoRA ONNX
-folder (each .onnx_adapter active in turn, and none active = the base), quantized ONNX graphs.
+folder (each .onnx_adapter active in turn, and none active = the base), quantized ONNX graphs. A graph with
+KV-cache inputs (`--with-past`) runs step by step: prompt with an empty past, then single tokens fed the
+previous present (WITH_PAST_NOTE), which checks the cache path too.
 
 Per output: max |Δ|, mean |Δ|, cosine similarity, top-1 token agreement. `tolerance="auto"` picks the bound
 from the artifact's dtype / quantization (table TOLERANCES) and says which it used.
@@ -40,6 +42,11 @@ TOLERANCES: dict[str, dict] = {
     "nf4": {"max_abs": 1.5, "min_cosine": 0.80,
             "why": "4-bit bitsandbytes weights: 1.5 × max(1, |ref|max), cos ≥ 0.80"},
 }
+
+
+WITH_PAST_NOTE = ("KV-cache graph (--with-past): the sequence ran as a prompt with an empty past (past_sequence "
+                  "= 0), then one token per step with each step's present.* fed back as past_key_values.*; the "
+                  "logits of all steps are compared with the reference's full-sequence logits")
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -429,6 +436,17 @@ def _runner(art: Artifact, provider: str, report: dict):
         report["providers"] = sess.providers
         report["providers_requested"] = sess.requested
         report["qdq_matmulnbits_accuracy_level"] = sess.qdq_accuracy_level
+
+        if sess.with_past:
+            from loraport.onnx.past import step_splits
+
+            report["notes"].append(WITH_PAST_NOTE)
+
+            def run_past(feeds, adapter_file):
+                splits = step_splits(feeds["input_ids"].shape[1])
+                return np.asarray(sess.run_steps(feeds, splits, adapter_file), dtype=np.float32)
+
+            return run_past
 
         def run(feeds, adapter_file):
             return np.asarray(sess.run(feeds, adapter_file)[0], dtype=np.float32)

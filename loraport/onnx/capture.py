@@ -71,6 +71,8 @@ class Captured:
     model_type: str
     notes: list[str] = field(default_factory=list)
     lora_slots: list[LoraSlot] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=lambda: ["logits"])
+    with_past: bool = False  # KV-cache inputs/outputs (layout: loraport/onnx/past.py)
 
 
 @contextlib.contextmanager
@@ -165,10 +167,8 @@ def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: di
             with_past: bool = False, replicate: bool = True) -> Captured:
     """Trace the model for `config` once, weights-free. `lora_targets` (weight name -> (in, out)) adds
     multi-LoRA branches. With `replicate`, a model whose decoder layers are all alike is traced with two
-    layers and layer 1's subgraph is cloned for the rest (tracing cost no longer grows with depth)."""
-    if with_past:
-        raise BadInputError("--with-past (KV-cache inputs/outputs) is not supported yet: transformers 5's "
-                            "DynamicCache does not pass torch.export; export without it")
+    layers and layer 1's subgraph is cloned for the rest (tracing cost no longer grows with depth).
+    `with_past` adds the KV-cache inputs/outputs of loraport/onnx/past.py (cloned per layer too)."""
     from loraport.onnx.replicate import layer_count_key, replicate_layers, uniform_layers
 
     key = layer_count_key(config)
@@ -176,11 +176,11 @@ def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: di
     if replicate and n_layers > 2 and uniform_layers(config):
         small = _two_layer_targets(lora_targets, n_layers) if lora_targets else None
         if not lora_targets or small is not None:
-            cap = _capture(_with_layers(config, key, 2), dtype, opset, small)
+            cap = _capture(_with_layers(config, key, 2), dtype, opset, small, with_past)
             if replicate_layers(cap, n_layers):
                 cap.notes.append(f"traced 2 of {n_layers} identical decoder layers; layer 1 cloned for the rest")
                 return cap
-    return _capture(config, dtype, opset, lora_targets)
+    return _capture(config, dtype, opset, lora_targets, with_past)
 
 
 _LAYER = re.compile(r"^(.*?(?:layers|h|blocks))\.(\d+)\.(.+)$")
@@ -215,7 +215,7 @@ def _with_layers(config: dict, key: str, n: int) -> dict:
     return c
 
 
-def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None) -> Captured:
+def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None, with_past: bool = False) -> Captured:
     model = build_skeleton(config, dtype)
     slots = add_lora_slots(model, lora_targets) if lora_targets else []
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -228,14 +228,30 @@ def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None) ->
         "attention_mask": torch.ones(b, s, dtype=torch.int64, device="meta"),
         "position_ids": torch.zeros(b, s, dtype=torch.int64, device="meta"),
     }
-    kwargs = {n: example[n] for n in names}
+    args, kwargs = (), {n: example[n] for n in names}
     dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    in_names, out_names = list(names), ["logits"]
+    if with_past:
+        from loraport.onnx import past
+        from loraport.onnx.replicate import layer_count_key
+
+        key = layer_count_key(config)
+        n_layers = int(config.get(key) or 0) if key else 0
+        if n_layers < 1:
+            raise BadInputError("--with-past: config.json does not say how many decoder layers the model has")
+        with_pos = "position_ids" in names
+        shapes = past.kv_shapes(model, n_layers)
+        past.install_past_forward(model, n_layers, with_pos)
+        args, dyn = past.trace_inputs(shapes, TORCH_DTYPES[dtype], with_pos)
+        kwargs = None
+        in_names += past.past_names(n_layers)
+        out_names += past.present_names(n_layers)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(_Null()):
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, input_names=names,
-                                     output_names=["logits"], dynamic_shapes=dyn, opset_version=opset,
+            prog = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, input_names=in_names,
+                                     output_names=out_names, dynamic_shapes=dyn, opset_version=opset,
                                      optimize=False, verbose=False)
     except Exception as e:  # the exporter raises many types; one line is what a user can act on
         raise BadInputError(f"torch.onnx could not capture model_type {config.get('model_type')!r}: "
@@ -253,12 +269,17 @@ def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None) ->
     proto = ir.serde.serialize_model(prog.model)
     del proto.graph.initializer[:]
     _strip_debug_metadata(proto)
+    if with_past:
+        past.name_axes(proto, n_layers)
+        if [i.name for i in proto.graph.input] != in_names or [o.name for o in proto.graph.output] != out_names:
+            raise BadInputError(f"--with-past: the captured graph of model_type {config.get('model_type')!r} "
+                                "does not have the expected KV-cache inputs/outputs")
     notes = []
     mt = str(config.get("model_type"))
     if mt not in TESTED_FAMILIES:
         notes.append(f"model_type {mt!r} is not in loraport's tested families; validate the result")
     return Captured(proto, inits, {k: v for k, v in buffers.items() if any(i.name == k for i in inits)},
-                    names, mt, notes, slots)
+                    in_names, mt, notes, slots, out_names, with_past)
 
 
 # node metadata the exporter adds for debugging; dropped (they are most of the .onnx file's size). The module

@@ -115,18 +115,21 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                         t = cap.buffers[spec.name].to(ONNX_TO_TORCH[spec.onnx_dtype])
                         inits.append(writer.add(spec.name, t, spec.onnx_dtype, spec.shape))
                         continue
+                    if spec.name not in qentries:
+                        stored = src.stored(spec.name)
+                        if stored is not None:  # untouched: copied / converted file-to-file in bounded pieces
+                            _check_numel(spec, stored.shape)
+                            inits.append(writer.add_stored(spec.name, stored, spec.onnx_dtype, spec.shape))
+                            continue
                     W = src.merged(spec.name, None if spec.name in qentries else ONNX_TO_TORCH[spec.onnx_dtype])
                     if tuple(W.shape) != spec.shape:
-                        if W.numel() != torch.Size(spec.shape).numel():
-                            raise BadInputError(f"{spec.name}: checkpoint shape {list(W.shape)} != model shape "
-                                                f"{list(spec.shape)} (config.json and weights disagree)")
+                        _check_numel(spec, tuple(W.shape))
                         W = W.reshape(spec.shape)
                     if spec.name in qentries:
                         for qn, qt in quantized_tensors(qentries[spec.name], W, float_dtype):
                             inits.append(writer.add(qn, qt))
-                    else:
-                        inits.append(writer.add(spec.name, W.to(ONNX_TO_TORCH[spec.onnx_dtype]), spec.onnx_dtype,
-                                                spec.shape))
+                    else:  # converted to the graph's dtype piecewise by the writer
+                        inits.append(writer.add(spec.name, W, spec.onnx_dtype, spec.shape))
                     del W
             finally:
                 writer.close()
@@ -171,7 +174,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                 "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
                 "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
                 "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
-                "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": ["logits"],
+                "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
+                "with_past": cap.with_past,
                 "adapters": adapters_out,
                 "lora_slots": [{"module": s.module, "target": s.target, "in": s.d_in, "out": s.d_out}
                                for s in cap.lora_slots],
@@ -189,6 +193,12 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         return report
     finally:
         src.close()
+
+
+def _check_numel(spec, shape: tuple[int, ...]) -> None:
+    if torch.Size(shape).numel() != torch.Size(spec.shape).numel():
+        raise BadInputError(f"{spec.name}: checkpoint shape {list(shape)} != model shape {list(spec.shape)} "
+                            "(config.json and weights disagree)")
 
 
 def _expose_lora_inputs(proto: onnx.ModelProto, slots) -> None:

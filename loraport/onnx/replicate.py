@@ -5,6 +5,9 @@ Layer 1's nodes are the ones whose `pkg.torch.onnx.name_scopes` metadata contain
 take exactly one value from layer 0 (the hidden state) and give exactly one value to what follows (the final
 norm's input); everything else it reads (rotary cos/sin, the attention mask, its own weights) is shared or
 renamed. Any doubt (a node without scope, nested graphs, several carried values) leaves the full trace.
+With KV-cache inputs/outputs (`--with-past`), layer 1 also reads `past_key_values.1.*` — through a small
+"prologue" of Identity/Shape nodes outside the layer scopes, cloned with it — and writes the graph outputs
+`present.1.*`; each clone k gets its own `past_key_values.k.*` inputs and `present.k.*` outputs.
 """
 
 from __future__ import annotations
@@ -81,7 +84,18 @@ def replicate_layers(cap: Captured, n_layers: int) -> bool:
     carry_in = {x for i in idx1 for x in nodes[i].input if x and x not in produced1 and x in produced0}
     used_outside = {x for i, m in enumerate(member) if m != 1 for x in nodes[i].input}
     graph_outs = {o.name for o in g.output}
-    carry_out = {o for o in produced1 if o in used_outside or o in graph_outs}
+    # KV cache (--with-past): layer 1 reads past_key_values.1.* (through a few shape/identity nodes outside the
+    # layer scopes: its "prologue") and writes present.1.*, which are graph outputs
+    past1 = [f"past_key_values.1.{kv}" for kv in ("key", "value")] if cap.with_past else []
+    present1 = [f"present.1.{kv}" for kv in ("key", "value")] if cap.with_past else []
+    if cap.with_past and (not set(past1) <= {i.name for i in g.input} or not set(present1) <= graph_outs
+                          or not set(present1) <= produced1 or set(present1) & used_outside):
+        return False
+    pro = _prologue(nodes, member, set(past1), idx1[0])
+    if pro is None:
+        return False
+    produced_pro = {o for i in pro for o in nodes[i].output if o}
+    carry_out = {o for o in produced1 if (o in used_outside or o in graph_outs) and o not in present1}
     if len(carry_in) != 1 or len(carry_out) != 1 or carry_out & graph_outs:
         return False
     if idx1 != list(range(idx1[0], idx1[-1] + 1)):
@@ -91,8 +105,9 @@ def replicate_layers(cap: Captured, n_layers: int) -> bool:
     clones = []
     prev_out = cout
     for k in range(2, n_layers):
-        ren = {o: f"{o}__layer{k}" for o in produced1}
-        for i in idx1:
+        ren = {o: f"{o}__layer{k}" for o in produced1 | produced_pro}
+        ren.update({p: p.replace(".1.", f".{k}.", 1) for p in past1 + present1})
+        for i in pro + idx1:
             src = nodes[i]
             n = type(src)()
             n.CopyFrom(src)
@@ -120,6 +135,11 @@ def replicate_layers(cap: Captured, n_layers: int) -> bool:
     new_nodes = nodes[: idx1[-1] + 1] + clones + after
     del g.node[:]
     g.node.extend(new_nodes)
+    if cap.with_past:
+        _add_layer_io(g.input, past1, n_layers)
+        _add_layer_io(g.output, present1, n_layers)
+        cap.input_names[:] = [i.name for i in g.input]
+        cap.output_names[:] = [o.name for o in g.output]
     del g.value_info[:]
     layer1 = [s for s in cap.inits if s.name.startswith(l1 + ".")]
     out: list[InitSpec] = []
@@ -141,3 +161,40 @@ def replicate_layers(cap: Captured, n_layers: int) -> bool:
             target = re.sub(r"((?:^|\.)(?:layers|h|blocks)\.)1\.", rf"\g<1>{k}.", s.target, count=1)
             cap.lora_slots.append(replace(s, module=f"{prefix}.{k}." + s.module[len(l1) + 1:], target=target))
     return True
+
+
+def _prologue(nodes, member: list[int], roots: set[str], first1: int) -> list[int] | None:
+    """Indices of the nodes outside every layer that compute only from layer 1's past inputs (`roots`) —
+    the exporter's Identity/Shape nodes for layer 1's cache — in graph order; None if any of them is not
+    cloneable per layer: placed after layer 1 starts, fed by a layer node, or feeding anything but layer 1
+    and each other."""
+    if not roots:
+        return []
+    vals, idx = set(roots), []
+    for i, n in enumerate(nodes):
+        if member[i] == -1 and any(x in vals for x in n.input):
+            idx.append(i)
+            vals.update(o for o in n.output if o)
+    if any(i > first1 for i in idx):
+        return None
+    mine = set(idx)
+    produced_layers = {o for i, m in enumerate(member) if m >= 0 for o in nodes[i].output}
+    for i in idx:
+        if any(x in produced_layers for x in nodes[i].input):
+            return None
+    outs = vals - roots
+    for i, n in enumerate(nodes):
+        if member[i] != 1 and i not in mine and any(x in outs for x in n.input):
+            return None
+    return idx
+
+
+def _add_layer_io(values, layer1: list[str], n_layers: int) -> None:
+    """Append the value infos of layers 2..L-1 (copies of layer 1's, renamed) to graph inputs or outputs."""
+    src = {v.name: v for v in values}
+    for k in range(2, n_layers):
+        for name in layer1:
+            v = type(src[name])()
+            v.CopyFrom(src[name])
+            v.name = name.replace(".1.", f".{k}.", 1)
+            values.append(v)

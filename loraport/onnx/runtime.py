@@ -71,6 +71,24 @@ class Session:
     def input_names(self) -> list[str]:
         return [i.name for i in self.sess.get_inputs()]
 
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.sess.get_outputs()]
+
+    @property
+    def with_past(self) -> bool:
+        """Whether the graph has KV-cache inputs (`convert --to onnx --with-past`; layout in onnx/past.py)."""
+        from loraport.onnx.past import past_inputs
+
+        return bool(past_inputs(self.sess.get_inputs()))
+
+    def run_steps(self, feeds: dict, splits: list[int], adapter: str | Path | None = None):
+        """Run a whole sequence through a with-past graph in chunks ending at `splits` (first with an empty
+        past, each later one fed the previous `present.*`); returns the concatenated logits."""
+        from loraport.onnx.past import run_steps
+
+        return run_steps(lambda f: self.run(f, adapter), self.sess.get_inputs(), self.output_names, feeds, splits)
+
     def run(self, feeds: dict, adapter: str | Path | None = None):
         """Run with at most one active .onnx_adapter (never through IOBinding, which ignores adapters)."""
         rt = ort()
