@@ -2,11 +2,14 @@
 
 Each `add()` appends the tensor's bytes (aligned) to `<model>.onnx.data` and returns the `TensorProto` that
 points at them, so a model of any size is written holding one tensor at a time. Tiny tensors (and
-zero-size ones) are stored inline in the proto.
+zero-size ones) are stored inline in the proto. A dtype change is done in pieces of at most `PIECE` bytes,
+and `add_stored()` copies an untouched base tensor file-to-file (copy_file_range) or converts it piece by
+piece from the base file, so neither needs the whole tensor in memory.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from onnx import TensorProto
 
 INLINE_MAX = 1024  # bytes; smaller tensors stay in the .onnx file
 ALIGN = 64
+PIECE = 16 << 20  # bytes of source data converted (or copied) at a time
 
 TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
@@ -40,32 +44,131 @@ class ExternalDataWriter:
     def __init__(self, folder: Path, location: str):
         self.location = location
         self.path = Path(folder) / location
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb", buffering=0)  # unbuffered: big writes go straight to the file
         self.offset = 0
         self.bytes_written = 0
+        self._buf: bytearray | None = None  # one reusable read buffer for conversions from a base file
 
+    # ------------------------------------------------------------------------------------------ public
     def add(self, name: str, data: torch.Tensor, onnx_dtype: int | None = None,
             dims: tuple[int, ...] | None = None) -> TensorProto:
-        raw = tensor_bytes(data)
-        tp = TensorProto(name=name, data_type=onnx_dtype if onnx_dtype is not None else TORCH_TO_ONNX[data.dtype])
-        tp.dims.extend(list(dims if dims is not None else data.shape))
-        if raw.nbytes <= INLINE_MAX:
-            tp.raw_data = raw.tobytes()
-            return tp
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self._f.write(b"\0" * pad)
-            self.offset += pad
-        self._f.write(memoryview(raw))
-        tp.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.location), ("offset", str(self.offset)), ("length", str(raw.nbytes))):
-            e = tp.external_data.add()
-            e.key, e.value = k, v
-        self.offset += raw.nbytes
-        self.bytes_written += raw.nbytes
-        return tp
+        """Append `data`, converted to `onnx_dtype` (piecewise) when its dtype differs."""
+        onnx_dtype = onnx_dtype if onnx_dtype is not None else TORCH_TO_ONNX[data.dtype]
+        want = ONNX_TO_TORCH[onnx_dtype]
+        dims = tuple(dims if dims is not None else data.shape)
+        data = data.detach().to("cpu")
+        if data.dtype == want:
+            raw = tensor_bytes(data)
+            if raw.nbytes <= INLINE_MAX:
+                return self._inline(name, onnx_dtype, dims, raw.tobytes())
+            begin = self._begin()
+            self._write(memoryview(raw))
+            return self._external(name, onnx_dtype, dims, begin)
+        flat = data.contiguous().reshape(-1)
+        size = want.itemsize
+        if flat.numel() * size <= INLINE_MAX:
+            return self._inline(name, onnx_dtype, dims, tensor_bytes(flat.to(want)).tobytes())
+        begin = self._begin()
+        step = max(1, PIECE // max(flat.element_size(), size))
+        for i in range(0, flat.numel(), step):
+            self._write(memoryview(tensor_bytes(flat[i:i + step].to(want))))
+        return self._external(name, onnx_dtype, dims, begin)
+
+    def add_stored(self, name: str, src, onnx_dtype: int, dims: tuple[int, ...]) -> TensorProto:
+        """Append a tensor straight from its base file (`src`: weights.Stored), converted to `onnx_dtype`."""
+        from loraport.errors import BadInputError
+        from loraport.onnx.weights import read_into
+
+        want = ONNX_TO_TORCH[onnx_dtype]
+        out_size, in_size = want.itemsize, src.dtype.itemsize
+        n = src.nbytes // in_size
+        if n * out_size <= INLINE_MAX:
+            buf = bytearray(src.nbytes)
+            if read_into(src.fd, memoryview(buf), src.offset) != src.nbytes:
+                raise BadInputError(f"{src.path}: truncated while reading {name}")
+            t = torch.frombuffer(buf, dtype=src.dtype) if buf else torch.empty(0, dtype=src.dtype)
+            return self._inline(name, onnx_dtype, dims, tensor_bytes(t.to(want)).tobytes())
+        begin = self._begin()
+        if want == src.dtype:
+            self._copy_range(src, name)
+        else:
+            piece = max(in_size, PIECE // in_size * in_size)
+            if self._buf is None or len(self._buf) < piece:
+                self._buf = bytearray(piece)
+            view = memoryview(self._buf)
+            pos = 0
+            while pos < src.nbytes:
+                k = min(piece, src.nbytes - pos)
+                if read_into(src.fd, view[:k], src.offset + pos) != k:
+                    raise BadInputError(f"{src.path}: truncated while reading {name}")
+                self._write(memoryview(tensor_bytes(torch.frombuffer(view[:k], dtype=src.dtype).to(want))))
+                pos += k
+        return self._external(name, onnx_dtype, dims, begin)
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.flush()
             self._f.close()
+        self._buf = None
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _begin(self) -> int:
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._write(b"\0" * pad)
+            self.bytes_written -= pad
+        return self.offset
+
+    def _write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += self._f.write(mv[done:])
+        self.offset += len(mv)
+        self.bytes_written += len(mv)
+
+    def _copy_range(self, src, name: str) -> None:
+        """File-to-file copy in the kernel (no user-space buffer); plain reads where unsupported."""
+        from loraport.errors import BadInputError
+        from loraport.onnx.weights import read_into
+
+        pos = 0
+        dst = self._f.fileno()
+        copy = getattr(os, "copy_file_range", None)
+        while pos < src.nbytes and copy is not None:
+            try:
+                n = copy(src.fd, dst, min(PIECE * 4, src.nbytes - pos), src.offset + pos, self.offset)
+            except OSError:
+                break
+            if n <= 0:
+                break
+            pos += n
+            self.offset += n
+            self.bytes_written += n
+        if pos < src.nbytes:
+            if self._buf is None or len(self._buf) < PIECE:
+                self._buf = bytearray(PIECE)
+            view = memoryview(self._buf)
+            os.lseek(dst, self.offset, os.SEEK_SET)
+            while pos < src.nbytes:
+                k = min(PIECE, src.nbytes - pos)
+                if read_into(src.fd, view[:k], src.offset + pos) != k:
+                    raise BadInputError(f"{src.path}: truncated while reading {name}")
+                self._write(view[:k])
+                pos += k
+        os.lseek(dst, self.offset, os.SEEK_SET)
+
+    @staticmethod
+    def _inline(name: str, onnx_dtype: int, dims: tuple[int, ...], raw: bytes) -> TensorProto:
+        tp = TensorProto(name=name, data_type=onnx_dtype)
+        tp.dims.extend(list(dims))
+        tp.raw_data = raw
+        return tp
+
+    def _external(self, name: str, onnx_dtype: int, dims: tuple[int, ...], begin: int) -> TensorProto:
+        tp = TensorProto(name=name, data_type=onnx_dtype)
+        tp.dims.extend(list(dims))
+        tp.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(begin)), ("length", str(self.offset - begin))):
+            e = tp.external_data.add()
+            e.key, e.value = k, v
+        return tp

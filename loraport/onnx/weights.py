@@ -3,16 +3,34 @@
 `WeightSource` opens the base checkpoint and the adapters once, plans the merge with
 `loraport.merge.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
 graph uses, translating them to the checkpoint's own spelling (a missing model prefix, tied heads).
+
+Memory: base tensors are read with pread into private buffers, never through the memory map (mapped file
+pages count in the resident set until unmapped). A tensor no adapter touches is not materialised at all:
+`stored(name)` hands back where its bytes are, and the writer copies (or converts) them in bounded pieces.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraport.adapter import Adapter
 from loraport.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a tensor's bytes lie in a base file: copied or converted piecewise by ExternalDataWriter.add_stored."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: str
 
 
 class WeightSource:
@@ -31,7 +49,6 @@ class WeightSource:
             (a if isinstance(a, Adapter) else load_adapter(a, base=self.ckpt), float(w)) for a, w in adapters
         ]
         # the multi-LoRA graph keeps the base weights unmerged; the adapters only go to .onnx_adapter files
-        self._files: dict[str, object] = {}
         self.plan = build_plan(self.ckpt, self.adapters if merge else [], strict=strict)
 
     # names -----------------------------------------------------------------------------------------
@@ -51,42 +68,64 @@ class WeightSource:
                     return emb
         return None
 
+    def _ck(self, name: str) -> str:
+        ck_name = self.checkpoint_name(name)
+        if ck_name is None:
+            raise BadInputError(f"{self.base_path}: the model built from config.json has a weight {name!r} that "
+                                "the checkpoint does not contain (config and weights disagree?)")
+        return ck_name
+
+    def stored(self, name: str) -> Stored | None:
+        """For a model parameter no adapter touches, stored in a plain safetensors file: where its bytes are
+        (to be copied or converted piecewise, never held whole). None when it must go through `merged`."""
+        ck_name = self._ck(name)
+        if ck_name in self.plan.updates:
+            return None
+        span = self.ckpt.span(ck_name)
+        if span is None:
+            return None
+        info = self.ckpt.info(ck_name)
+        path = str(self.ckpt.shard_of(ck_name)[0].file.path)
+        return Stored(span[0], span[1], span[2], info.dtype, tuple(info.shape), path)
+
     def merged(self, name: str, want: torch.dtype | None = None) -> torch.Tensor:
         """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
         stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer)."""
         from loraport.merge import merged_tensor
 
-        ck_name = self.checkpoint_name(name)
-        if ck_name is None:
-            raise BadInputError(f"{self.base_path}: the model built from config.json has a weight {name!r} that "
-                                "the checkpoint does not contain (config and weights disagree?)")
+        ck_name = self._ck(name)
         raw = self._read(ck_name)
         if raw is not None and ck_name not in self.plan.updates and raw.dtype == want:
             return raw
+        if raw is not None and raw.dtype == torch.float32 and self.device.type == "cpu":
+            # a private fp32 buffer already: merge into it instead of into a copy
+            return merged_tensor(self.plan, ck_name, self.device, base_tensor=raw, copy=False)
         return merged_tensor(self.plan, ck_name, self.device, base_tensor=raw)
 
     def _read(self, name: str) -> torch.Tensor | None:
-        """The base tensor read into private memory (not through the memory map): pages of a mapped file count
-        in the process's resident set until unmapped, so reading a whole model through the map would make the
-        export's peak RSS grow with the model."""
-        try:
-            sh, key = self.ckpt.shard_of(name)
-            info = sh.file.tensors[key]
-        except (AttributeError, KeyError):
+        """The base tensor read into private memory (pread, not through the memory map)."""
+        span = self.ckpt.span(name)
+        if span is None:
             return None  # not a plain safetensors checkpoint (e.g. a dequantizing view): let the engine read it
-        f = self._files.get(sh.relpath)
-        if f is None:
-            f = self._files[sh.relpath] = open(sh.file.path, "rb")
-        buf = bytearray(info.nbytes)
-        f.seek(info.begin)
-        if f.readinto(buf) != info.nbytes:
-            raise BadInputError(f"{sh.file.path}: truncated while reading {name}")
-        if not buf:
+        info = self.ckpt.info(name)
+        fd, offset, nbytes = span
+        if not nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(nbytes)
+        if read_into(fd, memoryview(buf), offset) != nbytes:
+            raise BadInputError(f"{self.ckpt.shard_of(name)[0].file.path}: truncated while reading {name}")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
         self.ckpt.close()
+
+
+def read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """pread until `buf` is full or the file ends; the number of bytes read."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
