@@ -67,17 +67,26 @@ def input_hashes(paths: list[str | Path]) -> dict[str, str]:
     return out
 
 
-def build(written: Path, *, inputs: dict[str, str], plan: dict, name: str | None = None) -> dict:
+def build(written: Path, *, inputs: dict[str, str], plan: dict, name: str | None = None,
+          known: dict[str, tuple[str, int]] | None = None) -> dict:
     """The manifest of a staged output (`written` is the staged file or folder; `name` the final file name
-    of a single-file output, since the staged file has a temporary name)."""
+    of a single-file output, since the staged file has a temporary name). `known`: str(path) -> (sha256,
+    size) of files hashed while they were written; used when the file still has that size, else re-read."""
     files = _files_of(written)
     if written.is_file() and name:
         files = {name: written}
+    known = known or {}
+
+    def entry(f: Path) -> dict:
+        size = f.stat().st_size
+        k = known.get(str(f))
+        return {"sha256": k[0] if k is not None and k[1] == size else sha256_file(f), "size": size}
+
     return {
         "schema": SCHEMA,
         "loraport_version": __version__,
         "kind": "file" if written.is_file() else "folder",
-        "files": {rel: {"sha256": sha256_file(f), "size": f.stat().st_size} for rel, f in files.items()},
+        "files": {rel: entry(f) for rel, f in files.items()},
         "inputs": inputs,
         "plan": plan,
     }

@@ -490,7 +490,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
 
     hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]]) if manifest else None
     with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
-        stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress, nonfinite=nonfinite)
+        stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress, nonfinite=nonfinite,
+                        hash_outputs=hashes is not None)
         if not single:
             _write_side_files(ckpt, layout, stage, out_dtype, quantizer)
         if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
@@ -499,7 +500,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
                                     for a, w in loaded],
                        "tensors": len(ckpt.names()), "tensors_updated": len(plan.updates),
                        "skipped_targets": len(plan.skipped)}
-            man = mf.build(stage, inputs=hashes.result(), plan=summary, name=out_p.name)
+            man = mf.build(stage, inputs=hashes.result(), plan=summary, name=out_p.name, known=stats["hashes"])
             if not single:
                 mf.write_into(stage, man)
     if hashes is not None and single:
@@ -540,7 +541,7 @@ def open_base(path: Path, fp16_base=None, quantize: str | None = None):
 
 
 def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, dev: torch.device,
-            out_dtype, quantizer, prov: dict, progress, nonfinite: str = "warn") -> dict:
+            out_dtype, quantizer, prov: dict, progress, nonfinite: str = "warn", hash_outputs: bool = False) -> dict:
     base = plan.base
     pipe = _Pipeline()
     order = [(fi, src) for fi, f in enumerate(layout) for src in f.sources]
@@ -671,7 +672,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                     path = stage if single else stage / f.relpath
                     path.parent.mkdir(parents=True, exist_ok=True)
                     w = writers[fi] = StreamingWriter(path, [(e.key, e.dtype, e.shape) for e in f.entries],
-                                                      {**f.metadata, **prov})
+                                                      {**f.metadata, **prov}, hash=hash_outputs)
                 ents = [e for e in f.entries if e.name == name]
                 if item.how == "raw":
                     span = base.span(name) if span_ok else None
@@ -706,7 +707,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         for fi, f in enumerate(layout):
             if fi not in writers:  # a file with no tensors
                 path = stage if single else stage / f.relpath
-                writers[fi] = StreamingWriter(path, [], {**f.metadata, **prov})
+                writers[fi] = StreamingWriter(path, [], {**f.metadata, **prov}, hash=hash_outputs)
                 writers[fi].close()
     except BaseException:
         pipe.stop.set()
@@ -717,7 +718,8 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         pipe.stop.set()
         for th in threads:
             th.join(timeout=5)
-    return {"bytes": written, "nonfinite": flagged}
+    hashes = {str(w.path): (w.sha256(), w.file_size) for w in writers.values() if w.sha256()}
+    return {"bytes": written, "nonfinite": flagged, "hashes": hashes}
 
 
 class _progress:

@@ -12,6 +12,7 @@ Layout (little-endian): u64 header length N · N bytes of JSON {name: {dtype, sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -244,11 +245,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class StreamingWriter:
-    """Write one safetensors file whose header is known in advance; tensors arrive in order, one at a time."""
+    """Write one safetensors file whose header is known in advance; tensors arrive in order, one at a time.
+
+    With `hash=True` the file's sha256 is computed from the bytes as they are written (the file is written
+    strictly in order), so an integrity manifest does not have to read the output back: `sha256()` after
+    `close()`. hashlib releases the GIL, so the hashing overlaps the other pipeline threads."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, hash: bool = False):
         self.path = Path(path)
+        self._h = hashlib.sha256() if hash else None
         header: dict = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -265,8 +271,10 @@ class StreamingWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-(len(blob)) % 8)  # align the data section to 8 bytes
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        head = struct.pack("<Q", len(blob)) + blob
+        self._f.write(head)
+        if self._h is not None:
+            self._h.update(head)
         self._i = 0
         self.bytes_written = 0
         self._data_start = 8 + len(blob)
@@ -289,6 +297,8 @@ class StreamingWriter:
                 raise OSError(f"{self.path}: input ended while copying {name} ({done} of {n} bytes)")
             done += k
         self._f.seek(pos + n)
+        if self._h is not None:
+            _hash_range(self._h, fd, offset, n)
         self._i += 1
         self.bytes_written += n
 
@@ -300,8 +310,19 @@ class StreamingWriter:
         if buf.nbytes != exp_n:
             raise RuntimeError(f"{name}: {buf.nbytes} bytes, header says {exp_n}")
         self._f.write(buf)
+        if self._h is not None:
+            self._h.update(buf)
         self._i += 1
         self.bytes_written += exp_n
+
+    @property
+    def file_size(self) -> int:
+        """Size of the complete file (header included)."""
+        return self._data_start + self.total
+
+    def sha256(self) -> str | None:
+        """Hex sha256 of everything written (None when the writer was made without hash=True)."""
+        return None if self._h is None else self._h.hexdigest()
 
     def close(self) -> None:
         if self._i != len(self.order):
@@ -319,6 +340,21 @@ class StreamingWriter:
 
 
 _COPY = {"how": "copy_file_range"}
+_HASH_CHUNK = 8 << 20
+
+
+def _hash_range(h, fd: int, offset: int, n: int) -> None:
+    """Feed n bytes of fd at offset to the hash (the bytes copy_range just copied: they are in the page
+    cache), through one reused buffer."""
+    buf = bytearray(min(n, _HASH_CHUNK))
+    view = memoryview(buf)
+    done = 0
+    while done < n:
+        k = os.preadv(fd, [view[: min(n - done, len(buf))]], offset + done)
+        if k <= 0:
+            raise OSError(f"input ended while hashing {n} bytes at {offset}")
+        h.update(view[:k])
+        done += k
 
 
 def _copy_chunk(src: int, dst: int, src_off: int, dst_off: int, n: int) -> int:

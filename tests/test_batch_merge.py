@@ -203,3 +203,27 @@ def test_manifest_entries_cannot_point_outside(tmp_path):
     mp.write_text(json.dumps(m))
     r = CliRunner().invoke(main, ["verify", str(out)])
     assert r.exit_code == 1 and "not a path inside" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["folder", "shards", "file", "nf4"])
+def test_manifest_hashes_taken_while_writing_match_the_files(tmp_path, how):
+    """Output hashes are computed from the bytes as they are written (including tensors copied in the
+    kernel); each must equal a fresh sha256 of the file on disk."""
+    from loraport.merge import merge
+
+    fx = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
+    base, adapter = fx / "bases" / "llama", fx / "adapters" / "llama_plain"
+    out = tmp_path / "o"
+    if how == "file":  # a single-file base gives a single-file output with a sibling manifest
+        base, out = base / "model.safetensors", tmp_path / "o.safetensors"
+    kw = {"shard_size": 4096} if how == "shards" else {"quantize": "nf4"} if how == "nf4" else {}
+    merge(base, [adapter], out, device="cpu", **kw)
+    from loraport.manifest import load, manifest_path
+
+    _, m = load(out)
+    root = out if out.is_dir() else out.parent
+    assert m["files"] and manifest_path(out).is_file()
+    for rel, ent in m["files"].items():
+        assert ent["sha256"] == hashlib.sha256((root / rel).read_bytes()).hexdigest(), rel
+    if how == "shards":
+        assert len([r for r in m["files"] if r.endswith(".safetensors")]) > 1
