@@ -306,6 +306,10 @@ def test_inspect_without_base_names_format_and_quirks(sd1):
     rep = json.loads(out)
     assert rep["format"] == "kohya"
     assert any("no base given" in n for n in rep["notes"])
+    # targets are grouped by kind without their block numbers (not one entry per layer), and add up
+    kinds = rep["target_modules"]
+    assert sum(kinds.values()) == rep["targets"] and len(kinds) < rep["targets"]
+    assert max(kinds.values()) > 1 and all(k.split(" ")[0] in ("unet", "te", "te1", "te2") for k in kinds)
     code, out, err = run_cli("inspect", tmp / "lora.safetensors", "--base", tmp / "single.safetensors", "--json")
     assert code == 0, err
     assert "UNet names: diffusers" in json.loads(out)["notes"]

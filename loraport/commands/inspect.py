@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +38,21 @@ def _provenance(path: Path) -> dict | None:
     return None
 
 
+_KOHYA_PART = re.compile(r"^lora_(unet|te\d*)_")
+
+
+def _module_kind(target: str) -> str:
+    """What a target is, without its layer numbers: the last module name of a dotted name (q_proj), or for an
+    underscore-joined kohya name (no base given) its component and the part after the last block index
+    (`unet attn1_to_k`, `te1 mlp_fc1`)."""
+    name = target.removesuffix(".weight")
+    if "." in name:
+        return name.rsplit(".", 1)[-1]
+    m = _KOHYA_PART.match(name)
+    tail = re.split(r"_\d+_", name)[-1] if re.search(r"_\d+_", name) else name[m.end():] if m else name
+    return f"{m.group(1)} {tail}" if m else tail
+
+
 def describe(adapter) -> dict:
     """The inspect report of a loaded adapter."""
     loras = [d for d in adapter.deltas if d.kind == "lora"]
@@ -44,7 +60,7 @@ def describe(adapter) -> dict:
     alphas = Counter(d.alpha for d in loras if d.alpha is not None)
     rules = Counter(d.scale_rule for d in loras)
     scales = Counter(round(d.scale, 6) for d in loras)
-    leaf = Counter(t.removesuffix(".weight").rsplit(".", 1)[-1] for t in {d.target for d in adapter.deltas})
+    leaf = Counter(_module_kind(t) for t in {d.target for d in adapter.deltas})
     params = adapter.num_params()
     full = 0
     for d in adapter.deltas:
