@@ -11,8 +11,9 @@ Rows:  copy          shutil.copyfile of every base file + fsync (what reading an
        loraport x8   eight adapters at once (weights 1/8 each)
        loraport nf4  `--quantize nf4` (bitsandbytes NF4 layout, loraport.quant)
        peft          transformers LlamaForCausalLM.from_pretrained(fp16) + PeftModel.from_pretrained +
-                     merge_and_unload() + save_pretrained(); capped with RLIMIT_AS (--peft-mem-limit) so a
-                     model larger than memory fails with MemoryError instead of swapping the machine to death
+                     merge_and_unload() + save_pretrained() + fsync of its files (every row's output is made
+                     durable, as loraport's is); capped with RLIMIT_AS (--peft-mem-limit) so a model larger
+                     than memory fails with MemoryError instead of swapping the machine to death
 Columns: wall (s), net = wall minus the child's start-up (the same child stopped right after its imports:
 interpreter, torch/loraport or torch/transformers/peft imports, tear-down), cpu s net (user+system CPU seconds
 of the child minus those of its start-up: robust when other work shares the cores), peak anon RSS (RssAnon
@@ -65,15 +66,12 @@ def child_loraport(*argv: str) -> None:
 
 
 def child_copy(src: str, dst: str) -> None:
-    import os
-
     _ready()
     s, d = Path(src), Path(dst)
     d.mkdir()
     for f in sorted(s.iterdir()):
         shutil.copyfile(f, d / f.name)
-        with open(d / f.name, "rb+") as fh:
-            os.fsync(fh.fileno())
+    _fsync_tree(d)
 
 
 def child_peft(base: str, adapter: str, out: str) -> None:
@@ -86,6 +84,15 @@ def child_peft(base: str, adapter: str, out: str) -> None:
     model = PeftModel.from_pretrained(model, adapter)
     model = model.merge_and_unload()
     model.save_pretrained(out, max_shard_size="2GB")
+    _fsync_tree(Path(out))  # the same durability as the other rows (loraport and copy fsync what they write)
+
+
+def _fsync_tree(root: Path) -> None:
+    import os
+
+    for f in sorted(x for x in root.rglob("*") if x.is_file()):
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
 
 
 # ------------------------------------------------------------------------------------------------ driver
