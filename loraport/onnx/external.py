@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 INLINE_MAX = 1024  # bytes; smaller tensors stay in the .onnx file
 ALIGN = 64
-PIECE = 16 << 20  # bytes of source data converted (or copied) at a time
+PIECE = 4 << 20  # bytes of source data converted (or copied) at a time
 
 TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
@@ -47,7 +47,8 @@ class ExternalDataWriter:
         self._f = open(self.path, "wb", buffering=0)  # unbuffered: big writes go straight to the file
         self.offset = 0
         self.bytes_written = 0
-        self._buf: bytearray | None = None  # one reusable read buffer for conversions from a base file
+        self._buf: bytearray | None = None  # reusable read buffer (conversions from a base file)
+        self._out: torch.Tensor | None = None  # reusable converted-piece buffer
 
     # ------------------------------------------------------------------------------------------ public
     def add(self, name: str, data: torch.Tensor, onnx_dtype: int | None = None,
@@ -71,7 +72,7 @@ class ExternalDataWriter:
         begin = self._begin()
         step = max(1, PIECE // max(flat.element_size(), size))
         for i in range(0, flat.numel(), step):
-            self._write(memoryview(tensor_bytes(flat[i:i + step].to(want))))
+            self._write(self._convert(flat[i:i + step], want))
         return self._external(name, onnx_dtype, dims, begin)
 
     def add_stored(self, name: str, src, onnx_dtype: int, dims: tuple[int, ...]) -> TensorProto:
@@ -93,22 +94,38 @@ class ExternalDataWriter:
             self._copy_range(src, name)
         else:
             piece = max(in_size, PIECE // in_size * in_size)
-            if self._buf is None or len(self._buf) < piece:
-                self._buf = bytearray(piece)
-            view = memoryview(self._buf)
+            view = self._read_buffer(piece)
             pos = 0
             while pos < src.nbytes:
                 k = min(piece, src.nbytes - pos)
                 if read_into(src.fd, view[:k], src.offset + pos) != k:
                     raise BadInputError(f"{src.path}: truncated while reading {name}")
-                self._write(memoryview(tensor_bytes(torch.frombuffer(view[:k], dtype=src.dtype).to(want))))
+                self._write(self._convert(torch.frombuffer(view[:k], dtype=src.dtype), want))
                 pos += k
         return self._external(name, onnx_dtype, dims, begin)
 
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-        self._buf = None
+        self._buf = self._out = None
+
+    # ------------------------------------------------------------------------------------------ buffers
+    # Two buffers live for the whole export and are reused for every piece: allocating a fresh piece-sized
+    # block each time lets the C heap fragment and keep tens of MB resident after they are freed.
+    def _read_buffer(self, n: int) -> memoryview:
+        if self._buf is None or len(self._buf) < n:
+            self._buf = bytearray(n)
+        return memoryview(self._buf)
+
+    def _convert(self, piece: torch.Tensor, want: torch.dtype) -> memoryview:
+        """`piece` (1-D, CPU) converted to `want` in the reusable output buffer; its bytes."""
+        n = piece.numel()
+        if self._out is None or self._out.dtype != want or self._out.numel() < n:
+            self._out = None
+            self._out = torch.empty(max(n, PIECE // want.itemsize), dtype=want)
+        out = self._out[:n]
+        out.copy_(piece)
+        return memoryview(out.view(torch.uint8).numpy())
 
     # ------------------------------------------------------------------------------------------ internals
     def _begin(self) -> int:
@@ -145,9 +162,7 @@ class ExternalDataWriter:
             self.offset += n
             self.bytes_written += n
         if pos < src.nbytes:
-            if self._buf is None or len(self._buf) < PIECE:
-                self._buf = bytearray(PIECE)
-            view = memoryview(self._buf)
+            view = self._read_buffer(PIECE)
             os.lseek(dst, self.offset, os.SEEK_SET)
             while pos < src.nbytes:
                 k = min(PIECE, src.nbytes - pos)

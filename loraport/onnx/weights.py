@@ -50,6 +50,8 @@ class WeightSource:
         ]
         # the multi-LoRA graph keeps the base weights unmerged; the adapters only go to .onnx_adapter files
         self.plan = build_plan(self.ckpt, self.adapters if merge else [], strict=strict)
+        self._raw: torch.Tensor | None = None  # reused read buffer (uint8)
+        self._w32: torch.Tensor | None = None  # reused fp32 buffer a 16-bit tensor is merged in
 
     # names -----------------------------------------------------------------------------------------
     def checkpoint_name(self, name: str) -> str | None:
@@ -90,20 +92,25 @@ class WeightSource:
 
     def merged(self, name: str, want: torch.dtype | None = None) -> torch.Tensor:
         """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
-        stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer)."""
+        stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer). On CPU the result
+        lives in a buffer this source reuses: it is valid until the next call."""
         from loraport.merge import merged_tensor
 
         ck_name = self._ck(name)
         raw = self._read(ck_name)
         if raw is not None and ck_name not in self.plan.updates and raw.dtype == want:
             return raw
-        if raw is not None and raw.dtype == torch.float32 and self.device.type == "cpu":
-            # a private fp32 buffer already: merge into it instead of into a copy
-            return merged_tensor(self.plan, ck_name, self.device, base_tensor=raw, copy=False)
+        if raw is not None and self.device.type == "cpu":
+            if raw.dtype == torch.float32:
+                W = raw  # a private fp32 buffer already: merged into in place
+            else:
+                W = self._grow("_w32", raw.numel(), torch.float32)[: raw.numel()].view(raw.shape)
+                W.copy_(raw)
+            return merged_tensor(self.plan, ck_name, self.device, base_tensor=W, copy=False)
         return merged_tensor(self.plan, ck_name, self.device, base_tensor=raw)
 
     def _read(self, name: str) -> torch.Tensor | None:
-        """The base tensor read into private memory (pread, not through the memory map)."""
+        """The base tensor read (pread, not through the memory map) into a reused private buffer."""
         span = self.ckpt.span(name)
         if span is None:
             return None  # not a plain safetensors checkpoint (e.g. a dequantizing view): let the engine read it
@@ -111,12 +118,23 @@ class WeightSource:
         fd, offset, nbytes = span
         if not nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(nbytes)
-        if read_into(fd, memoryview(buf), offset) != nbytes:
+        buf = self._grow("_raw", nbytes, torch.uint8)[:nbytes]
+        if read_into(fd, memoryview(buf.numpy()), offset) != nbytes:
             raise BadInputError(f"{self.ckpt.shard_of(name)[0].file.path}: truncated while reading {name}")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def _grow(self, attr: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of at least n elements, kept for the next tensor: one block reused instead of a fresh
+        allocation per tensor (freed blocks of varying sizes fragment the C heap and stay resident)."""
+        buf = getattr(self, attr)
+        if buf is None or buf.numel() < n:
+            setattr(self, attr, None)
+            buf = torch.empty(n, dtype=dtype)
+            setattr(self, attr, buf)
+        return buf
 
     def close(self) -> None:
+        self._raw = self._w32 = None
         self.ckpt.close()
 
 
