@@ -2,7 +2,7 @@
 
 Each `add()` appends the tensor's bytes (aligned) to `<model>.onnx.data` and returns the `TensorProto` that
 points at them, so a model of any size is written holding one tensor at a time. Tiny tensors (and
-zero-size ones) are stored inline in the proto. A dtype change is done in pieces of at most `PIECE` bytes,
+zero-size ones) are stored inline in the proto. A dtype change is done in pieces of `PIECE` source bytes,
 and `add_stored()` copies an untouched base tensor file-to-file (copy_file_range) or converts it piece by
 piece from the base file, so neither needs the whole tensor in memory.
 """
@@ -18,7 +18,8 @@ from onnx import TensorProto
 
 INLINE_MAX = 1024  # bytes; smaller tensors stay in the .onnx file
 ALIGN = 64
-PIECE = 4 << 20  # bytes of source data converted (or copied) at a time
+PIECE = 1 << 20  # bytes of source data converted at a time (two buffers of this order live during an export)
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (copied in the kernel: no buffer of ours)
 
 TORCH_TO_ONNX = {
     torch.float32: TensorProto.FLOAT,
@@ -153,7 +154,7 @@ class ExternalDataWriter:
         copy = getattr(os, "copy_file_range", None)
         while pos < src.nbytes and copy is not None:
             try:
-                n = copy(src.fd, dst, min(PIECE * 4, src.nbytes - pos), src.offset + pos, self.offset)
+                n = copy(src.fd, dst, min(COPY_CHUNK, src.nbytes - pos), src.offset + pos, self.offset)
             except OSError:
                 break
             if n <= 0:
