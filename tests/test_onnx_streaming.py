@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 
 import loraport.onnx.external as external
+from loraport.onnx import prestream
 from loraport.onnx.weights import Stored
 from loraport.safetensors_io import SafetensorsFile, save_file
 from tests._onnx_util import ADAPTERS, LLAMA, feeds, max_abs, ort_run, peft_logits
@@ -39,15 +40,20 @@ def _initializers(out) -> dict[str, torch.Tensor]:
     return {i.name: torch.from_numpy(numpy_helper.to_array(i, base_dir=str(out)).copy()) for i in m.graph.initializer}
 
 
-def test_bf16_base_fp32_export_in_small_pieces_matches_engine_and_peft(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False], ids=["weights-during-capture", "weights-after-capture"])
+def test_bf16_base_fp32_export_in_small_pieces_matches_engine_and_peft(tmp_path, monkeypatch, overlap):
     from loraport.formats import load_adapter
     from loraport.merge import build_plan, merged_tensor, open_base
     from loraport.onnx import export_onnx
 
     monkeypatch.setattr(external, "PIECE", 384)  # every tensor in many pieces (not a multiple of a row)
+    if not overlap:
+        monkeypatch.setattr(prestream, "MAX_BYTES", 0)
     base = _base_as(torch.bfloat16, tmp_path / "base")
     out = tmp_path / "onnx"
-    export_onnx(base, [(PLAIN, 1.0)], out)
+    report = export_onnx(base, [(PLAIN, 1.0)], out)
+    assert report["overlapped"] is overlap
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no scratch file left
     ck = open_base(base)
     plan = build_plan(ck, [(load_adapter(PLAIN, base=ck), 1.0)])
     inits = _initializers(out)
@@ -98,3 +104,21 @@ def test_writer_pieces_equal_whole_tensor_conversion(tmp_path, monkeypatch, kern
             off = int(next(e.value for e in tp.external_data if e.key == "offset"))
             assert off % external.ALIGN == 0
     assert protos[1].data_location != onnx.TensorProto.EXTERNAL  # tiny tensors stay inline
+
+
+@pytest.mark.parametrize("change", [{"model_type": "no_such_model"}, {"intermediate_size": 40}],
+                         ids=["capture-fails", "weights-disagree"])
+def test_failure_while_weights_stream_is_one_error_and_leaves_nothing(tmp_path, change):
+    import json
+
+    from loraport.errors import BadInputError
+    from loraport.onnx import export_onnx
+
+    base = _base_as(torch.float32, tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, **change}))
+    out = tmp_path / "onnx"
+    with pytest.raises(BadInputError) as e:
+        export_onnx(base, [(PLAIN, 1.0)], out)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no output, no stage, no scratch file

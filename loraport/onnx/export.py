@@ -2,7 +2,9 @@
 
 Structure and weights are separate: `capture()` traces the graph once with meta (storage-free) parameters;
 then every initializer the graph names is produced by the merge engine (`merged_tensor`), optionally
-quantized, and appended to `model.onnx.data` — one tensor in memory at a time. The output folder:
+quantized, and appended to `model.onnx.data` — one tensor in memory at a time, and untouched tensors not even
+that (copied or converted file-to-file in pieces). For a small fp32 export the weights are produced during
+the capture by a worker thread (loraport/onnx/prestream.py) and then copied into place. The output folder:
 
     model.onnx            graph (+ tiny tensors inline), IR version 10
     model.onnx.data       every other initializer, in graph order
@@ -13,6 +15,7 @@ quantized, and appended to `model.onnx.data` — one tensor in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -24,6 +27,7 @@ from onnx import TensorProto, helper
 
 from loraport import __version__
 from loraport.errors import BadInputError
+from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture
 from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
 
@@ -76,7 +80,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     pick_device(device)
 
     src = WeightSource(base, adapters, device=device, strict=strict, merge=not multi_lora)
-    try:
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: scratch file, then the staged output, then src
+        stack.callback(src.close)
         lora_targets = None
         if multi_lora:
             lora_targets = {}
@@ -89,7 +94,22 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                 for name, ups in plan.updates.items():
                     for d, _ in ups:
                         lora_targets[name] = (int(d.A.shape[1]), int(d.B.shape[0]))
-        cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets, with_past=with_past)
+        stage = pre = None
+        fp32_bytes = sum(torch.Size(src.ckpt.info(n).shape).numel() * 4 for n in src.ckpt.names())
+        if prestream.eligible(src, dtype, quantize, fp32_bytes) and _free(out_p.parent) > 2.1 * fp32_bytes:
+            # weights written to a scratch file while the graph is captured (see loraport/onnx/prestream.py)
+            stage = stack.enter_context(staged_output(out_p, is_dir=True, overwrite=overwrite))
+            pre = prestream.Prestream(src, stage).start()
+            stack.callback(pre.close)
+        try:
+            cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
+                          with_past=with_past)
+        except BaseException:
+            if pre is not None:
+                pre.cancel()  # stops after the tensor in hand
+            raise
+        if pre is not None:
+            pre.finish()
         proto = cap.proto
         float_dtype = TORCH_DTYPES[dtype]
         slot_names = {n for s in cap.lora_slots for n in (s.a_name, s.b_name)}
@@ -99,100 +119,114 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                        and len(i.shape) == 2}
             qentries = rewrite(proto, weights, quantize, proto.graph.input[0].type.tensor_type.elem_type,
                                block=block_size)
-        need = sum(int(torch.Size(i.shape).numel()) * 4 for i in cap.inits)
-        check_free_space(out_p.parent, need // (2 if dtype == "fp16" else 1))
-
-        with staged_output(out_p, is_dir=True, overwrite=overwrite) as stage:
-            writer = ExternalDataWriter(stage, DATA_FILE)
-            inits = []
-            try:
-                for spec in cap.inits:
-                    if spec.name in slot_names:
-                        zero = [spec.shape[0], 0] if spec.name.endswith(".lora_A.weight") else [0, spec.shape[1]]
-                        inits.append(helper.make_tensor(spec.name, spec.onnx_dtype, zero, vals=[]))
+        if pre is None:  # (with a scratch file, twice the fp32 size was found free before it was written)
+            need = sum(int(torch.Size(i.shape).numel()) * 4 for i in cap.inits)
+            check_free_space(out_p.parent, need // (2 if dtype == "fp16" else 1))
+        if stage is None:
+            stage = stack.enter_context(staged_output(out_p, is_dir=True, overwrite=overwrite))
+        writer = ExternalDataWriter(stage, DATA_FILE)
+        inits = []
+        try:
+            for spec in cap.inits:
+                if spec.name in slot_names:
+                    zero = [spec.shape[0], 0] if spec.name.endswith(".lora_A.weight") else [0, spec.shape[1]]
+                    inits.append(helper.make_tensor(spec.name, spec.onnx_dtype, zero, vals=[]))
+                    continue
+                if spec.name in cap.buffers:
+                    t = cap.buffers[spec.name].to(ONNX_TO_TORCH[spec.onnx_dtype])
+                    inits.append(writer.add(spec.name, t, spec.onnx_dtype, spec.shape))
+                    continue
+                if pre is not None and spec.name not in qentries:
+                    hit = pre.lookup(spec.name, spec.onnx_dtype, spec.shape)
+                    if isinstance(hit, TensorProto):
+                        inits.append(hit)
                         continue
-                    if spec.name in cap.buffers:
-                        t = cap.buffers[spec.name].to(ONNX_TO_TORCH[spec.onnx_dtype])
-                        inits.append(writer.add(spec.name, t, spec.onnx_dtype, spec.shape))
+                    if hit is not None:  # copied in graph order from the scratch file, in the kernel
+                        inits.append(writer.add_stored(spec.name, hit, spec.onnx_dtype, spec.shape))
                         continue
-                    if spec.name not in qentries:
-                        stored = src.stored(spec.name)
-                        if stored is not None:  # untouched: copied / converted file-to-file in bounded pieces
-                            _check_numel(spec, stored.shape)
-                            inits.append(writer.add_stored(spec.name, stored, spec.onnx_dtype, spec.shape))
-                            continue
-                    W = src.merged(spec.name, None if spec.name in qentries else ONNX_TO_TORCH[spec.onnx_dtype])
-                    if tuple(W.shape) != spec.shape:
-                        _check_numel(spec, tuple(W.shape))
-                        W = W.reshape(spec.shape)
-                    if spec.name in qentries:
-                        for qn, qt in quantized_tensors(qentries[spec.name], W, float_dtype):
-                            inits.append(writer.add(qn, qt))
-                    else:  # converted to the graph's dtype piecewise by the writer
-                        inits.append(writer.add(spec.name, W, spec.onnx_dtype, spec.shape))
-                    del W
-            finally:
-                writer.close()
-            proto.graph.initializer.extend(inits)
-            if cap.lora_slots:
-                _expose_lora_inputs(proto, cap.lora_slots)
-            proto.ir_version = IR_VERSION
-            proto.producer_name, proto.producer_version = "loraport", __version__
-            onnx.save_model(proto, str(stage / MODEL_FILE))
-            try:
-                onnx.checker.check_model(str(stage / MODEL_FILE))
-            except onnx.checker.ValidationError as e:
-                raise BadInputError(f"the exported graph failed onnx.checker: {str(e).splitlines()[0][:300]}") \
-                    from None
-            for rel in src.ckpt.extra_files:
-                dst = stage / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src.ckpt.root / rel, dst)
-            adapters_out = []
-            used: set[str] = set()
-            if multi_lora:
-                (stage / "adapters").mkdir()
-                slots = {s.module: {"in": s.d_in, "out": s.d_out, "dtype": int(proto.graph.input[0].type.tensor_type
-                                                                                 .elem_type)} for s in cap.lora_slots}
-                elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
-                for s in slots.values():
-                    s["dtype"] = elem
-                t2m = {s.target: s.module for s in cap.lora_slots}
-                for (ad, w), (path, _) in zip(src.adapters, adapters):
-                    name = _adapter_name(str(path), used)
-                    rel = f"adapters/{name}.onnx_adapter"
-                    write_adapter_file(adapter_arrays(ad, w, slots, t2m), stage / rel)
-                    adapters_out.append({"name": name, "file": rel, "source": str(Path(str(path)).resolve()),
-                                         "weight": w, "format": ad.format, "targets": len(ad.deltas)})
-            else:
-                for (ad, w), (path, _) in zip(src.adapters, adapters):
-                    adapters_out.append({"name": _adapter_name(str(path), used), "source": str(Path(str(path))
-                                        .resolve()), "weight": w, "format": ad.format, "targets": len(ad.deltas)})
-            manifest = {
-                "loraport_version": __version__,
-                "kind": "multi-lora" if multi_lora else "merged",
-                "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
-                "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
-                "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
-                "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
-                "with_past": cap.with_past,
-                "adapters": adapters_out,
-                "lora_slots": [{"module": s.module, "target": s.target, "in": s.d_in, "out": s.d_out}
-                               for s in cap.lora_slots],
-                "quantized_weights": len(qentries),
-            }
-            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            data_bytes = writer.bytes_written
-        report = {
-            "out": str(out_p), "kind": manifest["kind"], "model_type": cap.model_type, "dtype": dtype,
-            "quantize": quantize, "opset": int(opset), "ir_version": IR_VERSION, "inputs": cap.input_names,
-            "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
-            "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
-            "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
+                if spec.name not in qentries:
+                    stored = src.stored(spec.name)
+                    if stored is not None:  # untouched: copied / converted file-to-file in bounded pieces
+                        _check_numel(spec, stored.shape)
+                        inits.append(writer.add_stored(spec.name, stored, spec.onnx_dtype, spec.shape))
+                        continue
+                W = src.merged(spec.name, None if spec.name in qentries else ONNX_TO_TORCH[spec.onnx_dtype])
+                if tuple(W.shape) != spec.shape:
+                    _check_numel(spec, tuple(W.shape))
+                    W = W.reshape(spec.shape)
+                if spec.name in qentries:
+                    for qn, qt in quantized_tensors(qentries[spec.name], W, float_dtype):
+                        inits.append(writer.add(qn, qt))
+                else:  # converted to the graph's dtype piecewise by the writer
+                    inits.append(writer.add(spec.name, W, spec.onnx_dtype, spec.shape))
+                del W
+        finally:
+            writer.close()
+        proto.graph.initializer.extend(inits)
+        if cap.lora_slots:
+            _expose_lora_inputs(proto, cap.lora_slots)
+        proto.ir_version = IR_VERSION
+        proto.producer_name, proto.producer_version = "loraport", __version__
+        onnx.save_model(proto, str(stage / MODEL_FILE))
+        try:
+            onnx.checker.check_model(str(stage / MODEL_FILE))
+        except onnx.checker.ValidationError as e:
+            raise BadInputError(f"the exported graph failed onnx.checker: {str(e).splitlines()[0][:300]}") \
+                from None
+        for rel in src.ckpt.extra_files:
+            dst = stage / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src.ckpt.root / rel, dst)
+        adapters_out = []
+        used: set[str] = set()
+        if multi_lora:
+            (stage / "adapters").mkdir()
+            slots = {s.module: {"in": s.d_in, "out": s.d_out, "dtype": int(proto.graph.input[0].type.tensor_type
+                                                                             .elem_type)} for s in cap.lora_slots}
+            elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+            for s in slots.values():
+                s["dtype"] = elem
+            t2m = {s.target: s.module for s in cap.lora_slots}
+            for (ad, w), (path, _) in zip(src.adapters, adapters):
+                name = _adapter_name(str(path), used)
+                rel = f"adapters/{name}.onnx_adapter"
+                write_adapter_file(adapter_arrays(ad, w, slots, t2m), stage / rel)
+                adapters_out.append({"name": name, "file": rel, "source": str(Path(str(path)).resolve()),
+                                     "weight": w, "format": ad.format, "targets": len(ad.deltas)})
+        else:
+            for (ad, w), (path, _) in zip(src.adapters, adapters):
+                adapters_out.append({"name": _adapter_name(str(path), used), "source": str(Path(str(path))
+                                    .resolve()), "weight": w, "format": ad.format, "targets": len(ad.deltas)})
+        manifest = {
+            "loraport_version": __version__,
+            "kind": "multi-lora" if multi_lora else "merged",
+            "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
+            "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
+            "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
+            "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
+            "with_past": cap.with_past,
+            "adapters": adapters_out,
+            "lora_slots": [{"module": s.module, "target": s.target, "in": s.d_in, "out": s.d_out}
+                           for s in cap.lora_slots],
+            "quantized_weights": len(qentries),
         }
-        return report
-    finally:
-        src.close()
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        data_bytes = writer.bytes_written
+        if pre is not None:
+            pre.close()  # the scratch file goes before the staged output is made final
+    report = {
+        "out": str(out_p), "kind": manifest["kind"], "model_type": cap.model_type, "dtype": dtype,
+        "quantize": quantize, "opset": int(opset), "ir_version": IR_VERSION, "inputs": cap.input_names,
+        "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
+        "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
+        "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
+        "overlapped": pre is not None,
+    }
+    return report
+
+
+def _free(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
 
 
 def _check_numel(spec, shape: tuple[int, ...]) -> None:
