@@ -31,6 +31,7 @@ from loraport.errors import BadInputError, PlanError
 from loraport.manifest import sha256_file
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.safetensors_io import StreamingWriter, itemsize
+from loraport.threads import op_threads, torch_threads
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -471,7 +472,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     loaded = [(load_adapter(a, format=adapter_format, base=ckpt, strict=strict), w) for a, w in adapters]
     from loraport.finite import check_adapters, check_mode
 
-    warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
+    with torch_threads(1):  # hundreds of small tensors: one thread each op, no team to wait for
+        warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
     try:
         plan = build_plan(ckpt, loaded, strict=strict)
     except PlanError as e:  # name the adapter file(s) when the message (e.g. a delta's shape check) does not
@@ -573,6 +575,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         # cast into a reused output buffer; on CUDA it is staged through pinned memory and copied to the
         # device asynchronously while the previous tensor is being computed.
         try:
+            torch.set_num_threads(op_threads())  # this thread only (see loraport/threads.py)
             for fi, name in order:
                 if wants_raw(name):
                     item = _Item(fi, name, "raw")
@@ -606,6 +609,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
 
     def compute():
         try:
+            torch.set_num_threads(op_threads())  # this thread only (see loraport/threads.py)
             while True:
                 item = pipe.get(pipe.q_loaded)
                 if item is _DONE:

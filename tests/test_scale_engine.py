@@ -163,3 +163,29 @@ def test_nonfinite_precheck_still_reports_overflow(tiny, tmp_path):
     assert rep["warnings"] and any("non-finite" in w for w in rep["warnings"])
     clean = M.merge(tiny / "base", [tiny / "ad0"], tmp_path / "out2", device="cpu", manifest=False)
     assert not clean["warnings"]
+
+
+def test_stage_thread_settings_stay_in_their_thread():
+    """The pipeline stages and quantizer workers each limit torch's intra-op threads for themselves only
+    (loraport/threads.py relies on OpenMP keeping the setting per thread); the caller's setting survives
+    a merge-stage style thread and a torch_threads block."""
+    import threading
+
+    import torch
+
+    from loraport.threads import torch_threads
+
+    before = torch.get_num_threads()
+    seen = []
+
+    def stage():
+        torch.set_num_threads(1)
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=stage)
+    t.start()
+    t.join()
+    assert seen == [1] and torch.get_num_threads() == before
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

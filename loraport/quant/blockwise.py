@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from loraport.quant.tables import code_table, dynamic_map, sorted_levels
+from loraport.threads import cores
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -187,13 +188,13 @@ def _pack32(codes: torch.Tensor, out: torch.Tensor, work: _Work) -> None:
 
 
 def run_chunks(starts, job, make_work) -> None:
-    """Run job(start, work) for every start, spread over torch.get_num_threads() Python threads (at most 8),
+    """Run job(start, work) for every start, spread over one Python thread per core (at most 8),
     each of which first sets torch to one intra-op thread for itself (a per-thread setting: the caller's
     threads are untouched). Each chunk is a handful of long element-wise ops, so the threads spend little
     time waiting on the GIL (torch releases it inside ops), and nothing spins waiting for a busy core — one
     big multi-threaded op per step stalls when other processes share the cores. A single chunk runs inline."""
     starts = list(starts)
-    workers = max(1, min(torch.get_num_threads(), 8, len(starts)))
+    workers = max(1, min(cores(), 8, len(starts)))
     if workers == 1:
         work = make_work()
         for s in starts:
