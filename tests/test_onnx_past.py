@@ -168,6 +168,10 @@ def test_multi_lora_with_past():
     f = _inputs(2, 8, seed=5, left_pad=(2, 0))
     _check_steps(out / "model.onnx", base, ad, f, [6, 7, 8], onnx_adapter=out / "adapters" / "lora.onnx_adapter")
     _check_steps(out / "model.onnx", base, None, f, [6, 7, 8], tol=1e-5)
+    from loraport.validate import validate
+
+    rep = validate(out, base, [ad], provider="cpu", seq=9)  # each case ("none", "lora") stepped with its adapter
+    assert rep["passed"] and [c["case"] for c in rep["cases"]] == ["none", "lora"]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
@@ -209,3 +213,29 @@ def test_validate_runs_with_past_graph_step_by_step(llama):
     # and it does compare something: a reference with the adapter at half weight fails
     bad = validate(out, base, [(ad, 0.5)], provider="cpu", seq=10)
     assert not bad["passed"] and bad["cases"][0]["outputs"]["logits"]["max_abs"] > 1e-3
+
+
+def test_cloning_refuses_a_past_that_leaves_its_layer():
+    """Layer cloning copies layer 1's past inputs / present outputs; if the traced graph used layer 1's past
+    anywhere outside layer 1 it must not clone (the full depth is traced instead)."""
+    import copy
+
+    import transformers
+    from onnx import helper
+
+    from loraport.onnx.capture import _capture
+    from loraport.onnx.replicate import replicate_layers
+
+    cfg = transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 2}).to_dict()
+    cap = _capture(cfg, "fp32", 20, None, with_past=True)
+    ok = copy.deepcopy(cap)
+    assert replicate_layers(ok, 4)
+    assert ok.input_names[3:] == [f"past_key_values.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
+    assert ok.output_names[1:] == [f"present.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
+    g = cap.proto.graph
+    leak = next(n.output[0] for n in g.node if n.op_type == "Identity" and n.input[0] == "past_key_values.1.key")
+    g.node.append(helper.make_node("Identity", [leak], ["leaked"]))
+    g.output.append(helper.make_tensor_value_info("leaked", 1, None))
+    before = cap.proto.SerializeToString()
+    assert not replicate_layers(cap, 4)
+    assert cap.proto.SerializeToString() == before and len(cap.input_names) == 3 + 4
