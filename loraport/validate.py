@@ -19,6 +19,7 @@ from the artifact's dtype / quantization (table TOLERANCES) and says which it us
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def load_torch_model(folder: str | Path, dtype=torch.float32):
             from transformers.utils import logging as tlog
 
             tlog.set_verbosity_error()
+            tlog.disable_progress_bar()  # CI logs get the report, not "Loading weights" bars
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on CPU
             m = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **{key: dtype})
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"{folder}: transformers cannot load this model folder ({str(e).splitlines()[0][:200]})") \
