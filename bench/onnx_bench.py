@@ -2,6 +2,7 @@
 
     python bench/onnx_bench.py                      # ~220M-parameter Llama shape, fp32 and bf16 bases, r=16 LoRA
     python bench/onnx_bench.py --repeat 3           # best of 3 (routes interleaved), spread printed
+    python bench/onnx_bench.py --size 1b            # Llama-3.2-1B shape, bf16 base: how the ratios scale
     python bench/onnx_bench.py --size 8b --skip-plain   # Llama-8B-shaped synthetic model (fp16): ~35 GB of disk
 
 Every row exports **fp32** ONNX (external data) from the same base, once per base dtype:
@@ -46,11 +47,13 @@ SIZES = {
                  num_key_value_heads=4),
     "220m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8),  # Llama-3.2-1B shaped
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8),
 }
-DEFAULT_DTYPES = {"tiny": "fp32,bf16", "220m": "fp32,bf16", "8b": "fp16"}
-DEFAULT_EXPORT = {"tiny": "fp32", "220m": "fp32", "8b": "fp16"}  # an fp32 8B export would be 32 GB of data
+DEFAULT_DTYPES = {"tiny": "fp32,bf16", "220m": "fp32,bf16", "1b": "bf16", "8b": "fp16"}
+DEFAULT_EXPORT = {"tiny": "fp32", "220m": "fp32", "1b": "fp32", "8b": "fp16"}  # fp32 8B would be 32 GB of data
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLAIN, OURS, MULTI = "plain (transformers load + torch.onnx dynamo)", "loraport convert --to onnx", \
