@@ -16,7 +16,7 @@ Speed (CPU): the nearest-level search is two 65 536-entry tables indexed by the 
 value (the cell's lower position and the one midpoint inside it) and one exact comparison — no search, no
 branches. The work is done in int32 end to end (the comparison's sign bit is subtracted as -1/0; two codes
 are packed from an int64 view), because mixed-width integer ops are several times slower in torch. Chunks of
-2**17 elements run with reused buffers on Python threads that each keep torch single-threaded
+2**19 elements run with reused buffers on Python threads that each keep torch single-threaded
 (`run_chunks`): few, long ops per thread, so the threads neither wait on the GIL nor oversubscribe the cores.
 On CUDA an exact search is used directly (same codes).
 """
@@ -36,7 +36,7 @@ from loraport.threads import cores
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _LITTLE = sys.byteorder == "little"
-_SERIAL = 1 << 17  # elements per CPU chunk (each worker thread runs torch single-threaded, see run_chunks)
+_SERIAL = 1 << 19  # elements per CPU chunk (each worker thread runs torch single-threaded, see run_chunks)
 
 
 def check_blocksize(blocksize: int) -> None:

@@ -14,7 +14,7 @@ from loraport.quant.blockwise import run_chunks
 
 INV127 = 7.874015718698502e-3  # the fp64 constant bitsandbytes multiplies by
 FP16_MAX = 65504.0
-_SERIAL = 1 << 17  # elements per CPU chunk (see blockwise.run_chunks)
+_SERIAL = 1 << 19  # elements per CPU chunk (see blockwise.run_chunks)
 _TINY = torch.finfo(torch.float32).tiny
 
 
