@@ -8,6 +8,7 @@ LORAPORT_DEBUG=1 for the traceback).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import pkgutil
@@ -22,7 +23,12 @@ from loraport.errors import LoraportError
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            if not os.environ.get("LORAPORT_NO_GC_FREEZE"):
+                # the command is done: keep the interpreter's tear-down from walking every object that torch,
+                # transformers and onnxscript created (measured 1.36 s -> 0.16 s after an ONNX capture)
+                gc.freeze()
+            return rv
         except LoraportError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
