@@ -167,7 +167,8 @@ def main() -> None:
         res = merge_overhead(ms, a.merge_layers)
         t0 = res[0][1]
         for label, t in res:
-            print(f"{label:32s} {t:7.2f} s  {'' if t is t0 else f'+{(t / t0 - 1) * 100:.0f}% vs bf16 merge'}")
+            rel = "" if t is t0 else f"{(t / t0 - 1) * 100:+.0f}% vs bf16 merge ({t / t0:.2f}x)"
+            print(f"{label:32s} {t:7.2f} s  {rel}")
     print(f"\npeak RSS {peak_rss_mib():.0f} MiB")
 
 
