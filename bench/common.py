@@ -175,18 +175,23 @@ class Run:
     err: str = ""
 
 
-def _status(pid: int) -> tuple[int, int]:
-    """(RssAnon, VmHWM) of a live process, bytes."""
-    anon = hwm = 0
+def proc_status(pid: int, *fields: str) -> list[int]:
+    """The given /proc/<pid>/status fields (e.g. "VmRSS", "RssAnon") in bytes; zeros once the process is gone."""
+    got = dict.fromkeys(fields, 0)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in got:
+                    got[key] = int(line.split()[1]) * 1024
     except OSError:
         pass
+    return [got[k] for k in fields]
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(RssAnon, VmHWM) of a live process, bytes."""
+    anon, hwm = proc_status(pid, "RssAnon", "VmHWM")
     return anon, hwm
 
 

@@ -159,16 +159,9 @@ def _tree(pid: int) -> list[int]:
 
 def _mem(pid: int) -> tuple[int, int]:
     """(VmRSS, RssAnon) of a live process in bytes; zeros once it is gone."""
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from bench.common import proc_status
+
+    rss, anon = proc_status(pid, "VmRSS", "RssAnon")
     return rss, anon
 
 
