@@ -663,10 +663,30 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         th.start()
     writers: dict[int, StreamingWriter] = {}
     written = 0
+    pending = None  # (writer, last write's sequence number, item) not yet given back
+
+    def finish(w: StreamingWriter, seq: int, item: _Item) -> None:
+        w.wait_hashed(seq)
+        for t in item.pooled:
+            pool.give(t)
+        item.view = item.outs = None
+        item.pooled = []
+        budget.release(item.cost)
+        if release is not None:
+            release(item.name)
+
     try:
         with _progress(progress, sum(_nbytes(e) for f in layout for e in f.entries)) as advance:
             while True:
-                item = pipe.get(pipe.q_ready)
+                item = None
+                if pending is not None:  # the next item if it is ready; else give the last one back first,
+                    try:  # so its budget lets the reader go on (never wait while holding it)
+                        item = pipe.q_ready.get_nowait()
+                    except queue.Empty:
+                        finish(*pending)
+                        pending = None
+                if item is None:
+                    item = pipe.get(pipe.q_ready)
                 if item is _DONE or pipe.error:
                     break
                 fi, name, outs = item.fi, item.name, item.outs
@@ -695,17 +715,18 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                                                f"{list(e.shape)}")
                         w.write(e.key, t)
                         n += _nbytes(e)
-                    for t in item.pooled:
-                        pool.give(t)
-                    item.view = item.outs = None
-                    item.pooled = []
-                    budget.release(item.cost)
-                if release is not None:
-                    release(name)
+                # the writer hashes on its own thread: this item's buffers go back to the pool (and its base
+                # pages are released) once the previous item's bytes are hashed — one item of lag
+                if pending is not None:
+                    finish(*pending)
+                pending = (w, w.last_seq, item)
                 written += n
                 advance(n)
                 if w._i == len(f.entries):
                     w.close()
+        if pending is not None:
+            finish(*pending)
+            pending = None
         if pipe.error:
             raise pipe.error
         for fi, f in enumerate(layout):

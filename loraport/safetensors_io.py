@@ -17,8 +17,10 @@ import json
 import math
 import mmap
 import os
+import queue
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,12 +251,15 @@ class StreamingWriter:
 
     With `hash=True` the file's sha256 is computed from the bytes as they are written (the file is written
     strictly in order), so an integrity manifest does not have to read the output back: `sha256()` after
-    `close()`. hashlib releases the GIL, so the hashing overlaps the other pipeline threads."""
+    `close()`. The hashing runs on a thread of its own (hashlib releases the GIL), in write order; `write`
+    returns a sequence number, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, hash: bool = False):
         self.path = Path(path)
-        self._h = hashlib.sha256() if hash else None
+        self._h = _Hasher() if hash else None
+        self._digest: str | None = None
+        self.last_seq = 0
         header: dict = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -274,7 +279,7 @@ class StreamingWriter:
         head = struct.pack("<Q", len(blob)) + blob
         self._f.write(head)
         if self._h is not None:
-            self._h.update(head)
+            self.last_seq = self._h.put(head)
         self._i = 0
         self.bytes_written = 0
         self._data_start = 8 + len(blob)
@@ -299,7 +304,7 @@ class StreamingWriter:
             done += k
         self._f.seek(pos + n)
         if self._h is not None:
-            _hash_range(self._h, fd, offset, n)
+            self.last_seq = self._h.put((fd, offset, n))
         self._i += 1
         self.bytes_written += n
         self._start_writeback()
@@ -313,10 +318,16 @@ class StreamingWriter:
             raise RuntimeError(f"{name}: {buf.nbytes} bytes, header says {exp_n}")
         self._f.write(buf)
         if self._h is not None:
-            self._h.update(buf)
+            self.last_seq = self._h.put(buf)
         self._i += 1
         self.bytes_written += exp_n
         self._start_writeback()
+        return self.last_seq
+
+    def wait_hashed(self, seq: int) -> None:
+        """Block until the bytes of write number `seq` (and all before) are hashed; no-op without hash."""
+        if self._h is not None:
+            self._h.wait(seq)
 
     def _start_writeback(self) -> None:
         """Every WRITEBACK_STEP bytes, ask the kernel to start writing the finished range to disk now
@@ -340,8 +351,8 @@ class StreamingWriter:
         return self._data_start + self.total
 
     def sha256(self) -> str | None:
-        """Hex sha256 of everything written (None when the writer was made without hash=True)."""
-        return None if self._h is None else self._h.hexdigest()
+        """Hex sha256 of the file, after `close()` (None when the writer was made without hash=True)."""
+        return self._digest
 
     def close(self) -> None:
         if self._i != len(self.order):
@@ -350,12 +361,67 @@ class StreamingWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        if self._h is not None:
+            self._digest = self._h.finish()
 
     def abort(self) -> None:
+        if self._h is not None:
+            self._h.stop()
         try:
             self._f.close()
         except OSError:
             pass
+
+
+class _Hasher:
+    """sha256 of a byte stream fed in order from one thread and computed on another. A job is a bytes-like
+    buffer (left unchanged by the caller until `wait` covers it) or an (fd, offset, n) range of a file that
+    stays open meanwhile."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._sent = self._done = 0
+        self._error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def put(self, job) -> int:
+        self._sent += 1
+        self._q.put(job)
+        return self._sent
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            try:
+                if self._error is None:
+                    if isinstance(job, tuple):
+                        _hash_range(self._h, *job)
+                    else:
+                        self._h.update(job)
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+            with self._cv:
+                self._done += 1
+                self._cv.notify_all()
+
+    def wait(self, seq: int | None = None) -> None:
+        seq = self._sent if seq is None else seq
+        with self._cv:
+            while self._done < seq:
+                self._cv.wait()
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> str:
+        self.wait()
+        self._q.put(None)
+        self._t.join()
+        return self._h.hexdigest()
+
+    def stop(self) -> None:
+        self._q.put(None)
 
 
 _COPY = {"how": "copy_file_range"}
