@@ -251,8 +251,8 @@ class StreamingWriter:
 
     With `hash=True` the file's sha256 is computed from the bytes as they are written (the file is written
     strictly in order), so an integrity manifest does not have to read the output back: `sha256()` after
-    `close()`. The hashing runs on a thread of its own (hashlib releases the GIL), in write order; `write`
-    returns a sequence number, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`."""
+    `close()`. The hashing runs on a thread of its own (hashlib releases the GIL), in write order; after each
+    write `last_seq` numbers it, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, hash: bool = False):
@@ -322,7 +322,6 @@ class StreamingWriter:
         self._i += 1
         self.bytes_written += exp_n
         self._start_writeback()
-        return self.last_seq
 
     def wait_hashed(self, seq: int) -> None:
         """Block until the bytes of write number `seq` (and all before) are hashed; no-op without hash."""

@@ -214,19 +214,12 @@ def run_chunks(starts, job, make_work) -> None:
             f.result()
 
 
-def _pack(codes: torch.Tensor, out: torch.Tensor | None = None, work: _Work | None = None) -> torch.Tensor:
-    """Two codes per byte, the first in the high nibble (an even number of codes)."""
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, the first in the high nibble (an even number of uint8 codes)."""
     if _LITTLE and codes.device.type == "cpu":
         v = codes.view(torch.int16)  # (c0 | c1 << 8): the low byte of (v << 4 | v >> 8) is c0 << 4 | c1
-        m = v.numel()
-        a = work.p16a[:m] if work is not None else torch.empty(m, dtype=torch.int16)
-        b = work.p16b[:m] if work is not None else torch.empty(m, dtype=torch.int16)
-        torch.bitwise_left_shift(v, 4, out=a)
-        torch.bitwise_right_shift(v, 8, out=b)
-        torch.bitwise_or(a, b, out=a)
-        return a.to(torch.uint8) if out is None else out.copy_(a)
-    p = (codes[0::2] << 4) | codes[1::2]
-    return p if out is None else out.copy_(p)
+        return torch.bitwise_or(v << 4, v >> 8).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2]
 
 
 @functools.cache
