@@ -118,8 +118,11 @@ def jobs_from_file(path: str | Path) -> list[Job]:
 
 def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options) -> list[JobResult]:
     """Run each job with `merge()`; a failing job is recorded and the next one runs."""
+    from loraport.manifest import HashCache
     from loraport.merge import merge
 
+    if not isinstance(merge_options.get("hash_cache"), HashCache):  # the base is hashed once for the whole batch
+        merge_options["hash_cache"] = HashCache.default(persistent=merge_options.get("hash_cache", True))
     results = []
     for job in jobs:
         t0 = time.perf_counter()

@@ -243,12 +243,13 @@ def _reshard(files: list[OutFile], limit: int) -> list[OutFile]:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def _provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str | None) -> dict:
+def _provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str | None,
+                hash_of=sha256_file) -> dict:
     return {
         "loraport.version": __version__,
         "loraport.adapters": json.dumps([
             {"path": a.path, "format": a.format, "weight": w,
-             "files": {Path(f).name: sha256_file(f) for f in a.files if Path(f).is_file()},
+             "files": {Path(f).name: hash_of(f) for f in a.files if Path(f).is_file()},
              "scale_rules": sorted({getattr(d, "scale_rule", d.kind) for d in a.deltas})}
             for a, w in adapters
         ]),
@@ -432,10 +433,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           dtype: str = "auto", device: str = "auto", shard_size: int | None = None, overwrite: bool = False,
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
           adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
-          nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None) -> dict:
+          nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None,
+          hash_cache=True) -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
     .safetensors base, an .onnx file for an .onnx base: baking). Returns a report dict. See the module docstring
-    for how. `reference`: for an ONNX base, the HF folder it was exported from (weights matched by value)."""
+    for how. `reference`: for an ONNX base, the HF folder it was exported from (weights matched by value).
+    `hash_cache`: True reuses the inputs' sha256 remembered by earlier runs (loraport.manifest.HashCache), False
+    hashes every input again; a HashCache object is used as given (a batch shares one across its merges)."""
     t0 = time.perf_counter()
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
@@ -486,11 +490,11 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     layout = _layout(plan, out_dtype, quantizer, shard_size)
     total = sum(_nbytes(e) for f in layout for e in f.entries)
     check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
-    prov = _provenance(loaded, dtype, quantize)
-
     from loraport import manifest as mf
 
-    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]]) if manifest else None
+    cache = hash_cache if isinstance(hash_cache, mf.HashCache) else mf.HashCache.default(persistent=bool(hash_cache))
+    prov = _provenance(loaded, dtype, quantize, cache.sha256)
+    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
     with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
         stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress, nonfinite=nonfinite,
                         hash_outputs=hashes is not None)

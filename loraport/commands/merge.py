@@ -43,12 +43,15 @@ def register(group: click.Group) -> None:
 @click.option("--fail-on-nonfinite", is_flag=True, help="refuse adapters or merged tensors with NaN/Inf "
               "(default: warn)")
 @click.option("--no-manifest", is_flag=True, help="skip the integrity manifest (sha256 of outputs and inputs)")
+@click.option("--rehash-inputs", is_flag=True, help="hash every input file again instead of reusing the sha256 "
+              "that earlier runs remembered for the same unchanged file (cache: $LORAPORT_CACHE_DIR or "
+              "~/.cache/loraport)")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
-              no_manifest, reference):
+              no_manifest, rehash_inputs, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     from loraport.errors import BadInputError
     from loraport.merge import merge
@@ -60,7 +63,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                overwrite=overwrite, quantize=quantize,
                quant_options={"blocksize": blocksize, "double_quant": double_quant}
                if quantize in ("nf4", "fp4") else {}, strict=strict, fp16_base=fp16_base, nonfinite=nonfinite,
-               manifest=not no_manifest)
+               manifest=not no_manifest, hash_cache=not rehash_inputs)
         return
     if not adapters:
         raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
@@ -76,6 +79,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                    shard_size=parse_size(shard_size) if shard_size else None, overwrite=overwrite,
                    quantize=quantize, quant_options=qopts, strict=strict, adapter_format=adapter_format,
                    fp16_base=fp16_base, nonfinite=nonfinite, manifest=not no_manifest, reference=reference,
+                   hash_cache=not rehash_inputs,
                    progress=None if as_json else (lambda total: progress("merging", total)))
     if as_json:
         emit_json(report)
