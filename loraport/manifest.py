@@ -104,6 +104,7 @@ class HashCache:
         self._run: dict[str, tuple[list[int], str]] = {}
         self._disk: dict[str, list] | None = None
         self._new: dict[str, list] = {}
+        self._busy: dict[str, object] = {}  # real path -> threading.Event set when its hashing ends
         self.hits = self.hashed = 0
 
     @classmethod
@@ -116,29 +117,41 @@ class HashCache:
         return self._disk
 
     def sha256(self, path: str | Path) -> str:
+        import threading
+
         real = os.path.realpath(path)
-        st = os.stat(real)
-        ident = _identity(st)
-        with self._lock:
-            hit = self._run.get(real)
-            if hit is not None and hit[0] == ident:
-                self.hits += 1
-                return hit[1]
-            ent = self._load().get(real)
-            if ent is not None and ent[:5] == ident:
-                self.hits += 1
-                self._run[real] = (ident, ent[5])
-                self._new[real] = [*ident, ent[5], time.time()]  # refreshes its last use
-                return ent[5]
-        started = time.time()
-        digest = sha256_file(real)
-        after = _identity(os.stat(real))
-        with self._lock:
-            self.hashed += 1
-            if after == ident:  # unchanged while it was read
-                self._run[real] = (ident, digest)
-                if st.st_ctime_ns < (started - RACY_SECONDS) * 1e9:
-                    self._new[real] = [*ident, digest, started]
+        while True:
+            st = os.stat(real)
+            ident = _identity(st)
+            with self._lock:
+                hit = self._run.get(real)
+                if hit is not None and hit[0] == ident:
+                    self.hits += 1
+                    return hit[1]
+                ent = self._load().get(real)
+                if ent is not None and ent[:5] == ident:
+                    self.hits += 1
+                    self._run[real] = (ident, ent[5])
+                    self._new[real] = [*ident, ent[5], time.time()]  # refreshes its last use
+                    return ent[5]
+                busy = self._busy.get(real)
+                if busy is None:  # nobody is hashing it: this thread does
+                    busy = self._busy[real] = threading.Event()
+                    break
+            busy.wait()  # another thread is hashing this file: wait for its digest, then look again
+        try:
+            started = time.time()
+            digest = sha256_file(real)
+            after = _identity(os.stat(real))
+            with self._lock:
+                self.hashed += 1
+                if after == ident:  # unchanged while it was read
+                    self._run[real] = (ident, digest)
+                    if st.st_ctime_ns < (started - RACY_SECONDS) * 1e9:
+                        self._new[real] = [*ident, digest, started]
+        finally:
+            with self._lock:
+                self._busy.pop(real).set()
         return digest
 
     def save(self) -> None:

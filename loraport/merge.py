@@ -469,6 +469,12 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
             quantizer = get_quantizer(quantize, **(quant_options or {}))
 
     ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
+    from loraport import manifest as mf
+
+    cache = hash_cache if isinstance(hash_cache, mf.HashCache) else mf.HashCache.default(persistent=bool(hash_cache))
+    # the inputs' sha256 (most of the manifest's cost) start now, overlapping the adapter reading and planning;
+    # the adapters come last: the provenance below hashes them first, on this thread, and the cache shares them
+    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
     if quantizer is not None and hasattr(quantizer, "bind"):
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     from loraport.formats import load_adapter
@@ -490,11 +496,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     layout = _layout(plan, out_dtype, quantizer, shard_size)
     total = sum(_nbytes(e) for f in layout for e in f.entries)
     check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
-    from loraport import manifest as mf
-
-    cache = hash_cache if isinstance(hash_cache, mf.HashCache) else mf.HashCache.default(persistent=bool(hash_cache))
     prov = _provenance(loaded, dtype, quantize, cache.sha256)
-    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
     with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
         stats = _stream(plan, layout, stage, single, dev, out_dtype, quantizer, prov, progress, nonfinite=nonfinite,
                         hash_outputs=hashes is not None)

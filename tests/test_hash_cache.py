@@ -168,3 +168,27 @@ def test_batch_hashes_the_base_once(models, monkeypatch):
     for j in jobs:
         for p, h in _inputs(Path(j.out)).items():
             assert h == _sha(Path(p))
+
+
+def test_concurrent_requests_hash_a_file_once(tmp_path, monkeypatch):
+    import threading
+
+    f = tmp_path / "big"
+    f.write_bytes(os.urandom(8 << 20))
+    seen = []
+    real = mf.sha256_file
+
+    def slow(path, *a, **k):
+        seen.append(path)
+        time.sleep(0.2)  # long enough for the other threads to ask meanwhile
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(mf, "sha256_file", slow)
+    c = mf.HashCache(None)
+    got = []
+    ts = [threading.Thread(target=lambda: got.append(c.sha256(f))) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == [_sha(f)] * 3 and len(seen) == 1
