@@ -31,7 +31,7 @@ from loraport.errors import BadInputError, PlanError
 from loraport.manifest import sha256_file
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.safetensors_io import StreamingWriter, itemsize
-from loraport.threads import op_threads, torch_threads
+from loraport.threads import cores, op_threads, torch_threads
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -479,11 +479,28 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     from loraport.formats import load_adapter
 
-    loaded = [(load_adapter(a, format=adapter_format, base=ckpt, strict=strict), w) for a, w in adapters]
     from loraport.finite import check_adapters, check_mode
 
-    with torch_threads(1):  # hundreds of small tensors: one thread each op, no team to wait for
-        warns = check_adapters(loaded, check_mode(nonfinite))  # NaN/Inf in an adapter: warn, or refuse ("fail")
+    mode = check_mode(nonfinite)
+
+    def load_one(aw: tuple) -> tuple[tuple[Adapter, float], list[str]]:
+        with torch_threads(1):  # hundreds of small tensors: one thread each op, no team to wait for
+            ad = (load_adapter(aw[0], format=adapter_format, base=ckpt, strict=strict), aw[1])
+            warns = check_adapters([ad], mode)  # NaN/Inf in an adapter: warn, or refuse ("fail")
+        for f in ad[0].files:  # the provenance's digests (shared with the manifest through the cache)
+            if Path(f).is_file():
+                cache.sha256(f)
+        return ad, warns
+
+    if len(adapters) > 1:  # read, check and hash the adapters side by side (a batch of 8 took 0.4 s one by one)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(adapters), max(2, cores()))) as ex:
+            done = list(ex.map(load_one, adapters))  # results (and the first error) in adapter order
+    else:
+        done = [load_one(adapters[0])]
+    loaded = [ad for ad, _ in done]
+    warns = [m for _, ms in done for m in ms]
     try:
         plan = build_plan(ckpt, loaded, strict=strict)
     except PlanError as e:  # name the adapter file(s) when the message (e.g. a delta's shape check) does not

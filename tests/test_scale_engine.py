@@ -105,6 +105,22 @@ def test_many_adapters_fused_within_fp32_rounding(tiny, monkeypatch):
     ck.close()
 
 
+def test_adapters_read_side_by_side_fail_in_order(tiny, tmp_path):
+    """Several adapters are read on worker threads; a bad one is still reported by name, the first bad one in
+    command-line order, and nothing is written."""
+    from loraport.errors import LoraportError
+
+    bad1, bad2 = tmp_path / "bad1", tmp_path / "bad2"
+    for b in (bad1, bad2):
+        b.mkdir()
+        (b / "adapter_config.json").write_text((tiny / "ad0" / "adapter_config.json").read_text())
+        (b / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    ads = [(tiny / "ad0", 1.0), (bad2, 1.0), (tiny / "ad1", 1.0), (bad1, 1.0)]
+    with pytest.raises(LoraportError, match="bad2"):
+        M.merge(tiny / "base", ads, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("how", ["copy_file_range", "pread"])
 def test_copy_range_writes_the_same_bytes(tmp_path, how, monkeypatch):
     g = torch.Generator().manual_seed(0)
@@ -215,3 +231,18 @@ def test_early_writeback_keeps_every_byte(tmp_path, monkeypatch):
     back = load_file(str(tmp_path / "x.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in ts.items())
     assert w.sha256() == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_count_nonfinite_fast_path_is_exact(dtype):
+    from loraport.finite import count_nonfinite
+
+    big = torch.finfo(dtype).max
+    t = torch.full((1000,), big, dtype=dtype)  # every value finite, the sum overflows: counted exactly, 0
+    assert count_nonfinite(t) == 0
+    t[3], t[7] = float("inf"), float("-inf")  # +inf + -inf = NaN in the sum; still two
+    assert count_nonfinite(t) == 2
+    t = torch.randn(4096, dtype=torch.float32).to(dtype)
+    assert count_nonfinite(t) == 0
+    t[100] = float("nan")
+    assert count_nonfinite(t) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,16 +52,22 @@ def register(cls: type[AdapterFormat]) -> type[AdapterFormat]:
 
 
 _loaded = False
+_load_lock = threading.RLock()
 
 
 def _load_all() -> None:
+    """Import every format module once. Thread-safe: a merge reads several adapters side by side, and a
+    second thread must not see the registry while the first is still filling it."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    for m in pkgutil.iter_modules(__path__):
-        if not m.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{m.name}")
+    with _load_lock:
+        if _loaded:
+            return
+        for m in pkgutil.iter_modules(__path__):
+            if not m.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{m.name}")
+        _loaded = True
 
 
 def formats() -> dict[str, type[AdapterFormat]]:
