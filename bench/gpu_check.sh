@@ -5,11 +5,15 @@
 #
 #   bash bench/gpu_check.sh             # 400m and 4g models (~5 min on a 16-core CUDA box)
 #   SIZES="400m" bash bench/gpu_check.sh
+#   TEST_TIMEOUT=180 BENCH_TIMEOUT=330 bash bench/gpu_check.sh   # the two stages' limits (seconds)
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-./gpu-check-out}"
 mkdir -p "$OUTDIR"
 SIZES="${SIZES:-400m 4g}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-420}"
+export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -19,13 +23,13 @@ fi
 python -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
 
 echo "== pytest -m gpu =="
-timeout 240 python -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUTDIR/gpu-tests.txt"
+timeout "$TEST_TIMEOUT" python -m pytest -m gpu -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUTDIR/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== GPU bench rows =="
 size_args=()
 for s in $SIZES; do size_args+=(--size "$s"); done
-timeout 420 python bench/merge_bench.py "${size_args[@]}" --rows copy,loraport,loraport-cuda,loraport-x8,loraport-x8-cuda \
+timeout "$BENCH_TIMEOUT" python bench/merge_bench.py "${size_args[@]}" --rows copy,loraport,loraport-cuda,loraport-x8,loraport-x8-cuda \
   --json "$OUTDIR/gpu-bench.json" 2>&1 | tee "$OUTDIR/gpu-bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
