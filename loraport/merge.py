@@ -339,8 +339,8 @@ class _Buffers:
     when freed) — more than the arithmetic done on it; a model has few distinct shapes, so buffers are kept per
     byte size, at most `cap` bytes of them idle."""
 
-    def __init__(self, cap: int):
-        self.cap, self.kept = cap, 0
+    def __init__(self, cap: int, pin: bool = False):
+        self.cap, self.kept, self.pin = cap, 0, pin  # pin: page-locked (CUDA copies into them are plain DMA)
         self.free: dict[int, list[torch.Tensor]] = {}
         self.issued: dict[int, torch.Tensor] = {}
         self.lock = threading.Lock()
@@ -355,7 +355,7 @@ class _Buffers:
             if buf is not None:
                 self.kept -= n
         if buf is None:
-            buf = torch.empty(n, dtype=torch.uint8)
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
         with self.lock:
             self.issued[buf.data_ptr()] = buf
         return buf.view(dtype).view(shape)
@@ -414,6 +414,15 @@ class _CudaStager:
         t.record_stream(cur)
 
 
+def _warm_cuda(dev: torch.device) -> None:
+    try:
+        a = torch.ones(64, 64, device=dev)
+        (a @ a).sum().item()
+        torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    except Exception:  # noqa: BLE001 - only a warm-up: the merge itself reports any CUDA failure
+        pass
+
+
 def _maybe_nonfinite(outs: list[torch.Tensor]) -> bool:
     """False only when no output holds a NaN/Inf: one min/max pass (NaN propagates, ±Inf lands at an end)
     instead of an element-wise isfinite; the exact count runs only when this says True."""
@@ -456,6 +465,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         raise BadInputError("--reference applies to an .onnx --base (baking)")
     out_p = check_output(out, [base, fp16_base, *[a for a, _ in adapters]], overwrite)
     dev = pick_device(device)
+    if dev.type == "cuda":  # the CUDA context and cuBLAS start (a second or more) while the adapters are read
+        threading.Thread(target=_warm_cuda, args=(dev,), daemon=True).start()
     if dtype not in ("auto", *DTYPES):
         raise BadInputError(f"unknown --dtype {dtype!r} (auto, fp32, fp16, bf16)")
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
@@ -578,7 +589,9 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
 
     flagged: list[str] = []
     budget = _Budget(INFLIGHT_BYTES, pipe.stop)
-    pool = _Buffers(INFLIGHT_BYTES)
+    # on CUDA the merged tensors come back into these buffers: pinned, the device → host copy runs at DMA speed
+    # (measured on an H200 box: with pageable buffers the CUDA path ran 2.3x slower than the 16-core CPU path)
+    pool = _Buffers(INFLIGHT_BYTES, pin=cuda)
     stager = _CudaStager(dev) if cuda else None
 
     def wants_raw(name: str) -> bool:

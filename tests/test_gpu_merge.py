@@ -41,6 +41,7 @@ CASES = {
 def _merge(case: str, dev: str, dtype: str, out: Path) -> dict[str, torch.Tensor]:
     base_rel, ads = CASES[case]
     base = FX / "bases" / base_rel
+    out.mkdir(parents=True, exist_ok=True)
     out = out / ("m.safetensors" if base.is_file() else "m")
     M.merge(base, [(FX / "adapters" / a, w) for a, w in ads], out, device=dev, dtype=dtype, manifest=False)
     ck = Checkpoint.open(out)
