@@ -46,11 +46,12 @@ def cli_convert(**kw) -> dict:
         if not base:
             raise BadInputError("--to onnx needs --base (the transformers model folder to export)")
         from loraport.onnx.export import export_onnx
+        from loraport.onnx.memory import own_process
 
         return export_onnx(base, adapters, out, opset=kw.get("opset"), dtype=kw.get("dtype") or "fp32",
                            quantize=kw.get("quantize"), multi_lora=bool(kw.get("multi_lora")),
                            with_past=bool(kw.get("with_past")), overwrite=bool(kw.get("overwrite")),
-                           device=kw.get("device") or "auto")
+                           device=kw.get("device") or "auto", lean=own_process())
     if to == "onnx-adapter":
         flags = (("--multi-lora", "multi_lora"), ("--quantize", "quantize"), ("--with-past", "with_past"),
                  ("--opset", "opset"))

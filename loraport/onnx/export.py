@@ -30,6 +30,7 @@ from loraport.errors import BadInputError
 from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture
 from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
+from loraport.onnx.memory import lean_imports
 
 IR_VERSION = 10  # accepted by every onnxruntime >= 1.20 (1.20 rejects > 10) and required for opset 21
 MODEL_FILE = "model.onnx"
@@ -53,8 +54,10 @@ def _adapter_name(path: str, used: set[str]) -> str:
 def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out: str | Path, *,
                 opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
                 multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
-                device: str = "auto", strict: bool = True, block_size: int = 32) -> dict:
-    """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`."""
+                device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False) -> dict:
+    """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`.
+    `lean`: the caller is a process that ends after this export (the CLI): the capture may leave out optional
+    packages transformers would import but never use here (loraport/onnx/memory.py)."""
     from loraport.merge import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
     from loraport.onnx.quantize import quantized_tensors, rewrite
@@ -102,8 +105,9 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             pre = prestream.Prestream(src, stage).start()
             stack.callback(pre.close)
         try:
-            cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
-                          with_past=with_past)
+            with lean_imports(lean) as left_out:
+                cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
+                              with_past=with_past)
         except BaseException:
             if pre is not None:
                 pre.cancel()  # stops after the tensor in hand
@@ -220,7 +224,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
         "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
         "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
-        "overlapped": pre is not None,
+        "overlapped": pre is not None, "imports_left_out": left_out,
     }
     return report
 

@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto
 
 from loraport.onnx.external import ExternalDataWriter
+from loraport.onnx.memory import trim
 from loraport.onnx.weights import Stored, WeightSource
 
 MAX_BYTES = 6 << 30  # fp32 bytes of weights up to which the scratch-file copy pays for itself
@@ -72,6 +73,8 @@ class Prestream:
             return
         finally:
             self._writer.close()
+            self.src.release()  # the read/merge buffers: the capture is about to peak (see onnx/memory.py)
+            trim()
 
     def cancel(self) -> None:
         self._stop.set()

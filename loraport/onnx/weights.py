@@ -133,8 +133,12 @@ class WeightSource:
             setattr(self, attr, buf)
         return buf
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Drop the reused buffers (the next read allocates them again)."""
         self._raw = self._w32 = None
+
+    def close(self) -> None:
+        self.release()
         self.ckpt.close()
 
 
