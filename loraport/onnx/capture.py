@@ -248,7 +248,7 @@ def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None, wi
         out_names += past.present_names(n_layers)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(_Null()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_Null()), _no_stack_traces():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, input_names=in_names,
                                      output_names=out_names, dynamic_shapes=dyn, opset_version=opset,
@@ -280,6 +280,23 @@ def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None, wi
         notes.append(f"model_type {mt!r} is not in loraport's tested families; validate the result")
     return Captured(proto, inits, {k: v for k, v in buffers.items() if any(i.name == k for i in inits)},
                     in_names, mt, notes, slots, out_names, with_past)
+
+
+@contextlib.contextmanager
+def _no_stack_traces():
+    """Trace without recording a Python stack per FX node (torch.fx.config.do_not_emit_stack_traces): the
+    stack traces are stripped from the graph anyway, and collecting them loads every source file on the stack
+    into `linecache` (~5 MB resident at the capture's peak, measured on the 220M bench model)."""
+    cfg = getattr(getattr(torch, "fx", None), "config", None)
+    if cfg is None or not hasattr(cfg, "do_not_emit_stack_traces"):
+        yield
+        return
+    prev = cfg.do_not_emit_stack_traces
+    cfg.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        cfg.do_not_emit_stack_traces = prev
 
 
 # node metadata the exporter adds for debugging; dropped (they are most of the .onnx file's size). The module
