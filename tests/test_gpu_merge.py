@@ -71,13 +71,18 @@ def test_cuda_equals_cpu_fp32(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["plain", "bf16_dora", "sharded_pair"])
 def test_cuda_equals_cpu_in_output_dtype(case, tmp_path):
-    """Rounded to the base dtype, the two paths agree to one ulp (an fp32 difference may cross a rounding edge)."""
+    """Rounded to a 16-bit base dtype, the two paths agree to one ulp (an fp32 difference may cross a rounding
+    edge); an fp32 base keeps the fp32 sums, which agree within fp32 rounding of the delta (as in the fp32 test:
+    the GPU's GEMM adds in another order)."""
     cpu = _merge(case, "cpu", "auto", tmp_path / "cpu")
     gpu = _merge(case, "cuda", "auto", tmp_path / "gpu")
     for n in cpu:
         assert gpu[n].dtype == cpu[n].dtype, n
         if not cpu[n].is_floating_point():
             assert torch.equal(gpu[n], cpu[n]), n
+            continue
+        if cpu[n].dtype == torch.float32:
+            assert float((gpu[n] - cpu[n]).abs().max()) <= 1e-5 * max(1.0, float(cpu[n].abs().max())), n
             continue
         assert bool(((gpu[n].float() - cpu[n].float()).abs() <= _ulp(cpu[n])).all()), n
 
