@@ -8,7 +8,6 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-
 import torch
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
