@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def lean_imports(enabled: bool = True):
     marked = []
     if enabled and "transformers" not in sys.modules:
         for name in UNUSED_BY_CAPTURE:
+            if importlib.util.find_spec(name) is None:  # not installed: nothing to leave out (nor to report)
+                continue
             if not any(m == name or m.startswith(name + ".") for m in sys.modules):
                 sys.modules[name] = None
                 marked.append(name)
