@@ -47,10 +47,10 @@ def _params(path: Path) -> dict[str, np.ndarray]:
 
 def _torch(a: np.ndarray, path: Path, key: str) -> torch.Tensor:
     if a.dtype not in (np.float32, np.float16, np.float64):
-        raise BadInputError(f"{path}: {key} is {a.dtype}; loraport reads float LoRA factors (a quantized adapter "
+        raise BadInputError(f"{path}: {key!r} is {a.dtype}; loraport reads float LoRA factors (a quantized adapter "
                             "must be dequantized by its producer)")
     if a.ndim != 2:
-        raise BadInputError(f"{path}: {key} has shape {list(a.shape)}; LoRA factors are 2-D")
+        raise BadInputError(f"{path}: {key!r} has shape {list(a.shape)}; LoRA factors are 2-D")
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
@@ -101,7 +101,7 @@ class OnnxAdapterFormat(AdapterFormat):
         layouts = set()
         for mod, p in pairs.items():
             if "A" not in p or "B" not in p:
-                raise BadInputError(f"{path}: {mod} has only one of lora_A / lora_B")
+                raise BadInputError(f"{path}: {mod!r} has only one of lora_A / lora_B")
             (ka, a), (_, b) = p["A"], p["B"]
             target = f"{mod}.weight"
             if base is not None and target not in base and "model." + target in base:
@@ -115,7 +115,7 @@ class OnnxAdapterFormat(AdapterFormat):
                 else:
                     matmul = a.shape[1] <= a.shape[0]
             elif not matmul and not torch_:
-                raise BadInputError(f"{path}: {mod}: lora_A {list(a.shape)} and lora_B {list(b.shape)} share no rank")
+                raise BadInputError(f"{path}: {mod!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} share no rank")
             A, B = (a.t().contiguous(), b.t().contiguous()) if matmul else (a, b)
             layouts.add("MatMul [in,r]/[r,out]" if matmul else "PyTorch [r,in]/[out,r]")
             deltas.append(LoraDelta(target, A=A, B=B, scale=1.0, transpose=None, alpha=None, scale_rule="baked",
