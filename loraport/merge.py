@@ -423,21 +423,6 @@ def _warm_cuda(dev: torch.device) -> None:
         pass
 
 
-def _maybe_nonfinite(outs: list[torch.Tensor]) -> bool:
-    """False only when no output holds a NaN/Inf: one min/max pass (NaN propagates, ±Inf lands at an end)
-    instead of an element-wise isfinite; the exact count runs only when this says True."""
-    for o in outs:
-        if not o.is_floating_point() or o.numel() == 0:
-            continue
-        try:
-            lo, hi = torch.aminmax(o)
-        except RuntimeError:  # a dtype without a min/max kernel
-            return True
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            return True
-    return False
-
-
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str | Path], out: str | Path, *,
           dtype: str = "auto", device: str = "auto", shard_size: int | None = None, overwrite: bool = False,
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
@@ -585,7 +570,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
     raw_ok = hasattr(base, "raw")
     span_ok = hasattr(base, "span")
     release = getattr(base, "release", None)
-    from loraport.finite import check_merged
+    from loraport.finite import check_merged, may_be_nonfinite
 
     flagged: list[str] = []
     budget = _Budget(INFLIGHT_BYTES, pipe.stop)
@@ -692,7 +677,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
         if item.owned:
             pool.give(t)
         item.t = merged = None
-        if name in plan.updates and _maybe_nonfinite(outs):
+        if name in plan.updates and any(may_be_nonfinite(o) for o in outs):
             msg = check_merged(name, item.view, outs, nonfinite)  # raises in "fail" mode
             if msg:
                 flagged.append(msg)
