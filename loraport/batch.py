@@ -121,8 +121,7 @@ def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options)
     from loraport.manifest import HashCache
     from loraport.merge import merge
 
-    if not isinstance(merge_options.get("hash_cache"), HashCache):  # the base is hashed once for the whole batch
-        merge_options["hash_cache"] = HashCache.default(persistent=merge_options.get("hash_cache", True))
+    merge_options["hash_cache"] = HashCache.of(merge_options.get("hash_cache", True))  # one base hash per batch
     results = []
     for job in jobs:
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -44,10 +45,11 @@ def sha256_file(path: str | Path, bufsize: int = 4 << 20) -> str:
                 m = None
             if m is not None:
                 with m:
-                    if hasattr(m, "madvise"):
+                    advise = hasattr(m, "madvise")
+                    if advise:
                         m.madvise(mmap.MADV_SEQUENTIAL)
                     mv = memoryview(m)
-                    drop = hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+                    drop = advise and hasattr(mmap, "MADV_DONTNEED")
                     try:
                         for off in range(0, len(m), bufsize):
                             n = min(bufsize, len(m) - off)
@@ -97,19 +99,22 @@ class HashCache:
     Thread-safe; hashing happens outside the lock. A cache file that is unreadable or malformed is ignored."""
 
     def __init__(self, folder: Path | None = None):
-        import threading
-
         self.folder = folder
         self._lock = threading.Lock()
         self._run: dict[str, tuple[list[int], str]] = {}
         self._disk: dict[str, list] | None = None
         self._new: dict[str, list] = {}
-        self._busy: dict[str, object] = {}  # real path -> threading.Event set when its hashing ends
-        self.hits = self.hashed = 0
+        self._busy: dict[str, threading.Event] = {}  # real path -> set when its hashing ends
 
     @classmethod
     def default(cls, persistent: bool = True) -> HashCache:
         return cls(cache_dir() if persistent else None)
+
+    @classmethod
+    def of(cls, spec: HashCache | bool) -> HashCache:
+        """merge()'s `hash_cache` argument as a cache: an instance as given (a batch shares one), True the
+        persistent cache, False one that remembers nothing beyond this run."""
+        return spec if isinstance(spec, HashCache) else cls.default(persistent=bool(spec))
 
     def _load(self) -> dict[str, list]:
         if self._disk is None:
@@ -117,8 +122,6 @@ class HashCache:
         return self._disk
 
     def sha256(self, path: str | Path) -> str:
-        import threading
-
         real = os.path.realpath(path)
         while True:
             st = os.stat(real)
@@ -126,11 +129,9 @@ class HashCache:
             with self._lock:
                 hit = self._run.get(real)
                 if hit is not None and hit[0] == ident:
-                    self.hits += 1
                     return hit[1]
                 ent = self._load().get(real)
                 if ent is not None and ent[:5] == ident:
-                    self.hits += 1
                     self._run[real] = (ident, ent[5])
                     self._new[real] = [*ident, ent[5], time.time()]  # refreshes its last use
                     return ent[5]
@@ -144,7 +145,6 @@ class HashCache:
             digest = sha256_file(real)
             after = _identity(os.stat(real))
             with self._lock:
-                self.hashed += 1
                 if after == ident:  # unchanged while it was read
                     self._run[real] = (ident, digest)
                     if st.st_ctime_ns < (started - RACY_SECONDS) * 1e9:
@@ -343,8 +343,6 @@ class BackgroundHashes:
     """sha256 of the inputs computed on a daemon thread while the merge streams (overlapping the reads)."""
 
     def __init__(self, paths: list[str | Path], cache: HashCache | None = None):
-        import threading
-
         self._paths = paths
         self._cache = cache
         self._result: dict[str, str] | None = None

@@ -467,9 +467,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
     from loraport import manifest as mf
 
-    cache = hash_cache if isinstance(hash_cache, mf.HashCache) else mf.HashCache.default(persistent=bool(hash_cache))
+    cache = mf.HashCache.of(hash_cache)
     # the inputs' sha256 (most of the manifest's cost) start now, overlapping the adapter reading and planning;
-    # the adapters come last: the provenance below hashes them first, on this thread, and the cache shares them
+    # the adapters come last: load_one below hashes them as it reads them, and the cache shares those digests
     hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
     if quantizer is not None and hasattr(quantizer, "bind"):
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
