@@ -78,15 +78,20 @@ CACHE_MAX = 4096  # entries kept (least recently used dropped)
 RACY_SECONDS = 2.0
 
 
-def cache_dir() -> Path | None:
-    """Where the cache lives: $LORAPORT_CACHE_DIR, else $XDG_CACHE_HOME/loraport, else ~/.cache/loraport.
-    None when LORAPORT_NO_HASH_CACHE is set (to anything but 0/empty)."""
-    if os.environ.get("LORAPORT_NO_HASH_CACHE", "") not in ("", "0"):
-        return None
+def cache_root() -> Path:
+    """loraport's cache folder: $LORAPORT_CACHE_DIR, else $XDG_CACHE_HOME/loraport, else ~/.cache/loraport."""
     if os.environ.get("LORAPORT_CACHE_DIR"):
         return Path(os.environ["LORAPORT_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return Path(xdg) / "loraport" if xdg else Path.home() / ".cache" / "loraport"
+
+
+def cache_dir() -> Path | None:
+    """Where the hash cache lives (`cache_root()`); None when LORAPORT_NO_HASH_CACHE is set (to anything but
+    0/empty)."""
+    if os.environ.get("LORAPORT_NO_HASH_CACHE", "") not in ("", "0"):
+        return None
+    return cache_root()
 
 
 def _identity(st: os.stat_result) -> list[int]:

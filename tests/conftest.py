@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # merges remember their inputs' sha256 (loraport.manifest.HashCache): keep the suite's out of the user's cache
 _CACHE = tempfile.mkdtemp(prefix="loraport-test-cache-")
 os.environ.setdefault("LORAPORT_CACHE_DIR", _CACHE)
+# ONNX exports remember captured graphs (loraport.onnx.graph_cache): off for the suite, so every export test
+# traces its own graph whatever ran before it; tests/test_graph_cache.py turns it on where it is the subject
+os.environ.setdefault("LORAPORT_NO_GRAPH_CACHE", "1")
 
 
 def pytest_unconfigure(config):

@@ -37,22 +37,25 @@ def register(group: click.Group) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX: weight dtype")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="ONNX: quantized weights")
 @click.option("--with-past", is_flag=True, help="ONNX: KV-cache inputs/outputs for generation")
+@click.option("--recapture", is_flag=True, help="ONNX: trace the graph again instead of reading the one remembered "
+              "for this architecture and these options (LORAPORT_NO_GRAPH_CACHE=1: never remember)")
 def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, adapters, weights, multi_lora, graph,
-                opset, dtype, quantize, with_past):
+                opset, dtype, quantize, with_past, recapture):
     """Convert ADAPTER to another format without merging: exact where the target can express it (scales
     baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
     from loraport.console import emit_json, err
 
     _check_target(to)
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
-                 "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past}
+                 "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past,
+                 "--recapture": recapture}
     if to in ("onnx", "onnx-adapter"):
         from loraport.convert import onnx_convert
 
         all_adapters = ([adapter] if adapter else []) + list(adapters)
         rep = onnx_convert(adapters=all_adapters, weights=list(weights), to=to, out=out, base=base, format=fmt,
                            multi_lora=multi_lora, graph=graph, opset=opset, dtype=dtype, quantize=quantize,
-                           with_past=with_past, lossy=lossy, rank=rank, overwrite=overwrite)
+                           with_past=with_past, lossy=lossy, rank=rank, overwrite=overwrite, recapture=recapture)
     else:
         used = [k for k, v in onnx_only.items() if v]
         if used:

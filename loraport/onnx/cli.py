@@ -51,10 +51,11 @@ def cli_convert(**kw) -> dict:
         return export_onnx(base, adapters, out, opset=kw.get("opset"), dtype=kw.get("dtype") or "fp32",
                            quantize=kw.get("quantize"), multi_lora=bool(kw.get("multi_lora")),
                            with_past=bool(kw.get("with_past")), overwrite=bool(kw.get("overwrite")),
-                           device=kw.get("device") or "auto", lean=own_process())
+                           device=kw.get("device") or "auto", lean=own_process(),
+                           recapture=bool(kw.get("recapture")))
     if to == "onnx-adapter":
         flags = (("--multi-lora", "multi_lora"), ("--quantize", "quantize"), ("--with-past", "with_past"),
-                 ("--opset", "opset"))
+                 ("--opset", "opset"), ("--recapture", "recapture"))
         unused = [f for f, k in flags if kw.get(k)]
         if unused:
             raise BadInputError(f"{', '.join(unused)} do not apply to --to onnx-adapter")

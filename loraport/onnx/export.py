@@ -54,10 +54,14 @@ def _adapter_name(path: str, used: set[str]) -> str:
 def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out: str | Path, *,
                 opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
                 multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
-                device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False) -> dict:
+                device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False,
+                recapture: bool = False) -> dict:
     """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`.
     `lean`: the caller is a process that ends after this export (the CLI): the capture may leave out optional
-    packages transformers would import but never use here (loraport/onnx/memory.py)."""
+    packages transformers would import but never use here (loraport/onnx/memory.py).
+    The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
+    instead of being traced again; `recapture` traces it anyway (and refreshes the cache)."""
+    from loraport.onnx import graph_cache
     from loraport.merge import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
     from loraport.onnx.quantize import quantized_tensors, rewrite
@@ -98,22 +102,31 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                     for d, _ in ups:
                         lora_targets[name] = (int(d.A.shape[1]), int(d.B.shape[0]))
         stage = pre = None
+        gkey = None if graph_cache.disabled() else graph_cache.key(src.config, dtype, int(opset), lora_targets,
+                                                                    with_past)
+        cap = graph_cache.load(gkey) if gkey is not None and not recapture else None
+        graph_from = "cache" if cap is not None else "capture"
+        left_out: list[str] = []
         fp32_bytes = sum(torch.Size(src.ckpt.info(n).shape).numel() * 4 for n in src.ckpt.names())
-        if prestream.eligible(src, dtype, quantize, fp32_bytes) and _free(out_p.parent) > 2.1 * fp32_bytes:
+        if cap is None and prestream.eligible(src, dtype, quantize, fp32_bytes) \
+                and _free(out_p.parent) > 2.1 * fp32_bytes:
             # weights written to a scratch file while the graph is captured (see loraport/onnx/prestream.py)
             stage = stack.enter_context(staged_output(out_p, is_dir=True, overwrite=overwrite))
             pre = prestream.Prestream(src, stage).start()
             stack.callback(pre.close)
-        try:
-            with lean_imports(lean) as left_out:
-                cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
-                              with_past=with_past)
-        except BaseException:
+        if cap is None:
+            try:
+                with lean_imports(lean) as left_out:
+                    cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
+                                  with_past=with_past)
+            except BaseException:
+                if pre is not None:
+                    pre.cancel()  # stops after the tensor in hand
+                raise
+            if gkey is not None:
+                graph_cache.store(gkey, cap)  # before anything below adds to cap.proto
             if pre is not None:
-                pre.cancel()  # stops after the tensor in hand
-            raise
-        if pre is not None:
-            pre.finish()
+                pre.finish()
         proto = cap.proto
         float_dtype = TORCH_DTYPES[dtype]
         slot_names = {n for s in cap.lora_slots for n in (s.a_name, s.b_name)}
@@ -224,7 +237,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
         "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
         "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
-        "overlapped": pre is not None, "imports_left_out": left_out,
+        "overlapped": pre is not None, "imports_left_out": left_out, "graph": graph_from,
     }
     return report
 
