@@ -205,3 +205,42 @@ def test_cli_hit_does_not_import_transformers_and_recapture_does(reference, cach
     rep, mods = run("again", "--recapture")
     assert rep["graph"] == "capture" and mods["transformers"] and mods["exporter"]
     assert _files(tmp_path / "hit") == _files(tmp_path / "again") == files
+
+
+def test_two_processes_capturing_the_same_graph_at_once(cache, tmp_path):
+    """Two cold exports of one architecture racing on one cache: both succeed, same bytes, one entry left."""
+    argv = [sys.executable, "-m", "loraport", "convert", "--to", "onnx", "--base", str(LLAMA), "--adapter",
+            str(PLAIN), "--json", "--out"]
+    procs = [subprocess.Popen([*argv, str(tmp_path / f"p{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=str(ROOT)) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    assert _files(tmp_path / "p0") == _files(tmp_path / "p1")
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".tmp-")]) == 1
+    assert _export(tmp_path / "after")["graph"] == "cache"
+
+
+def test_cache_command_reports_and_clears_only_its_own_files(reference, cache, tmp_path):
+    from tests._onnx_util import cli
+
+    _seed(cache, reference[1])
+    root = cache.parent
+    (root / "notes.txt").write_text("the user's own file")
+    r = cli("cache", "info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["root"] == str(root) and info["graphs"] == 1 and info["graph_bytes"] > 0
+    assert info["hash_entries"] == 0
+    r = cli("merge", "--base", str(LLAMA), "--adapter", str(PLAIN), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(cli("cache", "info", "--json").stdout)["hash_entries"] >= 2  # base files + adapter
+    r = cli("cache", "clear", "--hashes", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["removed_graphs"] == 0 and rep["removed_hash_entries"] >= 2 and cache.is_dir()
+    assert json.loads(cli("cache", "info", "--json").stdout)["hash_entries"] == 0
+    r = cli("cache", "clear", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["removed_graphs"] == 1
+    assert not cache.exists() and (root / "notes.txt").read_text() == "the user's own file"
+    assert _export(tmp_path / "after")["graph"] == "capture"
