@@ -721,7 +721,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                     path = stage if single else stage / f.relpath
                     path.parent.mkdir(parents=True, exist_ok=True)
                     w = writers[fi] = StreamingWriter(path, [(e.key, e.dtype, e.shape) for e in f.entries],
-                                                      {**f.metadata, **prov}, hash=hash_outputs)
+                                                      {**f.metadata, **prov}, hash=hash_outputs, direct=True)
                 ents = [e for e in f.entries if e.name == name]
                 if item.how == "raw":
                     span = base.span(name) if span_ok else None

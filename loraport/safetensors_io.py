@@ -12,6 +12,7 @@ Layout (little-endian): u64 header length N · N bytes of JSON {name: {dtype, sh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -246,6 +247,209 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+class _DirectSink:
+    """A file written front to back in page-aligned chunks with O_DIRECT, bypassing the page cache.
+
+    Why: a merge writes gigabytes that nobody reads back soon. Through the page cache every byte is copied into
+    freshly allocated cache pages, accounted dirty, written back and then dropped; measured on this project's
+    2-core VM, writing 4 GiB that way cost 5.8–12.3 s of system CPU (`dd conv=fsync`) against 0.27 s with
+    O_DIRECT (`dd oflag=direct`), which also ran at 2 GB/s instead of 0.3–0.6. The merge's writer thread spent
+    most of its time in that kernel path.
+
+    How: bytes are appended (copied) into CHUNK-sized page-aligned buffers; a full buffer goes to an I/O thread
+    (`pwrite`, GIL released) and, when hashing, to a hash thread, in order; it is reused once both are done, so
+    at most NBUF buffers exist. The last partial chunk is padded to the alignment, written, and the file is
+    truncated to its size. A filesystem that refuses O_DIRECT (EINVAL at open or at the first write) gets the
+    same chunks through the page cache instead. Write errors (ENOSPC, EIO) are raised by the next append or by
+    `close()`, as OSError with their errno."""
+
+    CHUNK = 16 << 20
+    NBUF = 4
+    ALIGN = 4096
+
+    def __init__(self, path: Path, hash: bool):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = True
+        try:
+            self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, flags, 0o644), False
+        self.size = 0  # bytes appended
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(self.NBUF):
+            self._free.put(mmap.mmap(-1, self.CHUNK))  # anonymous maps are page-aligned
+        self._cur: mmap.mmap | None = None
+        self._fill = 0
+        self._chunk_off = 0  # file offset of the chunk being filled
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, list] = {}  # id(buffer) -> [buffer, users left]
+        self._io_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._hash_q: queue.SimpleQueue | None = queue.SimpleQueue() if hash else None
+        self._h = hashlib.sha256() if hash else None
+        self._threads = [threading.Thread(target=self._io_run, daemon=True)]
+        if hash:
+            self._threads.append(threading.Thread(target=self._hash_run, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    # -- producer side (one thread)
+    def _take(self) -> mmap.mmap:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def append(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        done, n = 0, mv.nbytes
+        while done < n:
+            if self._cur is None:
+                self._cur, self._fill = self._take(), 0
+            k = min(n - done, self.CHUNK - self._fill)
+            self._cur[self._fill : self._fill + k] = mv[done : done + k]
+            self._fill += k
+            done += k
+            if self._fill == self.CHUNK:
+                self._submit()
+        self.size += n
+
+    def append_from(self, fd: int, offset: int, n: int) -> None:
+        """Append n bytes of file fd at offset, read straight into the chunk buffers (no intermediate copy)."""
+        done = 0
+        while done < n:
+            if self._cur is None:
+                self._cur, self._fill = self._take(), 0
+            k = min(n - done, self.CHUNK - self._fill)
+            got = os.preadv(fd, [memoryview(self._cur)[self._fill : self._fill + k]], offset + done)
+            if got <= 0:
+                raise OSError(f"input ended while copying ({done} of {n} bytes)")
+            self._fill += got
+            done += got
+            if self._fill == self.CHUNK:
+                self._submit()
+        self.size += n
+
+    def _submit(self) -> None:
+        buf, length, off = self._cur, self._fill, self._chunk_off
+        self._cur, self._fill = None, 0
+        self._chunk_off += length  # every chunk but the last is full, so each starts CHUNK-aligned
+        users = 2 if self._hash_q is not None else 1
+        with self._lock:
+            self._pending[id(buf)] = [buf, users]
+        self._io_q.put((buf, length, off))
+        if self._hash_q is not None:
+            self._hash_q.put((buf, length))
+
+    def _release(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            ent = self._pending[id(buf)]
+            ent[1] -= 1
+            last = ent[1] == 0
+            if last:
+                del self._pending[id(buf)]
+        if last:
+            self._free.put(buf)
+
+    # -- workers
+    def _io_run(self) -> None:
+        while (job := self._io_q.get()) is not None:
+            buf, length, off = job
+            try:
+                if self._error is None:
+                    self._pwrite(buf, length, off)
+            except BaseException as e:  # noqa: BLE001 - raised to the producer by _take / close
+                self._error = e
+            self._release(buf)
+
+    def _pwrite(self, buf: mmap.mmap, length: int, off: int) -> None:
+        n = length
+        if self.direct and length % self.ALIGN:
+            n = -(-length // self.ALIGN) * self.ALIGN  # the last chunk: zero padding, cut off by ftruncate
+            buf[length:n] = bytes(n - length)
+        view = memoryview(buf)
+        done = 0
+        while done < n:
+            try:
+                k = os.pwrite(self.fd, view[done:n], off + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct or done:
+                    raise
+                import fcntl  # this filesystem takes O_DIRECT at open but not at write: use the page cache
+
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                n = length
+                continue
+            if k <= 0:
+                raise OSError(errno.EIO, "short write", None)
+            done += k
+
+    def _hash_run(self) -> None:
+        while (job := self._hash_q.get()) is not None:
+            buf, length = job
+            try:
+                if self._error is None:
+                    self._h.update(memoryview(buf)[:length])
+            except BaseException as e:  # noqa: BLE001
+                self._error = e
+            self._release(buf)
+
+    def _stop(self) -> None:
+        if not any(t.is_alive() for t in self._threads) and self._cur is None and self._free.empty():
+            return  # stopped already (close() failed, then abort())
+        self._io_q.put(None)
+        if self._hash_q is not None:
+            self._hash_q.put(None)
+        for t in self._threads:
+            t.join()
+        bufs = [self._cur] if self._cur is not None else []
+        self._cur = None
+        while True:  # the buffers go now, not when the writer object does (a merge keeps its writers)
+            try:
+                bufs.append(self._free.get_nowait())
+            except queue.Empty:
+                break
+        for b in bufs:
+            try:
+                b.close()
+            except BufferError:  # a view of it is still alive (an exception's frame): freed with that view
+                pass
+
+    def close(self) -> str | None:
+        """Write what is left, cut the padding, fsync; the sha256 (hex) of the file when hashing."""
+        try:
+            if self._error is None and self._cur is not None and self._fill:
+                self._submit()
+            self._stop()
+            if self._error is not None:
+                raise self._error
+            if os.fstat(self.fd).st_size != self.size:
+                os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            self._close_fd()
+        return self._h.hexdigest() if self._h is not None else None
+
+    def abort(self) -> None:
+        self._error = self._error or OSError(errno.ECANCELED, "aborted")
+        self._stop()
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class StreamingWriter:
     """Write one safetensors file whose header is known in advance; tensors arrive in order, one at a time.
 
@@ -255,9 +459,10 @@ class StreamingWriter:
     write `last_seq` numbers it, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None, hash: bool = False):
+                 metadata: dict[str, str] | None = None, hash: bool = False, direct: bool = False):
         self.path = Path(path)
-        self._h = _Hasher() if hash else None
+        self._h: _Hasher | None = None
+        self._sink: _DirectSink | None = None
         self._digest: str | None = None
         self.last_seq = 0
         header: dict = {}
@@ -275,11 +480,17 @@ class StreamingWriter:
         self.total = off
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-(len(blob)) % 8)  # align the data section to 8 bytes
-        self._f = open(self.path, "wb")
         head = struct.pack("<Q", len(blob)) + blob
-        self._f.write(head)
-        if self._h is not None:
-            self.last_seq = self._h.put(head)
+        if direct and DIRECT_IO and hasattr(os, "O_DIRECT"):
+            # big outputs (the merge engine): page-aligned chunks with O_DIRECT, hashed from the chunks
+            self._sink = _DirectSink(self.path, hash)
+            self._sink.append(head)
+        else:
+            self._h = _Hasher() if hash else None
+            self._f = open(self.path, "wb")
+            self._f.write(head)
+            if self._h is not None:
+                self.last_seq = self._h.put(head)
         self._i = 0
         self.bytes_written = 0
         self._data_start = 8 + len(blob)
@@ -293,6 +504,11 @@ class StreamingWriter:
             raise RuntimeError(f"writer expected {exp_name!r}, got {name!r}")
         if n != exp_n:
             raise RuntimeError(f"{name}: {n} bytes, header says {exp_n}")
+        if self._sink is not None:
+            self._sink.append_from(fd, offset, n)
+            self._i += 1
+            self.bytes_written += n
+            return
         self._f.flush()
         out = self._f.fileno()
         pos = self._data_start + self.bytes_written
@@ -316,6 +532,11 @@ class StreamingWriter:
         buf = tensor_bytes(data) if isinstance(data, torch.Tensor) else memoryview(data)
         if buf.nbytes != exp_n:
             raise RuntimeError(f"{name}: {buf.nbytes} bytes, header says {exp_n}")
+        if self._sink is not None:  # copied into the sink's chunks: `data` is free again when this returns
+            self._sink.append(buf)
+            self._i += 1
+            self.bytes_written += exp_n
+            return
         self._f.write(buf)
         if self._h is not None:
             self.last_seq = self._h.put(buf)
@@ -355,8 +576,11 @@ class StreamingWriter:
 
     def close(self) -> None:
         if self._i != len(self.order):
-            self._f.close()
+            self.abort()
             raise RuntimeError(f"{self.path}: only {self._i} of {len(self.order)} tensors written")
+        if self._sink is not None:
+            self._digest = self._sink.close()
+            return
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
@@ -364,6 +588,9 @@ class StreamingWriter:
             self._digest = self._h.finish()
 
     def abort(self) -> None:
+        if self._sink is not None:
+            self._sink.abort()
+            return
         if self._h is not None:
             self._h.stop()
         try:
@@ -425,6 +652,7 @@ class _Hasher:
 
 _COPY = {"how": "copy_file_range"}
 WRITEBACK = os.environ.get("LORAPORT_EARLY_WRITEBACK", "1") != "0"
+DIRECT_IO = os.environ.get("LORAPORT_DIRECT_IO", "1") != "0"  # StreamingWriter(direct=True) may bypass the cache
 WRITEBACK_STEP = 64 << 20
 _HASH_CHUNK = 8 << 20
 
