@@ -617,8 +617,9 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                             item.outs = [item.view]
                     elif cuda:
                         item.t, item.event = stager.to_device(item.view)
-                    elif q is not None:
-                        item.t = item.view
+                    elif q is not None:  # upcast into a reused buffer (the quantizer reads base rows from .view)
+                        item.t = pool.take(torch.float32, shape).copy_(item.view)
+                        item.owned = True
                     else:
                         item.t = pool.take(torch.float32, shape).copy_(item.view)
                         item.owned = True
@@ -654,8 +655,10 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
             merged = merged_tensor(plan, name, dev, base_tensor=t, copy=not item.owned)
         q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name)) if quantizer else None
         if q is not None:
-            w32 = merged if merged is not None else t.to(dev, torch.float32)
-            b32 = t if merged is not None else None  # the quantizer upcasts only the rows it samples
+            w32 = merged if merged is not None else (t if item.owned else t.to(dev, torch.float32))
+            # the base before the merge, for the quantizer's delta metrics (it upcasts only the rows it samples):
+            # on CPU the merge happened in place in the reused buffer, so the checkpoint's own view
+            b32 = (t if cuda else item.view) if merged is not None else None
             outs = list(quantizer.quantize(name, w32, base32=b32).values())
         else:
             src = merged if merged is not None else t

@@ -456,7 +456,11 @@ class StreamingWriter:
     With `hash=True` the file's sha256 is computed from the bytes as they are written (the file is written
     strictly in order), so an integrity manifest does not have to read the output back: `sha256()` after
     `close()`. The hashing runs on a thread of its own (hashlib releases the GIL), in write order; after each
-    write `last_seq` numbers it, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`."""
+    write `last_seq` numbers it, and the caller keeps a written buffer unchanged until `wait_hashed(seq)`.
+
+    `direct=True` (the merge engine's outputs): the bytes go through `_DirectSink` — copied into page-aligned
+    chunks written with O_DIRECT and hashed from those chunks — so a written buffer is free as soon as `write`
+    returns (`wait_hashed` is then a no-op). LORAPORT_DIRECT_IO=0 turns it off (the page cache is used)."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, hash: bool = False, direct: bool = False):
