@@ -617,10 +617,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                             item.outs = [item.view]
                     elif cuda:
                         item.t, item.event = stager.to_device(item.view)
-                    elif q is not None:  # upcast into a reused buffer (the quantizer reads base rows from .view)
-                        item.t = pool.take(torch.float32, shape).copy_(item.view)
-                        item.owned = True
-                    else:
+                    else:  # upcast into a reused buffer (a quantizer reads the base rows it samples from .view)
                         item.t = pool.take(torch.float32, shape).copy_(item.view)
                         item.owned = True
                 if not pipe.put(pipe.q_loaded, item):

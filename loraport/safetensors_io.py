@@ -284,6 +284,7 @@ class _DirectSink:
         self._fill = 0
         self._chunk_off = 0  # file offset of the chunk being filled
         self._error: BaseException | None = None
+        self._stopped = False
         self._lock = threading.Lock()
         self._pending: dict[int, list] = {}  # id(buffer) -> [buffer, users left]
         self._io_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -305,35 +306,36 @@ class _DirectSink:
             except queue.Empty:
                 continue
 
+    def _room(self, want: int) -> memoryview:
+        """Where the next (at most `want`) bytes go: the free part of the current chunk."""
+        if self._cur is None:
+            self._cur, self._fill = self._take(), 0
+        return memoryview(self._cur)[self._fill : self._fill + min(want, self.CHUNK - self._fill)]
+
+    def _filled(self, k: int) -> None:
+        self._fill += k
+        self.size += k
+        if self._fill == self.CHUNK:
+            self._submit()
+
     def append(self, data) -> None:
         mv = memoryview(data).cast("B")
-        done, n = 0, mv.nbytes
-        while done < n:
-            if self._cur is None:
-                self._cur, self._fill = self._take(), 0
-            k = min(n - done, self.CHUNK - self._fill)
-            self._cur[self._fill : self._fill + k] = mv[done : done + k]
-            self._fill += k
-            done += k
-            if self._fill == self.CHUNK:
-                self._submit()
-        self.size += n
+        done = 0
+        while done < mv.nbytes:
+            room = self._room(mv.nbytes - done)
+            room[:] = mv[done : done + len(room)]
+            done += len(room)
+            self._filled(len(room))
 
     def append_from(self, fd: int, offset: int, n: int) -> None:
         """Append n bytes of file fd at offset, read straight into the chunk buffers (no intermediate copy)."""
         done = 0
         while done < n:
-            if self._cur is None:
-                self._cur, self._fill = self._take(), 0
-            k = min(n - done, self.CHUNK - self._fill)
-            got = os.preadv(fd, [memoryview(self._cur)[self._fill : self._fill + k]], offset + done)
+            got = os.preadv(fd, [self._room(n - done)], offset + done)
             if got <= 0:
                 raise OSError(f"input ended while copying ({done} of {n} bytes)")
-            self._fill += got
             done += got
-            if self._fill == self.CHUNK:
-                self._submit()
-        self.size += n
+            self._filled(got)
 
     def _submit(self) -> None:
         buf, length, off = self._cur, self._fill, self._chunk_off
@@ -401,8 +403,9 @@ class _DirectSink:
             self._release(buf)
 
     def _stop(self) -> None:
-        if not any(t.is_alive() for t in self._threads) and self._cur is None and self._free.empty():
-            return  # stopped already (close() failed, then abort())
+        if self._stopped:  # close() failed, then abort()
+            return
+        self._stopped = True
         self._io_q.put(None)
         if self._hash_q is not None:
             self._hash_q.put(None)
