@@ -12,7 +12,8 @@ SVD_HELP = "auto: randomized SVD for big matrices, full SVD otherwise"
 
 def rank_options(f):
     """--rank / --energy / --max-rank (exactly one of the first two, checked by the API)."""
-    f = click.option("--max-rank", type=int, default=None, help="with --energy (or combine's default rank): never keep more than this")(f)
+    f = click.option("--max-rank", type=int, default=None,
+                     help="with --energy (or combine's default rank): never keep more than this")(f)
     f = click.option("--energy", type=float, default=None,
                      help="keep per layer the fewest directions retaining this fraction of Σσ² (e.g. 0.95)")(f)
     f = click.option("--rank", type=int, default=None, help="keep this many singular directions per layer")(f)
