@@ -147,6 +147,11 @@ def test_merge_weight_count_must_match(tmp_path, weights, n):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_validate_weight_count_must_match(tmp_path):
+    refused(cli("validate", tmp_path / "x", "--base", LLAMA, "--adapter", LORA, "--weight", 1, "--weight", 2),
+            "2 --weight value(s) for 1 adapter(s)")
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--weight", "0.7"], "1 --weight value(s) for 2 adapter(s)"),
     (["--weight", "0.7", "--weight", "0.2", "--weight", "0.1"], "3 --weight value(s) for 2 adapter(s)"),
