@@ -93,12 +93,15 @@ def _file_written_by_loraport(p: Path) -> bool:
     try:
         with open(p, "rb") as f:
             head = f.read(1 << 20)
+            if p.suffix == ".safetensors" and len(head) >= 8:
+                n = int.from_bytes(head[:8], "little")
+                f.seek(8)
+                head = f.read(n) if n <= 100 << 20 else b""  # the JSON header (safetensors caps it at 100 MB)
     except OSError:
         return False
-    if p.suffix == ".safetensors" and len(head) >= 8:
-        n = int.from_bytes(head[:8], "little")
+    if p.suffix == ".safetensors":
         try:
-            meta = json.loads(head[8:8 + n]).get("__metadata__") if n <= len(head) - 8 else None
+            meta = json.loads(head).get("__metadata__")
         except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
             return False
         return isinstance(meta, dict) and any(str(k).startswith("loraport") for k in meta)
