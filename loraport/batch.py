@@ -129,7 +129,8 @@ def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options)
             rep = merge(base, job.adapters, job.out, **merge_options)
             r = JobResult(job.name, job.out, True, report=rep)
         except LoraportError as e:
-            r = JobResult(job.name, job.out, False, str(e), e.exit_code)
+            hint = f" ({e.flag_hint[0]} {e.flag_hint[1]})" if e.flag_hint else ""  # batch is merge: it has them
+            r = JobResult(job.name, job.out, False, str(e) + hint, e.exit_code)
         except OSError as e:
             r = JobResult(job.name, job.out, False, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
         except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:  # a reader's bug: report, go on

@@ -30,7 +30,7 @@ class _Group(click.Group):
                 gc.freeze()
             return rv
         except LoraportError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e}{_hint(self, ctx, e)}", err=True)
             sys.exit(e.exit_code)
         except MemoryError:
             click.echo("error: out of memory", err=True)
@@ -52,6 +52,16 @@ class _Group(click.Group):
             click.echo(f"error: {type(e).__name__}: {msg} (internal error; LORAPORT_DEBUG=1 shows the traceback)",
                        err=True)
             sys.exit(1)
+
+
+def _hint(group: click.Group, ctx: click.Context, e: LoraportError) -> str:
+    """The error's flag hint, when the command that failed accepts that flag ("" otherwise)."""
+    if not e.flag_hint:
+        return ""
+    flag, does = e.flag_hint
+    cmd = group.get_command(ctx, ctx.invoked_subcommand or "")
+    opts = {o for p in (cmd.params if cmd else []) for o in (*p.opts, *getattr(p, "secondary_opts", []))}
+    return f" ({flag} {does})" if flag in opts else ""
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -67,7 +67,7 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
         try:
             written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output)
         except BadInputError as e:
-            if not (isinstance(e, Inexpressible) or "--lossy" in str(e)) or not lossy:
+            if not (isinstance(e, Inexpressible) or (e.flag_hint or ("",))[0] == "--lossy") or not lossy:
                 raise
             adapter, ref = refactor(adapter, ckpt, rank, dev, only_inexpressible=True)
             report.update(lossy=True, refactored=report["refactored"] + ref)

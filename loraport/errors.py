@@ -1,9 +1,18 @@
 """The error hierarchy. Every user-facing failure is a LoraportError with a message a user can act on;
 the CLI prints it as one line and exits with `exit_code` (2 = bad input / usage, 1 = failure)."""
 
+from __future__ import annotations
+
 
 class LoraportError(Exception):
     exit_code = 2
+    # (flag, what it does): a hint the CLI appends only when the command that failed has that flag, so a shared
+    # reader's error never tells `convert` or `validate` users about an option only `merge` takes
+    flag_hint: tuple[str, str] | None = None
+
+    def hint(self, flag: str, does: str) -> LoraportError:
+        self.flag_hint = (flag, does)
+        return self
 
 
 class BadInputError(LoraportError):

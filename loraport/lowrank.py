@@ -65,6 +65,9 @@ class RankSpec:
             raise BadInputError(f"--energy must be in (0, 1], got {self.energy}")
         if self.max_rank is not None and self.max_rank < 1:
             raise BadInputError(f"--max-rank must be at least 1, got {self.max_rank}")
+        if self.max_rank is not None and self.rank is not None:
+            raise BadInputError("--max-rank caps a rank loraport picks (--energy, combine's default); with --rank "
+                                "give the rank you want instead")
         return self
 
     def describe(self) -> dict:

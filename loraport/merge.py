@@ -110,8 +110,8 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
             if strict:
                 raise PlanError(
                     f"{adapter.path}: {len(unmatched)} of {len(adapter.deltas)} adapter targets have no tensor in "
-                    f"the base: {shown} (wrong base model? --no-strict merges the rest)"
-                )
+                    f"the base: {shown} (wrong base model?)"
+                ).hint("--no-strict", "merges the rest")
             plan.skipped += unmatched
         if matched == 0:
             raise PlanError(f"{adapter.path}: none of the adapter's {len(adapter.deltas)} targets is in the base "
@@ -444,6 +444,11 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
             from loraport.onnx import bake
         except ImportError:
             raise BadInputError("ONNX baking is not available in this installation") from None
+        ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
+                   "--fp16-base": fp16_base, "--format": adapter_format}
+        if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats
+            raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
+                                "an .onnx --base")
         return bake(str(base_p), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
                     device=device, reference=str(reference) if reference else None)
     if reference is not None:

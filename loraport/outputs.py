@@ -16,11 +16,17 @@ from loraport.errors import OutputError
 
 TMP_TAG = ".loraport-tmp-"
 OLD_TAG = ".loraport-old-"
+# written into every folder output that carries no manifest (`--no-manifest`, adapter folders): with the
+# manifests it is what lets --overwrite tell loraport's own output from a user's folder
+MARKER = ".loraport-output"
+FOLDER_PROOFS = ("loraport-manifest.json", "loraport_onnx.json", MARKER)
 
 
 def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
     """Refuse outputs that would clobber an input or an existing output (without overwrite)."""
     o = Path(out).resolve()
+    if overwrite:
+        _refuse_protected(o, out)
     for i in inputs:
         if i is None:
             continue
@@ -35,9 +41,88 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
         sweep_stale(o)  # first: a run killed between its two renames restores the previous output here
     if o.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
+    if o.exists():
+        check_replaceable(o, out)
     if not o.parent.is_dir():
         raise OutputError(f"the folder for --out does not exist: {o.parent}")
     return o
+
+
+def check_replaceable(o: Path, shown: str | Path) -> None:
+    """--overwrite replaces only what loraport wrote: a folder holding its manifest or marker, an empty folder,
+    or a file whose sibling manifest or own header says loraport wrote it; never the working directory, one of
+    its ancestors, the home folder or /."""
+    _refuse_protected(o, shown)
+    if o.is_dir():
+        if any((o / p).is_file() for p in FOLDER_PROOFS) or not any(o.iterdir()):
+            return
+        raise OutputError(f"--out {shown} is a folder loraport did not write (no {FOLDER_PROOFS[0]} or {MARKER} "
+                          "in it); --overwrite replaces only loraport's outputs: choose a new path or remove it "
+                          "yourself")
+    if o.is_file() and _file_written_by_loraport(o):
+        return
+    raise OutputError(f"--out {shown} is a file loraport did not write (no {o.name}.manifest.json beside it, no "
+                      "loraport stamp in its header); --overwrite replaces only loraport's outputs: choose a new "
+                      "path or remove it yourself")
+
+
+def _refuse_protected(o: Path, shown: str | Path) -> None:
+    cwd, root = Path.cwd().resolve(), Path(o.anchor or "/")
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no $HOME and no passwd entry
+        home = root
+    what = ("/" if o == root else "your home folder" if o == home else "the current folder" if o == cwd
+            else "a parent of the current folder" if o in cwd.parents else None)
+    if what:
+        raise OutputError(f"--out {shown} is {what}; --overwrite never replaces it: choose a new folder")
+
+
+def _file_written_by_loraport(p: Path) -> bool:
+    """A sibling manifest naming the file, or loraport's stamp in the file's own metadata: safetensors
+    `__metadata__` key, GGUF key or ONNX producer / metadata_props starting with "loraport"."""
+    import json
+
+    try:
+        m = json.loads(p.with_name(p.name + ".manifest.json").read_text(encoding="utf-8"))
+        if isinstance(m, dict) and str(m.get("schema", "")).startswith("loraport-manifest/") \
+                and p.name in (m.get("files") or {}):
+            return True
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 20)
+            if p.suffix == ".safetensors" and len(head) >= 8:
+                n = int.from_bytes(head[:8], "little")
+                f.seek(8)
+                head = f.read(n) if n <= 100 << 20 else b""  # the JSON header (safetensors caps it at 100 MB)
+    except OSError:
+        return False
+    if p.suffix == ".safetensors":
+        try:
+            meta = json.loads(head).get("__metadata__")
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+            return False
+        return isinstance(meta, dict) and any(str(k).startswith("loraport") for k in meta)
+    if p.suffix == ".gguf":
+        return head[:4] == b"GGUF" and GGUF_STAMP in head
+    if p.suffix == ".onnx":
+        return _onnx_stamped(p)
+    return False
+
+
+GGUF_STAMP = b"loraport.version"  # a GGUF metadata key loraport's writer adds (llama.cpp ignores unknown keys)
+
+
+def _onnx_stamped(p: Path) -> bool:
+    try:
+        import onnx
+
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours
+        return False
+    return m.producer_name == "loraport" or any(x.key.startswith("loraport") for x in m.metadata_props)
 
 
 def sweep_stale(out: Path) -> None:
@@ -103,6 +188,8 @@ def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
         prev = None
     try:
         yield stage
+        if is_dir and not any((stage / p).is_file() for p in FOLDER_PROOFS):
+            (stage / MARKER).write_text('{"written_by": "loraport"}\n', encoding="utf-8")
         _fsync_tree(stage)
         if out.exists():
             if not overwrite:

@@ -223,9 +223,16 @@ def test_existing_out_refused_then_overwritten(tmp_path):
     res = cli("merge", "--base", BASE, "--adapter", PLAIN, "--out", out)
     assert_bad(res, tmp_path, before, "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what loraport wrote: the user's folder stays, then (emptied) it is replaced,
+    # and so is the output loraport wrote there
     res = cli("merge", "--base", BASE, "--adapter", PLAIN, "--out", out, "--overwrite")
-    assert res.exit_code == 0, res.stderr
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert_bad(res, tmp_path, before, "did not write")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):
+        res = cli("merge", "--base", BASE, "--adapter", PLAIN, "--out", out, "--overwrite")
+        assert res.exit_code == 0, res.stderr
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temp siblings left behind"
 
 
@@ -482,6 +489,7 @@ def test_failure_mid_stream_keeps_previous_output(tmp_path, failing_engine):
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("complete")
+    (out / ".loraport-output").write_text("{}")  # it stands for an output loraport wrote (--overwrite needs that)
     before = listing(tmp_path)
     res = cli("merge", "--base", BASE, "--adapter", PLAIN, "--out", out, "--overwrite")
     assert_bad(res, tmp_path, before, code=1)

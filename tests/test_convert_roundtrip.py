@@ -125,8 +125,8 @@ def test_refused_with_reason_and_nothing_written(tmp_path, name, fmt, words):
     out = tmp_path / f"o{_ext(fmt)}"
     with pytest.raises(BadInputError) as e:
         convert_adapter(PEFT / name, fmt, out, base=LLAMA)
-    for w in words:
-        assert w in str(e.value)
+    for w in words:  # the flag to use is a hint the CLI shows where the command has it (LoraportError.hint)
+        assert w in str(e.value) + str(e.value.flag_hint or "")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -176,8 +176,13 @@ def test_existing_output_refused_then_overwritten(tmp_path):
     with pytest.raises(OutputError, match="--overwrite"):
         convert_adapter(PEFT / "llama_lora", "mlx", out, base=LLAMA)
     assert (out / "keep.txt").read_text() == "x"
-    convert_adapter(PEFT / "llama_lora", "mlx", out, base=LLAMA, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "adapters.safetensors").is_file()
+    with pytest.raises(OutputError, match="did not write"):  # --overwrite replaces only loraport's outputs
+        convert_adapter(PEFT / "llama_lora", "mlx", out, base=LLAMA, overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then the output loraport wrote there (its marker proves it)
+        convert_adapter(PEFT / "llama_lora", "mlx", out, base=LLAMA, overwrite=True)
+    assert (out / "adapters.safetensors").is_file() and (out / ".loraport-output").is_file()
 
 
 # --- merge: each format into the HF base equals merging the PEFT original ---------------------------

@@ -173,7 +173,7 @@ def test_combine_bad_input(two, tmp_path):
     tmp = two[0]
     a, b = tmp / "ab" / "first", tmp / "ab" / "second"
     cases = [
-        ([a, b, "--weights", "0.7"], "1 value(s) for 2 adapters"),
+        ([a, b, "--weights", "0.7"], "1 --weights value(s) for 2 adapter(s)"),
         ([a, b, "--weights", "x,y"], "comma-separated"),
         ([a, b, "--method", "cat", "--rank", 4], "exact"),
         ([a, b, "--method", "ties", "--density", 0], "(0, 1]"),

@@ -12,7 +12,8 @@ SVD_HELP = "auto: randomized SVD for big matrices, full SVD otherwise"
 
 def rank_options(f):
     """--rank / --energy / --max-rank (exactly one of the first two, checked by the API)."""
-    f = click.option("--max-rank", type=int, default=None, help="with --energy: never keep more than this")(f)
+    f = click.option("--max-rank", type=int, default=None,
+                     help="with --energy (or combine's default rank): never keep more than this")(f)
     f = click.option("--energy", type=float, default=None,
                      help="keep per layer the fewest directions retaining this fraction of Σσ² (e.g. 0.95)")(f)
     f = click.option("--rank", type=int, default=None, help="keep this many singular directions per layer")(f)
@@ -38,8 +39,6 @@ def parse_weights(s: str | None, n: int) -> list[float] | None:
         ws = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise BadInputError(f"--weights {s!r}: give comma-separated numbers, e.g. 0.7,0.3") from None
-    if len(ws) != n:
-        raise BadInputError(f"--weights has {len(ws)} value(s) for {n} adapters")
     return ws
 
 

@@ -20,7 +20,7 @@ def register(group: click.Group) -> None:
               help="adapter format to write")
 @click.option("--svd", "svd", default="auto", show_default=True, type=click.Choice(["auto", "full", "randomized"]),
               help=SVD_HELP)
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the randomized SVD's sketch")
+@click.option("--seed", default=None, type=int, help="seed of the randomized SVD's sketch  [default: 0]")
 @click.option("--include", default=None, help="only tensors whose name matches this regex")
 @click.option("--exclude", default=None, help="skip tensors whose name matches this regex")
 @common_options
@@ -31,8 +31,12 @@ def extract_cmd(base, tuned, rank, energy, max_rank, out, to, svd, seed, include
     relative error ‖ΔW − BA‖/‖ΔW‖."""
     from loraport.checkpoint import Checkpoint
     from loraport.console import err, progress
+    from loraport.errors import BadInputError
     from loraport.lowrank import extract
 
+    if seed is not None and svd == "full":
+        raise BadInputError("--seed seeds the randomized SVD; --svd full uses none")
+    seed = seed or 0
     total = _numel(Checkpoint.open(tuned)) if err.is_terminal and not as_json else None
     with progress("extracting", total, enabled=not as_json) as advance:
         rep = extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank, to=to, method=svd, seed=seed,

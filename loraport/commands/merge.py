@@ -18,7 +18,7 @@ def register(group: click.Group) -> None:
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(),
               help="adapter path (repeatable; required unless --adapter-dir or --jobs is given)")
 @click.option("--weight", "weights", multiple=True, type=float, help="weight of the adapter at the same position "
-              "(repeatable, default 1.0)")
+              "(repeatable: one per --adapter, or none for 1.0 each)")
 @click.option("--out", type=click.Path(), help="output folder (or file for a single-file base); with "
               "--adapter-dir the folder that receives one output per adapter")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
@@ -28,7 +28,7 @@ def register(group: click.Group) -> None:
 @click.option("--quantize", default=None, type=click.Choice(["fp16", "bf16", "fp32", "int8", "nf4", "fp4"]),
               help="re-quantize the merged weights")
 @click.option("--double-quant", is_flag=True, help="nf4/fp4: quantize the absmax statistics too")
-@click.option("--blocksize", default=64, show_default=True, type=int, help="nf4/fp4 block size")
+@click.option("--blocksize", default=None, type=int, help="nf4/fp4 block size  [default: 64]")
 @click.option("--fp16-base", default=None, type=click.Path(), help="with a quantized --base: the original 16-bit "
               "weights to re-quantize from (keeps small deltas)")
 @click.option("--format", "adapter_format", default=None, help="force the adapter format (default: detect)")
@@ -57,24 +57,20 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     from loraport.merge import merge
 
     nonfinite = "fail" if fail_on_nonfinite else "warn"
+    qopts = _quant_options(quantize, double_quant, blocksize, dtype)
     if adapter_dir or jobs_file:
         _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=adapter_format,
                dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
-               overwrite=overwrite, quantize=quantize,
-               quant_options={"blocksize": blocksize, "double_quant": double_quant}
-               if quantize in ("nf4", "fp4") else {}, strict=strict, fp16_base=fp16_base, nonfinite=nonfinite,
+               overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict, fp16_base=fp16_base,
+               nonfinite=nonfinite,
                manifest=not no_manifest, hash_cache=not rehash_inputs)
         return
     if not adapters:
         raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
     if not out:
         raise BadInputError("--out is required")
-    if len(weights) > len(adapters):
-        raise BadInputError(f"{len(weights)} --weight values for {len(adapters)} --adapter paths")
-    ws = list(weights) + [1.0] * (len(adapters) - len(weights))
-    qopts = {}
-    if quantize in ("nf4", "fp4"):
-        qopts = {"blocksize": blocksize, "double_quant": double_quant}
+    check_weights(weights, len(adapters))
+    ws = list(weights) or [1.0] * len(adapters)
     report = merge(base, list(zip(adapters, ws)), out, dtype=dtype, device=device,
                    shard_size=parse_size(shard_size) if shard_size else None, overwrite=overwrite,
                    quantize=quantize, quant_options=qopts, strict=strict, adapter_format=adapter_format,
@@ -98,6 +94,33 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     size = report.get("bytes_written", report.get("external_data_bytes", 0))
     err.print(f"merged {len(report['adapters'])} adapter(s) into {n} tensor(s) → {report['out']} "
               f"({human_bytes(size)}, {report['seconds']:.1f}s on {report.get('device', '?')})")
+
+
+def check_weights(weights, n: int, flag: str = "--weight") -> None:
+    """One weight per adapter, or none (1.0 each): a count in between is a typo, never silently padded."""
+    from loraport.errors import BadInputError
+
+    if weights and len(weights) != n:
+        raise BadInputError(f"{len(weights)} {flag} value(s) for {n} adapter(s); give one per adapter (in the "
+                            "same order) or none for 1.0 each")
+
+
+def _quant_options(quantize, double_quant: bool, blocksize, dtype: str) -> dict:
+    """The quantizer's options; options that would do nothing with the chosen --quantize are refused."""
+    from loraport.errors import BadInputError
+
+    four_bit = quantize in ("nf4", "fp4")
+    if double_quant and not four_bit:
+        raise BadInputError("--double-quant applies to --quantize nf4 or fp4 (it quantizes their absmax statistics)"
+                            + (f"; --quantize {quantize} has none" if quantize else ""))
+    if blocksize is not None and not four_bit:
+        raise BadInputError("--blocksize applies to --quantize nf4 or fp4")
+    if quantize in ("fp16", "bf16", "fp32") and dtype not in ("auto", quantize):
+        raise BadInputError(f"--quantize {quantize} casts every float tensor to {quantize}; --dtype {dtype} "
+                            "contradicts it (drop one)")
+    if not four_bit:
+        return {}
+    return {"blocksize": 64 if blocksize is None else blocksize, "double_quant": double_quant}
 
 
 def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=None, **merge_options):

@@ -15,7 +15,8 @@ def register(group: click.Group) -> None:
               "(default: recorded in an ONNX export's manifest)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="adapter (repeatable; default: the "
               "manifest's)")
-@click.option("--weight", "weights", multiple=True, type=float, help="weight per --adapter (default 1.0)")
+@click.option("--weight", "weights", multiple=True, type=float, help="weight per --adapter (repeatable: one per "
+              "--adapter, or none for 1.0 each)")
 @click.option("--tolerance", default="auto", show_default=True, help="auto (from dtype/quantization) or a max |Δ|")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="onnxruntime execution provider")
@@ -32,8 +33,9 @@ def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active,
     from loraport.errors import BadInputError, ValidationFailed
     from loraport.validate import validate
 
-    if weights and len(weights) != len(adapters):
-        raise BadInputError(f"{len(weights)} --weight value(s) for {len(adapters)} --adapter(s)")
+    from loraport.commands.merge import check_weights
+
+    check_weights(weights, len(adapters))  # the same rule and words as merge and combine
     if batch < 1 or seq < 1:
         raise BadInputError("--batch and --seq must be positive")
     ads = [(a, weights[i] if weights else 1.0) for i, a in enumerate(adapters)]

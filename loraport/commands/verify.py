@@ -16,8 +16,8 @@ def register(group: click.Group) -> None:
 
 @click.command("verify")
 @click.argument("out", type=click.Path())
-@click.option("--inputs", "check_inputs", is_flag=True, help="also re-hash the inputs the manifest lists "
-              "(reports any that changed since the merge)")
+@click.option("--check-inputs", "--inputs", "check_inputs", is_flag=True, help="also re-hash the inputs the "
+              "manifest lists (reports any that changed since the merge); --inputs is the older spelling")
 @click.option("--json", "as_json", is_flag=True, help="print a machine-readable report on stdout")
 def verify_cmd(out, check_inputs, as_json):
     """Check that every file of OUT still matches its loraport manifest (sha256 and size).

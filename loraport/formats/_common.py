@@ -17,5 +17,5 @@ def check_unmatched(where, recognised: int, unrecognised: list[str], unmatched: 
            + (f"; {len(unmatched)} module(s) not in the base (e.g. {', '.join(unmatched[:3])})"
               if unmatched else ""))
     if strict:
-        raise BadInputError(msg + " — wrong base or mixed file? --no-strict skips them")
+        raise BadInputError(msg + " — wrong base or mixed file?").hint("--no-strict", "skips them")
     notes.add(f"skipped {len(unrecognised) + len(unmatched)} unmatched key(s)/module(s)")

@@ -70,9 +70,8 @@ def require_lora_only(adapter: Adapter, fmt: str, allowed=(LoraDelta,)) -> None:
     for d in adapter.deltas:
         if not isinstance(d, allowed):
             raise Inexpressible(
-                f"{fmt} cannot express the {d.kind} update on {d.target} (it stores LoRA factors only); "
-                "pass --lossy to re-factor it to low rank"
-            )
+                f"{fmt} cannot express the {d.kind} update on {d.target} (it stores LoRA factors only)"
+            ).hint("--lossy", "re-factors it to low rank")
         if d.rows is not None:
             raise BadInputError(f"{fmt} cannot express a row-sliced update on {d.target} (fused projection)")
 

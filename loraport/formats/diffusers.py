@@ -279,5 +279,9 @@ class DiffusersFormat(AdapterFormat):
                 "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
             }
             meta_cfg.update({f"{comp}.{k}": v for k, v in cfg.items()})
-        save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(meta_cfg, indent=2, sort_keys=True)})
+        from loraport import __version__
+
+        # loraport.version: the stamp that lets `--overwrite` recognise a file loraport wrote (loraport/outputs.py)
+        save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(meta_cfg, indent=2, sort_keys=True),
+                                  "loraport.version": __version__})
         return [path]

@@ -257,8 +257,8 @@ class GgufFormat(AdapterFormat):
         for d in adapter.deltas:
             if isinstance(d, LoraDelta) and d.magnitude is not None:
                 raise Inexpressible(f"GGUF LoRA has no DoRA magnitudes ({d.target}); DoRA depends on the base "
-                                    "weight, so it cannot be baked into B. Pass --lossy --base BASE to re-factor "
-                                    "the exact DoRA update to low rank")
+                                    "weight, so it cannot be baked into B").hint(
+                    "--lossy", "with --base BASE re-factors the exact DoRA update to low rank")
         hf_named = any(not d.target.startswith(("blk.", "token_embd", "output")) for d in adapter.deltas)
         permute = False
         nh = nkv = 0
@@ -339,6 +339,9 @@ class GgufFormat(AdapterFormat):
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        from loraport import __version__
+
+        w.add_string("loraport.version", __version__)  # lets `--overwrite` recognise the file (loraport/outputs.py)
         for name, t in tensors:
             t = t.detach().contiguous().cpu()
             if t.dtype == torch.bfloat16:

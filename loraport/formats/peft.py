@@ -218,7 +218,8 @@ class PeftFormat(AdapterFormat):
                 raise BadInputError(f"{d.target}: a row-sliced update (fused projection) has no PEFT form")
             if isinstance(d, LoraDelta):
                 if d.mid is not None:
-                    raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form; use --lossy")
+                    raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form").hint(
+                        "--lossy", "re-factors them to low rank")
                 if not d.target.endswith(".weight"):
                     raise BadInputError(f"{d.target}: PEFT LoRA targets a module's .weight")
                 mod = d.target[: -len(".weight")]
@@ -249,7 +250,8 @@ class PeftFormat(AdapterFormat):
                 tensors[f"{PREFIX}{d.target[:-5]}.lora_B.bias"] = (d.diff.float() * (d.scale / owner.scale)).to(
                     d.diff.dtype)
             else:
-                raise BadInputError(f"{d.target}: {d.kind} updates have no PEFT LoRA form; use --lossy")
+                raise BadInputError(f"{d.target}: {d.kind} updates have no PEFT LoRA form").hint(
+                    "--lossy", "re-factors them to low rank")
         ranks = list(rank_pattern.values())
         alphas = list(alpha_pattern.values())
         r0 = max(set(ranks), key=ranks.count) if ranks else 8

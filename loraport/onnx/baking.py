@@ -206,6 +206,9 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
     data_p = out_p.parent / data_name
     if data_p.exists() and not overwrite:
         raise OutputError(f"{data_p} already exists; pass --overwrite to replace it")
+    if data_p.exists() and not out_p.exists():  # a .data file without the model loraport baked: not ours
+        raise OutputError(f"{data_p} exists but {out_p.name} does not: --overwrite replaces only a model loraport "
+                          "baked; choose another --out or remove it yourself")
     dev = pick_device(device)
     try:
         g = _Graph(base_p)
@@ -324,6 +327,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         writer.close()
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(new_inits)
+        _stamp(proto)
         try:
             onnx.save_model(proto, str(stage))
         except BaseException:
@@ -344,3 +348,15 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         "matched_by": counts, "skipped_targets": pending, "external_data_bytes": writer.bytes_written,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _stamp(proto) -> None:
+    """loraport.version in the model's metadata: lets `--overwrite` recognise a model loraport baked (the
+    exporter's producer_name is kept)."""
+    from loraport import __version__
+
+    for p in proto.metadata_props:
+        if p.key == "loraport.version":
+            p.value = __version__
+            return
+    proto.metadata_props.add(key="loraport.version", value=__version__)

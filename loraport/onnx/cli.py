@@ -114,8 +114,15 @@ def write_onnx_adapter(adapter: str, graph: str, out: str, *, weight: float = 1.
             ckpt = None
     ad = load_adapter(adapter, format=format, base=ckpt)
     arrays = adapter_arrays(ad, weight, slots, t2m)
+    from loraport import manifest as mf
+
     with staged_output(out_p, is_dir=False, overwrite=overwrite) as stage:
         write_adapter_file(arrays, stage)
+        # the format has no metadata: a sibling manifest (as merge writes beside a single file) is what lets
+        # `verify` check it and `--overwrite` recognise it as loraport's
+        man = mf.build(stage, inputs=mf.input_hashes([adapter, model]), name=out_p.name,
+                       plan={"graph": str(model), "adapter": str(adapter), "weight": weight})
+    mf.write_sibling(out_p, man)
     if ckpt is not None:
         ckpt.close()
     return {"out": str(out_p), "graph": str(model), "adapter": str(adapter), "format": ad.format, "weight": weight,
