@@ -7,14 +7,14 @@ __version__ = "0.1.0"
 
 from loraport.errors import LoraportError  # noqa: E402
 from loraport.formats import load_adapter  # noqa: E402
-from loraport.merge import merge  # noqa: E402  (binds the function over the submodule's name on purpose)
+from loraport.merging import merge  # noqa: E402  (binds the function over the submodule's name on purpose)
 
 __all__ = ["LoraportError", "__version__", "convert", "export_onnx", "load_adapter", "merge", "validate"]
 
 
 def __getattr__(name):  # the heavier entry points load on first use
     if name == "convert":
-        from loraport.convert import convert_adapter
+        from loraport.conversion import convert_adapter
 
         return convert_adapter
     if name == "export_onnx":
@@ -22,7 +22,7 @@ def __getattr__(name):  # the heavier entry points load on first use
 
         return export_onnx
     if name == "validate":
-        from loraport.validate import validate
+        from loraport.parity import validate
 
         return validate
     raise AttributeError(name)

@@ -119,7 +119,7 @@ def jobs_from_file(path: str | Path) -> list[Job]:
 def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options) -> list[JobResult]:
     """Run each job with `merge()`; a failing job is recorded and the next one runs."""
     from loraport.manifest import HashCache
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     merge_options["hash_cache"] = HashCache.of(merge_options.get("hash_cache", True))  # one base hash per batch
     results = []

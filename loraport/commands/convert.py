@@ -50,7 +50,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
                  "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past,
                  "--recapture": recapture}
     if to in ("onnx", "onnx-adapter"):
-        from loraport.convert import onnx_convert
+        from loraport.conversion import onnx_convert
 
         all_adapters = ([adapter] if adapter else []) + list(adapters)
         rep = onnx_convert(adapters=all_adapters, weights=list(weights), to=to, out=out, base=base, format=fmt,
@@ -62,7 +62,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
             raise BadInputError(f"{', '.join(used)} only apply to --to onnx / onnx-adapter")
         if not adapter:
             raise BadInputError("missing ADAPTER (the adapter to convert)")
-        from loraport.convert import convert_adapter
+        from loraport.conversion import convert_adapter
 
         rep = convert_adapter(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank, overwrite=overwrite)
     if as_json:

@@ -115,7 +115,7 @@ def inspect_cmd(path, fmt, base, plot, as_json):
         return
     ckpt = None
     if base:
-        from loraport.merge import open_base
+        from loraport.merging import open_base
 
         ckpt = open_base(Path(base))
     fmt_cls = detect(p) if not fmt else None

@@ -54,7 +54,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
               no_manifest, rehash_inputs, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     from loraport.errors import BadInputError
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     nonfinite = "fail" if fail_on_nonfinite else "warn"
     if adapter_dir or jobs_file:

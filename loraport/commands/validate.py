@@ -1,4 +1,4 @@
-"""`loraport validate ARTIFACT --base ... --adapter ...`: parity gate for CI (loraport/validate.py)."""
+"""`loraport validate ARTIFACT --base ... --adapter ...`: parity gate for CI (loraport/parity.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active,
     tolerance, 1 when not, 2 on bad input."""
     from loraport.console import emit_json, err
     from loraport.errors import BadInputError, ValidationFailed
-    from loraport.validate import validate
+    from loraport.parity import validate
 
     if weights and len(weights) != len(adapters):
         raise BadInputError(f"{len(weights)} --weight value(s) for {len(adapters)} --adapter(s)")
