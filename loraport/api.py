@@ -155,7 +155,7 @@ def _path(p, role: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ verbs
 def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: PathLike, *,
-          weights: Sequence[float] | None = None, dtype="auto", device: str = "auto",
+          weights: Sequence[float] | None = None, dtype="auto", device="auto",
           shard_size: int | str | None = None, quantize: str | None = None, quant_options: dict | None = None,
           strict: bool = True, adapter_format: str | None = None, fp16_base: PathLike | None = None,
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
@@ -170,7 +170,7 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
         ads = adapter_list(adapters, weights)
         from loraport.merging import merge as run
 
-        rep = run(_path(base, "base"), ads, out, dtype=dtype_name(dtype), device=device,
+        rep = run(_path(base, "base"), ads, out, dtype=dtype_name(dtype), device=str(device),
                   shard_size=size_bytes(shard_size), overwrite=overwrite, quantize=quantize,
                   quant_options=quant_options, strict=strict, adapter_format=adapter_format,
                   fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
@@ -214,7 +214,7 @@ def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: P
 def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | None, out: PathLike, *,
                 weights: Sequence[float] | None = None, opset: int | None = None, dtype="fp32",
                 quantize: str | None = None, multi_lora: bool = False, with_past: bool = False,
-                overwrite: bool = False, device: str = "auto", strict: bool = True,
+                overwrite: bool = False, device="auto", strict: bool = True,
                 recapture: bool = False) -> ExportResult:
     """Export `base` (a transformers model folder) with `adapters` merged — or, `multi_lora=True`, kept as
     switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4."""
@@ -228,8 +228,8 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
             raise BadInputError("ONNX export is not available in this installation (pip install onnx onnxruntime)") \
                 from None
         rep = run(_path(base, "base"), ads, out, opset=opset, dtype=dtype_name(dtype, allowed=("fp32", "fp16")),
-                  quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite, device=device,
-                  strict=strict, recapture=recapture)
+                  quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite,
+                  device=str(device), strict=strict, recapture=recapture)
         return ExportResult.of(rep)
 
 
