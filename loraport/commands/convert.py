@@ -53,6 +53,9 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
 
     if to in ("onnx", "onnx-adapter"):
         all_adapters = ([adapter] if adapter else []) + list(adapters)
+        if weights and len(weights) != len(all_adapters):
+            raise BadInputError(f"{len(weights)} --weight value(s) for {len(all_adapters)} adapter(s); give one per "
+                                "--adapter or none")
         rep = loraport.convert(all_adapters, to, out, weights=list(weights) or None, base=base, format=fmt,
                                lossy=lossy, rank=rank, overwrite=overwrite, graph=graph, multi_lora=multi_lora,
                                opset=opset, dtype=dtype, quantize=quantize, with_past=with_past,
