@@ -131,3 +131,12 @@ def test_a_symlink_out_of_the_snapshot_is_not_carried_over(hf_cache, tmp_path):
     (snap / "notes.txt").symlink_to(secret)
     res = loraport.merge("tiny-org/tiny-llama", ["tiny-org/tiny-lora"], tmp_path / "m")
     assert (res.out / "config.json").is_file() and not (res.out / "notes.txt").exists()
+
+
+def test_batch_jobs_take_repo_ids(hf_cache, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"adapter": "tiny-org/tiny-lora", "out": "j1"},
+                                {"adapter": ["tiny-org/tiny-lora", str(AD1)], "weight": [0.5, 0.5], "out": "j2"}]))
+    r = cli("merge", "--base", "tiny-org/tiny-llama", "--jobs", jobs, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ok"] == 2 and (tmp_path / "j1" / "config.json").is_file()
