@@ -60,7 +60,7 @@ def _ready() -> None:
 def child_loraport(*argv: str) -> None:
     import loraport.formats  # noqa: F401 - format discovery, as the merge command does on first use
     import loraport.manifest  # noqa: F401
-    import loraport.merge  # noqa: F401
+    import loraport.merging  # noqa: F401
     from loraport.cli import main
 
     loraport.formats.formats()  # imports every format module, as the first adapter detection does

@@ -277,7 +277,7 @@ def main() -> None:
     bases = {d: build_base(work / f"base-{d}", a.size, d) for d in dtypes}
     merged = {}
     if not a.skip_plain:
-        from loraport.merge import merge
+        from loraport.merging import merge
 
         for d, base in bases.items():
             merged[d] = work / f"merged-{d}"

@@ -96,7 +96,7 @@ def throughput(weights: list[torch.Tensor]) -> list[tuple]:
 def merge_overhead(shapes: dict, layers: int, rank: int = 16) -> list[tuple]:
     """Wall time of loraport merge (bf16 out) vs --quantize nf4 (with and without the report metrics) on a
     synthetic Llama-shaped checkpoint with a rank-16 PEFT LoRA on every linear layer."""
-    from loraport.merge import merge
+    from loraport.merging import merge
     from loraport.safetensors_io import save_file
 
     g = torch.Generator().manual_seed(0)

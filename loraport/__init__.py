@@ -1,28 +1,25 @@
 """loraport: merge, convert, re-quantize and export LoRA / QLoRA adapters from every ecosystem.
 
-Public API (each also a CLI command): `load_adapter`, `merge`, `convert`, `export_onnx`, `validate`.
+Public API (each also a CLI command; see loraport/api.py): `merge`, `convert`, `export_onnx`, `validate`,
+`inspect`, `verify`, `load_adapter`; errors are `LoraportError` subclasses (loraport/errors.py), results the
+frozen records of loraport/results.py. `import loraport` stays light: the engines load on first use.
 """
 
 __version__ = "0.1.0"
 
+from loraport.api import convert, export_onnx, inspect, merge, validate, verify  # noqa: E402
 from loraport.errors import LoraportError  # noqa: E402
 from loraport.formats import load_adapter  # noqa: E402
-from loraport.merge import merge  # noqa: E402  (binds the function over the submodule's name on purpose)
 
-__all__ = ["LoraportError", "__version__", "convert", "export_onnx", "load_adapter", "merge", "validate"]
+__all__ = ["LoraportError", "__version__", "convert", "export_onnx", "inspect", "load_adapter", "merge",
+           "validate", "verify"]
+
+_RESULTS = ("ConvertResult", "ExportResult", "InspectResult", "MergeResult", "ValidationReport", "VerifyResult")
 
 
-def __getattr__(name):  # the heavier entry points load on first use
-    if name == "convert":
-        from loraport.convert import convert_adapter
+def __getattr__(name):  # the result types, without importing them (and dataclasses) up front
+    if name in _RESULTS:
+        from loraport import results
 
-        return convert_adapter
-    if name == "export_onnx":
-        from loraport.onnx import export_onnx
-
-        return export_onnx
-    if name == "validate":
-        from loraport.validate import validate
-
-        return validate
-    raise AttributeError(name)
+        return getattr(results, name)
+    raise AttributeError(f"module 'loraport' has no attribute {name!r}")

@@ -108,7 +108,7 @@ def jobs_from_file(path: str | Path) -> list[Job]:
         name = j.get("name", Path(out).name)
         if not isinstance(name, str):
             raise BadInputError(f"{where}: 'name' must be a string")
-        jobs.append(Job([(str(here / a), float(w)) for a, w in zip(ads, ws)], str(here / out), name))
+        jobs.append(Job([(_adapter_path(here, a), float(w)) for a, w in zip(ads, ws)], str(here / out), name))
     outs = [str(Path(j.out).resolve()) for j in jobs]
     dup = next((o for o in outs if outs.count(o) > 1), None)
     if dup:
@@ -116,17 +116,26 @@ def jobs_from_file(path: str | Path) -> list[Job]:
     return jobs
 
 
+def _adapter_path(here: Path, a: str) -> str:
+    """A job's adapter relative to the jobs file; a Hub id (org/name) stays as written when no such path exists."""
+    from loraport.hub import parse_repo_id
+
+    return a if not (here / a).exists() and parse_repo_id(a) is not None else str(here / a)
+
+
 def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options) -> list[JobResult]:
     """Run each job with `merge()`; a failing job is recorded and the next one runs."""
+    from loraport.hub import resolve
     from loraport.manifest import HashCache
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     merge_options["hash_cache"] = HashCache.of(merge_options.get("hash_cache", True))  # one base hash per batch
     results = []
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            rep = merge(base, job.adapters, job.out, **merge_options)
+            ads = [(str(resolve(a, "adapter")), w) for a, w in job.adapters]  # a Hub id: its cached snapshot
+            rep = merge(base, ads, job.out, **merge_options)
             r = JobResult(job.name, job.out, True, report=rep)
         except LoraportError as e:
             hint = f" ({e.flag_hint[0]} {e.flag_hint[1]})" if e.flag_hint else ""  # batch is merge: it has them

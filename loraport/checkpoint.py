@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from loraport.errors import BadInputError
+from loraport.hub import is_snapshot_link
 from loraport.safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -208,8 +209,8 @@ def _folder_shards(folder: Path, rel: str, prefix: str) -> tuple[list[Shard], li
 def _extra_files(root: Path, weight: set[str]) -> list[str]:
     out = []
     for f in sorted(root.rglob("*")):
-        if not f.is_file() or f.is_symlink():
-            continue
+        if not f.is_file() or f.is_symlink() and not is_snapshot_link(f, root):
+            continue  # a link is carried over only as a Hugging Face cache snapshot file (into its repo's blobs)
         rel = f.relative_to(root).as_posix()
         if rel in weight or rel.startswith(".") or "/." in rel:
             continue

@@ -22,8 +22,11 @@ from loraport.errors import LoraportError
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        from loraport.api import cli_wording
+
         try:
-            rv = super().invoke(ctx)
+            with cli_wording():  # errors keep naming the flags (--shard-size), not the API's arguments
+                rv = super().invoke(ctx)
             if not os.environ.get("LORAPORT_NO_GC_FREEZE"):
                 # the command is done: keep the interpreter's tear-down from walking every object that torch,
                 # transformers and onnxscript created (measured 1.36 s -> 0.16 s after an ONNX capture)

@@ -135,7 +135,7 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 def run_demo(workdir: str | None = None, device: str = "auto", tolerance: float = 1e-4) -> dict:
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="loraport-demo-") as tmp:

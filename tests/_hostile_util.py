@@ -83,7 +83,7 @@ def seeds() -> list[Seed]:
         return _SEEDS
     from loraport.errors import LoraportError
     from loraport.formats import formats, load_adapter
-    from loraport.merge import build_plan
+    from loraport.merging import build_plan
 
     fmts = formats()
     found: list[Seed] = []
@@ -167,7 +167,7 @@ def exercise(path: Path, seed: Seed):
     Returns "ok" or the LoraportError raised; any other exception propagates (a bug)."""
     from loraport.errors import LoraportError
     from loraport.formats import load_adapter
-    from loraport.merge import build_plan, merged_tensor
+    from loraport.merging import build_plan, merged_tensor
 
     base = base_of(seed)
     try:

@@ -33,7 +33,7 @@ def loraport_deltas(adapter, base_dir: Path = LLAMA) -> dict[str, torch.Tensor]:
     """ΔW per base tensor as loraport's merge plan applies `adapter` (an Adapter or a path)."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
-    from loraport.merge import build_plan, merged_tensor
+    from loraport.merging import build_plan, merged_tensor
 
     ck = Checkpoint.open(base_dir)
     try:

@@ -126,7 +126,7 @@ FULL = [(s, m) for m in MOMENTS for s in SIGNALS]  # every moment x every signal
 
 def run_interruptions(root: Path, base: Path, ad: Path, fresh=FRESH, replace=REPLACE) -> list[dict]:
     """The whole scenario; returns one record per interruption (used by the test and the report script)."""
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     inputs_before = {**_tree_hashes(base), **{"adapter/" + k: v for k, v in _tree_hashes(ad).items()}}
     total = sum(f.stat().st_size for f in base.glob("*.safetensors"))
@@ -227,7 +227,7 @@ CONVERT_POINTS = [(signal.SIGKILL, "staged"), (signal.SIGKILL, "t=1.5"), (signal
 
 def run_convert_interruptions(root: Path, ad: Path, points=CONVERT_POINTS) -> list[dict]:
     """`loraport convert` (PEFT -> MLX folder) interrupted at observed moments and fixed delays."""
-    from loraport.convert import convert_adapter
+    from loraport.conversion import convert_adapter
 
     before = _tree_hashes(ad)
     ref = root / "conv_ref"
@@ -278,7 +278,7 @@ def test_enospc_mid_write_leaves_nothing(big, monkeypatch):
     """A disk that fills up after 10 MB: a one-line "no space left" OutputError, no output, no temporaries."""
     from loraport import safetensors_io
     from loraport.errors import LoraportError
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     root, base, ad = big
     out = root / "enospc"
@@ -325,7 +325,7 @@ def test_free_space_checked_before_writing(big, monkeypatch):
     import shutil as sh
 
     from loraport.errors import OutputError
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     root, base, ad = big
     out = root / "nospace"
@@ -348,7 +348,7 @@ def test_real_full_tmpfs(big, tmp_path, monkeypatch):
     kernel's ENOSPC mid-write gives a clear error and no partial output."""
     from loraport.errors import LoraportError
 
-    merge_mod = sys.modules["loraport.merge"]
+    merge_mod = sys.modules["loraport.merging"]
 
     root, base, ad = big
     mnt = tmp_path / "small"

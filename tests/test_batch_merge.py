@@ -36,7 +36,7 @@ def _family(n: int = 3) -> tuple[Path, list[H.Seed]]:
 def test_parallel_processes_from_one_base(tmp_path):
     """Three `loraport merge` processes at once, same base, different adapters and outputs: each output is
     byte-identical to a sequential merge of the same adapter, and the base is untouched."""
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     base, seeds = _family(3)
     before = _hashes(base)
@@ -83,7 +83,7 @@ def test_adapter_dir_continues_past_a_bad_adapter(tmp_path):
 
 
 def test_jobs_file_weights_and_failures(tmp_path):
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     base, seeds = _family(2)
     jobs = [
@@ -132,7 +132,7 @@ def test_batch_option_conflicts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- verify
 def test_verify_detects_any_change(tmp_path):
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     base, seeds = _family(1)
     out = tmp_path / "out"
@@ -164,7 +164,7 @@ def test_verify_detects_any_change(tmp_path):
 
 
 def test_verify_single_file_output_and_missing_manifest(tmp_path):
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     seed = next((s for s in H.seeds() if s.base is not None and s.base.is_dir()
                  and len(list(s.base.glob("*.safetensors"))) == 1), None)
@@ -192,7 +192,7 @@ def test_verify_single_file_output_and_missing_manifest(tmp_path):
 
 
 def test_manifest_entries_cannot_point_outside(tmp_path):
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     base, seeds = _family(1)
     out = tmp_path / "out"
@@ -209,7 +209,7 @@ def test_manifest_entries_cannot_point_outside(tmp_path):
 def test_manifest_hashes_taken_while_writing_match_the_files(tmp_path, how):
     """Output hashes are computed from the bytes as they are written (including tensors copied in the
     kernel); each must equal a fresh sha256 of the file on disk."""
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     fx = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
     base, adapter = fx / "bases" / "llama", fx / "adapters" / "llama_plain"

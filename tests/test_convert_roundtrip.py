@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from loraport.convert import convert_adapter
+from loraport.conversion import convert_adapter
 from loraport.errors import BadInputError, OutputError
 from tests._llm_util import LLAMA, LLM, loraport_deltas, max_diff, peft_deltas
 
@@ -193,7 +193,7 @@ def test_existing_output_refused_then_overwritten(tmp_path):
 def test_merge_of_format_equals_merge_of_peft(tmp_path, src, peft):
     from safetensors.torch import load_file
 
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     merge(LLAMA, [(LLM / src, 1.0)], tmp_path / "a", dtype="fp32")
     merge(LLAMA, [(PEFT / peft, 1.0)], tmp_path / "b", dtype="fp32")
@@ -303,7 +303,7 @@ def test_rope_permutation_inverse_property():
 def test_gguf_to_onnx_adapter_reads_back_to_peft_delta(tmp_path):
     """GGUF → `.onnx_adapter` for a loraport multi-LoRA graph (loraport/onnx writer) → the .onnx_adapter
     reader: the same ΔW as PEFT's merge of the original adapter."""
-    from loraport.convert import onnx_convert
+    from loraport.conversion import onnx_convert
 
     graph = tmp_path / "g"
     onnx_convert(adapters=[str(PEFT / "llama_lora")], to="onnx", out=str(graph), base=str(LLAMA), multi_lora=True)

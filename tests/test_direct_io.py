@@ -8,7 +8,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -149,7 +148,7 @@ def test_write_error_reaches_the_writer_thread_and_nothing_hangs(tmp_path, monke
 
 
 def test_merge_output_is_the_same_with_and_without_direct_io(tmp_path, monkeypatch):
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     base = ROOT / "fixtures" / "peft" / "bases" / "llama"
     ad = ROOT / "fixtures" / "peft" / "adapters" / "llama_plain"

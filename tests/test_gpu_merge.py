@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import build_adapter, build_base  # noqa: E402
 from loraport.checkpoint import Checkpoint  # noqa: E402
 
-M = importlib.import_module("loraport.merge")
+M = importlib.import_module("loraport.merging")
 FX = ROOT / "fixtures" / "peft"
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import build_adapter, build_base  # noqa: E402
 from loraport import manifest as mf  # noqa: E402
-from loraport.merge import merge  # noqa: E402
+from loraport.merging import merge  # noqa: E402
 
 
 def _sha(p: Path) -> str:

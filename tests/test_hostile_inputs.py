@@ -332,7 +332,7 @@ def test_nonfinite_from_fp16_overflow_is_caught(tmp_path):
     import torch
 
     from loraport.errors import BadInputError
-    from loraport.merge import merge
+    from loraport.merging import merge
     from loraport.safetensors_io import SafetensorsFile, save_file
 
     seed = next(s for s in H.seeds() if s.format == "peft" and s.base is not None

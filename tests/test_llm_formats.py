@@ -116,7 +116,7 @@ def test_mlx_switch_experts_per_expert_and_stacked(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from loraport.checkpoint import Checkpoint
-    from loraport.merge import build_plan, merged_tensor
+    from loraport.merging import build_plan, merged_tensor
 
     ad_path = LLM / "mlx" / "qwen2moe_switch"
     raw = load_file(ad_path / "adapters.safetensors")
@@ -256,8 +256,8 @@ def test_gguf_experts_onto_stacked_base(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from loraport.checkpoint import Checkpoint
-    from loraport.convert import convert_adapter
-    from loraport.merge import build_plan, merged_tensor
+    from loraport.conversion import convert_adapter
+    from loraport.merging import build_plan, merged_tensor
 
     g = tmp_path / "moe.gguf"
     convert_adapter(LLM / "mlx" / "qwen2moe_switch", "gguf", g, base=MOE)
@@ -284,7 +284,7 @@ def test_mlx_dora_embedding_per_row(tmp_path):
     from safetensors.torch import save_file
 
     from loraport.checkpoint import Checkpoint
-    from loraport.merge import build_plan, merged_tensor
+    from loraport.merging import build_plan, merged_tensor
 
     ck = Checkpoint.open(LLAMA)
     W = ck.get("model.embed_tokens.weight").float()

@@ -168,7 +168,7 @@ def test_multi_lora_with_past():
     f = _inputs(2, 8, seed=5, left_pad=(2, 0))
     _check_steps(out / "model.onnx", base, ad, f, [6, 7, 8], onnx_adapter=out / "adapters" / "lora.onnx_adapter")
     _check_steps(out / "model.onnx", base, None, f, [6, 7, 8], tol=1e-5)
-    from loraport.validate import validate
+    from loraport.parity import validate
 
     rep = validate(out, base, [ad], provider="cpu", seq=9)  # each case ("none", "lora") stepped with its adapter
     assert rep["passed"] and [c["case"] for c in rep["cases"]] == ["none", "lora"]
@@ -204,7 +204,7 @@ def test_int8_with_past_steps_equal_one_shot():
 
 
 def test_validate_runs_with_past_graph_step_by_step(llama):
-    from loraport.validate import WITH_PAST_NOTE, validate
+    from loraport.parity import WITH_PAST_NOTE, validate
 
     base, ad, out = llama
     rep = validate(out, base, [ad], provider="cpu", seq=10)

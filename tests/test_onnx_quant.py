@@ -14,7 +14,7 @@ import torch
 
 from loraport.onnx.quantize import (dequantize_int4_blocks, dequantize_int8, quantize_int4_blocks,
                                     quantize_int8_per_channel)
-from loraport.validate import TOLERANCES, compare, judge
+from loraport.parity import TOLERANCES, compare, judge
 from tests._onnx_util import ADAPTERS, LLAMA, export_kw, feeds, max_abs, ort_run, torch_logits
 
 PLAIN = ADAPTERS / "llama_plain"

@@ -43,7 +43,7 @@ def _initializers(out) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("overlap", [True, False], ids=["weights-during-capture", "weights-after-capture"])
 def test_bf16_base_fp32_export_in_small_pieces_matches_engine_and_peft(tmp_path, monkeypatch, overlap):
     from loraport.formats import load_adapter
-    from loraport.merge import build_plan, merged_tensor, open_base
+    from loraport.merging import build_plan, merged_tensor, open_base
     from loraport.onnx import export_onnx
 
     monkeypatch.setattr(external, "PIECE", 384)  # every tensor in many pieces (not a multiple of a row)

@@ -11,7 +11,7 @@ import torch
 
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
-from loraport.merge import merge
+from loraport.merging import merge
 from loraport.quant.bnb_checkpoint import BnbCheckpoint, is_bnb_folder, open_quantized_base
 from loraport.safetensors_io import SafetensorsFile, save_file
 from tests._quant_util import BF16, GPT2_NF4, INT8, LORA, NF4_DQ, bnb_dequantized_state, quiet_model

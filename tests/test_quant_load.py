@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from loraport.merge import merge
+from loraport.merging import merge
 from loraport.quant.bnb_checkpoint import BnbCheckpoint
 from tests._quant_util import BF16, LORA, logits, quiet_model
 

@@ -19,7 +19,7 @@ from loraport import safetensors_io as sio  # noqa: E402
 from loraport.checkpoint import Checkpoint  # noqa: E402
 from loraport.safetensors_io import SafetensorsFile, StreamingWriter  # noqa: E402
 
-M = importlib.import_module("loraport.merge")  # the package re-exports merge(); this is the module
+M = importlib.import_module("loraport.merging")  # the package re-exports merge(); this is the module
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ PLAIN2 = ADAPTERS / "llama_plain2"
 def test_reference_hooks_equal_peft(base, adapter):
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
-    from loraport.validate import attach_unmerged, reference_logits
+    from loraport.parity import attach_unmerged, reference_logits
 
     f = feeds(2, 8, seed=2)
     ck = Checkpoint.open(base)
@@ -42,7 +42,7 @@ def _validate(*args):
 
 
 def _api(artifact, adapters, **kw):
-    from loraport.validate import validate
+    from loraport.parity import validate
 
     return validate(artifact, LLAMA, [(a, 1.0) for a in adapters], **kw)
 
@@ -98,7 +98,7 @@ def test_validate_quantized_states_bound_and_fixed_tolerance_can_fail():
 
 
 def test_validate_merged_safetensors_folder():
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     out = workdir("st-merge") / "merged"
     if not out.exists():

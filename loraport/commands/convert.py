@@ -49,22 +49,25 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
                  "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past,
                  "--recapture": recapture}
-    if to in ("onnx", "onnx-adapter"):
-        from loraport.convert import onnx_convert
+    import loraport
 
+    if to in ("onnx", "onnx-adapter"):
         all_adapters = ([adapter] if adapter else []) + list(adapters)
-        rep = onnx_convert(adapters=all_adapters, weights=list(weights), to=to, out=out, base=base, format=fmt,
-                           multi_lora=multi_lora, graph=graph, opset=opset, dtype=dtype, quantize=quantize,
-                           with_past=with_past, lossy=lossy, rank=rank, overwrite=overwrite, recapture=recapture)
+        if weights and len(weights) != len(all_adapters):
+            raise BadInputError(f"{len(weights)} --weight value(s) for {len(all_adapters)} adapter(s); give one per "
+                                "--adapter or none")
+        rep = loraport.convert(all_adapters, to, out, weights=list(weights) or None, base=base, format=fmt,
+                               lossy=lossy, rank=rank, overwrite=overwrite, graph=graph, multi_lora=multi_lora,
+                               opset=opset, dtype=dtype, quantize=quantize, with_past=with_past,
+                               recapture=recapture).to_dict()
     else:
         used = [k for k, v in onnx_only.items() if v]
         if used:
             raise BadInputError(f"{', '.join(used)} only apply to --to onnx / onnx-adapter")
         if not adapter:
             raise BadInputError("missing ADAPTER (the adapter to convert)")
-        from loraport.convert import convert_adapter
-
-        rep = convert_adapter(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank, overwrite=overwrite)
+        rep = loraport.convert(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank,
+                               overwrite=overwrite).to_dict()
     if as_json:
         emit_json(rep)
         return

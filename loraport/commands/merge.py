@@ -46,15 +46,17 @@ def register(group: click.Group) -> None:
 @click.option("--rehash-inputs", is_flag=True, help="hash every input file again instead of reusing the sha256 "
               "that earlier runs remembered for the same unchanged file (cache: $LORAPORT_CACHE_DIR or "
               "~/.cache/loraport)")
+@click.option("--allow-incomplete", is_flag=True, help="write a model folder even when the base lacks files "
+              "transformers needs to load it (config.json)")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
-              no_manifest, rehash_inputs, reference):
+              no_manifest, rehash_inputs, allow_incomplete, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
+    import loraport
     from loraport.errors import BadInputError
-    from loraport.merge import merge
 
     nonfinite = "fail" if fail_on_nonfinite else "warn"
     qopts = _quant_options(quantize, double_quant, blocksize, dtype)
@@ -63,7 +65,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
                overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict, fp16_base=fp16_base,
                nonfinite=nonfinite,
-               manifest=not no_manifest, hash_cache=not rehash_inputs)
+               manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete)
         return
     if not adapters:
         raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
@@ -71,12 +73,14 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
         raise BadInputError("--out is required")
     check_weights(weights, len(adapters))
     ws = list(weights) or [1.0] * len(adapters)
-    report = merge(base, list(zip(adapters, ws)), out, dtype=dtype, device=device,
-                   shard_size=parse_size(shard_size) if shard_size else None, overwrite=overwrite,
-                   quantize=quantize, quant_options=qopts, strict=strict, adapter_format=adapter_format,
-                   fp16_base=fp16_base, nonfinite=nonfinite, manifest=not no_manifest, reference=reference,
-                   hash_cache=not rehash_inputs,
-                   progress=None if as_json else (lambda total: progress("merging", total)))
+    result = loraport.merge(base, list(zip(adapters, ws)), out, dtype=dtype, device=device,
+                            shard_size=parse_size(shard_size) if shard_size else None,
+                            overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
+                            adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
+                            manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
+                            allow_incomplete=allow_incomplete,
+                            progress=None if as_json else (lambda total: progress("merging", total)))
+    report = result.to_dict()
     if as_json:
         emit_json(report)
         return
@@ -128,6 +132,7 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapte
     import sys
     from pathlib import Path
 
+    from loraport import hub
     from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs
     from loraport.errors import BadInputError
 
@@ -152,6 +157,7 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapte
             else:
                 err.print(f"[red]FAIL[/red]  {escape(r.name)}: {escape(r.error)}", markup=True)
 
+    base = str(hub.resolve(base, "base"))
     results = run_jobs(base, jobs, on_result=show, adapter_format=adapter_format, **merge_options)
     failed = sum(not r.ok for r in results)
     if as_json:

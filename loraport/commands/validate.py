@@ -1,4 +1,4 @@
-"""`loraport validate ARTIFACT --base ... --adapter ...`: parity gate for CI (loraport/validate.py)."""
+"""`loraport validate ARTIFACT --base ... --adapter ...`: parity gate for CI (loraport/parity.py)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def register(group: click.Group) -> None:
 def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active, batch, seq, seed, as_json):
     """Run ARTIFACT and the fp32 reference (base + unmerged adapters) on the same inputs; exit 0 when within
     tolerance, 1 when not, 2 on bad input."""
+    import loraport
     from loraport.console import emit_json, err
-    from loraport.errors import BadInputError, ValidationFailed
-    from loraport.validate import validate
+    from loraport.errors import BadInputError
 
     from loraport.commands.merge import check_weights
 
@@ -39,16 +39,14 @@ def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active,
     if batch < 1 or seq < 1:
         raise BadInputError("--batch and --seq must be positive")
     ads = [(a, weights[i] if weights else 1.0) for i, a in enumerate(adapters)]
-    rep = validate(artifact, base, ads, tolerance=tolerance, provider=provider, active=active, batch=batch,
-                   seq=seq, seed=seed)
+    res = loraport.validate(artifact, base, ads, tolerance=tolerance, provider=provider, active=active, batch=batch,
+                            seq=seq, seed=seed)
+    rep = res.to_dict()
     if as_json:
         emit_json(rep)
     else:
         _print(rep, err)
-    if not rep["passed"]:
-        bad = [c["case"] for c in rep["cases"] if not c["passed"]]
-        raise ValidationFailed(f"{rep['artifact']}: {len(bad)} case(s) outside tolerance ({', '.join(bad)}); "
-                               f"{rep['tolerance']['why']}")
+    res.raise_if_failed()
 
 
 def _print(rep: dict, console) -> None:

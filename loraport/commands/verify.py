@@ -22,9 +22,9 @@ def register(group: click.Group) -> None:
 def verify_cmd(out, check_inputs, as_json):
     """Check that every file of OUT still matches its loraport manifest (sha256 and size).
     Exit 0 when all match, 1 on any mismatch, 2 when OUT has no manifest."""
-    from loraport.manifest import verify
+    import loraport
 
-    rep = verify(out, check_inputs=check_inputs)
+    rep = loraport.verify(out, inputs=check_inputs).to_dict()
     bad = rep["problems"] + rep["inputs_changed"]
     if as_json:
         emit_json(rep)

@@ -190,7 +190,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
     """Bake adapters into the ONNX model `base`; write `out` (+ `out`.data). Returns a report dict."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
-    from loraport.merge import MergePlan, merged_tensor, pick_device
+    from loraport.merging import MergePlan, merged_tensor, pick_device
     from loraport.outputs import check_output, staged_output
 
     t0 = time.perf_counter()

@@ -62,7 +62,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
     instead of being traced again; `recapture` traces it anyway (and refreshes the cache)."""
     from loraport.onnx import graph_cache
-    from loraport.merge import pick_device
+    from loraport.merging import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
     from loraport.onnx.quantize import quantized_tensors, rewrite
     from loraport.onnx.weights import WeightSource
@@ -94,7 +94,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             lora_targets = {}
             for ad, _ in src.adapters:
                 check_plain(ad)
-            from loraport.merge import build_plan
+            from loraport.merging import build_plan
 
             for ad, w in src.adapters:
                 plan = build_plan(src.ckpt, [(ad, w)], strict=strict)

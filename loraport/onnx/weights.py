@@ -1,7 +1,7 @@
 """Where the exported graph's weights come from: the merge engine, tensor by tensor.
 
 `WeightSource` opens the base checkpoint and the adapters once, plans the merge with
-`loraport.merge.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
+`loraport.merging.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
 graph uses, translating them to the checkpoint's own spelling (a missing model prefix, tied heads).
 
 Memory: base tensors are read with pread into private buffers, never through the memory map (mapped file
@@ -37,7 +37,7 @@ class WeightSource:
     def __init__(self, base: str | Path, adapters: list[tuple[str | Path | Adapter, float]], device: str = "auto",
                  strict: bool = True, merge: bool = True):
         from loraport.formats import load_adapter
-        from loraport.merge import build_plan, open_base, pick_device
+        from loraport.merging import build_plan, open_base, pick_device
 
         self.base_path = Path(base)
         if not self.base_path.is_dir() or not (self.base_path / "config.json").is_file():
@@ -94,7 +94,7 @@ class WeightSource:
         """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
         stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer). On CPU the result
         lives in a buffer this source reuses: it is valid until the next call."""
-        from loraport.merge import merged_tensor
+        from loraport.merging import merged_tensor
 
         ck_name = self._ck(name)
         raw = self._read(ck_name)

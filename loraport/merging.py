@@ -428,12 +428,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
           adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
           nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None,
-          hash_cache=True) -> dict:
+          hash_cache=True, allow_incomplete: bool = False) -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
     .safetensors base, an .onnx file for an .onnx base: baking). Returns a report dict. See the module docstring
     for how. `reference`: for an ONNX base, the HF folder it was exported from (weights matched by value).
     `hash_cache`: True reuses the inputs' sha256 remembered by earlier runs (loraport.manifest.HashCache), False
-    hashes every input again; a HashCache object is used as given (a batch shares one across its merges)."""
+    hashes every input again; a HashCache object is used as given (a batch shares one across its merges).
+    `allow_incomplete`: write a model folder even when the base lacks what transformers needs to load it."""
     t0 = time.perf_counter()
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
@@ -470,6 +471,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
             quantizer = get_quantizer(quantize, **(quant_options or {}))
 
     ckpt = open_base(base_p, fp16_base=fp16_base, quantize=quantize)
+    if not allow_incomplete:
+        check_loadable(ckpt)
     from loraport import manifest as mf
 
     cache = mf.HashCache.of(hash_cache)
@@ -564,6 +567,22 @@ def open_base(path: Path, fp16_base=None, quantize: str | None = None):
     if fp16_base is not None:
         raise BadInputError("--fp16-base is only meaningful with a quantized --base")
     return ckpt
+
+
+def check_loadable(ckpt) -> None:
+    """Refuse a model-folder base whose merged copy transformers could not load: without config.json (or with
+    one that names no model_type) from_pretrained fails. Diffusers pipelines and single files have their own
+    layouts; a diffusers component folder's config names its `_class_name` instead."""
+    if getattr(ckpt, "kind", None) != "hf-folder":
+        return
+    cfg = ckpt.root / "config.json"
+    if not cfg.is_file():
+        raise BadInputError(f"{ckpt.root}: no config.json, so the merged folder could not be loaded by transformers; "
+                            "copy the model's config.json next to its weights, or pass --allow-incomplete to write "
+                            "the weights anyway")
+    if not isinstance(ckpt.config, dict) or not (ckpt.config.get("model_type") or ckpt.config.get("_class_name")):
+        raise BadInputError(f"{cfg}: names no model_type, so the merged folder could not be loaded by transformers; "
+                            "use the model's own config.json, or pass --allow-incomplete to write the weights anyway")
 
 
 def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, dev: torch.device,
