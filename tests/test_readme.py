@@ -162,7 +162,7 @@ def _onnx_base(llama: Path, dst: Path) -> None:
 
 def _workspace(root: Path, onnx: bool) -> Path:
     """A folder holding every input the README names, under its README name."""
-    from loraport.merge import merge
+    from loraport.merging import merge
 
     ws = root / "readme"
     ws.mkdir()
