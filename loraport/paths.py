@@ -81,20 +81,22 @@ def roots(folder: str | Path) -> tuple[str, ...]:
     return (real,)
 
 
-def _refuse_outside(p: Path, real: str, folder: str | Path, allowed: tuple[str, ...]) -> UnsafeInputError:
+def _check_real(p: Path, real: str, folder: str | Path, allowed: tuple[str, ...]) -> None:
+    """Refuse `p` (resolving to `real`) unless `real` lies inside the allowed roots of the input `folder`."""
+    if any(_under(real, r) for r in allowed):
+        return
+    if any(_under(real, r) for r in PSEUDO_ROOTS):
+        raise UnsafeInputError(f"{p}: refused: it points to {real}, a kernel pseudo-file, not a model file")
     where = f"the input folder {folder}" + (" and its Hugging Face blobs/ store" if len(allowed) > 1 else "")
-    return UnsafeInputError(f"{p}: refused: it points to {real}, outside {where} (copy the file into the folder "
-                            "if it really belongs to the model)")
+    raise UnsafeInputError(f"{p}: refused: it points to {real}, outside {where} (copy the file into the folder "
+                           "if it really belongs to the model)")
 
 
 def member(folder: str | Path, path: str | Path, allowed: tuple[str, ...] | None = None) -> Path:
     """`path`, a file inside the input folder `folder`, once sure it resolves inside the folder (or its
     Hugging Face blobs/ store) and is not a special file."""
     p = Path(path)
-    allowed = allowed or roots(folder)
-    real = os.path.realpath(p)
-    if not any(_under(real, r) for r in allowed):
-        raise _refuse_outside(p, real, folder, allowed)
+    _check_real(p, os.path.realpath(p), folder, allowed or roots(folder))
     return regular(p)
 
 
@@ -104,6 +106,8 @@ def walk(folder: str | Path) -> list[tuple[str, Path]]:
     opened; dangling symlinks are skipped; a symlinked folder inside the roots is walked once."""
     root = Path(folder)
     allowed = roots(root)
+    if any(_under(allowed[0], x) for x in PSEUDO_ROOTS):
+        raise UnsafeInputError(f"{root}: refused: it resolves to {allowed[0]}, a kernel pseudo-file system")
     out: list[tuple[str, Path]] = []
     seen: set[str] = set()
     todo = [(root, "")]
@@ -124,12 +128,10 @@ def walk(folder: str | Path) -> list[tuple[str, Path]]:
             except OSError:
                 continue  # dangling symlink or vanished: nothing to read
             if e.is_symlink():
-                real = os.path.realpath(p)
-                if not any(_under(real, a) for a in allowed):
-                    raise _refuse_outside(p, real, folder, allowed)
+                _check_real(p, os.path.realpath(p), folder, allowed)
             if stat.S_ISDIR(st.st_mode):
                 todo.append((p, r + "/"))
-            elif stat.S_ISREG(st.st_mode) and not any(_under(os.path.realpath(p), x) for x in PSEUDO_ROOTS):
+            elif stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices: skipped, never opened
                 out.append((r, p))
     out.sort(key=lambda x: x[0].split("/"))
     return out
