@@ -278,7 +278,9 @@ def detect_artifact(path: str | Path) -> Artifact:
 
 
 def _read_manifest(p: Path) -> dict:
-    if not p.is_file():
+    from loraport import paths
+
+    if not paths.member(p.parent, p).is_file():
         return {}
     try:
         d = json.loads(p.read_text(encoding="utf-8"))

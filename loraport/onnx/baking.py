@@ -114,6 +114,11 @@ class _Graph:
         self.inits = {t.name: t for t in g.initializer}
         self.cons = _consumers(g)
         self.names = list(self.inits)
+        # every external-data file passes the input-path policy before an output is staged (read() checks again)
+        locs = {e.value for t in g.initializer if t.data_location == TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+        for loc in sorted(locs):
+            paths.external(path, loc)
 
     def dims(self, name: str) -> list[int]:
         return list(self.inits[name].dims)
