@@ -110,9 +110,9 @@ def walk(folder: str | Path) -> list[tuple[str, Path]]:
         raise UnsafeInputError(f"{root}: refused: it resolves to {allowed[0]}, a kernel pseudo-file system")
     out: list[tuple[str, Path]] = []
     seen: set[str] = set()
-    todo = [(root, "")]
-    while todo:
-        d, rel = todo.pop()
+    todo, linked = [(root, "")], []  # real folders first: a folder reached by a link too is listed by its own path
+    while todo or linked:
+        d, rel = todo.pop() if todo else linked.pop()
         real_d = os.path.realpath(d)
         if real_d in seen:
             continue
@@ -130,7 +130,7 @@ def walk(folder: str | Path) -> list[tuple[str, Path]]:
             if e.is_symlink():
                 _check_real(p, os.path.realpath(p), folder, allowed)
             if stat.S_ISDIR(st.st_mode):
-                todo.append((p, r + "/"))
+                (linked if e.is_symlink() else todo).append((p, r + "/"))
             elif stat.S_ISREG(st.st_mode):  # FIFOs, sockets, devices: skipped, never opened
                 out.append((r, p))
     out.sort(key=lambda x: x[0].split("/"))

@@ -150,9 +150,12 @@ def test_symlinks_inside_the_folder_still_work(tmp_path):
     (base / "sub" / "tok.json").write_text("{}")
     _plant(base / "tokenizer.json", "sub/tok.json")
     (base / "gone.json").symlink_to("missing.json")  # dangling: nothing to read, skipped as before
+    (base / "a-link").symlink_to("sub", target_is_directory=True)  # a folder inside, reached twice
+    (base / "loop").symlink_to(".", target_is_directory=True)
     ck = Checkpoint.open(base)
     assert {"tokenizer.json", "sub/tok.json", "config.json"} <= set(ck.extra_files)
-    assert "gone.json" not in ck.extra_files
+    assert not {"gone.json", "a-link/tok.json"} & set(ck.extra_files)
+    assert not [x for x in ck.extra_files if x.startswith("loop/")]
     ck.close()
 
 
