@@ -96,6 +96,9 @@ def fuzz(seeds: list[H.Seed], n: int, rng: random.Random) -> dict:
         with tempfile.TemporaryDirectory(prefix="lprob-") as td:
             copy = H.copy_seed(seed, Path(td), "fuzzed")
             descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 3))]
+            if ch.integer(0, 4) == 0:  # symlinks out, /proc, FIFOs, devices (the input-path policy)
+                descs.append(H.path_mutation(copy, ch))
+                c["path mutations"] += 1
             c["iterations"] += 1
             try:
                 with H.memory_cap(), H.time_limit(30):
@@ -103,6 +106,10 @@ def fuzz(seeds: list[H.Seed], n: int, rng: random.Random) -> dict:
             except Exception as e:  # noqa: BLE001
                 c["lost"] += 1
                 print(f"  LOST {seed.label} {descs}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+                continue
+            if r == "ok" and copy.is_dir() and descs[-1].endswith("secret outside"):
+                c["lost"] += 1  # a symlink out of the folder was read
+                print(f"  LOST {seed.label} {descs}: read through a symlink out of the folder", file=sys.stderr)
                 continue
             c["valid" if r == "ok" else "clean error"] += 1
     return c
@@ -159,7 +166,8 @@ def main() -> None:
                      "bad_clean_errors": h["clean error"], "bad_valid": h["valid"], "bad_lost": h["lost"],
                      "pickles_planted": p["tried"], "pickles_refused": p["refused"],
                      "pickle_payloads_ran": p["payload ran"], "fuzz_iterations": f["iterations"],
-                     "fuzz_clean_errors": f["clean error"], "fuzz_valid": f["valid"], "fuzz_lost": f["lost"]})
+                     "fuzz_clean_errors": f["clean error"], "fuzz_valid": f["valid"], "fuzz_lost": f["lost"],
+                     "fuzz_path_mutations": f["path mutations"]})
     bases = base_inputs()
     ints = interruptions(args.quick)
     lost_int = sum(not (r["ok"] and r["swept_next_run"] and r["inputs_identical"]) for r in ints)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from loraport import paths
 from loraport.errors import BadInputError
-from loraport.hub import is_snapshot_link
 from loraport.safetensors_io import SafetensorsFile, TensorInfo
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -65,35 +65,36 @@ class Checkpoint:
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
-        p = Path(path)
+        p = paths.named(path)  # a named base may be a symlink, but to a regular file or a folder
         if not p.exists():
             raise BadInputError(f"base not found: {p}")
         if p.is_file():
             if p.suffix != ".safetensors":
                 raise BadInputError(f"{p}: a base must be a .safetensors file or a model folder")
             return cls(p.parent, "safetensors-file", [Shard(p.name, SafetensorsFile(p), "")], None, [], [])
+        files = paths.walk(p)  # every file of the folder, refused if one is a symlink leaving it
         if (p / "model_index.json").is_file():
-            return cls._open_diffusers(p)
-        shards, index_files = _folder_shards(p, "", "")
+            return cls._open_diffusers(p, files)
+        shards, index_files = _folder_shards(p, p, "", "")
         if not shards:
             raise BadInputError(f"{p}: no .safetensors weights found (a .bin-only model? convert it to safetensors)")
         weight = {sh.relpath for sh in shards} | set(index_files)
-        extra = _extra_files(p, weight)
+        extra = _extra_files(files, weight)
         return cls(p, "hf-folder", shards, _read_json(p / "config.json", optional=True), extra, index_files)
 
     @classmethod
-    def _open_diffusers(cls, p: Path) -> Checkpoint:
+    def _open_diffusers(cls, p: Path, files: list[tuple[str, Path]]) -> Checkpoint:
         shards: list[Shard] = []
         index_files: list[str] = []
         for comp in sorted(d for d in p.iterdir() if d.is_dir()):
-            s, idx = _folder_shards(comp, comp.name + "/", comp.name + ".")
+            s, idx = _folder_shards(p, comp, comp.name + "/", comp.name + ".")
             shards += s
             index_files += idx
         if not shards:
             raise BadInputError(f"{p}: diffusers folder without .safetensors weights")
         weight = {sh.relpath for sh in shards} | set(index_files)
         return cls(p, "diffusers-folder", shards, _read_json(p / "model_index.json"),
-                   _extra_files(p, weight), index_files)
+                   _extra_files(files, weight), index_files)
 
     # --- queries ----------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -170,7 +171,8 @@ class Checkpoint:
             sh.file.close()
 
 
-def _read_json(p: Path, optional: bool = False):
+def _read_json(p: Path, optional: bool = False, root: Path | None = None):
+    paths.member(root or p.parent, p)
     if not p.is_file():
         if optional:
             return None
@@ -183,10 +185,12 @@ def _read_json(p: Path, optional: bool = False):
         raise BadInputError(f"{p}: invalid JSON (nested too deeply)") from None
 
 
-def _folder_shards(folder: Path, rel: str, prefix: str) -> tuple[list[Shard], list[str]]:
+def _folder_shards(root: Path, folder: Path, rel: str, prefix: str) -> tuple[list[Shard], list[str]]:
+    """The weight files of `folder` (the base folder `root` or one of its components); each must pass the
+    input-path policy for `root`."""
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     if indexes:
-        idx = _read_json(indexes[0])
+        idx = _read_json(indexes[0], root=root)
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise BadInputError(f"{indexes[0]}: no valid weight_map")
@@ -194,7 +198,7 @@ def _folder_shards(folder: Path, rel: str, prefix: str) -> tuple[list[Shard], li
         for f in files:
             if "/" in f or "\\" in f or f in ("", ".", ".."):
                 raise BadInputError(f"{indexes[0]}: shard name {f!r} is not a plain file name")
-            if not (folder / f).is_file():
+            if not paths.member(root, folder / f).is_file():
                 raise BadInputError(f"{indexes[0]}: shard {f} is missing")
         shards = [Shard(rel + f, SafetensorsFile(folder / f), prefix) for f in files]
         for sh in shards:
@@ -203,15 +207,14 @@ def _folder_shards(folder: Path, rel: str, prefix: str) -> tuple[list[Shard], li
                     raise BadInputError(f"{indexes[0]}: tensor {k!r} is in {sh.relpath} but the index says {wm.get(k)}")
         return shards, [rel + indexes[0].name]
     files = sorted(folder.glob("*.safetensors"))
-    return [Shard(rel + f.name, SafetensorsFile(f), prefix) for f in files], []
+    return [Shard(rel + f.name, SafetensorsFile(paths.member(root, f)), prefix) for f in files], []
 
 
-def _extra_files(root: Path, weight: set[str]) -> list[str]:
+def _extra_files(files: list[tuple[str, Path]], weight: set[str]) -> list[str]:
+    """The non-weight files to carry over, from the policy-checked walk of the folder (`paths.walk`: regular
+    files resolving inside it, or inside its Hugging Face blobs/ store for a cache snapshot)."""
     out = []
-    for f in sorted(root.rglob("*")):
-        if not f.is_file() or f.is_symlink() and not is_snapshot_link(f, root):
-            continue  # a link is carried over only as a Hugging Face cache snapshot file (into its repo's blobs)
-        rel = f.relative_to(root).as_posix()
+    for rel, f in files:
         if rel in weight or rel.startswith(".") or "/." in rel:
             continue
         if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx") or rel.endswith(".onnx_data"):

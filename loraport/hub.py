@@ -63,18 +63,3 @@ def resolve(arg: str | Path | None, role: str = "input") -> Path | None:
                             f"{'@' + rev if rev else ''} is not in {where}; fetch it with `{get}` and pass that "
                             "folder (loraport never downloads)")
     return Path(found)
-
-
-def is_snapshot_link(f: Path, root: Path) -> bool:
-    """True when `f` is a Hugging Face cache snapshot file: a symlink inside `root` (a snapshot folder,
-    models--org--name/snapshots/<sha>) that points into that repo's own blobs/."""
-    if not f.is_symlink():
-        return False
-    snap = root.resolve() if root.is_symlink() else root
-    if snap.parent.name != "snapshots":
-        return False
-    blobs = (snap.parent.parent / "blobs").resolve()
-    try:
-        return f.resolve().parent == blobs
-    except OSError:
-        return False

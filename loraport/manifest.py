@@ -14,12 +14,14 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 
 from loraport import __version__
-from loraport.errors import BadInputError, LoraportError
+from loraport import paths as policy  # the input-path policy (`paths` is a parameter name below)
+from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 
 FOLDER_MANIFEST = "loraport-manifest.json"
 SCHEMA = "loraport-manifest/1"
@@ -36,8 +38,15 @@ MMAP_MIN = 64 << 20  # files this big are hashed from a memory map (no copy thro
 
 def sha256_file(path: str | Path, bufsize: int = 4 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    # never a FIFO, device or /proc file (reading one blocks or never ends): refused before opening, and the
+    # open itself does not block (O_NONBLOCK), so a file swapped for a FIFO in between is caught by fstat
+    fd = os.open(policy.regular(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeInputError(f"{path}: refused: not a regular file (never read: reading it could block forever)")
+    with open(fd, "rb") as f:
+        size = st.st_size
         if size >= MMAP_MIN:
             try:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -223,12 +232,12 @@ def input_hashes(paths: list[str | Path], cache: HashCache | None = None) -> dic
     for p in paths:
         if p is None:
             continue
-        p = Path(p)
+        p = policy.named(p)
         if p.is_file():
             out[str(p)] = hash_of(p)
-        elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
+        elif p.is_dir():  # the input-path policy's walk: special files skipped, symlinks out of it refused
+            for _, f in policy.walk(p):
+                if not f.name.startswith("."):
                     out[str(f)] = hash_of(f)
     return out
 

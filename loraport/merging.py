@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loraport import __version__
+from loraport import __version__, paths
 from loraport.adapter import Adapter, Delta
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError, PlanError
@@ -818,7 +818,7 @@ def _write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_
     for rel in ckpt.extra_files:
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ckpt.root / rel, dst)
+        shutil.copy2(paths.member(ckpt.root, ckpt.root / rel), dst)  # checked again: never copy from outside
     by_dir: dict[str, list[OutFile]] = {}
     for f in layout:
         by_dir.setdefault(str(Path(f.relpath).parent), []).append(f)

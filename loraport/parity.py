@@ -254,10 +254,12 @@ def detect_artifact(path: str | Path) -> Artifact:
     if not p.exists():
         raise BadInputError(f"artifact not found: {p}")
     if p.is_dir() and (p / MODEL_FILE).is_file():
+        _check_external(p / MODEL_FILE)
         man = _read_manifest(p / MANIFEST)
         prec = man.get("quantize") or man.get("dtype") or _onnx_precision(p / MODEL_FILE)
         return Artifact("onnx", p, p / MODEL_FILE, man, prec)
     if p.is_file() and p.suffix == ".onnx":
+        _check_external(p)
         man = _read_manifest(p.parent / MANIFEST) if (p.parent / MANIFEST).is_file() else {}
         if man.get("model") != p.name:
             man = {}
@@ -276,13 +278,42 @@ def detect_artifact(path: str | Path) -> Artifact:
 
 
 def _read_manifest(p: Path) -> dict:
-    if not p.is_file():
+    from loraport import paths
+
+    if not paths.member(p.parent, p).is_file():
         return {}
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInputError(f"{p}: invalid JSON ({e})") from None
     return d if isinstance(d, dict) else {}
+
+
+def _check_external(model: Path) -> None:
+    """onnxruntime resolves external-data locations itself, following symlinks: hold every location to the
+    input-path policy (loraport/paths.py) before it does."""
+    import onnx
+
+    from loraport import paths
+
+    try:
+        m = onnx.load(str(paths.named(model)), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError & co
+        raise BadInputError(f"{model}: not a readable ONNX model ({type(e).__name__})") from None
+    graphs, seen = [m.graph], set()
+    while graphs:
+        g = graphs.pop()
+        tensors = list(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                tensors += ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = next((e.value for e in t.external_data if e.key == "location"), "")
+                if loc not in seen:
+                    seen.add(loc)
+                    paths.external(model, loc)
 
 
 def _onnx_precision(model: Path) -> str:

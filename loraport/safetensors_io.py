@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loraport.errors import BadInputError
+from loraport.paths import regular
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -75,7 +76,7 @@ class SafetensorsFile:
     (clone before modifying)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = regular(path)  # never a FIFO or /proc file: opening or reading one may never end
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from loraport.errors import BadInputError, UnsafeInputError
+from loraport.paths import regular
 from loraport.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -22,7 +23,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a .safetensors file or a weights-only pickle; tensors are CPU copies."""
-    p = Path(path)
+    p = regular(path)
     if not p.is_file():
         raise BadInputError(f"{p}: file not found")
     if p.suffix == ".safetensors":
@@ -90,7 +91,7 @@ def _torch_reason(e: BaseException) -> str:
 
 
 def read_json(p: str | Path, what: str = "config") -> dict:
-    p = Path(p)
+    p = regular(p)
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -656,6 +656,52 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
     return f"{f.name}:{op}"
 
 
+SECRET = b"LORAPORT-SECRET-OUTSIDE-THE-FOLDER\n" * 8  # planted next to a seed copy by path_mutation
+PATH_OPS = ("symlink to a secret outside", "symlink to /proc/self/pagemap", "FIFO", "symlink to /dev/zero",
+            "dangling symlink", "symlink loop", "folder symlink out")
+
+
+def path_mutation(copy: Path, ch: Chooser) -> str:
+    """A structural mutation for the input-path policy (loraport/paths.py): replace one file of the seed copy
+    (or add one beside them) with a symlink out of the folder to a planted secret, a symlink to an endless
+    pseudo-file or a device, a FIFO, a dangling symlink or a symlink loop. Apply it last: the byte mutators
+    read the files they pick."""
+    secret = copy.parent / "secret-outside.txt"
+    secret.write_bytes(SECRET)
+    op = ch.pick(PATH_OPS)
+    if copy.is_dir() and op == "folder symlink out":
+        (copy / "linked").symlink_to(copy.parent, target_is_directory=True)
+        return f"linked:{op}"
+    files = [copy] if copy.is_file() else sorted(f for f in copy.rglob("*") if f.is_file() and not f.is_symlink())
+    f = copy / "extra.json" if copy.is_dir() and (not files or ch.integer(0, 3) == 0) else ch.pick(files)
+    if f.exists() or f.is_symlink():
+        f.unlink()
+    if op == "FIFO":
+        os.mkfifo(f)
+    else:
+        f.symlink_to({"symlink to /proc/self/pagemap": "/proc/self/pagemap", "symlink to /dev/zero": "/dev/zero",
+                      "dangling symlink": str(f.parent / "no-such-file"), "symlink loop": f.name}.get(op, secret))
+    return f"{f.name}:{op}"
+
+
+def copy_input(src: Path, dst: Path) -> None:
+    """Copy a (possibly path-mutated) input without reading through its symlinks or special files: symlinks
+    are copied as links, FIFOs and devices are left out."""
+    import stat as _stat
+
+    def special(d, names):
+        return [n for n in names if not os.path.islink(os.path.join(d, n))
+                and not _stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)
+                and not _stat.S_ISDIR(os.lstat(os.path.join(d, n)).st_mode)]
+
+    if src.is_symlink():
+        dst.symlink_to(os.readlink(src))
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, ignore=special)
+    elif _stat.S_ISREG(os.lstat(src).st_mode):
+        shutil.copy2(src, dst)
+
+
 def clean_message(e: BaseException) -> bool:
     msg = str(e)
     return bool(msg.strip()) and "\n" not in msg.strip() and "Traceback" not in msg

@@ -35,13 +35,13 @@ SAVE = Path(os.environ.get("LORAPORT_FUZZ_SAVE", "/tmp/loraport-fuzz-failures"))
 
 
 def _save_failure(fmt: str, copy: Path, seed: H.Seed, desc: str, err: BaseException) -> Path:
-    blob = copy.read_bytes() if copy.is_file() else b"".join(f.read_bytes() for f in sorted(copy.rglob("*"))
-                                                              if f.is_file())
+    files = sorted(copy.rglob("*")) if copy.is_dir() else [copy]  # never read through a planted symlink/FIFO
+    blob = b"".join(f.read_bytes() for f in files if f.is_file() and not f.is_symlink())
     d = SAVE / f"{fmt}-{hashlib.sha256(blob).hexdigest()[:12]}"
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    (shutil.copytree if copy.is_dir() else shutil.copy2)(copy, d / copy.name)
+    H.copy_input(copy, d / copy.name)
     (d / "case.json").write_text(json.dumps({
         "format": fmt, "adapter": copy.name, "seed": str(seed.path.relative_to(H.ROOT)),
         "base": str(seed.base.relative_to(H.ROOT)) if seed.base else None, "mutation": desc,
@@ -64,6 +64,8 @@ def test_fuzz_reader(fmt):
         with tempfile.TemporaryDirectory(prefix="lpfuzz-") as td:
             copy = H.copy_seed(seed, Path(td), "fuzzed")
             descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 3))]
+            if ch.integer(0, 4) == 0:  # symlinks out, /proc, FIFOs, devices (the input-path policy)
+                descs.append(H.path_mutation(copy, ch))
             try:
                 with H.memory_cap(), H.time_limit(30):
                     r = H.exercise(copy, seed)
@@ -76,6 +78,8 @@ def test_fuzz_reader(fmt):
             if isinstance(r, LoraportError):
                 assert H.clean_message(r), f"{seed.label} after {descs}: multi-line message {str(r)[:300]!r}"
                 stats["error"] += 1
+            elif copy.is_dir() and descs[-1].endswith("secret outside"):
+                raise AssertionError(f"{seed.label} after {descs}: a symlink out of the folder was read")
             else:
                 stats["ok"] += 1
 
@@ -187,6 +191,7 @@ def test_fuzz_base_checkpoint():
             copy = Path(td) / "base"
             shutil.copytree(base, copy)
             descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 2))]
+            descs += [H.path_mutation(copy, ch)] if ch.integer(0, 4) == 0 else []
             try:
                 with H.memory_cap(), H.time_limit(30):
                     ck = Checkpoint.open(copy)

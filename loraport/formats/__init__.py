@@ -83,9 +83,12 @@ def get_format(name: str) -> type[AdapterFormat]:
 
 
 def detect(path: str | Path) -> type[AdapterFormat]:
+    from loraport.paths import entry
+
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"adapter not found: {p}")
+    entry(p)  # before any probe opens a file: no FIFO, /proc file or symlink out of the folder
     scored = sorted(((_safe_detect(f, p), n) for n, f in formats().items()), reverse=True)
     if not scored or scored[0][0] <= 0:
         raise BadInputError(
@@ -105,7 +108,14 @@ def _safe_detect(fmt: type[AdapterFormat], p: Path) -> int:
 def load_adapter(path: str | Path, format: str | None = None, base: Checkpoint | None = None, **options) -> Adapter:
     """Read an adapter from `path` (format auto-detected unless given). `base`, when known, lets readers
     whose keys only make sense against a base (kohya, GGUF) name their targets in the base's naming."""
-    fmt = get_format(format) if format else detect(path)
+    from loraport.paths import entry
+
+    if not format:
+        fmt = detect(path)  # checks the input-path policy first
+    else:
+        fmt = get_format(format)
+        if Path(path).exists():
+            entry(path)  # the input-path policy (loraport/paths.py), whatever reader follows
     adapter = fmt.read(Path(path), base=base, **options)
     if not adapter.deltas:
         raise BadInputError(f"{path}: the adapter has no tensors that loraport can apply")

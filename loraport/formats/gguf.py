@@ -25,7 +25,8 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
-from loraport.errors import BadInputError
+from loraport.errors import BadInputError, UnsafeInputError
+from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
 from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
 from loraport.names.llm import (
@@ -71,7 +72,7 @@ class GGUFFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            with open(path, "rb") as f:
+            with open(regular(path), "rb") as f:
                 size = f.seek(0, 2)
                 if size < 24:
                     raise BadInputError(f"{path}: not a GGUF file (only {size} bytes)")
@@ -212,9 +213,9 @@ class GGUFFile:
 
 def _is_gguf(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open(regular(path), "rb") as f:
             return f.read(4) == MAGIC
-    except OSError:
+    except (OSError, UnsafeInputError):
         return False
 
 

@@ -18,6 +18,7 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
+from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
 
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
@@ -26,6 +27,7 @@ MAGIC = b"TORT"
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
+    regular(path)  # a FIFO or /proc file would block onnxruntime's reader
     try:
         import onnxruntime as ort
     except ImportError:
@@ -65,7 +67,7 @@ class OnnxAdapterFormat(AdapterFormat):
     def detect(cls, path: Path) -> int:
         try:
             if path.is_file():
-                with open(path, "rb") as f:
+                with open(regular(path), "rb") as f:
                     head = f.read(8)
                 if head[4:8] == MAGIC:
                     return 95

@@ -18,6 +18,7 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
 from loraport.safetensors_io import save_file
+from loraport.paths import regular
 from loraport.tensorfile import load_tensors, read_json
 
 CONFIG = "adapter_config.json"
@@ -94,7 +95,7 @@ class PeftFormat(AdapterFormat):
     def detect(cls, path: Path) -> int:
         try:
             if path.is_dir() and (path / CONFIG).is_file():
-                cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+                cfg = json.loads(regular(path / CONFIG).read_text(encoding="utf-8"))
                 return 90 if isinstance(cfg, dict) and "peft_type" in cfg else 20
         except (OSError, ValueError):
             return 10

@@ -28,6 +28,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
+from loraport import paths
 from loraport.adapter import Adapter
 from loraport.checkpoint import CONV1D_LAYERS
 from loraport.errors import BadInputError, OutputError, PlanError
@@ -113,6 +114,11 @@ class _Graph:
         self.inits = {t.name: t for t in g.initializer}
         self.cons = _consumers(g)
         self.names = list(self.inits)
+        # every external-data file passes the input-path policy before an output is staged (read() checks again)
+        locs = {e.value for t in g.initializer if t.data_location == TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+        for loc in sorted(locs):
+            paths.external(path, loc)
 
     def dims(self, name: str) -> list[int]:
         return list(self.inits[name].dims)
@@ -123,9 +129,10 @@ class _Graph:
         if t.data_location == TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             loc = info.get("location", "")
-            if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts:
-                raise BadInputError(f"{self.path}: initializer {name} points outside the model folder ({loc!r})")
-            f = self.path.parent / loc
+            try:
+                f = paths.external(self.path, loc)  # inside the model's folder, after symlinks; a regular file
+            except BadInputError as e:
+                raise type(e)(f"{e} [external data of initializer {name}]") from None
             dt = ONNX_TO_TORCH.get(t.data_type)
             if dt is None:
                 raise BadInputError(f"{self.path}: initializer {name} has ONNX type {t.data_type} loraport cannot read")
@@ -194,7 +201,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
     from loraport.outputs import check_output, staged_output
 
     t0 = time.perf_counter()
-    base_p, out_p = Path(base), Path(out)
+    base_p, out_p = paths.named(base), Path(out)
     if not base_p.is_file():
         raise BadInputError(f"--base {base}: ONNX model not found")
     if out_p.suffix != ".onnx":

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from loraport import paths
 from loraport.errors import BadInputError
 
 
@@ -79,7 +80,7 @@ def write_onnx_adapter(adapter: str, graph: str, out: str, *, weight: float = 1.
 
     t0 = time.perf_counter()
     g = Path(graph)
-    model = g / MODEL_FILE if g.is_dir() else g
+    model = paths.named(g / MODEL_FILE if g.is_dir() else g)
     if not model.is_file():
         raise BadInputError(f"--graph {graph}: no ONNX model found (expected a folder with {MODEL_FILE} "
                             "or a .onnx file)")
@@ -91,7 +92,7 @@ def write_onnx_adapter(adapter: str, graph: str, out: str, *, weight: float = 1.
         raise BadInputError(f"--graph {graph}: the model has no switchable LoRA inputs (export it with --multi-lora)")
     manifest = {}
     mpath = model.parent / MANIFEST
-    if mpath.is_file():
+    if paths.member(model.parent, mpath).is_file():
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, json.JSONDecodeError):

@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from loraport import __version__
+from loraport import __version__, paths
 from loraport.errors import BadInputError
 from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture
@@ -193,7 +193,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         for rel in src.ckpt.extra_files:
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src.ckpt.root / rel, dst)
+            shutil.copy2(paths.member(src.ckpt.root, src.ckpt.root / rel), dst)  # the input-path policy
         adapters_out = []
         used: set[str] = set()
         if multi_lora:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from loraport import paths
 from loraport.checkpoint import CONV1D_LAYERS, Checkpoint, Shard
 from loraport.errors import BadInputError
 from loraport.quant import bnb_layout as L
@@ -56,7 +57,7 @@ def is_bnb_folder(path: str | Path) -> bool:
     if not p.is_dir():
         return False
     try:
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(paths.member(p, p / "config.json").read_text(encoding="utf-8"))
         qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
         if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
             return True
