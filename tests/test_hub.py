@@ -123,14 +123,16 @@ def test_an_existing_local_path_wins_over_the_cache(hf_cache, tmp_path):
     assert hub.parse_repo_id("org/name@v1.0") == ("org/name", "v1.0")
 
 
-def test_a_symlink_out_of_the_snapshot_is_not_carried_over(hf_cache, tmp_path):
-    """Only links into the repo's own blobs/ count as snapshot files: one pointing elsewhere stays behind."""
+def test_a_symlink_out_of_the_snapshot_is_refused(hf_cache, tmp_path):
+    """Only links into the repo's own blobs/ count as snapshot files: one pointing elsewhere is refused (the
+    input-path policy), and nothing is written."""
     secret = tmp_path / "secret.txt"
     secret.write_text("not part of the model")
     snap = hf_cache / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
     (snap / "notes.txt").symlink_to(secret)
-    res = loraport.merge("tiny-org/tiny-llama", ["tiny-org/tiny-lora"], tmp_path / "m")
-    assert (res.out / "config.json").is_file() and not (res.out / "notes.txt").exists()
+    with pytest.raises(loraport.LoraportError, match="notes.txt.*outside the input folder"):
+        loraport.merge("tiny-org/tiny-llama", ["tiny-org/tiny-lora"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_batch_jobs_take_repo_ids(hf_cache, tmp_path):

@@ -112,7 +112,7 @@ def test_onnx_external_data_symlinked_out_is_refused(tmp_path):
     _assert_nothing_written(outs)
 
     from loraport.errors import UnsafeInputError
-    from loraport.validate import detect_artifact
+    from loraport.parity import detect_artifact
 
     with pytest.raises(UnsafeInputError, match="secret.bin"):  # onnxruntime would follow it: checked first
         detect_artifact(bad)
@@ -164,7 +164,7 @@ CHILD = r"""
 import json, os, sys, time
 from loraport.errors import LoraportError
 from loraport.manifest import input_hashes, sha256_file
-from loraport.merge import merge
+from loraport.merging import merge
 
 cases = json.loads(sys.argv[1])
 res = {}
