@@ -100,6 +100,10 @@ def test_multi_lora_with_past_runs_in_genai_and_switches_adapters():
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file(), f
+    from loraport.manifest import verify
+
+    rep = verify(out)  # the integrity manifest covers genai_config.json and the adapter files too
+    assert rep["ok"] and rep["files_checked"] == len(list(p for p in out.rglob("*") if p.is_file())) - 1
 
     model = og.Model(str(out))
     tok = og.Tokenizer(model)
@@ -132,7 +136,42 @@ def test_merged_with_past_runs_in_genai(family, extra):
 
 def test_no_genai_config_without_past():
     """Without a KV cache onnxruntime-genai cannot generate: no genai_config.json is written."""
-    from tests._onnx_util import LLAMA
+    from tests._onnx_util import ADAPTERS, LLAMA
 
-    out = export_kw(LLAMA, [])
+    out = export_kw(LLAMA, [(ADAPTERS / "llama_plain", 1.0)])  # the export other test modules share
     assert (out / "model.onnx").is_file() and not (out / "genai_config.json").exists()
+
+
+def test_genai_config_sources_and_refusals(tmp_path):
+    """Token ids: generation_config.json over config.json, the tokenizer's eos added; an unknown model type
+    is genai's generic `decoder`; without any eos the export gets no genai_config.json and says why."""
+    import onnx
+
+    from loraport.onnx.genai import write_genai_config
+
+    base, ads = _make()
+    proto = onnx.load(str(export_kw(base, [(a, 1.0) for a in ads], with_past=True, multi_lora=True) /
+                          "model.onnx"), load_external_data=False)
+    cfg = json.loads((base / "config.json").read_text())
+    root = tmp_path / "base"
+    root.mkdir()
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6], "top_k": 7, "do_sample": True,
+                                                             "temperature": "hot"}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (root / f).write_bytes((base / f).read_bytes())  # eos_token "</s>" = id 2
+    out = tmp_path / "out"
+    out.mkdir()
+    name, why = write_genai_config(out, proto, {**cfg, "model_type": "my_llama"}, root, "model.onnx")
+    got = json.loads((out / name).read_text())
+    assert why is None and got["model"]["type"] == "decoder"
+    assert (got["model"]["eos_token_id"], got["model"]["bos_token_id"], got["model"]["pad_token_id"]) == \
+        ([2, 5, 6], 1, 0)
+    assert (got["search"]["top_k"], got["search"]["do_sample"], got["search"]["temperature"]) == (7, True, 1.0)
+    assert got["model"]["context_length"] == got["search"]["max_length"] == 64
+
+    (root / "generation_config.json").unlink()
+    (root / "tokenizer_config.json").unlink()
+    (out / name).unlink()
+    name, why = write_genai_config(out, proto, {k: v for k, v in cfg.items() if k != "eos_token_id"}, root,
+                                   "model.onnx")
+    assert name is None and "eos_token_id" in why and not any(out.iterdir())

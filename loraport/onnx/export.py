@@ -204,12 +204,12 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src.ckpt.root / rel, dst)
-        genai = None
+        genai = genai_note = None
         if cap.with_past:  # onnxruntime-genai opens the folder (it generates from a KV cache: past graphs only)
             from loraport.onnx.genai import write_genai_config
 
-            genai = write_genai_config(stage, proto, src.config, src.ckpt.root if src.ckpt.root.is_dir() else None,
-                                       MODEL_FILE).name
+            genai, genai_note = write_genai_config(stage, proto, src.config, src.ckpt.root
+                                                   if src.ckpt.root.is_dir() else None, MODEL_FILE)
         adapters_out = []
         used: set[str] = set()
         if multi_lora:
@@ -255,7 +255,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         "out": str(out_p), "kind": described["kind"], "model_type": cap.model_type, "dtype": dtype,
         "quantize": quantize, "opset": int(opset), "ir_version": IR_VERSION, "inputs": cap.input_names,
         "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
-        "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
+        "adapters": adapters_out, "lora_slots": len(cap.lora_slots),
+        "notes": [*cap.notes, *([genai_note] if genai_note else [])],
         "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
         "overlapped": pre is not None, "imports_left_out": left_out, "graph": graph_from,
         "genai_config": genai,

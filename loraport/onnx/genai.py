@@ -17,7 +17,10 @@ from pathlib import Path
 
 import onnx
 
-from loraport.errors import BadInputError
+
+class NoGenaiConfig(Exception):
+    """This export cannot be described to onnxruntime-genai (the message says why). The export itself is
+    fine: the caller notes the reason and writes no genai_config.json."""
 
 GENAI_CONFIG = "genai_config.json"
 # the decoder-only model types onnxruntime-genai 0.18 accepts in model.type; others fall back to "decoder"
@@ -51,8 +54,27 @@ def _read_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        raise BadInputError(f"{path}: not valid JSON; fix or remove it to write {GENAI_CONFIG}") from None
+        raise NoGenaiConfig(f"{path.name} is not valid JSON") from None
     return d if isinstance(d, dict) else {}
+
+
+def tokenizer_eos(root: Path | None) -> int | None:
+    """The id of tokenizer_config.json's `eos_token` in tokenizer.json (added tokens, then the vocabulary):
+    chat models end a turn with it while config.json often names another token."""
+    if root is None:
+        return None
+    tc = _read_json(root / "tokenizer_config.json")
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not isinstance(eos, str):
+        return None
+    tj = _read_json(root / "tokenizer.json")
+    for t in tj.get("added_tokens") or []:
+        if isinstance(t, dict) and t.get("content") == eos and isinstance(t.get("id"), int):
+            return t["id"]
+    vocab = (tj.get("model") or {}).get("vocab") if isinstance(tj.get("model"), dict) else None
+    v = vocab.get(eos) if isinstance(vocab, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _token_id(v):
@@ -85,40 +107,46 @@ def _io(proto: onnx.ModelProto) -> tuple[dict, dict, int, int, int]:
     outs = [o.name for o in proto.graph.output]
     past = [i for i in proto.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
     if not past or "input_ids" not in ins or "logits" not in outs:
-        raise BadInputError(f"{GENAI_CONFIG} needs a graph with input_ids, logits and a KV cache (--with-past)")
+        raise NoGenaiConfig("the graph has no input_ids, logits or KV cache")
     dims = past[0].type.tensor_type.shape.dim
     kv_heads, head_size = dims[1].dim_value, dims[3].dim_value
     if not kv_heads or not head_size:
-        raise BadInputError(f"graph input {past[0].name}: kv_heads / head_dim are not fixed sizes")
+        raise NoGenaiConfig(f"graph input {past[0].name}: kv_heads / head_dim are not fixed sizes")
     for i in past:
         d = i.type.tensor_type.shape.dim
         if (d[1].dim_value, d[3].dim_value) != (kv_heads, head_size):
-            raise BadInputError(f"{GENAI_CONFIG}: layers cache different shapes ({i.name}); onnxruntime-genai "
-                                "sizes every layer's cache alike")
+            raise NoGenaiConfig(f"layers cache different shapes ({i.name}); onnxruntime-genai sizes every "
+                                "layer's cache alike")
     inputs = {k: k for k in ("input_ids", "attention_mask", "position_ids") if k in ins}
     inputs |= {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     return inputs, outputs, len(past), kv_heads, head_size
 
 
-def genai_config(proto: onnx.ModelProto, config: dict, generation: dict, model_file: str) -> dict:
+def genai_config(proto: onnx.ModelProto, config: dict, generation: dict, model_file: str,
+                 turn_end: int | None = None) -> dict:
     """The genai_config.json dict for the exported graph `proto` (the file `model_file`) of a model whose
-    config.json is `config` and generation_config.json `generation` ({} when absent)."""
+    config.json is `config` and generation_config.json `generation` ({} when absent); `turn_end`: the
+    tokenizer's eos id, added to the eos ids when they lack it (as onnxruntime-genai's own builder does)."""
     inputs, outputs, layers, kv_heads, head_size = _io(proto)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     cfg = {**text, **config} if not _first(config, "hidden_size") else config
     hidden = _first(cfg, "hidden_size")
     heads = _first(cfg, "num_attention_heads")
     if hidden is None or heads is None:
-        raise BadInputError(f"config.json names no hidden size / attention head count; cannot write {GENAI_CONFIG}")
+        raise NoGenaiConfig("config.json names no hidden size / attention head count")
     ids = {}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ids[k] = _token_id(generation.get(k))
         if ids[k] is None:
             ids[k] = _token_id(cfg.get(k))
+    eos = ids["eos_token_id"]
+    eos_list = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if turn_end is not None and turn_end not in eos_list:
+        ids["eos_token_id"] = [turn_end, *eos_list] if eos_list else turn_end
     if ids["eos_token_id"] is None:
-        raise BadInputError(f"config.json / generation_config.json name no eos_token_id; onnxruntime-genai needs "
-                            f"one to stop generating ({GENAI_CONFIG})")
+        raise NoGenaiConfig("no eos_token_id in generation_config.json, config.json or the tokenizer files "
+                            "(onnxruntime-genai needs one to stop)")
     if ids["bos_token_id"] is None:
         ids["bos_token_id"] = ids["eos_token_id"] if isinstance(ids["eos_token_id"], int) else ids["eos_token_id"][0]
     if ids["pad_token_id"] is None:
@@ -158,9 +186,13 @@ def genai_config(proto: onnx.ModelProto, config: dict, generation: dict, model_f
 
 
 def write_genai_config(folder: Path, proto: onnx.ModelProto, config: dict, base_root: Path | None,
-                       model_file: str) -> Path:
-    """Write `folder/genai_config.json` for `proto`; generation_config.json is read from the base folder."""
-    gen = _read_json(base_root / "generation_config.json") if base_root is not None else {}
-    p = folder / GENAI_CONFIG
-    p.write_text(json.dumps(genai_config(proto, config, gen, model_file), indent=2) + "\n", encoding="utf-8")
-    return p
+                       model_file: str) -> tuple[str | None, str | None]:
+    """Write `folder/genai_config.json` for `proto` (generation_config.json and the tokenizer files are read
+    from the base folder). Returns (file name, None), or (None, why not) when genai cannot be described."""
+    try:
+        gen = _read_json(base_root / "generation_config.json") if base_root is not None else {}
+        cfg = genai_config(proto, config, gen, model_file, tokenizer_eos(base_root))
+    except NoGenaiConfig as e:
+        return None, f"no {GENAI_CONFIG} (onnxruntime-genai cannot open this folder): {e}"
+    (folder / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return GENAI_CONFIG, None
