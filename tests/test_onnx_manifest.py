@@ -86,6 +86,12 @@ def test_validate_safetensors_merge_from_its_manifest():
     assert rep["passed"] and rep["base"] == str(LLAMA)
     assert [(a["path"], a["weight"]) for a in rep["adapters"]] == [(str(PLAIN), 0.5)]
     assert not validate(out, LLAMA, [(PLAIN, 1.0)])["passed"]  # the weight matters: the hint is really used
+    mp = out / "loraport-manifest.json"
+    man = json.loads(mp.read_text())
+    man["plan"]["base"] = str(out.parent / "moved-away")
+    mp.write_text(json.dumps(man))
+    with pytest.raises(BadInputError, match="moved-away: not a model folder"):
+        validate(out)
     (out / "loraport-manifest.json").unlink()
     with pytest.raises(BadInputError, match="--base is required"):
         validate(out)
