@@ -388,7 +388,20 @@ def validate_hints(out: str | Path) -> dict:
         return {}
     plan = m.get("plan") if isinstance(m.get("plan"), dict) else {}
     ads = [a for a in plan.get("adapters", []) if isinstance(a, dict) and isinstance(a.get("path"), str)]
-    if not isinstance(plan.get("base"), str) or not ads:
+    base = plan.get("reference") or plan.get("base")  # a bake's reference is the HF folder the .onnx came from
+    if not isinstance(base, str) or not ads:
         return {}
-    return {"base": plan["base"], "adapters": [{"source": a["path"], "weight": float(a.get("weight", 1.0))}
-                                               for a in ads]}
+    hints = [{"source": a["path"], "weight": float(a.get("weight", 1.0))} for a in ads]
+    if base.endswith(".onnx"):  # baked into a loraport export: its own base and merged adapters come first
+        exp = Path(base).parent / "loraport_onnx.json"  # loraport.onnx.export.MANIFEST (onnx not imported here)
+        try:
+            e = json.loads(exp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return {}
+        if not isinstance(e, dict) or e.get("kind") != "merged" or e.get("model") != Path(base).name \
+                or not isinstance(e.get("base"), str):
+            return {}
+        base = e["base"]
+        hints = [{"source": a["source"], "weight": float(a.get("weight", 1.0))} for a in e.get("adapters", [])
+                 if isinstance(a, dict) and isinstance(a.get("source"), str)] + hints
+    return {"base": base, "adapters": hints}

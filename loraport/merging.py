@@ -451,7 +451,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
             raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
                                 "an .onnx --base")
         return bake(str(base_p), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
-                    device=device, reference=str(reference) if reference else None)
+                    device=device, reference=str(reference) if reference else None, manifest=manifest,
+                    hash_cache=hash_cache)
     if reference is not None:
         raise BadInputError("--reference applies to an .onnx --base (baking)")
     out_p = check_output(out, [base, fp16_base, *[a for a, _ in adapters]], overwrite)

@@ -73,6 +73,8 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
         return
     if not isinstance(rep, dict) or "source_format" not in rep:
         err.print(f"wrote {out}")
+        for n in rep.get("notes", []) if isinstance(rep, dict) else []:  # e.g. why no genai_config.json
+            err.print(f"  note: {n}")
         return
     err.print(f"{rep['source_format']} → {rep['to']}: {rep['deltas']} update(s) written to {rep['out']}")
     for n in rep.get("notes", []):

@@ -12,7 +12,7 @@ def register(group: click.Group) -> None:
 @click.command("validate")
 @click.argument("artifact", type=click.Path())
 @click.option("--base", default=None, type=click.Path(), help="the base model folder the artifact was made from "
-              "(default: recorded in an ONNX export's manifest)")
+              "(default: the one the artifact's manifest records)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="adapter (repeatable; default: the "
               "manifest's)")
 @click.option("--weight", "weights", multiple=True, type=float, help="weight per --adapter (repeatable: one per "

@@ -193,8 +193,9 @@ def _value_index(g: _Graph, shapes: set[tuple[int, ...]]) -> dict[tuple, list[st
 
 
 def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool = False, strict: bool = True,
-         device: str = "auto", reference: str | None = None) -> dict:
-    """Bake adapters into the ONNX model `base`; write `out` (+ `out`.data). Returns a report dict."""
+         device: str = "auto", reference: str | None = None, manifest: bool = True, hash_cache=True) -> dict:
+    """Bake adapters into the ONNX model `base`; write `out` (+ `out`.data) and, with `manifest`, the integrity
+    manifest `out.manifest.json` listing both files (`loraport verify`). Returns a report dict."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
     from loraport.merging import MergePlan, merged_tensor, pick_device
@@ -223,6 +224,10 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         raise
     except Exception as e:  # protobuf DecodeError & co
         raise BadInputError(f"--base {base}: not a readable ONNX model ({type(e).__name__})") from None
+    # the base's own files (the .onnx and the external-data files it names), for the manifest's inputs
+    base_files = [base_p, *sorted({base_p.parent / e.value for t in g.inits.values() for e in t.external_data
+                                   if e.key == "location" and ".." not in Path(e.value).parts
+                                   and not Path(e.value).is_absolute() and (base_p.parent / e.value).is_file()})]
     ref = Checkpoint.open(reference) if reference else None
     loaded: list[tuple[Adapter, float]] = [
         (a if isinstance(a, Adapter) else load_adapter(a, base=ref), float(w)) for a, w in adapters]
@@ -345,6 +350,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         os.replace(tmp_data, data_p)
     if ref is not None:
         ref.close()
+    man_path = _write_manifest(base_p, base_files, out_p, data_p, loaded, reference, hash_cache) if manifest else None
     counts = {"name": 0, "scope": 0, "value": 0}
     for s in sites.values():
         counts[s.how] += 1
@@ -353,7 +359,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         "adapters": [{"path": a.path, "format": a.format, "weight": w, "targets": len(a.deltas)} for a, w in loaded],
         "initializers": len(proto.graph.initializer), "initializers_updated": len(resolved),
         "matched_by": counts, "skipped_targets": pending, "external_data_bytes": writer.bytes_written,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(time.perf_counter() - t0, 3), "manifest": man_path,
     }
 
 
@@ -367,3 +373,17 @@ def _stamp(proto) -> None:
             p.value = __version__
             return
     proto.metadata_props.add(key="loraport.version", value=__version__)
+
+
+def _write_manifest(base: Path, base_files: list[Path], out: Path, data: Path, loaded, reference, hash_cache):
+    """`out.manifest.json`: the baked .onnx and its data file, the inputs (the base .onnx, the external-data
+    files it names, the adapters, the reference folder) and the plan; written once both files are in place."""
+    from loraport import manifest as mf
+
+    inputs = [*base_files, reference, *[a.path for a, _ in loaded]]
+    plan = {"to": "onnx-bake", "base": str(base.resolve()), "reference": str(Path(reference).resolve())
+            if reference else None, "adapters": [{"path": str(Path(a.path).resolve()), "format": a.format,
+                                                  "weight": w, "targets": len(a.deltas)} for a, w in loaded]}
+    man = mf.build(out, inputs=mf.input_hashes(inputs, mf.HashCache.of(hash_cache)), plan=plan, name=out.name)
+    man["files"][data.name] = {"sha256": mf.sha256_file(data), "size": data.stat().st_size}
+    return str(mf.write_sibling(out, man))

@@ -11,6 +11,8 @@ the capture by a worker thread (loraport/onnx/prestream.py) and then copied into
     loraport_onnx.json    manifest: kind, dtype, quantization, adapters, LoRA slots (read by `validate`)
     config.json ...       the base folder's non-weight files (tokenizer, generation config)
     adapters/<name>.onnx_adapter   (multi-LoRA only) one ORT adapter file per --adapter
+    genai_config.json     (--with-past only) onnxruntime-genai's config (loraport/onnx/genai.py)
+    loraport-manifest.json  sha256 of every file above, the inputs' sha256, the plan (`loraport verify`)
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                 opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
                 multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
                 device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False,
-                recapture: bool = False) -> dict:
+                recapture: bool = False, manifest: bool = True, hash_cache=True) -> dict:
     """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`.
     `lean`: the caller is a process that ends after this export (the CLI): the capture may leave out optional
     packages transformers would import but never use here (loraport/onnx/memory.py).
     The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
-    instead of being traced again; `recapture` traces it anyway (and refreshes the cache)."""
+    instead of being traced again; `recapture` traces it anyway (and refreshes the cache).
+    `manifest`: write loraport-manifest.json (sha256 of every file, the inputs' sha256, the plan) for
+    `loraport verify`; `hash_cache` as in `loraport.merge.merge`."""
     from loraport.onnx import graph_cache
     from loraport.merging import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
@@ -85,6 +89,12 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         raise BadInputError("--multi-lora needs at least one --adapter")
     out_p = check_output(out, [base, *[a for a, _ in adapters if isinstance(a, (str, Path))]], overwrite)
     pick_device(device)
+    hashes = None
+    if manifest:  # the inputs' sha256 overlap the export (as in merge)
+        from loraport import manifest as mf
+
+        hashes = mf.BackgroundHashes([base, *[a for a, _ in adapters if isinstance(a, (str, Path))]],
+                                     mf.HashCache.of(hash_cache))
 
     src = WeightSource(base, adapters, device=device, strict=strict, merge=not multi_lora)
     with contextlib.ExitStack() as stack:  # unwinds in reverse: scratch file, then the staged output, then src
@@ -194,6 +204,12 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(paths.member(src.ckpt.root, src.ckpt.root / rel), dst)  # the input-path policy
+        genai = genai_note = None
+        if cap.with_past:  # onnxruntime-genai opens the folder (it generates from a KV cache: past graphs only)
+            from loraport.onnx.genai import write_genai_config
+
+            genai, genai_note = write_genai_config(stage, proto, src.config, src.ckpt.root
+                                                   if src.ckpt.root.is_dir() else None, MODEL_FILE)
         adapters_out = []
         used: set[str] = set()
         if multi_lora:
@@ -214,32 +230,47 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             for (ad, w), (path, _) in zip(src.adapters, adapters):
                 adapters_out.append({"name": _adapter_name(str(path), used), "source": str(Path(str(path))
                                     .resolve()), "weight": w, "format": ad.format, "targets": len(ad.deltas)})
-        manifest = {
+        described = {
             "loraport_version": __version__,
             "kind": "multi-lora" if multi_lora else "merged",
             "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
             "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
             "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
             "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
-            "with_past": cap.with_past,
+            "with_past": cap.with_past, "genai_config": genai,
             "adapters": adapters_out,
             "lora_slots": [{"module": s.module, "target": s.target, "in": s.d_in, "out": s.d_out}
                            for s in cap.lora_slots],
             "quantized_weights": len(qentries),
         }
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (stage / MANIFEST).write_text(json.dumps(described, indent=2))
         data_bytes = writer.bytes_written
         if pre is not None:
             pre.close()  # the scratch file goes before the staged output is made final
+        if hashes is not None:  # last: it lists every file of the staged folder (scratch file gone)
+            summary = _plan(base, src.adapters, adapters, dtype=dtype, quantize=quantize, opset=int(opset),
+                            multi_lora=multi_lora, with_past=cap.with_past, strict=strict)
+            mf.write_into(stage, mf.build(stage, inputs=hashes.result(), plan=summary))
     report = {
-        "out": str(out_p), "kind": manifest["kind"], "model_type": cap.model_type, "dtype": dtype,
+        "out": str(out_p), "kind": described["kind"], "model_type": cap.model_type, "dtype": dtype,
         "quantize": quantize, "opset": int(opset), "ir_version": IR_VERSION, "inputs": cap.input_names,
         "initializers": len(cap.inits), "quantized_weights": len(qentries), "external_data_bytes": data_bytes,
-        "adapters": adapters_out, "lora_slots": len(cap.lora_slots), "notes": cap.notes,
+        "adapters": adapters_out, "lora_slots": len(cap.lora_slots),
+        "notes": [*cap.notes, *([genai_note] if genai_note else [])],
         "device": str(src.device), "seconds": round(time.perf_counter() - t0, 3),
         "overlapped": pre is not None, "imports_left_out": left_out, "graph": graph_from,
+        "genai_config": genai,
     }
+    if hashes is not None:
+        report["manifest"] = str(mf.manifest_path(out_p))
     return report
+
+
+def _plan(base, loaded, given, **options) -> dict:
+    """The integrity manifest's plan: what was exported from what (paths resolved, for `validate` later)."""
+    return {"to": "onnx", "base": str(Path(base).resolve()), **options,
+            "adapters": [{"path": str(Path(str(path)).resolve()), "format": ad.format, "weight": w,
+                          "targets": len(ad.deltas)} for (ad, w), (path, _) in zip(loaded, given)]}
 
 
 def _free(folder: Path) -> int:
