@@ -123,12 +123,16 @@ def _damage(entry: Path, how: str) -> None:
         m.write_text(json.dumps(d))
     elif how == "buffers missing":
         b.unlink()
+    elif how == "forged, self-consistent meta":  # another graph, every sha256 recomputed, signed without our key
+        from tests.test_cache_trust import _forge_meta
+
+        _forge_meta(entry, os.urandom(32))
     else:
         raise AssertionError(how)
 
 
 @pytest.mark.parametrize("how", ["truncated graph", "flipped byte", "garbage meta", "meta of another key",
-                                 "meta with wrong types", "buffers missing"])
+                                 "meta with wrong types", "buffers missing", "forged, self-consistent meta"])
 def test_damaged_entry_is_a_miss_and_is_replaced(reference, cache, tmp_path, how):
     files, entry = reference
     _damage(_seed(cache, entry), how)
