@@ -68,7 +68,7 @@ def status() -> dict:
     except FileNotFoundError:
         return {"key_file": str(path), "key_ok": False, "key_problem": "not created yet (made on first use)"}
     except (_Refused, OSError) as e:
-        return {"key_file": str(path), "key_ok": False, "key_problem": str(e)}
+        return {"key_file": str(path), "key_ok": False, "key_problem": f"refused, the cache is off: {e}"}
 
 
 def _read(path: Path) -> bytes:

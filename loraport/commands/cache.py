@@ -37,6 +37,7 @@ def _survey(secret: bytes | None) -> dict:
     writers' temporaries], "other": [everything else under graphs/]} (nothing verifies without a key)."""
     from loraport.manifest import CACHE_FILE, _read_cache, cache_root
     from loraport.onnx import graph_cache as gc
+    from loraport.outputs import pid_alive
 
     root = cache_root()
     hashes = root / CACHE_FILE
@@ -44,12 +45,15 @@ def _survey(secret: bytes | None) -> dict:
     graphs = root / "graphs"
     if graphs.is_dir() and not graphs.is_symlink():
         for p in sorted(graphs.iterdir()):
-            if p.name.startswith(gc.TMP_PREFIX) and gc.owner_pid(p.name) is not None:
-                if gc.stale_tmp(p):
-                    stale.append(p)
-                continue  # a live writer's: neither ours to remove nor the user's
-            ok = secret is not None and gc.verified_meta(p, secret) is not None
-            (ours if ok else other).append(p)
+            pid = gc.owner_pid(p.name)
+            if pid is not None and pid_alive(pid):
+                continue  # a live writer's temporary: not to be touched, not worth listing
+            if pid is not None and gc.stale_tmp(p):
+                stale.append(p)
+            elif secret is not None and pid is None and gc.verified_meta(p, secret) is not None:
+                ours.append(p)
+            else:
+                other.append(p)
     hash_entries = _read_cache(hashes, secret) if hashes.is_file() and not hashes.is_symlink() else {}
     hash_ok = bool(hash_entries) or (secret is not None and _verifies_empty(hashes, secret))
     return {"root": root, "hashes": hashes, "hash_entries": hash_entries, "hash_ok": hash_ok, "ours": ours,
@@ -137,7 +141,7 @@ def info_cmd(as_json):
         return
     err.print(f"{escape(rep['root'])}: {rep['hash_entries']} remembered input sha256 ({rep['hash_bytes']} bytes), "
               f"{rep['graphs']} ONNX graph(s) ({rep['graph_bytes']} bytes)", markup=True)
-    key = "ok" if rep["key_ok"] else f"unusable: {rep['key_problem']}"
+    key = "ok" if rep["key_ok"] else rep["key_problem"]
     err.print(f"key {escape(rep['key_file'])}: {escape(key)}", markup=True)
     unverified = rep["unverified"] + ([CACHE_FILE] if rep["hash_file_unverified"] else [])
     if unverified:
