@@ -10,6 +10,7 @@ page cache is shared, nothing is copied).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,21 @@ def jobs_from_dir(adapter_dir: str | Path, out_dir: str | Path, adapter_format: 
         jobs.append(Job([(str(p), 1.0)], str(Path(out_dir) / name), name))
     if not jobs:
         raise BadInputError(f"--adapter-dir {d}: no adapters found in it")
+    _refuse_collisions(jobs, f"--adapter-dir {d}")
     return jobs
+
+
+def _refuse_collisions(jobs: list[Job], where: str) -> None:
+    """Two jobs writing one output would replace one result with the other (under --overwrite, silently):
+    refused before anything is written. Names equal but for case collide too (macOS, Windows, exFAT)."""
+    seen: dict[str, Job] = {}
+    for j in jobs:
+        k = os.path.normcase(str(Path(j.out).resolve())).casefold()
+        first = seen.setdefault(k, j)
+        if first is not j:
+            a, b = (", ".join(x for x, _ in job.adapters) for job in (first, j))
+            raise BadInputError(f"{where}: {a} and {b} would both write {j.out}; rename one of them "
+                                "(or use --jobs with distinct outputs)")
 
 
 def jobs_from_file(path: str | Path) -> list[Job]:
@@ -109,10 +124,7 @@ def jobs_from_file(path: str | Path) -> list[Job]:
         if not isinstance(name, str):
             raise BadInputError(f"{where}: 'name' must be a string")
         jobs.append(Job([(_adapter_path(here, a), float(w)) for a, w in zip(ads, ws)], str(here / out), name))
-    outs = [str(Path(j.out).resolve()) for j in jobs]
-    dup = next((o for o in outs if outs.count(o) > 1), None)
-    if dup:
-        raise BadInputError(f"--jobs {p}: two jobs write to the same output {dup}")
+    _refuse_collisions(jobs, f"--jobs {p}")
     return jobs
 
 

@@ -80,8 +80,10 @@ def sha256_file(path: str | Path, bufsize: int = 4 << 20) -> str:
 # its ctime (which, unlike mtime, cannot be set back by a user), so a changed file is hashed again. As in git's
 # racy-index rule, a digest is only remembered for a file whose ctime lies RACY_SECONDS before the hash started:
 # a write within the same timestamp tick as the one we saw could otherwise go unnoticed.
-# `verify --check-inputs` never uses the cache: it exists to re-read the bytes.
-CACHE_SCHEMA = "loraport-sha256-cache/1"
+# The file carries an HMAC of its entries with the user's key (loraport/cache_key.py): a file that fails it
+# (forged, or restored from elsewhere) is ignored as a whole and replaced, so a manifest never records a digest
+# someone else wrote. `verify --check-inputs` never uses the cache: it exists to re-read the bytes.
+CACHE_SCHEMA = "loraport-sha256-cache/2"
 CACHE_FILE = "sha256-cache.json"
 CACHE_MAX = 4096  # entries kept (least recently used dropped)
 RACY_SECONDS = 2.0
@@ -110,10 +112,14 @@ def _identity(st: os.stat_result) -> list[int]:
 class HashCache:
     """sha256 of input files for one run: memoized within the run (an adapter hashed for the output's provenance
     is not hashed again for the manifest) and, unless `folder` is None, remembered across runs (see above).
-    Thread-safe; hashing happens outside the lock. A cache file that is unreadable or malformed is ignored."""
+    Thread-safe; hashing happens outside the lock. A cache file that is unreadable, malformed or not
+    authenticated by the user's key is ignored; without a usable key nothing is remembered across runs."""
 
     def __init__(self, folder: Path | None = None):
-        self.folder = folder
+        from loraport import cache_key
+
+        self._secret = cache_key.load() if folder is not None else None
+        self.folder = folder if self._secret is not None else None
         self._lock = threading.Lock()
         self._run: dict[str, tuple[list[int], str]] = {}
         self._disk: dict[str, list] | None = None
@@ -132,7 +138,7 @@ class HashCache:
 
     def _load(self) -> dict[str, list]:
         if self._disk is None:
-            self._disk = _read_cache(self.folder / CACHE_FILE) if self.folder is not None else {}
+            self._disk = _read_cache(self.folder / CACHE_FILE, self._secret) if self.folder is not None else {}
         return self._disk
 
     def sha256(self, path: str | Path) -> str:
@@ -173,15 +179,17 @@ class HashCache:
         replace it atomically. Failures (a read-only home, a full disk) only mean no cache next time."""
         if self.folder is None or not self._new:
             return
+        from loraport import cache_key
         path = self.folder / CACHE_FILE
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            entries = _read_cache(path)
+            entries = _read_cache(path, self._secret)
             entries.update(self._new)
             if len(entries) > CACHE_MAX:
                 entries = dict(sorted(entries.items(), key=lambda kv: kv[1][6], reverse=True)[:CACHE_MAX])
-            tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "entries": entries}), encoding="utf-8")
+            tmp.write_text(json.dumps({"schema": CACHE_SCHEMA, "entries": entries,
+                                       "mac": cache_key.mac(self._secret, CACHE_SCHEMA, entries)}), encoding="utf-8")
             os.replace(tmp, path)
             self._new = {}
         except OSError:
@@ -191,7 +199,12 @@ class HashCache:
                 pass
 
 
-def _read_cache(path: Path) -> dict[str, list]:
+def _read_cache(path: Path, secret: bytes | None) -> dict[str, list]:
+    """The entries of the cache file, {} unless its HMAC verifies with `secret` (None: nothing verifies)."""
+    from loraport import cache_key
+
+    if secret is None:
+        return {}
     try:
         if path.stat().st_size > 64 << 20:
             return {}
@@ -199,6 +212,8 @@ def _read_cache(path: Path) -> dict[str, list]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return {}
     if not isinstance(d, dict) or d.get("schema") != CACHE_SCHEMA or not isinstance(d.get("entries"), dict):
+        return {}
+    if not cache_key.verify(secret, CACHE_SCHEMA, d["entries"], d.get("mac")):
         return {}
     ok = {}
     for k, v in d["entries"].items():

@@ -125,35 +125,55 @@ def _onnx_stamped(p: Path) -> bool:
     return m.producer_name == "loraport" or any(x.key.startswith("loraport") for x in m.metadata_props)
 
 
+def owner_pid(name: str, prefix: str) -> int | None:
+    """The pid of the process that made a temporary: the digits right after `prefix`, up to the end of the name
+    or a '.' (a temporary may carry a suffix: a bake's `.<out>.loraport-tmp-<pid>.data`). None: not ours."""
+    if not name.startswith(prefix):
+        return None
+    pid = name[len(prefix):].split(".", 1)[0]
+    return int(pid) if pid.isascii() and pid.isdigit() else None
+
+
 def sweep_stale(out: Path) -> None:
-    """Remove temporaries left by killed runs for this output (their pid is gone)."""
-    for p in out.parent.glob(f".{out.name}{OLD_TAG}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
+    """Remove temporaries left by killed runs for this output (their pid is gone). A temporary whose owner is
+    alive is never touched, whatever its suffix; a name we cannot read a pid from is not ours and stays."""
+    tmp_prefix, old_prefix = f".{out.name}{TMP_TAG}", f".{out.name}{OLD_TAG}"
+    try:
+        names = [p.name for p in out.parent.iterdir() if p.name.startswith((tmp_prefix, old_prefix))]
+    except OSError:
+        return
+    for name in sorted(names):
+        p = out.parent / name
+        pid = owner_pid(name, old_prefix)
+        if pid is None or pid_alive(pid):
             continue
         # killed between its two renames (its stage is still there, `out` is gone): the old output is the
         # last complete one. Killed after both renames: `out` is the new output, or the user removed it since;
         # either way the old one is garbage and must not come back.
-        if not out.exists() and (out.parent / f".{out.name}{TMP_TAG}{pid}").exists():
+        if not out.exists() and (out.parent / f"{tmp_prefix}{pid}").exists():
             p.rename(out)
         else:
             _remove(p)
-    for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
+    for name in sorted(names):
+        pid = owner_pid(name, tmp_prefix)
+        if pid is None or pid_alive(pid):
             continue
-        _remove(p)
+        _remove(out.parent / name)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True
 
 
@@ -195,9 +215,13 @@ def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
             if not overwrite:
                 raise OutputError(f"{out} appeared while writing; not replaced (pass --overwrite)")
             old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
-            os.replace(out, old)
+            try:
+                os.replace(out, old)
+            except FileNotFoundError:  # another run replacing the same output moved it just now
+                old = None
             os.replace(stage, out)
-            _remove(old)
+            if old is not None:
+                _remove(old)
         else:
             os.replace(stage, out)
     except OSError as e:

@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # merges remember their inputs' sha256 (loraport.manifest.HashCache): keep the suite's out of the user's cache
 _CACHE = tempfile.mkdtemp(prefix="loraport-test-cache-")
 os.environ.setdefault("LORAPORT_CACHE_DIR", _CACHE)
+# the key that authenticates cache entries (loraport/cache_key.py) lives outside the cache: not the user's either
+_KEYS = tempfile.mkdtemp(prefix="loraport-test-key-")
+os.environ.setdefault("LORAPORT_KEY_FILE", os.path.join(_KEYS, "cache.key"))
 # ONNX exports remember captured graphs (loraport.onnx.graph_cache): off for the suite, so every export test
 # traces its own graph whatever ran before it; tests/test_graph_cache.py turns it on where it is the subject
 os.environ.setdefault("LORAPORT_NO_GRAPH_CACHE", "1")
@@ -22,6 +25,7 @@ os.environ.setdefault("LORAPORT_NO_GRAPH_CACHE", "1")
 
 def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
+    shutil.rmtree(_KEYS, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

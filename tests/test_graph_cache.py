@@ -123,12 +123,16 @@ def _damage(entry: Path, how: str) -> None:
         m.write_text(json.dumps(d))
     elif how == "buffers missing":
         b.unlink()
+    elif how == "forged, self-consistent meta":  # another graph, every sha256 recomputed, signed without our key
+        from tests.test_cache_trust import _forge_meta
+
+        _forge_meta(entry, os.urandom(32))
     else:
         raise AssertionError(how)
 
 
 @pytest.mark.parametrize("how", ["truncated graph", "flipped byte", "garbage meta", "meta of another key",
-                                 "meta with wrong types", "buffers missing"])
+                                 "meta with wrong types", "buffers missing", "forged, self-consistent meta"])
 def test_damaged_entry_is_a_miss_and_is_replaced(reference, cache, tmp_path, how):
     files, entry = reference
     _damage(_seed(cache, entry), how)
@@ -216,7 +220,7 @@ def test_two_processes_capturing_the_same_graph_at_once(cache, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
     assert _files(tmp_path / "p0") == _files(tmp_path / "p1")
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".tmp-")]) == 1
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     assert _export(tmp_path / "after")["graph"] == "cache"
 
 

@@ -143,8 +143,8 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapte
     if adapter_dir:
         if not out:
             raise BadInputError("--adapter-dir needs --out (the folder that receives one output per adapter)")
+        jobs = jobs_from_dir(adapter_dir, out, adapter_format)  # refuses colliding names: nothing written yet
         Path(out).mkdir(parents=True, exist_ok=True)
-        jobs = jobs_from_dir(adapter_dir, out, adapter_format)
     else:
         jobs = jobs_from_file(jobs_file)
 

@@ -316,7 +316,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
     proto = g.proto
     new_inits = []
     with staged_output(out_p, is_dir=False, overwrite=overwrite) as stage:
-        tmp_data = stage.parent / (stage.name + ".data")
+        tmp_data = stage.parent / (stage.name + ".data")  # the pid stays readable: see outputs.owner_pid
         writer = ExternalDataWriter(stage.parent, tmp_data.name)
         writer.location = data_name
         try:
@@ -345,9 +345,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         except BaseException:
             tmp_data.unlink(missing_ok=True)
             raise
-        if data_p.exists():
-            data_p.unlink()
-        os.replace(tmp_data, data_p)
+        os.replace(tmp_data, data_p)  # atomic; never unlink first (a concurrent bake may be between the two)
     if ref is not None:
         ref.close()
     man_path = _write_manifest(base_p, base_files, out_p, data_p, loaded, reference, hash_cache) if manifest else None

@@ -64,7 +64,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
     instead of being traced again; `recapture` traces it anyway (and refreshes the cache).
     `manifest`: write loraport-manifest.json (sha256 of every file, the inputs' sha256, the plan) for
-    `loraport verify`; `hash_cache` as in `loraport.merge.merge`."""
+    `loraport verify`; `hash_cache` as in `loraport.merging.merge`."""
     from loraport.onnx import graph_cache
     from loraport.merging import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file

@@ -15,9 +15,12 @@ upgrade or edit changes the key; nothing is ever invalidated by hand.
 Entry: `<cache root>/graphs/<key>/` (cache root: loraport.manifest.cache_root()) with `graph.onnx` (the
 initializer-free ModelProto as captured, before the export adds weights), `buffers.safetensors` (the small
 computed buffers, e.g. rotary inv_freq) and `meta.json` (the rest of `Captured`, plus each file's size and
-sha256). An entry is written to a temporary folder and renamed into place, so readers never see half of one.
-A missing, truncated, altered or unreadable entry is a miss (it is removed and captured anew): the cache can
-make an export faster, never make it fail. At most MAX_ENTRIES are kept, least recently used dropped.
+sha256) and `mac`: an HMAC-SHA256 of the rest of the meta with the user's key (loraport/cache_key.py). An entry
+is written to a temporary folder (`.loraport-tmp-<pid>-...`) and renamed into place, so readers never see half
+of one. A missing, truncated, altered or unreadable entry is a miss (captured anew), and so is one whose meta
+fails the HMAC: a graph swapped in by whoever can write the cache folder, with a self-consistent meta, is never
+used. The cache can make an export faster, never make it fail. At most MAX_ENTRIES are kept, least recently used
+dropped; only entries that verify are ever pruned or cleared (anything else in the folder is not ours).
 
 Off switches: `loraport convert --to onnx --recapture` (trace again and refresh the entry) and
 `LORAPORT_NO_GRAPH_CACHE=1` (neither read nor write). The graph is data (protobuf + safetensors), never code.
@@ -31,14 +34,15 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from loraport import cache_key
 from loraport.onnx.capture import Captured, InitSpec, LoraSlot
 
-SCHEMA = "loraport-graph-cache/1"
+SCHEMA = "loraport-graph-cache/2"
+TMP_PREFIX = ".loraport-tmp-"
 MAX_ENTRIES = 32
 GRAPH, BUFFERS, META = "graph.onnx", "buffers.safetensors", "meta.json"
 # the modules whose code shapes a captured graph (their source is part of the key)
@@ -47,7 +51,8 @@ _DISTS = ("torch", "transformers", "onnxscript", "onnx-ir", "onnx")
 
 
 def disabled() -> bool:
-    return os.environ.get("LORAPORT_NO_GRAPH_CACHE", "") not in ("", "0")
+    """Off by LORAPORT_NO_GRAPH_CACHE, or when the user's cache key is unusable (cache_key.load warns)."""
+    return os.environ.get("LORAPORT_NO_GRAPH_CACHE", "") not in ("", "0") or cache_key.load() is None
 
 
 def folder() -> Path:
@@ -91,16 +96,34 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(k: str) -> Captured | None:
-    """The captured graph stored under key `k`, or None (absent, or damaged: then removed)."""
-    entry = folder() / k
-    if not (entry / META).is_file():
-        return None
+def verified_meta(entry: Path, secret: bytes, k: str | None = None) -> dict | None:
+    """The meta of `entry` when its HMAC verifies with `secret` (and it is stored under its own key), else None."""
     try:
-        cap = _read(entry, k)
+        if entry.is_symlink() or (entry / META).stat().st_size > 16 << 20:
+            return None
+        meta = json.loads((entry / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA or meta.get("key") != (k or entry.name):
+        return None
+    body = {n: v for n, v in meta.items() if n != "mac"}
+    return meta if cache_key.verify(secret, SCHEMA, body, meta.get("mac")) else None
+
+
+def load(k: str) -> Captured | None:
+    """The captured graph stored under key `k`, or None (absent, damaged or not authenticated)."""
+    secret = cache_key.load()
+    if secret is None:
+        return None
+    entry = folder() / k
+    meta = verified_meta(entry, secret, k)
+    if meta is None:
+        return None  # absent, or not ours: a capture replaces it
+    try:
+        cap = _read(entry, meta)
     except Exception:  # noqa: BLE001 - any damage at all is a miss, never an error
         cap = None
-    if cap is None:
+    if cap is None:  # ours (the meta verifies) but damaged
         shutil.rmtree(entry, ignore_errors=True)
         return None
     try:
@@ -110,14 +133,11 @@ def load(k: str) -> Captured | None:
     return cap
 
 
-def _read(entry: Path, k: str) -> Captured | None:
+def _read(entry: Path, meta: dict) -> Captured | None:
     import onnx
 
     from loraport.safetensors_io import SafetensorsFile
 
-    meta = json.loads((entry / META).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA or meta.get("key") != k:
-        return None
     files = meta["files"]
     blobs = {}
     for name in (GRAPH, BUFFERS):
@@ -137,16 +157,38 @@ def _read(entry: Path, k: str) -> Captured | None:
                     slots, strs(meta["output_names"]), bool(meta["with_past"]))
 
 
+def cache_shaped(p: Path) -> bool:
+    """A real folder holding nothing but files with an entry's names: safe to replace (a forged or foreign entry
+    at our key's path); a user's folder or file is never removed."""
+    try:
+        return (not p.is_symlink() and p.is_dir()
+                and all(c.name in (GRAPH, BUFFERS, META) and c.is_file() and not c.is_symlink() for c in p.iterdir()))
+    except OSError:
+        return False
+
+
+def owner_pid(name: str) -> int | None:
+    """The writer's pid in a temporary folder's name (`.loraport-tmp-<pid>-<random>`), else None."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+    return int(pid) if pid.isascii() and pid.isdigit() else None
+
+
 def store(k: str, cap: Captured) -> bool:
     """Remember `cap` under key `k` (call right after the capture, before the export changes cap.proto).
-    Best effort: False when it could not be written (read-only or full disk...), and nothing is left behind."""
+    Best effort: False when it could not be written (read-only or full disk, no usable key, a folder of the
+    user's own at that path...), and nothing is left behind."""
     from loraport.safetensors_io import save_file
 
+    secret = cache_key.load()
+    if secret is None:
+        return False
     root = folder()
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=root))
         graph = cap.proto.SerializeToString()
         (tmp / GRAPH).write_bytes(graph)
         save_file({n: t.detach().contiguous().cpu() for n, t in cap.buffers.items()}, tmp / BUFFERS)
@@ -161,16 +203,19 @@ def store(k: str, cap: Captured) -> bool:
             "input_names": cap.input_names, "output_names": cap.output_names, "model_type": cap.model_type,
             "notes": cap.notes, "with_past": cap.with_past,
         }
+        meta["mac"] = cache_key.mac(secret, SCHEMA, meta)
         (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
         final = root / k
-        if final.exists():
+        if final.exists() or final.is_symlink():
+            if not cache_shaped(final):
+                return False  # not an entry of ours: left alone
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:  # another process stored the same key meanwhile: theirs is as good
             return final.is_dir()
         tmp = None
-        _prune(root)
+        _prune(root, secret)
         return True
     except Exception:  # noqa: BLE001 - a cache that cannot be written only costs the next export time
         return False
@@ -179,20 +224,27 @@ def store(k: str, cap: Captured) -> bool:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prune(root: Path) -> None:
+def stale_tmp(p: Path) -> bool:
+    """A temporary folder of a writer that died (its pid is gone); a live writer's is never touched."""
+    from loraport.outputs import pid_alive
+
+    pid = owner_pid(p.name)
+    return pid is not None and not pid_alive(pid) and cache_shaped(p)
+
+
+def _prune(root: Path, secret: bytes) -> None:
     entries = []
     for p in root.iterdir():
-        if p.name.startswith(".tmp-"):  # a writer that died: gone after an hour
-            try:
-                if time.time() - p.stat().st_mtime > 3600:
-                    shutil.rmtree(p, ignore_errors=True)
-            except OSError:
-                pass
+        if p.name.startswith(TMP_PREFIX):
+            if stale_tmp(p):
+                shutil.rmtree(p, ignore_errors=True)
             continue
+        if verified_meta(p, secret) is None:
+            continue  # not ours (a user's file, a foreign entry): never pruned
         try:
             entries.append(((p / META).stat().st_mtime, p))
         except OSError:
-            entries.append((0.0, p))
+            continue
     entries.sort(reverse=True)
     for _, p in entries[MAX_ENTRIES:]:
         shutil.rmtree(p, ignore_errors=True)
