@@ -66,7 +66,7 @@ class MlxFormat(AdapterFormat):
         try:
             w, c = _files(path)
             if c is not None:
-                cfg = json.loads(c.read_text(encoding="utf-8"))
+                cfg = read_json(c, CONFIG)
                 if _is_mlx_config(cfg):
                     return 95
                 if isinstance(cfg, dict) and "peft_type" in cfg:
