@@ -131,12 +131,12 @@ class PatternTable:
             raise self._refuse(k, f"is {len(k)} characters long (at most {MAX_PATTERN_LEN})")
         try:
             parsed = _sre.parse(k)
-            rx = re.compile(rf"({k})$")
+            why = _unsafe(parsed, [0])
+            if why:
+                raise self._refuse(k, why)
+            rx = re.compile(rf"(?:{k})$")
         except (re.error, RecursionError, OverflowError, ValueError) as e:
             raise self._refuse(k, f"is not a valid regex ({str(e)[:80]})") from None
-        why = _unsafe(parsed, [0])
-        if why:
-            raise self._refuse(k, why)
         lit = _literal(parsed)
         if lit is not None:
             self.literal.setdefault(lit, i)
