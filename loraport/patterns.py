@@ -103,6 +103,14 @@ def _literal(parsed) -> str | None:
     return "".join(chars)
 
 
+_PLAIN = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^A-Za-z0-9])*")  # no metacharacters; escapes of punctuation
+
+
+def _plain(k: str) -> str | None:
+    """The literal text of a key with no regex syntax (re.escape's output), found without the slow parser."""
+    return re.sub(r"\\(.)", r"\1", k, flags=re.S) if _PLAIN.fullmatch(k) else None
+
+
 class PatternTable:
     """One `{regex key: value}` table from a file, checked and compiled once, looked up with PEFT's rule."""
 
@@ -120,6 +128,8 @@ class PatternTable:
         self.regex: list[tuple[int, re.Pattern, int, int]] = []  # (index, compiled, min width, max width)
         for i, (k, _) in enumerate(self.items):
             self._add(i, k)
+            if i % 16 == 15:
+                self._check_time()
 
     def _refuse(self, key, why: str) -> BadInputError:
         return BadInputError(f"{self.where}: {self.what} key {str(key)[:60]!r} {why}; refused")
@@ -129,20 +139,30 @@ class PatternTable:
             raise self._refuse(k, "is not a string")
         if len(k) > MAX_PATTERN_LEN:
             raise self._refuse(k, f"is {len(k)} characters long (at most {MAX_PATTERN_LEN})")
+        plain = _plain(k)
+        if plain is not None:
+            self.literal.setdefault(plain, i)
+            return
         try:
             parsed = _sre.parse(k)
             why = _unsafe(parsed, [0])
             if why:
                 raise self._refuse(k, why)
+            lit = _literal(parsed)
+            if lit is not None:  # no engine needed: a dict lookup per dotted suffix
+                self.literal.setdefault(lit, i)
+                return
             rx = re.compile(rf"(?:{k})$")
         except (re.error, RecursionError, OverflowError, ValueError) as e:
             raise self._refuse(k, f"is not a valid regex ({str(e)[:80]})") from None
-        lit = _literal(parsed)
-        if lit is not None:
-            self.literal.setdefault(lit, i)
-            return
         lo, hi = parsed.getwidth()
         self.regex.append((i, rx, lo, hi))
+
+    def _check_time(self) -> None:
+        if self.deadline.expired():
+            raise BadInputError(
+                f"{self.where}: compiling and matching {self.what} ({len(self.items)} keys) against the "
+                f"adapter's modules took over {self.deadline.seconds:g} s; refused (too many or too costly patterns)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -168,10 +188,7 @@ class PatternTable:
         for i, rx, lo, hi in self.regex:
             if i >= best:
                 break
-            if self.deadline.expired():
-                raise BadInputError(
-                    f"{self.where}: matching {self.what} ({len(self.items)} keys) against the adapter's modules "
-                    f"took over {self.deadline.seconds:g} s; refused (too many or too costly patterns)")
+            self._check_time()
             if any(lo <= len(name) - s and len(name) - s - 1 <= hi and rx.match(name, s) for s in starts):
                 best = i
                 break

@@ -152,18 +152,18 @@ def test_peft_pattern_bombs_on_a_worker_thread(tmp_path):
     redos = _peft_adapter(tmp_path / "redos", 2, cfg_extra={"rank_pattern": {"(a+)+$": 2}})
     err, dt = _on_worker(lambda: load_adapter(redos, format="peft"))
     assert isinstance(err, BadInputError) and "rank_pattern" in _one_line(err) and dt < 3
-    # 10k non-literal keys × 3000 modules: the shared budget stops it with one line
+    # 10k non-literal keys × 1000 modules: the shared budget stops it with one line
     many = {rf"layers\.{i}\d*\.mlp\.y_proj": 3 for i in range(10_000)}
-    bomb = _peft_adapter(tmp_path / "many", 3000, cfg_extra={"alpha_pattern": many})
+    bomb = _peft_adapter(tmp_path / "many", 1000, cfg_extra={"alpha_pattern": many})
     err, dt = _on_worker(lambda: load_adapter(bomb, format="peft"))
     assert isinstance(err, BadInputError) and "took over" in _one_line(err), err
     assert dt < 10
     # the same count of escaped (literal) keys — what writers emit — is matched fast and right
     lit = {re.escape(f"model.layers.{i}.mlp.x_proj"): 1 + i % 5 for i in range(10_000)}
-    ok = _peft_adapter(tmp_path / "lit", 3000, cfg_extra={"alpha_pattern": lit})
-    err, dt = _on_worker(lambda: load_adapter(ok, format="peft"))
-    assert err is None and dt < 10
+    ok = _peft_adapter(tmp_path / "lit", 1000, cfg_extra={"alpha_pattern": lit})
+    t0 = time.perf_counter()
     ad = load_adapter(ok, format="peft")
+    assert time.perf_counter() - t0 < 5
     assert {d.target: d.alpha for d in ad.deltas}["model.layers.7.mlp.x_proj.weight"] == 1 + 7 % 5
 
 
@@ -197,7 +197,7 @@ def test_diffusers_metadata_pattern_bombs_on_a_worker_thread(tmp_path):
     err, dt = _on_worker(lambda: load_adapter(f, format="diffusers"))
     assert isinstance(err, BadInputError) and "alpha_pattern" in _one_line(err) and dt < 3
     many = {rf"blocks\.{i}\d*\.attn\.to_k": 3 for i in range(10_000)}
-    f2 = _diffusers_file(tmp_path / "many.safetensors", 3000,
+    f2 = _diffusers_file(tmp_path / "many.safetensors", 1000,
                          {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": many})
     err, dt = _on_worker(lambda: load_adapter(f2, format="diffusers"))
     assert isinstance(err, BadInputError) and "took over" in _one_line(err) and dt < 10
@@ -230,15 +230,22 @@ def _gguf_adapter_with_array(path: Path, count: int) -> Path:
 
 
 def test_gguf_huge_metadata_array_bounded_memory(tmp_path):
-    big = _gguf_adapter_with_array(tmp_path / "big.gguf", 128 << 20)
-    code = ("import resource, sys\nfrom loraport.formats.gguf import GGUFFile\n"
-            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"f = GGUFFile(__import__('pathlib').Path({str(big)!r}))\n"
-            "r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "print(type(f.metadata['x.bomb']).__name__, (r1 - r0) // 1024)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    kind, grew_mb = r.stdout.split()
-    assert kind == "ndarray" and int(grew_mb) < 400, r.stdout  # a list of numpy scalars: ~5.6 GB
+    import tracemalloc
+
+    from loraport.formats.gguf import GGUFFile
+
+    n = 16 << 20
+    big = _gguf_adapter_with_array(tmp_path / "big.gguf", n)
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        f = GGUFFile(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    arr = f.metadata["x.bomb"]
+    f.close()
+    assert isinstance(arr, np.ndarray) and arr.shape == (n,)
+    assert peak < 2 * n  # a list of numpy scalars: ~40 bytes per byte
     huge = _gguf_adapter_with_array(tmp_path / "huge.gguf", 1 << 30)
     t0 = time.perf_counter()
     with pytest.raises(BadInputError, match="metadata arrays"):
