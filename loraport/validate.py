@@ -83,13 +83,29 @@ def _transformers():
     return transformers
 
 
+def _check_folder_config(folder: Path, cfg: dict) -> None:
+    """Before transformers builds anything: no code from the folder, and sizes the weights can hold (a hostile
+    config.json would otherwise allocate buffers of its own choosing)."""
+    refuse_remote_code(cfg, str(folder))
+    if "quantization_config" in cfg:
+        return  # packed shapes: transformers' own loader checks them
+    from loraport.checkpoint import Checkpoint
+    from loraport.onnx.config_check import check_config
+
+    ck = Checkpoint.open(folder)
+    try:
+        check_config(cfg, {n: tuple(ck.info(n).shape) for n in ck.names()}, f"{folder / 'config.json'}")
+    finally:
+        ck.close()
+
+
 def load_torch_model(folder: str | Path, dtype=torch.float32):
     tf = _transformers()
     import warnings
 
     key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
     if (Path(folder) / "config.json").is_file():
-        refuse_remote_code(read_json(Path(folder) / "config.json"), str(folder))
+        _check_folder_config(Path(folder), read_json(Path(folder) / "config.json"))
     try:
         with warnings.catch_warnings(), no_prompt():
             warnings.simplefilter("ignore")

@@ -302,6 +302,20 @@ def test_hostile_config_refused_before_tracing(tmp_path, field, value, say):
     assert say in _one_line(e.value) and time.perf_counter() - t0 < 5  # refused before any tracing
 
 
+def test_validate_refuses_hostile_config_before_transformers_builds(tmp_path):
+    from loraport.validate import load_torch_model
+
+    base = tmp_path / "base"
+    shutil.copytree(LLAMA, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["head_dim"] = 2**33  # a rotary buffer of 2**32 floats if transformers built it
+    (base / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(BadInputError, match="head_dim"):
+        load_torch_model(base)
+    assert time.perf_counter() - t0 < 5
+
+
 # ---- degenerate ranks ---------------------------------------------------------------------------------
 def test_rank0_adapter_merges_to_the_base(tmp_path):
     from loraport.merge import merge

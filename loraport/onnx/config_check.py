@@ -21,16 +21,16 @@ MAX_POSITIONS = 1 << 24
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
-def _int(config: dict, key: str):
+def _int(config: dict, key: str, where: str):
     v = config.get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise BadInputError(f"base config.json: {key} must be an integer, got {str(v)[:40]}")
+        raise BadInputError(f"{where}: {key} must be an integer, got {str(v)[:40]}")
     return v
 
 
-def check_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_config(config: dict, shapes: dict[str, tuple[int, ...]], where: str = "base config.json") -> None:
     """Refuse a config whose sizes the checkpoint's tensors (`shapes`: name -> shape) contradict."""
     if not shapes:
         return
@@ -39,32 +39,32 @@ def check_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
 
     key = layer_count_key(config)
     if key is not None:
-        n = _int(config, key)
+        n = _int(config, key, where)
         held = {int(m.group(1)) for name in shapes if (m := _LAYER.search(name))}
         if not 1 <= n <= MAX_LAYERS:
-            raise BadInputError(f"base config.json: {key}={n} (expected 1..{MAX_LAYERS})")
+            raise BadInputError(f"{where}: {key}={n} (expected 1..{MAX_LAYERS})")
         if held and n != max(held) + 1:
-            raise BadInputError(f"base config.json: {key}={n} but the weights hold {max(held) + 1} decoder layers "
+            raise BadInputError(f"{where}: {key}={n} but the weights hold {max(held) + 1} decoder layers "
                                 "(config.json and weights disagree)")
     for k in SIZE_KEYS:
-        v = _int(config, k)
+        v = _int(config, k, where)
         if v is not None and not 0 <= v <= largest:
-            raise BadInputError(f"base config.json: {k}={v} is larger than any tensor dimension in the weights "
+            raise BadInputError(f"{where}: {k}={v} is larger than any tensor dimension in the weights "
                                 f"({largest}); config.json and weights disagree")
     for k in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = _int(config, k)
+        v = _int(config, k, where)
         if v is not None and not 0 <= v <= MAX_POSITIONS:
-            raise BadInputError(f"base config.json: {k}={v} (at most {MAX_POSITIONS})")
-    _check_heads(config, shapes)
+            raise BadInputError(f"{where}: {k}={v} (at most {MAX_POSITIONS})")
+    _check_heads(config, shapes, where)
 
 
-def _check_heads(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    heads = _int(config, "num_attention_heads")
-    hidden = _int(config, "hidden_size")
+def _check_heads(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    heads = _int(config, "num_attention_heads", where)
+    hidden = _int(config, "hidden_size", where)
     if not heads or not hidden:
         return
-    head_dim = _int(config, "head_dim") or hidden // heads
+    head_dim = _int(config, "head_dim", where) or hidden // heads
     q = next((s for n, s in shapes.items() if n.endswith(".0.self_attn.q_proj.weight")), None)
     if q is not None and len(q) == 2 and q[0] != heads * head_dim:
-        raise BadInputError(f"base config.json: num_attention_heads × head_dim = {heads} × {head_dim} but the "
+        raise BadInputError(f"{where}: num_attention_heads × head_dim = {heads} × {head_dim} but the "
                             f"weights' q_proj has {q[0]} rows (config.json and weights disagree)")
