@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 
 from loraport.errors import BadInputError
 
@@ -40,14 +41,26 @@ if hasattr(_C, "GROUPREF_IGNORE"):
 
 
 class Deadline:
-    """A time budget shared by every pattern table of one adapter; checked between matches."""
+    """A time budget shared by every pattern table of one adapter: only the time spent compiling and
+    matching patterns is counted (not the rest of reading), and it is checked between matches."""
 
     def __init__(self, seconds: float = BUDGET_S):
         self.seconds = seconds
-        self.end = time.monotonic() + seconds
+        self.spent = 0.0
+        self._since: float | None = None
+
+    @contextmanager
+    def running(self):
+        self._since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.spent += time.monotonic() - self._since
+            self._since = None
 
     def expired(self) -> bool:
-        return time.monotonic() > self.end
+        now = time.monotonic() - self._since if self._since is not None else 0.0
+        return self.spent + now > self.seconds
 
 
 def _children(op, av) -> list:
@@ -126,10 +139,11 @@ class PatternTable:
         self.items = list(patterns.items())
         self.literal: dict[str, int] = {}  # literal key -> first index
         self.regex: list[tuple[int, re.Pattern, int, int]] = []  # (index, compiled, min width, max width)
-        for i, (k, _) in enumerate(self.items):
-            self._add(i, k)
-            if i % 16 == 15:
-                self._check_time()
+        with self.deadline.running():
+            for i, (k, _) in enumerate(self.items):
+                self._add(i, k)
+                if i % 16 == 15:
+                    self._check_time()
 
     def _refuse(self, key, why: str) -> BadInputError:
         return BadInputError(f"{self.where}: {self.what} key {str(key)[:60]!r} {why}; refused")
@@ -171,6 +185,10 @@ class PatternTable:
         """(key, value) of the first key matching module `name` by PEFT's rule, or None."""
         if not self.items:
             return None
+        with self.deadline.running():
+            return self._lookup(name)
+
+    def _lookup(self, name: str):
         starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
         if "\n" in name:  # `.*` does not cross a newline, so no dot after one can end the prefix
             cut = name.index("\n")
