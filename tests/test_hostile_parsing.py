@@ -49,7 +49,7 @@ EVIL = """from pathlib import Path
 Path({marker!r}).write_text("the folder's code ran")
 from transformers import LlamaConfig, LlamaForCausalLM
 class EvilConfig(LlamaConfig):
-    pass
+    model_type = "evil_llama"
 class EvilForCausalLM(LlamaForCausalLM):
     config_class = EvilConfig
 """
@@ -59,6 +59,7 @@ def _evil_folder(tmp_path: Path) -> tuple[Path, Path]:
     folder, marker = tmp_path / "evil_base", tmp_path / "MARKER"
     shutil.copytree(LLAMA, folder)
     cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "evil_llama"  # unknown to transformers: only the folder's code can build it
     cfg["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
                        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -76,6 +77,7 @@ def test_remote_code_folder_is_live(tmp_path):
 
 
 def test_validate_never_runs_folder_code_even_with_yes_on_stdin(tmp_path):
+    """(loraport before this check: transformers prompted, read the piped "y" and ran modeling_evil.py)"""
     folder, marker = _evil_folder(tmp_path)
     r = _cli("validate", str(folder), "--base", str(folder), "--adapter", str(LORA), stdin="y\n" * 20)
     assert not marker.exists(), "the folder's code ran"
