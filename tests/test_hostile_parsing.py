@@ -124,33 +124,40 @@ def test_unsafe_pattern_keys_refused(key, why):
         PatternTable({key: 4}, "rank_pattern", "cfg.json")
 
 
-def _peft_adapter(folder: Path, n_modules: int, rank: int = 2, cfg_extra: dict | None = None) -> Path:
+def _peft_adapter(folder: Path, n_modules: int, rank: int = 2, cfg_extra: dict | None = None,
+                  leaf: str = "x_proj") -> Path:
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
     t = {}
     for i in range(n_modules):
-        t[f"base_model.model.model.layers.{i}.mlp.x_proj.lora_A.weight"] = torch.randn(rank, 4, generator=g)
-        t[f"base_model.model.model.layers.{i}.mlp.x_proj.lora_B.weight"] = torch.randn(4, rank, generator=g)
+        t[f"base_model.model.model.layers.{i}.mlp.{leaf}.lora_A.weight"] = torch.randn(rank, 4, generator=g)
+        t[f"base_model.model.model.layers.{i}.mlp.{leaf}.lora_B.weight"] = torch.randn(4, rank, generator=g)
     save_file(t, folder / "adapter_model.safetensors")
     cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 4, **(cfg_extra or {})}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     return folder
 
 
-def _on_worker(fn):
-    with ThreadPoolExecutor(1) as ex:
-        t0 = time.perf_counter()
-        fut = ex.submit(fn)
-        try:
-            fut.result()
-            err = None
-        except Exception as e:  # noqa: BLE001 - inspected below
-            err = e
-        return err, time.perf_counter() - t0
+def _on_worker(fn, timeout: float = 20):
+    """Run fn on a worker thread (where no signal can interrupt it); (exception or None, seconds)."""
+    ex = ThreadPoolExecutor(1)
+    t0 = time.perf_counter()
+    fut = ex.submit(fn)
+    try:
+        fut.result(timeout=timeout)
+        err = None
+    except Exception as e:  # noqa: BLE001 - inspected by the caller (a hang is a TimeoutError)
+        err = e
+    finally:
+        ex.shutdown(wait=False)
+    return err, time.perf_counter() - t0
+
+
+RUN = "a" * 40 + "_x"  # a module leaf on which (a+)+$ backtracks 2**40 ways (a hang before the guard)
 
 
 def test_peft_pattern_bombs_on_a_worker_thread(tmp_path):
-    redos = _peft_adapter(tmp_path / "redos", 2, cfg_extra={"rank_pattern": {"(a+)+$": 2}})
+    redos = _peft_adapter(tmp_path / "redos", 2, cfg_extra={"rank_pattern": {"(a+)+$": 2}}, leaf=RUN)
     err, dt = _on_worker(lambda: load_adapter(redos, format="peft"))
     assert isinstance(err, BadInputError) and "rank_pattern" in _one_line(err) and dt < 3
     # 10k non-literal keys × 1000 modules: the shared budget stops it with one line
@@ -183,18 +190,18 @@ def test_pattern_bomb_in_a_two_adapter_merge(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _diffusers_file(path: Path, n_modules: int, meta: dict) -> Path:
+def _diffusers_file(path: Path, n_modules: int, meta: dict, leaf: str = "to_q") -> Path:
     t = {}
     for i in range(n_modules):
-        t[f"unet.blocks.{i}.attn.to_q.lora_A.weight"] = torch.ones(2, 4)
-        t[f"unet.blocks.{i}.attn.to_q.lora_B.weight"] = torch.ones(4, 2)
+        t[f"unet.blocks.{i}.attn.{leaf}.lora_A.weight"] = torch.ones(2, 4)
+        t[f"unet.blocks.{i}.attn.{leaf}.lora_B.weight"] = torch.ones(4, 2)
     save_file(t, path, {"lora_adapter_metadata": json.dumps(meta)})
     return path
 
 
 def test_diffusers_metadata_pattern_bombs_on_a_worker_thread(tmp_path):
     f = _diffusers_file(tmp_path / "redos.safetensors", 2,
-                        {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"(a+)+$": 3}})
+                        {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"(a+)+$": 3}}, leaf=RUN)
     err, dt = _on_worker(lambda: load_adapter(f, format="diffusers"))
     assert isinstance(err, BadInputError) and "alpha_pattern" in _one_line(err) and dt < 3
     many = {rf"blocks\.{i}\d*\.attn\.to_k": 3 for i in range(10_000)}
