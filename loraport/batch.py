@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraport.errors import BadInputError, LoraportError
+from loraport.tensorfile import MAX_JSON
 
 _BAD_NAME_CHARS = ("/", "\\", "\x00")
 
@@ -95,6 +96,8 @@ def jobs_from_file(path: str | Path) -> list[Job]:
     Relative paths are relative to the job file's folder."""
     p = Path(path)
     try:
+        if p.stat().st_size > MAX_JSON:
+            raise ValueError(f"{p.stat().st_size} bytes, at most {MAX_JSON}")
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"--jobs {p}: not found") from None

@@ -10,7 +10,6 @@ Supported layouts:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,12 +176,15 @@ def _read_json(p: Path, optional: bool = False, root: Path | None = None):
         if optional:
             return None
         raise BadInputError(f"{p}: missing")
+    from loraport.tensorfile import MAX_JSON, loads_json
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if p.stat().st_size > MAX_JSON:
+            raise BadInputError(f"{p}: {p.stat().st_size} bytes of JSON (at most {MAX_JSON}); refused")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"{p}: invalid JSON ({e})") from None
-    except RecursionError:
-        raise BadInputError(f"{p}: invalid JSON (nested too deeply)") from None
+    return loads_json(text, str(p), p.name)
 
 
 def _folder_shards(root: Path, folder: Path, rel: str, prefix: str) -> tuple[list[Shard], list[str]]:

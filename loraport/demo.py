@@ -178,7 +178,8 @@ def _transformers_check(out_dir: Path, ids: torch.Tensor, ours: torch.Tensor) ->
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, trust_remote_code=False,
+                                                 local_files_only=True).eval()
     with torch.no_grad():
         logits = model(ids).logits
     return compare(ours, logits)

@@ -22,6 +22,7 @@ from pathlib import Path
 from loraport import __version__
 from loraport import paths as policy  # the input-path policy (`paths` is a parameter name below)
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
+from loraport.tensorfile import MAX_JSON
 
 FOLDER_MANIFEST = "loraport-manifest.json"
 SCHEMA = "loraport-manifest/1"
@@ -319,6 +320,8 @@ def load(out: str | Path) -> tuple[Path, dict]:
     if not mp.is_file():
         raise BadInputError(f"{out}: no loraport manifest ({mp.name} missing); was it written by loraport merge?")
     try:
+        if mp.stat().st_size > MAX_JSON:
+            raise ValueError(f"{mp.stat().st_size} bytes, at most {MAX_JSON}")
         m = json.loads(mp.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise VerifyFailed(f"{mp}: the manifest is unreadable ({str(e)[:100]})") from None

@@ -18,7 +18,6 @@ from the artifact's dtype / quantization (table TOLERANCES) and says which it us
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 from loraport.errors import BadInputError
+from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
+from loraport.tensorfile import read_json
 
 # How far an artifact may be from the fp32 unmerged reference, by what it stores. max_abs is relative to
 # max(1, max|reference logit|); min_cosine over all logits. The int8/int4 rows were measured on random-init
@@ -82,20 +83,39 @@ def _transformers():
     return transformers
 
 
+def _check_folder_config(folder: Path, cfg: dict) -> None:
+    """Before transformers builds anything: no code from the folder, and sizes the weights can hold (a hostile
+    config.json would otherwise allocate buffers of its own choosing)."""
+    refuse_remote_code(cfg, str(folder))
+    if "quantization_config" in cfg:
+        return  # packed shapes: transformers' own loader checks them
+    from loraport.checkpoint import Checkpoint
+    from loraport.onnx.config_check import check_config
+
+    ck = Checkpoint.open(folder)
+    try:
+        check_config(cfg, {n: tuple(ck.info(n).shape) for n in ck.names()}, f"{folder / 'config.json'}")
+    finally:
+        ck.close()
+
+
 def load_torch_model(folder: str | Path, dtype=torch.float32):
     tf = _transformers()
     import warnings
 
     key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    if (Path(folder) / "config.json").is_file():
+        _check_folder_config(Path(folder), read_json(Path(folder) / "config.json"))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_prompt():
             warnings.simplefilter("ignore")
             from transformers.utils import logging as tlog
 
             tlog.set_verbosity_error()
             tlog.disable_progress_bar()  # CI logs get the report, not "Loading weights" bars
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on CPU
-            m = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **{key: dtype})
+            m = tf.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **NO_REMOTE_CODE,
+                                                        **{key: dtype})
     except (OSError, ValueError, KeyError) as e:
         raise BadInputError(f"{folder}: transformers cannot load this model folder ({str(e).splitlines()[0][:200]})") \
             from None
@@ -282,11 +302,7 @@ def _read_manifest(p: Path) -> dict:
 
     if not paths.member(p.parent, p).is_file():
         return {}
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{p}: invalid JSON ({e})") from None
-    return d if isinstance(d, dict) else {}
+    return read_json(p, "manifest")
 
 
 def _check_external(model: Path) -> None:

@@ -31,6 +31,7 @@ from loraport.errors import BadInputError
 from loraport.paths import regular
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAX_ENTRIES = 1 << 17  # tensors per file (the largest real shards hold thousands); more is a header bomb
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -52,7 +53,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
+
+
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in DTYPES.values()}
 
 
 _BAD_NAME = re.compile(r"[\x00-\x1f]")
@@ -92,6 +96,10 @@ class SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise BadInputError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        entries = raw.count(b"data_offsets")  # counted before parsing: a parse of a huge table costs GBs
+        if entries > MAX_ENTRIES:
+            raise BadInputError(f"{self.path}: safetensors header lists {entries} tensors (at most {MAX_ENTRIES}); "
+                                "refused")
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
@@ -194,11 +202,13 @@ class SafetensorsFile:
 
 
 def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
+    d = dict(pairs)
+    if len(d) != len(pairs):  # rare: find the culprit
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return d
 
 

@@ -580,6 +580,45 @@ def _dump(obj) -> bytes:
     return json.dumps(obj, allow_nan=True).encode()
 
 
+BAD_PATTERNS = ["(a+)+$", "(.*a){20}", "(x|x)*y", r"(\w+)\1", "[", ".*" * 10, "a" * 5000, "(?<=x)y", "q_proj"]
+
+
+def structural_mutation(data: bytes, kind: str, op: str, ch: Chooser) -> bytes | None:
+    """'huge_count': a container with very many entries (JSON lists/objects, safetensors header entries);
+    'pattern': rank/alpha pattern keys that backtrack, are invalid or are numerous (PEFT config, diffusers
+    metadata). The mutated bytes, or None where the file has no such place."""
+    n = ch.pick([10_000, 140_000])  # 140k: past the safetensors entry cap (131072)
+    bombs = {ch.pick(BAD_PATTERNS): 2} if ch.integer(0, 1) else {rf"l\.{i}\d*\.x": 2 for i in range(n // 10)}
+    if kind == "json":
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        if op == "pattern":
+            obj[ch.pick(["rank_pattern", "alpha_pattern"])] = bombs
+        else:
+            obj[ch.pick(sorted(obj, key=str) or ["x"])] = ch.pick([[0] * n, {f"k{i}": i for i in range(n)}])
+        return _dump(obj)
+    if kind != "safetensors":
+        return None
+    try:
+        h, body = st_split(data)
+    except (ValueError, struct.error):
+        return None
+    if not isinstance(h, dict):
+        return None
+    if op == "pattern":
+        meta = h.setdefault("__metadata__", {}) if isinstance(h.get("__metadata__", {}), dict) else {}
+        meta["lora_adapter_metadata"] = json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": bombs,
+                                                    "transformer.alpha_pattern": bombs})
+        return st_join(_dump(h), body)
+    many = ",".join(f'"x{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n)).encode()
+    head = _dump(h)[:-1]
+    return st_join(head + (b"," if h else b"") + many + b"}", body)
+
+
 def random_mutation(copy: Path, ch: Chooser) -> str:
     """Mutate one file of the seed copy in place; returns a description."""
     files = [copy] if copy.is_file() else sorted(f for f in copy.rglob("*") if f.is_file())
@@ -591,6 +630,8 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
         ops += ["st_header"] * 4 + ["st_values"] * 2
     if kind == "json":
         ops += ["json"] * 4
+    if kind in ("json", "safetensors"):
+        ops += ["huge_count", "pattern"]
     op = ch.pick(ops)
     size = len(data)
     hot = min(size, 4096)
@@ -643,6 +684,11 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
                 else struct.pack("<f", v)[2:])
             i = 8 + n + b0 + ch.integer(0, (e0 - b0) // w - 1) * w
             data[i:i + w] = raw
+    elif op in ("huge_count", "pattern"):
+        out = structural_mutation(bytes(data), kind, op, ch)
+        if out is None:
+            return f"{f.name}:{op}:skipped"
+        data = bytearray(out)
     elif op == "json":
         try:
             obj = json.loads(bytes(data))

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from loraport.errors import BadInputError
+
+
+def lora_scale(alpha: float, r: int, rs: bool = False) -> float:
+    """alpha/r (alpha/sqrt(r) for rsLoRA). A rank-0 LoRA has B·A = 0 (a no-op), so its scale is 0, not a
+    division by zero."""
+    if r == 0:
+        return 0.0
+    return alpha / math.sqrt(r) if rs else alpha / r
 
 
 def check_unmatched(where, recognised: int, unrecognised: list[str], unmatched: list[str], strict: bool,

@@ -16,12 +16,13 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
-from loraport.formats._common import check_unmatched
+from loraport.formats._common import check_unmatched, lora_scale
 from loraport.formats import AdapterFormat, register
 from loraport.formats.kohya import header_keys
+from loraport.patterns import Deadline, PatternTable
 from loraport.names.sd import SDNames, te_spellings
 from loraport.safetensors_io import save_file
-from loraport.tensorfile import load_tensors
+from loraport.tensorfile import load_tensors, loads_json
 
 WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"
@@ -77,10 +78,7 @@ def component_configs(meta: dict[str, str], where: Path) -> dict[str, dict]:
     raw = meta.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{where}: {METADATA_KEY} is not valid JSON ({e})") from None
+    flat = loads_json(raw, str(where), METADATA_KEY)
     if not isinstance(flat, dict):
         raise BadInputError(f"{where}: {METADATA_KEY} must be a JSON object")
     out: dict[str, dict] = defaultdict(dict)
@@ -91,15 +89,13 @@ def component_configs(meta: dict[str, str], where: Path) -> dict[str, dict]:
     return dict(out)
 
 
-def _pattern(patterns, module: str, default):
-    """PEFT's rule: the first key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
-    for k, v in (patterns or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({k})$", module):
-                return v
-        except re.error:
-            raise BadInputError(f"invalid rank/alpha pattern {k!r} in {METADATA_KEY}") from None
-    return default
+def _component_alpha(tables: dict, comp: str, cfg: dict, module: str, where: Path, deadline: Deadline):
+    """PEFT's rule over the component's alpha_pattern (bounded: loraport.patterns), else its lora_alpha."""
+    if comp not in tables:
+        tables[comp] = PatternTable(cfg.get("alpha_pattern"), f"{comp}.alpha_pattern", f"{where}: {METADATA_KEY}",
+                                    deadline)
+    hit = tables[comp].lookup(module)
+    return hit[1] if hit else cfg.get("lora_alpha", 8)
 
 
 def _number(v, what: str) -> float:
@@ -154,6 +150,8 @@ class DiffusersFormat(AdapterFormat):
                 forms.add(form)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
         deltas, unmatched, no_alpha = [], [], 0
+        tables: dict[str, PatternTable] = {}
+        deadline = Deadline()
         for mod, p in parts.items():
             if "A" not in p or "B" not in p:
                 if set(p) <= {"alpha"}:
@@ -168,13 +166,13 @@ class DiffusersFormat(AdapterFormat):
             cfg = configs.get(comp)
             rule = "alpha/r"
             if cfg is not None:
-                alpha = _number(_pattern(cfg.get("alpha_pattern"), rel, cfg.get("lora_alpha", 8)), "lora_alpha")
+                alpha = _number(_component_alpha(tables, comp, cfg, rel, wfile, deadline), "lora_alpha")
                 rs = bool(cfg.get("use_rslora", False))
-                scale = alpha / math.sqrt(r) if rs else alpha / r
+                scale = lora_scale(alpha, r, rs)
                 rule = "alpha/sqrt(r)" if rs else rule
             elif "alpha" in p:
                 alpha = float(p["alpha"].float().reshape(-1)[0])
-                scale = alpha / r
+                scale = lora_scale(alpha, r)
             else:
                 alpha, scale = None, 1.0
                 no_alpha += 1

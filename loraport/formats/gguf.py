@@ -28,6 +28,7 @@ from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacke
 from loraport.errors import BadInputError, UnsafeInputError
 from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
+from loraport.formats._common import lora_scale
 from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
 from loraport.names.llm import (
     GGUF_ARCH,
@@ -47,6 +48,8 @@ MAGIC = b"GGUF"
 MAX_KV = 1 << 20
 MAX_TENSORS = 1 << 20
 MAX_STRING = 1 << 24
+MAX_STRINGS = 1 << 20  # items of a string array (a tokenizer vocabulary is ~256k)
+MAX_META_BYTES = 1 << 28  # numeric metadata arrays, all together (kept as numpy arrays: 1 byte per byte)
 MAX_DIMS = 4
 # value types (GGUF spec): fixed sizes, struct codes
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -81,6 +84,7 @@ class GGUFFile:
             raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
         self.size = size
         self.metadata: dict = {}
+        self._meta_bytes = 0
         self.tensors: dict[str, GGUFTensor] = {}
         self._parse()
 
@@ -121,7 +125,12 @@ class GGUFFile:
             if etype in _SCALARS:
                 fmt, n = _SCALARS[etype]
                 end = self._take(off, n * count)
-                return list(np.frombuffer(self._mm, dtype=np.dtype(fmt), count=count, offset=off)), end
+                self._meta_bytes += n * count
+                if self._meta_bytes > MAX_META_BYTES:
+                    raise self._err(f"more than {MAX_META_BYTES} bytes of metadata arrays")
+                return np.frombuffer(self._mm, dtype=np.dtype(fmt), count=count, offset=off).copy(), end
+            if count > MAX_STRINGS:
+                raise self._err(f"string array of {count} items at byte {off} (at most {MAX_STRINGS})")
             items = []
             for _ in range(count):
                 v, off = self._string(off)
@@ -385,7 +394,8 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
     notes = []
     if alpha == 0:
         notes.append("adapter.lora.alpha missing or 0: scale 1 (llama.cpp rule)")
-    if meta.get("adapter.alora.invocation_tokens"):
+    tokens = meta.get("adapter.alora.invocation_tokens")
+    if tokens is not None and np.size(tokens) > 0:
         notes.append("activated LoRA (aLoRA): llama.cpp applies it only after its invocation tokens; merged or "
                      "converted, it applies to every token")
     pairs: dict[str, dict[str, str]] = defaultdict(dict)
@@ -435,7 +445,7 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise BadInputError(f"{path}: {stem}: lora_a {list(a.shape)} / lora_b {list(b.shape)} do not share a rank")
         r = a.shape[0]
-        scale = alpha / r if alpha else 1.0
+        scale = lora_scale(alpha, r) if alpha else 1.0
         target = stem
         if to_hf:
             target = gguf_to_hf(stem, names)
@@ -453,7 +463,7 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
     if permute and any(qk_kind(d.target) for d in deltas):
         notes.append("q/k lora_b rows un-permuted from llama.cpp's RoPE order to the HF base's")
     return Adapter(deltas, "gguf", str(path), config={}, metadata={k: v for k, v in meta.items()
-                                                                      if not isinstance(v, list)},
+                                                                      if not isinstance(v, (list, np.ndarray))},
                    notes=notes, files=[str(path)], name=path.stem)
 
 
@@ -472,7 +482,7 @@ def _experts(path, stem, a, b, alpha, to_hf, names) -> list:
         raise BadInputError(f"{path}: {stem}: expert lora_a {list(a.shape)} / lora_b {list(b.shape)} are not "
                             "[E,r,in] / [E,out,r]")
     E, r = a.shape[0], a.shape[1]
-    scale = alpha / r if alpha else 1.0
+    scale = lora_scale(alpha, r) if alpha else 1.0
     if to_hf:
         hf = gguf_experts_to_hf(stem, E, names)
         if hf is None:

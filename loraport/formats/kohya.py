@@ -18,7 +18,7 @@ import torch
 from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
-from loraport.formats._common import check_unmatched
+from loraport.formats._common import check_unmatched, lora_scale
 from loraport.formats import AdapterFormat, register
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
@@ -112,7 +112,7 @@ def _scale(parts: dict, r: int | None, notes_count: dict, where: str = "") -> tu
     alpha = _number(a, where, "alpha")
     if alpha == 0:  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
         return 1.0, float(r)
-    return alpha / r, alpha
+    return lora_scale(alpha, r), alpha
 
 
 def _check_factors(where: str, parts: dict[str, torch.Tensor]) -> None:

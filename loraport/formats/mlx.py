@@ -29,7 +29,6 @@ from loraport.formats._llm import (
 )
 from loraport.names.llm import hf_experts_to_mlx, is_embedding, mlx_switch_to_hf
 from loraport.safetensors_io import SafetensorsFile, save_file
-from loraport.paths import regular
 from loraport.tensorfile import read_json
 
 WEIGHTS = "adapters.safetensors"
@@ -67,7 +66,7 @@ class MlxFormat(AdapterFormat):
         try:
             w, c = _files(path)
             if c is not None:
-                cfg = json.loads(regular(c).read_text(encoding="utf-8"))
+                cfg = read_json(c, CONFIG)
                 if _is_mlx_config(cfg):
                     return 95
                 if isinstance(cfg, dict) and "peft_type" in cfg:

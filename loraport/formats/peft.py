@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import threading
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,8 +14,9 @@ import torch
 from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
+from loraport.formats._common import lora_scale
+from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
-from loraport.paths import regular
 from loraport.tensorfile import load_tensors, read_json
 
 CONFIG = "adapter_config.json"
@@ -35,46 +33,15 @@ _KEY = re.compile(
 )
 
 
-class _PatternTimeout(Exception):
-    pass
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    """Bound the time spent in user-supplied regexes (a pattern key can backtrack exponentially).
-    SIGALRM interrupts the regex engine; off the main thread there is no guard."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(*_):
-        raise _PatternTimeout
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _pattern_value(patterns: dict, module: str, default, what: str, where: Path):
-    """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?({k})$", module) wins."""
-    for k, v in patterns.items():
-        try:
-            with _time_limit(1.0):
-                hit = re.match(rf"(.*\.)?({k})$", module)
-        except re.error:
-            raise BadInputError(f"{where / CONFIG}: invalid {what} key {k[:60]!r}") from None
-        except _PatternTimeout:
-            raise BadInputError(f"{where / CONFIG}: {what} key {k[:60]!r} takes too long to match "
-                                "(catastrophic backtracking); refused") from None
-        if hit:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise BadInputError(f"{where / CONFIG}: {what}[{k[:60]!r}] must be a positive number, got {v!r}")
-            return v
-    return default
+def _pattern_value(table: PatternTable, module: str, default):
+    """PEFT's rule (see loraport.patterns): the first matching key's value, else `default`."""
+    hit = table.lookup(module)
+    if hit is None:
+        return default
+    k, v = hit
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise BadInputError(f"{table.where}: {table.what}[{k[:60]!r}] must be a positive number, got {v!r}")
+    return v
 
 
 def _num(cfg: dict, key: str, default, path: Path):
@@ -95,9 +62,9 @@ class PeftFormat(AdapterFormat):
     def detect(cls, path: Path) -> int:
         try:
             if path.is_dir() and (path / CONFIG).is_file():
-                cfg = json.loads(regular(path / CONFIG).read_text(encoding="utf-8"))
-                return 90 if isinstance(cfg, dict) and "peft_type" in cfg else 20
-        except (OSError, ValueError):
+                cfg = read_json(path / CONFIG, CONFIG)
+                return 90 if "peft_type" in cfg else 20
+        except (OSError, ValueError, BadInputError):
             return 10
         return 0
 
@@ -125,10 +92,9 @@ class PeftFormat(AdapterFormat):
 
         r_default = _num(cfg, "r", 8, path)
         a_default = _num(cfg, "lora_alpha", 8, path)
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-            raise BadInputError(f"{path / CONFIG}: rank_pattern/alpha_pattern must be objects")
+        deadline = Deadline()
+        rank_pattern = PatternTable(cfg.get("rank_pattern"), "rank_pattern", str(path / CONFIG), deadline)
+        alpha_pattern = PatternTable(cfg.get("alpha_pattern"), "alpha_pattern", str(path / CONFIG), deadline)
         rslora = bool(cfg.get("use_rslora", False))
         notes: list[str] = []
         if cfg.get("fan_in_fan_out"):
@@ -178,11 +144,11 @@ class PeftFormat(AdapterFormat):
                 raise BadInputError(f"{wfile}: {mod}: lora_A rank {r} does not match lora_B {list(B.shape)}")
             if A.dim() == 4 and B.shape[1] != r:
                 raise BadInputError(f"{wfile}: {mod}: grouped conv LoRA (groups > 1) is not supported")
-            cfg_r = _pattern_value(rank_pattern, mod, r_default, "rank_pattern", path)
+            cfg_r = _pattern_value(rank_pattern, mod, r_default)
             if cfg_r != r:
                 notes.append(f"{mod}: rank {r} in the weights, {cfg_r} in the config; the weights win")
-            alpha = _pattern_value(alpha_pattern, mod, a_default, "alpha_pattern", path)
-            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            alpha = _pattern_value(alpha_pattern, mod, a_default)
+            scale = lora_scale(alpha, r, rslora)
             layer = "embedding" if emb else ("conv" if A.dim() > 2 else None)
             deltas.append(LoraDelta(
                 f"{mod}.weight", A=A, B=B, scale=scale, transpose=True if emb else None,

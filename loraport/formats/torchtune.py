@@ -17,6 +17,7 @@ import torch
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, register
+from loraport.formats._common import lora_scale
 from loraport.formats._llm import (
     Inexpressible,
     bake,
@@ -140,7 +141,7 @@ class TorchtuneFormat(AdapterFormat):
                     B = rope_unpermute_rows(B, n)
                     m = rope_unpermute_rows(m.reshape(-1), n) if m is not None else None
                 target = hf
-            deltas.append(LoraDelta(target, A=A, B=B, scale=alpha / r, transpose=False, magnitude=m,
+            deltas.append(LoraDelta(target, A=A, B=B, scale=lora_scale(alpha, r), transpose=False, magnitude=m,
                                     dora_axis="out", alpha=alpha, layer="linear", source_key=f"{mod}.lora_a.weight"))
         if permute and any(qk_kind(d.target) for d in deltas):
             notes.append("q/k lora_b rows (and DoRA magnitudes) un-permuted from Meta's RoPE order to the HF base's")

@@ -124,32 +124,66 @@ class _Graph:
         return list(self.inits[name].dims)
 
     def read(self, name: str) -> torch.Tensor:
-        """One initializer as a CPU tensor (external data memory-mapped, copied)."""
+        """One initializer as a CPU tensor (external data memory-mapped, copied); every field checked first."""
         t = self.inits[name]
+        where = f"{self.path}: initializer {name[:80]!r}"
+        dt = ONNX_TO_TORCH.get(t.data_type)
+        dims = [int(d) for d in t.dims]
+        n = numel(dims, where)
         if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            loc = info.get("location", "")
-            try:
-                f = paths.external(self.path, loc)  # inside the model's folder, after symlinks; a regular file
-            except BadInputError as e:
-                raise type(e)(f"{e} [external data of initializer {name}]") from None
-            dt = ONNX_TO_TORCH.get(t.data_type)
             if dt is None:
-                raise BadInputError(f"{self.path}: initializer {name} has ONNX type {t.data_type} loraport cannot read")
-            n = int(np.prod(t.dims)) if len(t.dims) else 1
-            nbytes = n * torch.empty((), dtype=dt).element_size()
-            off = int(info.get("offset", 0))
-            length = int(info.get("length", nbytes))
-            if length != nbytes or not f.is_file() or off + length > f.stat().st_size:
-                raise BadInputError(f"{self.path}: external data for {name} is missing or truncated in {loc}")
-            if not length:
-                return torch.empty(list(t.dims), dtype=dt)
-            mm = np.memmap(f, dtype=np.uint8, mode="r", offset=off, shape=(length,))
-            return torch.from_numpy(np.array(mm)).view(dt).reshape(list(t.dims))
-        arr = numpy_helper.to_array(t)
+                raise BadInputError(f"{where} has ONNX type {t.data_type} loraport cannot read")
+            return self._read_external(t, where, dims, dt, n * dt.itemsize)
+        nbytes = n * dt.itemsize if dt is not None else None  # (packed 4-bit types: left to onnx's check)
+        if nbytes is not None and t.raw_data and len(t.raw_data) != nbytes:
+            raise BadInputError(f"{where}: inline data of {len(t.raw_data)} bytes, but {dims} needs {nbytes}")
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception as e:  # noqa: BLE001 - onnx raises ValueError/TypeError/KeyError on malformed fields
+            raise BadInputError(f"{where}: malformed tensor data ({type(e).__name__}: {str(e)[:100]})") from None
         if t.data_type == TensorProto.BFLOAT16:
             return torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.array(arr))
+
+    def _read_external(self, t, where: str, dims: list[int], dt: torch.dtype, nbytes: int) -> torch.Tensor:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        try:
+            f = paths.external(self.path, loc)  # inside the model's folder, after symlinks; a regular file
+        except BadInputError as e:
+            raise type(e)(f"{e} [external data of {where}]") from None
+        off = _field_int(info, "offset", 0, where)
+        length = _field_int(info, "length", nbytes, where)
+        if length != nbytes or not f.is_file() or off + length > f.stat().st_size:
+            raise BadInputError(f"{where}: external data is missing or truncated in {loc[:80]}")
+        if not length:
+            return torch.empty(dims, dtype=dt)
+        mm = np.memmap(f, dtype=np.uint8, mode="r", offset=off, shape=(length,))
+        return torch.from_numpy(np.array(mm)).view(dt).reshape(dims)
+
+
+MAX_NUMEL = 1 << 40  # elements of one initializer (4 TiB of fp32): past that a dims field is corrupt
+
+
+def numel(dims: list[int], where: str) -> int:
+    """Element count of ONNX `dims`, in Python integers (no overflow), refused when negative or absurd."""
+    n = 1
+    for d in dims:
+        if d < 0:
+            raise BadInputError(f"{where}: negative dimension in {dims[:8]}")
+        n *= d
+    if n > MAX_NUMEL:
+        raise BadInputError(f"{where}: dims {dims[:8]} hold {n} elements (at most {MAX_NUMEL}); corrupt")
+    return n
+
+
+def _field_int(info: dict, key: str, default: int, where: str) -> int:
+    v = info.get(key)
+    if v is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,19}", v):
+        raise BadInputError(f"{where}: external data {key} {v[:30]!r} is not a non-negative integer")
+    return int(v)
 
 
 def _by_name(g: _Graph, target: str) -> str | None:

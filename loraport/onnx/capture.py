@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from loraport.errors import BadInputError
+from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
 
 # Families the export is tested on (model_type -> title). Other decoder LMs that transformers defines are
 # attempted too, with a note in the report.
@@ -106,6 +107,7 @@ def build_skeleton(config: dict, dtype: str = "fp32"):
     mt = config.get("model_type") if isinstance(config, dict) else None
     if not mt:
         raise BadInputError("base config.json has no model_type; ONNX export needs a transformers model folder")
+    refuse_remote_code(config, "base")
     try:
         cfg = tf.AutoConfig.for_model(**config)
     except (ValueError, KeyError, TypeError) as e:
@@ -117,10 +119,10 @@ def build_skeleton(config: dict, dtype: str = "fp32"):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(tdt)
     try:
-        with _params_on_meta(), warnings.catch_warnings():
+        with _params_on_meta(), warnings.catch_warnings(), no_prompt():
             warnings.simplefilter("ignore")
             key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
-            model = tf.AutoModelForCausalLM.from_config(cfg, **{key: tdt})
+            model = tf.AutoModelForCausalLM.from_config(cfg, **NO_REMOTE_CODE, **{key: tdt})
     except ValueError as e:
         raise BadInputError(f"model_type {mt!r} is not a causal LM transformers can build: {e}") from None
     finally:

@@ -3,12 +3,12 @@ loraport/commands/convert.py and passes its options here as keywords)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from loraport import paths
 from loraport.errors import BadInputError
+from loraport.tensorfile import read_json
 
 
 def _adapter_list(kw: dict) -> list[tuple[str, float]]:
@@ -94,8 +94,8 @@ def write_onnx_adapter(adapter: str, graph: str, out: str, *, weight: float = 1.
     mpath = model.parent / MANIFEST
     if paths.member(model.parent, mpath).is_file():
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError):
+            manifest = read_json(mpath, MANIFEST)
+        except BadInputError:
             manifest = {}
     t2m = {s["target"]: s["module"] for s in manifest.get("lora_slots", []) if isinstance(s, dict)}
     if dtype:

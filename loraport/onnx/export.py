@@ -68,6 +68,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     from loraport.onnx import graph_cache
     from loraport.merging import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
+    from loraport.onnx.config_check import check_config
     from loraport.onnx.quantize import quantized_tensors, rewrite
     from loraport.onnx.weights import WeightSource
     from loraport.outputs import check_free_space, check_output, staged_output
@@ -99,6 +100,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     src = WeightSource(base, adapters, device=device, strict=strict, merge=not multi_lora)
     with contextlib.ExitStack() as stack:  # unwinds in reverse: scratch file, then the staged output, then src
         stack.callback(src.close)
+        check_config(src.config, {n: tuple(src.ckpt.info(n).shape) for n in src.ckpt.names()})
         lora_targets = None
         if multi_lora:
             lora_targets = {}

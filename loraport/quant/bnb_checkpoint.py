@@ -15,7 +15,6 @@ transposed back to the model's own [in, out] layout.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from loraport.quant import bnb_layout as L
 from loraport.quant.blockwise import dequantize_4bit, dequantize_absmax
 from loraport.quant.rowwise import dequantize_int8
 from loraport.safetensors_io import TensorInfo, tensor_bytes
+from loraport.tensorfile import read_json
 
 _QS = re.compile(r"^(?P<w>.+)\.quant_state\.bitsandbytes__(?P<t>nf4|fp4)$")
 
@@ -57,11 +57,11 @@ def is_bnb_folder(path: str | Path) -> bool:
     if not p.is_dir():
         return False
     try:
-        cfg = json.loads(paths.member(p, p / "config.json").read_text(encoding="utf-8"))
-        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        cfg = read_json(paths.member(p, p / "config.json"))
+        qc = cfg.get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
             return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, BadInputError):
         pass
     try:
         ck = Checkpoint.open(p)
