@@ -392,7 +392,7 @@ def _huge_dims(init, other):  # on a tensor the plan does not check: only the re
 
 @pytest.mark.parametrize("mutate,say", [(_set_ext("offset", "abc"), "offset"), (_set_ext("offset", "-64"), "offset"),
                                         (_set_ext("length", "-1"), "length"), (_set_ext("length", "9" * 40), "length"),
-                                        (_set_ext("location", "../x"), "outside"), (_huge_dims, "elements"),
+                                        (_set_ext("location", "../x"), "inside the model"), (_huge_dims, "elements"),
                                         (_inline_bad_raw, "inline data")])
 def test_malformed_onnx_fields_give_one_line(tmp_path, mutate, say):
     from loraport.onnx.baking import bake
