@@ -216,20 +216,33 @@ def _files_of(root: Path) -> dict[str, Path]:
             if f.is_file() and f.name != FOLDER_MANIFEST}
 
 
-def input_hashes(paths: list[str | Path], cache: HashCache | None = None) -> dict[str, str]:
-    """sha256 of every file of every input (a folder contributes its files, keyed by path)."""
-    hash_of = cache.sha256 if cache is not None else sha256_file
-    out: dict[str, str] = {}
+def _input_files(paths: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
     for p in paths:
         if p is None:
             continue
         p = Path(p)
         if p.is_file():
-            out[str(p)] = hash_of(p)
+            files.append(p)
         elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
-                    out[str(f)] = hash_of(f)
+            files += [f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    return files
+
+
+def input_hashes(paths: list[str | Path], cache: HashCache | None = None, reporter=None) -> dict[str, str]:
+    """sha256 of every file of every input (a folder contributes its files, keyed by path). `reporter`: the
+    loraport.progress reporter to tell (this often runs on its own thread, away from the caller's)."""
+    from loraport.progress import step
+
+    hash_of = cache.sha256 if cache is not None else sha256_file
+    files = _input_files(paths)
+    sizes = [f.stat().st_size for f in files]
+    out: dict[str, str] = {}
+    with step("hash inputs", total=sum(sizes), unit="B", items=len(files), item_unit="files",
+              reporter=reporter) as advance:
+        for f, size in zip(files, sizes):
+            out[str(f)] = hash_of(f)
+            advance(size, items=1)
     return out
 
 
@@ -317,18 +330,23 @@ def verify(out: str | Path, check_inputs: bool = False) -> dict:
     root = out if out.is_dir() else out.parent
     problems: list[str] = []
     checked = 0
-    for rel, ent in sorted(m["files"].items()):
-        f = out if m.get("kind") == "file" and rel == out.name else root / rel
-        if not f.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = f.stat().st_size
-        if isinstance(ent.get("size"), int) and size != ent["size"]:
-            problems.append(f"{rel}: size {size}, manifest says {ent['size']}")
-            continue
-        if sha256_file(f) != ent["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-        checked += 1
+    from loraport.progress import step
+
+    listed = sum(e["size"] for e in m["files"].values() if isinstance(e.get("size"), int))
+    with step("verify", total=listed, unit="B", items=len(m["files"]), item_unit="files") as advance:
+        for rel, ent in sorted(m["files"].items()):
+            f = out if m.get("kind") == "file" and rel == out.name else root / rel
+            if not f.is_file():
+                problems.append(f"{rel}: missing")
+                continue
+            size = f.stat().st_size
+            if isinstance(ent.get("size"), int) and size != ent["size"]:
+                problems.append(f"{rel}: size {size}, manifest says {ent['size']}")
+                continue
+            if sha256_file(f) != ent["sha256"]:
+                problems.append(f"{rel}: sha256 differs from the manifest")
+            checked += 1
+            advance(size, items=1)
     if out.is_dir():
         extra = sorted(set(_files_of(out)) - set(m["files"]))
         problems += [f"{rel}: not in the manifest" for rel in extra]
@@ -348,8 +366,11 @@ class BackgroundHashes:
     """sha256 of the inputs computed on a daemon thread while the merge streams (overlapping the reads)."""
 
     def __init__(self, paths: list[str | Path], cache: HashCache | None = None):
+        from loraport.progress import current
+
         self._paths = paths
         self._cache = cache
+        self._reporter = current()  # taken here: the thread below does not inherit the caller's context
         self._result: dict[str, str] | None = None
         self._error: BaseException | None = None
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -357,7 +378,7 @@ class BackgroundHashes:
 
     def _run(self) -> None:
         try:
-            self._result = input_hashes(self._paths, self._cache)
+            self._result = input_hashes(self._paths, self._cache, reporter=self._reporter)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._error = e
 
