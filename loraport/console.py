@@ -16,11 +16,41 @@ import threading
 import time
 from contextlib import contextmanager
 
-from rich.console import Console
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
-_warn = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Lazy:
+    """A rich Console made on first use: importing rich costs tens of ms that `loraport --help` need not pay."""
+
+    def __init__(self, **options):
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "_set", {})  # attributes set before the console exists (e.g. quiet)
+        object.__setattr__(self, "_console", None)
+
+    def _get(self):
+        if self._console is None:
+            from rich.console import Console
+
+            c = Console(**self._options)
+            for k, v in self._set.items():
+                setattr(c, k, v)
+            object.__setattr__(self, "_console", c)
+        return self._console
+
+    def __getattr__(self, name):
+        if self._console is None and name in self._set:
+            return self._set[name]
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name, value):
+        if self._console is None:
+            self._set[name] = value
+        else:
+            setattr(self._console, name, value)
+
+
+err = _Lazy(stderr=True, highlight=False, soft_wrap=True)
+out = _Lazy(highlight=False, soft_wrap=True)
+_warn = _Lazy(stderr=True, highlight=False, soft_wrap=True)
 
 
 def set_quiet(quiet: bool) -> None:
@@ -209,7 +239,8 @@ class Reporter:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+                                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                                  console=err._get() if isinstance(err, _Lazy) else err)
             self._bars.start()
         total = st.total if st.total is not None else st.items
         st.task = self._bars.add_task(st.name, total=total, amount=st.status())

@@ -18,7 +18,7 @@ runs a step on its own thread takes `current()` on the caller's thread and passe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -57,3 +57,14 @@ def step(name: str, total: float | None = None, *, unit: str = "", items: int | 
         return
     with r(name, total=total, unit=unit, items=items, item_unit=item_unit) as advance:
         yield advance
+
+
+def each(things: Iterable, name: str, *, count: int | None = None, item_unit: str = "tensors",
+         written: Callable[[], float] | None = None) -> Iterator:
+    """Iterate `things` as one step, one item each; `written()` (e.g. a writer's byte count) measures the bytes
+    each item added. A loop over `each(...)` reports itself without changing its body."""
+    with step(name, unit="B" if written else "", items=count, item_unit=item_unit) as advance:
+        for x in things:
+            before = written() if written else 0
+            yield x
+            advance((written() - before) if written else 0, items=1)

@@ -18,7 +18,8 @@ import pytest
 from tests.test_atomic_interrupt import _litter, _stage_bytes, make_big_model
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "numpy", "onnx", "onnxruntime", "safetensors", "transformers", "peft", "diffusers", "gguf")
+HEAVY = ("torch", "numpy", "onnx", "onnxruntime", "safetensors", "transformers", "peft", "diffusers", "gguf",
+         "rich")  # rich: ~40 ms, only for what a command prints
 INTERRUPTED = "error: interrupted; nothing was written"
 READY = "<<loraport starts>>"
 SCRIPT = Path(sys.executable).with_name("loraport")  # what pip wrote: `from loraport.cli import main; main()`

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
 from loraport.console import emit_json, err, human_bytes, next_validate, parse_size, warn
 
@@ -53,6 +52,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
               no_manifest, rehash_inputs, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
+    from rich.markup import escape
+
     from loraport.errors import BadInputError
     from loraport.merge import merge
 
@@ -105,6 +106,8 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapte
     """--adapter-dir / --jobs: one merge per adapter, continuing past failures; exit 1 if any failed."""
     import sys
     from pathlib import Path
+
+    from rich.markup import escape
 
     from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs
     from loraport.errors import BadInputError

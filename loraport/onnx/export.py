@@ -31,7 +31,7 @@ from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture
 from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
 from loraport.onnx.memory import lean_imports
-from loraport.progress import step
+from loraport.progress import each, step
 
 IR_VERSION = 10  # accepted by every onnxruntime >= 1.20 (1.20 rejects > 10) and required for opset 21
 MODEL_FILE = "model.onnx"
@@ -145,7 +145,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         writer = ExternalDataWriter(stage, DATA_FILE)
         inits = []
         try:
-            for spec in _stepped(cap.inits, writer, "weights+quantize" if qentries else "weights"):
+            for spec in each(cap.inits, "weights+quantize" if qentries else "weights", count=len(cap.inits),
+                             written=lambda: writer.bytes_written):
                 if spec.name in slot_names:
                     zero = [spec.shape[0], 0] if spec.name.endswith(".lora_A.weight") else [0, spec.shape[1]]
                     inits.append(helper.make_tensor(spec.name, spec.onnx_dtype, zero, vals=[]))
@@ -242,15 +243,6 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         "overlapped": pre is not None, "imports_left_out": left_out, "graph": graph_from,
     }
     return report
-
-
-def _stepped(inits: list, writer: ExternalDataWriter, name: str):
-    """Yield the initializer specs inside a progress step that counts tensors and the bytes written."""
-    with step(name, unit="B", items=len(inits), item_unit="tensors") as advance:
-        for spec in inits:
-            before = writer.bytes_written
-            yield spec
-            advance(writer.bytes_written - before, items=1)
 
 
 def _free(folder: Path) -> int:
