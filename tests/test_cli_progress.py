@@ -187,12 +187,15 @@ def test_onnx_export_off_a_terminal_shows_the_trace_and_the_validate_command(tmp
     r = _run(*args, interval=0.5)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert lines.index("[trace graph] start") < lines.index("[weights] start: 22 tensors")
+    assert "[trace graph] start" in lines  # (the weights of this tiny model take less than the grace period:
+    for x in lines:                         # their step is silent, or well-formed)
+        if x.startswith("[weights]"):
+            assert re.fullmatch(r"\[weights\] (start: 22 tensors|done: 22 tensors, [\d.]+ KB in \d+\.\d s|"
+                                r"\d+/22 tensors, [\d.]+ KB, \d+\.\d s)", x), x
     traced = re.search(r"^\[trace graph\] done in (\d+\.\d) s$", r.stderr, re.M)
     assert traced, lines
     if float(traced.group(1)) > 1.0:
         assert any(re.fullmatch(r"\[trace graph\] \d+\.\d s", x) for x in lines), lines  # heartbeats
-    assert any(re.fullmatch(r"\[weights\] done: 22 tensors, [\d.]+ KB in \d+\.\d s", x) for x in lines), lines
     assert re.fullmatch(rf"exported llama \(merged, fp32\) → {re.escape(str(out))} \([\d.]+ KB, \d+\.\ds on "
                         r"cpu; graph from capture\)", lines[-2]), lines[-2]
     nxt = lines[-1]
