@@ -20,6 +20,8 @@ from pathlib import Path
 
 from loraport import __version__
 from loraport.errors import BadInputError, LoraportError
+from loraport.progress import current as progress_reporter
+from loraport.progress import each, step
 
 FOLDER_MANIFEST = "loraport-manifest.json"
 SCHEMA = "loraport-manifest/1"
@@ -232,8 +234,6 @@ def _input_files(paths: list[str | Path]) -> list[Path]:
 def input_hashes(paths: list[str | Path], cache: HashCache | None = None, reporter=None) -> dict[str, str]:
     """sha256 of every file of every input (a folder contributes its files, keyed by path). `reporter`: the
     loraport.progress reporter to tell (this often runs on its own thread, away from the caller's)."""
-    from loraport.progress import step
-
     hash_of = cache.sha256 if cache is not None else sha256_file
     files = _input_files(paths)
     sizes = [f.stat().st_size for f in files]
@@ -330,23 +330,20 @@ def verify(out: str | Path, check_inputs: bool = False) -> dict:
     root = out if out.is_dir() else out.parent
     problems: list[str] = []
     checked = 0
-    from loraport.progress import step
-
-    listed = sum(e["size"] for e in m["files"].values() if isinstance(e.get("size"), int))
-    with step("verify", total=listed, unit="B", items=len(m["files"]), item_unit="files") as advance:
-        for rel, ent in sorted(m["files"].items()):
-            f = out if m.get("kind") == "file" and rel == out.name else root / rel
-            if not f.is_file():
-                problems.append(f"{rel}: missing")
-                continue
-            size = f.stat().st_size
-            if isinstance(ent.get("size"), int) and size != ent["size"]:
-                problems.append(f"{rel}: size {size}, manifest says {ent['size']}")
-                continue
-            if sha256_file(f) != ent["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the manifest")
-            checked += 1
-            advance(size, items=1)
+    for rel, ent in each(sorted(m["files"].items()), "verify", count=len(m["files"]), item_unit="files",
+                         size=lambda kv: kv[1]["size"] if isinstance(kv[1].get("size"), int) else 0,
+                         total=sum(e["size"] for e in m["files"].values() if isinstance(e.get("size"), int))):
+        f = out if m.get("kind") == "file" and rel == out.name else root / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = f.stat().st_size
+        if isinstance(ent.get("size"), int) and size != ent["size"]:
+            problems.append(f"{rel}: size {size}, manifest says {ent['size']}")
+            continue
+        if sha256_file(f) != ent["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+        checked += 1
     if out.is_dir():
         extra = sorted(set(_files_of(out)) - set(m["files"]))
         problems += [f"{rel}: not in the manifest" for rel in extra]
@@ -366,11 +363,9 @@ class BackgroundHashes:
     """sha256 of the inputs computed on a daemon thread while the merge streams (overlapping the reads)."""
 
     def __init__(self, paths: list[str | Path], cache: HashCache | None = None):
-        from loraport.progress import current
-
         self._paths = paths
         self._cache = cache
-        self._reporter = current()  # taken here: the thread below does not inherit the caller's context
+        self._reporter = progress_reporter()  # taken here: the thread below does not inherit the caller's context
         self._result: dict[str, str] | None = None
         self._error: BaseException | None = None
         self._t = threading.Thread(target=self._run, daemon=True)

@@ -60,11 +60,15 @@ def step(name: str, total: float | None = None, *, unit: str = "", items: int | 
 
 
 def each(things: Iterable, name: str, *, count: int | None = None, item_unit: str = "tensors",
-         written: Callable[[], float] | None = None) -> Iterator:
-    """Iterate `things` as one step, one item each; `written()` (e.g. a writer's byte count) measures the bytes
-    each item added. A loop over `each(...)` reports itself without changing its body."""
-    with step(name, unit="B" if written else "", items=count, item_unit=item_unit) as advance:
+         written: Callable[[], float] | None = None, size: Callable[[object], float] | None = None,
+         total: float | None = None) -> Iterator:
+    """Iterate `things` as one step, one item each. Bytes per item: `size(item)`, or the growth of `written()`
+    (e.g. a writer's byte count) while the item was handled; `total` bytes if known. A loop over `each(...)`
+    reports itself without changing its body."""
+    unit = "B" if written or size else ""
+    with step(name, total=total, unit=unit, items=count, item_unit=item_unit) as advance:
         for x in things:
             before = written() if written else 0
             yield x
-            advance((written() - before) if written else 0, items=1)
+            n = size(x) if size else (written() - before) if written else 0
+            advance(n, items=1)
