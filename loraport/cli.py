@@ -116,9 +116,10 @@ def _add_quiet(cmd: click.Command) -> None:
     if isinstance(cmd, click.Group):
         for sub in cmd.commands.values():
             _add_quiet(sub)
-    if not any("--quiet" in p.opts for p in cmd.params):
-        cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
-                                       callback=_set_quiet, help=QUIET_HELP))
+    taken = {o for p in cmd.params for o in p.opts}
+    if "--quiet" not in taken:  # (a command that defines -q for itself keeps it)
+        cmd.params.append(click.Option(["--quiet"] if "-q" in taken else ["-q", "--quiet"], is_flag=True,
+                                       expose_value=False, is_eager=True, callback=_set_quiet, help=QUIET_HELP))
 
 
 def _discover() -> None:
