@@ -2,8 +2,13 @@
 
 Public API (each also a CLI command; see loraport/api.py): `merge`, `convert`, `export_onnx`, `validate`,
 `inspect`, `verify`, `load_adapter`; errors are `LoraportError` subclasses (loraport/errors.py), results the
-frozen records of loraport/results.py. `import loraport` stays light: the engines load on first use.
+frozen records of loraport/results.py. `import loraport` stays light (and `loraport --help` fast): the engines,
+and torch behind them, load on first use.
 """
+
+from loraport import interrupts as _interrupts
+
+_interrupts.install_if_entry()  # as the `loraport` process: Ctrl-C is one line from the first moment
 
 __version__ = "0.1.0"
 

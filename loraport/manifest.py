@@ -22,6 +22,8 @@ from pathlib import Path
 from loraport import __version__
 from loraport import paths as policy  # the input-path policy (`paths` is a parameter name below)
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
+from loraport.progress import current as progress_reporter
+from loraport.progress import each, step
 from loraport.tensorfile import MAX_JSON
 
 FOLDER_MANIFEST = "loraport-manifest.json"
@@ -241,20 +243,32 @@ def _files_of(root: Path) -> dict[str, Path]:
             if f.is_file() and f.name != FOLDER_MANIFEST}
 
 
-def input_hashes(paths: list[str | Path], cache: HashCache | None = None) -> dict[str, str]:
-    """sha256 of every file of every input (a folder contributes its files, keyed by path)."""
-    hash_of = cache.sha256 if cache is not None else sha256_file
-    out: dict[str, str] = {}
+def _input_files(paths: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
     for p in paths:
         if p is None:
             continue
         p = policy.named(p)
         if p.is_file():
-            out[str(p)] = hash_of(p)
-        elif p.is_dir():  # the input-path policy's walk: special files skipped, symlinks out of it refused
-            for _, f in policy.walk(p):
-                if not f.name.startswith("."):
-                    out[str(f)] = hash_of(f)
+            files.append(p)
+        elif p.is_dir():
+            # the input-path policy's walk: special files skipped, symlinks out of it refused
+            files += [f for _, f in policy.walk(p) if not f.name.startswith(".")]
+    return files
+
+
+def input_hashes(paths: list[str | Path], cache: HashCache | None = None, reporter=None) -> dict[str, str]:
+    """sha256 of every file of every input (a folder contributes its files, keyed by path). `reporter`: the
+    loraport.progress reporter to tell (this often runs on its own thread, away from the caller's)."""
+    hash_of = cache.sha256 if cache is not None else sha256_file
+    files = _input_files(paths)
+    sizes = [f.stat().st_size for f in files]
+    out: dict[str, str] = {}
+    with step("hash inputs", total=sum(sizes), unit="B", items=len(files), item_unit="files",
+              reporter=reporter) as advance:
+        for f, size in zip(files, sizes):
+            out[str(f)] = hash_of(f)
+            advance(size, items=1)
     return out
 
 
@@ -344,7 +358,9 @@ def verify(out: str | Path, check_inputs: bool = False) -> dict:
     root = out if out.is_dir() else out.parent
     problems: list[str] = []
     checked = 0
-    for rel, ent in sorted(m["files"].items()):
+    for rel, ent in each(sorted(m["files"].items()), "verify", count=len(m["files"]), item_unit="files",
+                         size=lambda kv: kv[1]["size"] if isinstance(kv[1].get("size"), int) else 0,
+                         total=sum(e["size"] for e in m["files"].values() if isinstance(e.get("size"), int))):
         f = out if m.get("kind") == "file" and rel == out.name else root / rel
         if not f.is_file():
             problems.append(f"{rel}: missing")
@@ -377,6 +393,7 @@ class BackgroundHashes:
     def __init__(self, paths: list[str | Path], cache: HashCache | None = None):
         self._paths = paths
         self._cache = cache
+        self._reporter = progress_reporter()  # taken here: the thread below does not inherit the caller's context
         self._result: dict[str, str] | None = None
         self._error: BaseException | None = None
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -384,7 +401,7 @@ class BackgroundHashes:
 
     def _run(self) -> None:
         try:
-            self._result = input_hashes(self._paths, self._cache)
+            self._result = input_hashes(self._paths, self._cache, reporter=self._reporter)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._error = e
 

@@ -726,7 +726,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
             release(item.name)
 
     try:
-        with _progress(progress, sum(_nbytes(e) for f in layout for e in f.entries)) as advance:
+        with _progress(progress, layout, "merge" if quantizer is None else "merge+quantize") as advance:
             while True:
                 item = None
                 if pending is not None:  # the next item if it is ready; else give the last one back first,
@@ -771,7 +771,7 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
                     finish(*pending)
                 pending = (w, w.last_seq, item)
                 written += n
-                advance(n)
+                advance(n, items=1)
                 if w._i == len(f.entries):
                     w.close()
         if pending is not None:
@@ -798,19 +798,26 @@ def _stream(plan: MergePlan, layout: list[OutFile], stage: Path, single: bool, d
 
 
 class _progress:
-    def __init__(self, progress, total):
-        self.progress, self.total = progress, total
+    """The stream's progress: `progress(total)` when a caller passed one (the older interface), else a
+    loraport.progress step (tensors and bytes) that whoever called merge() may be watching."""
+
+    def __init__(self, progress, layout: list[OutFile], name: str):
+        self.progress, self.layout, self.name = progress, layout, name
 
     def __enter__(self):
+        total = sum(_nbytes(e) for f in self.layout for e in f.entries)
         if self.progress is None:
-            return lambda n=1: None
-        self._cm = self.progress(self.total)
-        return self._cm.__enter__()
+            from loraport.progress import step
+
+            self._cm = step(self.name, total=total, unit="B",
+                            items=len({e.name for f in self.layout for e in f.entries}), item_unit="tensors")
+            return self._cm.__enter__()
+        self._cm = self.progress(total)
+        adv = self._cm.__enter__()
+        return lambda n=1, items=0: adv(n)
 
     def __exit__(self, *exc):
-        if self.progress is not None:
-            return self._cm.__exit__(*exc)
-        return False
+        return self._cm.__exit__(*exc)
 
 
 def _write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_dtype, quantizer) -> None:

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from loraport.console import emit_json, err
 from loraport.manifest import CACHE_FILE
@@ -139,6 +138,8 @@ def info_cmd(as_json):
     if as_json:
         emit_json(rep)
         return
+    from rich.markup import escape
+
     err.print(f"{escape(rep['root'])}: {rep['hash_entries']} remembered input sha256 ({rep['hash_bytes']} bytes), "
               f"{rep['graphs']} ONNX graph(s) ({rep['graph_bytes']} bytes)", markup=True)
     key = "ok" if rep["key_ok"] else rep["key_problem"]
@@ -162,6 +163,8 @@ def clear_cmd(only_hashes, only_graphs, as_json):
     if as_json:
         emit_json(rep)
         return
+    from rich.markup import escape
+
     err.print(f"removed {rep['removed_hash_entries']} input sha256 and {rep['removed_graphs']} ONNX graph(s) from "
               f"{escape(rep['root'])} ({rep['freed_bytes']} bytes)", markup=True)
     if rep["skipped"]:

@@ -71,10 +71,13 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
     if as_json:
         emit_json(rep)
         return
+    if to == "onnx" and isinstance(rep, dict) and "external_data_bytes" in rep:
+        _onnx_summary(rep, base, [a for a in [adapter, *adapters] if a], list(weights))
+        return
     if not isinstance(rep, dict) or "source_format" not in rep:
-        err.print(f"wrote {out}")
+        err.print(f"wrote {out}", markup=False)
         for n in rep.get("notes", []) if isinstance(rep, dict) else []:  # e.g. why no genai_config.json
-            err.print(f"  note: {n}")
+            err.print(f"  note: {n}", markup=False)
         return
     err.print(f"{rep['source_format']} → {rep['to']}: {rep['deltas']} update(s) written to {rep['out']}")
     for n in rep.get("notes", []):
@@ -84,6 +87,17 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
                   f"{rep['max_rel_error']:.3g}")
     if rep.get("max_abs_diff") is not None:
         err.print(f"  read back: max |ΔW difference| {rep['max_abs_diff']:.3g}")
+
+
+def _onnx_summary(rep: dict, base, adapters: list[str], weights: list[float]) -> None:
+    from loraport.console import err, human_bytes, next_validate, path_size
+
+    what = rep.get("dtype", "") + (f", {rep['quantize']}" if rep.get("quantize") else "")
+    err.print(f"exported {rep.get('model_type', '?')} ({rep.get('kind', 'merged')}, {what}) → {rep['out']} "
+              f"({human_bytes(path_size(rep['out']))}, {rep['seconds']:.1f}s on {rep.get('device', '?')}; "
+              f"graph from {rep.get('graph', 'capture')})", markup=False)
+    ws = weights if len(weights) == len(adapters) else [1.0] * len(adapters)
+    err.print(next_validate(rep["out"], base, list(zip(adapters, ws))), markup=False)
 
 
 def _check_target(to: str) -> None:

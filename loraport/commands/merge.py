@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 
-from loraport.console import emit_json, err, human_bytes, parse_size, progress
+from loraport.console import emit_json, err, human_bytes, next_validate, parse_size, warn
 
 
 def register(group: click.Group) -> None:
@@ -56,6 +55,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
               no_manifest, rehash_inputs, allow_incomplete, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
+    from rich.markup import escape
+
     from loraport.errors import BadInputError
 
     nonfinite = "fail" if fail_on_nonfinite else "warn"
@@ -78,8 +79,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                             overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
                             adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
                             manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
-                            allow_incomplete=allow_incomplete,
-                            progress=None if as_json else (lambda total: progress("merging", total)))
+                            allow_incomplete=allow_incomplete)  # progress: the reporter the CLI installed (stderr)
     report = result.to_dict()
     if as_json:
         emit_json(report)
@@ -87,7 +87,7 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     in_table = {r.get("warning") for r in report.get("quantization") or [] if isinstance(r, dict)}
     for w in report.get("warnings", []) or []:
         if w not in in_table:  # the quantization table prints its own warnings
-            err.print(f"[yellow]warning:[/yellow] {escape(w)}", markup=True)
+            warn(w)
     if report.get("skipped_targets"):
         err.print(f"[yellow]skipped {len(report['skipped_targets'])} unmatched target(s)[/yellow]")
     if report.get("quantization"):
@@ -97,7 +97,9 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     n = report.get("tensors_updated", report.get("initializers_updated", "?"))  # the latter: ONNX baking
     size = report.get("bytes_written", report.get("external_data_bytes", 0))
     err.print(f"merged {len(report['adapters'])} adapter(s) into {n} tensor(s) → {report['out']} "
-              f"({human_bytes(size)}, {report['seconds']:.1f}s on {report.get('device', '?')})")
+              f"({human_bytes(size)}, {report['seconds']:.1f}s on {report.get('device', '?')})", markup=False)
+    if not str(base).endswith(".onnx") or reference:  # a baked ONNX model is validated against its HF folder
+        err.print(next_validate(report["out"], reference or base, list(zip(adapters, ws))), markup=False)
 
 
 def check_weights(weights, n: int, flag: str = "--weight") -> None:
@@ -131,6 +133,8 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapte
     """--adapter-dir / --jobs: one merge per adapter, continuing past failures; exit 1 if any failed."""
     import sys
     from pathlib import Path
+
+    from rich.markup import escape
 
     from loraport import hub
     from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs

@@ -30,7 +30,7 @@ def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active,
     """Run ARTIFACT and the fp32 reference (base + unmerged adapters) on the same inputs; exit 0 when within
     tolerance, 1 when not, 2 on bad input."""
     import loraport
-    from loraport.console import emit_json, err
+    from loraport.console import emit_json, err, progress
     from loraport.errors import BadInputError
 
     from loraport.commands.merge import check_weights
@@ -39,8 +39,9 @@ def validate_cmd(artifact, base, adapters, weights, tolerance, provider, active,
     if batch < 1 or seq < 1:
         raise BadInputError("--batch and --seq must be positive")
     ads = [(a, weights[i] if weights else 1.0) for i, a in enumerate(adapters)]
-    res = loraport.validate(artifact, base, ads, tolerance=tolerance, provider=provider, active=active, batch=batch,
-                            seq=seq, seed=seed)
+    with progress("validate", None):  # loads both models and runs them: CI logs see it alive
+        res = loraport.validate(artifact, base, ads, tolerance=tolerance, provider=provider, active=active,
+                                batch=batch, seq=seq, seed=seed)
     rep = res.to_dict()
     if as_json:
         emit_json(rep)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.markup import escape
 
 from loraport.console import emit_json, err
 
@@ -22,6 +21,8 @@ def register(group: click.Group) -> None:
 def verify_cmd(out, check_inputs, as_json):
     """Check that every file of OUT still matches its loraport manifest (sha256 and size).
     Exit 0 when all match, 1 on any mismatch, 2 when OUT has no manifest."""
+    from rich.markup import escape
+
     import loraport
 
     rep = loraport.verify(out, inputs=check_inputs).to_dict()

@@ -33,6 +33,7 @@ from loraport.adapter import Adapter
 from loraport.checkpoint import CONV1D_LAYERS
 from loraport.errors import BadInputError, OutputError, PlanError
 from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
+from loraport.progress import each
 
 _CONV1D_ANY = re.compile("|".join(f"(?:{p})" for p in set(CONV1D_LAYERS.values())))
 _TS_NODE = re.compile(r"^/(?P<path>.+)/[A-Za-z]+(?:_\d+)?$")  # TorchScript: /model/layers.0/mlp/up_proj/MatMul
@@ -354,7 +355,8 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
         writer = ExternalDataWriter(stage.parent, tmp_data.name)
         writer.location = data_name
         try:
-            for t in proto.graph.initializer:
+            for t in each(proto.graph.initializer, "bake", count=len(proto.graph.initializer),
+                          written=lambda: writer.bytes_written):
                 if t.name in resolved:
                     W = g.read(t.name)
                     stored_dtype = W.dtype

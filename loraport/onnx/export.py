@@ -33,6 +33,7 @@ from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture
 from loraport.onnx.external import ONNX_TO_TORCH, ExternalDataWriter
 from loraport.onnx.memory import lean_imports
+from loraport.progress import each, step
 
 IR_VERSION = 10  # accepted by every onnxruntime >= 1.20 (1.20 rejects > 10) and required for opset 21
 MODEL_FILE = "model.onnx"
@@ -128,7 +129,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             stack.callback(pre.close)
         if cap is None:
             try:
-                with lean_imports(lean) as left_out:
+                with lean_imports(lean) as left_out, step("trace graph"):
                     cap = capture(src.config, dtype=dtype, opset=int(opset), lora_targets=lora_targets,
                                   with_past=with_past)
             except BaseException:
@@ -156,7 +157,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         writer = ExternalDataWriter(stage, DATA_FILE)
         inits = []
         try:
-            for spec in cap.inits:
+            for spec in each(cap.inits, "weights+quantize" if qentries else "weights", count=len(cap.inits),
+                             written=lambda: writer.bytes_written):
                 if spec.name in slot_names:
                     zero = [spec.shape[0], 0] if spec.name.endswith(".lora_A.weight") else [0, spec.shape[1]]
                     inits.append(helper.make_tensor(spec.name, spec.onnx_dtype, zero, vals=[]))
@@ -196,12 +198,13 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             _expose_lora_inputs(proto, cap.lora_slots)
         proto.ir_version = IR_VERSION
         proto.producer_name, proto.producer_version = "loraport", __version__
-        onnx.save_model(proto, str(stage / MODEL_FILE))
-        try:
-            onnx.checker.check_model(str(stage / MODEL_FILE))
-        except onnx.checker.ValidationError as e:
-            raise BadInputError(f"the exported graph failed onnx.checker: {str(e).splitlines()[0][:300]}") \
-                from None
+        with step("save graph + onnx.checker"):
+            onnx.save_model(proto, str(stage / MODEL_FILE))
+            try:
+                onnx.checker.check_model(str(stage / MODEL_FILE))
+            except onnx.checker.ValidationError as e:
+                raise BadInputError(f"the exported graph failed onnx.checker: {str(e).splitlines()[0][:300]}") \
+                    from None
         for rel in src.ckpt.extra_files:
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
