@@ -110,10 +110,10 @@ def _set_quiet(ctx, param, value) -> None:
     if value or ctx.parent is None:  # the group's flag resets every invocation; a command's can only add
         from loraport.console import set_quiet
 
-        set_quiet(value)
+        set_quiet(value or os.environ.get("LORAPORT_QUIET", "") not in ("", "0"))
 
 
-QUIET_HELP = "no progress or info lines on stderr (warnings and errors still print)"
+QUIET_HELP = "no progress or info lines on stderr (warnings and errors still print); LORAPORT_QUIET=1 sets it"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

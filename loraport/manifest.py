@@ -24,7 +24,7 @@ from loraport import paths as policy  # the input-path policy (`paths` is a para
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 from loraport.progress import current as progress_reporter
 from loraport.progress import each, step
-from loraport.tensorfile import MAX_JSON
+from loraport.jsonfile import MAX_JSON
 
 FOLDER_MANIFEST = "loraport-manifest.json"
 SCHEMA = "loraport-manifest/1"

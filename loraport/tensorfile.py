@@ -6,7 +6,6 @@ containers, and that refusal becomes an `UnsafeInputError` naming the file and t
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 import zipfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from loraport.errors import BadInputError, UnsafeInputError
+from loraport.jsonfile import MAX_JSON, loads_json, read_json  # noqa: F401 - readers import them from here too
 from loraport.paths import regular
 from loraport.safetensors_io import SafetensorsFile
 
@@ -88,36 +88,3 @@ def _torch_reason(e: BaseException) -> str:
     pick = [x for x in lines if re.search(r"unsupported|blocked|not an allowed", x, re.I)]
     line = m.group(1) if m else (pick or lines or [type(e).__name__])[0]
     return re.sub(r"\x1b\[[0-9;]*m", "", line).strip()[:200] or type(e).__name__
-
-
-MAX_JSON = 32 << 20  # bytes: configs, indexes and metadata JSON are kilobytes to a few megabytes
-
-
-def loads_json(text: str | bytes, where: str, what: str = "config"):
-    """Parse JSON from a file or a metadata string, capped at MAX_JSON bytes (any top-level type)."""
-    if len(text) > MAX_JSON:
-        raise BadInputError(f"{where}: {what} is {len(text)} bytes of JSON (at most {MAX_JSON}); refused")
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, over-long integers
-        raise BadInputError(f"{where}: invalid JSON in {what} ({str(e)[:120]})") from None
-    except RecursionError:
-        raise BadInputError(f"{where}: invalid JSON in {what} (nested too deeply)") from None
-
-
-def read_json(p: str | Path, what: str = "config") -> dict:
-    """A JSON object from a file, refused past MAX_JSON bytes before anything is read; the file must be a
-    regular one (`paths.regular`: never a FIFO, device or /proc file)."""
-    p = regular(p)
-    try:
-        if p.stat().st_size > MAX_JSON:
-            raise BadInputError(f"{p}: {what} is {p.stat().st_size} bytes of JSON (at most {MAX_JSON}); refused")
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"{p}: missing {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{p}: invalid JSON in {what} ({str(e)[:120]})") from None
-    obj = loads_json(text, str(p), what)
-    if not isinstance(obj, dict):
-        raise BadInputError(f"{p}: {what} must be a JSON object")
-    return obj

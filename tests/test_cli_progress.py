@@ -26,11 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TENSORS, MB = 24, "56.6 MB"  # make_big_model: 24 fp32 768x768 tensors = 56,623,104 bytes
 
 
-def _run(*args: str, interval: float = 5.0, timeout: float = 600) -> subprocess.CompletedProcess:
+
+@pytest.fixture(autouse=True)
+def _progress_on(monkeypatch):
+    """The suite runs quiet (conftest sets LORAPORT_QUIET); these tests are about the progress lines."""
+    monkeypatch.delenv("LORAPORT_QUIET", raising=False)
+
+def _run(*args: str, interval: float = 5.0, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LORAPORT_DEBUG", None)
+    env.pop("LORAPORT_QUIET", None)  # the suite runs quiet (conftest); progress is the subject here
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["LORAPORT_PROGRESS_INTERVAL"] = str(interval)
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "loraport", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=timeout)  # pipes: not a terminal
 
@@ -71,6 +79,9 @@ def test_quiet_silences_everything_and_json_stays_clean(model):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     rep = json.loads(r.stdout)  # stdout is the report and nothing else
     assert rep["tensors_updated"] == TENSORS and Path(rep["out"]) == out
+    r = _run("merge", "--base", base, "--adapter", ad, "--out", root / "quiet_env", "--device", "cpu",
+             interval=0.05, LORAPORT_QUIET="1")  # the environment's spelling (CI jobs; the suite itself)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_global_quiet_still_prints_errors_and_resets_between_runs(model):
