@@ -27,7 +27,7 @@ from loraport.formats._llm import (
     positive_number,
     require_lora_only,
 )
-from loraport.names.llm import hf_experts_to_mlx, is_embedding, mlx_switch_to_hf
+from loraport.names.llm import expert_index, is_embedding, num_experts, translate
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import read_json
 
@@ -167,11 +167,11 @@ class MlxFormat(AdapterFormat):
             if not d.target.endswith(".weight") or not _BLOCK.match(d.target):
                 raise BadInputError(f"MLX (mlx-lm) applies LoRA only inside transformer blocks; {d.target} is "
                                     "outside them")
-            sw = hf_experts_to_mlx(d.target)
+            sw = translate(d.target, "hf", "mlx", experts=True)
             if sw is not None:
                 if d.magnitude is not None:
                     raise Inexpressible(f"{d.target}: MLX has no DoRA for MoE experts")
-                switch[sw[0]][sw[1]] = oriented(d, False, base)
+                switch[sw][expert_index(d.target)] = oriented(d, False, base)
                 continue
             emb = is_embedding(d.target)
             o = oriented(d, emb, base)
@@ -183,7 +183,7 @@ class MlxFormat(AdapterFormat):
         ranks = [a.shape[0] for a, _, _ in entries.values()]
         sw_entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for mod, per in switch.items():
-            n = _num_experts(base, max(per) + 1)
+            n = num_experts(base.config if base is not None else None, max(per) + 1)
             if len(per) < n:
                 notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
             r = max(d.A.shape[0] for d in per.values())
@@ -233,15 +233,6 @@ class MlxFormat(AdapterFormat):
         return [path / WEIGHTS, path / CONFIG]
 
 
-def _num_experts(base, seen: int) -> int:
-    if base is not None and isinstance(base.config, dict):
-        for k in ("num_experts", "num_local_experts", "n_routed_experts"):
-            v = base.config.get(k)
-            if isinstance(v, int) and v > 0:
-                return v
-    return seen
-
-
 def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scale: float, m, names) -> list:
     """A SwitchLinear LoRA -> per-expert LoraDeltas (per-expert base) or one ExpertsLoraDelta (stacked base)."""
     if m is not None:
@@ -252,11 +243,11 @@ def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scal
     if a.dim() != 3 or a.shape[0] != E or a.shape[1] != r:
         raise BadInputError(f"{wfile}: {mod}: expert lora_a {list(a.shape)} does not fit lora_b {list(b.shape)} "
                             "([E,r,in] / [E,out,r])")
-    hf = mlx_switch_to_hf(mod)
-    if hf is None:  # unknown family: keep the MLX name, stacked
+    per_expert = translate(mod, "mlx", "hf", experts=True)
+    if per_expert is None:  # unknown family: keep the MLX name, stacked
         return [ExpertsLoraDelta(f"{mod}.weight", parts=[ExpertPart(a, b, scale, None, f"{mod}.lora_a")],
                                  source_key=f"{mod}.lora_a")]
-    per_expert, stacked, part = hf
+    stacked, _, part = translate(mod, "mlx", "hf_stacked", experts=True).partition(":")
     if names is not None and per_expert.format(xid=0) not in names and stacked in names:
         rows = None
         if part:  # a fused gate_up tensor: gate is the first half of the output axis, up the second
