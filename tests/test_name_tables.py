@@ -132,3 +132,25 @@ def test_num_experts_falls_back_to_what_the_adapter_shows():
     assert num_experts(None, 3) == 3
     assert num_experts({"num_experts": 0, "num_local_experts": "8"}, 5) == 5
     assert num_experts({"model_type": "llama"}, 2) == 2
+
+
+@pytest.mark.parametrize("to", ["gguf", "mlx"])
+def test_expert_beyond_the_base_is_refused_by_both_stacking_writers(tmp_path, to):
+    """An 8-expert SwitchLinear adapter against the 4-expert fixture base: both writers that stack experts
+    (their expert count from the one `num_experts`) refuse it with the expert named; GGUF used to crash."""
+    from safetensors.torch import load_file, save_file
+
+    from loraport.conversion import convert_adapter
+    from loraport.errors import BadInputError
+    from tests._llm_util import LLM, MOE
+
+    src, ad = LLM / "mlx" / "qwen2moe_switch", tmp_path / "ad"
+    ad.mkdir()
+    doubled = {k: (v.repeat(2, *[1] * (v.dim() - 1)) if v.dim() == 3 else v)
+               for k, v in load_file(src / "adapters.safetensors").items()}
+    save_file(doubled, ad / "adapters.safetensors", {"format": "mlx"})
+    (ad / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    out = tmp_path / ("out.gguf" if to == "gguf" else "out")
+    with pytest.raises(BadInputError, match=r"experts\.4\..*expert index 4 beyond the base's 4 experts"):
+        convert_adapter(ad, to, out, base=MOE)
+    assert not out.exists()

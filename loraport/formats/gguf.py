@@ -335,6 +335,8 @@ class GgufFormat(AdapterFormat):
             A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
             B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
             for e, x in per.items():
+                if e >= n:
+                    raise BadInputError(f"{x.target}: expert index {e} beyond the base's {n} experts")
                 k = x.A.shape[0]
                 A[e, :k] = x.A
                 B[e, :, :k] = bake(x.B, x.scale / (alpha / r))
