@@ -29,7 +29,7 @@ from loraport.errors import BadInputError, UnsafeInputError
 from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
 from loraport.formats._common import lora_scale
-from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
+from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only, stack_experts
 from loraport.names.llm import (
     GGUF_ARCH,
     expert_index,
@@ -330,16 +330,7 @@ class GgufFormat(AdapterFormat):
             tensors += [(name + ".lora_a", A), (name + ".lora_b", B)]
         for name, per in experts.items():
             n = num_experts(base.config if base is not None else None, max(per) + 1)
-            r = max(x.A.shape[0] for x in per.values())
-            ref = next(iter(per.values()))
-            A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
-            B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
-            for e, x in per.items():
-                if e >= n:
-                    raise BadInputError(f"{x.target}: expert index {e} beyond the base's {n} experts")
-                k = x.A.shape[0]
-                A[e, :k] = x.A
-                B[e, :, :k] = bake(x.B, x.scale / (alpha / r))
+            A, B = stack_experts(per, n, lambda r: alpha / r)
             tensors += [(name + ".lora_a", A), (name + ".lora_b", B)]
         if baked:
             adapter.notes.append(f"{baked} module(s) with another alpha/scale rule: scale baked into lora_b "

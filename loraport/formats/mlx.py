@@ -26,6 +26,7 @@ from loraport.formats._llm import (
     pad_rank,
     positive_number,
     require_lora_only,
+    stack_experts,
 )
 from loraport.names.llm import expert_index, is_embedding, num_experts, translate
 from loraport.safetensors_io import SafetensorsFile, save_file
@@ -186,17 +187,7 @@ class MlxFormat(AdapterFormat):
             n = num_experts(base.config if base is not None else None, max(per) + 1)
             if len(per) < n:
                 notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
-            r = max(d.A.shape[0] for d in per.values())
-            ref = next(iter(per.values()))
-            A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
-            B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
-            for e, d in per.items():
-                if e >= n:
-                    raise BadInputError(f"{d.target}: expert index {e} beyond the base's {n} experts")
-                k = d.A.shape[0]
-                A[e, :k] = d.A
-                B[e, :, :k] = bake(d.B, d.scale / scale)
-            sw_entries[mod] = (A, B)
+            sw_entries[mod] = stack_experts(per, n, lambda r: scale)
         for x in experts:
             if len(x.parts) != 1 or x.parts[0].out_rows is not None:
                 raise BadInputError(f"{x.target}: a fused gate_up expert update has no MLX form (MLX stacks gate "
