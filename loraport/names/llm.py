@@ -14,6 +14,7 @@ LoRA only B's rows move (ΔW = B@A, the rows of ΔW are the rows of B).
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from functools import cache
 
@@ -192,7 +193,8 @@ def spell(key: Key, dialect: str) -> str | None:
     return f"{name}.{key.param}" if key.param else name
 
 
-def translate(name: str, src: str, dst: str, candidates=None, *, experts: bool = False) -> str | None:
+def translate(name: str, src: str, dst: str, candidates: Container[str] | None = None, *,
+              experts: bool = False) -> str | None:
     """`name` spelled in dialect `src` -> its spelling in `dst` (None if not in the table).
 
     Where several `dst` spellings exist (Mixtral's `block_sparse_moe.gate` vs `mlp.gate`), `candidates` (the
@@ -222,12 +224,12 @@ def hf_to_gguf(hf: str) -> str | None:
     return translate(hf, "hf", "gguf")
 
 
-def gguf_to_hf(name: str, candidates=None) -> str | None:
+def gguf_to_hf(name: str, candidates: Container[str] | None = None) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; `candidates` as in `translate`."""
     return translate(name, "gguf", "hf", candidates)
 
 
-def num_experts(config, seen: int) -> int:
+def num_experts(config: dict | None, seen: int) -> int:
     """An MoE base's expert count from its config.json, else `seen` (the highest expert index + 1)."""
     if isinstance(config, dict):
         for k in EXPERT_COUNT_KEYS:
