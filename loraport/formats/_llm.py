@@ -80,3 +80,21 @@ def positive_number(v, what: str, where) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
         raise BadInputError(f"{where}: {what} must be a finite number, got {v!r}")
     return float(v)
+
+
+def stack_experts(per: dict[int, LoraDelta], n: int, file_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert LoRA factors (oriented, by expert index) -> the stacked A [n, r, in] and B [n, out, r] that
+    GGUF `*_exps` and MLX SwitchLinear store: r = the largest rank (others zero-padded), experts without
+    LoRA zero, each B baked to the file's scale `file_scale(r)`. `n` is the base's expert count."""
+    r = max(x.A.shape[0] for x in per.values())
+    ref = next(iter(per.values()))
+    A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
+    B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
+    s = file_scale(r)
+    for e, x in per.items():
+        if e >= n:
+            raise BadInputError(f"{x.target}: expert index {e} beyond the base's {n} experts")
+        k = x.A.shape[0]
+        A[e, :k] = x.A
+        B[e, :, :k] = bake(x.B, x.scale / s)
+    return A, B

@@ -29,19 +29,16 @@ from loraport.errors import BadInputError, UnsafeInputError
 from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
 from loraport.formats._common import lora_scale
-from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
+from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only, stack_experts
 from loraport.names.llm import (
     GGUF_ARCH,
-    gguf_experts_to_hf,
-    gguf_to_hf,
+    expert_index,
     head_counts,
-    hf_experts_to_gguf,
-    hf_experts_to_mlx,
-    mlx_switch_to_hf,
-    hf_to_gguf,
+    num_experts,
     qk_kind,
     rope_permute_rows,
     rope_unpermute_rows,
+    translate,
 )
 
 MAGIC = b"GGUF"
@@ -308,14 +305,14 @@ class GgufFormat(AdapterFormat):
                 tensors += [(name + ".lora_a", p.A), (name + ".lora_b", bake(p.B, f))]
                 continue
             if hf_named:
-                ex = hf_experts_to_gguf(d.target)
-                if ex is not None:
-                    experts[ex[0]][ex[1]] = oriented(d, False, base)
+                stack = translate(d.target, "hf", "gguf", experts=True)
+                if stack is not None:
+                    experts[stack][expert_index(d.target)] = oriented(d, False, base)
                     continue
                 if base is not None and base.tied() and d.target == "lm_head.weight":
                     raise BadInputError("lm_head is tied to the embeddings in this base; llama.cpp has no separate "
                                         "output tensor to adapt (ggml-org/llama.cpp#9065)")
-                name = hf_to_gguf(d.target)
+                name = translate(d.target, "hf", "gguf")
                 if name is None:
                     raise BadInputError(f"{d.target}: no GGUF name for this tensor (see loraport/names/llm.py)")
             else:
@@ -332,15 +329,8 @@ class GgufFormat(AdapterFormat):
             A = o.A.t() if emb else o.A  # llama.cpp's token_embd A is stored transposed
             tensors += [(name + ".lora_a", A), (name + ".lora_b", B)]
         for name, per in experts.items():
-            n = _num_experts(base, max(per) + 1)
-            r = max(x.A.shape[0] for x in per.values())
-            ref = next(iter(per.values()))
-            A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
-            B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
-            for e, x in per.items():
-                k = x.A.shape[0]
-                A[e, :k] = x.A
-                B[e, :, :k] = bake(x.B, x.scale / (alpha / r))
+            n = num_experts(base.config if base is not None else None, max(per) + 1)
+            A, B = stack_experts(per, n, lambda r: alpha / r)
             tensors += [(name + ".lora_a", A), (name + ".lora_b", B)]
         if baked:
             adapter.notes.append(f"{baked} module(s) with another alpha/scale rule: scale baked into lora_b "
@@ -366,15 +356,6 @@ class GgufFormat(AdapterFormat):
         w.write_tensors_to_file()
         w.close()
         return [path]
-
-
-def _num_experts(base, seen: int) -> int:
-    if base is not None and isinstance(base.config, dict):
-        for k in ("num_experts", "num_local_experts"):
-            v = base.config.get(k)
-            if isinstance(v, int) and v > 0:
-                return v
-    return seen
 
 
 def _read(f: GGUFFile, path: Path, base) -> Adapter:
@@ -448,7 +429,7 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
         scale = lora_scale(alpha, r) if alpha else 1.0
         target = stem
         if to_hf:
-            target = gguf_to_hf(stem, names)
+            target = translate(stem, "gguf", "hf", names)
             if target is None:
                 raise BadInputError(f"{path}: no HF name known for GGUF tensor {stem!r} (see loraport/names/llm.py)")
             kind = qk_kind(target)
@@ -468,13 +449,9 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
 
 
 def _stacked_name(per_expert: str) -> tuple[str, str] | None:
-    """The transformers ≥ 5 stacked tensor (and out-row part) holding a per-expert HF weight, via the MLX
-    SwitchLinear table (the same stacking)."""
-    sw = hf_experts_to_mlx(per_expert)
-    if sw is None:
-        return None
-    hf = mlx_switch_to_hf(sw[0])
-    return (hf[1], hf[2]) if hf else None
+    """The transformers ≥ 5 stacked tensor (and out-row part, "" for all rows) holding a per-expert HF weight."""
+    stacked = translate(per_expert, "hf", "hf_stacked", experts=True)
+    return stacked.partition(":")[::2] if stacked else None
 
 
 def _experts(path, stem, a, b, alpha, to_hf, names) -> list:
@@ -484,9 +461,10 @@ def _experts(path, stem, a, b, alpha, to_hf, names) -> list:
     E, r = a.shape[0], a.shape[1]
     scale = lora_scale(alpha, r) if alpha else 1.0
     if to_hf:
-        hf = gguf_experts_to_hf(stem, E, names)
-        if hf is None:
+        per_expert = translate(stem, "gguf", "hf", names, experts=True)
+        if per_expert is None:
             raise BadInputError(f"{path}: no HF name known for GGUF tensor {stem!r}")
+        hf = [per_expert.format(xid=e) for e in range(E)]
         stacked = _stacked_name(hf[0])
         if names is not None and hf[0] not in names and stacked is not None and stacked[0] in names:
             name, part = stacked

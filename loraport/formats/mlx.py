@@ -26,8 +26,9 @@ from loraport.formats._llm import (
     pad_rank,
     positive_number,
     require_lora_only,
+    stack_experts,
 )
-from loraport.names.llm import hf_experts_to_mlx, is_embedding, mlx_switch_to_hf
+from loraport.names.llm import expert_index, is_embedding, num_experts, translate
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import read_json
 
@@ -167,11 +168,11 @@ class MlxFormat(AdapterFormat):
             if not d.target.endswith(".weight") or not _BLOCK.match(d.target):
                 raise BadInputError(f"MLX (mlx-lm) applies LoRA only inside transformer blocks; {d.target} is "
                                     "outside them")
-            sw = hf_experts_to_mlx(d.target)
+            sw = translate(d.target, "hf", "mlx", experts=True)
             if sw is not None:
                 if d.magnitude is not None:
                     raise Inexpressible(f"{d.target}: MLX has no DoRA for MoE experts")
-                switch[sw[0]][sw[1]] = oriented(d, False, base)
+                switch[sw][expert_index(d.target)] = oriented(d, False, base)
                 continue
             emb = is_embedding(d.target)
             o = oriented(d, emb, base)
@@ -183,20 +184,10 @@ class MlxFormat(AdapterFormat):
         ranks = [a.shape[0] for a, _, _ in entries.values()]
         sw_entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for mod, per in switch.items():
-            n = _num_experts(base, max(per) + 1)
+            n = num_experts(base.config if base is not None else None, max(per) + 1)
             if len(per) < n:
                 notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
-            r = max(d.A.shape[0] for d in per.values())
-            ref = next(iter(per.values()))
-            A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
-            B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
-            for e, d in per.items():
-                if e >= n:
-                    raise BadInputError(f"{d.target}: expert index {e} beyond the base's {n} experts")
-                k = d.A.shape[0]
-                A[e, :k] = d.A
-                B[e, :, :k] = bake(d.B, d.scale / scale)
-            sw_entries[mod] = (A, B)
+            sw_entries[mod] = stack_experts(per, n, lambda r: scale)
         for x in experts:
             if len(x.parts) != 1 or x.parts[0].out_rows is not None:
                 raise BadInputError(f"{x.target}: a fused gate_up expert update has no MLX form (MLX stacks gate "
@@ -233,15 +224,6 @@ class MlxFormat(AdapterFormat):
         return [path / WEIGHTS, path / CONFIG]
 
 
-def _num_experts(base, seen: int) -> int:
-    if base is not None and isinstance(base.config, dict):
-        for k in ("num_experts", "num_local_experts", "n_routed_experts"):
-            v = base.config.get(k)
-            if isinstance(v, int) and v > 0:
-                return v
-    return seen
-
-
 def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scale: float, m, names) -> list:
     """A SwitchLinear LoRA -> per-expert LoraDeltas (per-expert base) or one ExpertsLoraDelta (stacked base)."""
     if m is not None:
@@ -252,11 +234,11 @@ def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scal
     if a.dim() != 3 or a.shape[0] != E or a.shape[1] != r:
         raise BadInputError(f"{wfile}: {mod}: expert lora_a {list(a.shape)} does not fit lora_b {list(b.shape)} "
                             "([E,r,in] / [E,out,r])")
-    hf = mlx_switch_to_hf(mod)
-    if hf is None:  # unknown family: keep the MLX name, stacked
+    per_expert = translate(mod, "mlx", "hf", experts=True)
+    if per_expert is None:  # unknown family: keep the MLX name, stacked
         return [ExpertsLoraDelta(f"{mod}.weight", parts=[ExpertPart(a, b, scale, None, f"{mod}.lora_a")],
                                  source_key=f"{mod}.lora_a")]
-    per_expert, stacked, part = hf
+    stacked, _, part = translate(mod, "mlx", "hf_stacked", experts=True).partition(":")
     if names is not None and per_expert.format(xid=0) not in names and stacked in names:
         rows = None
         if part:  # a fused gate_up tensor: gate is the first half of the output axis, up the second

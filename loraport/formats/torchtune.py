@@ -30,11 +30,10 @@ from loraport.formats._llm import (
 from loraport.names.llm import (
     TORCHTUNE_PERMUTED,
     head_counts,
-    hf_to_torchtune,
     qk_kind,
     rope_permute_rows,
     rope_unpermute_rows,
-    torchtune_to_hf,
+    translate,
 )
 from loraport.safetensors_io import SafetensorsFile
 from loraport.tensorfile import load_tensors, read_json
@@ -61,7 +60,7 @@ def _native_file(path: Path) -> Path | None:
 
 
 def _tt_qk(name: str) -> str | None:
-    return qk_kind(torchtune_to_hf(name) or "")
+    return qk_kind(translate(name, "torchtune", "hf") or "")
 
 
 @register
@@ -131,7 +130,7 @@ class TorchtuneFormat(AdapterFormat):
             r = A.shape[0]
             target = f"{mod}.weight"
             if to_hf:
-                hf = torchtune_to_hf(target)
+                hf = translate(target, "torchtune", "hf")
                 if hf is None:
                     raise BadInputError(f"{wfile}: no HF name known for torchtune module {mod!r} (see "
                                         "loraport/names/llm.py)")
@@ -179,7 +178,7 @@ class TorchtuneFormat(AdapterFormat):
             if o.magnitude is not None and o.dora_axis != "out":
                 raise Inexpressible(f"{d.target}: torchtune DoRA normalises per output row; this DoRA uses "
                                     "the input axis")
-            name = hf_to_torchtune(d.target) if hf_named else d.target
+            name = translate(d.target, "hf", "torchtune") if hf_named else d.target
             if name is None:
                 raise BadInputError(f"{d.target}: no torchtune name for this tensor (see loraport/names/llm.py)")
             A, B = pad_rank(o.A, bake(o.B, o.scale / (alpha / R)), R)

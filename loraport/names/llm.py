@@ -1,7 +1,8 @@
 """Name tables for decoder LLMs: Hugging Face transformers ↔ llama.cpp GGUF ↔ torchtune (Meta layout) ↔ MLX.
 
-Kept as data, one line per spelling, annotated with the families that use it (the gguf-py tensor_mapping
-style); the few functions below only walk these tables. HF names are the on-disk transformers names
+Kept as data (the gguf-py tensor_mapping style): one row per canonical tensor kind, a column per spelling
+(dialect), annotated with the families that use it; one function, `translate`, walks them (source spelling
+→ canonical key → target spelling). HF names are the on-disk transformers names
 (`model.layers.N.self_attn.q_proj.weight`); `{bid}` is the block index, `{xid}` an expert index.
 
 The RoPE row permutation: HF checkpoints of the Llama family store q/k rows "half-split" per head, while
@@ -13,46 +14,100 @@ LoRA only B's rows move (ΔW = B@A, the rows of ΔW are the rows of B).
 from __future__ import annotations
 
 import re
+from collections.abc import Container
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-# --- HF block module (relative to model.layers.{bid}.) ↔ GGUF tensor (relative to blk.{bid}.) --------------
-# (gguf, hf, families)
-GGUF_BLOCK: tuple[tuple[str, str, str], ...] = (
-    ("attn_q", "self_attn.q_proj", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("attn_k", "self_attn.k_proj", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("attn_v", "self_attn.v_proj", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("attn_output", "self_attn.o_proj", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("ffn_gate", "mlp.gate_proj", "llama mistral qwen2 qwen3 gemma"),
-    ("ffn_up", "mlp.up_proj", "llama mistral qwen2 qwen3 gemma"),
-    ("ffn_down", "mlp.down_proj", "llama mistral qwen2 qwen3 gemma"),
-    ("attn_norm", "input_layernorm", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("ffn_norm", "post_attention_layernorm", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("attn_q_norm", "self_attn.q_norm", "qwen3 qwen3moe"),
-    ("attn_k_norm", "self_attn.k_norm", "qwen3 qwen3moe"),
-    ("ffn_gate_inp", "mlp.gate", "qwen2moe qwen3moe"),
-    ("ffn_gate_inp", "block_sparse_moe.gate", "mixtral"),
-    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj", "qwen2moe"),
-    ("ffn_up_shexp", "mlp.shared_expert.up_proj", "qwen2moe"),
-    ("ffn_down_shexp", "mlp.shared_expert.down_proj", "qwen2moe"),
+# --- the tables: one row per canonical tensor, a column per spelling (dialect) ------------------------------
+# Dialects: hf = transformers on-disk names; gguf = llama.cpp; torchtune = Meta's layout as torchtune keeps it;
+# mlx = mlx-lm module paths (equal to hf's except where `sanitize()` stacks MoE experts into a SwitchLinear);
+# hf_stacked = transformers ≥ 5's in-memory stacked experts, `name:i` = the i-th half of its output rows.
+# Where a dialect places a block's tensors; model-level tensors have no prefix.
+BLOCK_PREFIX: dict[str, str] = {"hf": "model.layers.{bid}.", "gguf": "blk.{bid}.", "torchtune": "layers.{bid}.",
+                                "mlx": "model.layers.{bid}.", "hf_stacked": "model.layers.{bid}."}
+ALL = "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"  # the GGUF families (HF model_type-like)
+DENSE = "llama mistral qwen2 qwen3 gemma"
+Q_MOE = "qwen2moe qwen3moe"
+NO_GEMMA = "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tensor kind, one rename: its spelling in each dialect (None: the dialect has no such tensor).
+    `families`: the model families that use the hf spelling; several rows may share a kind where families
+    spell it differently (Mixtral's `block_sparse_moe.gate` is Qwen-MoE's `mlp.gate`)."""
+
+    kind: str
+    block: bool  # under a transformer block ({bid}) or model-level
+    hf: str | None
+    gguf: str | None
+    torchtune: str | None
+    families: str
+
+
+# Plain renames. torchtune keys have no "model." prefix and its norms spell `.weight` as `.scale`
+# (torchtune's own tables cover llama2 llama3 mistral qwen2). Order matters where a GGUF spelling has two HF
+# spellings: without the base's names to choose, the first line wins.
+TENSORS: tuple[Row, ...] = (
+    #   kind              block  hf                            gguf              torchtune           families
+    Row("attn_q",         True,  "self_attn.q_proj",            "attn_q",         "attn.q_proj",      ALL),
+    Row("attn_k",         True,  "self_attn.k_proj",            "attn_k",         "attn.k_proj",      ALL),
+    Row("attn_v",         True,  "self_attn.v_proj",            "attn_v",         "attn.v_proj",      ALL),
+    Row("attn_output",    True,  "self_attn.o_proj",            "attn_output",    "attn.output_proj", ALL),
+    Row("ffn_gate",       True,  "mlp.gate_proj",               "ffn_gate",       "mlp.w1",           DENSE),
+    Row("ffn_up",         True,  "mlp.up_proj",                 "ffn_up",         "mlp.w3",           DENSE),
+    Row("ffn_down",       True,  "mlp.down_proj",               "ffn_down",       "mlp.w2",           DENSE),
+    Row("attn_norm",      True,  "input_layernorm",             "attn_norm",      "sa_norm",          ALL),
+    Row("ffn_norm",       True,  "post_attention_layernorm",    "ffn_norm",       "mlp_norm",         ALL),
+    Row("attn_q_norm",    True,  "self_attn.q_norm",            "attn_q_norm",    None,               "qwen3 qwen3moe"),
+    Row("attn_k_norm",    True,  "self_attn.k_norm",            "attn_k_norm",    None,               "qwen3 qwen3moe"),
+    Row("ffn_gate_inp",   True,  "mlp.gate",                    "ffn_gate_inp",   None,               Q_MOE),
+    Row("ffn_gate_inp",   True,  "block_sparse_moe.gate",       "ffn_gate_inp",   None,               "mixtral"),
+    Row("ffn_gate_shexp", True,  "mlp.shared_expert.gate_proj", "ffn_gate_shexp", None,               "qwen2moe"),
+    Row("ffn_up_shexp",   True,  "mlp.shared_expert.up_proj",   "ffn_up_shexp",   None,               "qwen2moe"),
+    Row("ffn_down_shexp", True,  "mlp.shared_expert.down_proj", "ffn_down_shexp", None,               "qwen2moe"),
+    Row("token_embd",     False, "model.embed_tokens",          "token_embd",     "tok_embeddings",   ALL),
+    Row("output",         False, "lm_head",                     "output",         "output",           NO_GEMMA),
+    Row("output_norm",    False, "model.norm",                  "output_norm",    "norm",             ALL),
 )
 
-# Model-level tensors: (gguf, hf, families)
-GGUF_GLOBAL: tuple[tuple[str, str, str], ...] = (
-    ("token_embd", "model.embed_tokens", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
-    ("output", "lm_head", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe"),
-    ("output_norm", "model.norm", "llama mistral mixtral qwen2 qwen2moe qwen3 qwen3moe gemma"),
+
+@dataclass(frozen=True)
+class ExpertRow:
+    """One MoE expert projection: the per-expert HF module ({xid} = expert index) and the stacked tensors
+    that hold all experts at once (GGUF `[E, out, in]`, MLX SwitchLinear, transformers ≥ 5)."""
+
+    kind: str
+    hf: str
+    gguf: str
+    mlx: str
+    hf_stacked: str
+    families: str
+    block = True  # always under a transformer block (a class constant, not a column)
+
+
+EXPERTS: tuple[ExpertRow, ...] = (
+    #         kind             hf (per expert)                       gguf
+    #         mlx (SwitchLinear)                        hf_stacked (`:i`: i-th half of fused rows)  families
+    ExpertRow("ffn_gate_exps", "mlp.experts.{xid}.gate_proj",        "ffn_gate_exps",
+              "mlp.switch_mlp.gate_proj",               "mlp.experts.gate_up_proj:0",               Q_MOE),
+    ExpertRow("ffn_up_exps",   "mlp.experts.{xid}.up_proj",          "ffn_up_exps",
+              "mlp.switch_mlp.up_proj",                 "mlp.experts.gate_up_proj:1",               Q_MOE),
+    ExpertRow("ffn_down_exps", "mlp.experts.{xid}.down_proj",        "ffn_down_exps",
+              "mlp.switch_mlp.down_proj",               "mlp.experts.down_proj",                    Q_MOE),
+    ExpertRow("ffn_gate_exps", "block_sparse_moe.experts.{xid}.w1",  "ffn_gate_exps",
+              "block_sparse_moe.switch_mlp.gate_proj",  "block_sparse_moe.experts.gate_up_proj:0",  "mixtral"),
+    ExpertRow("ffn_up_exps",   "block_sparse_moe.experts.{xid}.w3",  "ffn_up_exps",
+              "block_sparse_moe.switch_mlp.up_proj",    "block_sparse_moe.experts.gate_up_proj:1",  "mixtral"),
+    ExpertRow("ffn_down_exps", "block_sparse_moe.experts.{xid}.w2",  "ffn_down_exps",
+              "block_sparse_moe.switch_mlp.down_proj",  "block_sparse_moe.experts.down_proj",       "mixtral"),
 )
 
-# Stacked expert tensors in GGUF ([E, out, in]) ↔ the per-expert HF modules they stack: (gguf, hf, families)
-GGUF_EXPERTS: tuple[tuple[str, str, str], ...] = (
-    ("ffn_gate_exps", "mlp.experts.{xid}.gate_proj", "qwen2moe qwen3moe"),
-    ("ffn_up_exps", "mlp.experts.{xid}.up_proj", "qwen2moe qwen3moe"),
-    ("ffn_down_exps", "mlp.experts.{xid}.down_proj", "qwen2moe qwen3moe"),
-    ("ffn_gate_exps", "block_sparse_moe.experts.{xid}.w1", "mixtral"),
-    ("ffn_up_exps", "block_sparse_moe.experts.{xid}.w3", "mixtral"),
-    ("ffn_down_exps", "block_sparse_moe.experts.{xid}.w2", "mixtral"),
-)
+# GGUF ↔ HF views of TENSORS, (gguf, hf, families) as gguf-py's TensorNameMap is checked against
+GGUF_BLOCK = tuple((r.gguf, r.hf, r.families) for r in TENSORS if r.block and r.gguf and r.hf)
+GGUF_GLOBAL = tuple((r.gguf, r.hf, r.families) for r in TENSORS if not r.block and r.gguf and r.hf)
 
 # HF config model_type -> (GGUF general.architecture, q/k rows RoPE-permuted in GGUF)
 GGUF_ARCH: dict[str, tuple[str, bool]] = {
@@ -65,52 +120,41 @@ GGUF_ARCH: dict[str, tuple[str, bool]] = {
     "qwen3_moe": ("qwen3moe", False),
     "gemma": ("gemma", False),
 }
-
-# --- torchtune (Meta layout) ↔ HF -------------------------------------------------------------------------
-# (torchtune, hf, families)   torchtune keys have no "model." prefix; norms use ".scale" for ".weight"
-TORCHTUNE_BLOCK: tuple[tuple[str, str, str], ...] = (
-    ("attn.q_proj", "self_attn.q_proj", "llama2 llama3 mistral qwen2"),
-    ("attn.k_proj", "self_attn.k_proj", "llama2 llama3 mistral qwen2"),
-    ("attn.v_proj", "self_attn.v_proj", "llama2 llama3 mistral qwen2"),
-    ("attn.output_proj", "self_attn.o_proj", "llama2 llama3 mistral qwen2"),
-    ("mlp.w1", "mlp.gate_proj", "llama2 llama3 mistral qwen2"),
-    ("mlp.w2", "mlp.down_proj", "llama2 llama3 mistral qwen2"),
-    ("mlp.w3", "mlp.up_proj", "llama2 llama3 mistral qwen2"),
-    ("sa_norm", "input_layernorm", "llama2 llama3 mistral qwen2"),
-    ("mlp_norm", "post_attention_layernorm", "llama2 llama3 mistral qwen2"),
-)
-TORCHTUNE_GLOBAL: tuple[tuple[str, str, str], ...] = (
-    ("tok_embeddings", "model.embed_tokens", "llama2 llama3 mistral qwen2"),
-    ("output", "lm_head", "llama2 llama3 mistral qwen2"),
-    ("norm", "model.norm", "llama2 llama3 mistral qwen2"),
-)
 # model types whose torchtune checkpoints keep Meta's interleaved q/k rows (torchtune convert_weights._permute)
 TORCHTUNE_PERMUTED = ("llama", "mistral")
-
-# --- MLX (mlx-lm) ↔ HF -------------------------------------------------------------------------------------
-# MLX module paths equal HF module paths except where mlx-lm's `sanitize()` stacks MoE experts into a
-# SwitchLinear. (mlx, hf per-expert, stacked-HF (transformers ≥ 5 in memory) and out-row slice, families)
-MLX_SWITCH: tuple[tuple[str, str, str, str], ...] = (
-    ("mlp.switch_mlp.gate_proj", "mlp.experts.{xid}.gate_proj", "mlp.experts.gate_up_proj:0", "qwen2moe qwen3moe"),
-    ("mlp.switch_mlp.up_proj", "mlp.experts.{xid}.up_proj", "mlp.experts.gate_up_proj:1", "qwen2moe qwen3moe"),
-    ("mlp.switch_mlp.down_proj", "mlp.experts.{xid}.down_proj", "mlp.experts.down_proj", "qwen2moe qwen3moe"),
-    ("block_sparse_moe.switch_mlp.gate_proj", "block_sparse_moe.experts.{xid}.w1",
-     "block_sparse_moe.experts.gate_up_proj:0", "mixtral"),
-    ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.experts.{xid}.w3",
-     "block_sparse_moe.experts.gate_up_proj:1", "mixtral"),
-    ("block_sparse_moe.switch_mlp.down_proj", "block_sparse_moe.experts.{xid}.w2",
-     "block_sparse_moe.experts.down_proj", "mixtral"),
-)
+# config.json keys giving an MoE model's expert count: Qwen-MoE / OLMoE, Mixtral, DeepSeek-V2/V3 (routed experts)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 # module names (last path components) that are token embeddings: ΔW is stored transposed in PEFT, and
 # MLX/GGUF store its factors differently from a Linear's
 EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "token_embd")
 
 
-# --- lookups ---------------------------------------------------------------------------------------------
-_BLOCK_HF = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_BLOCK_GGUF = re.compile(r"^blk\.(\d+)\.(.+)$")
-_BLOCK_TT = re.compile(r"^layers\.(\d+)\.(.+)$")
+# --- the one walker: source spelling -> canonical key -> target spelling ----------------------------------
+# Parameter suffixes each dialect spells (mlx names modules, hf_stacked bare parameters); torchtune's `.scale`
+# is a norm's `.weight`. Expert tensors are weights only.
+_PARAMS = {"hf": ("weight", "bias"), "gguf": ("weight", "bias"), "torchtune": ("weight", "bias", "scale")}
+_EXPERT_PARAMS = {"hf": ("weight",), "gguf": ("weight",)}
+
+
+@dataclass(frozen=True)
+class Key:
+    """A tensor's canonical identity: its table row, block index, expert index and parameter."""
+
+    row: Row | ExpertRow
+    bid: str | None
+    xid: int | None
+    param: str
+
+
+@cache
+def _pattern(row: Row | ExpertRow, dialect: str) -> re.Pattern | None:
+    spelling = getattr(row, dialect, None)
+    if spelling is None:
+        return None
+    prefix = BLOCK_PREFIX[dialect] if row.block else ""
+    rx = re.escape(prefix + spelling).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{xid\}", r"(?P<xid>\d+)")
+    return re.compile("^" + rx + "$")
 
 
 def _split_param(name: str, params: tuple[str, ...]) -> tuple[str, str]:
@@ -120,134 +164,79 @@ def _split_param(name: str, params: tuple[str, ...]) -> tuple[str, str]:
     return name, ""
 
 
+def canonical(name: str, dialect: str, experts: bool = False) -> list[Key]:
+    """Every canonical key `name` spells in `dialect`, in table order (several where families differ)."""
+    table = EXPERTS if experts else TENSORS
+    mod, param = _split_param(name, (_EXPERT_PARAMS if experts else _PARAMS).get(dialect, ()))
+    keys = []
+    for row in table:
+        m = (p := _pattern(row, dialect)) and p.match(mod)
+        if m:
+            g = m.groupdict()
+            xid = int(g["xid"]) if g.get("xid") is not None else None
+            keys.append(Key(row, g.get("bid"), xid, "weight" if param == "scale" else param))
+    return keys
+
+
+def spell(key: Key, dialect: str) -> str | None:
+    """The tensor `key` in `dialect`; a per-expert spelling of a stacked key keeps `{xid}` (a template)."""
+    spelling = getattr(key.row, dialect, None)
+    if spelling is None:
+        return None
+    name = (BLOCK_PREFIX[dialect].format(bid=key.bid) if key.row.block else "") + spelling
+    if key.xid is not None:
+        name = name.replace("{xid}", str(key.xid))
+    if isinstance(key.row, ExpertRow):
+        return name + ".weight" if dialect in _EXPERT_PARAMS else name
+    if dialect == "torchtune" and spelling.endswith("norm"):
+        return name + ".scale"
+    return f"{name}.{key.param}" if key.param else name
+
+
+def translate(name: str, src: str, dst: str, candidates: Container[str] | None = None, *,
+              experts: bool = False) -> str | None:
+    """`name` spelled in dialect `src` -> its spelling in `dst` (None if not in the table).
+
+    Where several `dst` spellings exist (Mixtral's `block_sparse_moe.gate` vs `mlp.gate`), `candidates` (the
+    base's names) picks the one that exists; without it the first line of the table wins. `experts=True`
+    walks the expert table: a per-expert name gives the stacked tensor that holds it (its index:
+    `expert_index`), a stacked name the per-expert template with `{xid}` (matched as expert 0)."""
+    if src not in BLOCK_PREFIX or dst not in BLOCK_PREFIX:
+        raise ValueError(f"unknown name dialect {src if src not in BLOCK_PREFIX else dst!r}")
+    options = [s for k in canonical(name, src, experts) if (s := spell(k, dst)) is not None]
+    if not options:
+        return None
+    if candidates is not None:
+        for o in options:
+            if o.replace("{xid}", "0") in candidates:
+                return o
+    return options[0]
+
+
+def expert_index(name: str, dialect: str = "hf") -> int | None:
+    """The expert index in a per-expert name (`...mlp.experts.5.gate_proj.weight` -> 5), else None."""
+    keys = canonical(name, dialect, experts=True)
+    return keys[0].xid if keys else None
+
+
 def hf_to_gguf(hf: str) -> str | None:
     """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (None if not in the table)."""
-    mod, param = _split_param(hf, ("weight", "bias"))
-    suffix = "." + param if param else ""
-    m = _BLOCK_HF.match(mod)
-    if m:
-        for g, h, _ in GGUF_BLOCK:
-            if m.group(2) == h:
-                return f"blk.{m.group(1)}.{g}{suffix}"
-        return None
-    for g, h, _ in GGUF_GLOBAL:
-        if mod == h:
-            return g + suffix
-    return None
+    return translate(hf, "hf", "gguf")
 
 
-def gguf_to_hf(name: str, candidates=None) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`. Where several HF spellings exist
-    (e.g. Mixtral's `block_sparse_moe.gate` vs `mlp.gate`), `candidates` (the base's names) picks the one
-    that exists; without it the first line of the table wins."""
-    mod, param = _split_param(name, ("weight", "bias"))
-    suffix = "." + param if param else ""
-    m = _BLOCK_GGUF.match(mod)
-    if m:
-        options = [f"model.layers.{m.group(1)}.{h}{suffix}" for g, h, _ in GGUF_BLOCK if g == m.group(2)]
-    else:
-        options = [h + suffix for g, h, _ in GGUF_GLOBAL if g == mod]
-    if not options:
-        return None
-    if candidates is not None:
-        for o in options:
-            if o in candidates:
-                return o
-    return options[0]
+def gguf_to_hf(name: str, candidates: Container[str] | None = None) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; `candidates` as in `translate`."""
+    return translate(name, "gguf", "hf", candidates)
 
 
-def gguf_experts_to_hf(name: str, n_experts: int, candidates=None) -> list[str] | None:
-    """`blk.0.ffn_gate_exps.weight` -> the per-expert HF names it stacks, in expert order."""
-    mod, param = _split_param(name, ("weight",))
-    m = _BLOCK_GGUF.match(mod)
-    if not m:
-        return None
-    options = [[f"model.layers.{m.group(1)}.{h.format(xid=e)}.weight" for e in range(n_experts)]
-               for g, h, _ in GGUF_EXPERTS if g == m.group(2)]
-    if not options:
-        return None
-    if candidates is not None:
-        for o in options:
-            if o[0] in candidates:
-                return o
-    return options[0]
-
-
-def hf_experts_to_gguf(hf: str) -> tuple[str, int] | None:
-    """`model.layers.0.mlp.experts.5.gate_proj.weight` -> (`blk.0.ffn_gate_exps.weight`, 5)."""
-    mod, _ = _split_param(hf, ("weight",))
-    m = _BLOCK_HF.match(mod)
-    if not m:
-        return None
-    for g, h, _ in GGUF_EXPERTS:
-        pat = "^" + re.escape(h).replace(r"\{xid\}", r"(\d+)") + "$"
-        mm = re.match(pat, m.group(2))
-        if mm:
-            return f"blk.{m.group(1)}.{g}.weight", int(mm.group(1))
-    return None
-
-
-def torchtune_to_hf(name: str) -> str | None:
-    """`layers.0.attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.weight`; norms' `.scale` -> `.weight`."""
-    mod, param = _split_param(name, ("weight", "bias", "scale"))
-    param = "weight" if param == "scale" else param
-    suffix = "." + param if param else ""
-    m = _BLOCK_TT.match(mod)
-    if m:
-        for t, h, _ in TORCHTUNE_BLOCK:
-            if m.group(2) == t:
-                return f"model.layers.{m.group(1)}.{h}{suffix}"
-        return None
-    for t, h, _ in TORCHTUNE_GLOBAL:
-        if mod == t:
-            return h + suffix
-    return None
-
-
-def hf_to_torchtune(hf: str) -> str | None:
-    mod, param = _split_param(hf, ("weight", "bias"))
-    suffix = "." + param if param else ""
-    m = _BLOCK_HF.match(mod)
-    if m:
-        for t, h, _ in TORCHTUNE_BLOCK:
-            if m.group(2) == h:
-                if t.endswith("norm"):
-                    suffix = ".scale"
-                return f"layers.{m.group(1)}.{t}{suffix}"
-        return None
-    for t, h, _ in TORCHTUNE_GLOBAL:
-        if mod == h:
-            return t + (".scale" if t == "norm" else suffix)
-    return None
-
-
-def mlx_switch_to_hf(module: str) -> tuple[str, str, str] | None:
-    """An MLX SwitchLinear module path -> (per-expert HF template with {xid}, stacked HF name, out-part index)
-    e.g. `model.layers.0.mlp.switch_mlp.up_proj` -> (`model.layers.0.mlp.experts.{xid}.up_proj.weight`,
-    `model.layers.0.mlp.experts.gate_up_proj`, "1")."""
-    m = _BLOCK_HF.match(module)
-    if not m:
-        return None
-    for x, h, stacked, _ in MLX_SWITCH:
-        if m.group(2) == x:
-            name, _, part = stacked.partition(":")
-            pre = f"model.layers.{m.group(1)}."
-            return pre + h + ".weight", pre + name, part
-    return None
-
-
-def hf_experts_to_mlx(hf: str) -> tuple[str, int] | None:
-    """`model.layers.0.mlp.experts.5.gate_proj.weight` -> (`model.layers.0.mlp.switch_mlp.gate_proj`, 5)."""
-    mod, _ = _split_param(hf, ("weight",))
-    m = _BLOCK_HF.match(mod)
-    if not m:
-        return None
-    for x, h, _, _ in MLX_SWITCH:
-        pat = "^" + re.escape(h).replace(r"\{xid\}", r"(\d+)") + "$"
-        mm = re.match(pat, m.group(2))
-        if mm:
-            return f"model.layers.{m.group(1)}.{x}", int(mm.group(1))
-    return None
+def num_experts(config: dict | None, seen: int) -> int:
+    """An MoE base's expert count from its config.json, else `seen` (the highest expert index + 1)."""
+    if isinstance(config, dict):
+        for k in EXPERT_COUNT_KEYS:
+            v = config.get(k)
+            if isinstance(v, int) and v > 0:
+                return v
+    return seen
 
 
 def is_embedding(name: str) -> bool:
