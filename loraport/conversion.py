@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter, Delta, LoraDelta
-from loraport.errors import BadInputError
-from loraport.formats._llm import Inexpressible
+from loraport.errors import BadInputError, Inexpressible
 from loraport.names.llm import is_embedding
 
 ONNX_TARGETS = ("onnx", "onnx-adapter")

@@ -25,11 +25,11 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
-from loraport.errors import BadInputError, UnsafeInputError
+from loraport.errors import BadInputError, Inexpressible, UnsafeInputError
 from loraport.paths import regular
 from loraport.formats import AdapterFormat, register
 from loraport.formats._common import lora_scale
-from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only
+from loraport.formats._llm import bake, common_value, oriented, require_lora_only
 from loraport.names.llm import (
     GGUF_ARCH,
     gguf_experts_to_hf,

@@ -16,10 +16,9 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
-from loraport.errors import BadInputError
+from loraport.errors import BadInputError, Inexpressible
 from loraport.formats import AdapterFormat, register
 from loraport.formats._llm import (
-    Inexpressible,
     bake,
     common_value,
     oriented,

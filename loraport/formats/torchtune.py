@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
-from loraport.errors import BadInputError
+from loraport.errors import BadInputError, Inexpressible
 from loraport.formats import AdapterFormat, register
 from loraport.formats._common import lora_scale
 from loraport.formats._llm import (
-    Inexpressible,
     bake,
     common_value,
     oriented,
