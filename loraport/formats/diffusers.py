@@ -17,7 +17,7 @@ import torch
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
 from loraport.names.sd import SDNames, te_spellings
@@ -104,12 +104,11 @@ def _number(v, what: str) -> float:
     return float(v)
 
 
-@register
+@register(write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
     title = "diffusers LoRA (pytorch_lora_weights.safetensors)"
     spec = "diffusers"
-    writable = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -128,7 +127,7 @@ class DiffusersFormat(AdapterFormat):
         return 85 if prefixed == len(parsed) else 50
 
     @classmethod
-    def read(cls, path: Path, base=None, strict: bool = True, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         path = Path(path)
         wfile = _weights_file(path)
         tensors, meta = load_tensors(wfile)
@@ -196,7 +195,7 @@ class DiffusersFormat(AdapterFormat):
 
                 btarget = target[: -len(".weight")] + ".bias"
                 deltas.append(FullDelta(btarget, diff=p["bias"], scale=scale, rows=rows, source_key=mod + ".bias"))
-        check_unmatched(wfile, len(deltas), unrecognised, unmatched, strict, notes)
+        check_unmatched(wfile, len(deltas), unrecognised, unmatched, opts.strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
         if configs:
@@ -217,7 +216,7 @@ class DiffusersFormat(AdapterFormat):
                        files=[str(wfile)], name=path.stem)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """One pytorch_lora_weights-style file: PEFT keys under component prefixes, the per-component
         LoraConfig (ranks/alphas as rank_pattern/alpha_pattern) in `lora_adapter_metadata`."""
         path = Path(path)

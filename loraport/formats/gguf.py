@@ -27,7 +27,7 @@ from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
 from loraport.errors import BadInputError, Inexpressible, UnsafeInputError
 from loraport.paths import regular
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.formats._llm import bake, common_value, oriented, require_lora_only
 from loraport.names.llm import (
@@ -233,13 +233,20 @@ def _meta_str(meta: dict, key: str):
     return v if isinstance(v, str) else None
 
 
-@register
+@dataclass(frozen=True)
+class GgufWriteOptions(WriteOptions):
+    """arch: general.architecture for an adapter in GGUF naming that does not record one."""
+
+    arch: str | None = None
+
+
+@register(write=GgufWriteOptions)
 class GgufFormat(AdapterFormat):
     name = "gguf"
     title = "llama.cpp GGUF LoRA"
     spec = "gguf"
-    writable = True
     output_is_dir = False
+    own_naming = ("blk.", "token_embd")
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -249,7 +256,7 @@ class GgufFormat(AdapterFormat):
 
     # --- read ----------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         if not path.is_file():
             raise BadInputError(f"{path}: a GGUF adapter is a single .gguf file")
         f = GGUFFile(path)
@@ -260,7 +267,7 @@ class GgufFormat(AdapterFormat):
 
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, arch: str | None = None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: GgufWriteOptions) -> list[Path]:
         import gguf
 
         require_lora_only(adapter, "GGUF", (LoraDelta, ExpertsLoraDelta))
@@ -285,7 +292,7 @@ class GgufFormat(AdapterFormat):
             except ValueError as e:
                 raise BadInputError(f"{base.root}/config.json: {e}") from None
         else:
-            arch = arch or _meta_str(adapter.metadata, "general.architecture")
+            arch = opts.arch or _meta_str(adapter.metadata, "general.architecture")
             if not arch:
                 raise BadInputError("GGUF-named adapter without general.architecture; pass arch=")
         # one alpha for the file: the commonest alpha (= s·r); other modules get s baked into B

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import load_tensors
@@ -241,7 +242,7 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
 
 
 # ------------------------------------------------------------------------------------------------ read
-def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) -> Adapter:
+def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unrecognised: list[str] = []
@@ -328,8 +329,8 @@ def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
     return mag.reshape(shape).contiguous()
 
 
-def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False, unet_names: str | None = None,
-                      **_) -> list[Path]:
+def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False,
+                      unet_names: str | None = None) -> list[Path]:
     """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
     bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW."""
     names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
@@ -409,12 +410,23 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
     return [path]
 
 
-@register
+@dataclass(frozen=True)
+class KohyaWriteOptions(WriteOptions):
+    """bake: multiply the scale into lora_up (alpha = r); unet_names: the UNet spelling, "sgm" (LDM/SGM) or
+    "diffusers" (default: the base's own)."""
+
+    bake: bool = False
+    unet_names: str | None = choice(None, "sgm", "diffusers")
+
+
+@register(write=KohyaWriteOptions)
 class KohyaFormat(AdapterFormat):
     name = "kohya"
     title = "kohya / sd-scripts / A1111 / ComfyUI single-file LoRA"
     spec = "kohya"
-    writable = True
+    output_is_dir = False
+    output_suffix = ".safetensors"
+    extract_to = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -429,9 +441,9 @@ class KohyaFormat(AdapterFormat):
         return 85 if len(parsed) == len(keys) else 60
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
-        return read_single_file(Path(path), cls.name, base=base, **options)
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
+        return read_single_file(path, cls.name, base=base, strict=opts.strict)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
-        return write_single_file(adapter, Path(path), base=base, **options)
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: KohyaWriteOptions) -> list[Path]:
+        return write_single_file(adapter, path, base=base, bake=opts.bake, unet_names=opts.unet_names)

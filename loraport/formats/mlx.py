@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
 from loraport.errors import BadInputError, Inexpressible
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.formats._llm import (
     bake,
     common_value,
@@ -53,12 +54,19 @@ def _is_mlx_config(cfg) -> bool:
         "lora_parameters" in cfg or "fine_tune_type" in cfg or "lora_layers" in cfg)
 
 
-@register
+@dataclass(frozen=True)
+class MlxReadOptions(ReadOptions):
+    """mlx_alpha="apply": read an alpha-era config (mlx-lm 2024-01..2024-06) as scale·alpha/rank."""
+
+    mlx_alpha: str = choice("ignore", "apply")
+
+
+@register(read=MlxReadOptions, write=WriteOptions)
 class MlxFormat(AdapterFormat):
     name = "mlx"
     title = "MLX-LM (LoRA, DoRA, MoE SwitchLinear)"
     spec = "mlx"
-    writable = True
+    output_is_dir = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -81,7 +89,7 @@ class MlxFormat(AdapterFormat):
 
     # --- read ----------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: Path, base=None, mlx_alpha: str = "ignore", **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: MlxReadOptions) -> Adapter:
         wfile, cfile = _files(path)
         cfg = read_json(cfile, CONFIG) if cfile else {}
         notes: list[str] = []
@@ -101,7 +109,7 @@ class MlxFormat(AdapterFormat):
         if "alpha" in lp:
             alpha = positive_number(lp["alpha"], "lora_parameters.alpha", cfile)
             r_cfg = positive_number(lp.get("rank", 8), "lora_parameters.rank", cfile)
-            if mlx_alpha == "apply":
+            if opts.mlx_alpha == "apply":
                 scale = scale * alpha / r_cfg
                 notes.append(f"alpha-era config: scale·alpha/rank = {scale:g} (mlx-lm 2024-01..2024-06 semantics)")
             else:
@@ -149,7 +157,7 @@ class MlxFormat(AdapterFormat):
 
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         require_lora_only(adapter, "MLX", (LoraDelta, ExpertsLoraDelta))
         notes: list[str] = []
         loras = [d for d in adapter.deltas if isinstance(d, LoraDelta)]

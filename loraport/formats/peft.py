@@ -13,7 +13,7 @@ import torch
 
 from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
@@ -51,12 +51,13 @@ def _num(cfg: dict, key: str, default, path: Path):
     return v
 
 
-@register
+@register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
     title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA)"
     spec = "peft"
-    writable = True
+    output_is_dir = True
+    extract_to = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -69,7 +70,7 @@ class PeftFormat(AdapterFormat):
         return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         if not path.is_dir():
             raise BadInputError(f"{path}: a PEFT adapter is a folder with {CONFIG} and {WEIGHTS[0]}")
         cfg = read_json(path / CONFIG, CONFIG)
@@ -169,7 +170,7 @@ class PeftFormat(AdapterFormat):
                        files=[str(path / CONFIG), str(wfile)], name=path.name)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """Write PEFT files into the folder `path` (which must exist and be empty: callers stage it)."""
         tensors: dict[str, torch.Tensor] = {}
         rank_pattern: dict[str, int] = {}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError, Inexpressible
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.formats._llm import (
     bake,
@@ -63,12 +64,20 @@ def _tt_qk(name: str) -> str | None:
     return qk_kind(torchtune_to_hf(name) or "")
 
 
-@register
+@dataclass(frozen=True)
+class TorchtuneReadOptions(ReadOptions):
+    """alpha: the recipe's lora_alpha, for weights saved without their adapter_config.json."""
+
+    alpha: float | None = None
+
+
+@register(read=TorchtuneReadOptions, write=WriteOptions)
 class TorchtuneFormat(AdapterFormat):
     name = "torchtune"
     title = "torchtune (native LoRA / DoRA)"
     spec = "torchtune"
-    writable = True
+    output_is_dir = True
+    own_naming = ("layers.", "tok_embeddings")
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -84,7 +93,8 @@ class TorchtuneFormat(AdapterFormat):
             return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, alpha: float | None = None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: TorchtuneReadOptions) -> Adapter:
+        alpha = opts.alpha
         wfile = _native_file(path)
         if wfile is None:
             raise BadInputError(f"{path}: no torchtune adapter weights ({' / '.join(WEIGHTS)} with lora_a/lora_b keys)")
@@ -150,7 +160,7 @@ class TorchtuneFormat(AdapterFormat):
                        files=[str(wfile)] + ([str(cdir / CONFIG)] if cfg else []), name=path.stem)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         require_lora_only(adapter, "torchtune")
         notes = []
         hf_named = any(not d.target.startswith("layers.") and d.target not in ("output.weight",)
