@@ -155,6 +155,20 @@ def test_cli_choices_are_the_registry(tmp_path):
     assert main.get_command(None, "extract") is not None
 
 
+def test_formats_json_lists_each_formats_options():
+    import json
+
+    r = cli("formats", "--json")
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.stdout)
+    assert list(listed) == list(formats())
+    for name, f in formats().items():
+        assert listed[name]["read_options"] == [x.name for x in dataclasses.fields(f.read_options)]
+        want = [x.name for x in dataclasses.fields(f.write_options)] if f.writable else None
+        assert listed[name]["write_options"] == want, name
+    assert "mlx_alpha" in listed["mlx"]["read_options"] and "bake" in listed["kohya"]["write_options"]
+
+
 def test_no_module_outside_the_registry_lists_format_names():
     """No literal tuple / list / set of two or more format names anywhere in loraport/ but formats/."""
     names = set(formats()) | set(export_targets())

@@ -104,6 +104,47 @@ def _number(v, what: str) -> float:
     return float(v)
 
 
+def _group_keys(tensors: dict[str, torch.Tensor], notes: set[str]):
+    """(component-prefixed module → {role: tensor}, the spellings of the factors, keys not recognised)."""
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    forms: set[str] = set()
+    unrecognised = []
+    for key, t in tensors.items():
+        p = parse_key(key)
+        if p is None:
+            unrecognised.append(key)
+            continue
+        mod, role, form = p
+        if mod.split(".", 1)[0] not in COMPONENTS:
+            mod = "unet." + mod
+            notes.add("keys without a component prefix: read as unet")
+        parts[mod][role] = t
+        if role in ("A", "B"):
+            forms.add(form)
+    return parts, forms, unrecognised
+
+
+def _module_scale(p: dict, cfg: dict | None, r: int, cfg_alpha) -> tuple[float | None, float, str]:
+    """(alpha, scale, rule) of one module: from its component's LoraConfig (`cfg_alpha`: its alpha for this
+    module) when the file has one, else from its network_alphas entry, else scale 1 (alpha None)."""
+    if cfg is not None:
+        alpha = _number(cfg_alpha, "lora_alpha")
+        rs = bool(cfg.get("use_rslora", False))
+        return alpha, lora_scale(alpha, r, rs), "alpha/sqrt(r)" if rs else "alpha/r"
+    if "alpha" in p:
+        alpha = float(p["alpha"].float().reshape(-1)[0])
+        return alpha, lora_scale(alpha, r), "alpha/r"
+    return None, 1.0, "alpha/r"
+
+
+def _base_entry(names: SDNames, mod: str, comp: str, rel: str):
+    """The base's weight entry for a module, under its own or another CLIP spelling (None: not in the base)."""
+    for spelled in (mod, *[f"{comp}.{s}" for s in te_spellings(rel)]):
+        if (found := names.by_module.get(spelled)) and "weight" in found:
+            return found["weight"]
+    return None
+
+
 @register(write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
@@ -132,21 +173,8 @@ class DiffusersFormat(AdapterFormat):
         wfile = _weights_file(path)
         tensors, meta = load_tensors(wfile)
         configs = component_configs(meta, wfile)
-        parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        forms: set[str] = set()
-        unrecognised, notes = [], set()
-        for key, t in tensors.items():
-            p = parse_key(key)
-            if p is None:
-                unrecognised.append(key)
-                continue
-            mod, role, form = p
-            if mod.split(".", 1)[0] not in COMPONENTS:
-                mod = "unet." + mod
-                notes.add("keys without a component prefix: read as unet")
-            parts[mod][role] = t
-            if role in ("A", "B"):
-                forms.add(form)
+        notes: set[str] = set()
+        parts, forms, unrecognised = _group_keys(tensors, notes)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
         deltas, unmatched, no_alpha = [], [], 0
         tables: dict[str, PatternTable] = {}
@@ -163,25 +191,12 @@ class DiffusersFormat(AdapterFormat):
                 raise BadInputError(f"{wfile}: {mod}: down/A {list(A.shape)} and up/B {list(B.shape)} do not fit")
             comp, _, rel = mod.partition(".")
             cfg = configs.get(comp)
-            rule = "alpha/r"
-            if cfg is not None:
-                alpha = _number(_component_alpha(tables, comp, cfg, rel, wfile, deadline), "lora_alpha")
-                rs = bool(cfg.get("use_rslora", False))
-                scale = lora_scale(alpha, r, rs)
-                rule = "alpha/sqrt(r)" if rs else rule
-            elif "alpha" in p:
-                alpha = float(p["alpha"].float().reshape(-1)[0])
-                scale = lora_scale(alpha, r)
-            else:
-                alpha, scale = None, 1.0
-                no_alpha += 1
+            cfg_alpha = None if cfg is None else _component_alpha(tables, comp, cfg, rel, wfile, deadline)
+            alpha, scale, rule = _module_scale(p, cfg, r, cfg_alpha)
+            no_alpha += alpha is None
             target, rows, transpose = f"{mod}.weight", None, False
             if names is not None:
-                ent = None
-                for spelled in (mod, *[f"{comp}.{s}" for s in te_spellings(rel)]):
-                    if (found := names.by_module.get(spelled)) and "weight" in found:
-                        ent = found["weight"]
-                        break
+                ent = _base_entry(names, mod, comp, rel)
                 if ent is None:
                     unmatched.append(mod)
                     continue

@@ -136,6 +136,124 @@ def _tucker_fits(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() == 2 and t.dim() >= 2 and t.shape[0] == a.shape[0] and t.shape[1] == b.shape[0]
 
 
+def _lora_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoRA / LoCon (lora_down, lora_up, optional Tucker lora_mid), with DoRA's dora_scale."""
+    A, B = parts.get("down"), parts.get("up")
+    if A is None or B is None:
+        raise BadInputError(f"{where}: has only one of lora_down/lora_up")
+    mid = parts.get("mid")
+    r = int(A.shape[0])
+    if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
+        raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
+    scale, alpha = _scale(parts, r, counts, where)
+    inp = int(A.shape[1])
+    mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
+    if mid is not None:
+        notes.add("Tucker conv (lora_mid)")
+    return [LoraDelta(tgt, A=A, B=B, mid=mid, scale=scale, alpha=alpha, transpose=transpose,
+                      magnitude=mag, dora_axis=axis, dora_eps=LYCORIS_EPS if mag is not None else 0.0,
+                      **common)]
+
+
+def _loha_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoHa: two Hadamard-multiplied low-rank products (optional Tucker cores)."""
+    need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
+        raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
+    t1, t2 = parts.get("hada_t1"), parts.get("hada_t2")
+    for n in ("1", "2"):
+        a, b, t = parts[f"hada_w{n}_a"], parts[f"hada_w{n}_b"], parts.get(f"hada_t{n}")
+        if t is None:
+            _mm_fits(where, a, b, f"hada_w{n}_a", f"hada_w{n}_b")
+        elif not _tucker_fits(t, a, b):
+            raise BadInputError(f"{where}: hada_t{n} {list(t.shape)} does not fit hada_w{n}_a/b")
+    p1 = (parts["hada_w1_a"].shape, parts["hada_w1_b"].shape)
+    if (p1[0][1 if t1 is not None else 0], p1[1][1]) != (parts["hada_w2_a"].shape[1 if t2 is not None else 0],
+                                                         parts["hada_w2_b"].shape[1]):
+        raise BadInputError(f"{where}: the two Hadamard factors have different shapes")
+    r = int(parts["hada_w1_b"].shape[0])
+    scale, alpha = _scale(parts, r, counts, where)
+    d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
+                  w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
+                  alpha=alpha, transpose=transpose, **common)
+    out, inp = d._product_shape()[:2]
+    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+    return [d]
+
+
+def _lokr_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoKr: a Kronecker product of w1 and w2, each full or factored (w2 optionally Tucker)."""
+    full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
+    if not full1 and "lokr_w1_a" in parts and "lokr_w1_b" in parts:
+        _mm_fits(where, parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1_a", "lokr_w1_b")
+    if not full2 and "lokr_w2_a" in parts and "lokr_w2_b" in parts:
+        a, b, t = parts["lokr_w2_a"], parts["lokr_w2_b"], parts.get("lokr_t2")
+        if t is None:
+            _mm_fits(where, a, b, "lokr_w2_a", "lokr_w2_b")
+        elif not _tucker_fits(t, a, b):
+            raise BadInputError(f"{where}: lokr_t2 {list(t.shape)} does not fit lokr_w2_a/b")
+    if full1 and parts["lokr_w1"].dim() != 2:
+        raise BadInputError(f"{where}: lokr_w1 {list(parts['lokr_w1'].shape)} is not a matrix")
+    r = None
+    if not full2 and "lokr_w2_b" in parts:
+        r = int(parts["lokr_w2_b"].shape[0])
+    elif not full1 and "lokr_w1_b" in parts:
+        r = int(parts["lokr_w1_b"].shape[0])
+    if full1 and full2:
+        notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
+        scale, alpha = 1.0, None
+    else:
+        scale, alpha = _scale(parts, r, counts, where)
+    try:
+        d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
+                      w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
+                      t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
+    except Exception as e:  # PlanError from the factor check
+        raise BadInputError(f"{where}: {e}") from None
+    out, inp = d._product_shape()[:2]
+    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+    return [d]
+
+
+def _full_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """full / diff: a dense difference for the weight (diff) and the bias (diff_b)."""
+    ds: list[Delta] = []
+    if "diff" in parts:
+        ds.append(FullDelta(tgt, diff=parts["diff"], **common))
+    if "diff_b" in parts:
+        if ent_w is not None and ent_b is None:
+            raise BadInputError(f"{where}: diff_b given but the base has no bias for this module")
+        btgt = ent_b.target if ent_b else f"{mod}.bias"
+        ds.append(FullDelta(btgt, diff=parts["diff_b"], rows=ent_b.rows if ent_b else None,
+                            source_key=mod + ".diff_b"))
+    return ds
+
+
+def _ia3_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """IA³: a learned channel scale on the output (or input) features."""
+    on_input = False
+    if "on_input" in parts:
+        flag = _number(parts["on_input"], where, "on_input")
+        if flag not in (0.0, 1.0):
+            raise BadInputError(f"{where}: on_input must be 0 or 1, got {flag}")
+        on_input = flag == 1.0
+    if parts["weight"].dim() not in (1, 4) or parts["weight"].numel() == 0:
+        raise BadInputError(f"{where}: IA³ weight {list(parts['weight'].shape)} is not a channel vector")
+    return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
+
+
+# kind_of(parts) → the function that checks that kind's factors and builds its delta(s)
+_MAKERS = {"lora": _lora_deltas, "loha": _loha_deltas, "lokr": _lokr_deltas, "full": _full_deltas,
+           "ia3": _ia3_deltas}
+
+
 def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, ent_b: Entry | None,
                 path: Path, notes: set[str], counts: dict) -> list[Delta]:
     where = f"{path}: {mod}"
@@ -145,100 +263,9 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
     rows = ent_w.rows if ent_w else None
     transpose = ent_w.transpose if ent_w else False
     common = dict(rows=rows, source_key=mod)
-    if kind == "lora":
-        A, B = parts.get("down"), parts.get("up")
-        if A is None or B is None:
-            raise BadInputError(f"{where}: has only one of lora_down/lora_up")
-        mid = parts.get("mid")
-        r = int(A.shape[0])
-        if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
-            raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
-        scale, alpha = _scale(parts, r, counts, where)
-        inp = int(A.shape[1])
-        mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
-        if mid is not None:
-            notes.add("Tucker conv (lora_mid)")
-        return [LoraDelta(tgt, A=A, B=B, mid=mid, scale=scale, alpha=alpha, transpose=transpose,
-                          magnitude=mag, dora_axis=axis, dora_eps=LYCORIS_EPS if mag is not None else 0.0,
-                          **common)]
-    if kind == "loha":
-        need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
-            raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
-        t1, t2 = parts.get("hada_t1"), parts.get("hada_t2")
-        for n in ("1", "2"):
-            a, b, t = parts[f"hada_w{n}_a"], parts[f"hada_w{n}_b"], parts.get(f"hada_t{n}")
-            if t is None:
-                _mm_fits(where, a, b, f"hada_w{n}_a", f"hada_w{n}_b")
-            elif not _tucker_fits(t, a, b):
-                raise BadInputError(f"{where}: hada_t{n} {list(t.shape)} does not fit hada_w{n}_a/b")
-        p1 = (parts["hada_w1_a"].shape, parts["hada_w1_b"].shape)
-        if (p1[0][1 if t1 is not None else 0], p1[1][1]) != (parts["hada_w2_a"].shape[1 if t2 is not None else 0],
-                                                             parts["hada_w2_b"].shape[1]):
-            raise BadInputError(f"{where}: the two Hadamard factors have different shapes")
-        r = int(parts["hada_w1_b"].shape[0])
-        scale, alpha = _scale(parts, r, counts, where)
-        d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
-                      w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
-                      alpha=alpha, transpose=transpose, **common)
-        out, inp = d._product_shape()[:2]
-        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-        return [d]
-    if kind == "lokr":
-        full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
-        if not full1 and "lokr_w1_a" in parts and "lokr_w1_b" in parts:
-            _mm_fits(where, parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1_a", "lokr_w1_b")
-        if not full2 and "lokr_w2_a" in parts and "lokr_w2_b" in parts:
-            a, b, t = parts["lokr_w2_a"], parts["lokr_w2_b"], parts.get("lokr_t2")
-            if t is None:
-                _mm_fits(where, a, b, "lokr_w2_a", "lokr_w2_b")
-            elif not _tucker_fits(t, a, b):
-                raise BadInputError(f"{where}: lokr_t2 {list(t.shape)} does not fit lokr_w2_a/b")
-        if full1 and parts["lokr_w1"].dim() != 2:
-            raise BadInputError(f"{where}: lokr_w1 {list(parts['lokr_w1'].shape)} is not a matrix")
-        r = None
-        if not full2 and "lokr_w2_b" in parts:
-            r = int(parts["lokr_w2_b"].shape[0])
-        elif not full1 and "lokr_w1_b" in parts:
-            r = int(parts["lokr_w1_b"].shape[0])
-        if full1 and full2:
-            notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
-            scale, alpha = 1.0, None
-        else:
-            scale, alpha = _scale(parts, r, counts, where)
-        try:
-            d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
-                          w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
-                          t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
-        except Exception as e:  # PlanError from the factor check
-            raise BadInputError(f"{where}: {e}") from None
-        out, inp = d._product_shape()[:2]
-        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-        return [d]
-    if kind == "full":
-        ds: list[Delta] = []
-        if "diff" in parts:
-            ds.append(FullDelta(tgt, diff=parts["diff"], **common))
-        if "diff_b" in parts:
-            if ent_w is not None and ent_b is None:
-                raise BadInputError(f"{where}: diff_b given but the base has no bias for this module")
-            btgt = ent_b.target if ent_b else f"{mod}.bias"
-            ds.append(FullDelta(btgt, diff=parts["diff_b"], rows=ent_b.rows if ent_b else None,
-                                source_key=mod + ".diff_b"))
-        return ds
-    if kind == "ia3":
-        on_input = False
-        if "on_input" in parts:
-            flag = _number(parts["on_input"], where, "on_input")
-            if flag not in (0.0, 1.0):
-                raise BadInputError(f"{where}: on_input must be 0 or 1, got {flag}")
-            on_input = flag == 1.0
-        if parts["weight"].dim() not in (1, 4) or parts["weight"].numel() == 0:
-            raise BadInputError(f"{where}: IA³ weight {list(parts['weight'].shape)} is not a channel vector")
-        return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
-    raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
+    if kind not in _MAKERS:
+        raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
+    return _MAKERS[kind](where, parts, tgt, transpose, common, notes, counts, mod, ent_w, ent_b)
 
 
 # ------------------------------------------------------------------------------------------------ read

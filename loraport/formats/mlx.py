@@ -98,24 +98,7 @@ class MlxFormat(AdapterFormat):
             raise BadInputError(f"{cfile}: fine_tune_type 'full' holds fine-tuned weights, not an adapter")
         if ftype not in ("lora", "dora"):
             raise BadInputError(f"{cfile}: unknown fine_tune_type {ftype!r} (expected lora or dora)")
-        lp = cfg.get("lora_parameters") or {}
-        if not isinstance(lp, dict):
-            raise BadInputError(f"{cfile}: lora_parameters must be an object")
-        if "scale" in lp:
-            scale = positive_number(lp["scale"], "lora_parameters.scale", cfile)
-        else:
-            scale = DEFAULT_SCALE
-            notes.append(f"no lora_parameters.scale: mlx-lm default scale {DEFAULT_SCALE} assumed")
-        if "alpha" in lp:
-            alpha = positive_number(lp["alpha"], "lora_parameters.alpha", cfile)
-            r_cfg = positive_number(lp.get("rank", 8), "lora_parameters.rank", cfile)
-            if opts.mlx_alpha == "apply":
-                scale = scale * alpha / r_cfg
-                notes.append(f"alpha-era config: scale·alpha/rank = {scale:g} (mlx-lm 2024-01..2024-06 semantics)")
-            else:
-                notes.append(f"config has lora_parameters.alpha={alpha:g}: ignored as mlx-lm has since 2024-06 "
-                             f"(adapters trained 2024-01..2024-06 used scale·alpha/rank = {scale * alpha / r_cfg:g};"
-                             " read with mlx_alpha='apply' for those)")
+        scale = _config_scale(cfg, cfile, opts.mlx_alpha, notes)
         tensors = SafetensorsFile(wfile).load_all()
         groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, t in tensors.items():
@@ -188,22 +171,7 @@ class MlxFormat(AdapterFormat):
             entries[d.target[: -len(".weight")]] = (o.A, B, o.magnitude)
         tensors: dict[str, torch.Tensor] = {}
         ranks = [a.shape[0] for a, _, _ in entries.values()]
-        sw_entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for mod, per in switch.items():
-            n = _num_experts(base, max(per) + 1)
-            if len(per) < n:
-                notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
-            r = max(d.A.shape[0] for d in per.values())
-            ref = next(iter(per.values()))
-            A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
-            B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
-            for e, d in per.items():
-                if e >= n:
-                    raise BadInputError(f"{d.target}: expert index {e} beyond the base's {n} experts")
-                k = d.A.shape[0]
-                A[e, :k] = d.A
-                B[e, :, :k] = bake(d.B, d.scale / scale)
-            sw_entries[mod] = (A, B)
+        sw_entries = {mod: _stack_experts(mod, per, base, scale, notes) for mod, per in switch.items()}
         for x in experts:
             if len(x.parts) != 1 or x.parts[0].out_rows is not None:
                 raise BadInputError(f"{x.target}: a fused gate_up expert update has no MLX form (MLX stacks gate "
@@ -238,6 +206,49 @@ class MlxFormat(AdapterFormat):
         (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         adapter.notes.extend(notes)
         return [path / WEIGHTS, path / CONFIG]
+
+
+def _stack_experts(mod: str, per: dict[int, LoraDelta], base, scale: float, notes: list[str]):
+    """Per-expert LoRAs of one SwitchLinear → its stacked (A [E, r, in], B [E, out, r]), the scale baked into B;
+    experts without a LoRA get zero factors."""
+    n = _num_experts(base, max(per) + 1)
+    if len(per) < n:
+        notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
+    r = max(d.A.shape[0] for d in per.values())
+    ref = next(iter(per.values()))
+    A = torch.zeros(n, r, ref.A.shape[1], dtype=ref.A.dtype)
+    B = torch.zeros(n, ref.B.shape[0], r, dtype=ref.B.dtype)
+    for e, d in per.items():
+        if e >= n:
+            raise BadInputError(f"{d.target}: expert index {e} beyond the base's {n} experts")
+        k = d.A.shape[0]
+        A[e, :k] = d.A
+        B[e, :, :k] = bake(d.B, d.scale / scale)
+    return A, B
+
+
+def _config_scale(cfg: dict, cfile, mlx_alpha: str, notes: list[str]) -> float:
+    """The file's one scale: lora_parameters.scale (mlx-lm's default when absent), times alpha/rank for an
+    alpha-era config read with mlx_alpha="apply"."""
+    lp = cfg.get("lora_parameters") or {}
+    if not isinstance(lp, dict):
+        raise BadInputError(f"{cfile}: lora_parameters must be an object")
+    if "scale" in lp:
+        scale = positive_number(lp["scale"], "lora_parameters.scale", cfile)
+    else:
+        scale = DEFAULT_SCALE
+        notes.append(f"no lora_parameters.scale: mlx-lm default scale {DEFAULT_SCALE} assumed")
+    if "alpha" in lp:
+        alpha = positive_number(lp["alpha"], "lora_parameters.alpha", cfile)
+        r_cfg = positive_number(lp.get("rank", 8), "lora_parameters.rank", cfile)
+        if mlx_alpha == "apply":
+            scale = scale * alpha / r_cfg
+            notes.append(f"alpha-era config: scale·alpha/rank = {scale:g} (mlx-lm 2024-01..2024-06 semantics)")
+        else:
+            notes.append(f"config has lora_parameters.alpha={alpha:g}: ignored as mlx-lm has since 2024-06 "
+                         f"(adapters trained 2024-01..2024-06 used scale·alpha/rank = {scale * alpha / r_cfg:g};"
+                         " read with mlx_alpha='apply' for those)")
+    return scale
 
 
 def _num_experts(base, seen: int) -> int:

@@ -64,11 +64,41 @@ def _tt_qk(name: str) -> str | None:
     return qk_kind(torchtune_to_hf(name) or "")
 
 
+def _groups(tensors: dict[str, torch.Tensor], wfile: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module → {"a": lora_a, "b": lora_b, "m": magnitude} (any other tensor refused)."""
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in tensors.items():
+        for suf, role in ((".lora_a.weight", "a"), (".lora_b.weight", "b"), (".magnitude", "m")):
+            if key.endswith(suf):
+                groups[key[: -len(suf)]][role] = t
+                break
+        else:
+            hint = " (torchtune MoE expert LoRA is not supported)" if "lora_" in key else ""
+            raise BadInputError(f"{wfile}: unexpected tensor {key!r}{hint}; torchtune adapters hold "
+                                "<module>.lora_a.weight / .lora_b.weight / .magnitude")
+    return groups
+
+
+def _permutation(base) -> tuple[bool, int, int]:
+    """(whether q/k rows are in Meta's RoPE order for this HF base, heads, kv heads)."""
+    if base.model_type() not in TORCHTUNE_PERMUTED:
+        return False, 0, 0
+    try:
+        nh, nkv = head_counts(base.config)
+    except ValueError as e:
+        raise BadInputError(f"{base.root}/config.json: {e}") from None
+    return True, nh, nkv
+
+
 @dataclass(frozen=True)
 class TorchtuneReadOptions(ReadOptions):
     """alpha: the recipe's lora_alpha, for weights saved without their adapter_config.json."""
 
     alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None:
+            positive_number(self.alpha, "alpha", "torchtune read option")
 
 
 @register(read=TorchtuneReadOptions, write=WriteOptions)
@@ -100,17 +130,7 @@ class TorchtuneFormat(AdapterFormat):
             raise BadInputError(f"{path}: no torchtune adapter weights ({' / '.join(WEIGHTS)} with lora_a/lora_b keys)")
         cdir = wfile.parent
         cfg = read_json(cdir / CONFIG, CONFIG) if (cdir / CONFIG).is_file() else {}
-        tensors, _ = load_tensors(wfile)
-        groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for key, t in tensors.items():
-            for suf, role in ((".lora_a.weight", "a"), (".lora_b.weight", "b"), (".magnitude", "m")):
-                if key.endswith(suf):
-                    groups[key[: -len(suf)]][role] = t
-                    break
-            else:
-                hint = " (torchtune MoE expert LoRA is not supported)" if "lora_" in key else ""
-                raise BadInputError(f"{wfile}: unexpected tensor {key!r}{hint}; torchtune adapters hold "
-                                    "<module>.lora_a.weight / .lora_b.weight / .magnitude")
+        groups = _groups(load_tensors(wfile)[0], wfile)
         if alpha is None:
             if "lora_alpha" not in cfg:
                 raise BadInputError(f"{wfile}: torchtune stores no alpha in the weights and {cdir / CONFIG} (with "
@@ -118,15 +138,8 @@ class TorchtuneFormat(AdapterFormat):
             alpha = positive_number(cfg["lora_alpha"], "lora_alpha", cdir / CONFIG)
         notes = []
         to_hf = base is not None and not any(f"{m}.weight" in base for m in groups)
-        permute, nh, nkv = False, 0, 0
-        if to_hf:
-            if base.model_type() in TORCHTUNE_PERMUTED:
-                permute = True
-                try:
-                    nh, nkv = head_counts(base.config)
-                except ValueError as e:
-                    raise BadInputError(f"{base.root}/config.json: {e}") from None
-        elif base is None:
+        permute, nh, nkv = _permutation(base) if to_hf else (False, 0, 0)
+        if base is None:
             notes.append("targets kept in torchtune (Meta-layout) naming; pass --base HF_MODEL to map them to HF "
                          "names and undo the q/k row permutation")
         deltas = []
