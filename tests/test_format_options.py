@@ -78,6 +78,8 @@ def test_unknown_write_option_refused_before_writing(tmp_path):
     ad = load_adapter(PLAIN)
     with pytest.raises(BadInputError, match="'bak'.*valid: bake, unet_names"):
         get_format("kohya").write(ad, tmp_path / "k.safetensors", bak=True)
+    with pytest.raises(BadInputError, match="bake='yes'.*True or False"):
+        get_format("kohya").write(ad, tmp_path / "k.safetensors", bake="yes")
     with pytest.raises(BadInputError, match="'bake'.*valid: none"):
         get_format("peft").write(ad, tmp_path / "p", bake=True)
     assert not any(tmp_path.iterdir())

@@ -58,10 +58,14 @@ def build_options(kind: type, given: Mapping[str, Any], fmt: str, what: str):
         raise BadInputError(f"unknown {what} option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                             f"for the {fmt} format; valid: {', '.join(valid) or 'none'}")
     for f in dataclasses.fields(kind):
-        ch = f.metadata.get("choices")
-        if ch and f.name in given and given[f.name] not in ch:
-            raise BadInputError(f"{what} option {f.name}={given[f.name]!r} for the {fmt} format: use one of "
+        if f.name not in given:
+            continue
+        ch, v = f.metadata.get("choices"), given[f.name]
+        if ch and v not in ch:
+            raise BadInputError(f"{what} option {f.name}={v!r} for the {fmt} format: use one of "
                                 f"{', '.join(map(repr, ch))}")
+        if str(f.type) == "bool" and not isinstance(v, bool):
+            raise BadInputError(f"{what} option {f.name}={v!r} for the {fmt} format: use True or False")
     return kind(**given)
 
 
