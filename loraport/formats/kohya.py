@@ -356,6 +356,47 @@ def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
     return mag.reshape(shape).contiguous()
 
 
+def _put_lora(put, mod: str, d: LoraDelta, names: SDNames | None, bake: bool) -> None:
+    if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
+        raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
+    r = int(d.A.shape[0])
+    up = d.B
+    if bake and d.scale != 1.0:
+        up = (d.B.float() * d.scale).to(d.B.dtype)
+    put(mod, "lora_down.weight", d.A)
+    put(mod, "lora_up.weight", up)
+    if d.mid is not None:
+        put(mod, "lora_mid.weight", d.mid)
+    put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
+    if d.magnitude is not None:
+        nd = 4 if d.A.dim() == 4 else 2
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+
+
+def _put_loha(put, mod: str, d: LohaDelta) -> None:
+    for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
+                 ("hada_t1", d.t1), ("hada_t2", d.t2)):
+        if t is not None:
+            put(mod, k, t)
+    put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+    if d.magnitude is not None:
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+
+
+def _put_lokr(put, out: dict[str, torch.Tensor], mod: str, d: LokrDelta) -> None:
+    for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
+                 ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
+        if t is not None:
+            put(mod, k, t)
+    if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
+        if d.scale != 1.0:
+            out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
+    else:
+        put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+    if d.magnitude is not None:
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+
+
 def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False,
                       unet_names: str | None = None) -> list[Path]:
     """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
@@ -381,40 +422,11 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
             continue
         mod = _kohya_module(d, names, unet_names, sdxl)
         if isinstance(d, LoraDelta):
-            if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
-                raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
-            r = int(d.A.shape[0])
-            up = d.B
-            if bake and d.scale != 1.0:
-                up = (d.B.float() * d.scale).to(d.B.dtype)
-            put(mod, "lora_down.weight", d.A)
-            put(mod, "lora_up.weight", up)
-            if d.mid is not None:
-                put(mod, "lora_mid.weight", d.mid)
-            put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
-            if d.magnitude is not None:
-                nd = 4 if d.A.dim() == 4 else 2
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+            _put_lora(put, mod, d, names, bake)
         elif isinstance(d, LohaDelta):
-            for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
-                         ("hada_t1", d.t1), ("hada_t2", d.t2)):
-                if t is not None:
-                    put(mod, k, t)
-            put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
-            if d.magnitude is not None:
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+            _put_loha(put, mod, d)
         elif isinstance(d, LokrDelta):
-            for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
-                         ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
-                if t is not None:
-                    put(mod, k, t)
-            if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
-                if d.scale != 1.0:
-                    out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
-            else:
-                put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
-            if d.magnitude is not None:
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+            _put_lokr(put, out, mod, d)
         elif isinstance(d, Ia3Delta):
             put(mod, "weight", d.vector)
             put(mod, "on_input", torch.tensor(int(d.on_input)))
