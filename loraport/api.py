@@ -182,17 +182,23 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
 def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: PathLike, *,
             weights: Sequence[float] | None = None, base: PathLike | None = None, format: str | None = None,
             lossy: bool = False, rank: int | None = None, overwrite: bool = False, graph: PathLike | None = None,
-            **onnx_options) -> ConvertResult:
+            read_options: dict | None = None, write_options: dict | None = None, **onnx_options) -> ConvertResult:
     """Write `adapter` in format `to` without merging (peft, kohya, diffusers, mlx, gguf, torchtune, ...):
     exact where the target can express it, refused otherwise unless `lossy` (SVD, optionally to `rank`).
+    `read_options` / `write_options` go to the reader and the writer (e.g. {"mlx_alpha": "apply"},
+    {"bake": True}); one the format does not declare is refused, naming those it does.
     `to="onnx-adapter"` writes an .onnx_adapter for the multi-LoRA ONNX `graph`; `to="onnx"` is export_onnx
     (`onnx_options`: opset, dtype, quantize, multi_lora, with_past, recapture)."""
     from loraport.results import ConvertResult
 
     with _api_terms():
-        if to in ("onnx", "onnx-adapter"):
+        from loraport.formats import export_targets
+
+        if to in export_targets():
             from loraport.conversion import onnx_convert
 
+            if read_options or write_options:
+                raise BadInputError(f"read_options / write_options do not apply to to={to!r} (an ONNX export)")
             ads = adapter_list(adapter, weights, required=to == "onnx-adapter")
             rep = onnx_convert(adapters=ads, to=to, out=str(out), base=_path(base, "base"), format=format,
                                graph=None if graph is None else str(graph), lossy=lossy, rank=rank,
@@ -200,14 +206,14 @@ def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: P
             return ConvertResult.of(rep, to)
         unused = sorted(k for k, v in {"graph": graph, "weights": weights, **onnx_options}.items() if v)
         if unused:
-            raise BadInputError(f"{', '.join(unused)} only apply to to='onnx' / 'onnx-adapter'")
+            raise BadInputError(f"{', '.join(unused)} only apply to to=" + " / ".join(map(repr, export_targets())))
         ads = adapter_list(adapter)
         if len(ads) != 1 or ads[0][1] != 1.0:
             raise BadInputError("convert takes one adapter path (a weight only applies to ONNX targets)")
         from loraport.conversion import convert_adapter
 
         rep = convert_adapter(ads[0][0], to, out, base=_path(base, "base"), format=format, lossy=lossy, rank=rank,
-                              overwrite=overwrite)
+                              overwrite=overwrite, write_options=write_options, **(read_options or {}))
         return ConvertResult.of(rep, to)
 
 

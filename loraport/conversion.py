@@ -21,30 +21,34 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter, Delta, LoraDelta
-from loraport.errors import BadInputError
-from loraport.formats._llm import Inexpressible
+from loraport.errors import BadInputError, Inexpressible
 from loraport.names.llm import is_embedding
 
-ONNX_TARGETS = ("onnx", "onnx-adapter")
-FILE_SUFFIXES = (".safetensors", ".gguf", ".onnx_adapter", ".pt", ".bin")
 
 
 def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path | None = None,
                     format: str | None = None, lossy: bool = False, rank: int | None = None,
-                    overwrite: bool = False, device: str = "cpu", **read_options) -> dict:
+                    overwrite: bool = False, device: str = "cpu", write_options: dict | None = None,
+                    **read_options) -> dict:
     """Read `src` (format auto-detected unless `format`; `read_options` go to the reader, e.g.
-    mlx_alpha="apply"), write it as `to` at `out`. Returns a report."""
+    mlx_alpha="apply"), write it as `to` at `out` (`write_options` go to the writer, e.g. bake=True). An option
+    the reader or writer does not declare is refused before anything is written. Returns a report."""
     from loraport.checkpoint import Checkpoint
-    from loraport.formats import get_format, load_adapter
+    from loraport.formats import build_options, export_targets, get_format, load_adapter
     from loraport.outputs import check_output, staged_output
 
     t0 = time.perf_counter()
-    if to in ONNX_TARGETS:
+    if to in export_targets():
+        if read_options or write_options:
+            raise BadInputError(f"reader / writer options do not apply to --to {to} (an ONNX export)")
         return onnx_convert(adapters=[str(src)], to=to, out=str(out), base=None if base is None else str(base),
                             format=format, overwrite=overwrite)
     fmt = get_format(to)
     if not fmt.writable:
         raise BadInputError(f"the {to} format can be read but not written")
+    wopts = build_options(fmt.write_options, write_options or {}, to, "write")
+    if format:
+        build_options(get_format(format).read_options, read_options, format, "read")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise BadInputError(f"--rank must be a positive integer, got {rank!r}")
     if rank is not None and not lossy:
@@ -61,17 +65,15 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
         if lossy and rank is not None:
             adapter, ref = refactor(adapter, ckpt, rank, dev, only_inexpressible=False)
             report.update(lossy=True, refactored=ref)
-        is_dir = getattr(fmt, "output_is_dir", None)
-        if is_dir is None:
-            is_dir = outp.suffix not in FILE_SUFFIXES
+        is_dir = fmt.writes_folder(outp)
         try:
-            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output)
+            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts)
         except BadInputError as e:
             if not (isinstance(e, Inexpressible) or (e.flag_hint or ("",))[0] == "--lossy") or not lossy:
                 raise
             adapter, ref = refactor(adapter, ckpt, rank, dev, only_inexpressible=True)
             report.update(lossy=True, refactored=report["refactored"] + ref)
-            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output)
+            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts)
         report["files"] = [str(w) for w in written]
         report["deltas"] = len(adapter.deltas)
         report["notes"] = list(dict.fromkeys(adapter.notes))
@@ -86,19 +88,22 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
     return report
 
 
-def _write(fmt, adapter: Adapter, outp: Path, is_dir: bool, overwrite: bool, ckpt, staged_output) -> list[Path]:
+def _write(fmt, adapter: Adapter, outp: Path, is_dir: bool, overwrite: bool, ckpt, staged_output,
+           opts) -> list[Path]:
     with staged_output(outp, is_dir=is_dir, overwrite=overwrite) as stage:
-        written = fmt.write(adapter, stage, base=ckpt) or []
+        written = fmt.write_with(adapter, stage, ckpt, opts) or []
     return [outp / Path(w).name if is_dir else outp for w in written]
 
 
 def _check_naming(adapter: Adapter, to: str, ckpt) -> None:
     """GGUF / torchtune targets read without a base keep their own naming; they only make sense in the same
     format."""
+    from loraport.formats import formats
+
     if ckpt is not None or to == adapter.format:
         return
-    foreign = [d.target for d in adapter.deltas if d.target.startswith(("blk.", "layers.", "token_embd",
-                                                                          "tok_embeddings"))]
+    own = tuple(p for f in formats().values() for p in f.own_naming)
+    foreign = [d.target for d in adapter.deltas if d.target.startswith(own)]
     if foreign:
         raise BadInputError(
             f"{adapter.path}: targets are in {adapter.format} naming (e.g. {foreign[0]}); converting to {to} needs "

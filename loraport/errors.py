@@ -23,6 +23,10 @@ class UnsafeInputError(BadInputError):
     """An input would need code execution (a pickle beyond weights_only) to load."""
 
 
+class Inexpressible(BadInputError):
+    """The target format has no exact form for an update; `loraport convert --lossy` may re-factor it."""
+
+
 class PlanError(BadInputError):
     """The adapter(s) and base do not fit together (unmatched targets, shape mismatch, duplicates)."""
 

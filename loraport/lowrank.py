@@ -348,8 +348,6 @@ def _regex(pat: str | None, flag: str):
 
 
 # --- files in, files out ---------------------------------------------------------------------------
-SINGLE_FILE_FORMATS = ("kohya", "lycoris")  # formats written as one file rather than a folder
-SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf", ".pt", ".onnx_adapter")
 OUT_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -366,7 +364,7 @@ def write_adapter(adapter: Adapter, out: str | Path, to: str, inputs: list, over
 
     fmt = writer(to, out)
     outp = check_output(out, inputs, overwrite)
-    is_dir = outp.suffix not in SINGLE_FILE_SUFFIXES
+    is_dir = fmt.writes_folder(outp)  # the format's declared layout (loraport/formats)
     with staged_output(outp, is_dir=is_dir, overwrite=overwrite) as stage:
         written = fmt.write(adapter, stage, base=base)
     return [str(outp / Path(w).name) if is_dir else str(outp) for w in (written or [])]
@@ -379,8 +377,8 @@ def writer(to: str, out: str | Path):
     fmt = get_format(to)
     if not fmt.writable:
         raise BadInputError(f"the {to} format cannot be written")
-    if to in SINGLE_FILE_FORMATS and Path(out).suffix != ".safetensors":
-        raise BadInputError(f"a {to} adapter is one .safetensors file: give --out NAME.safetensors")
+    if fmt.output_suffix and Path(out).suffix != fmt.output_suffix:
+        raise BadInputError(f"a {to} adapter is one {fmt.output_suffix} file: give --out NAME{fmt.output_suffix}")
     return fmt
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
+from loraport.commands._choices import TargetsOption
 from loraport.errors import BadInputError
-
-TARGETS = ("peft", "kohya", "diffusers", "mlx", "gguf", "torchtune", "onnx", "onnx-adapter")
 
 
 def register(group: click.Group) -> None:
@@ -16,8 +15,7 @@ def register(group: click.Group) -> None:
 
 @click.command("convert")
 @click.argument("adapter", required=False, type=click.Path())
-@click.option("--to", "to", required=True, help="output format: " + "|".join(TARGETS) + " (or any other writable "
-              "format `loraport formats` lists)")
+@click.option("--to", "to", required=True, cls=TargetsOption, help="output format: {targets}")
 @click.option("--out", required=True, type=click.Path(), help="file or folder to write")
 @click.option("--base", default=None, type=click.Path(),
               help="base model: names GGUF/torchtune/kohya targets, gives head counts for q/k permutation, and the "
@@ -27,6 +25,10 @@ def register(group: click.Group) -> None:
                                             "adapter exactly (error reported)")
 @click.option("--rank", type=int, default=None, help="with --lossy: re-factor every update to this rank")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--read-option", "read_opts", multiple=True, metavar="KEY=VALUE",
+              help="an option of the input format's reader, e.g. mlx_alpha=apply (repeatable)")
+@click.option("--write-option", "write_opts", multiple=True, metavar="KEY=VALUE",
+              help="an option of the output format's writer, e.g. bake=true (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 # ONNX options (issue 7): passed through to loraport.onnx.cli_convert
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="ONNX: adapter (repeatable)")
@@ -39,11 +41,13 @@ def register(group: click.Group) -> None:
 @click.option("--with-past", is_flag=True, help="ONNX: KV-cache inputs/outputs for generation")
 @click.option("--recapture", is_flag=True, help="ONNX: trace the graph again instead of reading the one remembered "
               "for this architecture and these options (LORAPORT_NO_GRAPH_CACHE=1: never remember)")
-def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, adapters, weights, multi_lora, graph,
-                opset, dtype, quantize, with_past, recapture):
+def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, write_opts, as_json, adapters, weights,
+                multi_lora, graph, opset, dtype, quantize, with_past, recapture):
     """Convert ADAPTER to another format without merging: exact where the target can express it (scales
     baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
     from loraport.console import emit_json, err
+
+    from loraport.formats import export_targets
 
     _check_target(to)
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
@@ -51,7 +55,9 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
                  "--recapture": recapture}
     import loraport
 
-    if to in ("onnx", "onnx-adapter"):
+    if to in export_targets():
+        if read_opts or write_opts:
+            raise BadInputError(f"--read-option / --write-option do not apply to --to {to} (an ONNX export)")
         all_adapters = ([adapter] if adapter else []) + list(adapters)
         if weights and len(weights) != len(all_adapters):
             raise BadInputError(f"{len(weights)} --weight value(s) for {len(all_adapters)} adapter(s); give one per "
@@ -63,11 +69,12 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, as_json, ad
     else:
         used = [k for k, v in onnx_only.items() if v]
         if used:
-            raise BadInputError(f"{', '.join(used)} only apply to --to onnx / onnx-adapter")
+            raise BadInputError(f"{', '.join(used)} only apply to --to {' / '.join(export_targets())}")
         if not adapter:
             raise BadInputError("missing ADAPTER (the adapter to convert)")
-        rep = loraport.convert(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank,
-                               overwrite=overwrite).to_dict()
+        ropts, wopts = _options(adapter, fmt, to, read_opts, write_opts)
+        rep = loraport.convert(adapter, to, out, base=base, format=fmt, lossy=lossy, rank=rank, overwrite=overwrite,
+                               read_options=ropts, write_options=wopts).to_dict()
     if as_json:
         emit_json(rep)
         return
@@ -101,8 +108,21 @@ def _onnx_summary(rep: dict, base, adapters: list[str], weights: list[float]) ->
 
 
 def _check_target(to: str) -> None:
-    from loraport.formats import formats
+    from loraport.formats import convert_targets
 
-    writable = {n for n, f in formats().items() if f.writable}
-    if to not in TARGETS and to not in writable:
-        raise BadInputError(f"unknown --to {to!r}; choose one of {', '.join(sorted(set(TARGETS) | writable))}")
+    targets = convert_targets()
+    if to not in targets:
+        raise BadInputError(f"unknown --to {to!r}; choose one of {', '.join(sorted(targets))}")
+
+
+def _options(adapter, fmt, to, read_opts, write_opts) -> tuple[dict, dict]:
+    """--read-option / --write-option KEY=VALUE, typed by the options the reader / writer declares (the input's
+    format is detected here when not forced, so its reader's options can be checked before any work)."""
+    from loraport.formats import detect, get_format, parse_option_text
+
+    ropts = {}
+    if read_opts:
+        rfmt = get_format(fmt) if fmt else detect(adapter)
+        ropts = parse_option_text(rfmt.read_options, list(read_opts), rfmt.name, "read")
+    wfmt = get_format(to)
+    return ropts, parse_option_text(wfmt.write_options, list(write_opts), wfmt.name, "write")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from loraport.commands._choices import FormatChoice
 from loraport.commands._lowrank_cli import SVD_HELP, common_options, rank_options, report
 
 
@@ -16,7 +17,7 @@ def register(group: click.Group) -> None:
 @click.option("--tuned", required=True, type=click.Path(), help="the fine-tuned model, same layout")
 @rank_options
 @click.option("--out", required=True, type=click.Path(), help="the adapter to write")
-@click.option("--to", "to", default="peft", show_default=True, type=click.Choice(["peft", "kohya"]),
+@click.option("--to", "to", default="peft", show_default=True, type=FormatChoice(lambda f: f.extract_to),
               help="adapter format to write")
 @click.option("--svd", "svd", default="auto", show_default=True, type=click.Choice(["auto", "full", "randomized"]),
               help=SVD_HELP)

@@ -9,12 +9,8 @@ from dataclasses import replace
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
-from loraport.errors import BadInputError
+from loraport.errors import BadInputError, Inexpressible
 from loraport.names.llm import is_embedding
-
-
-class Inexpressible(BadInputError):
-    """The target format has no exact form for an update; `loraport convert --lossy` may re-factor it."""
 
 
 def oriented(d: LoraDelta, transpose: bool, base=None) -> LoraDelta:

@@ -17,7 +17,7 @@ import torch
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
 from loraport.names.sd import SDNames, te_spellings
@@ -104,12 +104,52 @@ def _number(v, what: str) -> float:
     return float(v)
 
 
-@register
+def _group_keys(tensors: dict[str, torch.Tensor], notes: set[str]):
+    """(component-prefixed module → {role: tensor}, the spellings of the factors, keys not recognised)."""
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    forms: set[str] = set()
+    unrecognised = []
+    for key, t in tensors.items():
+        p = parse_key(key)
+        if p is None:
+            unrecognised.append(key)
+            continue
+        mod, role, form = p
+        if mod.split(".", 1)[0] not in COMPONENTS:
+            mod = "unet." + mod
+            notes.add("keys without a component prefix: read as unet")
+        parts[mod][role] = t
+        if role in ("A", "B"):
+            forms.add(form)
+    return parts, forms, unrecognised
+
+
+def _module_scale(p: dict, cfg: dict | None, r: int, cfg_alpha) -> tuple[float | None, float, str]:
+    """(alpha, scale, rule) of one module: from its component's LoraConfig (`cfg_alpha`: its alpha for this
+    module) when the file has one, else from its network_alphas entry, else scale 1 (alpha None)."""
+    if cfg is not None:
+        alpha = _number(cfg_alpha, "lora_alpha")
+        rs = bool(cfg.get("use_rslora", False))
+        return alpha, lora_scale(alpha, r, rs), "alpha/sqrt(r)" if rs else "alpha/r"
+    if "alpha" in p:
+        alpha = float(p["alpha"].float().reshape(-1)[0])
+        return alpha, lora_scale(alpha, r), "alpha/r"
+    return None, 1.0, "alpha/r"
+
+
+def _base_entry(names: SDNames, mod: str, comp: str, rel: str):
+    """The base's weight entry for a module, under its own or another CLIP spelling (None: not in the base)."""
+    for spelled in (mod, *[f"{comp}.{s}" for s in te_spellings(rel)]):
+        if (found := names.by_module.get(spelled)) and "weight" in found:
+            return found["weight"]
+    return None
+
+
+@register(write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
     title = "diffusers LoRA (pytorch_lora_weights.safetensors)"
     spec = "diffusers"
-    writable = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -128,26 +168,13 @@ class DiffusersFormat(AdapterFormat):
         return 85 if prefixed == len(parsed) else 50
 
     @classmethod
-    def read(cls, path: Path, base=None, strict: bool = True, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         path = Path(path)
         wfile = _weights_file(path)
         tensors, meta = load_tensors(wfile)
         configs = component_configs(meta, wfile)
-        parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        forms: set[str] = set()
-        unrecognised, notes = [], set()
-        for key, t in tensors.items():
-            p = parse_key(key)
-            if p is None:
-                unrecognised.append(key)
-                continue
-            mod, role, form = p
-            if mod.split(".", 1)[0] not in COMPONENTS:
-                mod = "unet." + mod
-                notes.add("keys without a component prefix: read as unet")
-            parts[mod][role] = t
-            if role in ("A", "B"):
-                forms.add(form)
+        notes: set[str] = set()
+        parts, forms, unrecognised = _group_keys(tensors, notes)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
         deltas, unmatched, no_alpha = [], [], 0
         tables: dict[str, PatternTable] = {}
@@ -164,25 +191,12 @@ class DiffusersFormat(AdapterFormat):
                 raise BadInputError(f"{wfile}: {mod}: down/A {list(A.shape)} and up/B {list(B.shape)} do not fit")
             comp, _, rel = mod.partition(".")
             cfg = configs.get(comp)
-            rule = "alpha/r"
-            if cfg is not None:
-                alpha = _number(_component_alpha(tables, comp, cfg, rel, wfile, deadline), "lora_alpha")
-                rs = bool(cfg.get("use_rslora", False))
-                scale = lora_scale(alpha, r, rs)
-                rule = "alpha/sqrt(r)" if rs else rule
-            elif "alpha" in p:
-                alpha = float(p["alpha"].float().reshape(-1)[0])
-                scale = lora_scale(alpha, r)
-            else:
-                alpha, scale = None, 1.0
-                no_alpha += 1
+            cfg_alpha = None if cfg is None else _component_alpha(tables, comp, cfg, rel, wfile, deadline)
+            alpha, scale, rule = _module_scale(p, cfg, r, cfg_alpha)
+            no_alpha += alpha is None
             target, rows, transpose = f"{mod}.weight", None, False
             if names is not None:
-                ent = None
-                for spelled in (mod, *[f"{comp}.{s}" for s in te_spellings(rel)]):
-                    if (found := names.by_module.get(spelled)) and "weight" in found:
-                        ent = found["weight"]
-                        break
+                ent = _base_entry(names, mod, comp, rel)
                 if ent is None:
                     unmatched.append(mod)
                     continue
@@ -196,7 +210,7 @@ class DiffusersFormat(AdapterFormat):
 
                 btarget = target[: -len(".weight")] + ".bias"
                 deltas.append(FullDelta(btarget, diff=p["bias"], scale=scale, rows=rows, source_key=mod + ".bias"))
-        check_unmatched(wfile, len(deltas), unrecognised, unmatched, strict, notes)
+        check_unmatched(wfile, len(deltas), unrecognised, unmatched, opts.strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
         if configs:
@@ -217,7 +231,7 @@ class DiffusersFormat(AdapterFormat):
                        files=[str(wfile)], name=path.stem)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """One pytorch_lora_weights-style file: PEFT keys under component prefixes, the per-component
         LoraConfig (ranks/alphas as rank_pattern/alpha_pattern) in `lora_adapter_metadata`."""
         path = Path(path)

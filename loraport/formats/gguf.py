@@ -25,11 +25,11 @@ import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
-from loraport.errors import BadInputError, UnsafeInputError
+from loraport.errors import BadInputError, Inexpressible, UnsafeInputError
 from loraport.paths import regular
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
-from loraport.formats._llm import Inexpressible, bake, common_value, oriented, require_lora_only, stack_experts
+from loraport.formats._llm import bake, common_value, oriented, require_lora_only, stack_experts
 from loraport.names.llm import (
     GGUF_ARCH,
     expert_index,
@@ -230,13 +230,20 @@ def _meta_str(meta: dict, key: str):
     return v if isinstance(v, str) else None
 
 
-@register
+@dataclass(frozen=True)
+class GgufWriteOptions(WriteOptions):
+    """arch: general.architecture for an adapter in GGUF naming that does not record one."""
+
+    arch: str | None = None
+
+
+@register(write=GgufWriteOptions)
 class GgufFormat(AdapterFormat):
     name = "gguf"
     title = "llama.cpp GGUF LoRA"
     spec = "gguf"
-    writable = True
     output_is_dir = False
+    own_naming = ("blk.", "token_embd")
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -246,7 +253,7 @@ class GgufFormat(AdapterFormat):
 
     # --- read ----------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         if not path.is_file():
             raise BadInputError(f"{path}: a GGUF adapter is a single .gguf file")
         f = GGUFFile(path)
@@ -257,9 +264,7 @@ class GgufFormat(AdapterFormat):
 
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, arch: str | None = None, **options) -> list[Path]:
-        import gguf
-
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: GgufWriteOptions) -> list[Path]:
         require_lora_only(adapter, "GGUF", (LoraDelta, ExpertsLoraDelta))
         for d in adapter.deltas:
             if isinstance(d, LoraDelta) and d.magnitude is not None:
@@ -267,24 +272,7 @@ class GgufFormat(AdapterFormat):
                                     "weight, so it cannot be baked into B").hint(
                     "--lossy", "with --base BASE re-factors the exact DoRA update to low rank")
         hf_named = any(not d.target.startswith(("blk.", "token_embd", "output")) for d in adapter.deltas)
-        permute = False
-        nh = nkv = 0
-        if hf_named:
-            if base is None or not base.config:
-                raise BadInputError("writing GGUF from HF-named targets needs --base (the HF model folder with "
-                                    "config.json): the GGUF architecture and q/k head counts come from it")
-            mt = base.model_type()
-            if mt not in GGUF_ARCH:
-                raise BadInputError(f"no GGUF name table for model_type {mt!r} (known: {', '.join(GGUF_ARCH)})")
-            arch, permute = GGUF_ARCH[mt]
-            try:
-                nh, nkv = head_counts(base.config)
-            except ValueError as e:
-                raise BadInputError(f"{base.root}/config.json: {e}") from None
-        else:
-            arch = arch or _meta_str(adapter.metadata, "general.architecture")
-            if not arch:
-                raise BadInputError("GGUF-named adapter without general.architecture; pass arch=")
+        arch, permute, nh, nkv = _write_arch(adapter, base, hf_named, opts.arch)
         # one alpha for the file: the commonest alpha (= s·r); other modules get s baked into B
         rs = [(d.scale, d.A.shape[0]) for d in adapter.deltas if isinstance(d, LoraDelta)]
         rs += [(p.scale, p.A.shape[1]) for d in adapter.deltas if isinstance(d, ExpertsLoraDelta) for p in d.parts]
@@ -335,31 +323,59 @@ class GgufFormat(AdapterFormat):
         if baked:
             adapter.notes.append(f"{baked} module(s) with another alpha/scale rule: scale baked into lora_b "
                                  f"(file alpha {alpha:g})")
-        w = gguf.GGUFWriter(str(path), arch)
-        w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        from loraport import __version__
-
-        w.add_string("loraport.version", __version__)  # lets `--overwrite` recognise the file (loraport/outputs.py)
-        for name, t in tensors:
-            t = t.detach().contiguous().cpu()
-            if t.dtype == torch.bfloat16:
-                w.add_tensor(name, t.view(torch.int16).numpy().view(np.uint16),
-                             raw_dtype=gguf.GGMLQuantizationType.BF16)
-            elif t.dtype == torch.float16:
-                w.add_tensor(name, t.numpy())
-            else:
-                w.add_tensor(name, t.float().numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        _save(path, arch, alpha, tensors)
         return [path]
 
 
-def _read(f: GGUFFile, path: Path, base) -> Adapter:
-    meta = f.metadata
+def _write_arch(adapter: Adapter, base, hf_named: bool, arch: str | None) -> tuple[str, bool, int, int]:
+    """(GGUF architecture, whether q/k rows are permuted to llama.cpp's RoPE order, heads, kv heads): from the
+    HF base for HF-named targets, else from `arch` or the adapter's own general.architecture."""
+    if not hf_named:
+        arch = arch or _meta_str(adapter.metadata, "general.architecture")
+        if not arch:
+            raise BadInputError("GGUF-named adapter without general.architecture; pass arch=")
+        return arch, False, 0, 0
+    if base is None or not base.config:
+        raise BadInputError("writing GGUF from HF-named targets needs --base (the HF model folder with "
+                            "config.json): the GGUF architecture and q/k head counts come from it")
+    mt = base.model_type()
+    if mt not in GGUF_ARCH:
+        raise BadInputError(f"no GGUF name table for model_type {mt!r} (known: {', '.join(GGUF_ARCH)})")
+    arch, permute = GGUF_ARCH[mt]
+    try:
+        nh, nkv = head_counts(base.config)
+    except ValueError as e:
+        raise BadInputError(f"{base.root}/config.json: {e}") from None
+    return arch, permute, nh, nkv
+
+
+def _save(path: Path, arch: str, alpha: float, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    from loraport import __version__
+
+    w.add_string("loraport.version", __version__)  # lets `--overwrite` recognise the file (loraport/outputs.py)
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        if t.dtype == torch.bfloat16:
+            w.add_tensor(name, t.view(torch.int16).numpy().view(np.uint16),
+                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif t.dtype == torch.float16:
+            w.add_tensor(name, t.numpy())
+        else:
+            w.add_tensor(name, t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _lora_alpha(meta: dict, path: Path, notes: list[str]) -> float:
+    """adapter.lora.alpha of a GGUF LoRA adapter (anything else refused); notes what llama.cpp does with it."""
     gtype = _meta_str(meta, "general.type")
     atype = _meta_str(meta, "adapter.type")
     if gtype == "model" or (gtype is None and atype is None):
@@ -371,14 +387,17 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
             or not math.isfinite(float(alpha)):
         raise BadInputError(f"{path}: adapter.lora.alpha must be a number, got {alpha!r}")
     alpha = float(alpha)
-    arch = _meta_str(meta, "general.architecture") or ""
-    notes = []
     if alpha == 0:
         notes.append("adapter.lora.alpha missing or 0: scale 1 (llama.cpp rule)")
     tokens = meta.get("adapter.alora.invocation_tokens")
     if tokens is not None and np.size(tokens) > 0:
         notes.append("activated LoRA (aLoRA): llama.cpp applies it only after its invocation tokens; merged or "
                      "converted, it applies to every token")
+    return alpha
+
+
+def _lora_pairs(f: GGUFFile, path: Path, notes: list[str]) -> dict[str, dict[str, str]]:
+    """tensor stem → {"lora_a": name, "lora_b": name}; norm tensors skipped as llama.cpp skips them."""
     pairs: dict[str, dict[str, str]] = defaultdict(dict)
     ignored = []
     for name in f.tensors:
@@ -391,24 +410,41 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
             raise BadInputError(f"{path}: unexpected tensor {name!r}; a GGUF LoRA holds <tensor>.lora_a/.lora_b")
     if ignored:
         notes.append(f"{len(ignored)} norm tensor(s) ignored (llama.cpp ignores them too)")
+    return pairs
+
+
+def _permutation(base, arch: str, path: Path) -> tuple[bool, int, int]:
+    """(whether q/k rows are in llama.cpp's RoPE order for this HF base, heads, kv heads); an adapter made for
+    another architecture than the base converts to is refused."""
+    permute, nh, nkv = False, 0, 0
+    mt = base.model_type()
+    if mt in GGUF_ARCH:
+        want, permute = GGUF_ARCH[mt]
+        if arch and arch != want:
+            raise BadInputError(f"{path}: adapter is for GGUF architecture {arch!r}, the base "
+                                f"({mt}) converts to {want!r}")
+    elif arch in ("llama",):
+        permute = True
+    if permute:
+        try:
+            nh, nkv = head_counts(base.config)
+        except ValueError as e:
+            raise BadInputError(f"{base.root}/config.json: {e}") from None
+    return permute, nh, nkv
+
+
+def _read(f: GGUFFile, path: Path, base) -> Adapter:
+    meta = f.metadata
+    notes = []
+    alpha = _lora_alpha(meta, path, notes)
+    arch = _meta_str(meta, "general.architecture") or ""
+    pairs = _lora_pairs(f, path, notes)
 
     to_hf = base is not None
     permute, nh, nkv = False, 0, 0
     names = set(base.names()) if to_hf else None
     if to_hf:
-        mt = base.model_type()
-        if mt in GGUF_ARCH:
-            want, permute = GGUF_ARCH[mt]
-            if arch and arch != want:
-                raise BadInputError(f"{path}: adapter is for GGUF architecture {arch!r}, the base "
-                                    f"({mt}) converts to {want!r}")
-        elif arch in ("llama",):
-            permute = True
-        if permute:
-            try:
-                nh, nkv = head_counts(base.config)
-            except ValueError as e:
-                raise BadInputError(f"{base.root}/config.json: {e}") from None
+        permute, nh, nkv = _permutation(base, arch, path)
     else:
         notes.append("targets kept in GGUF naming (pass --base HF_MODEL to map them to HF names)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import load_tensors
@@ -135,6 +136,124 @@ def _tucker_fits(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() == 2 and t.dim() >= 2 and t.shape[0] == a.shape[0] and t.shape[1] == b.shape[0]
 
 
+def _lora_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoRA / LoCon (lora_down, lora_up, optional Tucker lora_mid), with DoRA's dora_scale."""
+    A, B = parts.get("down"), parts.get("up")
+    if A is None or B is None:
+        raise BadInputError(f"{where}: has only one of lora_down/lora_up")
+    mid = parts.get("mid")
+    r = int(A.shape[0])
+    if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
+        raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
+    scale, alpha = _scale(parts, r, counts, where)
+    inp = int(A.shape[1])
+    mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
+    if mid is not None:
+        notes.add("Tucker conv (lora_mid)")
+    return [LoraDelta(tgt, A=A, B=B, mid=mid, scale=scale, alpha=alpha, transpose=transpose,
+                      magnitude=mag, dora_axis=axis, dora_eps=LYCORIS_EPS if mag is not None else 0.0,
+                      **common)]
+
+
+def _loha_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoHa: two Hadamard-multiplied low-rank products (optional Tucker cores)."""
+    need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
+        raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
+    t1, t2 = parts.get("hada_t1"), parts.get("hada_t2")
+    for n in ("1", "2"):
+        a, b, t = parts[f"hada_w{n}_a"], parts[f"hada_w{n}_b"], parts.get(f"hada_t{n}")
+        if t is None:
+            _mm_fits(where, a, b, f"hada_w{n}_a", f"hada_w{n}_b")
+        elif not _tucker_fits(t, a, b):
+            raise BadInputError(f"{where}: hada_t{n} {list(t.shape)} does not fit hada_w{n}_a/b")
+    p1 = (parts["hada_w1_a"].shape, parts["hada_w1_b"].shape)
+    if (p1[0][1 if t1 is not None else 0], p1[1][1]) != (parts["hada_w2_a"].shape[1 if t2 is not None else 0],
+                                                         parts["hada_w2_b"].shape[1]):
+        raise BadInputError(f"{where}: the two Hadamard factors have different shapes")
+    r = int(parts["hada_w1_b"].shape[0])
+    scale, alpha = _scale(parts, r, counts, where)
+    d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
+                  w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
+                  alpha=alpha, transpose=transpose, **common)
+    out, inp = d._product_shape()[:2]
+    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+    return [d]
+
+
+def _lokr_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """LoKr: a Kronecker product of w1 and w2, each full or factored (w2 optionally Tucker)."""
+    full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
+    if not full1 and "lokr_w1_a" in parts and "lokr_w1_b" in parts:
+        _mm_fits(where, parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1_a", "lokr_w1_b")
+    if not full2 and "lokr_w2_a" in parts and "lokr_w2_b" in parts:
+        a, b, t = parts["lokr_w2_a"], parts["lokr_w2_b"], parts.get("lokr_t2")
+        if t is None:
+            _mm_fits(where, a, b, "lokr_w2_a", "lokr_w2_b")
+        elif not _tucker_fits(t, a, b):
+            raise BadInputError(f"{where}: lokr_t2 {list(t.shape)} does not fit lokr_w2_a/b")
+    if full1 and parts["lokr_w1"].dim() != 2:
+        raise BadInputError(f"{where}: lokr_w1 {list(parts['lokr_w1'].shape)} is not a matrix")
+    r = None
+    if not full2 and "lokr_w2_b" in parts:
+        r = int(parts["lokr_w2_b"].shape[0])
+    elif not full1 and "lokr_w1_b" in parts:
+        r = int(parts["lokr_w1_b"].shape[0])
+    if full1 and full2:
+        notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
+        scale, alpha = 1.0, None
+    else:
+        scale, alpha = _scale(parts, r, counts, where)
+    try:
+        d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
+                      w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
+                      t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
+    except Exception as e:  # PlanError from the factor check
+        raise BadInputError(f"{where}: {e}") from None
+    out, inp = d._product_shape()[:2]
+    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
+    return [d]
+
+
+def _full_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                 notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """full / diff: a dense difference for the weight (diff) and the bias (diff_b)."""
+    ds: list[Delta] = []
+    if "diff" in parts:
+        ds.append(FullDelta(tgt, diff=parts["diff"], **common))
+    if "diff_b" in parts:
+        if ent_w is not None and ent_b is None:
+            raise BadInputError(f"{where}: diff_b given but the base has no bias for this module")
+        btgt = ent_b.target if ent_b else f"{mod}.bias"
+        ds.append(FullDelta(btgt, diff=parts["diff_b"], rows=ent_b.rows if ent_b else None,
+                            source_key=mod + ".diff_b"))
+    return ds
+
+
+def _ia3_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
+                notes: set[str], counts: dict, mod: str, ent_w: Entry | None, ent_b: Entry | None) -> list[Delta]:
+    """IA³: a learned channel scale on the output (or input) features."""
+    on_input = False
+    if "on_input" in parts:
+        flag = _number(parts["on_input"], where, "on_input")
+        if flag not in (0.0, 1.0):
+            raise BadInputError(f"{where}: on_input must be 0 or 1, got {flag}")
+        on_input = flag == 1.0
+    if parts["weight"].dim() not in (1, 4) or parts["weight"].numel() == 0:
+        raise BadInputError(f"{where}: IA³ weight {list(parts['weight'].shape)} is not a channel vector")
+    return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
+
+
+# kind_of(parts) → the function that checks that kind's factors and builds its delta(s)
+_MAKERS = {"lora": _lora_deltas, "loha": _loha_deltas, "lokr": _lokr_deltas, "full": _full_deltas,
+           "ia3": _ia3_deltas}
+
+
 def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, ent_b: Entry | None,
                 path: Path, notes: set[str], counts: dict) -> list[Delta]:
     where = f"{path}: {mod}"
@@ -144,104 +263,13 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
     rows = ent_w.rows if ent_w else None
     transpose = ent_w.transpose if ent_w else False
     common = dict(rows=rows, source_key=mod)
-    if kind == "lora":
-        A, B = parts.get("down"), parts.get("up")
-        if A is None or B is None:
-            raise BadInputError(f"{where}: has only one of lora_down/lora_up")
-        mid = parts.get("mid")
-        r = int(A.shape[0])
-        if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
-            raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
-        scale, alpha = _scale(parts, r, counts, where)
-        inp = int(A.shape[1])
-        mag, axis = _dora(parts.get("dora_scale"), int(B.shape[0]), inp, where, notes)
-        if mid is not None:
-            notes.add("Tucker conv (lora_mid)")
-        return [LoraDelta(tgt, A=A, B=B, mid=mid, scale=scale, alpha=alpha, transpose=transpose,
-                          magnitude=mag, dora_axis=axis, dora_eps=LYCORIS_EPS if mag is not None else 0.0,
-                          **common)]
-    if kind == "loha":
-        need = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        if any(k not in parts for k in need) or (("hada_t1" in parts) != ("hada_t2" in parts)):
-            raise BadInputError(f"{where}: LoHa needs {', '.join(need)} (and both or neither of hada_t1/t2)")
-        t1, t2 = parts.get("hada_t1"), parts.get("hada_t2")
-        for n in ("1", "2"):
-            a, b, t = parts[f"hada_w{n}_a"], parts[f"hada_w{n}_b"], parts.get(f"hada_t{n}")
-            if t is None:
-                _mm_fits(where, a, b, f"hada_w{n}_a", f"hada_w{n}_b")
-            elif not _tucker_fits(t, a, b):
-                raise BadInputError(f"{where}: hada_t{n} {list(t.shape)} does not fit hada_w{n}_a/b")
-        p1 = (parts["hada_w1_a"].shape, parts["hada_w1_b"].shape)
-        if (p1[0][1 if t1 is not None else 0], p1[1][1]) != (parts["hada_w2_a"].shape[1 if t2 is not None else 0],
-                                                             parts["hada_w2_b"].shape[1]):
-            raise BadInputError(f"{where}: the two Hadamard factors have different shapes")
-        r = int(parts["hada_w1_b"].shape[0])
-        scale, alpha = _scale(parts, r, counts, where)
-        d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
-                      w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
-                      alpha=alpha, transpose=transpose, **common)
-        out, inp = d._product_shape()[:2]
-        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-        return [d]
-    if kind == "lokr":
-        full1, full2 = "lokr_w1" in parts, "lokr_w2" in parts
-        if not full1 and "lokr_w1_a" in parts and "lokr_w1_b" in parts:
-            _mm_fits(where, parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1_a", "lokr_w1_b")
-        if not full2 and "lokr_w2_a" in parts and "lokr_w2_b" in parts:
-            a, b, t = parts["lokr_w2_a"], parts["lokr_w2_b"], parts.get("lokr_t2")
-            if t is None:
-                _mm_fits(where, a, b, "lokr_w2_a", "lokr_w2_b")
-            elif not _tucker_fits(t, a, b):
-                raise BadInputError(f"{where}: lokr_t2 {list(t.shape)} does not fit lokr_w2_a/b")
-        if full1 and parts["lokr_w1"].dim() != 2:
-            raise BadInputError(f"{where}: lokr_w1 {list(parts['lokr_w1'].shape)} is not a matrix")
-        r = None
-        if not full2 and "lokr_w2_b" in parts:
-            r = int(parts["lokr_w2_b"].shape[0])
-        elif not full1 and "lokr_w1_b" in parts:
-            r = int(parts["lokr_w1_b"].shape[0])
-        if full1 and full2:
-            notes.add("LoKr with full w1 and w2: scale 1 (LyCORIS ignores alpha there)")
-            scale, alpha = 1.0, None
-        else:
-            scale, alpha = _scale(parts, r, counts, where)
-        try:
-            d = LokrDelta(tgt, w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
-                          w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
-                          t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
-        except Exception as e:  # PlanError from the factor check
-            raise BadInputError(f"{where}: {e}") from None
-        out, inp = d._product_shape()[:2]
-        mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-        d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-        return [d]
-    if kind == "full":
-        ds: list[Delta] = []
-        if "diff" in parts:
-            ds.append(FullDelta(tgt, diff=parts["diff"], **common))
-        if "diff_b" in parts:
-            if ent_w is not None and ent_b is None:
-                raise BadInputError(f"{where}: diff_b given but the base has no bias for this module")
-            btgt = ent_b.target if ent_b else f"{mod}.bias"
-            ds.append(FullDelta(btgt, diff=parts["diff_b"], rows=ent_b.rows if ent_b else None,
-                                source_key=mod + ".diff_b"))
-        return ds
-    if kind == "ia3":
-        on_input = False
-        if "on_input" in parts:
-            flag = _number(parts["on_input"], where, "on_input")
-            if flag not in (0.0, 1.0):
-                raise BadInputError(f"{where}: on_input must be 0 or 1, got {flag}")
-            on_input = flag == 1.0
-        if parts["weight"].dim() not in (1, 4) or parts["weight"].numel() == 0:
-            raise BadInputError(f"{where}: IA³ weight {list(parts['weight'].shape)} is not a channel vector")
-        return [Ia3Delta(tgt, vector=parts["weight"].reshape(-1), on_input=on_input, **common)]
-    raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
+    if kind not in _MAKERS:
+        raise BadInputError(f"{where}: only {', '.join(sorted(parts))}; no LoRA/LyCORIS factors")
+    return _MAKERS[kind](where, parts, tgt, transpose, common, notes, counts, mod, ent_w, ent_b)
 
 
 # ------------------------------------------------------------------------------------------------ read
-def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, **_) -> Adapter:
+def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unrecognised: list[str] = []
@@ -328,8 +356,49 @@ def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
     return mag.reshape(shape).contiguous()
 
 
-def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False, unet_names: str | None = None,
-                      **_) -> list[Path]:
+def _put_lora(put, mod: str, d: LoraDelta, names: SDNames | None, bake: bool) -> None:
+    if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
+        raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
+    r = int(d.A.shape[0])
+    up = d.B
+    if bake and d.scale != 1.0:
+        up = (d.B.float() * d.scale).to(d.B.dtype)
+    put(mod, "lora_down.weight", d.A)
+    put(mod, "lora_up.weight", up)
+    if d.mid is not None:
+        put(mod, "lora_mid.weight", d.mid)
+    put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
+    if d.magnitude is not None:
+        nd = 4 if d.A.dim() == 4 else 2
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+
+
+def _put_loha(put, mod: str, d: LohaDelta) -> None:
+    for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
+                 ("hada_t1", d.t1), ("hada_t2", d.t2)):
+        if t is not None:
+            put(mod, k, t)
+    put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+    if d.magnitude is not None:
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+
+
+def _put_lokr(put, out: dict[str, torch.Tensor], mod: str, d: LokrDelta) -> None:
+    for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
+                 ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
+        if t is not None:
+            put(mod, k, t)
+    if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
+        if d.scale != 1.0:
+            out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
+    else:
+        put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+    if d.magnitude is not None:
+        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+
+
+def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False,
+                      unet_names: str | None = None) -> list[Path]:
     """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
     bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW."""
     names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
@@ -353,40 +422,11 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
             continue
         mod = _kohya_module(d, names, unet_names, sdxl)
         if isinstance(d, LoraDelta):
-            if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
-                raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
-            r = int(d.A.shape[0])
-            up = d.B
-            if bake and d.scale != 1.0:
-                up = (d.B.float() * d.scale).to(d.B.dtype)
-            put(mod, "lora_down.weight", d.A)
-            put(mod, "lora_up.weight", up)
-            if d.mid is not None:
-                put(mod, "lora_mid.weight", d.mid)
-            put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
-            if d.magnitude is not None:
-                nd = 4 if d.A.dim() == 4 else 2
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+            _put_lora(put, mod, d, names, bake)
         elif isinstance(d, LohaDelta):
-            for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
-                         ("hada_t1", d.t1), ("hada_t2", d.t2)):
-                if t is not None:
-                    put(mod, k, t)
-            put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
-            if d.magnitude is not None:
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+            _put_loha(put, mod, d)
         elif isinstance(d, LokrDelta):
-            for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
-                         ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
-                if t is not None:
-                    put(mod, k, t)
-            if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
-                if d.scale != 1.0:
-                    out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
-            else:
-                put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
-            if d.magnitude is not None:
-                put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+            _put_lokr(put, out, mod, d)
         elif isinstance(d, Ia3Delta):
             put(mod, "weight", d.vector)
             put(mod, "on_input", torch.tensor(int(d.on_input)))
@@ -409,12 +449,23 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
     return [path]
 
 
-@register
+@dataclass(frozen=True)
+class KohyaWriteOptions(WriteOptions):
+    """bake: multiply the scale into lora_up (alpha = r); unet_names: the UNet spelling, "sgm" (LDM/SGM) or
+    "diffusers" (default: the base's own)."""
+
+    bake: bool = False
+    unet_names: str | None = choice(None, "sgm", "diffusers")
+
+
+@register(write=KohyaWriteOptions)
 class KohyaFormat(AdapterFormat):
     name = "kohya"
     title = "kohya / sd-scripts / A1111 / ComfyUI single-file LoRA"
     spec = "kohya"
-    writable = True
+    output_is_dir = False
+    output_suffix = ".safetensors"
+    extract_to = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -429,9 +480,9 @@ class KohyaFormat(AdapterFormat):
         return 85 if len(parsed) == len(keys) else 60
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
-        return read_single_file(Path(path), cls.name, base=base, **options)
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
+        return read_single_file(path, cls.name, base=base, strict=opts.strict)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
-        return write_single_file(adapter, Path(path), base=base, **options)
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: KohyaWriteOptions) -> list[Path]:
+        return write_single_file(adapter, path, base=base, bake=opts.bake, unet_names=opts.unet_names)

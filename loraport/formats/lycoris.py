@@ -9,16 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraport.adapter import Adapter
-from loraport.formats import AdapterFormat, register
-from loraport.formats.kohya import LYCORIS_ONLY, header_keys, read_single_file, split_key, write_single_file
+from loraport.formats import AdapterFormat, ReadOptions, register
+from loraport.formats.kohya import (LYCORIS_ONLY, KohyaWriteOptions, header_keys, read_single_file, split_key,
+                                    write_single_file)
 
 
-@register
+@register(write=KohyaWriteOptions)
 class LycorisFormat(AdapterFormat):
     name = "lycoris"
     title = "LyCORIS (LoCon, LoHa, LoKr, IA³, full/diff, DoRA)"
     spec = "lycoris"
-    writable = True
+    output_is_dir = False
+    output_suffix = ".safetensors"
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -29,9 +31,9 @@ class LycorisFormat(AdapterFormat):
         return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
-        return read_single_file(Path(path), cls.name, base=base, **options)
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
+        return read_single_file(path, cls.name, base=base, strict=opts.strict)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
-        return write_single_file(adapter, Path(path), base=base, **options)
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: KohyaWriteOptions) -> list[Path]:
+        return write_single_file(adapter, path, base=base, bake=opts.bake, unet_names=opts.unet_names)

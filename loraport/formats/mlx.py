@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
-from loraport.errors import BadInputError
-from loraport.formats import AdapterFormat, register
+from loraport.errors import BadInputError, Inexpressible
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.formats._llm import (
-    Inexpressible,
     bake,
     common_value,
     oriented,
@@ -55,12 +55,19 @@ def _is_mlx_config(cfg) -> bool:
         "lora_parameters" in cfg or "fine_tune_type" in cfg or "lora_layers" in cfg)
 
 
-@register
+@dataclass(frozen=True)
+class MlxReadOptions(ReadOptions):
+    """mlx_alpha="apply": read an alpha-era config (mlx-lm 2024-01..2024-06) as scale·alpha/rank."""
+
+    mlx_alpha: str = choice("ignore", "apply")
+
+
+@register(read=MlxReadOptions, write=WriteOptions)
 class MlxFormat(AdapterFormat):
     name = "mlx"
     title = "MLX-LM (LoRA, DoRA, MoE SwitchLinear)"
     spec = "mlx"
-    writable = True
+    output_is_dir = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -83,7 +90,7 @@ class MlxFormat(AdapterFormat):
 
     # --- read ----------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: Path, base=None, mlx_alpha: str = "ignore", **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: MlxReadOptions) -> Adapter:
         wfile, cfile = _files(path)
         cfg = read_json(cfile, CONFIG) if cfile else {}
         notes: list[str] = []
@@ -92,24 +99,7 @@ class MlxFormat(AdapterFormat):
             raise BadInputError(f"{cfile}: fine_tune_type 'full' holds fine-tuned weights, not an adapter")
         if ftype not in ("lora", "dora"):
             raise BadInputError(f"{cfile}: unknown fine_tune_type {ftype!r} (expected lora or dora)")
-        lp = cfg.get("lora_parameters") or {}
-        if not isinstance(lp, dict):
-            raise BadInputError(f"{cfile}: lora_parameters must be an object")
-        if "scale" in lp:
-            scale = positive_number(lp["scale"], "lora_parameters.scale", cfile)
-        else:
-            scale = DEFAULT_SCALE
-            notes.append(f"no lora_parameters.scale: mlx-lm default scale {DEFAULT_SCALE} assumed")
-        if "alpha" in lp:
-            alpha = positive_number(lp["alpha"], "lora_parameters.alpha", cfile)
-            r_cfg = positive_number(lp.get("rank", 8), "lora_parameters.rank", cfile)
-            if mlx_alpha == "apply":
-                scale = scale * alpha / r_cfg
-                notes.append(f"alpha-era config: scale·alpha/rank = {scale:g} (mlx-lm 2024-01..2024-06 semantics)")
-            else:
-                notes.append(f"config has lora_parameters.alpha={alpha:g}: ignored as mlx-lm has since 2024-06 "
-                             f"(adapters trained 2024-01..2024-06 used scale·alpha/rank = {scale * alpha / r_cfg:g};"
-                             " read with mlx_alpha='apply' for those)")
+        scale = _config_scale(cfg, cfile, opts.mlx_alpha, notes)
         tensors = SafetensorsFile(wfile).load_all()
         groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for key, t in tensors.items():
@@ -151,7 +141,7 @@ class MlxFormat(AdapterFormat):
 
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         require_lora_only(adapter, "MLX", (LoraDelta, ExpertsLoraDelta))
         notes: list[str] = []
         loras = [d for d in adapter.deltas if isinstance(d, LoraDelta)]
@@ -222,6 +212,30 @@ class MlxFormat(AdapterFormat):
         (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         adapter.notes.extend(notes)
         return [path / WEIGHTS, path / CONFIG]
+
+
+def _config_scale(cfg: dict, cfile, mlx_alpha: str, notes: list[str]) -> float:
+    """The file's one scale: lora_parameters.scale (mlx-lm's default when absent), times alpha/rank for an
+    alpha-era config read with mlx_alpha="apply"."""
+    lp = cfg.get("lora_parameters") or {}
+    if not isinstance(lp, dict):
+        raise BadInputError(f"{cfile}: lora_parameters must be an object")
+    if "scale" in lp:
+        scale = positive_number(lp["scale"], "lora_parameters.scale", cfile)
+    else:
+        scale = DEFAULT_SCALE
+        notes.append(f"no lora_parameters.scale: mlx-lm default scale {DEFAULT_SCALE} assumed")
+    if "alpha" in lp:
+        alpha = positive_number(lp["alpha"], "lora_parameters.alpha", cfile)
+        r_cfg = positive_number(lp.get("rank", 8), "lora_parameters.rank", cfile)
+        if mlx_alpha == "apply":
+            scale = scale * alpha / r_cfg
+            notes.append(f"alpha-era config: scale·alpha/rank = {scale:g} (mlx-lm 2024-01..2024-06 semantics)")
+        else:
+            notes.append(f"config has lora_parameters.alpha={alpha:g}: ignored as mlx-lm has since 2024-06 "
+                         f"(adapters trained 2024-01..2024-06 used scale·alpha/rank = {scale * alpha / r_cfg:g};"
+                         " read with mlx_alpha='apply' for those)")
+    return scale
 
 
 def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scale: float, m, names) -> list:

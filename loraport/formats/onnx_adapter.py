@@ -19,7 +19,7 @@ import torch
 from loraport.adapter import Adapter, LoraDelta
 from loraport.errors import BadInputError
 from loraport.paths import regular
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, register, register_export
 
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 PREFIXES = ("base_model.model.",)
@@ -56,12 +56,16 @@ def _torch(a: np.ndarray, path: Path, key: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+# `loraport convert --to onnx / onnx-adapter` is the ONNX exporter's (loraport/onnx), not a format writer's
+register_export("onnx", "an ONNX model with the adapter(s) merged (loraport/onnx)")
+register_export("onnx-adapter", "an .onnx_adapter for a multi-LoRA ONNX graph (loraport/onnx)")
+
+
 @register
 class OnnxAdapterFormat(AdapterFormat):
     name = "onnx-adapter"
     title = "ONNX Runtime .onnx_adapter (read)"
     spec = "onnx-adapter"
-    writable = False
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -78,7 +82,7 @@ class OnnxAdapterFormat(AdapterFormat):
         return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         if not path.is_file():
             raise BadInputError(f"{path}: an ONNX adapter is a single .onnx_adapter file")
         params = _params(path)

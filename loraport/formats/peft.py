@@ -13,7 +13,7 @@ import torch
 
 from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
-from loraport.formats import AdapterFormat, register
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
@@ -51,12 +51,61 @@ def _num(cfg: dict, key: str, default, path: Path):
     return v
 
 
-@register
+def _check_method(cfg: dict, path: Path) -> None:
+    """Refuse what is not a LoRA trained against the unmodified base."""
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise BadInputError(
+            f"{path}: PEFT method {ptype} is not LoRA; loraport merges LoRA/DoRA adapters "
+            "(LoHa/LoKr/IA3 are read from LyCORIS files)"
+        )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
+        raise BadInputError(
+            f"{path}: init_lora_weights={init!r} trains against a modified base; convert it with PEFT's "
+            "save_pretrained(path_initial_model_for_weight_conversion=...) first"
+        )
+
+
+def _sort_keys(tensors: dict[str, torch.Tensor]):
+    """(module → LoRA parts, replacement tensors by target, the targets that are saved base layers, keys not
+    understood)."""
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    replacements: dict[str, torch.Tensor] = {}
+    saved_base: set[str] = set()
+    unknown = []
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _KEY.match(k)
+        if m is None:
+            if "lora_" in k or "token_adapter" in k:
+                unknown.append(key)
+                continue
+            # modules_to_save / trainable biases: full tensors, possibly still wrapped
+            k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
+            k = re.sub(r"\.original_module\.", ".", k)
+            if ".base_layer." in k:  # saved embedding/base layers (save_embedding_layers)
+                k = k.replace(".base_layer.", ".")
+                saved_base.add(k)
+            replacements[k] = t
+            continue
+        mod = m.group("mod")
+        if m.group("role"):
+            parts[mod][f"{m.group('role')}.{m.group('param')}"] = t
+        elif m.group("emb"):
+            parts[mod][m.group("emb")] = t
+        else:
+            parts[mod]["magnitude"] = t
+    return parts, replacements, saved_base, unknown
+
+
+@register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
     title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA)"
     spec = "peft"
-    writable = True
+    output_is_dir = True
+    extract_to = True
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -69,22 +118,11 @@ class PeftFormat(AdapterFormat):
         return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
         if not path.is_dir():
             raise BadInputError(f"{path}: a PEFT adapter is a folder with {CONFIG} and {WEIGHTS[0]}")
         cfg = read_json(path / CONFIG, CONFIG)
-        ptype = str(cfg.get("peft_type", "LORA")).upper()
-        if ptype != "LORA":
-            raise BadInputError(
-                f"{path}: PEFT method {ptype} is not LoRA; loraport merges LoRA/DoRA adapters "
-                "(LoHa/LoKr/IA3 are read from LyCORIS files)"
-            )
-        init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
-            raise BadInputError(
-                f"{path}: init_lora_weights={init!r} trains against a modified base; convert it with PEFT's "
-                "save_pretrained(path_initial_model_for_weight_conversion=...) first"
-            )
+        _check_method(cfg, path)
         wfile = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
         if wfile is None:
             raise BadInputError(f"{path}: missing {WEIGHTS[0]} (or legacy {WEIGHTS[1]})")
@@ -100,32 +138,7 @@ class PeftFormat(AdapterFormat):
         if cfg.get("fan_in_fan_out"):
             notes.append("fan_in_fan_out flag ignored: orientation is decided from the base layer")
 
-        parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        replacements: dict[str, torch.Tensor] = {}
-        saved_base: set[str] = set()
-        unknown = []
-        for key, t in tensors.items():
-            k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-            m = _KEY.match(k)
-            if m is None:
-                if "lora_" in k or "token_adapter" in k:
-                    unknown.append(key)
-                    continue
-                # modules_to_save / trainable biases: full tensors, possibly still wrapped
-                k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
-                k = re.sub(r"\.original_module\.", ".", k)
-                if ".base_layer." in k:  # saved embedding/base layers (save_embedding_layers)
-                    k = k.replace(".base_layer.", ".")
-                    saved_base.add(k)
-                replacements[k] = t
-                continue
-            mod = m.group("mod")
-            if m.group("role"):
-                parts[mod][f"{m.group('role')}.{m.group('param')}"] = t
-            elif m.group("emb"):
-                parts[mod][m.group("emb")] = t
-            else:
-                parts[mod]["magnitude"] = t
+        parts, replacements, saved_base, unknown = _sort_keys(tensors)
         if unknown:
             raise BadInputError(
                 f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save "
@@ -169,7 +182,7 @@ class PeftFormat(AdapterFormat):
                        files=[str(path / CONFIG), str(wfile)], name=path.name)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """Write PEFT files into the folder `path` (which must exist and be empty: callers stage it)."""
         tensors: dict[str, torch.Tensor] = {}
         rank_pattern: dict[str, int] = {}

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraport.adapter import Adapter, LoraDelta
-from loraport.errors import BadInputError
-from loraport.formats import AdapterFormat, register
+from loraport.errors import BadInputError, Inexpressible
+from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.formats._llm import (
-    Inexpressible,
     bake,
     common_value,
     oriented,
@@ -63,12 +63,50 @@ def _tt_qk(name: str) -> str | None:
     return qk_kind(translate(name, "torchtune", "hf") or "")
 
 
-@register
+def _groups(tensors: dict[str, torch.Tensor], wfile: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """module → {"a": lora_a, "b": lora_b, "m": magnitude} (any other tensor refused)."""
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, t in tensors.items():
+        for suf, role in ((".lora_a.weight", "a"), (".lora_b.weight", "b"), (".magnitude", "m")):
+            if key.endswith(suf):
+                groups[key[: -len(suf)]][role] = t
+                break
+        else:
+            hint = " (torchtune MoE expert LoRA is not supported)" if "lora_" in key else ""
+            raise BadInputError(f"{wfile}: unexpected tensor {key!r}{hint}; torchtune adapters hold "
+                                "<module>.lora_a.weight / .lora_b.weight / .magnitude")
+    return groups
+
+
+def _permutation(base) -> tuple[bool, int, int]:
+    """(whether q/k rows are in Meta's RoPE order for this HF base, heads, kv heads)."""
+    if base.model_type() not in TORCHTUNE_PERMUTED:
+        return False, 0, 0
+    try:
+        nh, nkv = head_counts(base.config)
+    except ValueError as e:
+        raise BadInputError(f"{base.root}/config.json: {e}") from None
+    return True, nh, nkv
+
+
+@dataclass(frozen=True)
+class TorchtuneReadOptions(ReadOptions):
+    """alpha: the recipe's lora_alpha, for weights saved without their adapter_config.json."""
+
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None:
+            positive_number(self.alpha, "alpha", "torchtune read option")
+
+
+@register(read=TorchtuneReadOptions, write=WriteOptions)
 class TorchtuneFormat(AdapterFormat):
     name = "torchtune"
     title = "torchtune (native LoRA / DoRA)"
     spec = "torchtune"
-    writable = True
+    output_is_dir = True
+    own_naming = ("layers.", "tok_embeddings")
 
     @classmethod
     def detect(cls, path: Path) -> int:
@@ -84,23 +122,14 @@ class TorchtuneFormat(AdapterFormat):
             return 0
 
     @classmethod
-    def read(cls, path: Path, base=None, alpha: float | None = None, **options) -> Adapter:
+    def read_with(cls, path: Path, base, opts: TorchtuneReadOptions) -> Adapter:
+        alpha = opts.alpha
         wfile = _native_file(path)
         if wfile is None:
             raise BadInputError(f"{path}: no torchtune adapter weights ({' / '.join(WEIGHTS)} with lora_a/lora_b keys)")
         cdir = wfile.parent
         cfg = read_json(cdir / CONFIG, CONFIG) if (cdir / CONFIG).is_file() else {}
-        tensors, _ = load_tensors(wfile)
-        groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for key, t in tensors.items():
-            for suf, role in ((".lora_a.weight", "a"), (".lora_b.weight", "b"), (".magnitude", "m")):
-                if key.endswith(suf):
-                    groups[key[: -len(suf)]][role] = t
-                    break
-            else:
-                hint = " (torchtune MoE expert LoRA is not supported)" if "lora_" in key else ""
-                raise BadInputError(f"{wfile}: unexpected tensor {key!r}{hint}; torchtune adapters hold "
-                                    "<module>.lora_a.weight / .lora_b.weight / .magnitude")
+        groups = _groups(load_tensors(wfile)[0], wfile)
         if alpha is None:
             if "lora_alpha" not in cfg:
                 raise BadInputError(f"{wfile}: torchtune stores no alpha in the weights and {cdir / CONFIG} (with "
@@ -108,15 +137,8 @@ class TorchtuneFormat(AdapterFormat):
             alpha = positive_number(cfg["lora_alpha"], "lora_alpha", cdir / CONFIG)
         notes = []
         to_hf = base is not None and not any(f"{m}.weight" in base for m in groups)
-        permute, nh, nkv = False, 0, 0
-        if to_hf:
-            if base.model_type() in TORCHTUNE_PERMUTED:
-                permute = True
-                try:
-                    nh, nkv = head_counts(base.config)
-                except ValueError as e:
-                    raise BadInputError(f"{base.root}/config.json: {e}") from None
-        elif base is None:
+        permute, nh, nkv = _permutation(base) if to_hf else (False, 0, 0)
+        if base is None:
             notes.append("targets kept in torchtune (Meta-layout) naming; pass --base HF_MODEL to map them to HF "
                          "names and undo the q/k row permutation")
         deltas = []
@@ -150,7 +172,7 @@ class TorchtuneFormat(AdapterFormat):
                        files=[str(wfile)] + ([str(cdir / CONFIG)] if cfg else []), name=path.stem)
 
     @classmethod
-    def write(cls, adapter: Adapter, path: Path, base=None, **options) -> list[Path]:
+    def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         require_lora_only(adapter, "torchtune")
         notes = []
         hf_named = any(not d.target.startswith("layers.") and d.target not in ("output.weight",)
