@@ -5,11 +5,10 @@ Public API (each also a CLI command; see loraport/api.py): `merge`, `convert`, `
 frozen records of loraport/results.py. `import loraport` stays light: the engines load on first use.
 """
 
-__version__ = "0.1.0"
-
-from loraport.api import convert, export_onnx, inspect, merge, validate, verify  # noqa: E402
-from loraport.errors import LoraportError  # noqa: E402
-from loraport.formats import load_adapter  # noqa: E402
+from loraport._version import __version__
+from loraport.api import convert, export_onnx, inspect, merge, validate, verify
+from loraport.errors import LoraportError
+from loraport.formats import load_adapter
 
 __all__ = ["LoraportError", "__version__", "convert", "export_onnx", "inspect", "load_adapter", "merge",
            "validate", "verify"]

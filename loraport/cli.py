@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from loraport import __version__
+from loraport._version import __version__
 from loraport.errors import LoraportError
 
 

@@ -19,8 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from loraport import __version__
 from loraport import paths as policy  # the input-path policy (`paths` is a parameter name below)
+from loraport._version import __version__
+from loraport.cache_key import cache_root
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 from loraport.tensorfile import MAX_JSON
 
@@ -88,14 +89,6 @@ CACHE_SCHEMA = "loraport-sha256-cache/2"
 CACHE_FILE = "sha256-cache.json"
 CACHE_MAX = 4096  # entries kept (least recently used dropped)
 RACY_SECONDS = 2.0
-
-
-def cache_root() -> Path:
-    """loraport's cache folder: $LORAPORT_CACHE_DIR, else $XDG_CACHE_HOME/loraport, else ~/.cache/loraport."""
-    if os.environ.get("LORAPORT_CACHE_DIR"):
-        return Path(os.environ["LORAPORT_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "loraport" if xdg else Path.home() / ".cache" / "loraport"
 
 
 def cache_dir() -> Path | None:

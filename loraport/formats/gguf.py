@@ -349,7 +349,7 @@ class GgufFormat(AdapterFormat):
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        from loraport import __version__
+        from loraport._version import __version__
 
         w.add_string("loraport.version", __version__)  # lets `--overwrite` recognise the file (loraport/outputs.py)
         for name, t in tensors:

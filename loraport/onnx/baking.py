@@ -398,7 +398,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
 def _stamp(proto) -> None:
     """loraport.version in the model's metadata: lets `--overwrite` recognise a model loraport baked (the
     exporter's producer_name is kept)."""
-    from loraport import __version__
+    from loraport._version import __version__
 
     for p in proto.metadata_props:
         if p.key == "loraport.version":
