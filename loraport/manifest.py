@@ -6,6 +6,9 @@ Where: a folder output carries `loraport-manifest.json` inside it (written into 
 renamed into place with the rest); a single-file output gets a sibling `<name>.manifest.json`, itself written
 to a temporary and renamed (atomic on its own; a run killed between the two renames leaves the previous
 manifest, which `verify` then reports as a mismatch rather than silently passing).
+
+Size: manifests, the input-hash cache (`HashCache`, ~90 lines) and background hashing share the file
+identity and sha256 helpers; `HashCache` is the piece that can move out on its own.
 """
 
 from __future__ import annotations

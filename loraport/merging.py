@@ -9,6 +9,9 @@ device (W' = W + Σ wᵢ·ΔWᵢ), round once to the output dtype or hand it to 
 into its output shard, whose header was computed from the plan. Reading, computing and writing run in three
 stages connected by small bounded queues, so I/O and math overlap and peak memory is a few tensors.
 Untouched tensors whose dtype does not change are copied as raw bytes.
+
+Size: the whole engine (plan, per-tensor math, the three-stage stream, the entry point) until it is split
+into plan / apply / stream / sinks (issue 16, under way).
 """
 
 from __future__ import annotations

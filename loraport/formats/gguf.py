@@ -9,6 +9,9 @@ the writer. Tensors are named `<GGUF base tensor>.lora_a|.lora_b` with numpy sha
 Against an HF base, names map back to HF names (loraport/names/llm.py) and, for the Llama family, the rows of
 q/k B are un-permuted (llama.cpp's converter permutes them for its RoPE layout). Without a base the GGUF
 names are kept (for a GGUF base).
+
+Size: a bounded walker for an untrusted header (`GGUFFile`, ~150 lines) plus the reader and writer of one
+format; the walker is the piece that can move out on its own.
 """
 
 from __future__ import annotations
