@@ -46,7 +46,7 @@ TMP_PREFIX = ".loraport-tmp-"
 MAX_ENTRIES = 32
 GRAPH, BUFFERS, META = "graph.onnx", "buffers.safetensors", "meta.json"
 # the modules whose code shapes a captured graph (their source is part of the key)
-_CODE = ("capture.py", "replicate.py", "past.py", "graph_cache.py")
+_CODE = ("capture.py", "captured.py", "replicate.py", "past.py", "graph_cache.py")
 _DISTS = ("torch", "transformers", "onnxscript", "onnx-ir", "onnx")
 
 
