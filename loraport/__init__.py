@@ -10,8 +10,7 @@ from loraport import interrupts as _interrupts
 
 _interrupts.install_if_entry()  # as the `loraport` process: Ctrl-C is one line from the first moment
 
-__version__ = "0.1.0"
-
+from loraport._version import __version__  # noqa: E402
 from loraport.api import convert, export_onnx, inspect, merge, validate, verify  # noqa: E402
 from loraport.errors import LoraportError  # noqa: E402
 from loraport.formats import load_adapter  # noqa: E402

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from loraport import hub
@@ -168,15 +169,45 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
 
     with _api_terms():
         ads = adapter_list(adapters, weights)
-        from loraport.merging import merge as run
-
-        rep = run(_path(base, "base"), ads, out, dtype=dtype_name(dtype), device=str(device),
-                  shard_size=size_bytes(shard_size), overwrite=overwrite, quantize=quantize,
-                  quant_options=quant_options, strict=strict, adapter_format=adapter_format,
-                  fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
-                  reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
-                  allow_incomplete=allow_incomplete)
+        rep = run_merge(_path(base, "base"), ads, out, dtype=dtype_name(dtype), device=str(device),
+                        shard_size=size_bytes(shard_size), overwrite=overwrite, quantize=quantize,
+                        quant_options=quant_options, strict=strict, adapter_format=adapter_format,
+                        fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
+                        reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
+                        allow_incomplete=allow_incomplete)
         return MergeResult.of(rep)
+
+
+def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **options) -> dict:
+    """The engine behind the merge verb, chosen by the base: an .onnx base is baked into (loraport/onnx/baking.py),
+    any other is streamed by loraport/merging.py. Engine arguments in, the engine's report dict out; `merge`
+    above and batch jobs (loraport/batch.py) both come here. The choice sits above both engines because the
+    ONNX one is built on the merge engine (its plan and per-tensor math), which therefore imports nothing of it."""
+    if Path(base).suffix == ".onnx":
+        return _bake(base, adapters, out, **options)
+    from loraport.merging import merge as run
+
+    return run(base, adapters, out, **options)
+
+
+def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: str = "auto", shard_size=None,
+          quantize=None, fp16_base=None, adapter_format=None, overwrite: bool = False, strict: bool = True,
+          reference=None, manifest: bool = True, hash_cache=True, **_unused) -> dict:
+    adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
+    if not adapters:
+        raise BadInputError("no --adapter given")
+    try:
+        from loraport.onnx.baking import bake
+    except ImportError:
+        raise BadInputError("ONNX baking is not available in this installation") from None
+    ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
+               "--fp16-base": fp16_base, "--format": adapter_format}
+    if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats
+        raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
+                            "an .onnx --base")
+    return bake(str(base), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
+                device=device, reference=str(reference) if reference else None, manifest=manifest,
+                hash_cache=hash_cache)
 
 
 def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: PathLike, *,

@@ -142,7 +142,7 @@ def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options)
     """Run each job with `merge()`; a failing job is recorded and the next one runs."""
     from loraport.hub import resolve
     from loraport.manifest import HashCache
-    from loraport.merging import merge
+    from loraport.api import run_merge
 
     merge_options["hash_cache"] = HashCache.of(merge_options.get("hash_cache", True))  # one base hash per batch
     results = []
@@ -150,7 +150,7 @@ def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options)
         t0 = time.perf_counter()
         try:
             ads = [(str(resolve(a, "adapter")), w) for a, w in job.adapters]  # a Hub id: its cached snapshot
-            rep = merge(base, ads, job.out, **merge_options)
+            rep = run_merge(base, ads, job.out, **merge_options)
             r = JobResult(job.name, job.out, True, report=rep)
         except LoraportError as e:
             hint = f" ({e.flag_hint[0]} {e.flag_hint[1]})" if e.flag_hint else ""  # batch is merge: it has them

@@ -1,9 +1,9 @@
-"""The per-user secret that authenticates loraport's cache entries.
+"""The cache folder (`cache_root()`) and the per-user secret that authenticates loraport's cache entries.
 
-The cache folder (loraport.manifest.cache_root()) is not trusted: it may be shared, restored by a CI job from
-elsewhere, or writable by someone else. So every entry loraport writes there (a captured ONNX graph's meta.json,
-the remembered input sha256 file) carries an HMAC-SHA256 made with a key only this user can read, and an entry
-is used, pruned or cleared only when its HMAC verifies. An entry swapped, forged or restored from another
+The cache folder is not trusted: it may be shared, restored by a CI job from elsewhere, or writable by someone
+else. So every entry loraport writes there (a captured ONNX graph's meta.json, the remembered input sha256 file)
+carries an HMAC-SHA256 made with a key only this user can read, and an entry is used, pruned or cleared only
+when its HMAC verifies. An entry swapped, forged or restored from another
 machine fails the check: it is a miss (rebuilt), never used, never an error.
 
 Key file: $LORAPORT_KEY_FILE, else $XDG_CONFIG_HOME/loraport/cache.key, else ~/.config/loraport/cache.key:
@@ -34,6 +34,14 @@ class CacheKeyWarning(UserWarning):
 
 class _Refused(Exception):
     pass
+
+
+def cache_root() -> Path:
+    """loraport's cache folder: $LORAPORT_CACHE_DIR, else $XDG_CACHE_HOME/loraport, else ~/.cache/loraport."""
+    if os.environ.get("LORAPORT_CACHE_DIR"):
+        return Path(os.environ["LORAPORT_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "loraport" if xdg else Path.home() / ".cache" / "loraport"
 
 
 def key_path() -> Path:
@@ -72,8 +80,6 @@ def status() -> dict:
 
 
 def _read(path: Path) -> bytes:
-    from loraport.manifest import cache_root
-
     try:
         if path.resolve().is_relative_to(cache_root().resolve()):
             raise _Refused("it lies inside the cache folder, which is not trusted; keep it elsewhere")

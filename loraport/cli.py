@@ -23,7 +23,7 @@ from loraport.interrupts import INTERRUPTS, interrupted
 try:  # the console script imports this module before any of our code can catch a Ctrl-C
     import click
 
-    from loraport import __version__
+    from loraport._version import __version__
     from loraport.errors import LoraportError
 except KeyboardInterrupt:
     interrupted()

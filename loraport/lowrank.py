@@ -11,6 +11,9 @@ Every per-layer result carries its relative Frobenius error against the exact up
 measured on the factors as written (after rounding to the output dtype); resize/svd also give the optimum.
 Factors are written balanced (B = U√σ, A = √σVᵀ) with scale 1 (alpha = rank); `cat` keeps PEFT's layout
 (wᵢ·scaleᵢ folded into Aᵢ, Bᵢ as is), so its output equals PEFT's `add_weighted_adapter(..., "cat")`.
+
+Size: three adapter-level operations (extract, resize, combine) sharing `RankSpec` and the factor helpers;
+one module per operation is the way to split it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Where: a folder output carries `loraport-manifest.json` inside it (written into 
 renamed into place with the rest); a single-file output gets a sibling `<name>.manifest.json`, itself written
 to a temporary and renamed (atomic on its own; a run killed between the two renames leaves the previous
 manifest, which `verify` then reports as a mismatch rather than silently passing).
+
+Size: manifests, the input-hash cache (`HashCache`, ~90 lines) and background hashing share the file
+identity and sha256 helpers; `HashCache` is the piece that can move out on its own.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from loraport import __version__
 from loraport import paths as policy  # the input-path policy (`paths` is a parameter name below)
+from loraport._version import __version__
+from loraport.cache_key import cache_root
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 from loraport.progress import current as progress_reporter
 from loraport.progress import each, step
@@ -90,14 +94,6 @@ CACHE_SCHEMA = "loraport-sha256-cache/2"
 CACHE_FILE = "sha256-cache.json"
 CACHE_MAX = 4096  # entries kept (least recently used dropped)
 RACY_SECONDS = 2.0
-
-
-def cache_root() -> Path:
-    """loraport's cache folder: $LORAPORT_CACHE_DIR, else $XDG_CACHE_HOME/loraport, else ~/.cache/loraport."""
-    if os.environ.get("LORAPORT_CACHE_DIR"):
-        return Path(os.environ["LORAPORT_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "loraport" if xdg else Path.home() / ".cache" / "loraport"
 
 
 def cache_dir() -> Path | None:

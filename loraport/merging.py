@@ -9,6 +9,9 @@ device (W' = W + Σ wᵢ·ΔWᵢ), round once to the output dtype or hand it to 
 into its output shard, whose header was computed from the plan. Reading, computing and writing run in three
 stages connected by small bounded queues, so I/O and math overlap and peak memory is a few tensors.
 Untouched tensors whose dtype does not change are copied as raw bytes.
+
+Size: the whole engine (plan, per-tensor math, the three-stage stream, the entry point) until it is split
+into plan / apply / stream / sinks (issue 16, under way).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from loraport import __version__, paths
+from loraport import paths
+from loraport._version import __version__
 from loraport.adapter import Adapter, Delta
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError, PlanError
@@ -430,8 +434,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None,
           hash_cache=True, allow_incomplete: bool = False) -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
-    .safetensors base, an .onnx file for an .onnx base: baking). Returns a report dict. See the module docstring
-    for how. `reference`: for an ONNX base, the HF folder it was exported from (weights matched by value).
+    .safetensors base). Returns a report dict. See the module docstring for how. An .onnx base is baked instead
+    (loraport/onnx/baking.py): `loraport.api.run_merge` chooses, so `reference` (the HF folder an ONNX base was
+    exported from) is refused here.
     `hash_cache`: True reuses the inputs' sha256 remembered by earlier runs (loraport.manifest.HashCache), False
     hashes every input again; a HashCache object is used as given (a batch shares one across its merges).
     `allow_incomplete`: write a model folder even when the base lacks what transformers needs to load it."""
@@ -440,19 +445,6 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     if not adapters:
         raise BadInputError("no --adapter given")
     base_p = Path(base)
-    if base_p.suffix == ".onnx":
-        try:
-            from loraport.onnx import bake
-        except ImportError:
-            raise BadInputError("ONNX baking is not available in this installation") from None
-        ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-                   "--fp16-base": fp16_base, "--format": adapter_format}
-        if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats
-            raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
-                                "an .onnx --base")
-        return bake(str(base_p), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
-                    device=device, reference=str(reference) if reference else None, manifest=manifest,
-                    hash_cache=hash_cache)
     if reference is not None:
         raise BadInputError("--reference applies to an .onnx --base (baking)")
     out_p = check_output(out, [base, fp16_base, *[a for a, _ in adapters]], overwrite)

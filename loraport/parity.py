@@ -14,6 +14,9 @@ previous present (WITH_PAST_NOTE), which checks the cache path too.
 
 Per output: max |Δ|, mean |Δ|, cosine similarity, top-1 token agreement. `tolerance="auto"` picks the bound
 from the artifact's dtype / quantization (table TOLERANCES) and says which it used.
+
+Size: the reference (adapters unmerged, as hooks) and the artifact runners are one comparison; `validate`
+itself (~90 lines, on tests/c901_allowlist.txt) is the part to split.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ never held in memory.
 
 Layout (little-endian): u64 header length N · N bytes of JSON {name: {dtype, shape, data_offsets:[b,e]},
 "__metadata__": {str: str}} padded with spaces · data, offsets relative to the end of the header.
+
+Size: reader and streaming writer are mirror images of one file layout and share its checks; the O_DIRECT
+sink (`_DirectSink`, ~200 lines) is the piece that can move out on its own.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`loraport cache info|clear`: what loraport remembers between runs, and forgetting it.
 
-Two things live in the cache folder (loraport.manifest.cache_root(): $LORAPORT_CACHE_DIR, else
+Two things live in the cache folder (loraport.cache_key.cache_root(): $LORAPORT_CACHE_DIR, else
 $XDG_CACHE_HOME/loraport, else ~/.cache/loraport): the inputs' sha256 (`sha256-cache.json`, loraport.manifest)
 and captured ONNX graphs (`graphs/<key>/`, loraport.onnx.graph_cache). Both are authenticated with the user's key
 (loraport/cache_key.py). `clear` removes only what it can prove it wrote (an entry whose HMAC verifies, a
@@ -34,7 +34,8 @@ def _size(p: Path) -> int:
 def _survey(secret: bytes | None) -> dict:
     """What the cache folder holds: {"hash_file": ok?, "ours": [graph entries that verify], "stale": [dead
     writers' temporaries], "other": [everything else under graphs/]} (nothing verifies without a key)."""
-    from loraport.manifest import CACHE_FILE, _read_cache, cache_root
+    from loraport.cache_key import cache_root
+    from loraport.manifest import CACHE_FILE, _read_cache
     from loraport.onnx import graph_cache as gc
     from loraport.outputs import pid_alive
 

@@ -291,7 +291,7 @@ class DiffusersFormat(AdapterFormat):
                 "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
             }
             meta_cfg.update({f"{comp}.{k}": v for k, v in cfg.items()})
-        from loraport import __version__
+        from loraport._version import __version__
 
         # loraport.version: the stamp that lets `--overwrite` recognise a file loraport wrote (loraport/outputs.py)
         save_file(tensors, path, {"format": "pt", METADATA_KEY: json.dumps(meta_cfg, indent=2, sort_keys=True),

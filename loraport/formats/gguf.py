@@ -9,6 +9,9 @@ the writer. Tensors are named `<GGUF base tensor>.lora_a|.lora_b` with numpy sha
 Against an HF base, names map back to HF names (loraport/names/llm.py) and, for the Llama family, the rows of
 q/k B are un-permuted (llama.cpp's converter permutes them for its RoPE layout). Without a base the GGUF
 names are kept (for a GGUF base).
+
+Size: a bounded walker for an untrusted header (`GGUFFile`, ~150 lines) plus the reader and writer of one
+format; the walker is the piece that can move out on its own.
 """
 
 from __future__ import annotations
@@ -356,7 +359,7 @@ def _save(path: Path, arch: str, alpha: float, tensors: list[tuple[str, torch.Te
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    from loraport import __version__
+    from loraport._version import __version__
 
     w.add_string("loraport.version", __version__)  # lets `--overwrite` recognise the file (loraport/outputs.py)
     for name, t in tensors:

@@ -5,6 +5,9 @@ Spec: formats/kohya.md.
 The same single-file layout carries the LyCORIS algorithms (`hada_*`, `lokr_*`, IA³, full diffs); this module
 holds the parser for all of them and `formats/lycoris.py` registers the LyCORIS face of it. Module names are
 matched *forward*: every base tensor's kohya names are built from the base (loraport.names.sd) and looked up.
+
+Size: one parser for the kohya single-file layout and every LyCORIS algorithm it carries (formats/lycoris.py
+reuses it); `make_deltas` and `write_single_file` are on tests/c901_allowlist.txt.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ How the initializer is stored relative to the module's weight (as is, or transpo
 the initializer) is read from its consumer (MatMul / Transpose→MatMul / Gemm transB / Gather). The merged
 weight is computed in fp32 with the merge engine's math, rounded once to the stored dtype, and every
 initializer is streamed into a new external-data file next to `out`. Inputs are never modified.
+
+Size: finding a foreign graph's initializers (by name, scope, value) and the bake loop; the loop is to
+become an ONNX source and sink of the one stream (issue 16).
 """
 
 from __future__ import annotations
@@ -400,7 +403,7 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
 def _stamp(proto) -> None:
     """loraport.version in the model's metadata: lets `--overwrite` recognise a model loraport baked (the
     exporter's producer_name is kept)."""
-    from loraport import __version__
+    from loraport._version import __version__
 
     for p in proto.metadata_props:
         if p.key == "loraport.version":

@@ -15,12 +15,13 @@ import re
 import inspect
 import logging
 import warnings
-from dataclasses import dataclass, field
 
 import onnx
 import torch
 
 from loraport.errors import BadInputError
+from loraport.onnx.captured import Captured, InitSpec, LoraSlot
+from loraport.onnx.replicate import layer_count_key, replicate_layers, uniform_layers
 from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
 
 # Families the export is tested on (model_type -> title). Other decoder LMs that transformers defines are
@@ -36,44 +37,6 @@ TESTED_FAMILIES: dict[str, str] = {
 }
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@dataclass
-class InitSpec:
-    name: str
-    onnx_dtype: int
-    shape: tuple[int, ...]
-
-
-@dataclass
-class LoraSlot:
-    """One LoRA branch in a multi-LoRA graph: y += (x @ A) @ B with A [in, r], B [r, out]."""
-
-    module: str  # module path, e.g. model.layers.0.self_attn.q_proj
-    target: str  # the base weight it belongs to
-    d_in: int
-    d_out: int
-
-    @property
-    def a_name(self) -> str:
-        return f"{self.module}.lora_A.weight"
-
-    @property
-    def b_name(self) -> str:
-        return f"{self.module}.lora_B.weight"
-
-
-@dataclass
-class Captured:
-    proto: onnx.ModelProto  # graph without initializers
-    inits: list[InitSpec]
-    buffers: dict[str, torch.Tensor]  # real values of non-parameter initializers
-    input_names: list[str]
-    model_type: str
-    notes: list[str] = field(default_factory=list)
-    lora_slots: list[LoraSlot] = field(default_factory=list)
-    output_names: list[str] = field(default_factory=lambda: ["logits"])
-    with_past: bool = False  # KV-cache inputs/outputs (layout: loraport/onnx/past.py)
 
 
 @contextlib.contextmanager
@@ -171,8 +134,6 @@ def capture(config: dict, dtype: str = "fp32", opset: int = 20, lora_targets: di
     multi-LoRA branches. With `replicate`, a model whose decoder layers are all alike is traced with two
     layers and layer 1's subgraph is cloned for the rest (tracing cost no longer grows with depth).
     `with_past` adds the KV-cache inputs/outputs of loraport/onnx/past.py (cloned per layer too)."""
-    from loraport.onnx.replicate import layer_count_key, replicate_layers, uniform_layers
-
     key = layer_count_key(config)
     n_layers = int(config.get(key) or 0) if key else 0
     if replicate and n_layers > 2 and uniform_layers(config):
@@ -235,7 +196,6 @@ def _capture(config: dict, dtype: str, opset: int, lora_targets: dict | None, wi
     in_names, out_names = list(names), ["logits"]
     if with_past:
         from loraport.onnx import past
-        from loraport.onnx.replicate import layer_count_key
 
         key = layer_count_key(config)
         n_layers = int(config.get(key) or 0) if key else 0

@@ -27,7 +27,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from loraport import __version__, paths
+from loraport import paths
+from loraport._version import __version__
 from loraport.errors import BadInputError
 from loraport.onnx import prestream
 from loraport.onnx.capture import TORCH_DTYPES, capture

@@ -12,7 +12,7 @@ Key: sha256 of the canonical JSON of {config.json, dtype, opset, LoRA slot shape
 torch / transformers / onnxscript / onnx-ir / onnx / loraport, sha256 of the capture modules' source}. Any
 upgrade or edit changes the key; nothing is ever invalidated by hand.
 
-Entry: `<cache root>/graphs/<key>/` (cache root: loraport.manifest.cache_root()) with `graph.onnx` (the
+Entry: `<cache root>/graphs/<key>/` (cache root: loraport.cache_key.cache_root()) with `graph.onnx` (the
 initializer-free ModelProto as captured, before the export adds weights), `buffers.safetensors` (the small
 computed buffers, e.g. rotary inv_freq) and `meta.json` (the rest of `Captured`, plus each file's size and
 sha256) and `mac`: an HMAC-SHA256 of the rest of the meta with the user's key (loraport/cache_key.py). An entry
@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 
 from loraport import cache_key
-from loraport.onnx.capture import Captured, InitSpec, LoraSlot
+from loraport.onnx.captured import Captured, InitSpec, LoraSlot
 
 SCHEMA = "loraport-graph-cache/2"
 TMP_PREFIX = ".loraport-tmp-"
 MAX_ENTRIES = 32
 GRAPH, BUFFERS, META = "graph.onnx", "buffers.safetensors", "meta.json"
 # the modules whose code shapes a captured graph (their source is part of the key)
-_CODE = ("capture.py", "replicate.py", "past.py", "graph_cache.py")
+_CODE = ("capture.py", "captured.py", "replicate.py", "past.py", "graph_cache.py")
 _DISTS = ("torch", "transformers", "onnxscript", "onnx-ir", "onnx")
 
 
@@ -56,13 +56,11 @@ def disabled() -> bool:
 
 
 def folder() -> Path:
-    from loraport.manifest import cache_root
-
-    return cache_root() / "graphs"
+    return cache_key.cache_root() / "graphs"
 
 
 def _versions() -> dict[str, str]:
-    from loraport import __version__
+    from loraport._version import __version__
 
     out = {"loraport": __version__, "torch-runtime": torch.__version__}
     for d in _DISTS:

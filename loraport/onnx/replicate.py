@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import re
 
-from loraport.onnx.capture import Captured, InitSpec
+from loraport.onnx.captured import Captured, InitSpec
 
 SCOPES = "pkg.torch.onnx.name_scopes"
 # per-layer structure switches: a model using any of these non-uniformly is traced in full
