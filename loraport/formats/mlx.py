@@ -172,12 +172,7 @@ class MlxFormat(AdapterFormat):
             entries[d.target[: -len(".weight")]] = (o.A, B, o.magnitude)
         tensors: dict[str, torch.Tensor] = {}
         ranks = [a.shape[0] for a, _, _ in entries.values()]
-        sw_entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for mod, per in switch.items():
-            n = num_experts(base.config if base is not None else None, max(per) + 1)
-            if len(per) < n:
-                notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
-            sw_entries[mod] = stack_experts(per, n, lambda r: scale)
+        sw_entries = {mod: _stack_switch(mod, per, base, scale, notes) for mod, per in switch.items()}
         for x in experts:
             if len(x.parts) != 1 or x.parts[0].out_rows is not None:
                 raise BadInputError(f"{x.target}: a fused gate_up expert update has no MLX form (MLX stacks gate "
@@ -264,3 +259,11 @@ def _switch_deltas(wfile: Path, mod: str, a: torch.Tensor, b: torch.Tensor, scal
                       transpose=False, alpha=None, scale_rule="scale", layer="linear",
                       source_key=f"{mod}.lora_a[{e}]") for e in range(E)]
 
+
+def _stack_switch(mod: str, per: dict[int, LoraDelta], base, scale: float, notes: list[str]):
+    """Per-expert LoRAs of one SwitchLinear → its stacked (A, B), the file's one scale baked into B; experts
+    without a LoRA get zero factors (noted)."""
+    n = num_experts(base.config if base is not None else None, max(per) + 1)
+    if len(per) < n:
+        notes.append(f"{mod}: {n - len(per)} expert(s) without LoRA written as zero factors")
+    return stack_experts(per, n, lambda r: scale)
