@@ -36,8 +36,10 @@ class Stored:
 class WeightSource:
     def __init__(self, base: str | Path, adapters: list[tuple[str | Path | Adapter, float]], device: str = "auto",
                  strict: bool = True, merge: bool = True):
+        from loraport.engine.device import pick_device
+        from loraport.engine.plan import build_plan
+        from loraport.engine.sources import open_base
         from loraport.formats import load_adapter
-        from loraport.merging import build_plan, open_base, pick_device
 
         self.base_path = Path(base)
         if not self.base_path.is_dir() or not (self.base_path / "config.json").is_file():
@@ -94,7 +96,7 @@ class WeightSource:
         """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
         stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer). On CPU the result
         lives in a buffer this source reuses: it is valid until the next call."""
-        from loraport.merging import merged_tensor
+        from loraport.engine.apply import merged_tensor
 
         ck_name = self._ck(name)
         raw = self._read(ck_name)
