@@ -3,6 +3,7 @@ and on a small bench-generated model, and records the sha256 of every output fil
 
     python bench/output_hashes.py --out bench/results/output-hashes-before.json
     python bench/output_hashes.py --compare A.json B.json        # exit 1 when any output differs
+    PYTHONPATH=/path/to/other/checkout python bench/output_hashes.py --out B.json   # that checkout's loraport
 
 Manifests (`loraport-manifest.json`, `*.manifest.json`) are left out: they hold input paths and times. Other
 outputs may hold the paths of their inputs (the provenance in safetensors metadata names the adapters): every
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: `PYTHONPATH=<other checkout> python bench/output_hashes.py`
 
 FIX = "fixtures"
 P = f"{FIX}/peft"
@@ -99,6 +100,10 @@ ONNX: list[tuple[str, list[str]]] = [
     ("onnx-export", ["convert", "--to", "onnx", "--base", LLAMA, "--adapter", f"{P}/adapters/llama_plain"]),
     ("onnx-export-int8", ["convert", "--to", "onnx", "--base", LLAMA, "--adapter", f"{P}/adapters/llama_plain",
                           "--quantize", "int8"]),
+    ("onnx-export-fp16", ["convert", "--to", "onnx", "--base", LLAMA, "--adapter", f"{P}/adapters/llama_dora",
+                          "--dtype", "fp16"]),
+    ("onnx-export-gpt2", ["convert", "--to", "onnx", "--base", f"{P}/bases/gpt2", "--adapter",
+                          f"{P}/adapters/gpt2_conv1d"]),
     # bake a second adapter into the first export (names kept by loraport's exporter)
     ("onnx-bake", ["merge", "--base", "@W/out/onnx-export/model.onnx", "--adapter", f"{P}/adapters/llama_plain2"]),
 ]

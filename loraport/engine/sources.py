@@ -9,8 +9,9 @@ info, get, raw, span, release, layer_hint, resolve, extra_files).
 * An .onnx base is baked by loraport.onnx (its own source and sink); see loraport/merging.py for the options
   it refuses.
 
-`resolve_target` is the one place an adapter target is matched to base tensors: prefix variants here, tied
-embeddings in `Checkpoint.resolve`.
+Name fall-backs live here: `resolve_target` matches an adapter target to base tensors (prefix variants here,
+tied embeddings in `Checkpoint.resolve`); `parameter_tensor` finds the tensor holding a parameter of the model
+built from config.json (the ONNX export's names).
 """
 
 from __future__ import annotations
@@ -107,3 +108,20 @@ def resolve_target(base: Checkpoint, target: str) -> list[str]:
         if names:
             return names
     return []
+
+
+def parameter_tensor(base: Checkpoint, name: str) -> str | None:
+    """The base tensor that holds the model parameter `name` (a name of the model transformers builds from the
+    config), or None."""
+    if name in base:
+        return name
+    parts = name.split(".", 1)
+    if len(parts) == 2 and parts[1] in base:  # checkpoints saved without the base-model prefix (GPT-2)
+        return parts[1]
+    for n in base.resolve(name):  # a tied head stored only as the embedding
+        return n
+    if name.endswith("lm_head.weight") and base.tied():
+        for emb in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"):
+            if emb in base:
+                return emb
+    return None

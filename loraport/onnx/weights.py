@@ -1,7 +1,7 @@
 """Where the exported graph's weights come from: the merge engine, tensor by tensor.
 
 `WeightSource` opens the base checkpoint and the adapters once, plans the merge with
-`loraport.merging.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
+`loraport.engine.plan.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
 graph uses, translating them to the checkpoint's own spelling (a missing model prefix, tied heads).
 
 Memory: base tensors are read with pread into private buffers, never through the memory map (mapped file
@@ -58,19 +58,9 @@ class WeightSource:
     # names -----------------------------------------------------------------------------------------
     def checkpoint_name(self, name: str) -> str | None:
         """The checkpoint tensor that holds the model parameter `name`, or None."""
-        ck = self.ckpt
-        if name in ck:
-            return name
-        parts = name.split(".", 1)
-        if len(parts) == 2 and parts[1] in ck:  # checkpoints saved without the base-model prefix (GPT-2)
-            return parts[1]
-        for n in ck.resolve(name):  # a tied head stored only as the embedding
-            return n
-        if name.endswith("lm_head.weight") and ck.tied():
-            for emb in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"):
-                if emb in ck:
-                    return emb
-        return None
+        from loraport.engine.sources import parameter_tensor
+
+        return parameter_tensor(self.ckpt, name)
 
     def _ck(self, name: str) -> str:
         ck_name = self.checkpoint_name(name)
