@@ -192,7 +192,7 @@ def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **opt
 
 def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: str = "auto", shard_size=None,
           quantize=None, fp16_base=None, adapter_format=None, overwrite: bool = False, strict: bool = True,
-          reference=None, manifest: bool = True, hash_cache=True, **_unused) -> dict:
+          reference=None, manifest: bool = True, hash_cache=True, nonfinite: str = "warn", **_unused) -> dict:
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
         raise BadInputError("no --adapter given")
@@ -201,8 +201,9 @@ def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: st
     except ImportError:
         raise BadInputError("ONNX baking is not available in this installation") from None
     ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-               "--fp16-base": fp16_base, "--format": adapter_format}
-    if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats
+               "--fp16-base": fp16_base, "--format": adapter_format, "--fail-on-nonfinite": nonfinite == "fail"}
+    if any(ignored.values()):  # baking keeps the model's own dtypes and layout, detects adapter formats and does
+        # not (yet) check the baked initializers for NaN/Inf: refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
                             "an .onnx --base")
     return bake(str(base), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,

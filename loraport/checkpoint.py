@@ -45,6 +45,8 @@ class Shard:
 
 
 class Checkpoint:
+    config_rewritten = False  # True: `config` differs from the stored config.json (e.g. a dequantized base)
+
     def __init__(self, root: Path, kind: str, shards: list[Shard], config: dict | None,
                  extra_files: list[str], index_files: list[str]):
         self.root = root

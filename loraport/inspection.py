@@ -94,7 +94,7 @@ def inspect_path(path: str | Path, format: str | None = None, base: str | Path |
         return {"path": str(p), "kind": "merged-output", "provenance": prov}
     ckpt = None
     if base:
-        from loraport.merging import open_base
+        from loraport.engine.sources import open_base
 
         ckpt = open_base(Path(base))
     try:

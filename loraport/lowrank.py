@@ -390,7 +390,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             seed: int = 0, dtype: str = "auto", device: str = "auto", include: str | None = None,
             exclude: str | None = None, overwrite: bool = False, on_layer=None) -> dict:
     from loraport.checkpoint import Checkpoint
-    from loraport.merging import pick_device
+    from loraport.engine.device import pick_device
 
     spec = RankSpec(rank, energy, max_rank).check()
     if method not in ("auto", "full", "randomized"):
@@ -423,7 +423,7 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, ene
            max_rank: int | None = None, to: str | None = None, fmt: str | None = None, base: str | None = None,
            dtype: str = "auto", device: str = "auto", overwrite: bool = False) -> dict:
     from loraport.checkpoint import Checkpoint
-    from loraport.merging import pick_device
+    from loraport.engine.device import pick_device
     from loraport.outputs import check_output
 
     spec = RankSpec(rank, energy, max_rank).check()
@@ -450,7 +450,7 @@ def combine(adapters: list[str | Path], out: str | Path, *, weights: list[float]
             fmt: str | None = None, base: str | None = None, dtype: str = "auto", device: str = "auto",
             overwrite: bool = False) -> dict:
     from loraport.checkpoint import Checkpoint
-    from loraport.merging import pick_device
+    from loraport.engine.device import pick_device
     from loraport.outputs import check_output
 
     if len(adapters) < 2:

@@ -158,7 +158,7 @@ def _is_conv1d(mod) -> bool:
 def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
     """Apply adapters to `model` without merging: forward hooks add each delta's output. Returns the handles."""
     from loraport.adapter import LoraDelta
-    from loraport.merging import build_plan
+    from loraport.engine.plan import build_plan
 
     plan = build_plan(base_ckpt, adapters, strict=True)
     hooked = _Hooked([], [])

@@ -465,7 +465,7 @@ def failing_engine(monkeypatch):
     """Make the engine fail on its third merged tensor (a stand-in for a disk or device failure mid-way)."""
     import importlib
 
-    engine = importlib.import_module("loraport.merging")  # the module (the package binds the name to the function)
+    engine = importlib.import_module("loraport.engine.stream")  # where the stream looks the math up
     real, calls = engine.merged_tensor, []
 
     def flaky(*a, **k):

@@ -108,7 +108,7 @@ def test_stager_prefetch_round_trip(limit):
     """Tensors staged through the two pinned buffers arrive intact on the compute thread's stream, including
     ones larger than the staging limit (copied synchronously) and buffers reused many times."""
     dev = torch.device("cuda")
-    st = M._CudaStager(dev, limit=limit)
+    st = importlib.import_module("loraport.engine.device").CudaStager(dev, limit=limit)
     g = torch.Generator().manual_seed(0)
     src = []
     for i in range(40):

@@ -20,6 +20,8 @@ from loraport.checkpoint import Checkpoint  # noqa: E402
 from loraport.safetensors_io import SafetensorsFile, StreamingWriter  # noqa: E402
 
 M = importlib.import_module("loraport.merging")  # the package re-exports merge(); this is the module
+STREAM = importlib.import_module("loraport.engine.stream")
+APPLY = importlib.import_module("loraport.engine.apply")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_small_budget_and_pool_keep_results(tiny, tmp_path, monkeypatch):
     """A budget smaller than one tensor serialises the stages; buffers are then reused for every tensor."""
     ads = [(tiny / "ad0", 1.0)]
     M.merge(tiny / "base", ads, tmp_path / "a", device="cpu", manifest=False)
-    monkeypatch.setattr(M, "INFLIGHT_BYTES", 1)
+    monkeypatch.setattr(STREAM, "INFLIGHT_BYTES", 1)
     M.merge(tiny / "base", ads, tmp_path / "b", device="cpu", manifest=False)
     for f in sorted((tmp_path / "a").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
@@ -89,18 +91,18 @@ def test_many_adapters_fused_within_fp32_rounding(tiny, monkeypatch):
     plan = M.build_plan(ck, ads)
     name = next(n for n in plan.updated_names() if "down_proj" in n)
     fused = M.merged_tensor(plan, name)
-    monkeypatch.setattr(M, "FUSE_MIN", 99)
+    monkeypatch.setattr(APPLY, "FUSE_MIN", 99)
     seq = M.merged_tensor(plan, name)
     base = ck.get(name).float()
     assert not torch.equal(fused, base)
     # same sum, other rounding order: a few fp32 ulps of the delta's magnitude
     scale = (seq - base).abs().max()
     assert (fused - seq).abs().max() <= 1e-5 * scale
-    monkeypatch.setattr(M, "FUSE_MIN", 3)
+    monkeypatch.setattr(APPLY, "FUSE_MIN", 3)
     two = M.build_plan(ck, ads[:2])  # below the threshold: the sequential path, bit for bit
-    monkeypatch.setattr(M, "FUSE_MIN", 99)
+    monkeypatch.setattr(APPLY, "FUSE_MIN", 99)
     ref = M.merged_tensor(two, name)
-    monkeypatch.setattr(M, "FUSE_MIN", 3)
+    monkeypatch.setattr(APPLY, "FUSE_MIN", 3)
     assert torch.equal(M.merged_tensor(two, name), ref)
     ck.close()
 

@@ -235,8 +235,10 @@ def bake(base: str, adapters: list[tuple[str, float]], out: str, overwrite: bool
     """Bake adapters into the ONNX model `base`; write `out` (+ `out`.data) and, with `manifest`, the integrity
     manifest `out.manifest.json` listing both files (`loraport verify`). Returns a report dict."""
     from loraport.checkpoint import Checkpoint
+    from loraport.engine.apply import merged_tensor
+    from loraport.engine.device import pick_device
+    from loraport.engine.plan import MergePlan
     from loraport.formats import load_adapter
-    from loraport.merging import MergePlan, merged_tensor, pick_device
     from loraport.outputs import check_output, staged_output
 
     t0 = time.perf_counter()

@@ -68,7 +68,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
     `manifest`: write loraport-manifest.json (sha256 of every file, the inputs' sha256, the plan) for
     `loraport verify`; `hash_cache` as in `loraport.merging.merge`."""
     from loraport.onnx import graph_cache
-    from loraport.merging import pick_device
+    from loraport.engine.device import pick_device
     from loraport.onnx.adapter_file import adapter_arrays, check_plain, write_adapter_file
     from loraport.onnx.config_check import check_config
     from loraport.onnx.quantize import quantized_tensors, rewrite
@@ -108,7 +108,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             lora_targets = {}
             for ad, _ in src.adapters:
                 check_plain(ad)
-            from loraport.merging import build_plan
+            from loraport.engine.plan import build_plan
 
             for ad, w in src.adapters:
                 plan = build_plan(src.ckpt, [(ad, w)], strict=strict)

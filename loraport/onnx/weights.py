@@ -1,7 +1,7 @@
 """Where the exported graph's weights come from: the merge engine, tensor by tensor.
 
 `WeightSource` opens the base checkpoint and the adapters once, plans the merge with
-`loraport.merging.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
+`loraport.engine.plan.build_plan`, and serves `merged(name)` (fp32, on the device) for the parameter names the
 graph uses, translating them to the checkpoint's own spelling (a missing model prefix, tied heads).
 
 Memory: base tensors are read with pread into private buffers, never through the memory map (mapped file
@@ -36,8 +36,10 @@ class Stored:
 class WeightSource:
     def __init__(self, base: str | Path, adapters: list[tuple[str | Path | Adapter, float]], device: str = "auto",
                  strict: bool = True, merge: bool = True):
+        from loraport.engine.device import pick_device
+        from loraport.engine.plan import build_plan
+        from loraport.engine.sources import open_base
         from loraport.formats import load_adapter
-        from loraport.merging import build_plan, open_base, pick_device
 
         self.base_path = Path(base)
         if not self.base_path.is_dir() or not (self.base_path / "config.json").is_file():
@@ -56,19 +58,9 @@ class WeightSource:
     # names -----------------------------------------------------------------------------------------
     def checkpoint_name(self, name: str) -> str | None:
         """The checkpoint tensor that holds the model parameter `name`, or None."""
-        ck = self.ckpt
-        if name in ck:
-            return name
-        parts = name.split(".", 1)
-        if len(parts) == 2 and parts[1] in ck:  # checkpoints saved without the base-model prefix (GPT-2)
-            return parts[1]
-        for n in ck.resolve(name):  # a tied head stored only as the embedding
-            return n
-        if name.endswith("lm_head.weight") and ck.tied():
-            for emb in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"):
-                if emb in ck:
-                    return emb
-        return None
+        from loraport.engine.sources import parameter_tensor
+
+        return parameter_tensor(self.ckpt, name)
 
     def _ck(self, name: str) -> str:
         ck_name = self.checkpoint_name(name)
@@ -94,7 +86,7 @@ class WeightSource:
         """The merged tensor for model parameter `name`: fp32, or — for a tensor no adapter touches — the
         stored tensor itself when `want` is its dtype (no fp32 round trip, one buffer). On CPU the result
         lives in a buffer this source reuses: it is valid until the next call."""
-        from loraport.merging import merged_tensor
+        from loraport.engine.apply import merged_tensor
 
         ck_name = self._ck(name)
         raw = self._read(ck_name)

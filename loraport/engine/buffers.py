@@ -1,0 +1,113 @@
+"""The stream's plumbing: the stage queues (with a shared stop flag and the first error), the byte budget of
+tensors in flight, and the pool of reused host buffers."""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+
+import torch
+
+from loraport.safetensors_io import itemsize
+
+DONE = object()  # end of the stream (or a stop): what `Pipeline.get` returns when there is nothing more
+
+
+class Pipeline:
+    """reader → compute → writer, each in its own thread (torch and file I/O release the GIL)."""
+
+    def __init__(self, depth: int = 3):
+        self.q_loaded: queue.Queue = queue.Queue(depth)
+        self.q_ready: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return DONE
+
+    def fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.stop.set()
+
+
+class Budget:
+    """A byte budget for tensors in flight: the reader waits while the stages hold `limit` bytes (a single
+    tensor larger than the limit still passes, alone)."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.stop = limit, 0, stop
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cv:
+            while self.used and self.used + n > self.limit:
+                if self.stop.is_set():
+                    return False
+                self.cv.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+class Buffers:
+    """Reused host buffers. A fresh large tensor costs one page fault per 4 KiB on first touch (and an munmap
+    when freed) — more than the arithmetic done on it; a model has few distinct shapes, so buffers are kept per
+    byte size, at most `cap` bytes of them idle."""
+
+    def __init__(self, cap: int, pin: bool = False):
+        self.cap, self.kept, self.pin = cap, 0, pin  # pin: page-locked (CUDA copies into them are plain DMA)
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.issued: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape) * itemsize(dtype)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        with self.lock:
+            lst = self.free.get(n)
+            buf = lst.pop() if lst else None
+            if buf is not None:
+                self.kept -= n
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+        with self.lock:
+            self.issued[buf.data_ptr()] = buf
+        return buf.view(dtype).view(shape)
+
+    def give(self, t: torch.Tensor | None) -> None:
+        if t is None or t.device.type != "cpu" or t.numel() == 0:
+            return
+        with self.lock:
+            buf = self.issued.pop(t.data_ptr(), None)
+            if buf is None:
+                return
+            n = buf.numel()
+            while self.kept + n > self.cap and self.kept:  # make room: drop the largest idle buffers
+                k = max(s for s, lst in self.free.items() if lst)
+                self.free[k].pop()
+                self.kept -= k
+            if self.kept + n <= self.cap:
+                self.free.setdefault(n, []).append(buf)
+                self.kept += n
+

@@ -1,0 +1,127 @@
+"""Sources: the base layouts a merge reads, chosen by a registry when a base is opened; each serves canonical
+tensor names, shapes, dtypes and one tensor at a time (`loraport.checkpoint.Checkpoint`'s interface: names,
+info, get, raw, span, release, layer_hint, resolve, extra_files).
+
+* The safetensors layouts — HF model folder, diffusers pipeline folder, single .safetensors file — are told
+  apart by `Checkpoint.open`.
+* A layered source wraps that view when it recognizes the base: bitsandbytes (served dequantized by
+  loraport.quant, or replaced by the --fp16-base it was made from). Register one with `@layered(name, claims)`.
+* An .onnx base is baked by loraport.onnx (its own source and sink); see loraport/merging.py for the options
+  it refuses.
+
+Name fall-backs live here: `resolve_target` matches an adapter target to base tensors (prefix variants here,
+tied embeddings in `Checkpoint.resolve`); `parameter_tensor` finds the tensor holding a parameter of the model
+built from config.json (the ONNX export's names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraport.checkpoint import Checkpoint
+from loraport.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    """How the base is to be opened (what a layered source may need)."""
+    fp16_base: str | Path | None = None  # the 16-bit original of a quantized base
+    quantize: str | None = None  # the output's quantization (a quantized base warns on re-quantizing)
+
+
+@dataclass(frozen=True)
+class Layered:
+    name: str
+    claims: Callable[[Checkpoint, BaseOptions], bool]
+    open: Callable[[Checkpoint, BaseOptions], Checkpoint]
+
+
+LAYERED: list[Layered] = []
+
+
+def layered(name: str, claims: Callable[[Checkpoint, BaseOptions], bool]):
+    """Register a source that wraps the plain safetensors view of a base it claims (first claim wins)."""
+    def deco(fn: Callable[[Checkpoint, BaseOptions], Checkpoint]):
+        LAYERED.append(Layered(name, claims, fn))
+        return fn
+    return deco
+
+
+def _is_bnb(ckpt: Checkpoint, opts: BaseOptions) -> bool:
+    qc = ckpt.config.get("quantization_config") if isinstance(ckpt.config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" or opts.fp16_base is not None
+
+
+@layered("bitsandbytes", _is_bnb)
+def _open_bnb(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
+    try:
+        from loraport.quant.bnb_checkpoint import open_quantized_base
+    except ImportError:
+        raise BadInputError(f"{ckpt.root}: a bitsandbytes-quantized base is not supported by this installation") \
+            from None
+    return open_quantized_base(ckpt, fp16_base=opts.fp16_base, quantize=opts.quantize)
+
+
+def open_base(path: str | Path, fp16_base=None, quantize: str | None = None) -> Checkpoint:
+    """The base as a Checkpoint (or the layered source that claims it)."""
+    opts = BaseOptions(fp16_base, quantize)
+    ckpt = Checkpoint.open(path)
+    for src in LAYERED:
+        if src.claims(ckpt, opts):
+            return src.open(ckpt, opts)
+    if fp16_base is not None:
+        raise BadInputError("--fp16-base is only meaningful with a quantized --base")
+    return ckpt
+
+
+def check_loadable(ckpt: Checkpoint) -> None:
+    """Refuse a model-folder base whose merged copy transformers could not load: without config.json (or with
+    one that names no model_type) from_pretrained fails. Diffusers pipelines and single files have their own
+    layouts; a diffusers component folder's config names its `_class_name` instead."""
+    if ckpt.kind != "hf-folder":
+        return
+    cfg = ckpt.root / "config.json"
+    if not cfg.is_file():
+        raise BadInputError(f"{ckpt.root}: no config.json, so the merged folder could not be loaded by transformers; "
+                            "copy the model's config.json next to its weights, or pass --allow-incomplete to write "
+                            "the weights anyway")
+    if not isinstance(ckpt.config, dict) or not (ckpt.config.get("model_type") or ckpt.config.get("_class_name")):
+        raise BadInputError(f"{cfg}: names no model_type, so the merged folder could not be loaded by transformers; "
+                            "use the model's own config.json, or pass --allow-incomplete to write the weights anyway")
+
+
+def _candidates(target: str) -> list[str]:
+    """A target as written, then with the "model." prefix toggled (adapters saved from the bare or the wrapped
+    model)."""
+    if target.startswith("model."):
+        return [target, target[len("model."):]]
+    return [target, "model." + target]
+
+
+def resolve_target(base: Checkpoint, target: str) -> list[str]:
+    """The base tensor(s) an adapter target updates ([] when none): the first spelling the base has, with every
+    saved copy of a tied weight."""
+    for cand in _candidates(target):
+        names = base.resolve(cand)
+        if names:
+            return names
+    return []
+
+
+def parameter_tensor(base: Checkpoint, name: str) -> str | None:
+    """The base tensor that holds the model parameter `name` (a name of the model transformers builds from the
+    config), or None."""
+    if name in base:
+        return name
+    parts = name.split(".", 1)
+    if len(parts) == 2 and parts[1] in base:  # checkpoints saved without the base-model prefix (GPT-2)
+        return parts[1]
+    for n in base.resolve(name):  # a tied head stored only as the embedding
+        return n
+    if name.endswith("lm_head.weight") and base.tied():
+        for emb in ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight"):
+            if emb in base:
+                return emb
+    return None
