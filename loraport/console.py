@@ -69,6 +69,12 @@ def warn(message: str) -> None:
     _warn.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
 
 
+def always(message: str) -> None:
+    """A line of a command's result (markup allowed) that --quiet keeps, like warnings and errors (e.g. what
+    `verify` found changed)."""
+    _warn.print(message, markup=True)
+
+
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -163,7 +169,7 @@ class Reporter:
     @contextmanager
     def __call__(self, name: str, total=None, unit: str = "", items=None, item_unit: str = ""):
         self._check()
-        if is_quiet():
+        if is_quiet() or os.environ.get("LORAPORT_NO_PROGRESS", "") not in ("", "0"):
             yield lambda n=0, items=0: self._check()
             return
         st = _Step(name, total, unit, items, item_unit)

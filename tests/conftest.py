@@ -21,9 +21,9 @@ os.environ.setdefault("LORAPORT_KEY_FILE", os.path.join(_KEYS, "cache.key"))
 # ONNX exports remember captured graphs (loraport.onnx.graph_cache): off for the suite, so every export test
 # traces its own graph whatever ran before it; tests/test_graph_cache.py turns it on where it is the subject
 os.environ.setdefault("LORAPORT_NO_GRAPH_CACHE", "1")
-# progress lines (off a terminal: after a step has run 1 s) would make a slow machine's stderr differ from a fast
-# one's; the suite asserts on stderr, so it runs quiet, and tests/test_cli_progress.py turns progress back on
-os.environ.setdefault("LORAPORT_QUIET", "1")
+# progress lines (off a terminal: once a step has run 1 s) would make a slow machine's stderr differ from a fast
+# one's; the suite asserts on stderr, so it runs without them; tests/test_cli_progress.py turns them back on
+os.environ.setdefault("LORAPORT_NO_PROGRESS", "1")
 
 
 def pytest_unconfigure(config):

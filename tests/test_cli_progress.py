@@ -29,13 +29,13 @@ TENSORS, MB = 24, "56.6 MB"  # make_big_model: 24 fp32 768x768 tensors = 56,623,
 
 @pytest.fixture(autouse=True)
 def _progress_on(monkeypatch):
-    """The suite runs quiet (conftest sets LORAPORT_QUIET); these tests are about the progress lines."""
-    monkeypatch.delenv("LORAPORT_QUIET", raising=False)
+    """The suite runs without progress lines (conftest sets LORAPORT_NO_PROGRESS); they are the subject here."""
+    monkeypatch.delenv("LORAPORT_NO_PROGRESS", raising=False)
 
 def _run(*args: str, interval: float = 5.0, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("LORAPORT_DEBUG", None)
-    env.pop("LORAPORT_QUIET", None)  # the suite runs quiet (conftest); progress is the subject here
+    env.pop("LORAPORT_NO_PROGRESS", None)  # the suite runs without progress lines (conftest); they are the subject
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["LORAPORT_PROGRESS_INTERVAL"] = str(interval)
     env.update(extra_env)
@@ -79,6 +79,10 @@ def test_quiet_silences_everything_and_json_stays_clean(model):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     rep = json.loads(r.stdout)  # stdout is the report and nothing else
     assert rep["tensors_updated"] == TENSORS and Path(rep["out"]) == out
+    r = _run("merge", "--base", base, "--adapter", ad, "--out", root / "no_progress", "--device", "cpu",
+             interval=0.05, LORAPORT_NO_PROGRESS="1")  # progress off, the summary kept
+    assert r.returncode == 0 and not re.search(r"^\[merge\]", r.stderr, re.M) and "merged 1 adapter" in r.stderr, \
+        r.stderr
     r = _run("merge", "--base", base, "--adapter", ad, "--out", root / "quiet_env", "--device", "cpu",
              interval=0.05, LORAPORT_QUIET="1")  # the environment's spelling (CI jobs; the suite itself)
     assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -90,10 +90,10 @@ def test_stages_by_hand_equal_merge(tmp_path):
                                      ({"shard_size": 1 << 20}, "--shard-size")])
 def test_onnx_base_refuses_options_it_cannot_honour(tmp_path, kw, flag):
     pytest.importorskip("onnx")
-    from loraport.merging import merge
+    from loraport.api import run_merge  # the merge verb's router: an .onnx base is baked, not streamed
 
     base = tmp_path / "model.onnx"
     base.write_bytes(b"")  # refused before the model is read
     with pytest.raises(BadInputError, match=flag):
-        merge(base, [FX / "peft/adapters/llama_plain"], tmp_path / "out.onnx", **kw)
+        run_merge(str(base), [(str(FX / "peft/adapters/llama_plain"), 1.0)], tmp_path / "out.onnx", **kw)
     assert not (tmp_path / "out.onnx").exists()

@@ -143,9 +143,10 @@ def test_cli_choices_are_the_registry(tmp_path):
 
     assert convert_targets() == [n for n, f in formats().items() if f.writable] + \
         [n for n in export_targets() if not (n in formats() and formats()[n].writable)]
-    help_text = " ".join(cli("convert", "--help").output.split())
-    listed = help_text.split("output format:", 1)[1].split("[required]", 1)[0]
-    assert [t.strip() for t in listed.split(",")] == convert_targets()
+    help_text = " ".join(cli("convert", "--help").output.split())  # help points to the registry's own listing
+    assert "`loraport formats` lists them" in help_text  # (listing here would import every format and torch)
+    listing = cli("formats").output
+    assert all(f"`{n}`" in listing for n, f in formats().items() if f.writable)
     for t in convert_targets():  # each is accepted as a target (a missing adapter is what stops it)
         r = cli("convert", "--to", t, "--out", tmp_path / "x")
         assert "unknown --to" not in r.output, (t, r.output)

@@ -1,5 +1,6 @@
-"""Click parameters whose format names come from the format registry (loraport/formats), read only when
-click needs them (parsing that option, or showing help), so `import loraport.cli` loads no format module."""
+"""Click parameters whose format names come from the format registry (loraport/formats), read only when click
+parses that option (help names `loraport formats` instead of listing them), so `import loraport.cli` and
+`--help` load no format module."""
 
 from __future__ import annotations
 
@@ -23,16 +24,5 @@ class FormatChoice(click.Choice):
     def choices(self, _value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
         pass
 
-
-class TargetsOption(click.Option):
-    """An option whose help text lists the registry's convert targets where it says {targets}."""
-
-    def get_help_record(self, ctx: click.Context):
-        from loraport.formats import convert_targets
-
-        help_text = self.help
-        self.help = (help_text or "").replace("{targets}", ", ".join(convert_targets()))
-        try:
-            return super().get_help_record(ctx)
-        finally:
-            self.help = help_text
+    def get_metavar(self, param, ctx=None) -> str:  # help shows no list: listing would import every format module
+        return "FORMAT"                             # (and torch): `--help` stays fast; `loraport formats` lists them

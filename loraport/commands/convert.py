@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import click
 
-from loraport.commands._choices import TargetsOption
 from loraport.errors import BadInputError
 
 
@@ -15,7 +14,8 @@ def register(group: click.Group) -> None:
 
 @click.command("convert")
 @click.argument("adapter", required=False, type=click.Path())
-@click.option("--to", "to", required=True, cls=TargetsOption, help="output format: {targets}")
+@click.option("--to", "to", required=True, help="output format: a writable adapter format, onnx or onnx-adapter "
+              "(`loraport formats` lists them)")
 @click.option("--out", required=True, type=click.Path(), help="file or folder to write")
 @click.option("--base", default=None, type=click.Path(),
               help="base model: names GGUF/torchtune/kohya targets, gives head counts for q/k permutation, and the "

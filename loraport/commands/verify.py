@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from loraport.console import emit_json, err
+from loraport.console import always, emit_json, err
 
 
 def register(group: click.Group) -> None:
@@ -31,13 +31,13 @@ def verify_cmd(out, check_inputs, as_json):
         emit_json(rep)
     else:
         for p in bad:
-            err.print(f"[red]mismatch[/red] {escape(p)}", markup=True)
+            always(f"[red]mismatch[/red] {escape(p)}")  # the finding itself: kept with --quiet
         if rep["ok"]:
             err.print(f"ok: {rep['files_checked']} file(s) match {escape(rep['manifest'])}"
                       + ("" if not check_inputs else
                          f"; {len(rep['inputs_changed'])} input(s) changed" if rep["inputs_changed"]
                          else "; inputs unchanged"), markup=True)
         else:
-            err.print(f"{len(rep['problems'])} problem(s) in {escape(str(out))}", markup=True)
+            always(f"{len(rep['problems'])} problem(s) in {escape(str(out))}")
     if bad:
         sys.exit(1)
