@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
+from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
@@ -346,13 +346,13 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         seen[key] = suffix
 
     for d in adapter.deltas:
-        if isinstance(d, ReplaceDelta):
+        if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if isinstance(d, FullDelta) and d.target.endswith(".bias"):
+        if d.stores_dense and d.target.endswith(".bias"):
             pending_bias.append(d)
             continue
         mod = _kohya_module(d, names, unet_names, sdxl)
-        if isinstance(d, LoraDelta):
+        if d.has_lora_factors:
             if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
                 raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
             r = int(d.A.shape[0])
@@ -390,7 +390,7 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         elif isinstance(d, Ia3Delta):
             put(mod, "weight", d.vector)
             put(mod, "on_input", torch.tensor(int(d.on_input)))
-        elif isinstance(d, FullDelta):
+        elif d.stores_dense:
             put(mod, "diff", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
         else:
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
