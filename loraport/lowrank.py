@@ -165,6 +165,21 @@ def _aligned(ref: LoraDelta, d: LoraDelta, device) -> tuple[torch.Tensor, torch.
     raise PlanError(f"{ref.target}: the adapters disagree on its shape ({list(want)} vs {list(have)})")
 
 
+def _group_loras(adapters: list[Adapter]) -> dict[tuple, list[tuple[int, LoraDelta]]]:
+    """(target, rows) -> [(adapter index, delta)], refusing anything but LoRA factors without DoRA."""
+    groups: dict[tuple, list[tuple[int, LoraDelta]]] = {}
+    for i, ad in enumerate(adapters):
+        _loras(ad, "combine")
+        for d in ad.deltas:
+            name = ad.path or ad.name or f"adapter {i + 1}"
+            if not d.has_lora_factors:
+                raise BadInputError(f"{name}: {d.target} is a {d.kind} update; combine works on LoRA factors only")
+            if d.has_magnitude:
+                raise BadInputError(f"{name}: {d.target} is DoRA; magnitudes cannot be combined (merge instead)")
+            groups.setdefault((d.target, d.rows), []).append((i, d))
+    return groups
+
+
 def combine_adapters(adapters: list[Adapter], weights: list[float], method: str, spec: RankSpec | None = None,
                      density: float | None = None, seed: int = 0, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None) -> tuple[Adapter, dict]:
@@ -184,16 +199,7 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
         density = DEFAULT_DENSITY[method] if density is None else density
         if not 0 < density <= 1:
             raise BadInputError(f"--density must be in (0, 1], got {density}")
-    groups: dict[tuple, list[tuple[int, LoraDelta]]] = {}
-    for i, ad in enumerate(adapters):
-        _loras(ad, "combine")
-        for d in ad.deltas:
-            name = ad.path or ad.name or f"adapter {i + 1}"
-            if not d.has_lora_factors:
-                raise BadInputError(f"{name}: {d.target} is a {d.kind} update; combine works on LoRA factors only")
-            if d.has_magnitude:
-                raise BadInputError(f"{name}: {d.target} is DoRA; magnitudes cannot be combined (merge instead)")
-            groups.setdefault((d.target, d.rows), []).append((i, d))
+    groups = _group_loras(adapters)
     # PEFT's default for svd/ties/dare: the largest rank of any input, for every layer
     default_rank = max((d.rank() or 0 for ms in groups.values() for _, d in ms), default=1)
     fixed = spec.rank if (spec.rank or spec.energy) else default_rank
