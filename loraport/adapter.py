@@ -18,6 +18,9 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
 * class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
   `stores_dense`; per instance: `has_magnitude` (DoRA), `depends_on_base`;
 * description: `label`, `variant`, `scale_rule`, `layer_kind`, `stored_tensors()`, `named_tensors()`.
+
+(Over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
+full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.)
 """
 
 from __future__ import annotations
