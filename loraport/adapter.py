@@ -10,19 +10,41 @@ Conventions:
 * `scale` is the resolved per-module multiplier (alpha/r, alpha/sqrt(r), an absolute scale ...);
 * `contribution(W)` returns the fp32 update ΔW to *add* to W (so W' = W + Σ weight·ΔW), which for DoRA and IA³
   depends on W itself.
+
+Capabilities (asked of a delta; nobody outside the delta classes probes with isinstance/getattr/kind lists):
+* math: `dense(device, W)` (ΔW), the in-place `apply_(W, weight)` (one addmm_ for plain LoRA),
+  `low_rank_factors()` (B, A, scale, orientation of a plain 2-D LoRA, else None; `plain_lora`),
+  `thin_factors(device)` (matrix factors of any LoRA, Tucker folded in), `with_default_orientation()`;
+* class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
+  `stores_dense`; per instance: `has_magnitude` (DoRA), `depends_on_base`;
+* description: `label`, `variant`, `scale_rule`, `layer_kind`, `stored_tensors()`, `named_tensors()`.
+
+(Over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
+full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from loraport.errors import PlanError
+from loraport.names.llm import is_embedding
 
 Shape = tuple[int, ...]
+
+
+class LowRank(NamedTuple):
+    """The plain 2-D LoRA form of a delta: ΔW = scale·B@A, stored transposed ((B@A)ᵀ) when `transpose`
+    (None: not decided yet, see `Delta.resolve`)."""
+
+    B: torch.Tensor  # [out, r]
+    A: torch.Tensor  # [r, in]
+    scale: float
+    transpose: bool | None
 
 
 @dataclass
@@ -35,6 +57,75 @@ class Delta:
     source_key: str = field(default="", kw_only=True)  # the adapter key it came from, for messages
 
     kind: ClassVar[str] = "delta"
+    replaces_base: ClassVar[bool] = False  # the update replaces the target (the others then apply on top of it)
+    factored: ClassVar[bool] = False  # stored as factors of a larger matrix (LoRA, LoHa, LoKr): for compression
+    stacked: ClassVar[bool] = False  # updates a stacked [E, out, in] expert tensor: already low rank per expert
+    has_lora_factors: ClassVar[bool] = False  # B, A (+ Tucker core, DoRA magnitude): see `thin_factors`
+    stores_dense: ClassVar[bool] = False  # holds ΔW itself (a dense diff)
+
+    # --- capabilities ------------------------------------------------------------------------------
+    def low_rank_factors(self) -> LowRank | None:
+        """(B, A, scale, transpose) when this delta is a plain 2-D LoRA (no DoRA, no Tucker core, no conv
+        kernel), else None. Row slices are the caller's business (`rows`)."""
+        return None
+
+    @property
+    def plain_lora(self) -> bool:
+        return self.low_rank_factors() is not None
+
+    @property
+    def has_magnitude(self) -> bool:
+        """DoRA: a learned magnitude rescales W + ΔW."""
+        return False
+
+    @property
+    def label(self) -> str:
+        """What to call this update in messages and reports ("DoRA" for a LoRA with a magnitude)."""
+        return self.kind
+
+    @property
+    def variant(self) -> str:
+        """The kind refined by its options, for spectra ("dora", "lora-tucker" ...)."""
+        return self.kind
+
+    @property
+    def scale_rule(self) -> str:
+        """How its scale was derived (alpha/r, alpha/sqrt(r) ...); the kind when the format has no rule."""
+        return self.kind
+
+    @property
+    def layer_kind(self) -> str | None:
+        """The layer the target belongs to when the format says ("linear", "embedding", "conv1d", "conv")."""
+        return None
+
+    def with_default_orientation(self) -> Delta:
+        """A copy whose orientation is decided without a base (from its layer kind or target name)."""
+        return self
+
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The principal tensors as stored (for dtype reports)."""
+        return ()
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(field name, tensor) for every tensor field, for the NaN/Inf check."""
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)]
+
+    def thin_factors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B [out, r], A [r, n]) in fp32 with B@A = scale·ΔW as a matrix in the delta's own frame (B@A before
+        any transpose, conv kernels flattened, a Tucker core folded in; DoRA: the direction update), or None
+        when the delta has no LoRA factors (`has_lora_factors`)."""
+        return None
+
+    def dense(self, device: torch.device | str, W: torch.Tensor | None = None) -> torch.Tensor | None:
+        """ΔW in fp32 on `device` in the target's orientation: against W (the fp32 row slice of the base, needed
+        when `depends_on_base`), else against zeros of the shape the delta implies (None if it cannot say)."""
+        if W is None:
+            d = self.with_default_orientation()
+            shape = d.implied_shape()
+            if shape is None:
+                return None
+            return d.contribution(torch.zeros(shape, dtype=torch.float32, device=device))
+        return self.contribution(W)
 
     # --- plan time -------------------------------------------------------------------------------
     def implied_shape(self) -> Shape | None:
@@ -117,10 +208,53 @@ class LoraDelta(Delta):
     layer: str | None = None  # "linear" | "embedding" | "conv1d" | "conv": what the writer must name it
 
     kind: ClassVar[str] = "lora"
+    factored: ClassVar[bool] = True
+    has_lora_factors: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.A is None or self.B is None:
             raise PlanError(f"LoRA factors missing for {self.target}")
+
+    # capabilities -------------------------------------------------------------------------------
+    def low_rank_factors(self) -> LowRank | None:
+        if self.magnitude is None and self.mid is None and self.A.dim() == 2 and self.B.dim() == 2:
+            return LowRank(self.B, self.A, self.scale, self.transpose)
+        return None
+
+    @property
+    def has_magnitude(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def label(self) -> str:
+        return "DoRA" if self.magnitude is not None else self.kind
+
+    @property
+    def variant(self) -> str:
+        return "dora" if self.magnitude is not None else ("lora-tucker" if self.mid is not None else "lora")
+
+    @property
+    def layer_kind(self) -> str | None:
+        return self.layer
+
+    def with_default_orientation(self) -> Delta:
+        if self.transpose is not None:
+            return self
+        t = self.layer in ("embedding", "conv1d") or (self.layer is None and is_embedding(self.target))
+        return replace(self, transpose=t)
+
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.A, self.B)
+
+    def thin_factors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        B = self.B.to(device=device, dtype=torch.float32).reshape(self.B.shape[0], -1)
+        A = self.A.to(device=device, dtype=torch.float32)
+        if self.mid is not None:
+            mid = self.mid.to(device=device, dtype=torch.float32)
+            A = torch.einsum("ab...,bi->ai...", mid, A.reshape(A.shape[0], -1)).reshape(mid.shape[0], -1)
+        else:
+            A = A.reshape(A.shape[0], -1)
+        return B, A * self.scale
 
     # shapes -------------------------------------------------------------------------------------
     def _product_shape(self) -> Shape:
@@ -188,17 +322,17 @@ class LoraDelta(Delta):
                                      self.dora_eps)
 
     def apply_(self, W: torch.Tensor, weight: float = 1.0, base: torch.Tensor | None = None) -> None:
-        plain_2d = self.magnitude is None and self.mid is None and self.A.dim() == 2 and W.dim() == 2
-        if not plain_2d:
+        f = self.low_rank_factors()
+        if f is None or W.dim() != 2:
             return super().apply_(W, weight, base)
         # fast path: W += (weight·scale) · B@A with one fused addmm_, no ΔW temporary beyond the GEMM
         tgt = W if self.rows is None else W[self.rows[0] : self.rows[1]]
-        A = _f32(self.A, W.device)
-        B = _f32(self.B, W.device)
-        if self.transpose:
-            tgt.addmm_(A.t(), B.t(), alpha=weight * self.scale)
+        A = _f32(f.A, W.device)
+        B = _f32(f.B, W.device)
+        if f.transpose:
+            tgt.addmm_(A.t(), B.t(), alpha=weight * f.scale)
         else:
-            tgt.addmm_(B, A, alpha=weight * self.scale)
+            tgt.addmm_(B, A, alpha=weight * f.scale)
 
     @property
     def depends_on_base(self) -> bool:
@@ -258,6 +392,10 @@ class FullDelta(Delta):
     diff: torch.Tensor = None  # type: ignore[assignment]
     scale: float = 1.0
     kind: ClassVar[str] = "full"
+    stores_dense: ClassVar[bool] = True
+
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.diff,)
 
     def implied_shape(self) -> Shape | None:
         return tuple(self.diff.shape)
@@ -278,6 +416,10 @@ class ReplaceDelta(Delta):
     value: torch.Tensor = None  # type: ignore[assignment]
     saved_base: bool = False  # a copy of the base layer saved alongside (PEFT save_embedding_layers): not trained
     kind: ClassVar[str] = "replace"
+    replaces_base: ClassVar[bool] = True
+
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.value,)
 
     def implied_shape(self) -> Shape | None:
         return tuple(self.value.shape)
@@ -309,7 +451,7 @@ class Adapter:
     def __post_init__(self):
         seen: dict[tuple, str] = {}
         for d in self.deltas:
-            key = (d.target, d.rows, d.kind == "replace")  # a replacement may sit under a LoRA (PEFT base_layer)
+            key = (d.target, d.rows, d.replaces_base)  # a replacement may sit under a LoRA (PEFT base_layer)
             if key in seen:
                 raise PlanError(
                     f"adapter {self.path or self.name}: two entries update {d.target}"

@@ -22,7 +22,6 @@ import torch
 
 from loraport.adapter import Adapter, Delta, LoraDelta
 from loraport.errors import BadInputError, Inexpressible
-from loraport.names.llm import is_embedding
 
 
 
@@ -117,7 +116,7 @@ def drop_identity_replacements(adapter: Adapter, ckpt) -> Adapter:
         return adapter
     keep, dropped = [], 0
     for d in adapter.deltas:
-        if d.kind == "replace" and d.target in ckpt and d.rows is None:
+        if d.replaces_base and d.target in ckpt and d.rows is None:
             w = ckpt.get(d.target)
             if tuple(w.shape) == tuple(d.value.shape) and torch.equal(w, d.value.to(w.dtype)):
                 dropped += 1
@@ -131,7 +130,7 @@ def drop_identity_replacements(adapter: Adapter, ckpt) -> Adapter:
 
 # --- lossy re-factorization ----------------------------------------------------------------------------
 def _plain(d: Delta) -> bool:
-    return isinstance(d, LoraDelta) and d.magnitude is None and d.mid is None and d.A.dim() == 2 and d.rows is None
+    return d.plain_lora and d.rows is None
 
 
 def dense_delta(d: Delta, ckpt, device: torch.device) -> torch.Tensor:
@@ -144,23 +143,12 @@ def dense_delta(d: Delta, ckpt, device: torch.device) -> torch.Tensor:
             d = d.resolve(tuple(W.shape), ckpt.layer_hint(names[0]))
             if d.rows is not None:
                 W = W[d.rows[0]: d.rows[1]]
-    if W is None:
-        if d.depends_on_base:
-            raise BadInputError(f"{d.target}: a {_what(d)} update depends on the base weight; pass --base to "
-                                "re-factor it")
-        if isinstance(d, LoraDelta) and d.transpose is None:
-            d = replace(d, transpose=d.layer in ("embedding", "conv1d") or (d.layer is None and is_embedding(d.target)))
-        shape = d.implied_shape()
-        if shape is None:
-            raise BadInputError(f"{d.target}: pass --base so the shape of this {d.kind} update is known")
-        W = torch.zeros(shape, dtype=torch.float32, device=device)
-    return d.contribution(W)
-
-
-def _what(d: Delta) -> str:
-    if isinstance(d, LoraDelta) and d.magnitude is not None:
-        return "DoRA"
-    return d.kind
+    if W is None and d.depends_on_base:
+        raise BadInputError(f"{d.target}: a {d.label} update depends on the base weight; pass --base to re-factor it")
+    D = d.dense(device, W)
+    if D is None:
+        raise BadInputError(f"{d.target}: pass --base so the shape of this {d.kind} update is known")
+    return D
 
 
 def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
@@ -176,11 +164,7 @@ def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
         if only_inexpressible and plain:
             out.append(d)
             continue
-        if not plain and d.kind not in ("lora", "loha", "lokr", "full", "ia3", "replace", "lora-experts") \
-                and not hasattr(d, "contribution"):
-            out.append(d)
-            continue
-        if d.kind == "lora-experts":
+        if d.stacked:
             out.append(d)  # stacked expert factors are already low rank per expert
             continue
         k_orig = d.rank() or 0
@@ -189,11 +173,10 @@ def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
             out.append(d)
             continue
         if plain:
-            t = d.transpose
-            if t is None:
-                t = d.layer in ("embedding", "conv1d") or (d.layer is None and is_embedding(d.target))
-            B = d.B.to(device, torch.float32) * d.scale
-            A = d.A.to(device, torch.float32)
+            f = d.with_default_orientation().low_rank_factors()
+            t = f.transpose
+            B = f.B.to(device, torch.float32) * f.scale
+            A = f.A.to(device, torch.float32)
             svd = lowrank_svd(B, A)
             Bk, Ak = svd.factors(k)
             err = svd.tail_error(k)
@@ -211,7 +194,7 @@ def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
             if D.dim() > 2:  # conv kernel: A carries the kernel, B is 1x1
                 Ak = Ak.reshape(Ak.shape[0], *D.shape[1:])
                 Bk = Bk.reshape(*Bk.shape, 1, 1)
-            layer = getattr(d, "layer", None)
+            layer = d.layer_kind
             nd = LoraDelta(d.target, A=Ak.cpu().contiguous(), B=Bk.cpu().contiguous(), scale=1.0, transpose=False,
                            rows=d.rows, alpha=float(k), scale_rule="refactored",
                            layer="linear" if layer in (None, "embedding", "conv1d") and D.dim() == 2 else layer,
@@ -219,7 +202,7 @@ def refactor(adapter: Adapter, ckpt, rank: int | None, device: torch.device,
             if layer in ("embedding", "conv1d"):  # keep the layer's usual orientation: ΔW = (B'A')ᵀ
                 nd = replace(nd, A=nd.B.t().contiguous(), B=nd.A.t().contiguous(), transpose=True, layer=layer)
         out.append(nd)
-        report.append({"target": d.target, "from": _what(d), "rank": int(min(k, svd.rank())),
+        report.append({"target": d.target, "from": d.label, "rank": int(min(k, svd.rank())),
                        "rel_error": float(err)})
     notes = adapter.notes + [f"lossy: {len(report)} update(s) re-factored by SVD"] if report else adapter.notes
     return replace(adapter, deltas=out, notes=notes), report

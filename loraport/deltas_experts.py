@@ -32,6 +32,7 @@ class ExpertPart:
 class ExpertsLoraDelta(Delta):
     parts: list[ExpertPart] = field(default_factory=list)
     kind: ClassVar[str] = "lora-experts"
+    stacked: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.rows is not None:
@@ -89,10 +90,10 @@ def combine_stacked(deltas: list) -> list:
     """gate and up LoRAs of a fused gate_up tensor become one delta with two parts."""
     out, by_target = [], {}
     for d in deltas:
-        if isinstance(d, ExpertsLoraDelta) and d.target in by_target:
+        if d.stacked and d.target in by_target:
             by_target[d.target].parts.extend(d.parts)
             continue
-        if isinstance(d, ExpertsLoraDelta):
+        if d.stacked:
             by_target[d.target] = d
         out.append(d)
     return out

@@ -53,6 +53,12 @@ class _Factored(Delta):
     dora_axis: str = "out"
     dora_eps: float = 0.0
 
+    factored: ClassVar[bool] = True
+
+    @property
+    def has_magnitude(self) -> bool:
+        return self.magnitude is not None
+
     def _product_shape(self) -> Shape:
         raise NotImplementedError
 

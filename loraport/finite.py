@@ -38,18 +38,13 @@ def count_nonfinite(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def _delta_tensors(d) -> list[tuple[str, torch.Tensor]]:
-    fields = vars(d) if hasattr(d, "__dict__") else {}
-    return [(k, v) for k, v in fields.items() if isinstance(v, torch.Tensor)]
-
-
 def check_adapters(adapters, mode: str = "warn") -> list[str]:
     """One message per adapter holding NaN/Inf values; raises in "fail" mode."""
     msgs = []
     for adapter, _ in adapters:
         hits = []
         for d in adapter.deltas:
-            for k, t in _delta_tensors(d):
+            for k, t in d.named_tensors():
                 n = count_nonfinite(t)
                 if n:
                     hits.append((d.source_key or d.target, k, n))

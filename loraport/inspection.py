@@ -50,8 +50,8 @@ def _module_kind(target: str) -> str:
 
 def describe(adapter) -> dict:
     """The inspect report of a loaded adapter."""
-    loras = [d for d in adapter.deltas if d.kind == "lora"]
-    ranks = Counter(int(d.A.shape[0]) for d in loras)
+    loras = [d for d in adapter.deltas if d.has_lora_factors]
+    ranks = Counter(d.rank() for d in loras)
     alphas = Counter(d.alpha for d in loras if d.alpha is not None)
     rules = Counter(d.scale_rule for d in loras)
     scales = Counter(round(d.scale, 6) for d in loras)
@@ -60,19 +60,17 @@ def describe(adapter) -> dict:
     full = 0
     for d in adapter.deltas:
         shp = d.implied_shape()
-        if shp is not None and d.kind in ("lora", "loha", "lokr"):
+        if shp is not None and d.factored:
             full += math.prod(shp)
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for d in adapter.deltas
-                     for t in (getattr(d, "A", None), getattr(d, "B", None), getattr(d, "value", None),
-                               getattr(d, "diff", None)) if t is not None)
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for d in adapter.deltas for t in d.stored_tensors())
     size = sum(Path(f).stat().st_size for f in adapter.files if Path(f).is_file())
-    factor_params = sum(d.num_params() for d in adapter.deltas if d.kind in ("lora", "loha", "lokr"))
+    factor_params = sum(d.num_params() for d in adapter.deltas if d.factored)
     return {
         "path": adapter.path, "format": adapter.format, "kinds": adapter.kinds(),
         "ranks": dict(sorted(ranks.items())), "alphas": {str(k): v for k, v in alphas.items()},
         "scale_rules": dict(rules), "scales": {str(k): v for k, v in scales.items()},
         "targets": len({d.target for d in adapter.deltas}), "target_modules": dict(sorted(leaf.items())),
-        "dora": any(getattr(d, "magnitude", None) is not None for d in adapter.deltas),
+        "dora": any(d.has_magnitude for d in adapter.deltas),
         "trainable_params": params, "full_rank_params": full,
         "compression": round(full / factor_params, 1) if factor_params else None,
         "dtypes": dict(dtypes), "file_bytes": size, "files": adapter.files, "notes": adapter.notes,

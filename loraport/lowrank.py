@@ -81,14 +81,7 @@ class RankSpec:
 def thin_factors(d: LoraDelta, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(B [out, r], A [r, n]) in fp32 on `device` with B @ A = scale·ΔW as a matrix in the delta's own
     frame (B@A before any transpose; conv kernels flattened to [out, in·kh·kw]; a Tucker core folded in)."""
-    B = d.B.to(device=device, dtype=torch.float32).reshape(d.B.shape[0], -1)
-    A = d.A.to(device=device, dtype=torch.float32)
-    if d.mid is not None:
-        mid = d.mid.to(device=device, dtype=torch.float32)
-        A = torch.einsum("ab...,bi->ai...", mid, A.reshape(A.shape[0], -1)).reshape(mid.shape[0], -1)
-    else:
-        A = A.reshape(A.shape[0], -1)
-    return B, A * d.scale
+    return d.thin_factors(device)
 
 
 def from_factors(like: LoraDelta, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype | None = None,
@@ -118,7 +111,7 @@ def make_lora(target: str, B: torch.Tensor, A: torch.Tensor, shape: tuple[int, .
 
 
 def _loras(adapter: Adapter, what: str) -> None:
-    if not any(isinstance(d, LoraDelta) for d in adapter.deltas):
+    if not any(d.has_lora_factors for d in adapter.deltas):
         raise BadInputError(f"{adapter.path or adapter.name}: no LoRA factors to {what}")
 
 
@@ -134,7 +127,7 @@ def resize_adapter(adapter: Adapter, spec: RankSpec, device: torch.device | str 
     layers = []
     notes = list(adapter.notes)
     for d in adapter.deltas:
-        if not isinstance(d, LoraDelta):
+        if not d.has_lora_factors:
             out.append(d)
             notes.append(f"{d.target}: {d.kind} update kept as is")
             continue
@@ -148,7 +141,7 @@ def resize_adapter(adapter: Adapter, spec: RankSpec, device: torch.device | str 
         opt = svd.tail_error(k)
         err = dc.lowrank_rel_error(B, A, *thin_factors(new, device))  # as written (incl. dtype rounding)
         layers.append({"target": d.target, "rank_in": d.rank(), "rank_out": k, "rel_error": err,
-                       "optimal_error": opt, "energy_kept": 1 - opt * opt, "dora": d.magnitude is not None,
+                       "optimal_error": opt, "energy_kept": 1 - opt * opt, "dora": d.has_magnitude,
                        "seconds": time.perf_counter() - t0})
     if any(x["dora"] for x in layers):
         notes.append("DoRA: magnitudes kept; rel_error is that of the direction update scale·B·A")
@@ -175,6 +168,21 @@ def _aligned(ref: LoraDelta, d: LoraDelta, device) -> tuple[torch.Tensor, torch.
     raise PlanError(f"{ref.target}: the adapters disagree on its shape ({list(want)} vs {list(have)})")
 
 
+def _group_loras(adapters: list[Adapter]) -> dict[tuple, list[tuple[int, LoraDelta]]]:
+    """(target, rows) -> [(adapter index, delta)], refusing anything but LoRA factors without DoRA."""
+    groups: dict[tuple, list[tuple[int, LoraDelta]]] = {}
+    for i, ad in enumerate(adapters):
+        _loras(ad, "combine")
+        for d in ad.deltas:
+            name = ad.path or ad.name or f"adapter {i + 1}"
+            if not d.has_lora_factors:
+                raise BadInputError(f"{name}: {d.target} is a {d.kind} update; combine works on LoRA factors only")
+            if d.has_magnitude:
+                raise BadInputError(f"{name}: {d.target} is DoRA; magnitudes cannot be combined (merge instead)")
+            groups.setdefault((d.target, d.rows), []).append((i, d))
+    return groups
+
+
 def combine_adapters(adapters: list[Adapter], weights: list[float], method: str, spec: RankSpec | None = None,
                      density: float | None = None, seed: int = 0, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None) -> tuple[Adapter, dict]:
@@ -194,16 +202,7 @@ def combine_adapters(adapters: list[Adapter], weights: list[float], method: str,
         density = DEFAULT_DENSITY[method] if density is None else density
         if not 0 < density <= 1:
             raise BadInputError(f"--density must be in (0, 1], got {density}")
-    groups: dict[tuple, list[tuple[int, LoraDelta]]] = {}
-    for i, ad in enumerate(adapters):
-        _loras(ad, "combine")
-        for d in ad.deltas:
-            name = ad.path or ad.name or f"adapter {i + 1}"
-            if not isinstance(d, LoraDelta):
-                raise BadInputError(f"{name}: {d.target} is a {d.kind} update; combine works on LoRA factors only")
-            if d.magnitude is not None:
-                raise BadInputError(f"{name}: {d.target} is DoRA; magnitudes cannot be combined (merge instead)")
-            groups.setdefault((d.target, d.rows), []).append((i, d))
+    groups = _group_loras(adapters)
     # PEFT's default for svd/ties/dare: the largest rank of any input, for every layer
     default_rank = max((d.rank() or 0 for ms in groups.values() for _, d in ms), default=1)
     fixed = spec.rank if (spec.rank or spec.energy) else default_rank

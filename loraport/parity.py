@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraport.adapter import LowRank
 from loraport.errors import BadInputError
 from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
 from loraport.tensorfile import read_json
@@ -157,7 +158,6 @@ def _is_conv1d(mod) -> bool:
 
 def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
     """Apply adapters to `model` without merging: forward hooks add each delta's output. Returns the handles."""
-    from loraport.adapter import LoraDelta
     from loraport.engine.plan import build_plan
 
     plan = build_plan(base_ckpt, adapters, strict=True)
@@ -175,11 +175,11 @@ def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
         for d, w in ups:
             # factor hooks where the function is x·Aᵀ·Bᵀ: Linear stores B·A, Conv1D and Embedding store (B·A)ᵀ
             stores_t = _is_conv1d(mod) or isinstance(mod, torch.nn.Embedding)
-            plain = (isinstance(d, LoraDelta) and d.magnitude is None and d.mid is None and d.A.dim() == 2
-                     and d.rows is None and leaf == "weight" and len(sharers) == 1 and bool(d.transpose) == stores_t
-                     and (stores_t or isinstance(mod, torch.nn.Linear)))
+            f = d.low_rank_factors()
+            plain = (f is not None and d.rows is None and leaf == "weight" and len(sharers) == 1
+                     and bool(f.transpose) == stores_t and (stores_t or isinstance(mod, torch.nn.Linear)))
             if plain:
-                hooked.handles.append(mod.register_forward_hook(_lora_hook(mod, d, w)))
+                hooked.handles.append(mod.register_forward_hook(_lora_hook(mod, f, w)))
                 continue
             W = getattr(mod, leaf).detach().to(torch.float32)
             dW = _dense_delta(d, W) * w
@@ -217,9 +217,9 @@ class _Restore:
             self.p.sub_(self.dW.to(self.p.dtype))
 
 
-def _lora_hook(mod, d, w):
-    A = d.A.detach().to(torch.float32)
-    B = d.B.detach().to(torch.float32) * float(w * d.scale)
+def _lora_hook(mod, f: LowRank, w):
+    A = f.A.detach().to(torch.float32)
+    B = f.B.detach().to(torch.float32) * float(w * f.scale)
     emb = isinstance(mod, torch.nn.Embedding)
 
     def hook(m, args, out):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from loraport import decompose as dc
-from loraport.adapter import Adapter, FullDelta, LoraDelta
+from loraport.adapter import Adapter
 
 MAX_SV = 256  # singular values kept per layer in the report (a LoRA has r of them; dense diffs are capped)
 
@@ -30,12 +30,12 @@ def spectrum_report(adapter: Adapter, base=None, device: torch.device | str = "c
 
     layers, skipped = [], []
     for d in adapter.deltas:
-        if isinstance(d, LoraDelta):
+        if d.has_lora_factors:
             svd = dc.lowrank_svd(*thin_factors(d, device))
-            kind = "dora" if d.magnitude is not None else ("lora-tucker" if d.mid is not None else "lora")
+            kind = d.variant
             rank = d.rank()
-        elif isinstance(d, FullDelta) and d.diff.dim() >= 2:
-            svd = dc.svd_full(dc.as_matrix(d.diff.to(device=device, dtype=torch.float32) * d.scale))
+        elif d.stores_dense and len(d.implied_shape()) >= 2:
+            svd = dc.svd_full(dc.as_matrix(d.dense(device)))
             kind, rank = "full", None
         else:
             skipped.append({"target": d.target, "kind": d.kind})

@@ -19,18 +19,18 @@ def merged_tensor(plan: MergePlan, name: str, device: torch.device | str = "cpu"
     ups = plan.updates.get(name, ())
     # replacements (modules_to_save, PEFT's saved base_layer) define the base the other deltas apply to
     for d, w in ups:
-        if d.kind == "replace":
+        if d.replaces_base:
             d.apply_(W, w)
-    rest = [(d, w) for d, w in ups if d.kind != "replace"]
+    rest = [(d, w) for d, w in ups if not d.replaces_base]
     ref = W.clone() if len(rest) > 1 and any(d.depends_on_base for d, _ in rest) else None
     plain = [(d, w) for d, w in rest if _plain_lora(d, W)]
     if len(plain) >= FUSE_MIN:  # many adapters: one GEMM over the stacked ranks instead of one pass per adapter
         rest = [(d, w) for d, w in rest if not _plain_lora(d, W)]
         for flag in (False, True):
-            group = [(d, w) for d, w in plain if bool(d.transpose) == flag]
+            group = [(f, w) for d, w in plain if bool((f := d.low_rank_factors()).transpose) == flag]
             if group:
-                A = torch.cat([d.A.to(device=W.device, dtype=torch.float32) for d, _ in group])
-                B = torch.cat([d.B.to(device=W.device, dtype=torch.float32) * (w * d.scale) for d, w in group], 1)
+                A = torch.cat([f.A.to(device=W.device, dtype=torch.float32) for f, _ in group])
+                B = torch.cat([f.B.to(device=W.device, dtype=torch.float32) * (w * f.scale) for f, w in group], 1)
                 if flag:
                     W.addmm_(A.t(), B.t())
                 else:
@@ -48,6 +48,5 @@ FUSE_MIN = 3
 
 
 def _plain_lora(d: Delta, W: torch.Tensor) -> bool:
-    return (d.kind == "lora" and d.magnitude is None and d.mid is None and d.rows is None and d.A.dim() == 2
-            and d.B.dim() == 2 and W.dim() == 2)
+    return d.plain_lora and d.rows is None and W.dim() == 2
 

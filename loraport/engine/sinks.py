@@ -28,7 +28,7 @@ def provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str 
         "loraport.adapters": json.dumps([
             {"path": a.path, "format": a.format, "weight": w,
              "files": {Path(f).name: hash_of(f) for f in a.files if Path(f).is_file()},
-             "scale_rules": sorted({getattr(d, "scale_rule", d.kind) for d in a.deltas})}
+             "scale_rules": sorted({d.scale_rule for d in a.deltas})}
             for a, w in adapters
         ]),
         "loraport.dtype": dtype,

@@ -62,9 +62,10 @@ def pad_rank(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, to
     return A2, B2
 
 
-def require_lora_only(adapter: Adapter, fmt: str, allowed=(LoraDelta,)) -> None:
+def require_lora_only(adapter: Adapter, fmt: str, stacked: bool = False) -> None:
+    """Refuse any delta but LoRA factors (and, with `stacked`, stacked-expert LoRA) and any row slice."""
     for d in adapter.deltas:
-        if not isinstance(d, allowed):
+        if not (d.has_lora_factors or (stacked and d.stacked)):
             raise Inexpressible(
                 f"{fmt} cannot express the {d.kind} update on {d.target} (it stores LoRA factors only)"
             ).hint("--lossy", "re-factors it to low rank")

@@ -222,7 +222,7 @@ class DiffusersFormat(AdapterFormat):
         legacy = forms - {"peft"}
         if legacy:
             notes.add("legacy spelling: " + ", ".join(sorted(legacy)))
-        if any(d.magnitude is not None for d in deltas if isinstance(d, LoraDelta)):
+        if any(d.has_magnitude for d in deltas):
             notes.add("DoRA: magnitude per output feature (PEFT)")
         metadata = dict(meta)
         if unrecognised or unmatched:
@@ -242,7 +242,7 @@ class DiffusersFormat(AdapterFormat):
         per: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         dora: dict[str, set] = defaultdict(set)
         for d in adapter.deltas:
-            if not isinstance(d, LoraDelta):
+            if not d.has_lora_factors:
                 raise BadInputError(f"{d.target}: {d.kind} updates have no diffusers LoRA form (it holds plain "
                                     "LoRA/DoRA only); convert to kohya/lycoris instead")
             if d.mid is not None:

@@ -268,23 +268,23 @@ class GgufFormat(AdapterFormat):
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: GgufWriteOptions) -> list[Path]:
-        require_lora_only(adapter, "GGUF", (LoraDelta, ExpertsLoraDelta))
+        require_lora_only(adapter, "GGUF", stacked=True)
         for d in adapter.deltas:
-            if isinstance(d, LoraDelta) and d.magnitude is not None:
+            if d.has_magnitude:
                 raise Inexpressible(f"GGUF LoRA has no DoRA magnitudes ({d.target}); DoRA depends on the base "
                                     "weight, so it cannot be baked into B").hint(
                     "--lossy", "with --base BASE re-factors the exact DoRA update to low rank")
         hf_named = any(not d.target.startswith(("blk.", "token_embd", "output")) for d in adapter.deltas)
         arch, permute, nh, nkv = _write_arch(adapter, base, hf_named, opts.arch)
         # one alpha for the file: the commonest alpha (= s·r); other modules get s baked into B
-        rs = [(d.scale, d.A.shape[0]) for d in adapter.deltas if isinstance(d, LoraDelta)]
-        rs += [(p.scale, p.A.shape[1]) for d in adapter.deltas if isinstance(d, ExpertsLoraDelta) for p in d.parts]
+        rs = [(d.scale, d.A.shape[0]) for d in adapter.deltas if d.has_lora_factors]
+        rs += [(p.scale, p.A.shape[1]) for d in adapter.deltas if d.stacked for p in d.parts]
         alpha = float(common_value([s * r for s, r in rs]))
         tensors: list[tuple[str, torch.Tensor]] = []
         experts: dict[str, dict[int, LoraDelta]] = defaultdict(dict)
         baked = 0
         for d in adapter.deltas:
-            if isinstance(d, ExpertsLoraDelta):
+            if d.stacked:
                 if len(d.parts) != 1 or d.parts[0].out_rows is not None:
                     raise BadInputError(f"{d.target}: a fused gate_up expert update has no GGUF form")
                 p = d.parts[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta, ReplaceDelta
+from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
@@ -359,49 +359,60 @@ def _dora_scale(mag: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
     return mag.reshape(shape).contiguous()
 
 
-def _put_lora(put, mod: str, d: LoraDelta, names: SDNames | None, bake: bool) -> None:
+def _alpha(v: float) -> torch.Tensor:
+    return torch.tensor(float(v), dtype=torch.float32)
+
+
+def _lora_parts(d, bake: bool, names) -> list[tuple[str, torch.Tensor]]:
     if d.transpose and not (names and (e := names.entry_for_target(d.target, d.rows)) and e.transpose):
         raise BadInputError(f"{d.target}: a transposed (Conv1D/embedding) LoRA has no kohya form")
     r = int(d.A.shape[0])
-    up = d.B
-    if bake and d.scale != 1.0:
-        up = (d.B.float() * d.scale).to(d.B.dtype)
-    put(mod, "lora_down.weight", d.A)
-    put(mod, "lora_up.weight", up)
+    up = (d.B.float() * d.scale).to(d.B.dtype) if bake and d.scale != 1.0 else d.B
+    parts = [("lora_down.weight", d.A), ("lora_up.weight", up)]
     if d.mid is not None:
-        put(mod, "lora_mid.weight", d.mid)
-    put(mod, "alpha", torch.tensor(float(r if bake else d.scale * r), dtype=torch.float32))
+        parts.append(("lora_mid.weight", d.mid))
+    parts.append(("alpha", _alpha(r if bake else d.scale * r)))
     if d.magnitude is not None:
-        nd = 4 if d.A.dim() == 4 else 2
-        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, nd))
+        parts.append(("dora_scale", _dora_scale(d.magnitude, d.dora_axis, 4 if d.A.dim() == 4 else 2)))
+    return parts
 
 
-def _put_loha(put, mod: str, d: LohaDelta) -> None:
-    for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a), ("hada_w2_b", d.w2b),
-                 ("hada_t1", d.t1), ("hada_t2", d.t2)):
-        if t is not None:
-            put(mod, k, t)
-    put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+def _loha_parts(d, bake: bool, names) -> list[tuple[str, torch.Tensor]]:
+    parts = [(k, t) for k, t in (("hada_w1_a", d.w1a), ("hada_w1_b", d.w1b), ("hada_w2_a", d.w2a),
+                                 ("hada_w2_b", d.w2b), ("hada_t1", d.t1), ("hada_t2", d.t2)) if t is not None]
+    parts.append(("alpha", _alpha(d.scale * d.rank())))
     if d.magnitude is not None:
-        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+        parts.append(("dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape()))))
+    return parts
 
 
-def _put_lokr(put, out: dict[str, torch.Tensor], mod: str, d: LokrDelta) -> None:
-    for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
-                 ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)):
-        if t is not None:
-            put(mod, k, t)
+def _lokr_parts(d, bake: bool, names) -> list[tuple[str, torch.Tensor]]:
+    parts = [(k, t) for k, t in (("lokr_w1", d.w1), ("lokr_w1_a", d.w1a), ("lokr_w1_b", d.w1b), ("lokr_w2", d.w2),
+                                 ("lokr_w2_a", d.w2a), ("lokr_w2_b", d.w2b), ("lokr_t2", d.t2)) if t is not None]
     if d.rank() is None:  # full w1 and w2: readers use scale 1, so bake any other scale in
         if d.scale != 1.0:
-            out[f"{mod}.lokr_w1"] = (d.w1.float() * d.scale).to(d.w1.dtype)
+            parts = [(k, (t.float() * d.scale).to(t.dtype) if k == "lokr_w1" else t) for k, t in parts]
     else:
-        put(mod, "alpha", torch.tensor(float(d.scale * d.rank()), dtype=torch.float32))
+        parts.append(("alpha", _alpha(d.scale * d.rank())))
     if d.magnitude is not None:
-        put(mod, "dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape())))
+        parts.append(("dora_scale", _dora_scale(d.magnitude, d.dora_axis, len(d._product_shape()))))
+    return parts
 
 
-def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False,
-                      unet_names: str | None = None) -> list[Path]:
+def _ia3_parts(d, bake: bool, names) -> list[tuple[str, torch.Tensor]]:
+    return [("weight", d.vector), ("on_input", torch.tensor(int(d.on_input)))]
+
+
+def _full_parts(d, bake: bool, names) -> list[tuple[str, torch.Tensor]]:
+    return [("diff", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))]
+
+
+# the delta kinds a kohya/LyCORIS file stores, each with its key suffixes and tensors
+_PARTS = {"lora": _lora_parts, "loha": _loha_parts, "lokr": _lokr_parts, "ia3": _ia3_parts, "full": _full_parts}
+
+
+def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False, unet_names: str | None = None,
+                      **_) -> list[Path]:
     """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
     bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW."""
     names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
@@ -418,25 +429,17 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         seen[key] = suffix
 
     for d in adapter.deltas:
-        if isinstance(d, ReplaceDelta):
+        if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if isinstance(d, FullDelta) and d.target.endswith(".bias"):
+        if d.stores_dense and d.target.endswith(".bias"):
             pending_bias.append(d)
             continue
         mod = _kohya_module(d, names, unet_names, sdxl)
-        if isinstance(d, LoraDelta):
-            _put_lora(put, mod, d, names, bake)
-        elif isinstance(d, LohaDelta):
-            _put_loha(put, mod, d)
-        elif isinstance(d, LokrDelta):
-            _put_lokr(put, out, mod, d)
-        elif isinstance(d, Ia3Delta):
-            put(mod, "weight", d.vector)
-            put(mod, "on_input", torch.tensor(int(d.on_input)))
-        elif isinstance(d, FullDelta):
-            put(mod, "diff", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
-        else:
+        parts = _PARTS.get(d.kind)
+        if parts is None:
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
+        for suffix, t in parts(d, bake, names):
+            put(mod, suffix, t)
     for d in pending_bias:
         wd = type(d)(d.target[: -len(".bias")] + ".weight", diff=d.diff, rows=d.rows)
         mod = _kohya_module(wd, names, unet_names, sdxl) if names is None else None

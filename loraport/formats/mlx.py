@@ -134,7 +134,7 @@ class MlxFormat(AdapterFormat):
                 layer="embedding" if emb else "linear", source_key=f"{mod}.lora_a",
             ))
         deltas = combine_stacked(deltas)
-        if any(isinstance(d, LoraDelta) and d.magnitude is not None for d in deltas):
+        if any(d.has_magnitude for d in deltas):
             notes.append("DoRA: magnitude per output row, W' = m/||W+sBA|| (W+sBA)")
         return Adapter(deltas, "mlx", str(path), config=cfg, metadata={}, notes=notes,
                        files=[str(wfile)] + ([str(cfile)] if cfile else []), name=path.stem)
@@ -142,10 +142,10 @@ class MlxFormat(AdapterFormat):
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
-        require_lora_only(adapter, "MLX", (LoraDelta, ExpertsLoraDelta))
+        require_lora_only(adapter, "MLX", stacked=True)
         notes: list[str] = []
-        loras = [d for d in adapter.deltas if isinstance(d, LoraDelta)]
-        experts = [d for d in adapter.deltas if isinstance(d, ExpertsLoraDelta)]
+        loras = [d for d in adapter.deltas if d.has_lora_factors]
+        experts = [d for d in adapter.deltas if d.stacked]
         dora = {d.magnitude is not None for d in loras}
         if dora == {True, False}:
             raise Inexpressible("MLX applies DoRA to every adapted layer or none; this adapter mixes DoRA and "

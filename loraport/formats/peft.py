@@ -174,7 +174,7 @@ class PeftFormat(AdapterFormat):
                                         source_key=PREFIX + mod + ".lora_B.bias"))
         for k, t in replacements.items():
             deltas.append(ReplaceDelta(k, value=t, saved_base=k in saved_base, source_key=PREFIX + k))
-        if any(d.magnitude is not None for d in deltas if isinstance(d, LoraDelta)):
+        if any(d.has_magnitude for d in deltas):
             notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
         if replacements:
             notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
@@ -188,15 +188,15 @@ class PeftFormat(AdapterFormat):
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         targets, to_save = [], []
-        dora = {isinstance(d, LoraDelta) and d.magnitude is not None for d in adapter.deltas if d.kind == "lora"}
+        dora = {d.has_magnitude for d in adapter.deltas if d.has_lora_factors}
         if dora == {True, False}:
             raise BadInputError("PEFT cannot express DoRA on some modules and plain LoRA on others")
         fan_in_fan_out = False
-        loras = [d for d in adapter.deltas if isinstance(d, LoraDelta)]
+        loras = [d for d in adapter.deltas if d.has_lora_factors]
         for d in adapter.deltas:
             if d.rows is not None:
                 raise BadInputError(f"{d.target}: a row-sliced update (fused projection) has no PEFT form")
-            if isinstance(d, LoraDelta):
+            if d.has_lora_factors:
                 if d.mid is not None:
                     raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form").hint(
                         "--lossy", "re-factors them to low rank")
@@ -217,13 +217,13 @@ class PeftFormat(AdapterFormat):
                 targets.append(mod)
                 rank_pattern[mod] = int(d.A.shape[0])
                 alpha_pattern[mod] = d.scale * d.A.shape[0]
-            elif isinstance(d, ReplaceDelta) and d.saved_base:
+            elif d.replaces_base and d.saved_base:
                 mod, leaf = d.target.rsplit(".", 1)  # PEFT's own saved copy of a targeted layer
                 tensors[f"{PREFIX}{mod}.base_layer.{leaf}"] = d.value.contiguous()
-            elif isinstance(d, ReplaceDelta):
+            elif d.replaces_base:
                 tensors[PREFIX + d.target] = d.value.contiguous()
                 to_save.append(d.target.rsplit(".", 1)[0])
-            elif isinstance(d, FullDelta) and d.target.endswith(".bias") and any(
+            elif d.stores_dense and d.target.endswith(".bias") and any(
                 x.target == d.target[:-5] + ".weight" for x in loras
             ):
                 owner = next(x for x in loras if x.target == d.target[:-5] + ".weight")

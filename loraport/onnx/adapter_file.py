@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraport.adapter import Adapter, LoraDelta
+from loraport.adapter import Adapter, Delta
 from loraport.errors import BadInputError
 
 A_SUFFIX = ".lora_A.weight"
@@ -24,20 +24,18 @@ NP_DTYPES = {1: np.float32, 10: np.float16}  # ONNX elem type -> numpy
 def check_plain(adapter: Adapter) -> None:
     """Raise unless every delta is a plain 2-D LoRA (what a MatMul branch can compute)."""
     for d in adapter.deltas:
-        ok = (isinstance(d, LoraDelta) and d.mid is None and d.magnitude is None and d.A.dim() == 2
-              and d.rows is None)
-        if not ok:
-            what = d.kind if not isinstance(d, LoraDelta) else (
-                "DoRA" if d.magnitude is not None else "Tucker/conv" if d.mid is not None or d.A.dim() != 2
-                else "a row slice of a fused tensor")
+        if not d.plain_lora or d.rows is not None:
+            what = ("a row slice of a fused tensor" if d.plain_lora
+                    else "Tucker/conv" if d.label == "lora" else d.label)
             raise BadInputError(f"{adapter.path or adapter.name}: {d.target} is {what}, which a multi-LoRA graph "
                                 "cannot switch at run time; export it merged (loraport convert --to onnx)")
 
 
-def lora_factors(d: LoraDelta, weight: float, np_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(A [in, r], B [r, out]) in MatMul layout with weight·scale folded into B."""
-    A = d.A.detach().to(torch.float32).t().contiguous()
-    B = (d.B.detach().to(torch.float32) * float(weight * d.scale)).t().contiguous()
+def lora_factors(d: Delta, weight: float, np_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(A [in, r], B [r, out]) in MatMul layout with weight·scale folded into B, of a plain LoRA."""
+    f = d.low_rank_factors()
+    A = f.A.detach().to(torch.float32).t().contiguous()
+    B = (f.B.detach().to(torch.float32) * float(weight * f.scale)).t().contiguous()
     return A.numpy().astype(np_dtype, copy=False), B.numpy().astype(np_dtype, copy=False)
 
 
