@@ -19,8 +19,8 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
   `stores_dense`; per instance: `has_magnitude` (DoRA), `depends_on_base`;
 * description: `label`, `variant`, `scale_rule`, `layer_kind`, `stored_tensors()`, `named_tensors()`.
 
-(Over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
-full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.)
+Size: over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
+full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.
 """
 
 from __future__ import annotations
