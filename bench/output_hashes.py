@@ -141,6 +141,7 @@ def _digest(path: Path, subs: list[tuple[bytes, bytes]]) -> str:
         header, body = data, b""
     for a, b in subs:
         header = header.replace(a, b)
+    header = header.rstrip(b" ")  # safetensors pads its header to 8 bytes: the padding follows the paths' length
     h = hashlib.sha256(header)
     h.update(body)
     return h.hexdigest()
