@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -253,3 +254,34 @@ def test_malformed_onnx_fields_give_one_line(tmp_path, mutate, say):
         bake(str(p), [(str(ad), 1.0)], str(tmp_path / "out.onnx"))
     assert say in _one_line(e.value)
     assert not (tmp_path / "out.onnx").exists()
+
+
+# ---- found by bench/robustness_report.py --fuzz 10000 ---------------------------------------------------
+def test_gguf_dimension_past_int64_with_a_zero_dimension(tmp_path):
+    """A zero dimension makes the byte count 0 (so the size check passes); a second one of 2**63 then overflowed
+    torch's reshape (a TypeError). Refused when the header is read."""
+    import gguf
+
+    src = ROOT / "fixtures" / "llm" / "gguf" / "llama_lora.gguf"
+    data = bytearray(src.read_bytes())
+    t = gguf.GGUFReader(src).tensors[0]
+    dims = t.field.offset + t.field.parts[0].nbytes + t.field.parts[1].nbytes + t.field.parts[2].nbytes
+    data[dims:dims + 16] = struct.pack("<QQ", 0, 2**63 + 5)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="dimension"):
+        load_adapter(bad, format="gguf")
+
+
+def test_torchtune_module_name_with_a_newline_stays_one_line(tmp_path):
+    """A key naming a module across a newline, with its lora_b missing: the refusal quotes the name."""
+    src = ROOT / "fixtures" / "llm" / "torchtune" / "llama_lora"
+    ad = tmp_path / "ad"
+    shutil.copytree(src, ad)
+    sd = torch.load(src / "adapter_model.pt", weights_only=True)
+    sd["layers.0\n.mlp.w2.lora_a.weight"] = sd.pop("layers.0.mlp.w2.lora_a.weight")
+    sd.pop("layers.0.mlp.w2.lora_b.weight")
+    torch.save(sd, ad / "adapter_model.pt")
+    with pytest.raises(BadInputError) as e:
+        load_adapter(ad, format="torchtune")
+    assert "lora_a / lora_b" in _one_line(e.value)
