@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -588,7 +589,8 @@ def structural_mutation(data: bytes, kind: str, op: str, ch: Chooser) -> bytes |
     'pattern': rank/alpha pattern keys that backtrack, are invalid or are numerous (PEFT config, diffusers
     metadata). The mutated bytes, or None where the file has no such place."""
     n = ch.pick([10_000, 140_000])  # 140k: past the safetensors entry cap (131072)
-    bombs = {ch.pick(BAD_PATTERNS): 2} if ch.integer(0, 1) else {rf"l\.{i}\d*\.x": 2 for i in range(n // 10)}
+    bad = ch.pick(BAD_PATTERNS) if ch.integer(0, 1) else None  # one bad key, or n // 10 costly ones
+    bombs = {bad: 2} if bad is not None else _BOMB
     if kind == "json":
         try:
             obj = json.loads(data)
@@ -599,8 +601,8 @@ def structural_mutation(data: bytes, kind: str, op: str, ch: Chooser) -> bytes |
         if op == "pattern":
             obj[ch.pick(["rank_pattern", "alpha_pattern"])] = bombs
         else:
-            obj[ch.pick(sorted(obj, key=str) or ["x"])] = ch.pick([[0] * n, {f"k{i}": i for i in range(n)}])
-        return _dump(obj)
+            obj[ch.pick(sorted(obj, key=str) or ["x"])] = ch.pick([_LIST, _OBJECT])
+        return _splice(_dump(obj), n)
     if kind != "safetensors":
         return None
     try:
@@ -611,12 +613,39 @@ def structural_mutation(data: bytes, kind: str, op: str, ch: Chooser) -> bytes |
         return None
     if op == "pattern":
         meta = h.setdefault("__metadata__", {}) if isinstance(h.get("__metadata__", {}), dict) else {}
-        meta["lora_adapter_metadata"] = json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": bombs,
-                                                    "transformer.alpha_pattern": bombs})
+        meta["lora_adapter_metadata"] = _diffusers_meta(n) if bad is None else json.dumps(
+            {"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": bombs, "transformer.alpha_pattern": bombs})
         return st_join(_dump(h), body)
-    many = ",".join(f'"x{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n)).encode()
     head = _dump(h)[:-1]
-    return st_join(head + (b"," if h else b"") + many + b"}", body)
+    return st_join(head + (b"," if h else b"") + _blobs(n)["st_entries"] + b"}", body)
+
+
+# The big containers are the same bytes every time for a given count: built once and spliced in where a
+# placeholder was dumped (the fuzz loop runs 10k+ iterations; building 140k entries each time dominated it).
+_BOMB, _LIST, _OBJECT = "@@lp-bomb:patterns@@", "@@lp-bomb:list@@", "@@lp-bomb:object@@"
+
+
+@functools.cache
+def _blobs(n: int) -> dict[str, bytes]:
+    return {_BOMB: _dump({rf"l\.{i}\d*\.x": 2 for i in range(n // 10)}), _LIST: _dump([0] * n),
+            _OBJECT: _dump({f"k{i}": i for i in range(n)}),
+            "st_entries": ",".join(f'"x{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+                                   for i in range(n)).encode()}
+
+
+def _splice(dumped: bytes, n: int) -> bytes:
+    for mark in (_BOMB, _LIST, _OBJECT):
+        dumped = dumped.replace(_dump(mark), _blobs(n)[mark])
+    return dumped
+
+
+@functools.cache
+def _diffusers_meta(n: int) -> str:
+    return _splice(_dump({"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": _BOMB,
+                          "transformer.alpha_pattern": _BOMB}), n).decode()
+
+
+PARSE_MAX = 1 << 20
 
 
 def random_mutation(copy: Path, ch: Chooser) -> str:
@@ -626,12 +655,12 @@ def random_mutation(copy: Path, ch: Chooser) -> str:
     data = bytearray(f.read_bytes())
     kind = kind_of(f)
     ops = ["flip", "truncate", "u64", "insert", "splice"]
-    if kind == "safetensors" and len(data) >= 8:
-        ops += ["st_header"] * 4 + ["st_values"] * 2
-    if kind == "json":
-        ops += ["json"] * 4
-    if kind in ("json", "safetensors"):
-        ops += ["huge_count", "pattern"]
+    # the parsing mutators only on headers/JSON of at most 1 MiB: past that the file already holds a structural
+    # bomb (10k entries stay under it), which byte mutations still reach; re-parsing it dominated the loop
+    if kind == "safetensors" and len(data) >= 8 and struct.unpack("<Q", bytes(data[:8]))[0] <= PARSE_MAX:
+        ops += ["st_header"] * 4 + ["st_values"] * 2 + ["huge_count", "pattern"]
+    if kind == "json" and len(data) <= PARSE_MAX:
+        ops += ["json"] * 4 + ["huge_count", "pattern"]
     op = ch.pick(ops)
     size = len(data)
     hot = min(size, 4096)

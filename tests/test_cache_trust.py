@@ -21,11 +21,11 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 
 from loraport import cache_key
 from loraport import manifest as mf
 from loraport.onnx import graph_cache
+from tests._hostile_classes import colliding_batch, forge_hash_entry, forge_meta, tiny_capture
 from tests._onnx_util import ADAPTERS, LLAMA, ROOT, cli
 
 PLAIN, PLAIN2 = ADAPTERS / "llama_plain", ADAPTERS / "llama_plain2"
@@ -38,38 +38,6 @@ def _sha(p: Path) -> str:
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _tiny_capture(tag: str) -> graph_cache.Captured:
-    """A small but real Captured (no trace needed) for the tests that only exercise the cache folder."""
-    from onnx import TensorProto, helper
-
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"], name=tag)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])])
-    return graph_cache.Captured(helper.make_model(g), [], {"inv_freq": torch.arange(4.0)}, ["x"], "test")
-
-
-def _forge_meta(entry: Path, attacker_key: bytes | None) -> None:
-    """What someone who can write the cache folder (but has no key) does: swap the graph for another one and
-    rewrite meta.json so every size and sha256 matches; sign it with their own key, or not at all."""
-    proto = onnx.load_model_from_string((entry / graph_cache.GRAPH).read_bytes())
-    changed = False
-    for n in proto.graph.node:
-        if n.op_type == "Mul":
-            n.op_type = "Add"  # a different computation, same wiring
-            changed = True
-            break
-    proto.graph.doc_string = "swapped"
-    assert changed or proto.graph.node
-    data = proto.SerializeToString()
-    (entry / graph_cache.GRAPH).write_bytes(data)
-    meta = json.loads((entry / graph_cache.META).read_text())
-    meta["files"][graph_cache.GRAPH] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    meta.pop("mac", None)
-    if attacker_key is not None:
-        meta["mac"] = cache_key.mac(attacker_key, graph_cache.SCHEMA, meta)
-    (entry / graph_cache.META).write_text(json.dumps(meta))
 
 
 @pytest.fixture
@@ -87,16 +55,16 @@ def test_forged_graph_entry_is_never_used_and_is_rebuilt(cache):
     at all) is not loaded, and the next store replaces it with a genuine one. (The end-to-end case, an export
     that traces again and writes the genuine bytes, is test_graph_cache.py's "forged, self-consistent meta".)"""
     k = "12" * 32
-    assert graph_cache.store(k, _tiny_capture("genuine"))
+    assert graph_cache.store(k, tiny_capture("genuine"))
     entry = cache / "graphs" / k
     genuine = _files(entry)
     assert graph_cache.load(k).proto.graph.node[0].name == "genuine"
     for attacker_key in (None, os.urandom(32)):
-        _forge_meta(entry, attacker_key)
+        forge_meta(entry, attacker_key)
         assert (entry / graph_cache.GRAPH).read_bytes() != genuine[graph_cache.GRAPH]
         assert graph_cache.load(k) is None
         assert entry.is_dir()  # not ours, so not removed by a reader; the next capture replaces it:
-        assert graph_cache.store(k, _tiny_capture("genuine"))
+        assert graph_cache.store(k, tiny_capture("genuine"))
         assert {n: b for n, b in _files(entry).items() if n != graph_cache.META} == \
             {n: b for n, b in genuine.items() if n != graph_cache.META}
         assert graph_cache.load(k).proto.graph.node[0].name == "genuine"
@@ -111,11 +79,11 @@ def test_clear_removes_only_what_it_can_prove_it_wrote(cache):
     (graphs / "mine").mkdir()
     (graphs / "mine" / "notes.txt").write_text("theirs")
     k = "ab" * 32
-    assert graph_cache.store(k, _tiny_capture("ours"))
+    assert graph_cache.store(k, tiny_capture("ours"))
     # a folder named like an entry, holding an entry's files, but not signed by this user: not provably ours
     lookalike = graphs / ("cd" * 32)
     shutil.copytree(graphs / k, lookalike)
-    _forge_meta(lookalike, None)
+    forge_meta(lookalike, None)
     meta = json.loads((lookalike / graph_cache.META).read_text())
     meta["key"] = lookalike.name
     (lookalike / graph_cache.META).write_text(json.dumps(meta))
@@ -150,9 +118,9 @@ def test_prune_never_counts_or_removes_what_is_not_ours(cache, monkeypatch):
     (graphs / "a-user-file").write_text("x")
     monkeypatch.setattr(graph_cache, "MAX_ENTRIES", 1)
     for i in range(3):
-        assert graph_cache.store(f"{i:064x}", _tiny_capture(str(i)))
+        assert graph_cache.store(f"{i:064x}", tiny_capture(str(i)))
         os.utime(graphs / f"{i:064x}" / graph_cache.META, (1000 + i, 1000 + i))
-    assert graph_cache.store(f"{9:064x}", _tiny_capture("9"))
+    assert graph_cache.store(f"{9:064x}", tiny_capture("9"))
     assert sorted(p.name for p in graphs.iterdir()) == sorted(["a-user-file", f"{9:064x}"])
 
 
@@ -160,7 +128,7 @@ def test_store_never_replaces_a_users_folder_at_an_entry_path(cache):
     k = "ef" * 32
     (cache / "graphs" / k).mkdir(parents=True)
     (cache / "graphs" / k / "thesis.tex").write_text("theirs")
-    assert graph_cache.store(k, _tiny_capture("x")) is False
+    assert graph_cache.store(k, tiny_capture("x")) is False
     assert (cache / "graphs" / k / "thesis.tex").read_text() == "theirs"
     assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]
 
@@ -190,13 +158,8 @@ def test_forged_hash_entry_is_ignored(models, cache, signed):
     path = cache / mf.CACHE_FILE
     d = json.loads(path.read_text())
     shard = next((models / "base").glob("*.safetensors"))
-    ent = d["entries"][os.path.realpath(shard)]
-    assert ent[5] == _sha(shard)
-    ent[5] = "0" * 64
-    d.pop("mac")
-    if signed != "unsigned":
-        d["mac"] = cache_key.mac(os.urandom(32), mf.CACHE_SCHEMA, d["entries"])
-    path.write_text(json.dumps(d))
+    assert d["entries"][os.path.realpath(shard)][5] == _sha(shard)
+    forge_hash_entry(path, os.path.realpath(shard), None if signed == "unsigned" else os.urandom(32))
     merge(models / "base", [models / "ad"], models / "o2")
     assert _inputs(models / "o2")[str(shard)] == _sha(shard)
     assert json.loads(path.read_text())["entries"][os.path.realpath(shard)][5] == _sha(shard)
@@ -273,9 +236,7 @@ def test_batch_output_name_collision_is_refused_before_any_write(tmp_path):
     from loraport.cli import main
 
     d = tmp_path / "adapters"
-    d.mkdir()
-    shutil.copy(LLM / "gguf" / "llama_lora.gguf", d / "tuned.gguf")
-    shutil.copytree(LLM / "mlx" / "llama_lora", d / "tuned")
+    colliding_batch(d)
     base = LLM / "bases" / "llama"
     for out in (tmp_path / "new-outs", tmp_path / "old-outs"):
         if out.name == "old-outs":

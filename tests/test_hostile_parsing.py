@@ -11,17 +11,18 @@ import struct
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import _hostile_classes as HC
+from _hostile_classes import RUN, diffusers_file, evil_folder, gguf_adapter_with_array, on_worker, peft_adapter
 from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 from loraport.formats import load_adapter
 from loraport.patterns import Deadline, PatternTable
-from loraport.safetensors_io import MAX_ENTRIES, SafetensorsFile, save_file
+from loraport.safetensors_io import MAX_ENTRIES, SafetensorsFile
 from loraport.tensorfile import MAX_JSON
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,40 +46,18 @@ def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 # ---- remote code ---------------------------------------------------------------------------------------
-EVIL = """from pathlib import Path
-Path({marker!r}).write_text("the folder's code ran")
-from transformers import LlamaConfig, LlamaForCausalLM
-class EvilConfig(LlamaConfig):
-    model_type = "evil_llama"
-class EvilForCausalLM(LlamaForCausalLM):
-    config_class = EvilConfig
-"""
-
-
-def _evil_folder(tmp_path: Path) -> tuple[Path, Path]:
-    folder, marker = tmp_path / "evil_base", tmp_path / "MARKER"
-    shutil.copytree(LLAMA, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "evil_llama"  # unknown to transformers: only the folder's code can build it
-    cfg["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
-                       "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "modeling_evil.py").write_text(EVIL.format(marker=str(marker)))
-    return folder, marker
-
-
 def test_remote_code_folder_is_live(tmp_path):
     """The hostile folder really runs its code when trusted (so the next test proves something)."""
     import transformers
 
-    folder, marker = _evil_folder(tmp_path)
+    folder, marker = evil_folder(tmp_path)
     transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
     assert marker.exists()
 
 
 def test_validate_never_runs_folder_code_even_with_yes_on_stdin(tmp_path):
     """(loraport before this check: transformers prompted, read the piped "y" and ran modeling_evil.py)"""
-    folder, marker = _evil_folder(tmp_path)
+    folder, marker = evil_folder(tmp_path)
     r = _cli("validate", str(folder), "--base", str(folder), "--adapter", str(LORA), stdin="y\n" * 20)
     assert not marker.exists(), "the folder's code ran"
     assert r.returncode == 2, r.stderr
@@ -88,7 +67,7 @@ def test_validate_never_runs_folder_code_even_with_yes_on_stdin(tmp_path):
 def test_onnx_export_never_runs_folder_code(tmp_path, monkeypatch):
     from loraport.onnx.export import export_onnx
 
-    folder, marker = _evil_folder(tmp_path)
+    folder, marker = evil_folder(tmp_path)
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("y\n" * 20))
     with pytest.raises(UnsafeInputError) as e:
         export_onnx(folder, [(str(LORA), 1.0)], tmp_path / "out")
@@ -124,51 +103,19 @@ def test_unsafe_pattern_keys_refused(key, why):
         PatternTable({key: 4}, "rank_pattern", "cfg.json")
 
 
-def _peft_adapter(folder: Path, n_modules: int, rank: int = 2, cfg_extra: dict | None = None,
-                  leaf: str = "x_proj") -> Path:
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    t = {}
-    for i in range(n_modules):
-        t[f"base_model.model.model.layers.{i}.mlp.{leaf}.lora_A.weight"] = torch.randn(rank, 4, generator=g)
-        t[f"base_model.model.model.layers.{i}.mlp.{leaf}.lora_B.weight"] = torch.randn(4, rank, generator=g)
-    save_file(t, folder / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 4, **(cfg_extra or {})}
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def _on_worker(fn, timeout: float = 20):
-    """Run fn on a worker thread (where no signal can interrupt it); (exception or None, seconds)."""
-    ex = ThreadPoolExecutor(1)
-    t0 = time.perf_counter()
-    fut = ex.submit(fn)
-    try:
-        fut.result(timeout=timeout)
-        err = None
-    except Exception as e:  # noqa: BLE001 - inspected by the caller (a hang is a TimeoutError)
-        err = e
-    finally:
-        ex.shutdown(wait=False)
-    return err, time.perf_counter() - t0
-
-
-RUN = "a" * 40 + "_x"  # a module leaf on which (a+)+$ backtracks 2**40 ways (a hang before the guard)
-
-
 def test_peft_pattern_bombs_on_a_worker_thread(tmp_path):
-    redos = _peft_adapter(tmp_path / "redos", 2, cfg_extra={"rank_pattern": {"(a+)+$": 2}}, leaf=RUN)
-    err, dt = _on_worker(lambda: load_adapter(redos, format="peft"))
+    redos = peft_adapter(tmp_path / "redos", 2, cfg_extra={"rank_pattern": {"(a+)+$": 2}}, leaf=RUN)
+    err, dt = on_worker(lambda: load_adapter(redos, format="peft"))
     assert isinstance(err, BadInputError) and "rank_pattern" in _one_line(err) and dt < 3
     # 10k non-literal keys × 1000 modules: the shared budget stops it with one line
     many = {rf"layers\.{i}\d*\.mlp\.y_proj": 3 for i in range(10_000)}
-    bomb = _peft_adapter(tmp_path / "many", 1000, cfg_extra={"alpha_pattern": many})
-    err, dt = _on_worker(lambda: load_adapter(bomb, format="peft"))
+    bomb = peft_adapter(tmp_path / "many", 1000, cfg_extra={"alpha_pattern": many})
+    err, dt = on_worker(lambda: load_adapter(bomb, format="peft"))
     assert isinstance(err, BadInputError) and "took over" in _one_line(err), err
     assert dt < 10
     # the same count of escaped (literal) keys — what writers emit — is matched fast and right
     lit = {re.escape(f"model.layers.{i}.mlp.x_proj"): 1 + i % 5 for i in range(10_000)}
-    ok = _peft_adapter(tmp_path / "lit", 1000, cfg_extra={"alpha_pattern": lit})
+    ok = peft_adapter(tmp_path / "lit", 1000, cfg_extra={"alpha_pattern": lit})
     t0 = time.perf_counter()
     ad = load_adapter(ok, format="peft")
     assert time.perf_counter() - t0 < 5
@@ -178,11 +125,7 @@ def test_peft_pattern_bombs_on_a_worker_thread(tmp_path):
 def test_pattern_bomb_in_a_two_adapter_merge(tmp_path):
     from loraport.merging import merge
 
-    bomb = tmp_path / "bomb"
-    shutil.copytree(LORA, bomb)
-    cfg = json.loads((bomb / "adapter_config.json").read_text())
-    cfg["alpha_pattern"] = {"(q+)+_proj": 2}
-    (bomb / "adapter_config.json").write_text(json.dumps(cfg))
+    bomb = HC.with_config(LORA, tmp_path / "bomb", alpha_pattern={"(q+)+_proj": 2})
     t0 = time.perf_counter()
     with pytest.raises(BadInputError) as e:
         merge(LLAMA, [(LORA, 1.0), (bomb, 1.0)], tmp_path / "out")
@@ -190,24 +133,15 @@ def test_pattern_bomb_in_a_two_adapter_merge(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _diffusers_file(path: Path, n_modules: int, meta: dict, leaf: str = "to_q") -> Path:
-    t = {}
-    for i in range(n_modules):
-        t[f"unet.blocks.{i}.attn.{leaf}.lora_A.weight"] = torch.ones(2, 4)
-        t[f"unet.blocks.{i}.attn.{leaf}.lora_B.weight"] = torch.ones(4, 2)
-    save_file(t, path, {"lora_adapter_metadata": json.dumps(meta)})
-    return path
-
-
 def test_diffusers_metadata_pattern_bombs_on_a_worker_thread(tmp_path):
-    f = _diffusers_file(tmp_path / "redos.safetensors", 2,
+    f = diffusers_file(tmp_path / "redos.safetensors", 2,
                         {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"(a+)+$": 3}}, leaf=RUN)
-    err, dt = _on_worker(lambda: load_adapter(f, format="diffusers"))
+    err, dt = on_worker(lambda: load_adapter(f, format="diffusers"))
     assert isinstance(err, BadInputError) and "alpha_pattern" in _one_line(err) and dt < 3
     many = {rf"blocks\.{i}\d*\.attn\.to_k": 3 for i in range(10_000)}
-    f2 = _diffusers_file(tmp_path / "many.safetensors", 1000,
+    f2 = diffusers_file(tmp_path / "many.safetensors", 1000,
                          {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": many})
-    err, dt = _on_worker(lambda: load_adapter(f2, format="diffusers"))
+    err, dt = on_worker(lambda: load_adapter(f2, format="diffusers"))
     assert isinstance(err, BadInputError) and "took over" in _one_line(err) and dt < 10
 
 
@@ -223,29 +157,13 @@ def test_deadline_counts_only_pattern_work_and_is_shared():
 
 
 # ---- container bombs ----------------------------------------------------------------------------------
-def _gguf_adapter_with_array(path: Path, count: int) -> Path:
-    """A GGUF LoRA header whose metadata holds a uint8 array of `count` zeros (written sparse)."""
-    def s(x: str) -> bytes:
-        b = x.encode()
-        return struct.pack("<Q", len(b)) + b
-
-    kv = (s("general.type") + struct.pack("<I", 8) + s("adapter")
-          + s("adapter.type") + struct.pack("<I", 8) + s("lora")
-          + s("x.bomb") + struct.pack("<I", 9) + struct.pack("<IQ", 0, count))
-    with open(path, "wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 3) + kv)
-        f.seek(count - 1, 1)
-        f.write(b"\0")
-    return path
-
-
 def test_gguf_huge_metadata_array_bounded_memory(tmp_path):
     import tracemalloc
 
     from loraport.formats.gguf import GGUFFile
 
     n = 16 << 20
-    big = _gguf_adapter_with_array(tmp_path / "big.gguf", n)
+    big = gguf_adapter_with_array(tmp_path / "big.gguf", n)
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
     try:
         f = GGUFFile(big)
@@ -256,7 +174,7 @@ def test_gguf_huge_metadata_array_bounded_memory(tmp_path):
     f.close()
     assert isinstance(arr, np.ndarray) and arr.shape == (n,)
     assert peak < 2 * n  # a list of numpy scalars: ~40 bytes per byte
-    huge = _gguf_adapter_with_array(tmp_path / "huge.gguf", 1 << 30)
+    huge = gguf_adapter_with_array(tmp_path / "huge.gguf", 1 << 30)
     t0 = time.perf_counter()
     with pytest.raises(BadInputError, match="metadata arrays"):
         load_adapter(huge, format="gguf")
@@ -264,11 +182,7 @@ def test_gguf_huge_metadata_array_bounded_memory(tmp_path):
 
 
 def test_safetensors_header_with_too_many_entries_refused_fast(tmp_path):
-    n = MAX_ENTRIES + 1
-    body = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(n))
-    raw = ("{" + body + "}").encode()
-    p = tmp_path / "many.safetensors"
-    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * n)
+    p = HC.safetensors_many_entries(tmp_path / "many.safetensors", MAX_ENTRIES + 1)
     t0 = time.perf_counter()
     with pytest.raises(BadInputError, match="tensors"):
         SafetensorsFile(p)
@@ -278,34 +192,23 @@ def test_safetensors_header_with_too_many_entries_refused_fast(tmp_path):
 def test_oversized_json_refused(tmp_path):
     ad = tmp_path / "ad"
     shutil.copytree(LORA, ad)
-    with open(ad / "adapter_config.json", "r+b") as f:  # valid JSON head, then padding past the cap
-        f.seek(MAX_JSON + 10)
-        f.write(b" ")
+    HC.pad_json(ad / "adapter_config.json", MAX_JSON + 11)  # valid JSON head, then padding past the cap
     with pytest.raises(BadInputError, match="bytes of JSON"):
         load_adapter(ad, format="peft")
     base = tmp_path / "base"
     shutil.copytree(LLAMA, base)
-    with open(base / "config.json", "ab") as f:
-        f.truncate(MAX_JSON + 10)
+    HC.pad_json(base / "config.json", MAX_JSON + 10, keep_head=False)
     with pytest.raises(BadInputError, match="bytes of JSON"):
         from loraport.checkpoint import Checkpoint
 
         Checkpoint.open(base)
 
 
-@pytest.mark.parametrize("field,value,say", [("num_hidden_layers", 300, "decoder layers"),
-                                             ("num_hidden_layers", 3000, "expected 1.."),
-                                             ("head_dim", 2**33, "head_dim"),
-                                             ("num_attention_heads", 8, "q_proj"),
-                                             ("hidden_size", "32", "integer")])
+@pytest.mark.parametrize("field,value,say", HC.HOSTILE_CONFIGS)
 def test_hostile_config_refused_before_tracing(tmp_path, field, value, say):
     from loraport.onnx.export import export_onnx
 
-    base = tmp_path / "base"
-    shutil.copytree(LLAMA, base)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg[field] = value
-    (base / "config.json").write_text(json.dumps(cfg))
+    base = HC.with_config(LLAMA, tmp_path / "base", **{field: value})
     t0 = time.perf_counter()
     with pytest.raises(BadInputError) as e:
         export_onnx(base, [], tmp_path / "out")
@@ -330,13 +233,7 @@ def test_validate_refuses_hostile_config_before_transformers_builds(tmp_path):
 def test_rank0_adapter_merges_to_the_base(tmp_path):
     from loraport.merging import merge
 
-    ad = tmp_path / "r0"
-    shutil.copytree(LORA, ad)
-    f = SafetensorsFile(LORA / "adapter_model.safetensors")
-    t = f.load_all()
-    f.close()
-    zero = {k: (v[:0] if ".lora_A." in k else v[:, :0]).contiguous() for k, v in t.items()}
-    save_file(zero, ad / "adapter_model.safetensors")
+    ad = HC.rank0_adapter(tmp_path / "r0", LORA)
     merge(LLAMA, [(ad, 1.0)], tmp_path / "out")
     base = SafetensorsFile(LLAMA / "model.safetensors")
     out = SafetensorsFile(next((tmp_path / "out").glob("*.safetensors")))
@@ -347,63 +244,44 @@ def test_rank0_adapter_merges_to_the_base(tmp_path):
 
 
 # ---- malformed ONNX fields ----------------------------------------------------------------------------
-def _onnx_base(tmp_path: Path, mutate) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    w = np.arange(600, dtype=np.float32).reshape(20, 30)
-    (tmp_path / "m.onnx.data").write_bytes(w.tobytes() + np.ones(4, np.float32).tobytes())
-    inits = []
-    for name, dims, off, n in (("layer.weight", [20, 30], 0, w.nbytes), ("other", [4], w.nbytes, 16)):
-        init = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims, data_location=TensorProto.EXTERNAL)
-        for k, v in (("location", "m.onnx.data"), ("offset", str(off)), ("length", str(n))):
-            e = init.external_data.add()
-            e.key, e.value = k, v
-        inits.append(init)
-    mutate(*inits)
-    node = helper.make_node("MatMul", ["x", "layer.weight"], ["y"])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 20])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 30])], inits)
-    p = tmp_path / "m.onnx"
-    onnx.save_model(helper.make_model(g), str(p))
-    return p
-
-
-def _set_ext(key: str, value: str):
-    def f(init, other):
-        for e in init.external_data:
-            if e.key == key:
-                e.value = value
-    return f
-
-
-def _inline_bad_raw(init, other):
-    from onnx import TensorProto
-
-    init.ClearField("external_data")
-    init.data_location = TensorProto.DEFAULT
-    init.raw_data = b"\0" * 7
-
-
-def _huge_dims(init, other):  # on a tensor the plan does not check: only the reader sees it
-    del other.dims[:]
-    other.dims.extend([2**40, 2**40])
-
-
-@pytest.mark.parametrize("mutate,say", [(_set_ext("offset", "abc"), "offset"), (_set_ext("offset", "-64"), "offset"),
-                                        (_set_ext("length", "-1"), "length"), (_set_ext("length", "9" * 40), "length"),
-                                        (_set_ext("location", "../x"), "inside the model"), (_huge_dims, "elements"),
-                                        (_inline_bad_raw, "inline data")])
+@pytest.mark.parametrize("mutate,say", HC.ONNX_FIELD_CASES)
 def test_malformed_onnx_fields_give_one_line(tmp_path, mutate, say):
     from loraport.onnx.baking import bake
 
-    p = _onnx_base(tmp_path, mutate)
-    ad = tmp_path / "ad"
-    ad.mkdir()
-    save_file({"base_model.model.layer.lora_A.weight": torch.ones(2, 30),
-               "base_model.model.layer.lora_B.weight": torch.ones(20, 2)}, ad / "adapter_model.safetensors")
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    p = HC.onnx_small_base(tmp_path, mutate)
+    ad = HC.onnx_small_adapter(tmp_path / "ad")
     with pytest.raises(BadInputError) as e:
         bake(str(p), [(str(ad), 1.0)], str(tmp_path / "out.onnx"))
     assert say in _one_line(e.value)
     assert not (tmp_path / "out.onnx").exists()
+
+
+# ---- found by bench/robustness_report.py --fuzz 10000 ---------------------------------------------------
+def test_gguf_dimension_past_int64_with_a_zero_dimension(tmp_path):
+    """A zero dimension makes the byte count 0 (so the size check passes); a second one of 2**63 then overflowed
+    torch's reshape (a TypeError). Refused when the header is read."""
+    import gguf
+
+    src = ROOT / "fixtures" / "llm" / "gguf" / "llama_lora.gguf"
+    data = bytearray(src.read_bytes())
+    t = gguf.GGUFReader(src).tensors[0]
+    dims = t.field.offset + t.field.parts[0].nbytes + t.field.parts[1].nbytes + t.field.parts[2].nbytes
+    data[dims:dims + 16] = struct.pack("<QQ", 0, 2**63 + 5)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="dimension"):
+        load_adapter(bad, format="gguf")
+
+
+def test_torchtune_module_name_with_a_newline_stays_one_line(tmp_path):
+    """A key naming a module across a newline, with its lora_b missing: the refusal quotes the name."""
+    src = ROOT / "fixtures" / "llm" / "torchtune" / "llama_lora"
+    ad = tmp_path / "ad"
+    shutil.copytree(src, ad)
+    sd = torch.load(src / "adapter_model.pt", weights_only=True)
+    sd["layers.0\n.mlp.w2.lora_a.weight"] = sd.pop("layers.0.mlp.w2.lora_a.weight")
+    sd.pop("layers.0.mlp.w2.lora_b.weight")
+    torch.save(sd, ad / "adapter_model.pt")
+    with pytest.raises(BadInputError) as e:
+        load_adapter(ad, format="torchtune")
+    assert "lora_a / lora_b" in _one_line(e.value)

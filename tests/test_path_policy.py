@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,26 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from _hostile_classes import MARK, REV, hf_cache, onnx_llama_base, plant
+from _hostile_classes import secret as make_secret
 from _peft_util import FIXTURES, ROOT, cli
 
 LLAMA = FIXTURES / "bases" / "llama"
 ADAPTER = FIXTURES / "adapters" / "llama_plain"
-MARK = b"SECRET-OUTSIDE-THE-FOLDER!"
-
-
-def _secret(tmp: Path, size: int = 4096) -> Path:
-    """A file outside every input folder that no output may ever hold a byte of."""
-    p = tmp / "elsewhere" / "secret.bin"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes((MARK * (size // len(MARK) + 1))[:size])
-    return p
-
-
-def _plant(link: Path, target) -> None:
-    """Make `link` a symlink to `target` (replacing the file there)."""
-    if link.exists() or link.is_symlink():
-        link.unlink()
-    link.symlink_to(target)
 
 
 def _assert_refused(res, *names: str) -> str:
@@ -63,46 +48,14 @@ def _assert_nothing_written(outs: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
-def _onnx_base(d: Path) -> Path:
-    """An ONNX model holding the fixture llama's weights as external data (weights.bin), one MatMul per
-    weight named by module scope: the container a bake reads."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from loraport.checkpoint import Checkpoint
-
-    ck = Checkpoint.open(LLAMA)
-    d.mkdir(parents=True)
-    inits, nodes, outs, off = [], [], [], 0
-    with open(d / "weights.bin", "wb") as f:
-        for i, n in enumerate(ck.names()):
-            a = ck.get(n).float().numpy()
-            t = TensorProto(name=n, data_type=TensorProto.FLOAT, dims=list(a.shape),
-                            data_location=TensorProto.EXTERNAL)
-            for k, v in (("location", "weights.bin"), ("offset", str(off)), ("length", str(a.nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            f.write(a.tobytes())
-            off += a.nbytes
-            inits.append(t)
-            nodes.append(helper.make_node("MatMul", ["x", n], [f"y{i}"],
-                                          name="/" + n.rsplit(".", 1)[0].replace(".", "/") + "/MatMul"))
-            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
-    ck.close()
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outs,
-                          initializer=inits)
-    onnx.save(helper.make_model(g), str(d / "model.onnx"))
-    return d / "model.onnx"
-
-
 def test_onnx_external_data_symlinked_out_is_refused(tmp_path):
-    ok = _onnx_base(tmp_path / "ok")
+    ok = onnx_llama_base(tmp_path / "ok")
     res = cli("merge", "--base", ok, "--adapter", ADAPTER, "--out", tmp_path / "ok-merged.onnx")
     assert res.exit_code == 0, res.stderr  # the same model, its data a plain file: bakes
 
-    bad = _onnx_base(tmp_path / "bad")
+    bad = onnx_llama_base(tmp_path / "bad")
     data = bad.parent / "weights.bin"
-    secret = _secret(tmp_path, data.stat().st_size)  # exactly the size the initializers expect
+    secret = make_secret(tmp_path, data.stat().st_size)  # exactly the size the initializers expect
     data.unlink()
     data.symlink_to(secret)
     outs = tmp_path / "outs"
@@ -122,10 +75,10 @@ def test_onnx_external_data_symlinked_out_is_refused(tmp_path):
 def test_side_file_symlinked_out_is_refused(tmp_path):
     """Refused rather than skipped: skipping would silently drop a file the model may need (the very failure
     of a Hugging Face snapshot), and the user should learn that the folder points elsewhere."""
-    secret = _secret(tmp_path)
+    secret = make_secret(tmp_path)
     base = tmp_path / "base"
     shutil.copytree(LLAMA, base)
-    _plant(base / "tokenizer.json", secret)
+    plant(base / "tokenizer.json", secret)
     outs = tmp_path / "outs"
     outs.mkdir()
     res = cli("merge", "--base", base, "--adapter", ADAPTER, "--out", outs / "merged")
@@ -135,7 +88,7 @@ def test_side_file_symlinked_out_is_refused(tmp_path):
     # an adapter folder is an input folder too (its files are read and hashed into the manifest)
     ad = tmp_path / "adapter"
     shutil.copytree(ADAPTER, ad)
-    _plant(ad / "README.md", secret)
+    plant(ad / "README.md", secret)
     res = cli("merge", "--base", LLAMA, "--adapter", ad, "--out", outs / "merged2")
     _assert_refused(res, str(ad / "README.md"), str(secret))
     _assert_nothing_written(outs)
@@ -148,7 +101,7 @@ def test_symlinks_inside_the_folder_still_work(tmp_path):
     shutil.copytree(LLAMA, base)
     (base / "sub").mkdir()
     (base / "sub" / "tok.json").write_text("{}")
-    _plant(base / "tokenizer.json", "sub/tok.json")
+    plant(base / "tokenizer.json", "sub/tok.json")
     (base / "gone.json").symlink_to("missing.json")  # dangling: nothing to read, skipped as before
     (base / "a-link").symlink_to("sub", target_is_directory=True)  # a folder inside, reached twice
     (base / "loop").symlink_to(".", target_is_directory=True)
@@ -244,9 +197,6 @@ def test_pseudo_files_and_fifos_never_hang(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ HF cache
-REV = "0123456789abcdef0123456789abcdef01234567"
-
-
 @pytest.fixture(scope="module")
 def tiny_llama() -> Path:
     """A tiny Llama with its tokenizer, chat template and generation config, as transformers' own
@@ -255,30 +205,12 @@ def tiny_llama() -> Path:
     return LLAMA
 
 
-def _hf_cache(src: Path, cache: Path, repo: str = "org/tiny") -> Path:
-    """`src` laid out as huggingface_hub's cache does: models--org--name/blobs/<sha256> holds the bytes,
-    snapshots/<rev>/<file> is a relative symlink to its blob, refs/main names the revision."""
-    r = cache / ("models--" + repo.replace("/", "--"))
-    snap = r / "snapshots" / REV
-    (r / "blobs").mkdir(parents=True)
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        blob = r / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snap / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (r / "refs").mkdir()
-    (r / "refs" / "main").write_text(REV)
-    return snap
-
-
 def test_hf_cache_snapshot_base_keeps_its_side_files(tmp_path, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = tmp_path / "hub"
-    snap = _hf_cache(tiny_llama, cache)
+    snap = hf_cache(tiny_llama, cache)
     # the layout is genuine: transformers/huggingface_hub resolve "org/tiny" from it, offline
     from huggingface_hub import scan_cache_dir
 
@@ -308,8 +240,8 @@ def test_hf_cache_snapshot_base_keeps_its_side_files(tmp_path, tiny_llama):
 
 def test_hf_cache_snapshot_symlink_leaving_its_blobs_is_refused(tmp_path, tiny_llama):
     cache = tmp_path / "hub"
-    snap = _hf_cache(tiny_llama, cache)
-    other = _hf_cache(tiny_llama, cache, "org/other")  # another repo's blobs: not this snapshot's store
+    snap = hf_cache(tiny_llama, cache)
+    other = hf_cache(tiny_llama, cache, "org/other")  # another repo's blobs: not this snapshot's store
     tok = snap / "tokenizer.json"
     target = (other / "tokenizer.json").resolve()
     tok.unlink()
@@ -321,7 +253,7 @@ def test_hf_cache_snapshot_symlink_leaving_its_blobs_is_refused(tmp_path, tiny_l
     assert "blobs/ store" in line
     assert not list(outs.iterdir())
 
-    secret = _secret(tmp_path)
+    secret = make_secret(tmp_path)
     tok.unlink()
     tok.symlink_to(secret)
     res = cli("merge", "--base", snap, "--adapter", ADAPTER, "--out", outs / "merged")

@@ -50,6 +50,7 @@ MAX_TENSORS = 1 << 20
 MAX_STRING = 1 << 24
 MAX_STRINGS = 1 << 20  # items of a string array (a tokenizer vocabulary is ~256k)
 MAX_META_BYTES = 1 << 28  # numeric metadata arrays, all together (kept as numpy arrays: 1 byte per byte)
+MAX_DIM = 2**48  # elements along one dimension (what safetensors headers may hold too)
 MAX_DIMS = 4
 # value types (GGUF spec): fixed sizes, struct codes
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
@@ -166,6 +167,8 @@ class GGUFFile:
             ne = []
             for _ in range(nd):
                 d, off = self._unpack("<Q", off, 8)
+                if d >= MAX_DIM:  # with another dimension 0 the byte count is 0 and passes the size check
+                    raise self._err(f"tensor {name!r} has a dimension of {d}")
                 ne.append(d)
             gtype, off = self._unpack("<I", off, 4)
             toff, off = self._unpack("<Q", off, 8)
@@ -454,7 +457,7 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
     deltas = []
     for stem, p in pairs.items():
         if "lora_a" not in p or "lora_b" not in p:
-            raise BadInputError(f"{path}: {stem} has only one of lora_a / lora_b")
+            raise BadInputError(f"{path}: {stem!r} has only one of lora_a / lora_b")
         a, b = f.get(p["lora_a"]), f.get(p["lora_b"])
         if b.dim() == 3:
             deltas += _experts(path, stem, a, b, alpha, to_hf, names)

@@ -112,7 +112,7 @@ class MlxFormat(AdapterFormat):
         deltas = []
         for mod, g in groups.items():
             if "lora_a" not in g or "lora_b" not in g:
-                raise BadInputError(f"{wfile}: module {mod} has only one of lora_a / lora_b")
+                raise BadInputError(f"{wfile}: module {mod!r} has only one of lora_a / lora_b")
             a, b = g["lora_a"], g["lora_b"]
             if b.dim() == 3:
                 deltas += _switch_deltas(wfile, mod, a, b, scale, g.get("m"), names)

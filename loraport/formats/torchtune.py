@@ -144,7 +144,7 @@ class TorchtuneFormat(AdapterFormat):
         deltas = []
         for mod, g in groups.items():
             if "a" not in g or "b" not in g:
-                raise BadInputError(f"{wfile}: module {mod} has only one of lora_a / lora_b")
+                raise BadInputError(f"{wfile}: module {mod!r} has only one of lora_a / lora_b")
             A, B, m = g["a"], g["b"], g.get("m")
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
                 raise BadInputError(f"{wfile}: {mod}: lora_a {list(A.shape)} / lora_b {list(B.shape)} "
