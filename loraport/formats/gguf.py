@@ -160,23 +160,31 @@ class GGUFFile:
             self.metadata[key] = val
         infos = []
         for _ in range(n_tensors):
-            name, off = self._string(off)
-            nd, off = self._unpack("<I", off, 4)
-            if not 1 <= nd <= MAX_DIMS:
-                raise self._err(f"tensor {name!r} has {nd} dimensions")
-            ne = []
-            for _ in range(nd):
-                d, off = self._unpack("<Q", off, 8)
-                if d >= MAX_DIM:  # with another dimension 0 the byte count is 0 and passes the size check
-                    raise self._err(f"tensor {name!r} has a dimension of {d}")
-                ne.append(d)
-            gtype, off = self._unpack("<I", off, 4)
-            toff, off = self._unpack("<Q", off, 8)
-            infos.append((name, tuple(reversed(ne)), gtype, toff))
+            info, off = self._tensor_info(off)
+            infos.append(info)
         align = self.metadata.get("general.alignment", 32)
         if not isinstance(align, (int, np.integer)) or align <= 0 or align & (align - 1):
             raise self._err(f"general.alignment {align!r}")
-        data = off + (-off) % int(align)
+        self._place(infos, off + (-off) % int(align))
+
+    def _tensor_info(self, off: int) -> tuple[tuple, int]:
+        """One tensor-info record: ((name, shape in torch order, ggml type, data offset), next offset)."""
+        name, off = self._string(off)
+        nd, off = self._unpack("<I", off, 4)
+        if not 1 <= nd <= MAX_DIMS:
+            raise self._err(f"tensor {name!r} has {nd} dimensions")
+        ne = []
+        for _ in range(nd):
+            d, off = self._unpack("<Q", off, 8)
+            if d >= MAX_DIM:  # with another dimension 0 the byte count is 0 and passes the size check
+                raise self._err(f"tensor {name!r} has a dimension of {d}")
+            ne.append(d)
+        gtype, off = self._unpack("<I", off, 4)
+        toff, off = self._unpack("<Q", off, 8)
+        return (name, tuple(reversed(ne)), gtype, toff), off
+
+    def _place(self, infos: list[tuple], data: int) -> None:
+        """Each tensor's byte span in the data section (from `data`): known type, inside the file, no overlap."""
         spans = []
         for name, shape, gtype, toff in infos:
             if name in self.tensors:
