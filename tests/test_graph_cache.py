@@ -124,9 +124,9 @@ def _damage(entry: Path, how: str) -> None:
     elif how == "buffers missing":
         b.unlink()
     elif how == "forged, self-consistent meta":  # another graph, every sha256 recomputed, signed without our key
-        from tests.test_cache_trust import _forge_meta
+        from tests._hostile_classes import forge_meta
 
-        _forge_meta(entry, os.urandom(32))
+        forge_meta(entry, os.urandom(32))
     else:
         raise AssertionError(how)
 
