@@ -90,12 +90,14 @@ def onnx_llama_base(d: Path, llama: Path = PEFT_LLAMA) -> Path:
     return d / "model.onnx"
 
 
-def hf_cache(src: Path, cache: Path, repo: str = "org/tiny") -> Path:
+def hf_cache(src: Path, cache: Path, repo: str = "org/tiny", commit: str = REV, ref: str | None = "main") -> Path:
     """`src` laid out as huggingface_hub's cache does: models--org--name/blobs/<sha256> holds the bytes,
-    snapshots/<rev>/<file> is a relative symlink to its blob, refs/main names the revision."""
+    snapshots/<commit>/<file> is a relative symlink to its blob, refs/<ref> names the commit. Several commits
+    (or repos) may share one cache. Returns the snapshot folder."""
     r = cache / ("models--" + repo.replace("/", "--"))
-    snap = r / "snapshots" / REV
-    (r / "blobs").mkdir(parents=True)
+    snap = r / "snapshots" / commit
+    (r / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
     for f in sorted(p for p in src.rglob("*") if p.is_file()):
         data = f.read_bytes()
         blob = r / "blobs" / hashlib.sha256(data).hexdigest()
@@ -103,8 +105,9 @@ def hf_cache(src: Path, cache: Path, repo: str = "org/tiny") -> Path:
         link = snap / f.relative_to(src)
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
-    (r / "refs").mkdir()
-    (r / "refs" / "main").write_text(REV)
+    if ref:
+        (r / "refs").mkdir(exist_ok=True)
+        (r / "refs" / ref).write_text(commit)
     return snap
 
 

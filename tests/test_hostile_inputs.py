@@ -358,33 +358,9 @@ def test_nonfinite_from_fp16_overflow_is_caught(tmp_path):
 def _onnx_base(d: Path, base: Path) -> Path:
     """An ONNX model holding the fixture base's weights as external-data initializers, one MatMul each
     (built with onnx.helper: a container for hostile edits, not a fidelity claim)."""
-    import onnx
-    from onnx import TensorProto, helper
+    from tests._hostile_classes import onnx_llama_base
 
-    from loraport.checkpoint import Checkpoint
-
-    ck = Checkpoint.open(base)
-    d.mkdir()
-    inits, nodes, outs, off = [], [], [], 0
-    with open(d / "weights.bin", "wb") as f:
-        for i, n in enumerate(ck.names()):
-            a = ck.get(n).float().numpy()
-            t = TensorProto(name=n, data_type=TensorProto.FLOAT, dims=list(a.shape),
-                            data_location=TensorProto.EXTERNAL)
-            for k, v in (("location", "weights.bin"), ("offset", str(off)), ("length", str(a.nbytes))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            f.write(a.tobytes())
-            off += a.nbytes
-            inits.append(t)
-            nodes.append(helper.make_node("MatMul", ["x", n], [f"y{i}"],
-                                          name="/" + n.rsplit(".", 1)[0].replace(".", "/") + "/MatMul"))
-            outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
-    ck.close()
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outs,
-                          initializer=inits)
-    onnx.save(helper.make_model(g), str(d / "model.onnx"))
-    return d / "model.onnx"
+    return onnx_llama_base(d, base)
 
 
 def _edit_onnx(model: Path, target: str, **ext) -> None:

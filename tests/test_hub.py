@@ -5,9 +5,7 @@ nothing is downloaded; a repo that is not cached gets one line saying how to fet
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import loraport
 from loraport import hub
 from loraport.errors import BadInputError
+from tests._hostile_classes import hf_cache as hf_cache_layout
 from tests._peft_util import cli, fx
 
 BASE = fx("bases", "llama")
@@ -24,23 +23,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def cache_repo(cache: Path, repo_id: str, src: Path, commit: str = COMMIT, ref: str | None = "main") -> Path:
-    """Put the files of `src` into `cache` as huggingface_hub's downloads leave them: content in
-    blobs/<sha256>, snapshots/<commit>/<file> a relative symlink to its blob, refs/<ref> holding the commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snap.mkdir(parents=True, exist_ok=True)
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        data = f.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snap / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    if ref:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snap
+    """Put the files of `src` into `cache` as huggingface_hub's downloads leave them (blobs, snapshot symlinks,
+    refs)."""
+    return hf_cache_layout(src, cache, repo_id, commit, ref)
 
 
 @pytest.fixture

@@ -181,10 +181,15 @@ def _loha_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose
     d = LohaDelta(tgt, w1a=parts["hada_w1_a"], w1b=parts["hada_w1_b"], w2a=parts["hada_w2_a"],
                   w2b=parts["hada_w2_b"], t1=parts.get("hada_t1"), t2=parts.get("hada_t2"), scale=scale,
                   alpha=alpha, transpose=transpose, **common)
+    return [_with_dora(d, parts, where, notes)]
+
+
+def _with_dora(d: Delta, parts: dict[str, torch.Tensor], where: str, notes: set[str]) -> Delta:
+    """A LoHa / LoKr delta with its file's dora_scale (if any) attached, checked against the product's shape."""
     out, inp = d._product_shape()[:2]
-    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-    return [d]
+    d.magnitude, d.dora_axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
+    d.dora_eps = LYCORIS_EPS
+    return d
 
 
 def _lokr_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
@@ -217,10 +222,7 @@ def _lokr_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose
                       t2=parts.get("lokr_t2"), scale=scale, alpha=alpha, transpose=transpose, **common)
     except Exception as e:  # PlanError from the factor check
         raise BadInputError(f"{where}: {e}") from None
-    out, inp = d._product_shape()[:2]
-    mag, axis = _dora(parts.get("dora_scale"), out, inp, where, notes)
-    d.magnitude, d.dora_axis, d.dora_eps = mag, axis, LYCORIS_EPS
-    return [d]
+    return [_with_dora(d, parts, where, notes)]
 
 
 def _full_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose: bool, common: dict,
