@@ -367,23 +367,11 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
     every case is within tolerance (the CLI turns False into exit 1)."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
-    from loraport.manifest import validate_hints
 
     t0 = time.perf_counter()
     art = detect_artifact(artifact)
     man = art.manifest
-    # what --base / --adapter leave out comes from the export's description, else the integrity manifest
-    hints = validate_hints(art.path) if not base or not adapters else {}
-    base = base or man.get("base") or hints.get("base")
-    if not base:
-        raise BadInputError("--base is required (the model folder the artifact was made from; no manifest names it)")
-    if not Path(base).is_dir():
-        raise BadInputError(f"--base {base}: not a model folder")
-    adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in (adapters or [])]
-    if not adapters and man.get("adapters") and not active.endswith(".onnx_adapter"):
-        adapters = [(a["source"], float(a.get("weight", 1.0))) for a in man["adapters"]]
-    elif not adapters and hints and not active.endswith(".onnx_adapter"):
-        adapters = [(a["source"], a["weight"]) for a in hints["adapters"]]
+    base, adapters = _reference_inputs(art, base, adapters, active)
     tol = _tolerance(tolerance, art.precision)
 
     ckpt = Checkpoint.open(base)
@@ -448,6 +436,27 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
     report["seconds"] = round(time.perf_counter() - t0, 3)
     ckpt.close()
     return report
+
+
+def _reference_inputs(art, base, adapters, active: str) -> tuple[str | Path, list[tuple]]:
+    """(base, [(adapter, weight)]) of the reference: what --base / --adapter leave out comes from the export's
+    description (art.manifest), else from the output's integrity manifest."""
+    from loraport.manifest import validate_hints
+
+    man = art.manifest
+    hints = validate_hints(art.path) if not base or not adapters else {}
+    base = base or man.get("base") or hints.get("base")
+    if not base:
+        raise BadInputError("--base is required (the model folder the artifact was made from; no manifest names it)")
+    if not Path(base).is_dir():
+        raise BadInputError(f"--base {base}: not a model folder")
+    adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in (adapters or [])]
+    if not adapters and not active.endswith(".onnx_adapter"):
+        if man.get("adapters"):
+            adapters = [(a["source"], float(a.get("weight", 1.0))) for a in man["adapters"]]
+        elif hints:
+            adapters = [(a["source"], a["weight"]) for a in hints["adapters"]]
+    return base, adapters
 
 
 def _has_lora_inputs(model: Path) -> bool:
