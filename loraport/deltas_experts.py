@@ -34,6 +34,10 @@ class ExpertsLoraDelta(Delta):
     kind: ClassVar[str] = "lora-experts"
     stacked: ClassVar[bool] = True
 
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every part's factors, for the NaN/Inf check (they live inside `parts`, not as fields of the delta)."""
+        return [(f"parts[{i}].{k}", t) for i, p in enumerate(self.parts) for k, t in (("A", p.A), ("B", p.B))]
+
     def __post_init__(self):
         if self.rows is not None:
             raise PlanError(f"{self.target}: stacked-expert updates do not take an axis-0 row slice")

@@ -81,6 +81,24 @@ def test_stacked_experts_have_no_single_matrix_form():
     torch.testing.assert_close(d.dense("cpu", W), torch.einsum("eor,eri->eoi", d.parts[0].B, d.parts[0].A))
 
 
+def test_nonfinite_check_sees_every_delta_kind_including_stacked_experts():
+    """The NaN/Inf check reads `named_tensors()`: a NaN in any stored factor is found, also in the parts of a
+    stacked-experts LoRA (whose factors are not fields of the delta)."""
+    from loraport.adapter import Adapter
+    from loraport.errors import BadInputError
+    from loraport.finite import check_adapters
+
+    cases = {**_deltas(), "experts": ExpertsLoraDelta("e", parts=[ExpertPart(A=_g(2, 3, 4), B=_g(2, 5, 3))])}
+    for name, d in cases.items():
+        ad = Adapter(path=f"{name}.safetensors", format="test", deltas=[d])
+        assert check_adapters([(ad, 1.0)]) == [], name
+        stored = d.named_tensors()
+        assert stored, name
+        stored[-1][1].view(-1)[0] = float("nan")
+        with pytest.raises(BadInputError, match="non-finite"):
+            check_adapters([(ad, 1.0)], "fail")
+
+
 def test_no_delta_probing_outside_the_delta_classes():
     hits = []
     for p in sorted(PKG.rglob("*.py")):
