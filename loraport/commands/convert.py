@@ -58,10 +58,10 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
     if to in export_targets():
         if read_opts or write_opts:
             raise BadInputError(f"--read-option / --write-option do not apply to --to {to} (an ONNX export)")
+        from loraport.commands.merge import check_weights
+
         all_adapters = ([adapter] if adapter else []) + list(adapters)
-        if weights and len(weights) != len(all_adapters):
-            raise BadInputError(f"{len(weights)} --weight value(s) for {len(all_adapters)} adapter(s); give one per "
-                                "--adapter or none")
+        check_weights(weights, len(all_adapters))  # the same rule and words as merge, combine and validate
         rep = loraport.convert(all_adapters, to, out, weights=list(weights) or None, base=base, format=fmt,
                                lossy=lossy, rank=rank, overwrite=overwrite, graph=graph, multi_lora=multi_lora,
                                opset=opset, dtype=dtype, quantize=quantize, with_past=with_past,
