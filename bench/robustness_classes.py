@@ -403,7 +403,7 @@ def caps_safetensors(tmp: Path) -> list[Trial]:
 def caps_json(tmp: Path) -> list[Trial]:
     from loraport.checkpoint import Checkpoint
     from loraport.formats import load_adapter
-    from loraport.tensorfile import MAX_JSON
+    from loraport.jsonfile import MAX_JSON
 
     ad = HC.pad_json(_copy(HC.LLM_LORA, tmp / "ad") / "adapter_config.json", MAX_JSON + 11).parent
     base = HC.pad_json(_copy(HC.LLM_LLAMA, tmp / "base") / "config.json", MAX_JSON + 10, keep_head=False).parent

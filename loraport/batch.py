@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraport.errors import BadInputError, LoraportError
-from loraport.tensorfile import MAX_JSON
+from loraport.jsonfile import MAX_JSON
 
 _BAD_NAME_CHARS = ("/", "\\", "\x00")
 

@@ -178,7 +178,7 @@ def _read_json(p: Path, optional: bool = False, root: Path | None = None):
         if optional:
             return None
         raise BadInputError(f"{p}: missing")
-    from loraport.tensorfile import MAX_JSON, loads_json
+    from loraport.jsonfile import MAX_JSON, loads_json
 
     try:
         if p.stat().st_size > MAX_JSON:

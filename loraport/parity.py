@@ -33,7 +33,7 @@ import torch
 from loraport.adapter import LowRank
 from loraport.errors import BadInputError
 from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
-from loraport.tensorfile import read_json
+from loraport.jsonfile import read_json
 
 # How far an artifact may be from the fp32 unmerged reference, by what it stores. max_abs is relative to
 # max(1, max|reference logit|); min_cosine over all logits. The int8/int4 rows were measured on random-init

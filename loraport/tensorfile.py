@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from loraport.errors import BadInputError, UnsafeInputError
-from loraport.jsonfile import MAX_JSON, loads_json, read_json  # noqa: F401 - readers import them from here too
 from loraport.paths import regular
 from loraport.safetensors_io import SafetensorsFile
 

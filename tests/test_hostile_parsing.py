@@ -23,7 +23,7 @@ from loraport.errors import BadInputError, LoraportError, UnsafeInputError
 from loraport.formats import load_adapter
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import MAX_ENTRIES, SafetensorsFile
-from loraport.tensorfile import MAX_JSON
+from loraport.jsonfile import MAX_JSON
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ROOT / "fixtures" / "llm" / "bases" / "llama"

@@ -22,7 +22,8 @@ from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
 from loraport.names.sd import SDNames, te_spellings
 from loraport.safetensors_io import save_file
-from loraport.tensorfile import load_tensors, loads_json
+from loraport.jsonfile import loads_json
+from loraport.tensorfile import load_tensors
 
 WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"

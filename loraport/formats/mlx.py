@@ -30,7 +30,7 @@ from loraport.formats._llm import (
 )
 from loraport.names.llm import expert_index, is_embedding, num_experts, translate
 from loraport.safetensors_io import SafetensorsFile, save_file
-from loraport.tensorfile import read_json
+from loraport.jsonfile import read_json
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"

@@ -17,7 +17,8 @@ from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
-from loraport.tensorfile import load_tensors, read_json
+from loraport.jsonfile import read_json
+from loraport.tensorfile import load_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

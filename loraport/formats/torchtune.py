@@ -36,7 +36,8 @@ from loraport.names.llm import (
     translate,
 )
 from loraport.safetensors_io import SafetensorsFile
-from loraport.tensorfile import load_tensors, read_json
+from loraport.jsonfile import read_json
+from loraport.tensorfile import load_tensors
 
 WEIGHTS = ("adapter_model.pt", "adapter_model.safetensors", "adapter_model.bin")
 CONFIG = "adapter_config.json"

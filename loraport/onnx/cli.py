@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loraport import paths
 from loraport.errors import BadInputError
-from loraport.tensorfile import read_json
+from loraport.jsonfile import read_json
 
 
 def _adapter_list(kw: dict) -> list[tuple[str, float]]:

@@ -29,7 +29,7 @@ from loraport.quant import bnb_layout as L
 from loraport.quant.blockwise import dequantize_4bit, dequantize_absmax
 from loraport.quant.rowwise import dequantize_int8
 from loraport.safetensors_io import TensorInfo, tensor_bytes
-from loraport.tensorfile import read_json
+from loraport.jsonfile import read_json
 
 _QS = re.compile(r"^(?P<w>.+)\.quant_state\.bitsandbytes__(?P<t>nf4|fp4)$")
 
