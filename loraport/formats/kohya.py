@@ -24,6 +24,7 @@ from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
+from loraport.names.lycoris_wrapper import WrapperNames, is_wrapper_module, wrapper_index
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import load_tensors
@@ -274,6 +275,13 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
 
 
 # ------------------------------------------------------------------------------------------------ read
+def _name_index(base, modules) -> SDNames | WrapperNames:
+    """kohya names of the base's tensors, with LyCORIS's whole-model wrapper names when the file uses them."""
+    if any(is_wrapper_module(m) for m in modules):
+        return wrapper_index(base, modules)
+    return SDNames(base.names(), lambda n: tuple(base.info(n).shape))
+
+
 def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -288,8 +296,8 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
-    notes: set[str] = set()
+    names = _name_index(base, groups) if base is not None else None
+    notes: set[str] = set(names.notes) if names is not None else set()
     counts: dict[str, int] = defaultdict(int)
     unmatched: list[str] = []
     deltas: list[Delta] = []
@@ -414,9 +422,10 @@ _PARTS = {"lora": _lora_parts, "loha": _loha_parts, "lokr": _lokr_parts, "ia3": 
 
 
 def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = False, unet_names: str | None = None,
-                      **_) -> list[Path]:
+                      module_name=None, **_) -> list[Path]:
     """Write `adapter` as one kohya/LyCORIS safetensors file. The scale is kept as `.alpha = s·r` (or, with
-    bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW."""
+    bake=True, multiplied into lora_up with alpha = r), so A1111/ComfyUI/sd-scripts compute the same ΔW.
+    `module_name(delta)`, when given, names every module instead (LyCORIS's wrapper dialect: no ss_ metadata)."""
     names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
     out: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
@@ -436,13 +445,16 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         if d.stores_dense and d.target.endswith(".bias"):
             pending_bias.append(d)
             continue
-        mod = _kohya_module(d, names, unet_names, sdxl)
+        mod = module_name(d) if module_name else _kohya_module(d, names, unet_names, sdxl)
         parts = _PARTS.get(d.kind)
         if parts is None:
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
         for suffix, t in parts(d, bake, names):
             put(mod, suffix, t)
     for d in pending_bias:
+        if module_name:
+            put(module_name(d), "diff_b", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
+            continue
         wd = type(d)(d.target[: -len(".bias")] + ".weight", diff=d.diff, rows=d.rows)
         mod = _kohya_module(wd, names, unet_names, sdxl) if names is None else None
         if names is not None:
@@ -453,6 +465,8 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         put(mod, "diff_b", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
     meta = {"ss_network_module": "lycoris.kohya" if any(k.split(".", 1)[1] in LYCORIS_ONLY for k in out)
             else "networks.lora", "loraport_source_format": adapter.format}
+    if module_name:
+        meta.pop("ss_network_module")
     save_file(out, path, meta)
     return [path]
 
