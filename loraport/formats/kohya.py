@@ -497,7 +497,7 @@ class KohyaFormat(AdapterFormat):
         parsed = [sp for k in keys if (sp := split_key(k))]
         if not parsed:
             return 0
-        if any(s in LYCORIS_ONLY for _, s in parsed):
+        if any(s in LYCORIS_ONLY for _, s in parsed) or any(is_wrapper_module(m) for m, _ in parsed):
             return 40  # the LyCORIS face reads these
         return 85 if len(parsed) == len(keys) else 60
 

@@ -61,7 +61,7 @@ def _raw_entries(names: Iterable[str], indexed: set[str], conv1d: Callable[[str]
 def _root(prefix: str, description: str, entries: list[Entry]) -> Root:
     by_name: dict[str, dict[str, Entry]] = {}
     for e in entries:
-        if e.rows is not None or not e.module.startswith(prefix) or e.module == prefix.rstrip("."):
+        if not e.module.startswith(prefix) or e.module == prefix.rstrip("."):  # rows: a fused tensor's slice
             continue
         by_name.setdefault(kohya_name(PREFIX, e.module[len(prefix):]), {}).setdefault(e.param, e)
     return Root(prefix, description, by_name)
