@@ -121,6 +121,37 @@ def test_stray_module_strict_and_lenient(tmp_path):
     assert "lycoris_model_layers_9_mlp_up_proj.*" in ad.metadata["skipped"]
 
 
+def test_tied_head_matches_lycoris_own_merge(tmp_path):
+    """A base that ties lm_head to the embedding stores no lm_head.weight; the wrapper still names
+    `lycoris_lm_head`. Merged, the shared tensor changes, exactly as LyCORIS's own merge_to leaves it (noted)."""
+    lycoris = pytest.importorskip("lycoris")
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, max_position_embeddings=32, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    assert "lm_head.weight" not in SafetensorsFile(tmp_path / "base" / "model.safetensors").tensors
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=2, linear_alpha=1.0, algo="lora")
+    net.apply_to()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.normal_(0, 0.1)
+    f = tmp_path / "wrap.safetensors"
+    net.save_weights(str(f), torch.float32, None)
+    assert any(k.startswith("lycoris_lm_head.") for k in SafetensorsFile(f).tensors)
+    notes = loraport.inspect(f, base=tmp_path / "base").to_dict()["notes"]
+    assert any("ties to its input embedding" in n for n in notes)
+    net.merge_to(1.0)
+    ref = model.state_dict()
+    loraport.merge(tmp_path / "base", [f], tmp_path / "out")
+    got = SafetensorsFile(tmp_path / "out" / "model.safetensors").load_all()
+    assert max((got[k] - ref[k]).abs().max().item() for k in got) <= TOL * max(v.abs().max().item()
+                                                                                for v in got.values())
+
+
 # ------------------------------------------------------------------------------------------------ convert
 def test_convert_to_peft_and_back_to_the_wrapper(tmp_path):
     """wrapper LoRA+DoRA → PEFT (PEFT loads it: same logits) → LyCORIS wrapper (lycoris-lora loads it with

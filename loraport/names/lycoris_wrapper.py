@@ -45,6 +45,7 @@ class Root:
     prefix: str
     description: str
     by_name: dict[str, dict[str, Entry]]  # lycoris_<path> → {"weight": Entry, "bias": Entry}
+    tied: frozenset[str] = frozenset()  # names of heads the base ties to its input embedding (not stored)
 
 
 def _raw_entries(names: Iterable[str], indexed: set[str], conv1d: Callable[[str], bool]) -> list[Entry]:
@@ -58,22 +59,23 @@ def _raw_entries(names: Iterable[str], indexed: set[str], conv1d: Callable[[str]
     return out
 
 
-def _root(prefix: str, description: str, entries: list[Entry]) -> Root:
+def _root(prefix: str, description: str, entries: list[Entry], tied: frozenset[str] = frozenset()) -> Root:
     by_name: dict[str, dict[str, Entry]] = {}
     for e in entries:
         if not e.module.startswith(prefix) or e.module == prefix.rstrip("."):  # rows: a fused tensor's slice
             continue
         by_name.setdefault(kohya_name(PREFIX, e.module[len(prefix):]), {}).setdefault(e.param, e)
-    return Root(prefix, description, by_name)
+    heads = frozenset(n for n, ps in by_name.items() if any(e.target in tied for e in ps.values()))
+    return Root(prefix, description, by_name, heads)
 
 
 def wrapper_roots(sd: SDNames, names: list[str], conv1d: Callable[[str], bool], tied: bool) -> list[Root]:
     """Every root (ROOTS order) with the wrapper names it gives the base's tensors."""
     indexed = {e.target for e in sd.entries}
     raw = _raw_entries(names, indexed, conv1d)
-    if tied:
-        raw += [Entry(h, None, False, h.rpartition(".")[0], "weight", ()) for h in TIED_HEADS if h not in names]
-    return [_root(prefix, desc, sd.entries if from_sd else raw) for prefix, from_sd, desc in ROOTS]
+    heads = frozenset(h for h in TIED_HEADS if tied and h not in names)
+    raw += [Entry(h, None, False, h.rpartition(".")[0], "weight", ()) for h in heads]
+    return [_root(prefix, desc, sd.entries if from_sd else raw, heads) for prefix, from_sd, desc in ROOTS]
 
 
 class WrapperNames:
@@ -94,6 +96,9 @@ class WrapperNames:
                     self.by_target.setdefault((e.target, e.rows), name)
         self.notes = [f"LyCORIS wrapper names matched under {best.prefix or '(no prefix)'}: {best.description}"] \
             if self.root is not None else []
+        for m in sorted(set(wanted) & (self.root.tied if self.root else set())):
+            self.notes.append(f"{m} updates the LM head, which this base ties to its input embedding: merged, the "
+                              "embedding changes too (as LyCORIS's own merge_to does)")
 
     def entry_for_target(self, target: str, rows: tuple[int, int] | None) -> Entry | None:
         return self._sd.entry_for_target(target, rows)
