@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import loraport
-from _sd_util import apply_adapter, flat_state, load_pipeline, run_cli, save_single
+from _sd_util import apply_adapter, flat_state, load_pipeline, run_cli, save_single, sd_base
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
 from loraport.formats import detect, load_adapter
@@ -211,14 +211,22 @@ def test_inexpressible_conversions_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ SD single file
-@pytest.mark.parametrize("algo,kw", [("lokr", {"factor": 2}), ("locon", {"dora_wd": True})])
-def test_sd_single_file(tmp_path, algo, kw):
-    """The wrapper around a diffusers UNet merged into the original (LDM-named) single file: each layer's merged
-    weight gives the wrapped module's own output."""
+@pytest.mark.parametrize("algo,kw,xl", [
+    pytest.param("lokr", {"factor": 2}, False, id="sd1-lokr"),
+    pytest.param("locon", {"dora_wd": True}, False, id="sd1-locon-dora"),
+    pytest.param("loha", {}, True, id="sdxl-loha", marks=pytest.mark.slow),  # builds the tiny SDXL pipeline (~10 s)
+])
+def test_sd_single_file(tmp_path, algo, kw, xl):
+    """The wrapper around a diffusers UNet merged into the original (LDM/SGM-named) single file: each layer's
+    merged weight gives the wrapped module's own output."""
     lycoris = pytest.importorskip("lycoris")
-    pipe = load_pipeline(FX / "sd" / "base")
-    single = tmp_path / "single.safetensors"
-    save_single(flat_state(pipe), single, xl=False)
+    if xl:
+        folder, single, _ = sd_base(xl=True)
+        pipe = load_pipeline(folder, xl=True)
+    else:
+        pipe = load_pipeline(FX / "sd" / "base")
+        single = tmp_path / "single.safetensors"
+        save_single(flat_state(pipe), single, xl=False)
     torch.manual_seed(11)
     net = lycoris.create_lycoris(pipe.unet, 1.0, linear_dim=2, linear_alpha=1.0, algo=algo, **kw)
     net.apply_to()
