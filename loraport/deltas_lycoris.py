@@ -119,6 +119,9 @@ class LohaDelta(_Factored):
     def rank(self) -> int | None:
         return int(self.w1b.shape[0])
 
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1a, self.w1b, self.w2a, self.w2b)
+
     def num_params(self) -> int:
         ts = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.magnitude)
         return sum(t.numel() for t in ts if t is not None)
@@ -173,6 +176,9 @@ class LokrDelta(_Factored):
         b = self.w2b if self.w2b is not None else self.w1b
         return None if b is None else int(b.shape[0])
 
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b) if t is not None)
+
     def num_params(self) -> int:
         ts = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2, self.magnitude)
         return sum(t.numel() for t in ts if t is not None)
@@ -210,6 +216,9 @@ class Ia3Delta(Delta):
 
     def num_params(self) -> int:
         return self.vector.numel()
+
+    def stored_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.vector,)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -91,7 +91,10 @@ def test_lone_component_folder(tmp_path):
 def test_inspect_names_dialect_and_base():
     rep = loraport.inspect(WRAP / "llm_lokr.safetensors").to_dict()
     notes = " ".join(rep["notes"])
-    assert "LyCORIS whole-model wrapper" in notes and "expects a base" in notes and "ForCausalLM" in notes
+    assert "LyCORIS whole-model wrapper" in notes and "expects a base" in notes and "whole HF LLM" in notes
+    assert rep["dtypes"] == {"float32": 15 * 3}  # LoKr factors are reported like LoRA's
+    notes = " ".join(loraport.inspect(WRAP / "dit_lokr.safetensors").to_dict()["notes"])
+    assert "look like a DiT transformer" in notes
     rep = loraport.inspect(WRAP / "llm_inner_full.safetensors", base=LLAMA).to_dict()
     assert any("under model.: the inner model" in n for n in rep["notes"])
     code, out, _ = run_cli("inspect", WRAP / "dit_loha_dora.safetensors", "--base", DIT)

@@ -57,7 +57,8 @@ class LycorisFormat(AdapterFormat):
             return ad
         notes = {"dialect: LyCORIS whole-model wrapper (lycoris_<module path>; lycoris.create_lycoris, SimpleTuner)"}
         if base is None:
-            notes.add(f"expects a base holding the module it wrapped: {expected_bases()}")
+            looks = expected_bases(d.source_key for d in ad.deltas)
+            notes.add(f"expects a base holding the module it wrapped; {looks}")
         config = {**ad.config, "dialect": WRAPPER}
         if "lycoris_config" in ad.metadata:  # SimpleTuner stores its LyCORIS config (JSON) in the metadata
             config["lycoris_config"] = ad.metadata["lycoris_config"]

@@ -9,6 +9,7 @@ under which most of its modules are found, so a file cannot mix a UNet's and a t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -116,8 +117,26 @@ def wrapper_index(base, modules: Iterable[str]) -> WrapperNames:
     return WrapperNames(sd, roots, modules)
 
 
-def expected_bases() -> str:
-    """What a wrapper file can be merged into, for `inspect` without a base."""
+# What the module path after `lycoris_` says about the module that was wrapped (inspect without a base).
+WRAPPED_LOOKS: tuple[tuple[str, str], ...] = (
+    ("model_layers_",              "a whole HF LLM (*ForCausalLM): merge into its HF model folder"),
+    ("layers_",                    "an HF LLM's inner model (e.g. LlamaModel): merge into its HF model folder"),
+    ("transformer_blocks_",        "a DiT transformer (Flux, SD3, ...): merge into its diffusers folder"),
+    ("single_transformer_blocks_", "a DiT transformer (Flux, SD3, ...): merge into its diffusers folder"),
+    ("down_blocks_",               "a diffusers UNet (SD 1/2, SDXL): merge into its diffusers folder or single file"),
+    ("up_blocks_",                 "a diffusers UNet (SD 1/2, SDXL): merge into its diffusers folder or single file"),
+    ("text_model_",                "a CLIP text encoder: merge into its diffusers folder"),
+)
+
+
+def expected_bases(modules: Iterable[str] = ()) -> str:
+    """What a wrapper file can be merged into, for `inspect` without a base: what its names look like, else
+    every root."""
+    seen = Counter(next((looks for start, looks in WRAPPED_LOOKS if m.startswith(f"{PREFIX}_{start}")), None)
+                   for m in modules)
+    seen.pop(None, None)
+    if seen:
+        return "its names look like " + seen.most_common(1)[0][0]
     return "; ".join(desc for _, _, desc in ROOTS)
 
 
