@@ -257,3 +257,19 @@ def test_sd_single_file(tmp_path, algo, kw, xl):
         with torch.no_grad():
             y = lo(x)
         assert _rel(got, y) <= TOL, lo.lora_name
+
+
+def test_ambiguous_roots_are_refused():
+    """Module paths that fit two components equally (SDXL's two CLIP text encoders) are refused, not guessed; the
+    message names the way out (the component folder alone)."""
+    from loraport.names.lycoris_wrapper import WrapperNames, wrapper_roots
+    from loraport.names.sd import SDNames
+
+    names = [f"{c}.text_model.encoder.layers.0.mlp.fc1.{p}" for c in ("text_encoder", "text_encoder_2")
+             for p in ("weight", "bias")] + ["unet.add_embedding.linear_1.weight"]
+    sd = SDNames(names)
+    roots = wrapper_roots(sd, names, lambda n: False, tied=False)
+    with pytest.raises(BadInputError, match="fit both .* text_encoder_2/"):
+        WrapperNames(sd, roots, ["lycoris_text_model_encoder_layers_0_mlp_fc1"])
+    one = WrapperNames(sd, roots, ["lycoris_add_embedding_linear_1"])  # only the UNet has it
+    assert one.root.prefix == "unet." and one.by_kohya["lycoris_add_embedding_linear_1"]["weight"].target == names[-1]

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from loraport.errors import BadInputError
 from loraport.names.sd import Entry, SDNames, kohya_name
 
 PREFIX = "lycoris"
@@ -86,8 +87,14 @@ class WrapperNames:
         wanted = [m for m in modules if is_wrapper_module(m)]
         self.family = sd.family
         self._sd = sd
-        best = max(roots, key=lambda r: sum(m in r.by_name for m in wanted))  # max keeps the first of ties
-        self.root = best if any(m in best.by_name for m in wanted) else None
+        hits = [sum(m in r.by_name for m in wanted) for r in roots]
+        best = roots[hits.index(max(hits))]
+        tied = [r for r, h in zip(roots, hits) if h == max(hits) and r is not best and r.prefix and best.prefix]
+        if max(hits) and tied:  # e.g. SDXL's two CLIP text encoders: the same module paths, different shapes
+            raise BadInputError(f"its {PREFIX}_ names fit both {best.description} and {tied[0].description} of this "
+                                "base; merge it into the component folder it was trained on alone (e.g. "
+                                f"{tied[0].prefix.rstrip('.')}/)")
+        self.root = best if max(hits) else None
         self.by_kohya = {k: v for k, v in sd.by_kohya.items() if not is_wrapper_module(k)}
         self.by_target: dict[tuple[str, tuple[int, int] | None], str] = {}
         if self.root is not None:
