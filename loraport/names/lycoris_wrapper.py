@@ -19,16 +19,17 @@ from loraport.names.sd import Entry, SDNames, kohya_name
 PREFIX = "lycoris"
 
 # Where the wrapped module sits in a base's tensor names (in the diffusers-style module paths SDNames gives an
-# original single file's UNet too), and what LyCORIS was given; tried in this order, ties go to the first.
-# `from_sd`: the root's modules come from the SD name index (so an LDM single file is found through its
-# diffusers names), else from the base's raw tensor names.
+# original single file's UNet too), and what LyCORIS was given. The root finding most of a file's modules wins;
+# a tie between two components is refused, any other goes to the first in this order. `from_sd`: the root's
+# modules come from the SD name index (so an LDM single file is found through its diffusers names), else from
+# the base's raw tensor names.
 ROOTS: tuple[tuple[str, bool, str], ...] = (
-    ("unet.",        True,  "the UNet (unet/ of a diffusers folder, or the UNet of an original single file)"),
-    ("transformer.", True,  "the transformer of a diffusers DiT folder (Flux, SD3, ...)"),
-    ("text_encoder.", True, "the text encoder of a diffusers folder"),
-    ("text_encoder_2.", True, "the second text encoder of a diffusers folder (SDXL)"),
-    ("",             False, "the whole model of the base (an HF *ForCausalLM folder, a lone diffusers component)"),
-    ("model.",       False, "the inner model of an HF folder (e.g. LlamaModel, wrapped without its LM head)"),
+    ("unet.",           True,  "the UNet (unet/ of a diffusers folder, or the UNet of an original single file)"),
+    ("transformer.",    True,  "the transformer of a diffusers DiT folder (Flux, SD3, ...)"),
+    ("text_encoder.",   True,  "the text encoder of a diffusers folder"),
+    ("text_encoder_2.", True,  "the second text encoder of a diffusers folder (SDXL)"),
+    ("",                False, "the whole model of the base (an HF *ForCausalLM folder, a lone diffusers component)"),
+    ("model.",          False, "the inner model of an HF folder (e.g. LlamaModel, wrapped without its LM head)"),
 )
 
 # diffusers pipeline components whose layers a wrapper file names inside the component (no base given).
