@@ -211,13 +211,17 @@ class Fp8Checkpoint(Checkpoint):
         sh, key = self.shard_of(name)
         return sh.file.raw(key)
 
-    def storage(self) -> dict[str, int]:
-        """How the weights are stored: {"<kind> <dtype>": count} (what `inspect` shows)."""
-        out: dict[str, int] = {}
-        for s in self.specs.values():
-            k = f"{s.kind} {str(s.fp8).removeprefix('torch.')}"
-            out[k] = out.get(k, 0) + 1
-        return out
+    def storage_of(self, name: str) -> str:
+        s = self.specs.get(name)
+        if s is None:
+            return super().storage_of(name)
+        fp8 = str(s.fp8).removeprefix("torch.")
+        if s.kind == "plain":
+            return f"{fp8} (plain)"
+        sdt = str(s.scale_dtype).removeprefix("torch.")
+        what = {"block": f"{s.block[0]}x{s.block[1]} block scales", "tensor": "per-tensor scale",
+                "channel": "per-channel scale", "scaled": "ComfyUI scale_weight"}[s.kind]
+        return f"{fp8} + {sdt} {what}"
 
     def own_layout(self):
         """The sink quantizer that writes this base's fp8 layout back (the default output of a merge)."""
