@@ -12,8 +12,8 @@ computes them, so that re-quantizing a merged weight gives the codes and scales 
              all-zero tile), q = clamp(W · s) cast, `weight_scale_inv` = 1 / s in fp32. Partial edge tiles (a
              dimension not a multiple of the block) get a scale of their own, as DeepSeek's dequant reads them.
 
-Every cast is torch's float8 conversion (round to nearest, ties to even) after clamping to ±fp8_max: an
-unclamped cast turns anything past the range into NaN (e4m3fn has no infinity).
+Every cast is torch's float8 conversion (round to nearest, ties to even) after clamping to ±fp8_max: torch
+saturates e4m3fn by itself, but rounds e5m2 past its range to ±inf.
 """
 
 from __future__ import annotations
