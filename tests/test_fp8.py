@@ -85,6 +85,24 @@ def test_plain_and_scaled_casts_are_torchs_rounding_saturated(dtype):
     assert torch.equal(_bits(q), _bits(rq)) and torch.equal(s, rs)
 
 
+@pytest.mark.parametrize("kind", ["block", "channel", "tensor", "scaled"])
+def test_report_sample_rows_decode_like_the_whole_tensor(kind):
+    from loraport.quant.fp8_quantizer import Fp8Quantizer
+    from loraport.quant.fp8_spec import Fp8Spec
+
+    W = _weights((300, 256))
+    spec = Fp8Spec(kind, "m.weight", E4M3, tuple(W.shape), scale_dtype=torch.bfloat16 if kind in
+                   ("channel", "tensor") else torch.float32, scale_shape=(300, 1) if kind == "channel" else (),
+                   block=(128, 128) if kind == "block" else None)
+    codes, scale, _ = Fp8Quantizer._encode(spec, W)
+    rows = Fp8Quantizer()._sample(spec, tuple(W.shape))
+    assert rows is not None and rows.numel() < 300
+    if kind == "block":  # whole 128-row bands
+        assert set(rows.tolist()) <= set(range(300)) and rows.numel() % 128 in (0, 300 % 128)
+    full = Fp8Quantizer._decode(codes, scale, spec)
+    assert torch.equal(Fp8Quantizer._decode(codes, scale, spec, rows), full.index_select(0, rows))
+
+
 # --- merging into fp8 bases ----------------------------------------------------------------------------------
 def _expected(base_dir, name: str) -> torch.Tensor:
     """loraport's fp32 merge of lora-small for `name` (the sink's input)."""

@@ -114,7 +114,8 @@ def quantize_block(W: torch.Tensor, block: tuple[int, int] = (128, 128),
     amax = t.abs().amax(dim=(1, 3))
     m = fp8_max(dtype)
     s = torch.where(amax > 0, m / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
-    q = (t * s[:, None, :, None]).clamp(-m, m).to(dtype)
+    x = t * s[:, None, :, None]
+    q = x.clamp_(-m, m).to(dtype)
     q = q.reshape(t.shape[0] * block[0], t.shape[2] * block[1])[:rows, :cols].contiguous()
     return q, (1.0 / s).to(torch.float32)
 

@@ -15,34 +15,17 @@ same layout back (loraport.quant.fp8_quantizer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from loraport.checkpoint import Checkpoint, Shard
 from loraport.errors import BadInputError
 from loraport.quant import fp8 as F
+from loraport.quant.fp8_spec import MARKER, Fp8Spec
 from loraport.quant.bnb_checkpoint import _LogicalFile
 
 METHODS = ("fp8", "compressed-tensors")  # the config.json quant_method values this source reads
-MARKER = "scaled_fp8"
 _SCALES = {"block": "weight_scale_inv", "ct": "weight_scale", "scaled": "scale_weight"}
 _INPUT_SCALES = ("input_scale", "scale_input")
-
-
-@dataclass
-class Fp8Spec:
-    """One fp8 weight: its layout kind, the stored tensors it is rebuilt from and how to write it back."""
-
-    kind: str  # fp8.KINDS
-    weight: str
-    fp8: torch.dtype  # stored code dtype
-    shape: tuple[int, ...]
-    aux: dict[str, str] = field(default_factory=dict)  # role -> global name: "scale", "input_scale", "marker"
-    scale_dtype: torch.dtype | None = None
-    scale_shape: tuple[int, ...] | None = None
-    block: tuple[int, int] | None = None
-    dtype: torch.dtype = torch.float32  # served dtype (the merge works on the fp32 dequantized weight)
 
 
 def quant_config(config) -> dict | None:
@@ -227,7 +210,7 @@ class Fp8Checkpoint(Checkpoint):
         """The sink quantizer that writes this base's fp8 layout back (the default output of a merge)."""
         from loraport.quant.fp8_quantizer import Fp8Quantizer
 
-        return Fp8Quantizer.from_source(self)
+        return Fp8Quantizer(source=self)
 
     def close(self) -> None:
         self.stored.close()

@@ -18,9 +18,9 @@ import torch
 
 from loraport.errors import BadInputError
 from loraport.quant import fp8 as F
-from loraport.quant.fp8_checkpoint import MARKER, Fp8Checkpoint, Fp8Spec
+from loraport.quant.fp8_spec import MARKER, Fp8Spec
 from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival, finite, rel_error
-from loraport.quant.quantizer import BnbQuantizer
+from loraport.quant.quantizer import METRIC_ELEMS, BnbQuantizer
 
 BLOCK = (128, 128)
 
@@ -29,26 +29,24 @@ class Fp8Quantizer(BnbQuantizer):
     name = "fp8"
     bits = 8
 
-    def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True, **unknown):
+    def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True, source=None, **unknown):
+        """`source`: an fp8 base (loraport.quant.fp8_checkpoint.Fp8Checkpoint) whose layout is written back."""
         if unknown:
             raise BadInputError(f"unknown fp8 option(s): {', '.join(sorted(unknown))}")
         super().__init__(compute_dtype, dtype, metrics)
         self._explicit_dtype = compute_dtype is not None or dtype is not None
-        self.src: Fp8Checkpoint | None = None
-        self.specs: dict[str, Fp8Spec] = {}
+        self.src = source
+        self.specs: dict[str, Fp8Spec] = dict(source.specs) if source is not None else {}
         self.scheme: str | None = None  # for a 16-bit base: "block" or "scaled"
         self.marker_prefix = ""
 
-    @classmethod
-    def from_source(cls, base: Fp8Checkpoint) -> Fp8Quantizer:
-        q = cls()
-        q.bind(base)
-        return q
-
     # --- protocol ----------------------------------------------------------------------------------
     def bind(self, base) -> None:
-        if isinstance(base, Fp8Checkpoint):
-            self.src, self.specs, self.scheme = base, dict(base.specs), None
+        if self.src is not None:
+            return
+        own = base.own_layout()  # --quantize fp8 on an fp8 base: its own layout
+        if isinstance(own, Fp8Quantizer):
+            self.src, self.specs = own.src, own.specs
             return
         super().bind(base)
         self._from_quantized = False
@@ -140,13 +138,32 @@ class Fp8Quantizer(BnbQuantizer):
         return q, s.to(torch.float32), s.reshape(spec.scale_shape)
 
     @staticmethod
-    def _decode(codes: torch.Tensor, scale: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:
+    def _decode(codes: torch.Tensor, scale: torch.Tensor, spec: Fp8Spec, rows: torch.Tensor | None = None):
+        """fp32 weights of `codes` (restricted to `rows` when given; `scale` as the dequantizer uses it)."""
+        q = codes if rows is None else codes.index_select(0, rows)
         if spec.kind == "plain":
-            return F.dequantize_plain(codes)
+            return F.dequantize_plain(q)
         if spec.kind == "block":
-            return F.dequantize_block(codes, scale, spec.block)
-        return codes.to(torch.float32) * scale.reshape(-1, *([1] * (codes.dim() - 1))) if scale.numel() > 1 \
-            else codes.to(torch.float32) * scale.reshape(())
+            r = torch.arange(codes.shape[0]) if rows is None else rows
+            per_row = scale.index_select(0, r // spec.block[0]).repeat_interleave(spec.block[1], 1)
+            return q.to(torch.float32) * per_row[:, : q.shape[1]]
+        if scale.numel() == 1:
+            return q.to(torch.float32) * scale.reshape(())
+        sc = scale.reshape(-1, 1)
+        return q.to(torch.float32) * (sc if rows is None else sc.index_select(0, rows))
+
+    def _sample(self, spec: Fp8Spec, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The rows the report is computed on: all up to METRIC_ELEMS elements, else evenly spaced rows (whole
+        128-row bands for block scales, so each sampled tile is complete)."""
+        if len(shape) != 2 or shape[0] * shape[1] <= METRIC_ELEMS:
+            return None
+        rows, cols = shape
+        band = spec.block[0] if spec.kind == "block" else 1
+        nb = -(-rows // band)
+        k = max(1, min(nb, METRIC_ELEMS // (band * cols)))
+        picked = torch.linspace(0, nb - 1, k).round().long().unique()
+        r = (picked[:, None] * band + torch.arange(band)[None, :]).reshape(-1)
+        return r[r < rows]
 
     def quantize(self, name: str, merged32: torch.Tensor, base32: torch.Tensor | None = None) -> dict:
         """The entries of `name` for the merged weight, and a report row (delta kept, codes changed) when the
@@ -167,22 +184,32 @@ class Fp8Quantizer(BnbQuantizer):
         return {k: v.cpu() for k, v in out.items()}
 
     def _metrics(self, row: dict, W: torch.Tensor, codes, scale, spec: Fp8Spec, base32) -> None:
-        deq = self._decode(codes, scale, spec)
-        rel, snr = rel_error(W, deq)
+        rows = self._sample(spec, tuple(W.shape))
+        if rows is not None:
+            row["metric_rows"] = int(rows.numel())
+        Ws = W if rows is None else W.index_select(0, rows)
+        deq = self._decode(codes, scale, spec, rows)
+        rel, snr = rel_error(Ws, deq)
         row.update(rel_error=finite(rel), snr_db=finite(snr))
         if base32 is None:
             return
-        B = base32.to(W.device, torch.float32)
-        if self.src is not None:  # the base's own stored codes: what the merge is compared with
-            deq_b, codes_b = self.src.get(spec.weight).to(W.device), self.src.stored.get(spec.weight).to(W.device)
-        else:
-            cb, sb, _ = self._encode(spec, B)
-            deq_b, codes_b = self._decode(cb, sb, spec), cb
-        delta = W - B
+        B = base32.to(W.device, torch.float32) if rows is None else \
+            base32.index_select(0, rows.to(base32.device)).to(W.device, torch.float32)
+        if self.src is not None:  # the base is the dequantized stored weight: compare with its stored codes
+            deq_b, codes_b = B, self.src.stored.get(spec.weight).to(W.device)
+            codes_b = codes_b if rows is None else codes_b.index_select(0, rows)
+        else:  # a 16-bit base: its codes under the same rule (per-tensor scales need the whole tensor)
+            per_tensor = spec.kind == "tensor" or (spec.kind == "scaled" and not (spec.scale_shape or (1,))[0] > 1)
+            whole = rows is not None and per_tensor
+            cb, sb, _ = self._encode(spec, base32.to(W.device, torch.float32) if whole else B)
+            deq_b = self._decode(cb, sb, spec, rows if whole else None)
+            codes_b = cb.index_select(0, rows) if whole else cb
+        q = codes if rows is None else codes.index_select(0, rows)
+        delta = Ws - B
         surv, kept = delta_survival(deq, deq_b, delta), delta_retained(deq, deq_b, delta)
         row.update(delta_survival=None if surv is None else finite(surv),
                    delta_retained=None if kept is None else finite(kept),
-                   codes_changed=round(float((codes.view(torch.uint8) != codes_b.view(torch.uint8)).float().mean()), 6))
+                   codes_changed=round(float((q.view(torch.uint8) != codes_b.view(torch.uint8)).float().mean()), 6))
         if kept is not None and kept < ERASED_BELOW:
             row["erased"] = True
 
