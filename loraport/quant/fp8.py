@@ -12,8 +12,9 @@ computes them, so that re-quantizing a merged weight gives the codes and scales 
              all-zero tile), q = clamp(W · s) cast, `weight_scale_inv` = 1 / s in fp32. Partial edge tiles (a
              dimension not a multiple of the block) get a scale of their own, as DeepSeek's dequant reads them.
 
-Every cast is torch's float8 conversion (round to nearest, ties to even) after clamping to ±fp8_max: torch
-saturates e4m3fn by itself, but rounds e5m2 past its range to ±inf.
+Every cast is torch's float8 conversion (round to nearest, ties to even). A plain cast clamps to ±fp8_max
+first (torch saturates e4m3fn by itself but rounds e5m2 past its range to ±inf); a scaled one cannot pass the
+rounding midpoint beyond fp8_max, so the producers' clamp is a no-op there (`cast_scaled`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,24 @@ def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.clamp(-m, m).to(dtype)
 
 
+def cast_scaled(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    """The cast of a weight already divided by its amax-derived `scale`. With a normal (not subnormal) scale,
+    |x| exceeds fp8_max by at most a few ulps of the scale's dtype (2⁻⁸ for bf16), short of the midpoint to
+    the next step (464 for e4m3fn, 59392 for e5m2), so round-to-nearest lands on ±fp8_max and the producers'
+    clamp changes nothing (it costs a pass); a subnormal scale is too coarse for that: clamped."""
+    if bool((scale.abs() >= torch.finfo(scale.dtype).tiny).all()):
+        return x.to(dtype)
+    return cast(x, dtype)
+
+
+def _absmax(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """max |x| without an |x| temporary (two reductions instead of a full-size allocation)."""
+    if dim is None:
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(hi, -lo)
+    return torch.maximum(x.amax(dim=dim, keepdim=keepdim), -x.amin(dim=dim, keepdim=keepdim))
+
+
 # --- plain --------------------------------------------------------------------------------------------------
 def quantize_plain(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast(W.to(torch.float32), dtype)
@@ -52,10 +71,10 @@ def quantize_scaled(W: torch.Tensor, dtype: torch.dtype, per_row: bool = False) 
     """(codes, fp32 scale) with scale = amax / fp8_max per tensor (shape []) or per output row ([rows, 1]);
     an all-zero tensor or row gets scale 1."""
     W = W.to(torch.float32)
-    amax = W.abs().amax(dim=tuple(range(1, W.dim())), keepdim=True) if per_row else W.abs().amax()
+    amax = _absmax(W, dim=tuple(range(1, W.dim())), keepdim=True) if per_row else _absmax(W)
     scale = amax / fp8_max(dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return cast(W / scale, dtype), scale
+    return cast_scaled(W / scale, dtype, scale), scale
 
 
 def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -81,7 +100,7 @@ def quantize_ct(W: torch.Tensor, strategy: str, scale_dtype: torch.dtype,
     scale = amax / torch.tensor(m, dtype=scale_dtype)  # max / (range / 2), range = 2·448
     eps = torch.finfo(scale_dtype).eps
     scale = torch.where(scale == 0, torch.tensor(eps, dtype=scale_dtype), scale)
-    return cast(x / scale, dtype), scale
+    return cast_scaled(x / scale, dtype, scale), scale
 
 
 def dequantize_ct(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -111,16 +130,19 @@ def quantize_block(W: torch.Tensor, block: tuple[int, int] = (128, 128),
     """(codes, fp32 weight_scale_inv [ceil(rows/bm), ceil(cols/bn)])."""
     rows, cols = W.shape
     t, _ = _tiles(W.to(torch.float32), block)
-    amax = t.abs().amax(dim=(1, 3))
+    amax = _absmax(t, dim=(1, 3))
     m = fp8_max(dtype)
     s = torch.where(amax > 0, m / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
-    x = t * s[:, None, :, None]
-    q = x.clamp_(-m, m).to(dtype)
+    q = cast_scaled(t * s[:, None, :, None], dtype, 1.0 / s)
     q = q.reshape(t.shape[0] * block[0], t.shape[2] * block[1])[:rows, :cols].contiguous()
     return q, (1.0 / s).to(torch.float32)
 
 
 def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     rows, cols = q.shape
+    gr, gc = scale_inv.shape
+    if rows == gr * block[0] and cols == gc * block[1]:  # whole tiles: broadcast, no full-size scale tensor
+        t = q.to(torch.float32).view(gr, block[0], gc, block[1])
+        return t.mul_(scale_inv.to(torch.float32)[:, None, :, None]).view(rows, cols)
     s = scale_inv.to(torch.float32).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return q.to(torch.float32) * s[:rows, :cols]

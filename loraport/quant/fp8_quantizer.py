@@ -123,7 +123,7 @@ class Fp8Quantizer(BnbQuantizer):
     def _encode(spec: Fp8Spec, W32: torch.Tensor):
         """(codes, fp32 scale as the dequantizer uses it (finite check), scale as stored or None)."""
         if spec.kind == "plain":
-            return F.quantize_plain(W32, spec.fp8), W32.abs().amax(), None
+            return F.quantize_plain(W32, spec.fp8), torch.stack(torch.aminmax(W32)), None
         if spec.kind == "block":
             q, s = F.quantize_block(W32, spec.block, spec.fp8)
             return q, s, s.to(spec.scale_dtype)
@@ -132,7 +132,7 @@ class Fp8Quantizer(BnbQuantizer):
             q, s = F.quantize_scaled(W32, spec.fp8, per_row)
             if spec.scale_dtype != torch.float32:  # the stored scale is what ComfyUI multiplies by: divide by it
                 s = s.to(spec.scale_dtype).to(torch.float32)
-                q = F.cast(W32 / s, spec.fp8)
+                q = F.cast_scaled(W32 / s, spec.fp8, s)
             return q, s, s.to(spec.scale_dtype).reshape(spec.scale_shape)
         q, s = F.quantize_ct(W32, spec.kind, spec.scale_dtype, spec.fp8)
         return q, s.to(torch.float32), s.reshape(spec.scale_shape)
@@ -144,7 +144,7 @@ class Fp8Quantizer(BnbQuantizer):
         if spec.kind == "plain":
             return F.dequantize_plain(q)
         if spec.kind == "block":
-            r = torch.arange(codes.shape[0]) if rows is None else rows
+            r = torch.arange(codes.shape[0], device=codes.device) if rows is None else rows
             per_row = scale.index_select(0, r // spec.block[0]).repeat_interleave(spec.block[1], 1)
             return q.to(torch.float32) * per_row[:, : q.shape[1]]
         if scale.numel() == 1:
@@ -187,6 +187,7 @@ class Fp8Quantizer(BnbQuantizer):
         rows = self._sample(spec, tuple(W.shape))
         if rows is not None:
             row["metric_rows"] = int(rows.numel())
+            rows = rows.to(W.device)
         Ws = W if rows is None else W.index_select(0, rows)
         deq = self._decode(codes, scale, spec, rows)
         rel, snr = rel_error(Ws, deq)
