@@ -151,6 +151,9 @@ def test_block_base_merge_writes_the_same_layout(tmp_path):
     rows = {r["name"]: r for r in rep["quantization"]}
     assert rows[name]["layout"] == "block float8_e4m3fn" and 0 < rows[name]["delta_retained"] <= 1.5
     assert "lm_head.weight" not in rows  # untouched weights are copied, not re-quantized
+    merge(base, [LORA], tmp_path / "again", quantize="fp8")  # --quantize fp8 on an fp8 base: its own layout
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(_bits(again[k]), _bits(so[k])) for k in so)
 
     from transformers import AutoModelForCausalLM
 
