@@ -164,6 +164,15 @@ class Checkpoint:
                 names += [h for h in TIED_HEADS if h in self and h not in names]
         return names
 
+    def storage_of(self, name: str) -> str:
+        """How `name` is stored: its dtype, or a quantized layout (`inspect --base` shows it)."""
+        return str(self.info(name).dtype).removeprefix("torch.")
+
+    def own_layout(self):
+        """The quantizer that writes this base's own quantized layout back when no output dtype or quantization
+        is asked for (an fp8 base); None: write the tensors as served."""
+        return None
+
     def total_bytes(self) -> int:
         return sum(sh.file.path.stat().st_size for sh in self.shards)
 

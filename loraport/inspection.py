@@ -78,6 +78,25 @@ def describe(adapter) -> dict:
     }
 
 
+def base_storage(ckpt) -> dict:
+    """How a base stores its tensors — dtype, or quantized layout, per tensor family (layer numbers folded to
+    `*`) — and what a merge into it writes by default."""
+    import re
+
+    families: dict[str, Counter] = {}
+    for n in ckpt.names():
+        fam = re.sub(r"\.\d+\.", ".*.", n)
+        families.setdefault(fam, Counter())[ckpt.storage_of(n)] += 1
+    fams = {f: (next(iter(c)) if len(c) == 1 else dict(c)) for f, c in families.items()}
+    own = ckpt.own_layout()
+    writes = ("the same layout: updated weights re-quantized by the base's scale rule, the rest copied "
+              "(--dtype bf16/fp16/fp32 writes unquantized weights instead)") if own is not None else (
+        "dequantized 16-bit weights (--quantize re-quantizes)" if ckpt.config_rewritten else "the base's dtypes")
+    return {"path": str(ckpt.root), "layout": ckpt.kind, "tensors": len(ckpt.names()),
+            "storage": dict(Counter(ckpt.storage_of(n) for n in ckpt.names())), "families": fams,
+            "merge_writes": writes}
+
+
 def inspect_path(path: str | Path, format: str | None = None, base: str | Path | None = None,
                  plot: str | Path | None = None) -> dict:
     """The inspect report of `path`: a merged output's provenance, else the adapter's description (with its
@@ -100,6 +119,8 @@ def inspect_path(path: str | Path, format: str | None = None, base: str | Path |
         adapter = load_adapter(p, format=format or fmt_cls.name, base=ckpt)
         rep = describe(adapter)
         rep["format_title"] = (fmt_cls.title if fmt_cls else format)
+        if ckpt is not None:
+            rep["base"] = base_storage(ckpt)
         if plot:
             from loraport.spectrum import plot_spectrum, spectrum_report
 

@@ -67,6 +67,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     # the inputs' sha256 (most of the manifest's cost) start now, overlapping the adapter reading and planning;
     # the adapters come last: _load_adapters hashes them as it reads them, and the cache shares those digests
     hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
+    if quantizer is None and out_dtype is None:
+        quantizer = ckpt.own_layout()  # an fp8 base is written back in its own layout unless --dtype says otherwise
     if quantizer is not None:
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache)

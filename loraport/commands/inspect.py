@@ -56,5 +56,12 @@ def inspect_cmd(path, fmt, base, plot, as_json):
               f"({rep['file_bytes']} bytes)")
     for n in rep["notes"]:
         out.print(f"  note          {n}")
+    if rep.get("base"):
+        b = rep["base"]
+        out.print(f"  base          {b['path']} ({b['layout']}, {b['tensors']} tensors): "
+                  + ", ".join(f"{k} ×{n}" for k, n in b["storage"].items()))
+        for fam, how in list(b["families"].items())[:24]:
+            out.print(f"    {fam:52s} {how}")
+        out.print(f"  merge writes  {b['merge_writes']}")
     if plot:
         out.print(f"  plot          {plot}")

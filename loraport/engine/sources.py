@@ -5,7 +5,9 @@ info, get, raw, span, release, layer_hint, resolve, extra_files).
 * The safetensors layouts — HF model folder, diffusers pipeline folder, single .safetensors file — are told
   apart by `Checkpoint.open`.
 * A layered source wraps that view when it recognizes the base: bitsandbytes (served dequantized by
-  loraport.quant, or replaced by the --fp16-base it was made from). Register one with `@layered(name, claims)`.
+  loraport.quant, or replaced by the --fp16-base it was made from), fp8 (float8 weights with their scales,
+  loraport.quant.fp8_checkpoint); a quant_method none of them reads is refused. Register one with
+  `@layered(name, claims)`.
 * An .onnx base is baked by loraport.onnx (its own source and sink); see loraport/merging.py for the options
   it refuses.
 
@@ -62,6 +64,34 @@ def _open_bnb(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
         raise BadInputError(f"{ckpt.root}: a bitsandbytes-quantized base is not supported by this installation") \
             from None
     return open_quantized_base(ckpt, fp16_base=opts.fp16_base, quantize=opts.quantize)
+
+
+def _is_fp8(ckpt: Checkpoint, opts: BaseOptions) -> bool:
+    from loraport.quant.fp8_checkpoint import has_fp8
+
+    return has_fp8(ckpt)
+
+
+@layered("fp8", _is_fp8)
+def _open_fp8(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
+    from loraport.quant.fp8_checkpoint import Fp8Checkpoint
+
+    return Fp8Checkpoint.from_checkpoint(ckpt)
+
+
+KNOWN_QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors")
+
+
+def _unknown_quant(ckpt: Checkpoint, opts: BaseOptions) -> bool:
+    qc = ckpt.config.get("quantization_config") if isinstance(ckpt.config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") not in KNOWN_QUANT_METHODS
+
+
+@layered("unknown quantization", _unknown_quant)
+def _refuse_quant(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
+    method = ckpt.config["quantization_config"].get("quant_method")
+    raise BadInputError(f"{ckpt.root}: config.json says quant_method {method!r}, which loraport cannot read as a base "
+                        f"(it reads {', '.join(KNOWN_QUANT_METHODS)}); merge into the unquantized model instead")
 
 
 def open_base(path: str | Path, fp16_base=None, quantize: str | None = None) -> Checkpoint:

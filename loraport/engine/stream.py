@@ -101,6 +101,11 @@ class Stream:
         item.cost = n * ((8 if item.quantized else 4) + itemsize(dt))
         if not self.budget.acquire(item.cost):
             return False
+        if item.quantized and item.name not in self.plan.updates:
+            kept = self.quantizer.unchanged(item.name)  # an untouched weight already in the output's layout
+            if kept is not None:
+                item.outs = kept
+                return True
         item.view = self.base.get(item.name)
         if not item.quantized and item.name not in self.plan.updates:  # no math: cast here, or pass the view
             if dt != info.dtype:

@@ -3,10 +3,11 @@ layouts, and reading bitsandbytes-quantized bases. Our own torch quantizers (CPU
 bitsandbytes' CPU ops; bitsandbytes itself is only a test-time oracle.
 
 Protocol the merge engine calls:
-    q = get_quantizer("nf4" | "fp4" | "int8", blocksize=64, double_quant=False, compute_dtype=None)
+    q = get_quantizer("nf4" | "fp4" | "int8" | "fp8", blocksize=64, double_quant=False, compute_dtype=None)
     q.bind(base)                           # optional: default compute dtype = the base's dtype
     q.entries(name, shape, hint)           # -> [(out_name, dtype, shape), ...] or None (keep unquantized)
     q.quantize(name, merged32, base32)     # -> {out_name: cpu tensor} in the order of entries()
+    q.unchanged(name)                      # -> an untouched weight's stored tensors (base already in this layout)
     q.config_update(config)                # -> config.json with `quantization_config`
     q.report()                             # -> per-layer rows + a "(total)" row (with "warning" if erased)
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from loraport.errors import BadInputError
 
-QUANTIZERS = ("nf4", "fp4", "int8")
+QUANTIZERS = ("nf4", "fp4", "int8", "fp8")
 
 
 def get_quantizer(name: str, **options):
@@ -26,6 +27,10 @@ def get_quantizer(name: str, **options):
     if name == "int8":
         opts = {k: v for k, v in options.items() if k not in ("blocksize", "double_quant")}
         return Int8Quantizer(**opts)
+    if name == "fp8":
+        from loraport.quant.fp8_quantizer import Fp8Quantizer
+
+        return Fp8Quantizer(**{k: v for k, v in options.items() if k not in ("blocksize", "double_quant")})
     raise BadInputError(f"unknown quantization {name!r} (one of {', '.join(QUANTIZERS)})")
 
 

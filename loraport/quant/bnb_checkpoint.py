@@ -193,6 +193,12 @@ class BnbCheckpoint(Checkpoint):
     def is_quantized(self, name: str) -> bool:
         return name in self.specs
 
+    def storage_of(self, name: str) -> str:
+        spec = self.specs.get(name)
+        if spec is None:
+            return super().storage_of(name)
+        return f"{spec.state['quant_type'] if spec.state else 'int8'} (bitsandbytes)"
+
     def get32(self, name: str) -> torch.Tensor:
         spec = self.specs.get(name)
         if spec is None:

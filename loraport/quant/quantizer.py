@@ -93,6 +93,10 @@ class BnbQuantizer:
         self._planned[name] = ents
         return ents
 
+    def unchanged(self, name: str) -> list[torch.Tensor] | None:
+        """The stored tensors of an untouched weight when the base already has this layout (None: quantize it)."""
+        return None
+
     def quantize(self, name: str, merged32: torch.Tensor, base32: torch.Tensor | None = None) -> dict:
         shape = tuple(merged32.shape)
         if self.entries(name, shape) is None:

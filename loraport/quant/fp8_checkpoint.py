@@ -1,0 +1,216 @@
+"""An fp8 base seen as an ordinary base (the fp8 source): every float8 weight is served dequantized in fp32,
+its scales and markers hidden, so the plan and the merge see plain float tensors (spec: formats/fp8.md).
+
+Layouts, told apart per weight by the tensors next to it (`<m>.weight` is float8_e4m3fn or float8_e5m2):
+
+    <m>.weight_scale_inv  fp32 [⌈out/bm⌉, ⌈in/bn⌉]   block   (config quant_method "fp8": DeepSeek-V3, Qwen3-FP8)
+    <m>.weight_scale      [1] or [out, 1]           tensor / channel (quant_method "compressed-tensors")
+    <m>.scale_weight      [] / [1] or [out]         scaled  (ComfyUI; the file holds a `scaled_fp8` marker)
+    nothing                                         plain   (Flux / Wan fp8 single files)
+
+`input_scale` / `scale_input` tensors (static activation scales) ride along with their weight: copied as they
+are into an fp8 output, dropped from a 16-bit one. `Fp8Checkpoint.own_layout()` is the sink that writes the
+same layout back (loraport.quant.fp8_quantizer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraport.checkpoint import Checkpoint, Shard
+from loraport.errors import BadInputError
+from loraport.quant import fp8 as F
+from loraport.quant.fp8_spec import MARKER, Fp8Spec
+from loraport.quant.bnb_checkpoint import _LogicalFile
+
+METHODS = ("fp8", "compressed-tensors")  # the config.json quant_method values this source reads
+_SCALES = {"block": "weight_scale_inv", "ct": "weight_scale", "scaled": "scale_weight"}
+_INPUT_SCALES = ("input_scale", "scale_input")
+
+
+def quant_config(config) -> dict | None:
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return qc if isinstance(qc, dict) else None
+
+
+def has_fp8(ck: Checkpoint) -> bool:
+    """A base this source claims: an fp8 quant_method in config.json, or any float8 tensor."""
+    qc = quant_config(ck.config)
+    if qc is not None and qc.get("quant_method") in METHODS:
+        return True
+    return any(F.is_fp8(ck.info(n).dtype) for n in ck.names())
+
+
+def _bad(ck: Checkpoint, name: str, msg: str) -> BadInputError:
+    return BadInputError(f"{ck.root}: {name}: {msg}; the fp8 checkpoint is damaged or of an unsupported layout "
+                         f"(see formats/fp8.md)")
+
+
+def _ct_check(ck: Checkpoint, qc: dict) -> None:
+    """compressed-tensors: only the float-quantized fp8 weight schemes are read."""
+    fmt = qc.get("format")
+    if fmt not in ("float-quantized", None):
+        raise BadInputError(f"{ck.root}: compressed-tensors format {fmt!r} is not supported as a base (only "
+                            f"'float-quantized' fp8 weights are); dequantize it with llm-compressor first")
+    groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    for g, grp in groups.items():
+        w = grp.get("weights") if isinstance(grp, dict) else None
+        if not isinstance(w, dict):
+            continue
+        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("tensor", "channel"):
+            raise BadInputError(f"{ck.root}: compressed-tensors group {g!r} stores {w.get('type')} "
+                                f"{w.get('num_bits')}-bit weights with strategy {w.get('strategy')!r}; only fp8 "
+                                f"with strategy 'tensor' or 'channel' is supported as a base")
+
+
+def _block_size(ck: Checkpoint, qc: dict | None) -> tuple[int, int]:
+    bs = (qc or {}).get("weight_block_size", [128, 128])
+    if not (isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+        raise BadInputError(f"{ck.root}/config.json: quantization_config.weight_block_size {bs!r} is not two "
+                            f"positive integers")
+    return bs[0], bs[1]
+
+
+def find_specs(ck: Checkpoint) -> dict[str, Fp8Spec]:
+    names = set(ck.names())
+    qc = quant_config(ck.config)
+    method = qc.get("quant_method") if qc else None
+    if method == "compressed-tensors":
+        _ct_check(ck, qc)
+    block = _block_size(ck, qc) if method == "fp8" else (128, 128)
+    marker = next((n for n in ck.names() if n == MARKER or n.endswith("." + MARKER)), None)
+    specs: dict[str, Fp8Spec] = {}
+    for name in ck.names():
+        info = ck.info(name)
+        if name == marker or not F.is_fp8(info.dtype):
+            continue
+        specs[name] = _spec(ck, names, name, tuple(info.shape), info.dtype, block)
+    for name in names:  # a scale whose weight is not fp8 would be silently ignored: refuse it
+        for suffix in _SCALES.values():
+            if name.endswith("." + suffix):
+                w = name[: -len(suffix)] + "weight"
+                if w not in specs:
+                    raise _bad(ck, name, f"a {suffix} without an fp8 weight {w!r}")
+    if method in METHODS and not specs:
+        raise BadInputError(f"{ck.root}: config.json says quant_method {method!r} but no weight is stored as "
+                            f"float8; remove quantization_config from config.json or use the fp8 checkpoint")
+    if marker is not None and specs:
+        first = next((s for s in specs.values() if s.kind == "scaled"), None)
+        if first is not None:
+            first.aux["marker"] = marker
+    return specs
+
+
+def _spec(ck: Checkpoint, names: set[str], name: str, shape: tuple[int, ...], fp8: torch.dtype,
+          block: tuple[int, int]) -> Fp8Spec:
+    stem = name[: -len("weight")] if name.endswith(".weight") else None
+    found = [k for k, s in _SCALES.items() if stem and stem + s in names]
+    if len(found) > 1:
+        raise _bad(ck, name, f"has scales of two layouts ({', '.join(_SCALES[k] for k in found)})")
+    spec = Fp8Spec("plain", name, fp8, shape)
+    for a in _INPUT_SCALES:
+        if stem and stem + a in names:
+            spec.aux["input_scale"] = stem + a
+    if not found:
+        return spec
+    kind = found[0]
+    sname = stem + _SCALES[kind]
+    si = ck.info(sname)
+    spec.aux["scale"], spec.scale_dtype, spec.scale_shape = sname, si.dtype, tuple(si.shape)
+    if si.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise _bad(ck, sname, f"scale stored as {str(si.dtype).removeprefix('torch.')}, expected a float dtype")
+    rows = shape[0] if shape else 1
+    if kind == "block":
+        if len(shape) != 2:
+            raise _bad(ck, name, f"a block-scaled weight must be 2-D, found {list(shape)}")
+        if spec.scale_shape != F.block_grid(shape, block):
+            raise _bad(ck, sname, f"scale shape {list(si.shape)} does not match weight {list(shape)} in "
+                                  f"{block[0]}×{block[1]} blocks (expected {list(F.block_grid(shape, block))})")
+        spec.kind, spec.block = "block", block
+    elif kind == "ct":
+        if spec.scale_shape in ((), (1,)):
+            spec.kind = "tensor"
+        elif len(shape) == 2 and spec.scale_shape in ((rows, 1), (rows,)):
+            spec.kind = "channel"
+        else:
+            raise _bad(ck, sname, f"scale shape {list(si.shape)} is neither per-tensor [1] nor per-channel "
+                                  f"[{rows}, 1] for weight {list(shape)} (group and block strategies are not read)")
+    else:
+        n = 1
+        for d in spec.scale_shape:
+            n *= d
+        if not (n == 1 or (len(shape) >= 2 and spec.scale_shape in ((rows,), (rows, 1)))):
+            raise _bad(ck, sname, f"scale shape {list(si.shape)} is neither one value nor one per row of "
+                                  f"weight {list(shape)}")
+        spec.kind = "scaled"
+    return spec
+
+
+def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
+    """The fp32 weight a consumer computes with (before its own rounding to the compute dtype)."""
+    q = ck.get(spec.weight)
+    if spec.kind == "plain":
+        return F.dequantize_plain(q)
+    s = ck.get(spec.aux["scale"])
+    if spec.kind == "block":
+        return F.dequantize_block(q, s, spec.block)
+    if spec.kind == "scaled":
+        return F.dequantize_scaled(q, s)
+    return F.dequantize_ct(q, s)
+
+
+class Fp8Checkpoint(Checkpoint):
+    """A Checkpoint whose float8 weights are served dequantized in fp32 (see the module docstring)."""
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint) -> Fp8Checkpoint:
+        specs = find_specs(ck)
+        self = cls.__new__(cls)
+        self.stored, self.specs = ck, specs
+        hidden = {a for s in specs.values() for a in s.aux.values()}
+        shards = []
+        for sh in ck.shards:
+            logical = Shard(sh.relpath, None, sh.prefix)  # type: ignore[arg-type]
+            logical.file = _LogicalFile(self, sh, [k for k in sh.file.names() if sh.prefix + k not in hidden])
+            shards.append(logical)
+        cfg = dict(ck.config) if isinstance(ck.config, dict) else {}
+        qc = cfg.pop("quantization_config", None)
+        Checkpoint.__init__(self, ck.root, ck.kind, shards, cfg, list(ck.extra_files), list(ck.index_files))
+        self.quantization_config = qc if isinstance(qc, dict) else None
+        self.config_rewritten = qc is not None  # a 16-bit output drops quantization_config
+        return self
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self.specs
+
+    def get(self, name: str) -> torch.Tensor:
+        spec = self.specs.get(name)
+        return super().get(name) if spec is None else dequantize(self.stored, spec)
+
+    def get32(self, name: str) -> torch.Tensor:
+        return self.get(name).to(torch.float32)
+
+    def raw(self, name: str) -> memoryview:
+        sh, key = self.shard_of(name)
+        return sh.file.raw(key)
+
+    def storage_of(self, name: str) -> str:
+        s = self.specs.get(name)
+        if s is None:
+            return super().storage_of(name)
+        fp8 = str(s.fp8).removeprefix("torch.")
+        if s.kind == "plain":
+            return f"{fp8} (plain)"
+        sdt = str(s.scale_dtype).removeprefix("torch.")
+        what = {"block": f"{s.block[0]}x{s.block[1]} block scales", "tensor": "per-tensor scale",
+                "channel": "per-channel scale", "scaled": "ComfyUI scale_weight"}[s.kind]
+        return f"{fp8} + {sdt} {what}"
+
+    def own_layout(self):
+        """The sink quantizer that writes this base's fp8 layout back (the default output of a merge)."""
+        from loraport.quant.fp8_quantizer import Fp8Quantizer
+
+        return Fp8Quantizer(source=self)
+
+    def close(self) -> None:
+        self.stored.close()
