@@ -15,6 +15,8 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._experts import to_base_layout
+from loraport.formats._peft_params import param_deltas
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import read_json
@@ -146,7 +148,12 @@ class PeftFormat(AdapterFormat):
                 "and trainable biases are understood"
             )
 
-        deltas = []
+        def scale_of(name: str) -> tuple[float, float, int]:
+            r = int(_pattern_value(rank_pattern, name, r_default))
+            alpha = _pattern_value(alpha_pattern, name, a_default)
+            return lora_scale(alpha, r, rslora), float(alpha), r
+
+        deltas = param_deltas(parts, cfg, base, wfile, scale_of, notes)  # target_parameters (MoE experts)
         for mod, p in parts.items():
             emb = "lora_embedding_A" in p or "lora_embedding_B" in p
             A = p.get("lora_embedding_A" if emb else "lora_A.weight")
@@ -179,6 +186,7 @@ class PeftFormat(AdapterFormat):
             notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
         if replacements:
             notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
+        deltas = to_base_layout(deltas, base)
         return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
                        files=[str(path / CONFIG), str(wfile)], name=path.name)
 
