@@ -5,8 +5,9 @@ GLM MoE: `experts.gate_up_proj`, `experts.down_proj`) are fine-tuned. Spec: form
 What PEFT 0.21 stores and merges (peft/tuners/lora/layer.py, ParamWrapper):
 * a parameter P [E, d1, d2] gets lora_A [E·r, d2] and lora_B [d1, E·r]; expert e owns rows e·r … e·r+r-1 of A
   and columns e, E+e, 2E+e, … of B (B is read as [d1, r, E]); ΔP[e] = scale · B_e @ A_e, shape [d1, d2],
-  scale = alpha/r (alpha/√r with rsLoRA), r the per-expert rank of the config. PEFT reads P as [E, out, in]
-  whatever the module's own convention (gpt-oss and Llama 4 keep [E, in, out]; the math is positional).
+  scale = alpha/r (alpha/√r with rsLoRA), r the per-expert rank of the config. A module transformers declares
+  `is_transposed` (gpt-oss: P is [E, in, out]) gets lora_A [E·r, d1], lora_B [d2, E·r] and ΔP[e] = (B_e @ A_e)ᵀ;
+  Llama 4 also keeps [E, in, out] but is not so declared, so PEFT's math there is the positional default.
 * a 2-D parameter is a plain LoRA: ΔP = scale · B @ A.
 * k parameters on one module nest k wrappers: the first one PEFT wraps (the module's parameters in definition
   order: gate_up_proj before down_proj) ends innermost, its keys carrying k-1 `base_layer.` segments
@@ -32,6 +33,10 @@ NEST = ".base_layer"
 # the order transformers 5 expert modules define their parameters (Qwen3-MoE, Mixtral, gpt-oss, Llama 4): the
 # order PEFT wraps them in, so the first is the innermost wrapper (the saved target_parameters list is a set's order)
 DEFINITION_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+# model types whose expert modules are declared `is_transposed` ([E, in, out]; transformers 5.25's
+# @use_experts_implementation): PEFT then stores lora_A [E·r, d1], lora_B [d2, E·r] and ΔP[e] = (B_e @ A_e)ᵀ.
+# Only consulted where the parameter is square (shapes decide otherwise).
+TRANSPOSED_EXPERTS = ("gpt_oss", "aria", "ergo", "openai_privacy_filter")
 
 
 def _owner(mod: str) -> tuple[str, int]:
@@ -54,10 +59,17 @@ def _targeted(owner: str, targets: list[str]) -> list[str]:
     return out
 
 
-def _fits(base, target: str, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether flat factors A [E·r, in], B [out, E·r] fit the base parameter, stored fused or per expert."""
+def _orientation(base, target: str, A: torch.Tensor, B: torch.Tensor) -> bool | None:
+    """Whether PEFT stored the parameter's update transposed (an `is_transposed` expert module: ΔP[e] =
+    (B_e @ A_e)ᵀ); None when the factors fit the base parameter neither way. Without a base: not transposed."""
     shape = stacked_shape(base, target)
-    return shape is None or shape[-2:] == (B.shape[0], A.shape[1])
+    if shape is None:
+        return False
+    d = tuple(shape[-2:])
+    plain, flipped = d == (B.shape[0], A.shape[1]), d == (A.shape[1], B.shape[0])
+    if plain and flipped:  # square: only the model class can tell
+        return (base.model_type() or "") in TRANSPOSED_EXPERTS
+    return False if plain else True if flipped else None
 
 
 def _nesting(params: list[str]) -> list[str]:
@@ -78,7 +90,8 @@ def _assign(owner: str, params: list[str], groups: dict[int, dict], base, where:
                                 "the model class; pass --base so their shapes decide")
         return dict(enumerate(first))
     for order in [first] + [list(p) for p in itertools.permutations(params)]:
-        if all(_fits(base, f"{owner}.{order[d]}", g["lora_A.weight"], g["lora_B.weight"]) for d, g in groups.items()):
+        if all(_orientation(base, f"{owner}.{order[d]}", g["lora_A.weight"], g["lora_B.weight"]) is not None
+               for d, g in groups.items()):
             if order != first:
                 notes.append(f"{owner}: parameters assigned to key sets by their shapes in the base")
             return dict(enumerate(order))
@@ -110,11 +123,13 @@ def param_deltas(parts: dict[str, dict[str, torch.Tensor]], cfg: dict, base, whe
         order = _assign(owner, _targeted(owner, targets), groups, base, where, notes)
         for depth, g in groups.items():
             name = f"{owner}.{order[depth]}"
-            deltas.append(_delta(name, g["lora_A.weight"], g["lora_B.weight"], scale_of(name), where))
+            A, B = g["lora_A.weight"], g["lora_B.weight"]
+            deltas.append(_delta(name, A, B, scale_of(name), where, bool(_orientation(base, name, A, B))))
     return deltas
 
 
-def _delta(name: str, A: torch.Tensor, B: torch.Tensor, sar: tuple[float, float, int], where: Path):
+def _delta(name: str, A: torch.Tensor, B: torch.Tensor, sar: tuple[float, float, int], where: Path,
+           transposed: bool):
     scale, alpha, r = sar
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or r <= 0 or A.shape[0] % r:
         raise BadInputError(f"{where}: {name}: lora_A {list(A.shape)} / lora_B {list(B.shape)} are not "
@@ -125,4 +140,6 @@ def _delta(name: str, A: torch.Tensor, B: torch.Tensor, sar: tuple[float, float,
         return LoraDelta(name, A=A, B=B, scale=scale, transpose=False, alpha=alpha, layer="linear", source_key=key)
     A3 = A.reshape(E, r, A.shape[1])
     B3 = B.reshape(B.shape[0], r, E).permute(2, 0, 1).contiguous()
+    if transposed:  # ΔP[e] = (B_e @ A_e)ᵀ = A_eᵀ @ B_eᵀ
+        A3, B3 = B3.transpose(1, 2).contiguous(), A3.transpose(1, 2).contiguous()
     return ExpertsLoraDelta(name, parts=[ExpertPart(A3, B3, scale, None, key)], source_key=key)
