@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 
-from loraport.adapter import LoraDelta
+from dataclasses import replace
+
+from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertsLoraDelta
 from loraport.engine.sources import resolve_target
+from loraport.errors import BadInputError
 from loraport.names.llm import canonical, spell
 
 _LAYERS = re.compile(r"^(?P<prefix>.*?)(?P<rest>layers\.\d+\..+)$")
@@ -69,7 +72,10 @@ def per_expert(d: ExpertsLoraDelta, base=None, *, need_base_names: bool = True) 
     deltas = []
     for i, part in enumerate(parts):
         chosen = None
-        for t in _templates(d.target, part, base):
+        templates = _templates(d.target, part, base)
+        if base is None and len(templates) > 1:
+            return None  # several families spell it differently: only the base can choose
+        for t in templates:
             names = [resolve_target(base, t.format(xid=e)) if base is not None else [] for e in range(E)]
             if all(len(n) == 1 for n in names):
                 chosen = [n[0] for n in names]
@@ -99,3 +105,24 @@ def to_base_layout(deltas: list, base) -> list:
                 continue
         out.append(d)
     return out
+
+
+def unstack_fused(adapter: Adapter, base, fmt: str) -> Adapter:
+    """For writers that store experts their own way (GGUF `ffn_*_exps`, MLX SwitchLinear): updates of
+    transformers' fused expert parameters (PEFT target_parameters; a name without `.weight`) as per-expert HF
+    LoRAs the writer restacks; refused where the name table has no per-expert form for the family."""
+    if not any(d.stacked and not d.target.endswith(".weight") for d in adapter.deltas):
+        return adapter
+    out = []
+    for d in adapter.deltas:
+        if d.stacked and not d.target.endswith(".weight"):
+            split = per_expert(d, base, need_base_names=False)
+            if split is None:
+                why = "pass --base so the model family decides" if base is None else \
+                    "this family's fused experts have no per-expert form in loraport/names/llm.py"
+                raise BadInputError(f"{fmt} cannot express the update of the fused expert parameter {d.target}: "
+                                    f"{why}")
+            out += split
+        else:
+            out.append(d)
+    return replace(adapter, deltas=out)
