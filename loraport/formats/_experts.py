@@ -21,15 +21,16 @@ from loraport.names.llm import canonical, spell
 _LAYERS = re.compile(r"^(?P<prefix>.*?)(?P<rest>layers\.\d+\..+)$")
 
 
-def _templates(stacked: str, part: str, base) -> list[str]:
-    """The per-expert HF name templates (`{xid}`) of one part of a stacked tensor, the base's family first."""
+def _templates(stacked: str, part: str, base) -> list[tuple[str, bool]]:
+    """The per-expert HF name templates (`{xid}`) of one part of a stacked tensor, each with whether its row of
+    the table is for the base's model family (the base's family first; all False without a base)."""
     m = _LAYERS.match(stacked)
     if m is None:
         return []
     keys = canonical("model." + m.group("rest") + part, "hf_stacked", experts=True)
     family = (base.model_type() or "").replace("_", "") if base is not None else ""
-    keys.sort(key=lambda k: family not in k.row.families.split())
-    return [t for k in keys if (t := spell(k, "hf")) is not None]
+    found = [(t, family in k.row.families.split()) for k in keys if (t := spell(k, "hf")) is not None]
+    return sorted(found, key=lambda tf: not tf[1])
 
 
 def stacked_shape(base, target: str) -> tuple[int, ...] | None:
@@ -43,7 +44,8 @@ def stacked_shape(base, target: str) -> tuple[int, ...] | None:
     parts = [":0", ":1"] if target.endswith("gate_up_proj") else [""]
     shapes = []
     for part in parts:
-        found = [n[0] for t in _templates(target, part, base) if len(n := resolve_target(base, t.format(xid=0))) == 1]
+        found = [n[0] for t, _ in _templates(target, part, base)
+                 if len(n := resolve_target(base, t.format(xid=0))) == 1]
         if not found:
             return None
         shapes.append(tuple(base.info(found[0]).shape))
@@ -62,7 +64,8 @@ def _parts(d: ExpertsLoraDelta) -> list[str] | None:
 def per_expert(d: ExpertsLoraDelta, base=None, *, need_base_names: bool = True) -> list[LoraDelta] | None:
     """The per-expert LoRAs of a stacked update on a transformers-5 fused parameter, named as the base stores
     them (`need_base_names`: only if the base has them, else None), or in the table's spelling for the base's
-    family (the first family without a base); None when the name table has no per-expert form."""
+    family (without a base: the table's only spelling); None when the name table has no per-expert form for it
+    (gpt-oss's interleaved [E, in, out] gate_up shares Qwen's name but not its layout: the family decides)."""
     parts = _parts(d)
     if parts is None:
         return None
@@ -73,14 +76,12 @@ def per_expert(d: ExpertsLoraDelta, base=None, *, need_base_names: bool = True) 
     for i, part in enumerate(parts):
         chosen = None
         templates = _templates(d.target, part, base)
-        if base is None and len(templates) > 1:
-            return None  # several families spell it differently: only the base can choose
-        for t in templates:
+        for t, ours in templates:
             names = [resolve_target(base, t.format(xid=e)) if base is not None else [] for e in range(E)]
-            if all(len(n) == 1 for n in names):
+            if all(len(n) == 1 for n in names):  # the base stores exactly these: whatever the family
                 chosen = [n[0] for n in names]
                 break
-            if chosen is None and not need_base_names:
+            if chosen is None and not need_base_names and (ours or base is None and len(templates) == 1):
                 chosen = [t.format(xid=e) for e in range(E)]
         if chosen is None:
             return None
