@@ -120,6 +120,9 @@ def param_deltas(parts: dict[str, dict[str, torch.Tensor]], cfg: dict, base, whe
             if "lora_A.weight" not in g or "lora_B.weight" not in g or len(g) != 2:
                 raise BadInputError(f"{where}: {owner}: a target_parameters LoRA has exactly lora_A.weight and "
                                     f"lora_B.weight, found {sorted(g)}")
+            if g["lora_A.weight"].dim() != 2 or g["lora_B.weight"].dim() != 2:
+                raise BadInputError(f"{where}: {owner}: target_parameters LoRA factors are matrices, found "
+                                    f"{list(g['lora_A.weight'].shape)} / {list(g['lora_B.weight'].shape)}")
         order = _assign(owner, _targeted(owner, targets), groups, base, where, notes)
         for depth, g in groups.items():
             name = f"{owner}.{order[depth]}"
