@@ -254,3 +254,21 @@ def test_multimodal_text_tower_prefixes_merge_both_ways(gemma3, tmp_path):
             out = tmp_path / f"{ad}_into_{base}"
             loraport.merge(root / base, tmp_path / ad, out)
             assert float((_logits(g[base], out) - ref).abs().max()) < TOL, (ad, base)
+
+
+def test_validate_reference_puts_per_expert_targets_on_the_fused_live_parameter(moe, tmp_path):
+    """validate's reference hooks the adapter into the model transformers builds: per-expert checkpoint names
+    land on their expert's rows of the fused in-memory parameter; a merged artifact passes, the base fails."""
+    root = moe("mixtral")["root"]
+    loraport.merge(root / "base", root / "adapter", tmp_path / "mix")
+    assert loraport.validate(tmp_path / "mix", base=root / "base", adapters=root / "adapter", seq=8).passed
+    assert not loraport.validate(root / "base", base=root / "base", adapters=root / "adapter", seq=8).passed
+
+
+def test_validate_reference_finds_prefixed_text_tower_modules(gemma3, tmp_path):
+    """A multimodal checkpoint saved as `language_model.model.*`, its live modules `model.language_model.*`."""
+    g = gemma3["root"]
+    _peft_on(gemma3["mm"], g / "mm", r".*language_model.*\.(q_proj|down_proj)", tmp_path / "ad", 3)
+    loraport.merge(g / "mm", tmp_path / "ad", tmp_path / "mm")
+    assert loraport.validate(tmp_path / "mm", base=g / "mm", adapters=tmp_path / "ad", seq=8).passed
+    assert not loraport.validate(g / "mm", base=g / "mm", adapters=tmp_path / "ad", seq=8).passed
