@@ -159,6 +159,30 @@ def test_convert_to_per_expert_stacks_merges_back_to_peft(moe, arch, to, tmp_pat
         assert f"model.layers.1.{switch}.up_proj.lora_b" in keys
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_convert_to_peft_writes_target_parameters_that_peft_merges_the_same(moe, arch, tmp_path):
+    """PEFT → PEFT keeps the fused form (nesting and is_transposed orientation as PEFT expects them), on either
+    base layout; a GGUF made against the fused base (gate and up as separate stacks) comes back as one
+    block-diagonal gate_up LoRA. Loaded by PEFT itself, its merge gives the original merge's logits."""
+    from peft import PeftModel
+
+    c = moe(arch)
+    root = c["root"]
+    sources = [("adapter", "base"), ("adapter", "fused")]
+    if arch == "qwen3_moe":
+        loraport.convert(root / "adapter", "gguf", tmp_path / "a.gguf", base=root / "fused")
+        sources.append((tmp_path / "a.gguf", "fused"))
+    for i, (src, layout) in enumerate(sources):
+        out = tmp_path / f"peft{i}"
+        loraport.convert(root / src, "peft", out, base=root / layout)
+        assert json.loads((out / "adapter_config.json").read_text())["target_parameters"]
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(c["cls"].from_pretrained(root / "base"), out).merge_and_unload()(X).logits
+        assert float((got - c["logits"]).abs().max()) < TOL, (src, layout)
+    with pytest.raises(BadInputError, match="needs base"):
+        loraport.convert(root / "adapter", "peft", tmp_path / "nobase")
+
+
 @pytest.mark.parametrize("to", ["gguf", "mlx"])
 def test_convert_refuses_what_the_writer_cannot_name(moe, to, tmp_path):
     out = tmp_path / ("x.gguf" if to == "gguf" else "x_mlx")

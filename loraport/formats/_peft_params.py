@@ -26,7 +26,7 @@ import torch
 
 from loraport.adapter import LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta
-from loraport.formats._experts import stacked_shape
+from loraport.engine.experts import stacked_shape
 from loraport.errors import BadInputError
 
 NEST = ".base_layer"
@@ -146,3 +146,52 @@ def _delta(name: str, A: torch.Tensor, B: torch.Tensor, sar: tuple[float, float,
     if transposed:  # ΔP[e] = (B_e @ A_e)ᵀ = A_eᵀ @ B_eᵀ
         A3, B3 = B3.transpose(1, 2).contiguous(), A3.transpose(1, 2).contiguous()
     return ExpertsLoraDelta(name, parts=[ExpertPart(A3, B3, scale, None, key)], source_key=key)
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+def _one_lora(d: ExpertsLoraDelta) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A stacked update as one per-expert LoRA (A [E, R, in], B [E, out, R], scale): parts on row slices (gate
+    and up of a fused gate_up) become a block-diagonal B over their concatenated ranks, scales baked into B."""
+    p0 = d.parts[0]
+    if len(d.parts) == 1 and p0.out_rows is None:
+        return p0.A, p0.B, p0.scale
+    E = p0.A.shape[0]
+    rows = [p.out_rows or (0, p.B.shape[1]) for p in d.parts]
+    out = max(b for _, b in rows)
+    A = torch.cat([p.A for p in d.parts], dim=1)
+    B = torch.zeros(E, out, A.shape[1], dtype=p0.B.dtype)
+    k = 0
+    for p, (a, b) in zip(d.parts, rows):
+        r = p.A.shape[1]
+        B[:, a:b, k:k + r] = (p.B.float() * (p.scale / p0.scale)).to(B.dtype)
+        k += r
+    return A, B, p0.scale
+
+
+def param_tensors(deltas: list[ExpertsLoraDelta], base, prefix: str, rank_pattern: dict, alpha_pattern: dict
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT `target_parameters` keys for stacked updates of fused parameters (the reader's mirror image): per
+    module, wrappers nested in definition order; rank and alpha of each parameter into the patterns (keyed by
+    the parameter's name). Returns (tensors, target_parameters)."""
+    if base is None:
+        raise BadInputError(f"{deltas[0].target}: writing PEFT target_parameters needs --base (the nesting and "
+                            "orientation of the factors depend on the model class)")
+    by_owner: dict[str, list[str]] = {}
+    for d in deltas:
+        owner, _, param = d.target.rpartition(".")
+        by_owner.setdefault(owner, []).append(param)
+    tensors: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        owner, _, param = d.target.rpartition(".")
+        order = _nesting(by_owner[owner])
+        depth = len(order) - 1 - order.index(param)
+        A, B, scale = _one_lora(d)
+        if (base.model_type() or "") in TRANSPOSED_EXPERTS:  # an is_transposed module: ΔP[e] = (B_e @ A_e)ᵀ
+            A, B = B.transpose(1, 2), A.transpose(1, 2)
+        E, R = A.shape[0], A.shape[1]
+        key = f"{prefix}{owner}{NEST * depth}"
+        tensors[f"{key}.lora_A.weight"] = A.reshape(E * R, A.shape[2]).contiguous()
+        tensors[f"{key}.lora_B.weight"] = B.permute(1, 2, 0).reshape(B.shape[1], R * E).contiguous()
+        rank_pattern[d.target] = R
+        alpha_pattern[d.target] = scale * R
+    return tensors, sorted(d.target for d in deltas)
