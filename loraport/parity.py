@@ -34,6 +34,7 @@ from loraport.adapter import LowRank
 from loraport.errors import BadInputError
 from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
 from loraport.jsonfile import read_json
+from loraport.model_slots import find as find_slot
 
 # How far an artifact may be from the fp32 unmerged reference, by what it stores. max_abs is relative to
 # max(1, max|reference logit|); min_cosine over all logits. The int8/int4 rows were measured on random-init
@@ -138,20 +139,6 @@ class _Hooked:
         self.handles.clear()
 
 
-def _module_for(model, ckpt_name: str):
-    """(module, param name) in `model` for a checkpoint tensor name (allowing a missing model prefix)."""
-    mods = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for cand in (ckpt_name, f"{prefix}.{ckpt_name}" if prefix else None):
-        if not cand:
-            continue
-        mod_name, _, leaf = cand.rpartition(".")
-        m = mods.get(mod_name)
-        if m is not None and isinstance(getattr(m, leaf, None), torch.nn.Parameter):
-            return m, leaf
-    return None, None
-
-
 def _is_conv1d(mod) -> bool:
     return type(mod).__name__ == "Conv1D"
 
@@ -168,9 +155,14 @@ def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
             params.setdefault(id(p), []).append((m, pn))
     patched = 0
     for name, ups in plan.updates.items():
-        mod, leaf = _module_for(model, name)
-        if mod is None:
+        slot = find_slot(model, name)
+        if slot is None:
             raise BadInputError(f"reference: no module of the transformers model holds {name}")
+        if slot.index is not None:  # one expert of a fused expert parameter
+            hooked.handles += [_patch_expert(slot, d, w) for d, w in ups]
+            patched += len(ups)
+            continue
+        mod, leaf = slot.module, slot.leaf
         sharers = params.get(id(getattr(mod, leaf)), [(mod, leaf)])
         for d, w in ups:
             # factor hooks where the function is x·Aᵀ·Bᵀ: Linear stores B·A, Conv1D and Embedding store (B·A)ᵀ
@@ -206,6 +198,25 @@ def _dense_delta(d, W: torch.Tensor) -> torch.Tensor:
     else:
         full = d.contribution(W).reshape(W.shape)
     return full
+
+
+def _patch_expert(slot, d, w) -> _RestoreRows:
+    """Add one delta to its expert's rows of a fused expert parameter (restored by remove())."""
+    p = getattr(slot.module, slot.leaf)
+    e, a, b = slot.index
+    dW = d.contribution(p.detach()[e, a:b].to(torch.float32)) * w
+    with torch.no_grad():
+        p[e, a:b] += dW.to(p.dtype)
+    return _RestoreRows(p, (e, slice(a, b)), dW)
+
+
+class _RestoreRows:
+    def __init__(self, p, idx, dW):
+        self.p, self.idx, self.dW = p, idx, dW
+
+    def remove(self):
+        with torch.no_grad():
+            self.p[self.idx] -= self.dW.to(self.p.dtype)
 
 
 class _Restore:

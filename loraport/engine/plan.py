@@ -10,6 +10,7 @@ import torch
 
 from loraport.adapter import Adapter, Delta
 from loraport.checkpoint import Checkpoint
+from loraport.engine.experts import to_base_layout
 from loraport.engine.sources import resolve_target
 from loraport.errors import PlanError
 
@@ -34,7 +35,7 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
     plan = MergePlan(base, adapters)
     for adapter, weight in adapters:
         unmatched, matched = [], 0
-        for d in adapter.deltas:
+        for d in to_base_layout(adapter.deltas, base):  # fused expert updates on a per-expert base: split
             names = resolve_target(base, d.target)
             if not names:
                 unmatched.append(d.target)

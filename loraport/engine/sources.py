@@ -122,12 +122,28 @@ def check_loadable(ckpt: Checkpoint) -> None:
                             "use the model's own config.json, or pass --allow-incomplete to write the weights anyway")
 
 
+# Where a multimodal LLM keeps its text decoder: transformers ≥ 5 (Gemma 3, LLaVA, Mistral 3, Qwen-VL:
+# `model.language_model.layers…`, head `lm_head`), transformers 4 checkpoints of LLaVA / Gemma 3 / Mistral 3
+# (`language_model.model.layers…`, head `language_model.lm_head`), the text-only model (`model.layers…`).
+TEXT_TOWER = ("model.language_model.", "language_model.model.", "model.")
+HEAD_PREFIXES = ("", "language_model.")
+
+
 def _candidates(target: str) -> list[str]:
     """A target as written, then with the "model." prefix toggled (adapters saved from the bare or the wrapped
-    model)."""
-    if target.startswith("model."):
-        return [target, target[len("model."):]]
-    return [target, "model." + target]
+    model), then in every spelling of a multimodal model's text tower (an adapter trained on the text-only model
+    merges into the multimodal checkpoint and back, across transformers 4 and 5 layouts)."""
+    out = [target, target[len("model."):] if target.startswith("model.") else "model." + target]
+    for p in TEXT_TOWER:
+        if target.startswith(p):
+            out += [q + target[len(p):] for q in TEXT_TOWER]
+            break
+    else:
+        for p in sorted(HEAD_PREFIXES, key=len, reverse=True):
+            if target.startswith(p + "lm_head."):
+                out += [q + target[len(p):] for q in HEAD_PREFIXES]
+                break
+    return list(dict.fromkeys(out))
 
 
 def resolve_target(base: Checkpoint, target: str) -> list[str]:

@@ -32,6 +32,7 @@ from loraport.errors import BadInputError, Inexpressible, UnsafeInputError
 from loraport.paths import regular
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._experts import unstack_fused
 from loraport.formats._llm import bake, common_value, oriented, require_lora_only, stack_experts
 from loraport.names.llm import (
     GGUF_ARCH,
@@ -279,6 +280,7 @@ class GgufFormat(AdapterFormat):
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: GgufWriteOptions) -> list[Path]:
+        adapter = unstack_fused(adapter, base, "GGUF")
         require_lora_only(adapter, "GGUF", stacked=True)
         for d in adapter.deltas:
             if d.has_magnitude:

@@ -19,6 +19,7 @@ from loraport.adapter import Adapter, LoraDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta, combine_stacked
 from loraport.errors import BadInputError, Inexpressible
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
+from loraport.formats._experts import unstack_fused
 from loraport.formats._llm import (
     bake,
     common_value,
@@ -142,6 +143,7 @@ class MlxFormat(AdapterFormat):
     # --- write ---------------------------------------------------------------------------------------
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
+        adapter = unstack_fused(adapter, base, "MLX")
         require_lora_only(adapter, "MLX", stacked=True)
         notes: list[str] = []
         loras = [d for d in adapter.deltas if d.has_lora_factors]

@@ -15,6 +15,7 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._peft_params import param_deltas, param_tensors
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import read_json
@@ -146,7 +147,12 @@ class PeftFormat(AdapterFormat):
                 "and trainable biases are understood"
             )
 
-        deltas = []
+        def scale_of(name: str) -> tuple[float, float, int]:
+            r = int(_pattern_value(rank_pattern, name, r_default))
+            alpha = _pattern_value(alpha_pattern, name, a_default)
+            return lora_scale(alpha, r, rslora), float(alpha), r
+
+        deltas = param_deltas(parts, cfg, base, wfile, scale_of, notes)  # target_parameters (MoE experts)
         for mod, p in parts.items():
             emb = "lora_embedding_A" in p or "lora_embedding_B" in p
             A = p.get("lora_embedding_A" if emb else "lora_A.weight")
@@ -194,7 +200,10 @@ class PeftFormat(AdapterFormat):
             raise BadInputError("PEFT cannot express DoRA on some modules and plain LoRA on others")
         fan_in_fan_out = False
         loras = [d for d in adapter.deltas if d.has_lora_factors]
+        fused = [d for d in adapter.deltas if d.stacked and not d.target.endswith(".weight")]
         for d in adapter.deltas:
+            if d.stacked and not d.target.endswith(".weight"):
+                continue  # transformers' fused expert parameters: target_parameters, written below
             if d.rows is not None:
                 raise BadInputError(f"{d.target}: a row-sliced update (fused projection) has no PEFT form")
             if d.has_lora_factors:
@@ -233,6 +242,8 @@ class PeftFormat(AdapterFormat):
             else:
                 raise BadInputError(f"{d.target}: {d.kind} updates have no PEFT LoRA form").hint(
                     "--lossy", "re-factors them to low rank")
+        ptensors, params = param_tensors(fused, base, PREFIX, rank_pattern, alpha_pattern) if fused else ({}, [])
+        tensors.update(ptensors)
         ranks = list(rank_pattern.values())
         alphas = list(alpha_pattern.values())
         r0 = max(set(ranks), key=ranks.count) if ranks else 8
@@ -248,6 +259,7 @@ class PeftFormat(AdapterFormat):
             "use_dora": dora == {True},
             "fan_in_fan_out": fan_in_fan_out,
             "target_modules": sorted(set(targets)),
+            **({"target_parameters": params} if params else {}),
             "rank_pattern": {re.escape(m): r for m, r in rank_pattern.items() if r != r0},
             "alpha_pattern": {re.escape(m): a for m, a in alpha_pattern.items() if a != a0},
             "modules_to_save": sorted(set(to_save)) or None,

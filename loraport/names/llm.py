@@ -23,7 +23,8 @@ import torch
 # --- the tables: one row per canonical tensor, a column per spelling (dialect) ------------------------------
 # Dialects: hf = transformers on-disk names; gguf = llama.cpp; torchtune = Meta's layout as torchtune keeps it;
 # mlx = mlx-lm module paths (equal to hf's except where `sanitize()` stacks MoE experts into a SwitchLinear);
-# hf_stacked = transformers ≥ 5's in-memory stacked experts, `name:i` = the i-th half of its output rows.
+# hf_stacked = transformers ≥ 5's in-memory stacked experts, `name:i` = the i-th half of its output rows (Mixtral's
+# `block_sparse_moe` is renamed `mlp` in memory; save_pretrained writes the per-expert hf names back).
 # Where a dialect places a block's tensors; model-level tensors have no prefix.
 BLOCK_PREFIX: dict[str, str] = {"hf": "model.layers.{bid}.", "gguf": "blk.{bid}.", "torchtune": "layers.{bid}.",
                                 "mlx": "model.layers.{bid}.", "hf_stacked": "model.layers.{bid}."}
@@ -98,11 +99,11 @@ EXPERTS: tuple[ExpertRow, ...] = (
     ExpertRow("ffn_down_exps", "mlp.experts.{xid}.down_proj",        "ffn_down_exps",
               "mlp.switch_mlp.down_proj",               "mlp.experts.down_proj",                    Q_MOE),
     ExpertRow("ffn_gate_exps", "block_sparse_moe.experts.{xid}.w1",  "ffn_gate_exps",
-              "block_sparse_moe.switch_mlp.gate_proj",  "block_sparse_moe.experts.gate_up_proj:0",  "mixtral"),
+              "block_sparse_moe.switch_mlp.gate_proj",  "mlp.experts.gate_up_proj:0",               "mixtral"),
     ExpertRow("ffn_up_exps",   "block_sparse_moe.experts.{xid}.w3",  "ffn_up_exps",
-              "block_sparse_moe.switch_mlp.up_proj",    "block_sparse_moe.experts.gate_up_proj:1",  "mixtral"),
+              "block_sparse_moe.switch_mlp.up_proj",    "mlp.experts.gate_up_proj:1",               "mixtral"),
     ExpertRow("ffn_down_exps", "block_sparse_moe.experts.{xid}.w2",  "ffn_down_exps",
-              "block_sparse_moe.switch_mlp.down_proj",  "block_sparse_moe.experts.down_proj",       "mixtral"),
+              "block_sparse_moe.switch_mlp.down_proj",  "mlp.experts.down_proj",                    "mixtral"),
 )
 
 # GGUF ↔ HF views of TENSORS, (gguf, hf, families) as gguf-py's TensorNameMap is checked against
