@@ -15,6 +15,7 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._peft_methods import read_method
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import read_json
@@ -54,12 +55,6 @@ def _num(cfg: dict, key: str, default, path: Path):
 
 def _check_method(cfg: dict, path: Path) -> None:
     """Refuse what is not a LoRA trained against the unmodified base."""
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise BadInputError(
-            f"{path}: PEFT method {ptype} is not LoRA; loraport merges LoRA/DoRA adapters "
-            "(LoHa/LoKr/IA3 are read from LyCORIS files)"
-        )
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
         raise BadInputError(
@@ -123,6 +118,9 @@ class PeftFormat(AdapterFormat):
         if not path.is_dir():
             raise BadInputError(f"{path}: a PEFT adapter is a folder with {CONFIG} and {WEIGHTS[0]}")
         cfg = read_json(path / CONFIG, CONFIG)
+        ptype = str(cfg.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":  # LoHa, LoKr, IA³, VeRA, AdaLoRA, OFT, BOFT, MiSS; the unmergeable ones refused
+            return read_method(path, cfg, base, ptype)
         _check_method(cfg, path)
         wfile = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
         if wfile is None:
