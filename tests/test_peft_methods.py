@@ -118,3 +118,116 @@ def test_merge_equals_peft_merge_and_unload(case, made, base_model, tmp_path):
 
     logits = forward(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval(), sample_input(BASE))
     assert max_abs(logits, want_logits) <= 1e-4
+
+
+def test_adalora_converts_to_peft_lora_exactly(made, tmp_path):
+    """AdaLoRA is a LoRA with E folded into A and scale alpha/(init_r + 1e-5): PEFT LoRA stores it exactly, and
+    PEFT's merge of the converted LoRA equals its merge of the AdaLoRA."""
+    adapter, want, _ = made["adalora"]
+    loraport.convert(adapter, "peft", tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    from transformers import AutoModelForCausalLM
+
+    merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(BASE)), str(tmp_path / "lora"))
+    got = merged.merge_and_unload().state_dict()
+    assert max(max_abs(got[k], w) for k, w in want.items()) <= FP32_TOL
+
+
+def _make(cfg, base_model, where: Path) -> Path:
+    torch.manual_seed(0)
+    peft.get_peft_model(copy.deepcopy(base_model), cfg).save_pretrained(str(where))
+    return where
+
+
+def _refused(adapter: Path, tmp_path: Path, *words: str, **kw) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(LoraportError) as e:
+        loraport.merge(BASE, adapter, out, manifest=False, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert not out.exists()
+    return msg
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "p_tuning"])
+def test_prompt_methods_refused_with_reason(kind, base_model, tmp_path):
+    cfg = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig,
+           "p_tuning": peft.PromptEncoderConfig}[kind](task_type="CAUSAL_LM", num_virtual_tokens=4)
+    adapter = _make(cfg, base_model, tmp_path / kind)
+    _refused(adapter, tmp_path, "cannot be merged into weights", "not a weight update")
+
+
+def test_xlora_refused_with_reason(tmp_path):
+    """X-LoRA's classifier picks LoRA experts per token (config written here; PEFT needs the expert adapters)."""
+    ad = tmp_path / "xlora"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "XLORA", "adapters": {"0": "a"}}))
+    _refused(ad, tmp_path, "X-LoRA", "no single weight update")
+
+
+def test_unsupported_method_named(base_model, tmp_path):
+    adapter = _make(peft.FourierFTConfig(n_frequency=8, target_modules=["q_proj"]), base_model, tmp_path / "ff")
+    _refused(adapter, tmp_path, "FOURIERFT", "not supported yet", "LOHA")
+
+
+def test_vera_without_projections_refused(base_model, tmp_path):
+    adapter = _make(peft.VeraConfig(r=4, target_modules=["q_proj"], save_projection=False), base_model,
+                    tmp_path / "vera")
+    _refused(adapter, tmp_path, "save_projection=True")
+
+
+def test_boft_butterfly_factor_refused(made, tmp_path):
+    """boft_n_butterfly_factor > 1 (made on CUDA by PEFT; built here by stacking boft_R) is refused, not merged
+    as if block-diagonal."""
+    from safetensors.torch import load_file, save_file
+
+    src = made["boft"][0]
+    ad = tmp_path / "boft2"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: torch.cat([v, v]) if k.endswith("boft_R") else v for k, v in sd.items()},
+              str(ad / "adapter_model.safetensors"))
+    _refused(ad, tmp_path, "butterfly", "not supported")
+
+
+def test_tampered_factors_refused(made, tmp_path):
+    """A LoHa missing a factor and a VeRA vector of the wrong size: one-line errors, no output, inputs intact."""
+    from safetensors.torch import load_file, save_file
+
+    for case, edit, words in (
+        ("loha", lambda k, v: None if k.endswith("layers.1.self_attn.v_proj.hada_w2_b") else v, ("lacks", "hada_w2_b")),
+        ("vera", lambda k, v: v[:-1] if k.endswith("layers.0.self_attn.q_proj.vera_lambda_b") else v,
+         ("q_proj", "shape mismatch")),
+    ):
+        src = made[case][0]
+        ad = tmp_path / f"bad_{case}"
+        ad.mkdir()
+        (ad / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        sd = {k: e for k, v in load_file(str(src / "adapter_model.safetensors")).items()
+              if (e := edit(k, v)) is not None}
+        save_file(sd, str(ad / "adapter_model.safetensors"))
+        before = (ad / "adapter_model.safetensors").read_bytes()
+        _refused(ad, tmp_path, *words)
+        assert (ad / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_activated_lora_refused_unless_forced(base_model, tmp_path):
+    """aLoRA acts from its invocation tokens on; merging makes it act on every token: refused (exit 2, one line,
+    naming --force), merged with --force and a warning, equal to PEFT's own merge of the same LoRA weights."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6],
+                          task_type="CAUSAL_LM", init_lora_weights=False)
+    adapter = _make(cfg, base_model, tmp_path / "alora")
+    res = cli("merge", "--base", BASE, "--adapter", adapter, "--out", tmp_path / "refused")
+    assert res.exit_code == 2 and "invocation" in res.stderr and "--force" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "refused").exists()
+    res = cli("merge", "--base", BASE, "--adapter", adapter, "--out", tmp_path / "forced", "--force", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert any("behaves differently" in w for w in json.loads(res.stdout)["warnings"])
+    got = load_state(tmp_path / "forced")
+    w = base_model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    sd = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter)).base_model.model.state_dict()
+    A = sd["model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    B = sd["model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    assert max_abs(got["model.layers.0.self_attn.q_proj.weight"], w + 2.0 * B @ A) <= FP32_TOL
+    assert max_abs(B, torch.zeros_like(B)) > 0

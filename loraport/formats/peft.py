@@ -53,14 +53,21 @@ def _num(cfg: dict, key: str, default, path: Path):
     return v
 
 
-def _check_method(cfg: dict, path: Path) -> None:
-    """Refuse what is not a LoRA trained against the unmodified base."""
+def _check_method(cfg: dict, path: Path, force: bool) -> list[str]:
+    """Refuse what is not a LoRA trained against the unmodified base; the warnings a forced merge must give."""
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
         raise BadInputError(
             f"{path}: init_lora_weights={init!r} trains against a modified base; convert it with PEFT's "
             "save_pretrained(path_initial_model_for_weight_conversion=...) first"
         )
+    if cfg.get("alora_invocation_tokens"):  # activated LoRA: on only from the invocation tokens onwards
+        why = ("activated LoRA (alora_invocation_tokens) acts only on the tokens from its invocation sequence "
+               "on; merged, it acts on every token")
+        if not force:
+            raise BadInputError(f"{path}: {why}").hint("--force", "merges it anyway, with a warning")
+        return [f"{path}: {why} — merged because of --force, so the merged model behaves differently"]
+    return []
 
 
 def _sort_keys(tensors: dict[str, torch.Tensor]):
@@ -121,7 +128,7 @@ class PeftFormat(AdapterFormat):
         ptype = str(cfg.get("peft_type", "LORA")).upper()
         if ptype != "LORA":  # LoHa, LoKr, IA³, VeRA, AdaLoRA, OFT, BOFT, MiSS; the unmergeable ones refused
             return read_method(path, cfg, base, ptype)
-        _check_method(cfg, path)
+        warnings = _check_method(cfg, path, opts.force)
         wfile = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
         if wfile is None:
             raise BadInputError(f"{path}: missing {WEIGHTS[0]} (or legacy {WEIGHTS[1]})")
@@ -178,7 +185,7 @@ class PeftFormat(AdapterFormat):
         if replacements:
             notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
         return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
-                       files=[str(path / CONFIG), str(wfile)], name=path.name)
+                       files=[str(path / CONFIG), str(wfile)], name=path.name, warnings=warnings)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
