@@ -46,10 +46,6 @@ class OrthoDelta(Delta):
     kind: ClassVar[str] = "oft"
 
     @property
-    def label(self) -> str:
-        return self.method.upper()
-
-    @property
     def variant(self) -> str:
         return self.method
 
@@ -145,10 +141,6 @@ class MissDelta(Delta):
     kind: ClassVar[str] = "miss"
 
     @property
-    def label(self) -> str:
-        return "Bone" if self.method == "bone" else "MiSS"
-
-    @property
     def variant(self) -> str:
         return f"{self.method}-{self.mode}"
 
@@ -185,7 +177,7 @@ class MissDelta(Delta):
 
     @property
     def depends_on_base(self) -> bool:
-        return self.mode == "bat"
+        return True  # "bat" on W's values; "tile" / "mini" on its shape (the input width is not stored)
 
     def stored_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.block,)

@@ -105,7 +105,7 @@ def _sort_keys(tensors: dict[str, torch.Tensor]):
 @register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
-    title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA)"
+    title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA, AdaLoRA, LoHa, LoKr, IA³, VeRA, OFT, BOFT, MiSS)"
     spec = "peft"
     output_is_dir = True
     extract_to = True
