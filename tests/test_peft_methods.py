@@ -231,3 +231,36 @@ def test_activated_lora_refused_unless_forced(base_model, tmp_path):
     B = sd["model.layers.0.self_attn.q_proj.lora_B.default.weight"]
     assert max_abs(got["model.layers.0.self_attn.q_proj.weight"], w + 2.0 * B @ A) <= FP32_TOL
     assert max_abs(B, torch.zeros_like(B)) > 0
+
+
+CONV_BASE = fx("bases", "conv", "model.safetensors")
+CONV_TARGETS = ["conv1", "conv2", "proj", "head"]
+CONV_CASES = {
+    "loha": dict(kind="LoHaConfig", r=2, alpha=3),
+    "loha_tucker": dict(kind="LoHaConfig", r=2, alpha=3, use_effective_conv2d=True),
+    "lokr": dict(kind="LoKrConfig", r=2, alpha=3),
+    "lokr_tucker": dict(kind="LoKrConfig", r=1, alpha=3, use_effective_conv2d=True, decompose_both=True),
+    "ia3": dict(kind="IA3Config", feedforward_modules=["conv2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_targets_equal_peft(case, tmp_path):
+    """LoHa / LoKr (with and without the Tucker core of use_effective_conv2d) and IA³ (conv scale [1, n, 1, 1],
+    input side for feedforward_modules, bias scaled otherwise) on the 3x3 / 1x1 convs and the linear head of a
+    tiny conv net, single-file base."""
+    from _peft_util import load_base_model
+
+    opts = dict(CONV_CASES[case])
+    kind = opts.pop("kind")
+    init = {"init_ia3_weights": False} if kind == "IA3Config" else {"init_weights": False}
+    model = load_base_model(CONV_BASE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, getattr(peft, kind)(target_modules=CONV_TARGETS, **opts, **init))
+    pm.save_pretrained(str(tmp_path / "a"))
+    want = pm.merge_and_unload().state_dict()
+    loraport.merge(CONV_BASE, tmp_path / "a", tmp_path / "out.safetensors", manifest=False)
+    got = load_state(tmp_path / "out.safetensors")
+    assert max(max_abs(got[k], w) for k, w in want.items()) <= FP32_TOL
+    assert sum(max_abs(w, before[k]) > 1e-4 for k, w in want.items()) >= 4

@@ -121,15 +121,27 @@ def _lokr(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
 
 def _ia3(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
     (v,) = _need(ctx, mod, p, "ia3_l")
-    if v.dim() != 2 or 1 not in v.shape:
-        raise BadInputError(f"{ctx.where}: {mod}.ia3_l {list(v.shape)} is not a [out, 1] or [1, in] vector (IA³ "
-                            "on conv or embedding layers is not supported)")
-    on_input = v.shape[0] == 1 and v.shape[1] != 1  # [1, in]: a feedforward layer scales its inputs
+    if v.dim() == 4 and v.shape[0] == 1 and tuple(v.shape[2:]) == (1, 1):  # conv: [1, n, 1, 1] either way
+        on_input = _feedforward(ctx, mod)
+    elif v.dim() == 2 and 1 in v.shape:
+        on_input = v.shape[0] == 1 and v.shape[1] != 1  # [1, in]: a feedforward layer scales its inputs
+    else:
+        raise BadInputError(f"{ctx.where}: {mod}.ia3_l {list(v.shape)} is not a [out, 1] / [1, in] vector or a "
+                            "[1, channels, 1, 1] conv scale (IA³ on embeddings or Conv3d is not supported)")
     vec = v.reshape(-1).float() - 1.0  # W' = W ⊙ l  ==  W + W ⊙ (l − 1)
     out = [Ia3Delta(f"{mod}.weight", vector=vec, on_input=on_input, source_key=PREFIX + mod + ".ia3_l")]
     if not on_input and _base_has(ctx.base, f"{mod}.bias"):  # PEFT scales the bias of a non-feedforward layer
         out.append(Ia3Delta(f"{mod}.bias", vector=vec, source_key=PREFIX + mod + ".ia3_l"))
     return out
+
+
+def _feedforward(ctx: _Ctx, mod: str) -> bool:
+    """PEFT's rule for a list of `feedforward_modules`: the module path ends with one of them."""
+    ff = ctx.cfg.get("feedforward_modules") or []
+    if isinstance(ff, str) or not all(isinstance(k, str) for k in ff):
+        raise BadInputError(f"{ctx.where}: feedforward_modules {str(ff)[:60]!r} is not a list of module names "
+                            "(a regex there is not supported for conv IA³, whose vector shape does not say)")
+    return any(mod.endswith(k) for k in ff)
 
 
 def _base_has(base, name: str) -> bool:
