@@ -120,11 +120,16 @@ def test_merge_equals_peft_merge_and_unload(case, made, base_model, tmp_path):
     assert max_abs(logits, want_logits) <= 1e-4
 
 
-def test_adalora_converts_to_peft_lora_exactly(made, tmp_path):
-    """AdaLoRA is a LoRA with E folded into A and scale alpha/(init_r + 1e-5): PEFT LoRA stores it exactly, and
-    PEFT's merge of the converted LoRA equals its merge of the AdaLoRA."""
-    adapter, want, _ = made["adalora"]
-    loraport.convert(adapter, "peft", tmp_path / "lora")
+@pytest.mark.parametrize("case", ["adalora", "vera"])
+def test_converts_to_peft_lora_exactly(case, made, tmp_path):
+    """AdaLoRA is a LoRA with E folded into A and scale alpha/(init_r + 1e-5); VeRA is one once the base gives
+    each layer's input width (so its convert needs --base, and without it is refused): PEFT LoRA stores both
+    exactly, and PEFT's merge of the converted LoRA equals its merge of the original."""
+    adapter, want, _ = made[case]
+    if case == "vera":
+        with pytest.raises(LoraportError, match="no PEFT LoRA form"):
+            loraport.convert(adapter, "peft", tmp_path / "nobase")
+    loraport.convert(adapter, "peft", tmp_path / "lora", base=BASE if case == "vera" else None)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     from transformers import AutoModelForCausalLM
 

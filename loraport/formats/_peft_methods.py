@@ -130,7 +130,7 @@ def _ia3(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
                             "[1, channels, 1, 1] conv scale (IA³ on embeddings or Conv3d is not supported)")
     vec = v.reshape(-1).float() - 1.0  # W' = W ⊙ l  ==  W + W ⊙ (l − 1)
     out = [Ia3Delta(f"{mod}.weight", vector=vec, on_input=on_input, source_key=PREFIX + mod + ".ia3_l")]
-    if not on_input and _base_has(ctx.base, f"{mod}.bias"):  # PEFT scales the bias of a non-feedforward layer
+    if not on_input and _base_names(ctx.base, f"{mod}.bias"):  # PEFT scales the bias of a non-feedforward layer
         out.append(Ia3Delta(f"{mod}.bias", vector=vec, source_key=PREFIX + mod + ".ia3_l"))
     return out
 
@@ -144,12 +144,13 @@ def _feedforward(ctx: _Ctx, mod: str) -> bool:
     return any(mod.endswith(k) for k in ff)
 
 
-def _base_has(base, name: str) -> bool:
+def _base_names(base, name: str) -> list[str]:
+    """The base tensors `name` resolves to (the engine's fall-backs), none without a base."""
     if base is None:
-        return False
+        return []
     from loraport.engine.sources import resolve_target
 
-    return bool(resolve_target(base, name))
+    return resolve_target(base, name)
 
 
 def _vera(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
@@ -163,7 +164,11 @@ def _vera(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or ld.numel() != A.shape[0] or lb.dim() != 1:
         raise BadInputError(f"{ctx.where}: {mod}: VeRA shapes disagree: vera_A {list(A.shape)}, vera_B "
                             f"{list(B.shape)}, lambda_d {list(ld.shape)}, lambda_b {list(lb.shape)}")
-    return [VeraDelta(f"{mod}.weight", A=A, B=B, lambda_b=lb, lambda_d=ld.reshape(-1), source_key=PREFIX + mod)]
+    d = VeraDelta(f"{mod}.weight", A=A, B=B, lambda_b=lb, lambda_d=ld.reshape(-1), source_key=PREFIX + mod)
+    names = _base_names(ctx.base, d.target)
+    if names:  # the base gives the input width: a plain LoRA from here on (convert writes it as one, exactly)
+        return [d.resolve(tuple(ctx.base.info(names[0]).shape), ctx.base.layer_hint(names[0]))]
+    return [d]
 
 
 def _adalora(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
