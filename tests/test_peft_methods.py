@@ -269,3 +269,16 @@ def test_conv_targets_equal_peft(case, tmp_path):
     got = load_state(tmp_path / "out.safetensors")
     assert max(max_abs(got[k], w) for k, w in want.items()) <= FP32_TOL
     assert sum(max_abs(w, before[k]) > 1e-4 for k, w in want.items()) >= 4
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr_full", "lokr_decomposed"])
+def test_loha_lokr_convert_to_peft_and_load_in_peft(case, made, base_model, tmp_path):
+    """LoHa / LoKr written back in PEFT's own form (the config makes PEFT rebuild the stored factor shapes:
+    rank/alpha patterns, decompose_both, decompose_factor): PEFT loads it and its merge equals the original's."""
+    adapter, want, _ = made[case]
+    loraport.convert(adapter, "peft", tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == ("LOHA" if case == "loha" else "LOKR")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(tmp_path / "out")).merge_and_unload()
+    got = merged.state_dict()
+    assert max(max_abs(got[k], w) for k, w in want.items()) <= FP32_TOL

@@ -15,6 +15,7 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._peft_lycoris_write import method_of, write_method
 from loraport.formats._peft_methods import read_method
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
@@ -190,6 +191,9 @@ class PeftFormat(AdapterFormat):
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """Write PEFT files into the folder `path` (which must exist and be empty: callers stage it)."""
+        method = method_of(adapter)  # all LoHa or all LoKr: PEFT's own LOHA / LOKR form, exactly
+        if method is not None:
+            return write_method(adapter, path, method)
         tensors: dict[str, torch.Tensor] = {}
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
