@@ -197,16 +197,21 @@ def test_boft_butterfly_factor_refused(made, tmp_path):
 
 
 def test_tampered_factors_refused(made, tmp_path):
-    """A LoHa missing a factor and a VeRA vector of the wrong size: one-line errors, no output, inputs intact."""
+    """A LoHa missing a factor, LoHa / LoKr factors whose inner sizes disagree (they would fail inside a matmul)
+    and a VeRA vector of the wrong size: one-line errors, no output, inputs intact."""
     from safetensors.torch import load_file, save_file
 
-    for case, edit, words in (
+    for n, (case, edit, words) in enumerate((
         ("loha", lambda k, v: None if k.endswith("layers.1.self_attn.v_proj.hada_w2_b") else v, ("lacks", "hada_w2_b")),
+        ("loha", lambda k, v: v[:, :-1].contiguous() if k.endswith("layers.0.self_attn.q_proj.hada_w1_a") else v,
+         ("hada_w1_a", "does not fit")),
+        ("lokr_decomposed", lambda k, v: v[:-1] if k.endswith("layers.1.mlp.down_proj.lokr_w2_b") else v,
+         ("lokr_w2_a", "does not fit")),
         ("vera", lambda k, v: v[:-1] if k.endswith("layers.0.self_attn.q_proj.vera_lambda_b") else v,
          ("q_proj", "shape mismatch")),
-    ):
+    )):
         src = made[case][0]
-        ad = tmp_path / f"bad_{case}"
+        ad = tmp_path / f"bad_{n}_{case}"
         ad.mkdir()
         (ad / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
         sd = {k: e for k, v in load_file(str(src / "adapter_model.safetensors")).items()

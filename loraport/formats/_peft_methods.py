@@ -102,21 +102,59 @@ def _need(ctx: _Ctx, mod: str, p: dict, *names: str) -> list[torch.Tensor]:
     return [p[n] for n in names]
 
 
+def _fit(ctx: _Ctx, mod: str, p: dict, *rules: tuple[str, int, str, int]) -> None:
+    """Each rule (a, i, b, j): p[a].shape[i] == p[b].shape[j] (and both are matrices or cores as stored), so a
+    tampered factor is refused here rather than failing inside a matmul."""
+    for a, i, b, j in rules:
+        ta, tb = p[a], p[b]
+        if ta.dim() not in (2, 4) or tb.dim() not in (2, 4) or max(i, j) >= min(ta.dim(), tb.dim()) or \
+                ta.shape[i] != tb.shape[j]:
+            raise BadInputError(f"{ctx.where}: {mod}: {a} {list(ta.shape)} does not fit {b} {list(tb.shape)}")
+
+
 # ------------------------------------------------------------------------------------------ method builders
 def _loha(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
     w1a, w1b, w2a, w2b = _need(ctx, mod, p, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     if ("hada_t1" in p) != ("hada_t2" in p):
         raise BadInputError(f"{ctx.where}: module {mod} has only one of hada_t1 / hada_t2")
+    if "hada_t1" in p:  # Tucker: t [r, r, kh, kw], a [r, out], b [r, in]
+        _fit(ctx, mod, p, ("hada_t1", 0, "hada_w1_a", 0), ("hada_t1", 1, "hada_w1_b", 0),
+             ("hada_t2", 0, "hada_w2_a", 0), ("hada_t2", 1, "hada_w2_b", 0), ("hada_w1_a", 1, "hada_w2_a", 1),
+             ("hada_w1_b", 1, "hada_w2_b", 1), ("hada_t1", 2, "hada_t2", 2), ("hada_t1", 3, "hada_t2", 3))
+        if p["hada_t1"].dim() != 4 or any(p[k].dim() != 2 for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a")):
+            raise BadInputError(f"{ctx.where}: {mod}: Tucker LoHa has 4-D hada_t1/t2 and matrix factors")
+    else:  # a [out, r], b [r, in]
+        _fit(ctx, mod, p, ("hada_w1_a", 1, "hada_w1_b", 0), ("hada_w2_a", 1, "hada_w2_b", 0),
+             ("hada_w1_a", 0, "hada_w2_a", 0), ("hada_w1_b", 1, "hada_w2_b", 1))
+        if any(p[k].dim() != 2 for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+            raise BadInputError(f"{ctx.where}: {mod}: LoHa factors without hada_t1/t2 are matrices")
     r, alpha = ctx.r_alpha(mod)
     return [LohaDelta(f"{mod}.weight", w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, t1=p.get("hada_t1"), t2=p.get("hada_t2"),
                       scale=alpha / r, alpha=float(alpha), source_key=PREFIX + mod)]
 
 
 def _lokr(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
+    _lokr_fits(ctx, mod, p)
     r, alpha = ctx.r_alpha(mod)  # PEFT scales by alpha/r even where both Kronecker factors are full
     return [LokrDelta(f"{mod}.weight", w1=p.get("lokr_w1"), w1a=p.get("lokr_w1_a"), w1b=p.get("lokr_w1_b"),
                       w2=p.get("lokr_w2"), w2a=p.get("lokr_w2_a"), w2b=p.get("lokr_w2_b"), t2=p.get("lokr_t2"),
                       scale=alpha / r, alpha=float(alpha), source_key=PREFIX + mod)]
+
+
+def _lokr_fits(ctx: _Ctx, mod: str, p: dict) -> None:
+    full1, full2 = "lokr_w1" in p, "lokr_w2" in p
+    if full1 == ("lokr_w1_a" in p and "lokr_w1_b" in p) or full2 == ("lokr_w2_a" in p and "lokr_w2_b" in p):
+        raise BadInputError(f"{ctx.where}: module {mod} needs lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b")
+    if (full1 and p["lokr_w1"].dim() != 2) or (full2 and p["lokr_w2"].dim() not in (2, 3, 4)):
+        raise BadInputError(f"{ctx.where}: {mod}: lokr_w1 is a matrix and lokr_w2 a matrix or conv kernel")
+    if not full1:
+        _fit(ctx, mod, p, ("lokr_w1_a", 1, "lokr_w1_b", 0))
+    if not full2 and "lokr_t2" in p:  # Tucker: t [r, r, kh, kw], a [r, out_k], b [r, in_n]
+        _fit(ctx, mod, p, ("lokr_t2", 0, "lokr_w2_a", 0), ("lokr_t2", 1, "lokr_w2_b", 0))
+    elif not full2:
+        _fit(ctx, mod, p, ("lokr_w2_a", 1, "lokr_w2_b", 0))
+    if not full1 and p["lokr_w1_a"].dim() != 2 or not full2 and p["lokr_w2_a"].dim() != 2:
+        raise BadInputError(f"{ctx.where}: {mod}: lokr_w1_a/b and lokr_w2_a/b are matrices")
 
 
 def _ia3(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
