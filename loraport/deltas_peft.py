@@ -249,3 +249,15 @@ def boft_blocks(R: torch.Tensor) -> torch.Tensor:
     """BOFT's rotation blocks [D, H, H] from boft_R [1, D, H, H]: the Cayley transform of (R − Rᵀ)/2."""
     r = R.float().reshape(-1, R.shape[-1], R.shape[-1])
     return cayley(0.5 * (r - r.transpose(1, 2)))
+
+
+def vera_projections(r: int, n_in: int, n_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's shared A [r, n_in] and B [n_out, r] as PEFT draws them when it did not save them: Kaiming-uniform
+    (bound √6/√fan_in) from one CPU generator seeded with `projection_prng_key`, A first. Reproducible as long
+    as torch's CPU generator is (PEFT's own reload relies on the same)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for shape in ((r, n_in), (n_out, r)):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+        out.append(torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=g))
+    return out[0], out[1]

@@ -175,10 +175,29 @@ def test_unsupported_method_named(base_model, tmp_path):
     _refused(adapter, tmp_path, "FOURIERFT", "not supported yet", "LOHA")
 
 
-def test_vera_without_projections_refused(base_model, tmp_path):
-    adapter = _make(peft.VeraConfig(r=4, target_modules=["q_proj"], save_projection=False), base_model,
-                    tmp_path / "vera")
-    _refused(adapter, tmp_path, "save_projection=True")
+def test_vera_without_saved_projections(base_model, tmp_path):
+    """save_projection=False: PEFT redraws vera_A / vera_B from projection_prng_key on load; loraport redraws them
+    the same way, sized by the base's largest targeted layer, and merges as PEFT's reloaded model does. Without a
+    base (convert) it cannot size them and refuses, naming both ways out."""
+    cfg = peft.VeraConfig(r=4, target_modules=ATTN_MLP, save_projection=False, projection_prng_key=7,
+                          init_weights=False)
+    adapter = _make(cfg, base_model, tmp_path / "vera")
+    from safetensors.torch import load_file
+
+    assert not any("vera_A" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter))
+    with torch.no_grad():  # lambdas off PEFT's init so the update is not trivially small
+        for n, prm in reloaded.named_parameters():
+            if "vera_lambda" in n:
+                prm.copy_(torch.randn(prm.shape, generator=torch.Generator().manual_seed(len(n))))
+    reloaded.save_pretrained(str(tmp_path / "vera2"))
+    want = reloaded.merge_and_unload().state_dict()
+    loraport.merge(BASE, tmp_path / "vera2", tmp_path / "out", manifest=False)
+    got = load_state(tmp_path / "out")
+    assert max(max_abs(got[k], w) for k, w in want.items()) <= FP32_TOL
+    assert sum(max_abs(w, base_model.state_dict()[k]) > 1e-4 for k, w in want.items()) >= 8
+    with pytest.raises(LoraportError, match="save_projection=True"):
+        loraport.convert(tmp_path / "vera2", "peft", tmp_path / "nobase")
 
 
 def test_boft_butterfly_factor_refused(made, tmp_path):

@@ -17,7 +17,8 @@ import torch
 
 from loraport.adapter import Adapter, Delta, LoraDelta, ReplaceDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
-from loraport.deltas_peft import MissDelta, OrthoDelta, VeraDelta, block_size_of, boft_blocks, oft_blocks
+from loraport.deltas_peft import (MissDelta, OrthoDelta, VeraDelta, block_size_of, boft_blocks, oft_blocks,
+                                  vera_projections)
 from loraport.errors import BadInputError
 from loraport.patterns import Deadline, PatternTable
 from loraport.tensorfile import load_tensors
@@ -196,8 +197,8 @@ def _vera(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
     A, B = ctx.shared.get("vera_A"), ctx.shared.get("vera_B")
     if A is None or B is None:
         raise BadInputError(
-            f"{ctx.where}: the VeRA projections vera_A / vera_B are not saved (save_projection=False); PEFT "
-            "regenerates them from projection_prng_key with torch's generator, which loraport does not replay: "
+            f"{ctx.where}: the VeRA projections vera_A / vera_B are not saved (save_projection=False) and there "
+            "is no base to size them from projection_prng_key: give the base (merge, or convert --base), or "
             "re-save the adapter with VeraConfig(save_projection=True)")
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or ld.numel() != A.shape[0] or lb.dim() != 1:
         raise BadInputError(f"{ctx.where}: {mod}: VeRA shapes disagree: vera_A {list(A.shape)}, vera_B "
@@ -207,6 +208,24 @@ def _vera(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
     if names:  # the base gives the input width: a plain LoRA from here on (convert writes it as one, exactly)
         return [d.resolve(tuple(ctx.base.info(names[0]).shape), ctx.base.layer_hint(names[0]))]
     return [d]
+
+
+def _regenerate_vera(ctx: _Ctx, parts: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """vera_A / vera_B as PEFT redraws them (save_projection=False), sized by the largest targeted layer of the
+    base (PEFT's _find_dim over the same modules); {} when a target is missing (the plan then says so)."""
+    n_in = n_out = 0
+    for mod in parts:
+        names = _base_names(ctx.base, f"{mod}.weight")
+        if not names or len(shape := tuple(ctx.base.info(names[0]).shape)) != 2:
+            return {}
+        o, i = (shape[1], shape[0]) if ctx.base.layer_hint(names[0]) == "conv1d" else shape
+        n_in, n_out = max(n_in, i), max(n_out, o)
+    seed = ctx.num("projection_prng_key", 0)
+    if isinstance(seed, float) or seed < 0:
+        raise BadInputError(f"{ctx.where}: projection_prng_key must be a non-negative integer, got {seed!r}")
+    A, B = vera_projections(int(ctx.num("r", 256, positive=True)), n_in, n_out, seed)
+    ctx.notes.append(f"VeRA projections regenerated from projection_prng_key={seed} (not saved in the adapter)")
+    return {"vera_A": A, "vera_B": B}
 
 
 def _adalora(ctx: _Ctx, mod: str, p: dict) -> list[Delta]:
@@ -324,6 +343,8 @@ def read_method(path: Path, cfg: dict, base, ptype: str) -> Adapter:
                alpha_pattern=PatternTable(cfg.get("alpha_pattern"), "alpha_pattern", where, deadline)
                if ptype in ("LOHA", "LOKR") else None)
     parts, replacements, unknown = _sort(ptype, tensors, ctx)
+    if ptype == "VERA" and not ctx.shared and base is not None:
+        ctx.shared.update(_regenerate_vera(ctx, parts))
     if unknown:
         raise BadInputError(f"{wfile}: entries that are not {ptype} parameters (e.g. {unknown[0]}); only "
                             f"{', '.join(PARAMS[ptype])}, modules_to_save and trainable biases are understood")
