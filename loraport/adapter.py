@@ -445,6 +445,7 @@ class Adapter:
     config: dict = field(default_factory=dict)  # the raw config we read (PEFT adapter_config.json, ...)
     metadata: dict = field(default_factory=dict)  # file metadata (safetensors __metadata__, GGUF KV, ...)
     notes: list[str] = field(default_factory=list)  # quirks worth telling a user ("alpha missing: scale 1")
+    warnings: list[str] = field(default_factory=list)  # what a merge must say out loud (semantics changed)
     files: list[str] = field(default_factory=list)  # the files read, for provenance hashes
     name: str = ""
 

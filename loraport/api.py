@@ -36,6 +36,7 @@ _CLI_WORDING = contextvars.ContextVar("loraport_cli_wording", default=False)
 _FLAG_AS_ARGUMENT = {
     "adapter": "adapters", "weight": "weights", "no-strict": "strict=False", "strict": "strict",
     "overwrite": "overwrite=True", "allow-incomplete": "allow_incomplete=True", "lossy": "lossy=True",
+    "force": "force=True",
     "rehash-inputs": "hash_cache=False", "fail-on-nonfinite": 'nonfinite="fail"', "no-manifest": "manifest=False",
     "multi-lora": "multi_lora=True", "with-past": "with_past=True", "recapture": "recapture=True",
     "double-quant": 'quant_options={"double_quant": True}', "blocksize": 'quant_options={"blocksize": ...}',
@@ -160,11 +161,13 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           shard_size: int | str | None = None, quantize: str | None = None, quant_options: dict | None = None,
           strict: bool = True, adapter_format: str | None = None, fp16_base: PathLike | None = None,
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
-          hash_cache: bool = True, reference: PathLike | None = None, progress=None) -> MergeResult:
+          hash_cache: bool = True, reference: PathLike | None = None, progress=None,
+          force: bool = False) -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
-    transformers needs to load it (config.json)."""
+    transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
+    differently (PEFT activated LoRA), with a warning, instead of refusing it."""
     from loraport.results import MergeResult
 
     with _api_terms():
@@ -174,7 +177,7 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
                         quant_options=quant_options, strict=strict, adapter_format=adapter_format,
                         fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
                         reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
-                        allow_incomplete=allow_incomplete)
+                        allow_incomplete=allow_incomplete, force=force)
         return MergeResult.of(rep)
 
 

@@ -190,20 +190,23 @@ class Ia3Delta(Delta):
 
     vector: torch.Tensor = None  # type: ignore[assignment]
     on_input: bool = False
+    stored_in_out: bool = False  # the base stores [in, out] (GPT-2 Conv1D): the axes swap; set by resolve
 
     kind: ClassVar[str] = "ia3"
 
     def _axis(self) -> int:
-        return 1 if self.on_input else 0
+        return int(self.on_input != self.stored_in_out)
 
     def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
         have = self._sliced(base_shape)
+        r = replace(self, stored_in_out=hint == "conv1d")
         n = self.vector.numel()
-        if len(have) < 2 or have[self._axis()] != n:
+        # a 1-D target (a bias) has only outputs: PEFT's IA³ scales the bias of a non-feedforward layer
+        if len(have) <= r._axis() or have[r._axis()] != n or (len(have) < 2 and self.on_input):
             side = "input" if self.on_input else "output"
             raise PlanError(f"shape mismatch for {self.target}: IA³ vector {self.source_key or '?'} has {n} "
                             f"{side} channels, base tensor is {list(have)}")
-        return replace(self)
+        return r
 
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
         view = [1] * W.dim()

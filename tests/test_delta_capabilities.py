@@ -12,9 +12,10 @@ import torch
 from loraport.adapter import Delta, FullDelta, LoraDelta, ReplaceDelta
 from loraport.deltas_experts import ExpertPart, ExpertsLoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
+from loraport.deltas_peft import MissDelta, OrthoDelta, VeraDelta, boft_blocks, oft_blocks
 
 PKG = Path(__file__).resolve().parent.parent / "loraport"
-DELTA_MODULES = {"adapter.py", "deltas_lycoris.py", "deltas_experts.py"}
+DELTA_MODULES = {"adapter.py", "deltas_lycoris.py", "deltas_experts.py", "deltas_peft.py"}
 # type tests, attribute probes and kind lists on a delta (`d` / `delta`) anywhere outside the delta classes
 PROBE = re.compile(r"isinstance\([^)]*Delta|getattr\([^)]*\bd(elta)?\b|hasattr\(d(elta)?\b|\.kind in \(|"
                    r"\bd\.kind [!=]= ")
@@ -35,10 +36,15 @@ def _deltas() -> dict[str, Delta]:
         "ia3": Ia3Delta("w", vector=_g(5)),
         "full": FullDelta("w", diff=_g(5, 6), scale=1.5),
         "replace": ReplaceDelta("w", value=_g(5, 6, seed=3)),
+        "oft": OrthoDelta("w", blocks=oft_blocks(_g(2, 3), 3, neumann=True, terms=5, coft=False, eps=0.0)),
+        "boft": OrthoDelta("w", blocks=boft_blocks(_g(1, 2, 3, 3)), out_scale=_g(5, 1), method="boft"),
+        "vera": VeraDelta("w", A=_g(3, 8), B=_g(7, 3), lambda_b=_g(5), lambda_d=_g(3)),
+        "miss": MissDelta("w", block=_g(4, 5)),
+        "miss-bat": MissDelta("w", block=_g(5, 1, 1), mode="bat"),
     }
 
 
-PLAIN = {"lora", "lora-t"}
+PLAIN = {"lora", "lora-t", "vera"}  # VeRA resolves into a plain LoRA once the base gives the input width
 
 
 @pytest.mark.parametrize("name", sorted(_deltas()))

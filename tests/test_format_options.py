@@ -65,7 +65,7 @@ def test_unknown_read_option_refused_naming_the_valid_ones():
         load_adapter(PLAIN, mlx_alpah="apply")
     msg = str(e.value)
     assert "'mlx_alpah'" in msg and "peft" in msg and "valid: strict" in msg and "\n" not in msg
-    with pytest.raises(BadInputError, match="valid: strict, mlx_alpha"):
+    with pytest.raises(BadInputError, match="valid: strict, force, mlx_alpha"):
         load_adapter(ALPHA_ERA, format="mlx", mlx_alpah="apply")
 
 

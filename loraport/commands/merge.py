@@ -48,12 +48,14 @@ def register(group: click.Group) -> None:
               "~/.cache/loraport)")
 @click.option("--allow-incomplete", is_flag=True, help="write a model folder even when the base lacks files "
               "transformers needs to load it (config.json)")
+@click.option("--force", is_flag=True, help="merge an adapter whose merged form behaves differently (PEFT "
+              "activated LoRA: its effect then starts at the first token, not at the invocation), with a warning")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
-              no_manifest, rehash_inputs, allow_incomplete, reference):
+              no_manifest, rehash_inputs, allow_incomplete, force, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
     from rich.markup import escape
@@ -80,7 +82,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                             overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
                             adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
                             manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
-                            allow_incomplete=allow_incomplete)  # progress: the reporter the CLI installed (stderr)
+                            allow_incomplete=allow_incomplete, force=force)
+    # progress: the reporter the CLI installed (stderr)
     report = result.to_dict()
     if as_json:
         emit_json(report)

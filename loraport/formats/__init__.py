@@ -35,9 +35,12 @@ def choice(default, *choices):
 @dataclass(frozen=True)
 class ReadOptions:
     """What every reader takes. `strict`: refuse keys it does not recognise and modules the base lacks
-    (False: skip them with a note) — honoured by the readers that can skip (kohya, LyCORIS, diffusers)."""
+    (False: skip them with a note) — honoured by the readers that can skip (kohya, LyCORIS, diffusers).
+    `force`: read an adapter whose merge changes what it does (PEFT activated LoRA), with a warning, instead of
+    refusing it — honoured by the readers that have such adapters (PEFT); the others have nothing to force."""
 
     strict: bool = True
+    force: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._peft_lycoris_write import method_of, write_method
+from loraport.formats._peft_methods import read_method
 from loraport.formats._peft_params import param_deltas, param_tensors
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
@@ -53,20 +55,21 @@ def _num(cfg: dict, key: str, default, path: Path):
     return v
 
 
-def _check_method(cfg: dict, path: Path) -> None:
-    """Refuse what is not a LoRA trained against the unmodified base."""
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise BadInputError(
-            f"{path}: PEFT method {ptype} is not LoRA; loraport merges LoRA/DoRA adapters "
-            "(LoHa/LoKr/IA3 are read from LyCORIS files)"
-        )
+def _check_method(cfg: dict, path: Path, force: bool) -> list[str]:
+    """Refuse what is not a LoRA trained against the unmodified base; the warnings a forced merge must give."""
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(MUTATED_BASE_INITS):
         raise BadInputError(
             f"{path}: init_lora_weights={init!r} trains against a modified base; convert it with PEFT's "
             "save_pretrained(path_initial_model_for_weight_conversion=...) first"
         )
+    if cfg.get("alora_invocation_tokens"):  # activated LoRA: on only from the invocation tokens onwards
+        why = ("activated LoRA (alora_invocation_tokens) acts only on the tokens from its invocation sequence "
+               "on; merged, it acts on every token")
+        if not force:
+            raise BadInputError(f"{path}: {why}").hint("--force", "merges it anyway, with a warning")
+        return [f"{path}: {why} — merged because of --force, so the merged model behaves differently"]
+    return []
 
 
 def _sort_keys(tensors: dict[str, torch.Tensor]):
@@ -104,7 +107,7 @@ def _sort_keys(tensors: dict[str, torch.Tensor]):
 @register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
-    title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA)"
+    title = "Hugging Face PEFT (LoRA, rsLoRA, DoRA, AdaLoRA, LoHa, LoKr, IA³, VeRA, OFT, BOFT, MiSS)"
     spec = "peft"
     output_is_dir = True
     extract_to = True
@@ -124,7 +127,10 @@ class PeftFormat(AdapterFormat):
         if not path.is_dir():
             raise BadInputError(f"{path}: a PEFT adapter is a folder with {CONFIG} and {WEIGHTS[0]}")
         cfg = read_json(path / CONFIG, CONFIG)
-        _check_method(cfg, path)
+        ptype = str(cfg.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":  # LoHa, LoKr, IA³, VeRA, AdaLoRA, OFT, BOFT, MiSS; the unmergeable ones refused
+            return read_method(path, cfg, base, ptype)
+        warnings = _check_method(cfg, path, opts.force)
         wfile = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
         if wfile is None:
             raise BadInputError(f"{path}: missing {WEIGHTS[0]} (or legacy {WEIGHTS[1]})")
@@ -186,11 +192,14 @@ class PeftFormat(AdapterFormat):
         if replacements:
             notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
         return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
-                       files=[str(path / CONFIG), str(wfile)], name=path.name)
+                       files=[str(path / CONFIG), str(wfile)], name=path.name, warnings=warnings)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
         """Write PEFT files into the folder `path` (which must exist and be empty: callers stage it)."""
+        method = method_of(adapter)  # all LoHa or all LoKr: PEFT's own LOHA / LOKR form, exactly
+        if method is not None:
+            return write_method(adapter, path, method)
         tensors: dict[str, torch.Tensor] = {}
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
