@@ -104,6 +104,36 @@ def _sort_keys(tensors: dict[str, torch.Tensor]):
     return parts, replacements, saved_base, unknown
 
 
+def _module_deltas(mod: str, p: dict, wfile: Path, scale_of, rslora: bool, notes: list[str]) -> list:
+    """The LoRA (+ DoRA magnitude, + trainable bias) deltas of one PEFT module's saved parts."""
+    deltas: list = []
+    emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+    A = p.get("lora_embedding_A" if emb else "lora_A.weight")
+    B = p.get("lora_embedding_B" if emb else "lora_B.weight")
+    if A is None or B is None:
+        raise BadInputError(f"{wfile}: module {mod} has only one of its LoRA factors")
+    r = int(A.shape[0])
+    if B.dim() < 2 or B.shape[1] != r and not (A.dim() == 4 and B.dim() == 4):
+        raise BadInputError(f"{wfile}: {mod}: lora_A rank {r} does not match lora_B {list(B.shape)}")
+    if A.dim() == 4 and B.shape[1] != r:
+        raise BadInputError(f"{wfile}: {mod}: grouped conv LoRA (groups > 1) is not supported")
+    _, alpha, cfg_r = scale_of(mod)
+    if cfg_r != r:
+        notes.append(f"{mod}: rank {r} in the weights, {cfg_r} in the config; the weights win")
+    scale = lora_scale(alpha, r, rslora)
+    layer = "embedding" if emb else ("conv" if A.dim() > 2 else None)
+    deltas.append(LoraDelta(
+        f"{mod}.weight", A=A, B=B, scale=scale, transpose=True if emb else None,
+        magnitude=p.get("magnitude"), dora_axis="out", alpha=float(alpha),
+        scale_rule="alpha/sqrt(r)" if rslora else "alpha/r", layer=layer,
+        source_key=PREFIX + mod,
+    ))
+    if "lora_B.bias" in p:
+        deltas.append(FullDelta(f"{mod}.bias", diff=p["lora_B.bias"], scale=scale,
+                                source_key=PREFIX + mod + ".lora_B.bias"))
+    return deltas
+
+
 @register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
@@ -160,31 +190,7 @@ class PeftFormat(AdapterFormat):
 
         deltas = param_deltas(parts, cfg, base, wfile, scale_of, notes)  # target_parameters (MoE experts)
         for mod, p in parts.items():
-            emb = "lora_embedding_A" in p or "lora_embedding_B" in p
-            A = p.get("lora_embedding_A" if emb else "lora_A.weight")
-            B = p.get("lora_embedding_B" if emb else "lora_B.weight")
-            if A is None or B is None:
-                raise BadInputError(f"{wfile}: module {mod} has only one of its LoRA factors")
-            r = int(A.shape[0])
-            if B.dim() < 2 or B.shape[1] != r and not (A.dim() == 4 and B.dim() == 4):
-                raise BadInputError(f"{wfile}: {mod}: lora_A rank {r} does not match lora_B {list(B.shape)}")
-            if A.dim() == 4 and B.shape[1] != r:
-                raise BadInputError(f"{wfile}: {mod}: grouped conv LoRA (groups > 1) is not supported")
-            cfg_r = _pattern_value(rank_pattern, mod, r_default)
-            if cfg_r != r:
-                notes.append(f"{mod}: rank {r} in the weights, {cfg_r} in the config; the weights win")
-            alpha = _pattern_value(alpha_pattern, mod, a_default)
-            scale = lora_scale(alpha, r, rslora)
-            layer = "embedding" if emb else ("conv" if A.dim() > 2 else None)
-            deltas.append(LoraDelta(
-                f"{mod}.weight", A=A, B=B, scale=scale, transpose=True if emb else None,
-                magnitude=p.get("magnitude"), dora_axis="out", alpha=float(alpha),
-                scale_rule="alpha/sqrt(r)" if rslora else "alpha/r", layer=layer,
-                source_key=PREFIX + mod,
-            ))
-            if "lora_B.bias" in p:
-                deltas.append(FullDelta(f"{mod}.bias", diff=p["lora_B.bias"], scale=scale,
-                                        source_key=PREFIX + mod + ".lora_B.bias"))
+            deltas.extend(_module_deltas(mod, p, wfile, scale_of, rslora, notes))
         for k, t in replacements.items():
             deltas.append(ReplaceDelta(k, value=t, saved_base=k in saved_base, source_key=PREFIX + k))
         if any(d.has_magnitude for d in deltas):
