@@ -23,6 +23,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
+from loraport.formats._dit import DitNames, kohya_modules
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
@@ -288,14 +289,21 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
-    notes: set[str] = set()
+    dit = DitNames.detect(list(groups), base, path)
+    names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None and not dit else None
+    notes: set[str] = {dit.note()} if dit else set()
     counts: dict[str, int] = defaultdict(int)
     unmatched: list[str] = []
     deltas: list[Delta] = []
     spellings: set[str] = set()
     for mod, parts in groups.items():
         ent_w = ent_b = None
+        if dit is not None:
+            placed = dit.place(mod, make_deltas(mod, parts, None, None, path, notes, counts), path)
+            if placed is None:
+                unmatched.append(mod)
+            deltas += placed or []
+            continue
         if names is not None:
             found = names.by_kohya.get(mod)
             if not found:
@@ -317,15 +325,19 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
         notes.add(f"alpha missing on {counts['alpha']} module(s): scale 1")
     if spellings:
         notes.add("UNet names: " + " and ".join(sorted(spellings)) + (" (SDXL)" if names.family == "sdxl" else ""))
-    if names is None:
-        notes.add("no base given: targets keep their kohya names (pass --base to merge or convert)")
-    if base is not None and names is not None and not deltas:
+    if base is None:
+        notes.add("no base given: " + ("transformer targets take diffusers names; text encoders keep their kohya "
+                                       "names" if dit else "targets keep their kohya names")
+                  + " (pass --base to merge or convert)")
+    if base is not None and not deltas:
         raise BadInputError(f"{path}: none of its modules is in the base")
     metadata = dict(meta)
     if skipped:
         metadata["skipped"] = skipped
     config = {k: meta[k] for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha",
                                     "ss_base_model_version") if k in meta}
+    if dit:
+        config["dit"] = dit.summary()
     return Adapter(deltas, fmt, str(path), config=config, metadata=metadata, notes=sorted(notes), files=[str(path)],
                    name=path.stem)
 
@@ -430,13 +442,14 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         out[key] = t.contiguous()
         seen[key] = suffix
 
-    for d in adapter.deltas:
+    dit = kohya_modules(adapter, base, path)
+    for d_mod, d in dit or [(None, d) for d in adapter.deltas]:
         if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if d.stores_dense and d.target.endswith(".bias"):
+        if d.stores_dense and d.target.endswith(".bias") and dit is None:
             pending_bias.append(d)
             continue
-        mod = _kohya_module(d, names, unet_names, sdxl)
+        mod = d_mod or _kohya_module(d, names, unet_names, sdxl)
         parts = _PARTS.get(d.kind)
         if parts is None:
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")
