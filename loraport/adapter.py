@@ -468,6 +468,7 @@ class Adapter:
     notes: list[str] = field(default_factory=list)  # quirks worth telling a user ("alpha missing: scale 1")
     files: list[str] = field(default_factory=list)  # the files read, for provenance hashes
     name: str = ""
+    family: dict | None = None  # a DiT adapter: its family, the dialects it spells, the base layouts it fits
 
     def __post_init__(self):
         seen: dict[tuple, str] = {}

@@ -245,7 +245,8 @@ class DiffusersFormat(AdapterFormat):
         if unrecognised or unmatched:
             metadata["skipped"] = unrecognised + unmatched
         return Adapter(deltas, "diffusers", str(path), config=configs, metadata=metadata, notes=sorted(notes),
-                       files=[str(wfile)], name=path.stem)
+                       files=[str(wfile)], name=path.stem,
+                       family=dit.summary() if dit else None)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:

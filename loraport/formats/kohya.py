@@ -336,10 +336,8 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
         metadata["skipped"] = skipped
     config = {k: meta[k] for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha",
                                     "ss_base_model_version") if k in meta}
-    if dit:
-        config["dit"] = dit.summary()
     return Adapter(deltas, fmt, str(path), config=config, metadata=metadata, notes=sorted(notes), files=[str(path)],
-                   name=path.stem)
+                   name=path.stem, family=dit.summary() if dit else None)
 
 
 # ------------------------------------------------------------------------------------------------ write

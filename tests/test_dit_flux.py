@@ -1,0 +1,208 @@
+"""Flux.1 LoRAs in every dialect (kohya / sd-scripts BFL names, OneTrainer, diffusers) merged into both base
+layouts (diffusers folder, BFL single file; ComfyUI's prefixed bf16 copy) against what diffusers computes, and
+converted between dialects exactly. Fixtures: fixtures/makers/dit.py (a micro FluxTransformer2DModel; the
+expect files are diffusers' own load_lora_adapter + fuse_lora, or diffusers' single-file converter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraport.api import convert, inspect, merge
+from loraport.errors import BadInputError, LoraportError
+from loraport.names import dit
+from tests._sd_util import run_cli
+
+F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
+BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors",
+         "comfy-bf16": F / "flux-comfy-bf16.safetensors"}
+LORAS = {"diffusers": "expect_flux_diffusers", "onetrainer": "expect_flux_diffusers", "kohya": "expect_flux_kohya",
+         "kohya_full": "expect_flux_kohya_full"}
+
+
+def _base_sd() -> dict[str, torch.Tensor]:
+    return load_file(BASES["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _expected(lora: str) -> dict[str, torch.Tensor]:
+    return {**_base_sd(), **load_file(F / f"{LORAS[lora]}.safetensors")}
+
+
+def _to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names → BFL (the maker's inverse of diffusers' single-file converter, checked there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.to_bfl(sd, mod.CONFIG["num_layers"], mod.CONFIG["num_single_layers"])
+
+
+def _merged(base: str, lora_file: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """loraport's merge into `base`, in the base's own names (prefix stripped), fp32."""
+    out = tmp / ("out" if base == "diffusers" else "out.safetensors")
+    merge(BASES[base], [str(lora_file)], out)
+    if base == "diffusers":
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {k.removeprefix("model.diffusion_model."): v.float() for k, v in load_file(out).items()}
+
+
+def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float = 0.0) -> float:
+    assert set(got) == set(want)
+    return max(float(((got[k].float() - want[k]).abs() - rel * want[k].abs()).max()) for k in want)
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("lora", list(LORAS))
+def test_merge_matches_diffusers(lora, base, tmp_path):
+    want = _expected(lora)
+    assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) >= 9, "the LoRA changes the model"
+    if base != "diffusers":
+        want = _to_bfl(want)
+    got = _merged(base, F / f"flux_{lora}.safetensors", tmp_path)
+    rel = 0.0
+    if base == "comfy-bf16":  # the reference's ΔW on the bf16 weights, stored in bf16: one bf16 step apart at most
+        b32 = _to_bfl(_base_sd())
+        want = {k: (v.to(torch.bfloat16).float() + want[k] - v).to(torch.bfloat16).float() for k, v in b32.items()}
+        rel = 2 ** -7
+    assert _max_diff(got, want, rel=rel) <= 1e-5
+
+
+CONVERSIONS = [("kohya", "diffusers"), ("kohya_full", "diffusers"), ("diffusers", "kohya"), ("onetrainer", "kohya"),
+               ("kohya", "kohya")]
+
+
+@pytest.mark.parametrize("base", [None, "diffusers", "bfl"])
+@pytest.mark.parametrize("src,to", CONVERSIONS)
+def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"flux_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    keys = list(load_file(out))
+    if to == "kohya":
+        assert all(k.startswith("lora_unet_") for k in keys)
+        assert not any("transformer_blocks" in k for k in keys), "kohya files spell BFL module names"
+    else:
+        assert all(k.startswith("transformer.") for k in keys)
+        assert not any("double_blocks" in k for k in keys)
+    got = _merged("diffusers", out, tmp_path)
+    assert _max_diff(got, _expected(src)) <= 1e-5
+
+
+def test_fused_qkv_splits_sharing_A_and_fuses_back(tmp_path):
+    """A rank-r LoRA on qkv becomes three rank-r LoRAs sharing A; three LoRAs with their own A become one rank-3r
+    LoRA on the fused tensor; sd-scripts' split_qkv form (block-diagonal up) becomes three rank-r LoRAs."""
+    out = tmp_path / "d.safetensors"
+    convert(str(F / "flux_kohya.safetensors"), to="diffusers", out=out)
+    t = load_file(out)
+    a = [t[f"transformer.transformer_blocks.0.attn.to_{x}.lora_A.weight"] for x in "qkv"]
+    assert a[0].shape[0] == 4 and torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
+    assert t["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"].shape[0] == 4  # split_qkv block trimmed
+    k = tmp_path / "k.safetensors"
+    convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=k)
+    t = load_file(k)
+    assert t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12
+    assert t["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape[0] == 3 * 16 + 64
+
+
+@pytest.mark.slow  # ~13 s, most of it importing diffusers: pytest -m slow tests/test_dit_flux.py
+def test_converted_files_load_in_diffusers(tmp_path):
+    """What loraport writes is what diffusers reads: its kohya converter and its PEFT loader fuse our files to
+    the same weights as the originals."""
+    diffusers = pytest.importorskip("diffusers")
+    import importlib.util
+
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    model = diffusers.FluxTransformer2DModel.from_pretrained(BASES["diffusers"] / "transformer")
+    # diffusers' kohya converter hard-codes Flux-dev's linear1 split (3072 / 12288), so the kohya file it reads
+    # back is the one without linear1: kohya -> diffusers (read by PEFT's loader) -> kohya (by the converter)
+    there = tmp_path / "kohya-diffusers.safetensors"
+    convert(str(F / "flux_kohya.safetensors"), to="diffusers", out=there)
+    back = tmp_path / "diffusers-kohya.safetensors"
+    convert(str(there), to="kohya", out=back)
+    for out in (there, back):
+
+        def load(m, out=out):
+            state, meta = FluxLoraLoaderMixin.lora_state_dict(str(out), return_lora_metadata=True)
+            m.load_lora_adapter(state, prefix="transformer", metadata=meta)
+
+        got = mk.fused_reference(model, load)
+        assert _max_diff(got, _expected("kohya")) <= 1e-5, out.name
+
+
+def test_inspect_names_family_dialect_and_layouts():
+    for lora, dialect in (("kohya", "kohya"), ("onetrainer", "onetrainer"), ("diffusers", "diffusers")):
+        rep = inspect(F / f"flux_{lora}.safetensors")
+        d = rep.report["family"]
+        assert d["family"] == "flux" and d["dialects"] == [dialect], d
+        assert any("Flux.1" in n and "expects" in n for n in rep.report["notes"])
+    rep = inspect(F / "flux_kohya.safetensors", base=BASES["bfl"])
+    assert rep.report["family"]["base_layout"] == "original"
+
+
+def test_flux_lora_on_another_family_is_one_line(tmp_path):
+    sd_base = F.parent / "sd" / "base"
+    for lora in ("kohya", "diffusers", "onetrainer"):
+        with pytest.raises(BadInputError) as e:
+            merge(sd_base, [str(F / f"flux_{lora}.safetensors")], tmp_path / "o")
+        msg = str(e.value)
+        assert "Flux.1" in msg and "SD 1.x" in msg and "\n" not in msg
+    code, _, err = run_cli("merge", "--base", sd_base, "--adapter", F / "flux_kohya.safetensors",
+                           "--out", tmp_path / "o2")
+    assert code == 2 and "Flux.1" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
+    """A LoHa on the fused qkv has no exact per-row cut: into the BFL file it merges as is (checked against
+    the Hadamard product computed here), into the diffusers folder it is refused with the way out."""
+    g = torch.Generator().manual_seed(0)
+    f = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": torch.randn(*s, generator=g) * 0.2
+         for k, s in (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16)))}
+    f["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(2.0)
+    p = tmp_path / "loha.safetensors"
+    save_file(f, p)
+    got = _merged("bfl", p, tmp_path)
+    k = "lora_unet_double_blocks_0_img_attn_qkv."
+    dw = (f[k + "hada_w1_a"] @ f[k + "hada_w1_b"]) * (f[k + "hada_w2_a"] @ f[k + "hada_w2_b"])
+    base = load_file(BASES["bfl"])
+    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], base["double_blocks.0.img_attn.qkv.weight"] + dw,
+                          atol=1e-6)
+    with pytest.raises(LoraportError, match="cannot be split.*single file"):
+        merge(BASES["diffusers"], [str(p)], tmp_path / "o")
+
+
+def test_table_covers_every_linear_weight_of_both_layouts():
+    """Each 2-D weight of the diffusers model and of the BFL file is some table row's, and every row maps
+    between two tensors of matching shape (parts sized from the input width)."""
+    table = dit.TABLES["flux"]
+    dif = {k[:-7]: v.shape for k, v in _base_sd().items() if k.endswith(".weight") and v.dim() == 2}
+    bfl = {k[:-7]: v.shape for k, v in load_file(BASES["bfl"]).items() if k.endswith(".weight") and v.dim() == 2}
+    for col, names, other in (("diffusers", dif, bfl), ("original", bfl, dif)):
+        to = "original" if col == "diffusers" else "diffusers"
+        for mod, shape in names.items():
+            pieces = table.translate(mod, col, to, shape[1], shape[0])
+            assert pieces, f"{mod} ({col}) is in no row"
+            covered = sum((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0] for p in pieces)
+            assert covered == shape[0], mod
+            for p in pieces:
+                assert p.module in other, f"{mod} -> {p.module}"
+                rows = (p.rows[1] - p.rows[0]) if p.rows else other[p.module][0]
+                assert rows == ((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0])
+
+
+def test_every_family_has_a_spec_section():
+    text = (Path(__file__).resolve().parents[1] / "formats" / "dit.md").read_text(encoding="utf-8")
+    for fam in dit.FAMILIES:
+        assert f"## {fam.title}" in text
+    for d in dit.DIALECTS:
+        assert f"`{d}`" in text
+    json.dumps(dit.DIALECT_TITLES)
