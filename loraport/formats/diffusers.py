@@ -161,6 +161,21 @@ def _module_deltas(mod: str, p: dict, scale: float, alpha, rule: str, target: st
     return out
 
 
+def _placed(mod: str, p: dict, scale: float, alpha, rule: str, dit: DitNames | None, names: SDNames | None,
+            wfile: Path) -> list | None:
+    """A module's deltas on the base's tensors (a DiT family's, or a Stable Diffusion base's), None when the base
+    lacks the module; targets keep the file's names without a base."""
+    if dit is not None:
+        return dit.place(mod, _module_deltas(mod, p, scale, alpha, rule), wfile)
+    if names is None:
+        return _module_deltas(mod, p, scale, alpha, rule)
+    comp, _, rel = mod.partition(".")
+    ent = _base_entry(names, mod, comp, rel)
+    if ent is None:
+        return None
+    return _module_deltas(mod, p, scale, alpha, rule, ent.target, ent.rows, ent.transpose)
+
+
 @register(write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
@@ -213,20 +228,10 @@ class DiffusersFormat(AdapterFormat):
             cfg_alpha = None if cfg is None else _component_alpha(tables, comp, cfg, rel, wfile, deadline)
             alpha, scale, rule = _module_scale(p, cfg, r, cfg_alpha)
             no_alpha += alpha is None
-            target, rows, transpose = f"{mod}.weight", None, False
-            if dit is not None:
-                placed = dit.place(mod, _module_deltas(mod, p, scale, alpha, rule), wfile)
-                if placed is None:
-                    unmatched.append(mod)
-                deltas += placed or []
-                continue
-            if names is not None:
-                ent = _base_entry(names, mod, comp, rel)
-                if ent is None:
-                    unmatched.append(mod)
-                    continue
-                target, rows, transpose = ent.target, ent.rows, ent.transpose
-            deltas += _module_deltas(mod, p, scale, alpha, rule, target, rows, transpose)
+            placed = _placed(mod, p, scale, alpha, rule, dit, names, wfile)
+            if placed is None:
+                unmatched.append(mod)
+            deltas += placed or []
         check_unmatched(wfile, len(deltas), unrecognised, unmatched, opts.strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")

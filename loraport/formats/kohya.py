@@ -275,6 +275,24 @@ def make_deltas(mod: str, parts: dict[str, torch.Tensor], ent_w: Entry | None, e
 
 
 # ------------------------------------------------------------------------------------------------ read
+def _sd_entries(names: SDNames | None, mod: str, notes: set[str], spellings: set[str]
+                ) -> tuple[Entry | None, Entry | None] | None:
+    """(weight entry, bias entry) of a Stable Diffusion base for a kohya module; (None, None) without a base;
+    None when the base lacks it."""
+    if names is None:
+        return None, None
+    found = names.by_kohya.get(mod)
+    ent_w, ent_b = (found.get("weight"), found.get("bias")) if found else (None, None)
+    if ent_w is None and ent_b is None:
+        return None
+    ent = ent_w or ent_b
+    if ent.module.startswith("unet.") and mod.startswith("lora_unet_"):
+        spellings.add("SGM/LDM" if ent.sgm == mod else "diffusers")
+    if ent_w is not None and ent_w.rows is not None:
+        notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
+    return ent_w, ent_b
+
+
 def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -297,28 +315,14 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     deltas: list[Delta] = []
     spellings: set[str] = set()
     for mod, parts in groups.items():
-        ent_w = ent_b = None
         if dit is not None:
             placed = dit.place(mod, make_deltas(mod, parts, None, None, path, notes, counts), path)
-            if placed is None:
-                unmatched.append(mod)
-            deltas += placed or []
-            continue
-        if names is not None:
-            found = names.by_kohya.get(mod)
-            if not found:
-                unmatched.append(mod)
-                continue
-            ent_w, ent_b = found.get("weight"), found.get("bias")
-            if ent_w is None and ent_b is None:
-                unmatched.append(mod)
-                continue
-            ent = ent_w or ent_b
-            if ent.module.startswith("unet.") and mod.startswith("lora_unet_"):
-                spellings.add("SGM/LDM" if ent.sgm == mod else "diffusers")
-            if ent_w is not None and ent_w.rows is not None:
-                notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
-        deltas += make_deltas(mod, parts, ent_w, ent_b, path, notes, counts)
+        else:
+            found = _sd_entries(names, mod, notes, spellings)
+            placed = None if found is None else make_deltas(mod, parts, *found, path, notes, counts)
+        if placed is None:
+            unmatched.append(mod)
+        deltas += placed or []
     skipped = unrecognised + [f"{m}.*" for m in unmatched]
     check_unmatched(path, len(groups) - len(unmatched), unrecognised, unmatched, strict, notes)
     if counts["alpha"]:
