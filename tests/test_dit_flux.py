@@ -6,6 +6,7 @@ expect files are diffusers' own load_lora_adapter + fuse_lora, or diffusers' sin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,10 @@ def test_every_family_has_a_spec_section():
     for d in dit.DIALECTS:
         assert f"`{d}`" in text
     json.dumps(dit.DIALECT_TITLES)
+
+
+def test_readme_dit_table_is_the_tables():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- dit-matrix:start -->\n(.*?)\n<!-- dit-matrix:end -->", readme, re.S)
+    assert block and block.group(1).strip() == dit.support_table().strip(), (
+        "README's DiT table is out of date: paste loraport.names.dit.support_table()")

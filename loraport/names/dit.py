@@ -99,6 +99,7 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
 }
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (BFL names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)"}
+WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
 COLUMNS = ("diffusers", "original")
@@ -266,3 +267,16 @@ def base_layout(names: Iterable[str]) -> BaseLayout:
 
 def family_title(name: str) -> str:
     return next(f.title for f in FAMILIES if f.name == name)
+
+
+def support_table() -> str:
+    """The README's family × dialect × base-layout table (a test keeps the README equal to it)."""
+    head = ["family", "dialect", "read (format)", "written by", *[f"merge into {t}" for t in BASE_TITLES.values()]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fam in FAMILIES:
+        for d, (_, prefix, _) in DIALECTS.items():
+            fmt = "diffusers" if prefix.endswith(".") else "kohya"
+            wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"
+            into = " | ".join("yes" if c in fam.anchors else "—" for c in BASE_TITLES)
+            lines.append(f"| {fam.title} | {DIALECT_TITLES[d]} | `{fmt}` | {wrote} | {into} |")
+    return "\n".join(lines)
