@@ -69,6 +69,10 @@ class Delta:
         kernel), else None. Row slices are the caller's business (`rows`)."""
         return None
 
+    def is_zero(self) -> bool:
+        """True when the update is exactly nothing (a part of a fused LoRA that the training never touched)."""
+        return False
+
     def output_rows(self, start: int, stop: int) -> Delta | None:
         """The update to output rows [start, stop) alone (a LoRA on a fused projection split into the separate
         tensors of another layout), or None when this kind cannot be cut by rows exactly."""
@@ -225,6 +229,9 @@ class LoraDelta(Delta):
         if self.magnitude is None and self.mid is None and self.A.dim() == 2 and self.B.dim() == 2:
             return LowRank(self.B, self.A, self.scale, self.transpose)
         return None
+
+    def is_zero(self) -> bool:
+        return self.magnitude is None and not bool(self.B.any())
 
     def output_rows(self, start: int, stop: int) -> Delta | None:
         """B's rows [start, stop) with the shared A; the columns of B that are all zero there (sd-scripts'

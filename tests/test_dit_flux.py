@@ -22,7 +22,7 @@ F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors",
          "comfy-bf16": F / "flux-comfy-bf16.safetensors"}
 LORAS = {"diffusers": "expect_flux_diffusers", "onetrainer": "expect_flux_diffusers", "kohya": "expect_flux_kohya",
-         "kohya_full": "expect_flux_kohya_full"}
+         "kohya_full": "expect_flux_kohya_full", "xlabs": "expect_flux_xlabs"}
 
 
 def _base_sd() -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def test_merge_matches_diffusers(lora, base, tmp_path):
 
 
 CONVERSIONS = [("kohya", "diffusers"), ("kohya_full", "diffusers"), ("diffusers", "kohya"), ("onetrainer", "kohya"),
-               ("kohya", "kohya")]
+               ("kohya", "kohya"), ("xlabs", "diffusers")]
 
 
 @pytest.mark.parametrize("base", [None, "diffusers", "bfl"])
@@ -92,6 +92,22 @@ def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
         assert not any("double_blocks" in k for k in keys)
     got = _merged("diffusers", out, tmp_path)
     assert _max_diff(got, _expected(src)) <= 1e-5
+
+
+def test_xlabs_to_kohya_needs_the_base_for_linear1(tmp_path):
+    """XLabs' single-block qkv LoRA covers q, k, v of linear1 but not its MLP rows, whose count only the base
+    knows: with a base the kohya file is exact (MLP rows zero), without one it is refused."""
+    with pytest.raises(BadInputError, match="linear1.*pass (--)?base"):
+        convert(str(F / "flux_xlabs.safetensors"), to="kohya", out=tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    for base in ("diffusers", "bfl"):
+        out = tmp_path / f"{base}.safetensors"
+        rep = convert(str(F / "flux_xlabs.safetensors"), to="kohya", out=out, base=BASES[base])
+        assert rep.report["max_abs_diff"] <= 1e-6
+        up = load_file(out)["lora_unet_single_blocks_1_linear1.lora_up.weight"]
+        assert up.shape[0] == 3 * 16 + 64 and not up[48:].any()
+        (tmp_path / base).mkdir()
+        assert _max_diff(_merged("diffusers", out, tmp_path / base), _expected("xlabs")) <= 1e-5
 
 
 def test_fused_qkv_splits_sharing_A_and_fuses_back(tmp_path):
@@ -140,7 +156,8 @@ def test_converted_files_load_in_diffusers(tmp_path):
 
 
 def test_inspect_names_family_dialect_and_layouts():
-    for lora, dialect in (("kohya", "kohya"), ("onetrainer", "onetrainer"), ("diffusers", "diffusers")):
+    for lora, dialect in (("kohya", "kohya"), ("onetrainer", "onetrainer"), ("diffusers", "diffusers"),
+                          ("xlabs", "xlabs")):
         rep = inspect(F / f"flux_{lora}.safetensors")
         d = rep.report["family"]
         assert d["family"] == "flux" and d["dialects"] == [dialect], d
@@ -151,7 +168,7 @@ def test_inspect_names_family_dialect_and_layouts():
 
 def test_flux_lora_on_another_family_is_one_line(tmp_path):
     sd_base = F.parent / "sd" / "base"
-    for lora in ("kohya", "diffusers", "onetrainer"):
+    for lora in ("kohya", "diffusers", "onetrainer", "xlabs"):
         with pytest.raises(BadInputError) as e:
             merge(sd_base, [str(F / f"flux_{lora}.safetensors")], tmp_path / "o")
         msg = str(e.value)

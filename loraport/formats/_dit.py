@@ -115,7 +115,8 @@ class DitNames:
                     raise BadInputError(f"{where}: {name}: a {d.label} update on a fused tensor cannot be split into "
                                         f"the base's separate tensors exactly; merge into the "
                                         f"{dit.BASE_TITLES['original']} instead")
-                out.append(replace(part, target=target, rows=p.rows))
+                if p.lora_rows is None or not part.is_zero():  # a part the LoRA leaves at zero adds nothing
+                    out.append(replace(part, target=target, rows=p.rows))
         return out
 
     def note(self) -> str:
@@ -190,7 +191,7 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
         total = None
         if spec is not None:
             shape = names._shape(mod) if names.column == column else None
-            total = shape[0] if shape else _total(spec, parts)
+            total = shape[0] if shape else (_base_total(table, mod, column, names) or _total(spec, parts))
         out.append((mod, _fuse(parts, total, f"{where}: {mod}")))
     return out, rest, names
 
@@ -214,6 +215,18 @@ def _moved(d: Delta, mod: str, names: DitNames, table, column: str, where):
         rows = p.rows if p.rows is not None else (d.rows if p.lora_rows is None else None)
         out.append((p.module, replace(part, rows=None), rows))
     return out
+
+
+def _base_total(table, mod: str, column: str, names: DitNames) -> int | None:
+    """The rows of fused `mod` (spelled in `column`) from the base's separate tensors of its parts."""
+    total = 0
+    for _, values, idx in table.match(mod, column):
+        cell = table.other(idx, names.column, values)
+        shape = names._shape(cell[0]) if cell and cell[1] is None else None
+        if shape is None:
+            return None
+        total += shape[0]
+    return total or None
 
 
 def _total(spec: tuple[str, ...], parts) -> int | None:

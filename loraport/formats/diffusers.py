@@ -260,7 +260,7 @@ class DiffusersFormat(AdapterFormat):
         path = Path(path)
         if path.is_dir():
             path = path / WEIGHTS[0]
-        deltas = diffusers_deltas(adapter, base, path)
+        deltas = diffusers_deltas(adapter, base, adapter.path or path)
         names = None
         if deltas is None:
             deltas = adapter.deltas

@@ -444,7 +444,7 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         out[key] = t.contiguous()
         seen[key] = suffix
 
-    dit = kohya_modules(adapter, base, path)
+    dit = kohya_modules(adapter, base, adapter.path or path)
     for d_mod, d in dit or [(None, d) for d in adapter.deltas]:
         if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")

@@ -23,37 +23,53 @@ from dataclasses import dataclass
 # ------------------------------------------------------------------------------------------------- Flux.1
 # diffusers module (canonical)                      original (BFL) module
 FLUX_ROWS: tuple[tuple[str, str], ...] = (
-    ("transformer_blocks.{i}.attn.to_q",               "double_blocks.{i}.img_attn.qkv[0]"),
-    ("transformer_blocks.{i}.attn.to_k",               "double_blocks.{i}.img_attn.qkv[1]"),
-    ("transformer_blocks.{i}.attn.to_v",               "double_blocks.{i}.img_attn.qkv[2]"),
-    ("transformer_blocks.{i}.attn.to_out.0",           "double_blocks.{i}.img_attn.proj"),
-    ("transformer_blocks.{i}.attn.add_q_proj",         "double_blocks.{i}.txt_attn.qkv[0]"),
-    ("transformer_blocks.{i}.attn.add_k_proj",         "double_blocks.{i}.txt_attn.qkv[1]"),
-    ("transformer_blocks.{i}.attn.add_v_proj",         "double_blocks.{i}.txt_attn.qkv[2]"),
-    ("transformer_blocks.{i}.attn.to_add_out",         "double_blocks.{i}.txt_attn.proj"),
-    ("transformer_blocks.{i}.ff.net.0.proj",           "double_blocks.{i}.img_mlp.0"),
-    ("transformer_blocks.{i}.ff.net.2",                "double_blocks.{i}.img_mlp.2"),
-    ("transformer_blocks.{i}.ff_context.net.0.proj",   "double_blocks.{i}.txt_mlp.0"),
-    ("transformer_blocks.{i}.ff_context.net.2",        "double_blocks.{i}.txt_mlp.2"),
-    ("transformer_blocks.{i}.norm1.linear",            "double_blocks.{i}.img_mod.lin"),
-    ("transformer_blocks.{i}.norm1_context.linear",    "double_blocks.{i}.txt_mod.lin"),
-    ("single_transformer_blocks.{s}.attn.to_q",        "single_blocks.{s}.linear1[0]"),
-    ("single_transformer_blocks.{s}.attn.to_k",        "single_blocks.{s}.linear1[1]"),
-    ("single_transformer_blocks.{s}.attn.to_v",        "single_blocks.{s}.linear1[2]"),
-    ("single_transformer_blocks.{s}.proj_mlp",         "single_blocks.{s}.linear1[3]"),
-    ("single_transformer_blocks.{s}.proj_out",         "single_blocks.{s}.linear2"),
-    ("single_transformer_blocks.{s}.norm.linear",      "single_blocks.{s}.modulation.lin"),
-    ("x_embedder",                                     "img_in"),
-    ("context_embedder",                               "txt_in"),
-    ("time_text_embed.timestep_embedder.linear_1",     "time_in.in_layer"),
-    ("time_text_embed.timestep_embedder.linear_2",     "time_in.out_layer"),
-    ("time_text_embed.text_embedder.linear_1",         "vector_in.in_layer"),
-    ("time_text_embed.text_embedder.linear_2",         "vector_in.out_layer"),
-    ("time_text_embed.guidance_embedder.linear_1",     "guidance_in.in_layer"),
-    ("time_text_embed.guidance_embedder.linear_2",     "guidance_in.out_layer"),
-    ("proj_out",                                       "final_layer.linear"),
-    ("norm_out.linear[0]",                             "final_layer.adaLN_modulation.1[1]"),  # scale, shift
-    ("norm_out.linear[1]",                             "final_layer.adaLN_modulation.1[0]"),  # swapped
+    ("transformer_blocks.{i}.attn.to_q",                "double_blocks.{i}.img_attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "double_blocks.{i}.img_attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "double_blocks.{i}.img_attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "double_blocks.{i}.img_attn.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "double_blocks.{i}.txt_attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "double_blocks.{i}.txt_attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "double_blocks.{i}.txt_attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "double_blocks.{i}.txt_attn.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj",            "double_blocks.{i}.img_mlp.0"),
+    ("transformer_blocks.{i}.ff.net.2",                 "double_blocks.{i}.img_mlp.2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj",    "double_blocks.{i}.txt_mlp.0"),
+    ("transformer_blocks.{i}.ff_context.net.2",         "double_blocks.{i}.txt_mlp.2"),
+    ("transformer_blocks.{i}.norm1.linear",             "double_blocks.{i}.img_mod.lin"),
+    ("transformer_blocks.{i}.norm1_context.linear",     "double_blocks.{i}.txt_mod.lin"),
+    ("single_transformer_blocks.{s}.attn.to_q",         "single_blocks.{s}.linear1[0]"),
+    ("single_transformer_blocks.{s}.attn.to_k",         "single_blocks.{s}.linear1[1]"),
+    ("single_transformer_blocks.{s}.attn.to_v",         "single_blocks.{s}.linear1[2]"),
+    ("single_transformer_blocks.{s}.proj_mlp",          "single_blocks.{s}.linear1[3]"),
+    ("single_transformer_blocks.{s}.proj_out",          "single_blocks.{s}.linear2"),
+    ("single_transformer_blocks.{s}.norm.linear",       "single_blocks.{s}.modulation.lin"),
+    ("x_embedder",                                      "img_in"),
+    ("context_embedder",                                "txt_in"),
+    ("time_text_embed.timestep_embedder.linear_1",      "time_in.in_layer"),
+    ("time_text_embed.timestep_embedder.linear_2",      "time_in.out_layer"),
+    ("time_text_embed.text_embedder.linear_1",          "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2",          "vector_in.out_layer"),
+    ("time_text_embed.guidance_embedder.linear_1",      "guidance_in.in_layer"),
+    ("time_text_embed.guidance_embedder.linear_2",      "guidance_in.out_layer"),
+    ("proj_out",                                        "final_layer.linear"),
+    ("norm_out.linear[0]",                              "final_layer.adaLN_modulation.1[1]"),  # scale, shift
+    ("norm_out.linear[1]",                              "final_layer.adaLN_modulation.1[0]"),  # swapped
+)
+
+# XLabs x-flux names the attention LoRAs by processor (`…processor.qkv_lora1.down.weight`): its column.
+FLUX_XLABS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.to_q",                "double_blocks.{i}.processor.qkv_lora1[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "double_blocks.{i}.processor.qkv_lora1[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "double_blocks.{i}.processor.qkv_lora1[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "double_blocks.{i}.processor.proj_lora1"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "double_blocks.{i}.processor.qkv_lora2[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "double_blocks.{i}.processor.qkv_lora2[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "double_blocks.{i}.processor.qkv_lora2[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "double_blocks.{i}.processor.proj_lora2"),
+    ("single_transformer_blocks.{s}.attn.to_q",         "single_blocks.{s}.processor.qkv_lora[0]"),
+    ("single_transformer_blocks.{s}.attn.to_k",         "single_blocks.{s}.processor.qkv_lora[1]"),
+    ("single_transformer_blocks.{s}.attn.to_v",         "single_blocks.{s}.processor.qkv_lora[2]"),
+    ("single_transformer_blocks.{s}.proj_out",          "single_blocks.{s}.processor.proj_lora"),
 )
 
 # fused tensor → its parts' row counts, in row order ("h": the input width, "*": what is left)
@@ -63,6 +79,9 @@ FLUX_FUSED: dict[str, tuple[str, ...]] = {
     "single_blocks.{s}.linear1":        ("h", "h", "h", "*"),
     "final_layer.adaLN_modulation.1":   ("h", "h"),
     "norm_out.linear":                  ("h", "h"),
+    "double_blocks.{i}.processor.qkv_lora1": ("h", "h", "h"),
+    "double_blocks.{i}.processor.qkv_lora2": ("h", "h", "h"),
+    "single_blocks.{s}.processor.qkv_lora":  ("h", "h", "h"),  # XLabs: q, k, v of linear1, not its MLP part
 }
 
 
@@ -71,14 +90,20 @@ FLUX_FUSED: dict[str, tuple[str, ...]] = {
 class Family:
     name: str
     title: str
-    rows: tuple[tuple[str, str], ...]  # (diffusers, original)
+    rows: tuple[tuple[str, ...], ...]  # a cell per COLUMNS entry ("": the column has no such module)
     fused: dict[str, tuple[str, ...]]
     anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
     text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
 
 
+def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
+    """(diffusers, original) rows widened by further (diffusers, spelling) columns ("" where a column lacks one)."""
+    extra = [dict(m) for m in more]
+    return tuple((d, o, *(e.get(d, "") for e in extra)) for d, o in rows)
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family("flux", "Flux.1 (dev, schnell, Kontext)", FLUX_ROWS, FLUX_FUSED,
+    Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
            {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
            {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
 )
@@ -96,13 +121,16 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "kohya":      ("original",  "lora_unet_",        "_"),
     "onetrainer": ("diffusers", "lora_transformer_", "_"),
     "diffusers":  ("diffusers", "transformer.",      "."),
+    "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
 }
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (BFL names)", "onetrainer": "OneTrainer (lora_transformer_)",
-                  "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)"}
+                  "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
+                  "xlabs": "XLabs x-flux (processor.qkv_lora1)"}
+READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
-COLUMNS = ("diffusers", "original")
+COLUMNS = ("diffusers", "original", "xlabs")  # the spellings a table row has; the first two are base layouts
 
 
 # ================================================================================================= code
@@ -152,8 +180,8 @@ class Table:
 
     def __init__(self, family: Family):
         self.family = family
-        self.rows = [(_split(d), _split(o)) for d, o in family.rows]
-        self._rx = {col: [(_regex(cell[0]), cell[1], idx) for idx, cell in enumerate(r[c] for r in self.rows)]
+        self.rows = [tuple(_split(c) if c else None for c in row) for row in family.rows]
+        self._rx = {col: [(_regex(cell[0]), cell[1], idx) for idx, cell in enumerate(r[c] for r in self.rows) if cell]
                     for c, col in enumerate(COLUMNS)}
         self._fused = {(_regex(k), v) for k, v in family.fused.items()}
 
@@ -166,9 +194,9 @@ class Table:
                 out.append((part, m.groupdict(), idx))
         return out
 
-    def other(self, idx: int, column: str, values: dict) -> tuple[str, int | None]:
+    def other(self, idx: int, column: str, values: dict) -> tuple[str, int | None] | None:
         cell = self.rows[idx][COLUMNS.index(column)]
-        return cell[0].format(**values), cell[1]
+        return None if cell is None else (cell[0].format(**values), cell[1])
 
     def spec(self, module: str) -> tuple[str, ...] | None:
         for rx, spec in self._fused:
@@ -192,7 +220,9 @@ class Table:
         pieces = []
         for part, values, idx in hits:
             lrows = None if part is None else part_rows(own or (), part, h, total)
-            tmod, tpart = self.other(idx, to, values)
+            if (cell := self.other(idx, to, values)) is None:
+                return []
+            tmod, tpart = cell
             trows = None
             if tpart is not None:
                 shape = to_shape(tmod)
@@ -222,8 +252,10 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
             continue
         rest = name[len(prefix):]
         for fam, table in TABLES.items():
-            for (d, o) in table.rows:
-                cell = d if column == "diffusers" else o
+            for row in table.rows:
+                cell = row[COLUMNS.index(column)]
+                if cell is None:
+                    continue
                 m = _regex(cell[0], sep).match(rest)
                 if m:
                     out.append((fam, dialect, cell[0].format(**m.groupdict())))
@@ -274,8 +306,8 @@ def support_table() -> str:
     head = ["family", "dialect", "read (format)", "written by", *[f"merge into {t}" for t in BASE_TITLES.values()]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fam in FAMILIES:
-        for d, (_, prefix, _) in DIALECTS.items():
-            fmt = "diffusers" if prefix.endswith(".") else "kohya"
+        for d in DIALECTS:
+            fmt = READ_BY[d]
             wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"
             into = " | ".join("yes" if c in fam.anchors else "—" for c in BASE_TITLES)
             lines.append(f"| {fam.title} | {DIALECT_TITLES[d]} | `{fmt}` | {wrote} | {into} |")
