@@ -1,6 +1,7 @@
-"""Flux.1 LoRAs in every dialect (kohya / sd-scripts BFL names, OneTrainer, diffusers) merged into both base
-layouts (diffusers folder, BFL single file; ComfyUI's prefixed bf16 copy) against what diffusers computes, and
-converted between dialects exactly. Fixtures: fixtures/makers/dit.py (a micro FluxTransformer2DModel; the
+"""Flux.1 LoRAs in every dialect (kohya / sd-scripts BFL names, OneTrainer, diffusers, XLabs) merged into both
+base layouts (diffusers folder, BFL single file; ComfyUI's prefixed bf16 copy) against what diffusers computes,
+and converted between dialects exactly; the same for SD3 / SD3.5 (kohya lora_sd3 names, diffusers).
+Fixtures: fixtures/makers/dit.py (a micro FluxTransformer2DModel; the
 expect files are diffusers' own load_lora_adapter + fuse_lora, or diffusers' single-file converter)."""
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors",
          "comfy-bf16": F / "flux-comfy-bf16.safetensors"}
 LORAS = {"diffusers": "expect_flux_diffusers", "onetrainer": "expect_flux_diffusers", "kohya": "expect_flux_kohya",
          "kohya_full": "expect_flux_kohya_full", "xlabs": "expect_flux_xlabs"}
+
+
+SD3 = {"diffusers": F / "sd3-diffusers", "original": F / "sd3-original.safetensors"}
 
 
 def _base_sd() -> dict[str, torch.Tensor]:
@@ -198,12 +202,15 @@ def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
         merge(BASES["diffusers"], [str(p)], tmp_path / "o")
 
 
-def test_table_covers_every_linear_weight_of_both_layouts():
-    """Each 2-D weight of the diffusers model and of the BFL file is some table row's, and every row maps
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_table_covers_every_linear_weight_of_both_layouts(family):
+    """Each 2-D weight of the diffusers model and of the original file is some table row's, and every row maps
     between two tensors of matching shape (parts sized from the input width)."""
-    table = dit.TABLES["flux"]
-    dif = {k[:-7]: v.shape for k, v in _base_sd().items() if k.endswith(".weight") and v.dim() == 2}
-    bfl = {k[:-7]: v.shape for k, v in load_file(BASES["bfl"]).items() if k.endswith(".weight") and v.dim() == 2}
+    table = dit.TABLES[family]
+    folder, single = (BASES["diffusers"], BASES["bfl"]) if family == "flux" else (SD3["diffusers"], SD3["original"])
+    dif = {k[:-7]: v.shape for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()
+           if k.endswith(".weight") and v.dim() == 2}
+    bfl = {k[:-7]: v.shape for k, v in load_file(single).items() if k.endswith(".weight") and v.dim() == 2}
     for col, names, other in (("diffusers", dif, bfl), ("original", bfl, dif)):
         to = "original" if col == "diffusers" else "diffusers"
         for mod, shape in names.items():
@@ -231,3 +238,72 @@ def test_readme_dit_table_is_the_tables():
     block = re.search(r"<!-- dit-matrix:start -->\n(.*?)\n<!-- dit-matrix:end -->", readme, re.S)
     assert block and block.group(1).strip() == dit.support_table().strip(), (
         "README's DiT table is out of date: paste loraport.names.dit.support_table()")
+
+
+# ------------------------------------------------------------------------------------------------- SD3 / SD3.5
+def _sd3_expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
+    base = load_file(SD3["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    want = {**base, **load_file(F / f"expect_sd3_{lora}.safetensors")}
+    if layout == "diffusers":
+        return want
+    mk = _maker()
+    return mk.sd3_to_original(want, mk.SD3_CONFIG["num_layers"], mk.SD3_CONFIG["dual_attention_layers"])
+
+
+def _maker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sd3_onetrainer(dst: Path) -> Path:
+    """The diffusers-dialect SD3 LoRA as OneTrainer names it (lora_transformer_<path>, lora_down/up, alpha 8 =
+    the file's lora_alpha): what diffusers' own loader fused is then the reference for it too."""
+    t = {}
+    for k, v in load_file(F / "sd3_diffusers.safetensors").items():
+        mod, _, role = k[len("transformer."):].rpartition(".lora_")
+        name = "lora_transformer_" + mod.replace(".", "_")
+        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
+        t[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(t, dst)
+    return dst
+
+
+@pytest.mark.parametrize("base", list(SD3))
+@pytest.mark.parametrize("lora", ["diffusers", "kohya", "onetrainer"])
+def test_sd3_merge_matches_diffusers(lora, base, tmp_path):
+    """diffusers' PEFT loader for its own dialect (and the same factors in OneTrainer's names); for kohya
+    (diffusers has no SD3 kohya converter) the original file plus up@down, converted by diffusers' single-file
+    converter: the last block's swapped 2-part context modulation and SD3.5's attn2 included."""
+    out = tmp_path / ("o" if base == "diffusers" else "o.safetensors")
+    src = _sd3_onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"sd3_{lora}.safetensors"
+    merge(SD3[base], [str(src)], out)
+    lora = "diffusers" if lora == "onetrainer" else lora
+    got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if base == "diffusers" else out)
+    assert _max_diff(got, _sd3_expected(lora, base)) <= 1e-5
+
+
+@pytest.mark.parametrize("base", [None, "diffusers", "original"])
+@pytest.mark.parametrize("src,to", [("kohya", "diffusers"), ("diffusers", "kohya"), ("kohya", "kohya")])
+def test_sd3_convert_is_exact(src, to, base, tmp_path):
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"sd3_{src}.safetensors"), to=to, out=out, base=None if base is None else SD3[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    merge(SD3["diffusers"], [str(out)], tmp_path / "o")
+    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert _max_diff(got, _sd3_expected(src, "diffusers")) <= 1e-5
+
+
+def test_flux_and_sd3_are_told_apart(tmp_path):
+    """Both name their double-stream attention transformer_blocks.N.attn.to_q in diffusers: the base and the
+    family-only modules decide, and a LoRA of one on the other's base is one line naming both."""
+    for lora, base, want in (("flux_kohya", SD3["original"], "Flux.1.*SD3"), ("flux_diffusers", SD3["diffusers"],
+                              "Flux.1.*SD3"), ("sd3_kohya", BASES["bfl"], "SD3.*Flux.1"),
+                             ("sd3_diffusers", BASES["diffusers"], "SD3.*Flux.1")):
+        with pytest.raises(BadInputError, match=want) as e:
+            merge(base, [str(F / f"{lora}.safetensors")], tmp_path / "o")
+        assert "\n" not in str(e.value)
+    assert inspect(F / "sd3_diffusers.safetensors").report["family"]["family"] == "sd3"

@@ -42,12 +42,12 @@ class DitNames:
     @classmethod
     def detect(cls, modules, base, where) -> DitNames | None:
         """None unless the modules are a DiT family's; refuses a base of another family in one line."""
-        fam, dialects = dit.family_of_modules(modules)
+        lay = dit.base_layout(base.names()) if base is not None else None
+        fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
         if fam is None:
             return None
-        if base is None:
+        if lay is None:
             return cls(fam, dialects, None, None)
-        lay = dit.base_layout(base.names())
         if lay.family != fam:
             raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
                                 f"pass a {dit.family_title(fam)} base")
@@ -202,6 +202,9 @@ def _moved(d: Delta, mod: str, names: DitNames, table, column: str, where):
     own = d.implied_shape()
     h = shape[1] if shape else (int(own[1]) if own and len(own) == 2 else 0)
     total = shape[0] if shape else (int(own[0]) if own and d.rows is None else None)
+    spec = table.spec(mod)
+    if total is None and d.rows is not None and spec and "*" not in spec:
+        total = len(spec) * h  # a row slice of a module fused by its parts' rule: it has all of them
     hits = table.translate(mod, names.column, column, h, total)
     if not hits:
         raise BadInputError(f"{where}: {d.target}: the parts of this fused tensor cannot be sized; pass --base")

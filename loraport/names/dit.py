@@ -72,6 +72,50 @@ FLUX_XLABS: tuple[tuple[str, str], ...] = (
     ("single_transformer_blocks.{s}.proj_out",          "single_blocks.{s}.processor.proj_lora"),
 )
 
+# ------------------------------------------------------------------------------------------------- SD3 / SD3.5
+# diffusers module (canonical)                      original (SAI) module
+SD3_ROWS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.to_q",                "joint_blocks.{i}.x_block.attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "joint_blocks.{i}.x_block.attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "joint_blocks.{i}.x_block.attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "joint_blocks.{i}.x_block.attn.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "joint_blocks.{i}.context_block.attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "joint_blocks.{i}.context_block.attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "joint_blocks.{i}.context_block.attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "joint_blocks.{i}.context_block.attn.proj"),
+    ("transformer_blocks.{i}.attn2.to_q",               "joint_blocks.{i}.x_block.attn2.qkv[0]"),  # SD3.5 medium
+    ("transformer_blocks.{i}.attn2.to_k",               "joint_blocks.{i}.x_block.attn2.qkv[1]"),
+    ("transformer_blocks.{i}.attn2.to_v",               "joint_blocks.{i}.x_block.attn2.qkv[2]"),
+    ("transformer_blocks.{i}.attn2.to_out.0",           "joint_blocks.{i}.x_block.attn2.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj",            "joint_blocks.{i}.x_block.mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2",                 "joint_blocks.{i}.x_block.mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj",    "joint_blocks.{i}.context_block.mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2",         "joint_blocks.{i}.context_block.mlp.fc2"),
+    ("transformer_blocks.{i}.norm1.linear",             "joint_blocks.{i}.x_block.adaLN_modulation.1"),
+    ("transformer_blocks.{i}.norm1_context.linear",     "joint_blocks.{i}.context_block.adaLN_modulation.1"),
+    # the last block's context modulation has 2 parts (shift, scale), swapped in diffusers: parts win when the
+    # tensor has exactly their rows
+    ("transformer_blocks.{i}.norm1_context.linear[0]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[1]"),
+    ("transformer_blocks.{i}.norm1_context.linear[1]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[0]"),
+    ("context_embedder",                                "context_embedder"),
+    ("time_text_embed.timestep_embedder.linear_1",      "t_embedder.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2",      "t_embedder.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1",          "y_embedder.mlp.0"),
+    ("time_text_embed.text_embedder.linear_2",          "y_embedder.mlp.2"),
+    ("proj_out",                                        "final_layer.linear"),
+    ("norm_out.linear[0]",                              "final_layer.adaLN_modulation.1[1]"),  # scale, shift
+    ("norm_out.linear[1]",                              "final_layer.adaLN_modulation.1[0]"),  # swapped
+)
+SD3_FUSED: dict[str, tuple[str, ...]] = {
+    "joint_blocks.{i}.x_block.attn.qkv":                    ("h", "h", "h"),
+    "joint_blocks.{i}.context_block.attn.qkv":              ("h", "h", "h"),
+    "joint_blocks.{i}.x_block.attn2.qkv":                   ("h", "h", "h"),
+    "joint_blocks.{i}.context_block.adaLN_modulation.1":    ("h", "h"),
+    "transformer_blocks.{i}.norm1_context.linear":          ("h", "h"),
+    "final_layer.adaLN_modulation.1":                       ("h", "h"),
+    "norm_out.linear":                                      ("h", "h"),
+}
+
 # fused tensor → its parts' row counts, in row order ("h": the input width, "*": what is left)
 FLUX_FUSED: dict[str, tuple[str, ...]] = {
     "double_blocks.{i}.img_attn.qkv":   ("h", "h", "h"),
@@ -106,12 +150,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
            {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
            {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
+    Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
+           {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
+           {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
 OTHER_BASES: tuple[tuple[str, str], ...] = (
-    ("SD3 / SD3.5", "joint_blocks.0.x_block.attn.qkv.weight"),
-    ("SD3 / SD3.5", "transformer_blocks.0.ff_context.net.0.proj.weight"),  # (after Flux: it has the same row)
     ("SD 1.x / 2.x / SDXL (UNet)", "down_blocks.0.resnets.0.conv1.weight"),
     ("SD 1.x / 2.x / SDXL (UNet)", "input_blocks.0.0.weight"),
 )
@@ -123,7 +168,7 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "diffusers":  ("diffusers", "transformer.",      "."),
     "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
 }
-DIALECT_TITLES = {"kohya": "kohya / sd-scripts (BFL names)", "onetrainer": "OneTrainer (lora_transformer_)",
+DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
                   "xlabs": "XLabs x-flux (processor.qkv_lora1)"}
 READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs"}  # dialect → format
@@ -180,7 +225,8 @@ class Table:
 
     def __init__(self, family: Family):
         self.family = family
-        self.rows = [tuple(_split(c) if c else None for c in row) for row in family.rows]
+        self.rows = [tuple(_split(c) if c else None for c in (*row, *[""] * (len(COLUMNS) - len(row))))
+                     for row in family.rows]
         self._rx = {col: [(_regex(cell[0]), cell[1], idx) for idx, cell in enumerate(r[c] for r in self.rows) if cell]
                     for c, col in enumerate(COLUMNS)}
         self._fused = {(_regex(k), v) for k, v in family.fused.items()}
@@ -207,11 +253,20 @@ class Table:
     def knows(self, module: str) -> bool:
         return any(self.match(module, c) for c in COLUMNS)
 
+    def _by_shape(self, module: str, hits: list, h: int, total: int | None) -> list:
+        """A module that is a whole row and also parts (SD3's last context modulation): the parts when the
+        tensor has exactly their rows, else the whole."""
+        whole, parts = [x for x in hits if x[0] is None], [x for x in hits if x[0] is not None]
+        if not whole or not parts:
+            return hits
+        spec = self.spec(module) or ()
+        return parts if total is not None and "*" not in spec and total == len(spec) * h else whole
+
     def translate(self, module: str, column: str, to: str, h: int, total: int | None,
                   to_shape: Callable[[str], tuple[int, ...] | None] = lambda m: None) -> list[Piece] | None:
         """Where the LoRA on `module` (spelled in `column`, output `total` rows, input width h) lands in `to`;
         None when the table does not know `module`, [] when a part cannot be sized."""
-        hits = self.match(module, column)
+        hits = self._by_shape(module, self.match(module, column), h, total)
         if not hits:
             return None
         if column == to:
@@ -263,16 +318,26 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def family_of_modules(names: Iterable[str]) -> tuple[str | None, set[str]]:
-    """(family, dialects) of a LoRA's module names: the family whose table knows them (None: none)."""
-    fams: dict[str, set[str]] = {}
+def families_of_modules(names: Iterable[str]) -> dict[str, tuple[int, set[str]]]:
+    """family → (how many of a LoRA's module names its table knows, the dialects they spell)."""
+    fams: dict[str, tuple[int, set[str]]] = {}
     for n in names:
         for fam, dialect, _ in unspell(n):
-            fams.setdefault(fam, set()).add(dialect)
+            count, dialects = fams.get(fam, (0, set()))
+            fams[fam] = (count + 1, dialects | {dialect})
+    return fams
+
+
+def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
+    """(family, dialects) of a LoRA's module names: the family whose table knows most of them (`prefer`, the
+    base's family, among equals: Flux and SD3 share `transformer_blocks.N.attn.to_q`); None when none does."""
+    fams = families_of_modules(names)
     if not fams:
         return None, set()
-    fam = max(fams, key=lambda f: len(fams[f]))
-    return fam, fams[fam]
+    best = max(c for c, _ in fams.values())
+    top = [f for f, (c, _) in fams.items() if c == best]
+    fam = prefer if prefer in top else top[0]
+    return fam, fams[fam][1]
 
 
 @dataclass(frozen=True)
@@ -306,7 +371,9 @@ def support_table() -> str:
     head = ["family", "dialect", "read (format)", "written by", *[f"merge into {t}" for t in BASE_TITLES.values()]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fam in FAMILIES:
-        for d in DIALECTS:
+        for d, (column, _, _) in DIALECTS.items():
+            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows):
+                continue  # a trainer that never targets this family
             fmt = READ_BY[d]
             wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"
             into = " | ".join("yes" if c in fam.anchors else "—" for c in BASE_TITLES)
