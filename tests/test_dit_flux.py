@@ -307,3 +307,41 @@ def test_flux_and_sd3_are_told_apart(tmp_path):
             merge(base, [str(F / f"{lora}.safetensors")], tmp_path / "o")
         assert "\n" not in str(e.value)
     assert inspect(F / "sd3_diffusers.safetensors").report["family"]["family"] == "sd3"
+
+
+# ------------------------------------------------------------------------------------------------- text encoders
+def test_text_encoder_modules_go_to_the_pipeline_components(tmp_path):
+    """sd-scripts' Flux LoRA may train CLIP-L (`lora_te1_`): placed on the diffusers folder's text_encoder
+    (forward from its names, with or without transformers' text_model. wrapper); the original single file holds
+    the transformer only, so there it is refused (strict) or skipped (--no-strict)."""
+    import shutil
+
+    folder = tmp_path / "flux"
+    shutil.copytree(BASES["diffusers"], folder)
+    shutil.copytree(F.parent / "sd" / "base" / "text_encoder", folder / "text_encoder")  # a CLIP text model
+    g = torch.Generator().manual_seed(1)
+    lora = load_file(F / "flux_kohya.safetensors")
+    te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 8, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(8, 2, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)}
+    src = tmp_path / "with_te.safetensors"
+    save_file({**lora, **te}, src)
+    merge(folder, [str(src)], tmp_path / "o")
+    k = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj."
+    want = load_file(folder / "text_encoder" / "model.safetensors")["encoder.layers.0.self_attn.q_proj.weight"] + \
+        0.5 * te[k + "lora_up.weight"] @ te[k + "lora_down.weight"]
+    got = load_file(tmp_path / "o" / "text_encoder" / "model.safetensors")["encoder.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert _max_diff(load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors"),
+                     _expected("kohya")) <= 1e-5
+    with pytest.raises(BadInputError, match="1 module.*not in the base.*lora_te1_"):
+        merge(BASES["bfl"], [str(src)], tmp_path / "o2.safetensors")
+    code, _, err = run_cli("merge", "--base", BASES["bfl"], "--adapter", src, "--out", tmp_path / "o3.safetensors",
+                           "--no-strict")
+    assert code == 0, err
+
+
+def test_a_bare_transformer_folder_is_a_diffusers_base(tmp_path):
+    """The transformer/ component folder alone (config.json + diffusion_pytorch_model.safetensors) is a base."""
+    merge(BASES["diffusers"] / "transformer", [str(F / "flux_kohya.safetensors")], tmp_path / "o")
+    assert _max_diff(load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors"), _expected("kohya")) <= 1e-5
