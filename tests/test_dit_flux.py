@@ -79,10 +79,11 @@ def test_merge_matches_diffusers(lora, base, tmp_path):
 
 CONVERSIONS = [("kohya", "diffusers"), ("kohya_full", "diffusers"), ("diffusers", "kohya"), ("onetrainer", "kohya"),
                ("kohya", "kohya"), ("xlabs", "diffusers")]
+# every pair without a base (canonical names), the kohya <-> diffusers pairs against each base layout too
+CONVERT_CASES = [(*c, None) for c in CONVERSIONS] + [(*c, b) for c in CONVERSIONS[:3] for b in ("diffusers", "bfl")]
 
 
-@pytest.mark.parametrize("base", [None, "diffusers", "bfl"])
-@pytest.mark.parametrize("src,to", CONVERSIONS)
+@pytest.mark.parametrize("src,to,base", CONVERT_CASES)
 def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
     out = tmp_path / "c.safetensors"
     rep = convert(str(F / f"flux_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
@@ -286,8 +287,9 @@ def test_sd3_merge_matches_diffusers(lora, base, tmp_path):
     assert _max_diff(got, _sd3_expected(lora, base)) <= 1e-5
 
 
-@pytest.mark.parametrize("base", [None, "diffusers", "original"])
-@pytest.mark.parametrize("src,to", [("kohya", "diffusers"), ("diffusers", "kohya"), ("kohya", "kohya")])
+@pytest.mark.parametrize("src,to,base", [("kohya", "diffusers", None), ("diffusers", "kohya", None),
+                                         ("kohya", "kohya", None), ("kohya", "diffusers", "original"),
+                                         ("diffusers", "kohya", "diffusers")])
 def test_sd3_convert_is_exact(src, to, base, tmp_path):
     out = tmp_path / "c.safetensors"
     rep = convert(str(F / f"sd3_{src}.safetensors"), to=to, out=out, base=None if base is None else SD3[base])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 # ------------------------------------------------------------------------------------------------- Flux.1
 # diffusers module (canonical)                      original (BFL) module
@@ -187,6 +188,7 @@ def _split(cell: str) -> tuple[str, int | None]:
     return m.group("m"), None if m.group("k") is None else int(m.group("k"))
 
 
+@lru_cache(maxsize=4096)
 def _regex(template: str, sep: str = ".") -> re.Pattern:
     rx = re.escape(template.replace(".", sep)) if sep != "." else re.escape(template)
     for v in ("i", "s"):
