@@ -347,3 +347,37 @@ def test_a_bare_transformer_folder_is_a_diffusers_base(tmp_path):
     """The transformer/ component folder alone (config.json + diffusion_pytorch_model.safetensors) is a base."""
     merge(BASES["diffusers"] / "transformer", [str(F / "flux_kohya.safetensors")], tmp_path / "o")
     assert _max_diff(load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors"), _expected("kohya")) <= 1e-5
+
+
+def test_a_fused_lora_of_the_wrong_height_is_refused(tmp_path):
+    """A qkv LoRA whose up has rows that are not 3 x its input width (another model's, or cut short) would lose
+    rows in a split: refused in one line, nothing written."""
+    t = load_file(F / "flux_kohya.safetensors")
+    k = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
+    t[k] = torch.cat([t[k], torch.ones(5, t[k].shape[1])])
+    bad = tmp_path / "bad.safetensors"
+    save_file(t, bad)
+    for base in ("diffusers", None):
+        with pytest.raises(BadInputError, match="img_attn_qkv.*53 output rows.*make 48") as e:
+            if base is None:
+                convert(str(bad), to="diffusers", out=tmp_path / "c.safetensors")
+            else:
+                merge(BASES[base], [str(bad)], tmp_path / "o")
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def test_dora_on_a_fused_qkv_splits_by_rows(tmp_path):
+    """Output-axis DoRA normalises each output row on its own, so cutting it with the rows is exact: the merge
+    into the diffusers folder equals the merge into the BFL file (one fused DoRA) in diffusers' layout."""
+    t = load_file(F / "flux_kohya.safetensors")
+    g = torch.Generator().manual_seed(2)
+    t["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(48, 1, generator=g) + 0.5
+    src = tmp_path / "dora.safetensors"
+    save_file(t, src)
+    fused = _merged("bfl", src, tmp_path)
+    (tmp_path / "d").mkdir()
+    split = _to_bfl(_merged("diffusers", src, tmp_path / "d"))
+    assert _max_diff(split, fused) <= 1e-5
+    assert not torch.equal(fused["double_blocks.0.img_attn.qkv.weight"],
+                           _to_bfl(_expected("kohya"))["double_blocks.0.img_attn.qkv.weight"])

@@ -60,12 +60,16 @@ class DitNames:
             return None
         return tuple(self.base.info(name).shape)
 
-    def pieces(self, name: str, h: int, total: int) -> list[dit.Piece] | None:
+    def pieces(self, name: str, h: int, total: int, where="") -> list[dit.Piece] | None:
         """Where the module `name` (as the LoRA spells it) lands; None when the family's table lacks it."""
         for fam, dialect, module in dit.unspell(name):
             if fam == self.family:
                 table = dit.TABLES[fam]
-                return table.translate(module, dit.DIALECTS[dialect][0], self.column, h, total, self._shape)
+                try:
+                    return table.translate(module, dit.DIALECTS[dialect][0], self.column, h, total, self._shape)
+                except ValueError as e:
+                    raise BadInputError(f"{where}: {name}: {e}; not a {dit.family_title(fam)} LoRA of this "
+                                        "shape") from None
         return None
 
     def _text_encoder(self, name: str) -> str | None:
@@ -94,7 +98,7 @@ class DitNames:
         d0 = next((d for d in deltas if d.has_lora_factors), None)
         shape = d0.implied_shape() if d0 is not None else deltas[0].implied_shape()
         h, total = (int(shape[1]), int(shape[0])) if shape and len(shape) == 2 else (0, 0)
-        pieces = self.pieces(name, h, total)
+        pieces = self.pieces(name, h, total, where)
         if pieces is None:
             if self.base is None:
                 return deltas  # a text encoder's module keeps its name (pass a base to place it)
@@ -205,7 +209,10 @@ def _moved(d: Delta, mod: str, names: DitNames, table, column: str, where):
     spec = table.spec(mod)
     if total is None and d.rows is not None and spec and "*" not in spec:
         total = len(spec) * h  # a row slice of a module fused by its parts' rule: it has all of them
-    hits = table.translate(mod, names.column, column, h, total)
+    try:
+        hits = table.translate(mod, names.column, column, h, total)
+    except ValueError as e:
+        raise BadInputError(f"{where}: {d.target}: {e}") from None
     if not hits:
         raise BadInputError(f"{where}: {d.target}: the parts of this fused tensor cannot be sized; pass --base")
     out = []

@@ -289,6 +289,10 @@ class Table:
             if (part is not None and lrows is None) or (tpart is not None and trows is None):
                 return []
             pieces.append(Piece(tmod, trows, lrows))
+        ends = [p.lora_rows[1] for p in pieces if p.lora_rows]
+        if ends and total is not None and max(ends) != total:
+            raise ValueError(f"{module} has {total} output rows; its parts ({', '.join(own or ())} with h = {h}) "
+                             f"make {max(ends)}")
         return pieces
 
 
