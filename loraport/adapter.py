@@ -69,6 +69,15 @@ class Delta:
         kernel), else None. Row slices are the caller's business (`rows`)."""
         return None
 
+    def is_zero(self) -> bool:
+        """True when the update is exactly nothing (a part of a fused LoRA that the training never touched)."""
+        return False
+
+    def output_rows(self, start: int, stop: int) -> Delta | None:
+        """The update to output rows [start, stop) alone (a LoRA on a fused projection split into the separate
+        tensors of another layout), or None when this kind cannot be cut by rows exactly."""
+        return None
+
     @property
     def plain_lora(self) -> bool:
         return self.low_rank_factors() is not None
@@ -220,6 +229,22 @@ class LoraDelta(Delta):
         if self.magnitude is None and self.mid is None and self.A.dim() == 2 and self.B.dim() == 2:
             return LowRank(self.B, self.A, self.scale, self.transpose)
         return None
+
+    def is_zero(self) -> bool:
+        return self.magnitude is None and not bool(self.B.any())
+
+    def output_rows(self, start: int, stop: int) -> Delta | None:
+        """B's rows [start, stop) with the shared A; the columns of B that are all zero there (sd-scripts'
+        split_qkv stores q, k, v as blocks of one rank-3r LoRA) dropped with their rows of A. DoRA on the
+        output axis is per row, so its magnitude is cut the same way."""
+        if self.mid is not None or self.B.dim() != 2 or (self.magnitude is not None and self.dora_axis != "out"):
+            return None
+        B, A = self.B[start:stop], self.A
+        keep = B.ne(0).any(dim=0)
+        if keep.any() and not keep.all():
+            B, A = B[:, keep], A[keep]
+        mag = None if self.magnitude is None else self.magnitude.reshape(-1)[start:stop]
+        return replace(self, A=A.contiguous(), B=B.contiguous(), magnitude=mag)
 
     @property
     def has_magnitude(self) -> bool:
@@ -400,6 +425,9 @@ class FullDelta(Delta):
     def implied_shape(self) -> Shape | None:
         return tuple(self.diff.shape)
 
+    def output_rows(self, start: int, stop: int) -> Delta | None:
+        return replace(self, diff=self.diff[start:stop].contiguous())
+
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
         d = _f32(self.diff, W.device).reshape(W.shape)
         return d * self.scale if self.scale != 1.0 else d.clone()
@@ -448,6 +476,7 @@ class Adapter:
     warnings: list[str] = field(default_factory=list)  # what a merge must say out loud (semantics changed)
     files: list[str] = field(default_factory=list)  # the files read, for provenance hashes
     name: str = ""
+    family: dict | None = None  # a DiT adapter: its family, the dialects it spells, the base layouts it fits
 
     def __post_init__(self):
         seen: dict[tuple, str] = {}

@@ -215,7 +215,7 @@ def compare(a: Adapter, b: Adapter, ckpt=None, device: str = "cpu") -> float | N
     ka = _by_target(a)
     kb = _by_target(b)
     if set(ka) != set(kb):
-        return None
+        return _compare_tensors(a, b, ckpt, dev)
     worst = 0.0
     for t, da in ka.items():
         try:
@@ -229,6 +229,38 @@ def compare(a: Adapter, b: Adapter, ckpt=None, device: str = "cpu") -> float | N
             y = y.reshape(x.shape)
         worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
     return worst
+
+
+def _compare_tensors(a: Adapter, b: Adapter, ckpt, dev: torch.device) -> float | None:
+    """max |ΔW_a − ΔW_b| per target tensor, row slices summed in place: for a write that regroups them (a LoRA on
+    q, k, v written as one on the fused qkv); None when the two update different tensors."""
+    try:
+        ta, tb = _tensor_sums(a, ckpt, dev), _tensor_sums(b, ckpt, dev)
+    except BadInputError:
+        return None
+    if set(ta) != set(tb) or any(ta[t].shape[1:] != tb[t].shape[1:] for t in ta):
+        return None
+    worst = 0.0
+    for t, x in ta.items():  # a slice nobody updates is zero: pad the shorter sum
+        y = tb[t]
+        n = max(x.shape[0], y.shape[0])
+        x, y = (torch.cat([v, v.new_zeros(n - v.shape[0], *v.shape[1:])]) for v in (x, y))
+        worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
+    return worst
+
+
+def _tensor_sums(a: Adapter, ckpt, dev: torch.device) -> dict[str, torch.Tensor]:
+    parts: dict[str, list] = {}
+    for d in a.deltas:
+        parts.setdefault(d.target, []).append((d.rows, dense_delta(d, ckpt, dev)))
+    out = {}
+    for t, ps in parts.items():
+        rows = max(r[1] if r else D.shape[0] for r, D in ps)
+        full = torch.zeros(rows, *ps[0][1].shape[1:], device=dev)
+        for r, D in ps:
+            full[slice(*r) if r else slice(None)] += D.reshape(full[slice(*r) if r else slice(None)].shape)
+        out[t] = full
+    return out
 
 
 def _by_target(a: Adapter) -> dict:

@@ -73,6 +73,7 @@ def describe(adapter) -> dict:
         "dora": any(d.has_magnitude for d in adapter.deltas),
         "trainable_params": params, "full_rank_params": full,
         "compression": round(full / factor_params, 1) if factor_params else None,
+        "family": adapter.family,
         "dtypes": dict(dtypes), "file_bytes": size, "files": adapter.files, "notes": adapter.notes,
         "deltas": [d.describe() for d in adapter.deltas],
     }

@@ -102,6 +102,8 @@ LAYOUT = {
     "lora": F / "quant" / "lora-small",
     "qa": F / "quant" / "lora-small",
     "another-adapter": F / "quant" / "lora-small",
+    "my-flux-lora.safetensors": F / "dit" / "flux_kohya.safetensors",   # kohya Flux LoRA of the micro Flux
+    "flux1-dev.safetensors": F / "dit" / "flux-bfl.safetensors",        # BFL single file
 }
 BUILT = ("sd_xl_base_1.0.safetensors", "Llama-3-8B-tuned", "summarize", "model.onnx")  # made by _workspace
 # lines another test already runs verbatim (the demo: ~5-13 s, as a subprocess, offline, in test_cli_core)

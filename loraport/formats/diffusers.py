@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from loraport.adapter import Adapter, LoraDelta
+from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
+from loraport.formats._dit import DitNames, diffusers_deltas
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
@@ -146,6 +147,35 @@ def _base_entry(names: SDNames, mod: str, comp: str, rel: str):
     return None
 
 
+def _module_deltas(mod: str, p: dict, scale: float, alpha, rule: str, target: str | None = None,
+                   rows: tuple[int, int] | None = None, transpose: bool = False) -> list:
+    """The LoRA (DoRA) of one module and the dense update of its bias when lora_B has one."""
+    target = target or f"{mod}.weight"
+    mag = p.get("magnitude")
+    out = [LoraDelta(target, A=p["A"], B=p["B"], scale=scale, alpha=alpha, scale_rule=rule, rows=rows,
+                     transpose=transpose, magnitude=None if mag is None else mag.reshape(-1), dora_axis="out",
+                     source_key=mod)]
+    if "bias" in p:
+        out.append(FullDelta(target[: -len(".weight")] + ".bias", diff=p["bias"], scale=scale, rows=rows,
+                             source_key=mod + ".bias"))
+    return out
+
+
+def _placed(mod: str, p: dict, scale: float, alpha, rule: str, dit: DitNames | None, names: SDNames | None,
+            wfile: Path) -> list | None:
+    """A module's deltas on the base's tensors (a DiT family's, or a Stable Diffusion base's), None when the base
+    lacks the module; targets keep the file's names without a base."""
+    if dit is not None:
+        return dit.place(mod, _module_deltas(mod, p, scale, alpha, rule), wfile)
+    if names is None:
+        return _module_deltas(mod, p, scale, alpha, rule)
+    comp, _, rel = mod.partition(".")
+    ent = _base_entry(names, mod, comp, rel)
+    if ent is None:
+        return None
+    return _module_deltas(mod, p, scale, alpha, rule, ent.target, ent.rows, ent.transpose)
+
+
 @register(write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
@@ -176,7 +206,10 @@ class DiffusersFormat(AdapterFormat):
         configs = component_configs(meta, wfile)
         notes: set[str] = set()
         parts, forms, unrecognised = _group_keys(tensors, notes)
-        names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+        dit = DitNames.detect(list(parts), base, wfile)
+        names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None and not dit else None
+        if dit:
+            notes.add(dit.note())
         deltas, unmatched, no_alpha = [], [], 0
         tables: dict[str, PatternTable] = {}
         deadline = Deadline()
@@ -195,22 +228,10 @@ class DiffusersFormat(AdapterFormat):
             cfg_alpha = None if cfg is None else _component_alpha(tables, comp, cfg, rel, wfile, deadline)
             alpha, scale, rule = _module_scale(p, cfg, r, cfg_alpha)
             no_alpha += alpha is None
-            target, rows, transpose = f"{mod}.weight", None, False
-            if names is not None:
-                ent = _base_entry(names, mod, comp, rel)
-                if ent is None:
-                    unmatched.append(mod)
-                    continue
-                target, rows, transpose = ent.target, ent.rows, ent.transpose
-            mag = p.get("magnitude")
-            deltas.append(LoraDelta(target, A=A, B=B, scale=scale, alpha=alpha, scale_rule=rule, rows=rows,
-                                    transpose=transpose, magnitude=None if mag is None else mag.reshape(-1),
-                                    dora_axis="out", source_key=mod))
-            if "bias" in p:
-                from loraport.adapter import FullDelta
-
-                btarget = target[: -len(".weight")] + ".bias"
-                deltas.append(FullDelta(btarget, diff=p["bias"], scale=scale, rows=rows, source_key=mod + ".bias"))
+            placed = _placed(mod, p, scale, alpha, rule, dit, names, wfile)
+            if placed is None:
+                unmatched.append(mod)
+            deltas += placed or []
         check_unmatched(wfile, len(deltas), unrecognised, unmatched, opts.strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
@@ -229,7 +250,8 @@ class DiffusersFormat(AdapterFormat):
         if unrecognised or unmatched:
             metadata["skipped"] = unrecognised + unmatched
         return Adapter(deltas, "diffusers", str(path), config=configs, metadata=metadata, notes=sorted(notes),
-                       files=[str(wfile)], name=path.stem)
+                       files=[str(wfile)], name=path.stem,
+                       family=dit.summary() if dit else None)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:
@@ -238,11 +260,15 @@ class DiffusersFormat(AdapterFormat):
         path = Path(path)
         if path.is_dir():
             path = path / WEIGHTS[0]
-        names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
+        deltas = diffusers_deltas(adapter, base, adapter.path or path)
+        names = None
+        if deltas is None:
+            deltas = adapter.deltas
+            names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None else None
         tensors: dict[str, torch.Tensor] = {}
         per: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
         dora: dict[str, set] = defaultdict(set)
-        for d in adapter.deltas:
+        for d in deltas:
             if not d.has_lora_factors:
                 raise BadInputError(f"{d.target}: {d.kind} updates have no diffusers LoRA form (it holds plain "
                                     "LoRA/DoRA only); convert to kohya/lycoris instead")

@@ -23,6 +23,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
+from loraport.formats._dit import DitNames, kohya_modules
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.names.lycoris_wrapper import WrapperNames, is_wrapper_module, wrapper_index
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
@@ -282,6 +283,24 @@ def _name_index(base, modules) -> SDNames | WrapperNames:
     return SDNames(base.names(), lambda n: tuple(base.info(n).shape))
 
 
+def _sd_entries(names: SDNames | None, mod: str, notes: set[str], spellings: set[str]
+                ) -> tuple[Entry | None, Entry | None] | None:
+    """(weight entry, bias entry) of a Stable Diffusion base for a kohya module; (None, None) without a base;
+    None when the base lacks it."""
+    if names is None:
+        return None, None
+    found = names.by_kohya.get(mod)
+    ent_w, ent_b = (found.get("weight"), found.get("bias")) if found else (None, None)
+    if ent_w is None and ent_b is None:
+        return None
+    ent = ent_w or ent_b
+    if ent.module.startswith("unet.") and mod.startswith("lora_unet_"):
+        spellings.add("SGM/LDM" if ent.sgm == mod else "diffusers")
+    if ent_w is not None and ent_w.rows is not None:
+        notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
+    return ent_w, ent_b
+
+
 def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -296,38 +315,33 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    names = _name_index(base, groups) if base is not None else None
-    notes: set[str] = set(names.notes) if names is not None else set()
+    dit = DitNames.detect(list(groups), base, path)
+    names = _name_index(base, groups) if base is not None and not dit else None
+    notes: set[str] = {dit.note()} if dit else (set(names.notes) if names is not None else set())
     counts: dict[str, int] = defaultdict(int)
     unmatched: list[str] = []
     deltas: list[Delta] = []
     spellings: set[str] = set()
     for mod, parts in groups.items():
-        ent_w = ent_b = None
-        if names is not None:
-            found = names.by_kohya.get(mod)
-            if not found:
-                unmatched.append(mod)
-                continue
-            ent_w, ent_b = found.get("weight"), found.get("bias")
-            if ent_w is None and ent_b is None:
-                unmatched.append(mod)
-                continue
-            ent = ent_w or ent_b
-            if ent.module.startswith("unet.") and mod.startswith("lora_unet_"):
-                spellings.add("SGM/LDM" if ent.sgm == mod else "diffusers")
-            if ent_w is not None and ent_w.rows is not None:
-                notes.add("text encoder 2 q/k/v update row slices of the fused in_proj_weight")
-        deltas += make_deltas(mod, parts, ent_w, ent_b, path, notes, counts)
+        if dit is not None:
+            placed = dit.place(mod, make_deltas(mod, parts, None, None, path, notes, counts), path)
+        else:
+            found = _sd_entries(names, mod, notes, spellings)
+            placed = None if found is None else make_deltas(mod, parts, *found, path, notes, counts)
+        if placed is None:
+            unmatched.append(mod)
+        deltas += placed or []
     skipped = unrecognised + [f"{m}.*" for m in unmatched]
     check_unmatched(path, len(groups) - len(unmatched), unrecognised, unmatched, strict, notes)
     if counts["alpha"]:
         notes.add(f"alpha missing on {counts['alpha']} module(s): scale 1")
     if spellings:
         notes.add("UNet names: " + " and ".join(sorted(spellings)) + (" (SDXL)" if names.family == "sdxl" else ""))
-    if names is None:
-        notes.add("no base given: targets keep their kohya names (pass --base to merge or convert)")
-    if base is not None and names is not None and not deltas:
+    if base is None:
+        notes.add("no base given: " + ("transformer targets take diffusers names; text encoders keep their kohya "
+                                       "names" if dit else "targets keep their kohya names")
+                  + " (pass --base to merge or convert)")
+    if base is not None and not deltas:
         raise BadInputError(f"{path}: none of its modules is in the base")
     metadata = dict(meta)
     if skipped:
@@ -335,7 +349,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     config = {k: meta[k] for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha",
                                     "ss_base_model_version") if k in meta}
     return Adapter(deltas, fmt, str(path), config=config, metadata=metadata, notes=sorted(notes), files=[str(path)],
-                   name=path.stem)
+                   name=path.stem, family=dit.summary() if dit else None)
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -439,13 +453,14 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
         out[key] = t.contiguous()
         seen[key] = suffix
 
-    for d in adapter.deltas:
+    dit = kohya_modules(adapter, base, adapter.path or path)
+    for d_mod, d in dit or [(None, d) for d in adapter.deltas]:
         if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if d.stores_dense and d.target.endswith(".bias"):
+        if d.stores_dense and d.target.endswith(".bias") and dit is None:
             pending_bias.append(d)
             continue
-        mod = module_name(d) if module_name else _kohya_module(d, names, unet_names, sdxl)
+        mod = d_mod or (module_name(d) if module_name else _kohya_module(d, names, unet_names, sdxl))
         parts = _PARTS.get(d.kind)
         if parts is None:
             raise BadInputError(f"{d.target}: {d.kind} updates have no kohya form")

@@ -97,7 +97,7 @@ COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
     "transformer": ("lora_transformer", "lora_unet", "lycoris"),  # DiT pipelines (OneTrainer, SimpleTuner)
 }
 UNET_SINGLE_FILE_PREFIX = "model.diffusion_model."
-KNOWN_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_", "lycoris_")
+KNOWN_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
 
 
 # transformers ≥ 5 saves CLIPTextModel without its `text_model.` wrapper; LoRA files (and older checkpoints)

@@ -1,0 +1,387 @@
+"""Diffusion-transformer (DiT) name tables: one row per canonical tensor, a column per spelling, fused tensors as
+row parts — and the one function that walks them (`DitIndex.pieces`).
+
+Canonical names are diffusers module paths (inside the `transformer` component). The `original` column is the
+model author's single-file spelling (BFL's `double_blocks.*` for Flux). A fused original tensor (Flux's
+`img_attn.qkv`, `linear1` = q, k, v and the MLP input) is written `module[k]`: part k of that tensor's rows,
+sized by `FUSED` ("h" = the tensor's input width, "*" = the rest). A part on the diffusers side works the same
+way (Flux's `norm_out.linear` holds BFL's shift/scale halves swapped).
+
+Dialects say which column a LoRA file spells and how (`DIALECTS`): kohya / sd-scripts flatten the original
+module with "_" under `lora_unet_`; OneTrainer the diffusers one under `lora_transformer_`; diffusers,
+ai-toolkit and SimpleTuner keep the dotted diffusers path under `transformer.`.
+
+A new family is a `Family(...)` line with its rows and anchors (and its spec in formats/dit.md); no code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+# ------------------------------------------------------------------------------------------------- Flux.1
+# diffusers module (canonical)                      original (BFL) module
+FLUX_ROWS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.to_q",                "double_blocks.{i}.img_attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "double_blocks.{i}.img_attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "double_blocks.{i}.img_attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "double_blocks.{i}.img_attn.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "double_blocks.{i}.txt_attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "double_blocks.{i}.txt_attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "double_blocks.{i}.txt_attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "double_blocks.{i}.txt_attn.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj",            "double_blocks.{i}.img_mlp.0"),
+    ("transformer_blocks.{i}.ff.net.2",                 "double_blocks.{i}.img_mlp.2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj",    "double_blocks.{i}.txt_mlp.0"),
+    ("transformer_blocks.{i}.ff_context.net.2",         "double_blocks.{i}.txt_mlp.2"),
+    ("transformer_blocks.{i}.norm1.linear",             "double_blocks.{i}.img_mod.lin"),
+    ("transformer_blocks.{i}.norm1_context.linear",     "double_blocks.{i}.txt_mod.lin"),
+    ("single_transformer_blocks.{s}.attn.to_q",         "single_blocks.{s}.linear1[0]"),
+    ("single_transformer_blocks.{s}.attn.to_k",         "single_blocks.{s}.linear1[1]"),
+    ("single_transformer_blocks.{s}.attn.to_v",         "single_blocks.{s}.linear1[2]"),
+    ("single_transformer_blocks.{s}.proj_mlp",          "single_blocks.{s}.linear1[3]"),
+    ("single_transformer_blocks.{s}.proj_out",          "single_blocks.{s}.linear2"),
+    ("single_transformer_blocks.{s}.norm.linear",       "single_blocks.{s}.modulation.lin"),
+    ("x_embedder",                                      "img_in"),
+    ("context_embedder",                                "txt_in"),
+    ("time_text_embed.timestep_embedder.linear_1",      "time_in.in_layer"),
+    ("time_text_embed.timestep_embedder.linear_2",      "time_in.out_layer"),
+    ("time_text_embed.text_embedder.linear_1",          "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2",          "vector_in.out_layer"),
+    ("time_text_embed.guidance_embedder.linear_1",      "guidance_in.in_layer"),
+    ("time_text_embed.guidance_embedder.linear_2",      "guidance_in.out_layer"),
+    ("proj_out",                                        "final_layer.linear"),
+    ("norm_out.linear[0]",                              "final_layer.adaLN_modulation.1[1]"),  # scale, shift
+    ("norm_out.linear[1]",                              "final_layer.adaLN_modulation.1[0]"),  # swapped
+)
+
+# XLabs x-flux names the attention LoRAs by processor (`…processor.qkv_lora1.down.weight`): its column.
+FLUX_XLABS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.to_q",                "double_blocks.{i}.processor.qkv_lora1[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "double_blocks.{i}.processor.qkv_lora1[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "double_blocks.{i}.processor.qkv_lora1[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "double_blocks.{i}.processor.proj_lora1"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "double_blocks.{i}.processor.qkv_lora2[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "double_blocks.{i}.processor.qkv_lora2[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "double_blocks.{i}.processor.qkv_lora2[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "double_blocks.{i}.processor.proj_lora2"),
+    ("single_transformer_blocks.{s}.attn.to_q",         "single_blocks.{s}.processor.qkv_lora[0]"),
+    ("single_transformer_blocks.{s}.attn.to_k",         "single_blocks.{s}.processor.qkv_lora[1]"),
+    ("single_transformer_blocks.{s}.attn.to_v",         "single_blocks.{s}.processor.qkv_lora[2]"),
+    ("single_transformer_blocks.{s}.proj_out",          "single_blocks.{s}.processor.proj_lora"),
+)
+
+# ------------------------------------------------------------------------------------------------- SD3 / SD3.5
+# diffusers module (canonical)                      original (SAI) module
+SD3_ROWS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.to_q",                "joint_blocks.{i}.x_block.attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.to_k",                "joint_blocks.{i}.x_block.attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.to_v",                "joint_blocks.{i}.x_block.attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_out.0",            "joint_blocks.{i}.x_block.attn.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj",          "joint_blocks.{i}.context_block.attn.qkv[0]"),
+    ("transformer_blocks.{i}.attn.add_k_proj",          "joint_blocks.{i}.context_block.attn.qkv[1]"),
+    ("transformer_blocks.{i}.attn.add_v_proj",          "joint_blocks.{i}.context_block.attn.qkv[2]"),
+    ("transformer_blocks.{i}.attn.to_add_out",          "joint_blocks.{i}.context_block.attn.proj"),
+    ("transformer_blocks.{i}.attn2.to_q",               "joint_blocks.{i}.x_block.attn2.qkv[0]"),  # SD3.5 medium
+    ("transformer_blocks.{i}.attn2.to_k",               "joint_blocks.{i}.x_block.attn2.qkv[1]"),
+    ("transformer_blocks.{i}.attn2.to_v",               "joint_blocks.{i}.x_block.attn2.qkv[2]"),
+    ("transformer_blocks.{i}.attn2.to_out.0",           "joint_blocks.{i}.x_block.attn2.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj",            "joint_blocks.{i}.x_block.mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2",                 "joint_blocks.{i}.x_block.mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj",    "joint_blocks.{i}.context_block.mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2",         "joint_blocks.{i}.context_block.mlp.fc2"),
+    ("transformer_blocks.{i}.norm1.linear",             "joint_blocks.{i}.x_block.adaLN_modulation.1"),
+    ("transformer_blocks.{i}.norm1_context.linear",     "joint_blocks.{i}.context_block.adaLN_modulation.1"),
+    # the last block's context modulation has 2 parts (shift, scale), swapped in diffusers: parts win when the
+    # tensor has exactly their rows
+    ("transformer_blocks.{i}.norm1_context.linear[0]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[1]"),
+    ("transformer_blocks.{i}.norm1_context.linear[1]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[0]"),
+    ("context_embedder",                                "context_embedder"),
+    ("time_text_embed.timestep_embedder.linear_1",      "t_embedder.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2",      "t_embedder.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1",          "y_embedder.mlp.0"),
+    ("time_text_embed.text_embedder.linear_2",          "y_embedder.mlp.2"),
+    ("proj_out",                                        "final_layer.linear"),
+    ("norm_out.linear[0]",                              "final_layer.adaLN_modulation.1[1]"),  # scale, shift
+    ("norm_out.linear[1]",                              "final_layer.adaLN_modulation.1[0]"),  # swapped
+)
+SD3_FUSED: dict[str, tuple[str, ...]] = {
+    "joint_blocks.{i}.x_block.attn.qkv":                    ("h", "h", "h"),
+    "joint_blocks.{i}.context_block.attn.qkv":              ("h", "h", "h"),
+    "joint_blocks.{i}.x_block.attn2.qkv":                   ("h", "h", "h"),
+    "joint_blocks.{i}.context_block.adaLN_modulation.1":    ("h", "h"),
+    "transformer_blocks.{i}.norm1_context.linear":          ("h", "h"),
+    "final_layer.adaLN_modulation.1":                       ("h", "h"),
+    "norm_out.linear":                                      ("h", "h"),
+}
+
+# fused tensor → its parts' row counts, in row order ("h": the input width, "*": what is left)
+FLUX_FUSED: dict[str, tuple[str, ...]] = {
+    "double_blocks.{i}.img_attn.qkv":   ("h", "h", "h"),
+    "double_blocks.{i}.txt_attn.qkv":   ("h", "h", "h"),
+    "single_blocks.{s}.linear1":        ("h", "h", "h", "*"),
+    "final_layer.adaLN_modulation.1":   ("h", "h"),
+    "norm_out.linear":                  ("h", "h"),
+    "double_blocks.{i}.processor.qkv_lora1": ("h", "h", "h"),
+    "double_blocks.{i}.processor.qkv_lora2": ("h", "h", "h"),
+    "single_blocks.{s}.processor.qkv_lora":  ("h", "h", "h"),  # XLabs: q, k, v of linear1, not its MLP part
+}
+
+
+# ------------------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    rows: tuple[tuple[str, ...], ...]  # a cell per COLUMNS entry ("": the column has no such module)
+    fused: dict[str, tuple[str, ...]]
+    anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
+    text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
+
+
+def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
+    """(diffusers, original) rows widened by further (diffusers, spelling) columns ("" where a column lacks one)."""
+    extra = [dict(m) for m in more]
+    return tuple((d, o, *(e.get(d, "") for e in extra)) for d, o in rows)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
+           {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
+           {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
+    Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
+           {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
+           {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}),
+)
+
+# Bases of families without a table yet, named in the "wrong base" message (column → anchor).
+OTHER_BASES: tuple[tuple[str, str], ...] = (
+    ("SD 1.x / 2.x / SDXL (UNet)", "down_blocks.0.resnets.0.conv1.weight"),
+    ("SD 1.x / 2.x / SDXL (UNet)", "input_blocks.0.0.weight"),
+)
+
+# dialect → (column, module-name prefix, separator). The first dialect of a column is the one written.
+DIALECTS: dict[str, tuple[str, str, str]] = {
+    "kohya":      ("original",  "lora_unet_",        "_"),
+    "onetrainer": ("diffusers", "lora_transformer_", "_"),
+    "diffusers":  ("diffusers", "transformer.",      "."),
+    "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
+}
+DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
+                  "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
+                  "xlabs": "XLabs x-flux (processor.qkv_lora1)"}
+READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs"}  # dialect → format
+WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
+BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
+BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
+COLUMNS = ("diffusers", "original", "xlabs")  # the spellings a table row has; the first two are base layouts
+
+
+# ================================================================================================= code
+_PART = re.compile(r"^(?P<m>.+?)(?:\[(?P<k>\d+)\])?$")
+
+
+def _split(cell: str) -> tuple[str, int | None]:
+    m = _PART.match(cell)
+    return m.group("m"), None if m.group("k") is None else int(m.group("k"))
+
+
+@lru_cache(maxsize=4096)
+def _regex(template: str, sep: str = ".") -> re.Pattern:
+    rx = re.escape(template.replace(".", sep)) if sep != "." else re.escape(template)
+    for v in ("i", "s"):
+        rx = rx.replace(re.escape("{" + v + "}"), rf"(?P<{v}>\d+)")
+    return re.compile("^" + rx + "$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where (part of) a LoRA module lands: the target module, its rows there, and the LoRA's own rows."""
+
+    module: str  # module name in the target column (no prefix, no ".weight")
+    rows: tuple[int, int] | None  # rows of the target tensor (None: all)
+    lora_rows: tuple[int, int] | None  # rows of the LoRA's B that go there (None: all)
+
+
+def part_rows(spec: tuple[str, ...], k: int, h: int, total: int | None, own: int | None = None
+              ) -> tuple[int, int] | None:
+    """Row range of part k of a fused tensor (`spec` from FUSED; h its input width, total its rows when known,
+    own the part's rows when known), None when it cannot be sized."""
+    if k >= len(spec):
+        return None
+    sizes: list[int | None] = [h if s == "h" else None for s in spec]
+    if None in sizes and total is not None:
+        sizes[sizes.index(None)] = total - sum(s for s in sizes if s is not None)
+    if sizes[k] is None:
+        sizes[k] = own
+    if any(s is None for s in sizes[:k + 1]):
+        return None
+    start = sum(sizes[:k])  # type: ignore[arg-type]
+    return start, start + sizes[k]  # type: ignore[operator]
+
+
+class Table:
+    """A family's rows, instantiated lazily: concrete module name in one column → its rows in the other."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.rows = [tuple(_split(c) if c else None for c in (*row, *[""] * (len(COLUMNS) - len(row))))
+                     for row in family.rows]
+        self._rx = {col: [(_regex(cell[0]), cell[1], idx) for idx, cell in enumerate(r[c] for r in self.rows) if cell]
+                    for c, col in enumerate(COLUMNS)}
+        self._fused = {(_regex(k), v) for k, v in family.fused.items()}
+
+    def match(self, module: str, column: str) -> list[tuple[int | None, dict, int]]:
+        """[(part in `module`, placeholders, row index)] of the rows whose `column` cell is `module`."""
+        out = []
+        for rx, part, idx in self._rx[column]:
+            m = rx.match(module)
+            if m:
+                out.append((part, m.groupdict(), idx))
+        return out
+
+    def other(self, idx: int, column: str, values: dict) -> tuple[str, int | None] | None:
+        cell = self.rows[idx][COLUMNS.index(column)]
+        return None if cell is None else (cell[0].format(**values), cell[1])
+
+    def spec(self, module: str) -> tuple[str, ...] | None:
+        for rx, spec in self._fused:
+            if rx.match(module):
+                return spec
+        return None
+
+    def knows(self, module: str) -> bool:
+        return any(self.match(module, c) for c in COLUMNS)
+
+    def _by_shape(self, module: str, hits: list, h: int, total: int | None) -> list:
+        """A module that is a whole row and also parts (SD3's last context modulation): the parts when the
+        tensor has exactly their rows, else the whole."""
+        whole, parts = [x for x in hits if x[0] is None], [x for x in hits if x[0] is not None]
+        if not whole or not parts:
+            return hits
+        spec = self.spec(module) or ()
+        return parts if total is not None and "*" not in spec and total == len(spec) * h else whole
+
+    def translate(self, module: str, column: str, to: str, h: int, total: int | None,
+                  to_shape: Callable[[str], tuple[int, ...] | None] = lambda m: None) -> list[Piece] | None:
+        """Where the LoRA on `module` (spelled in `column`, output `total` rows, input width h) lands in `to`;
+        None when the table does not know `module`, [] when a part cannot be sized."""
+        hits = self._by_shape(module, self.match(module, column), h, total)
+        if not hits:
+            return None
+        if column == to:
+            return [Piece(module, None, None)]
+        own = self.spec(module)
+        pieces = []
+        for part, values, idx in hits:
+            lrows = None if part is None else part_rows(own or (), part, h, total)
+            if (cell := self.other(idx, to, values)) is None:
+                return []
+            tmod, tpart = cell
+            trows = None
+            if tpart is not None:
+                shape = to_shape(tmod)
+                own_rows = total if part is None else None
+                trows = part_rows(self.spec(tmod) or (), tpart, shape[1] if shape else h,
+                                  shape[0] if shape else None, own_rows)
+            if (part is not None and lrows is None) or (tpart is not None and trows is None):
+                return []
+            pieces.append(Piece(tmod, trows, lrows))
+        ends = [p.lora_rows[1] for p in pieces if p.lora_rows]
+        if ends and total is not None and max(ends) != total:
+            raise ValueError(f"{module} has {total} output rows; its parts ({', '.join(own or ())} with h = {h}) "
+                             f"make {max(ends)}")
+        return pieces
+
+
+TABLES = {f.name: Table(f) for f in FAMILIES}
+
+
+def spell(dialect: str, module: str) -> str:
+    _, prefix, sep = DIALECTS[dialect]
+    return prefix + module.replace(".", sep) if sep != "." else prefix + module
+
+
+def unspell(name: str) -> list[tuple[str, str, str]]:
+    """A LoRA module name → [(family, dialect, module in the dialect's column)] the tables know. kohya names are
+    matched against the table's templates with "_" for "." (module names contain "_": never split back)."""
+    out = []
+    for dialect, (column, prefix, sep) in DIALECTS.items():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        for fam, table in TABLES.items():
+            for row in table.rows:
+                cell = row[COLUMNS.index(column)]
+                if cell is None:
+                    continue
+                m = _regex(cell[0], sep).match(rest)
+                if m:
+                    out.append((fam, dialect, cell[0].format(**m.groupdict())))
+                    break
+    return out
+
+
+def families_of_modules(names: Iterable[str]) -> dict[str, tuple[int, set[str]]]:
+    """family → (how many of a LoRA's module names its table knows, the dialects they spell)."""
+    fams: dict[str, tuple[int, set[str]]] = {}
+    for n in names:
+        for fam, dialect, _ in unspell(n):
+            count, dialects = fams.get(fam, (0, set()))
+            fams[fam] = (count + 1, dialects | {dialect})
+    return fams
+
+
+def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
+    """(family, dialects) of a LoRA's module names: the family whose table knows most of them (`prefer`, the
+    base's family, among equals: Flux and SD3 share `transformer_blocks.N.attn.to_q`); None when none does."""
+    fams = families_of_modules(names)
+    if not fams:
+        return None, set()
+    best = max(c for c, _ in fams.values())
+    top = [f for f, (c, _) in fams.items() if c == best]
+    fam = prefer if prefer in top else top[0]
+    return fam, fams[fam][1]
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    family: str | None  # a family with a table, or None
+    column: str | None  # "diffusers" | "original"
+    prefix: str
+    title: str  # the family's title, or what the base is when it is another model
+
+
+def base_layout(names: Iterable[str]) -> BaseLayout:
+    """Which family and layout a base's tensor names are (by anchor names), and the prefix its names carry."""
+    names = list(names)
+    for fam in FAMILIES:
+        for column, anchor in fam.anchors.items():
+            for n in names:
+                if n.endswith(anchor) and (n == anchor or n[:-len(anchor)].endswith(".")):
+                    return BaseLayout(fam.name, column, n[:-len(anchor)], fam.title)
+    for title, anchor in OTHER_BASES:
+        if any(n.endswith(anchor) for n in names):
+            return BaseLayout(None, None, "", title)
+    return BaseLayout(None, None, "", "not a diffusion-transformer base")
+
+
+def family_title(name: str) -> str:
+    return next(f.title for f in FAMILIES if f.name == name)
+
+
+def support_table() -> str:
+    """The README's family × dialect × base-layout table (a test keeps the README equal to it)."""
+    head = ["family", "dialect", "read (format)", "written by", *[f"merge into {t}" for t in BASE_TITLES.values()]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fam in FAMILIES:
+        for d, (column, _, _) in DIALECTS.items():
+            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows):
+                continue  # a trainer that never targets this family
+            fmt = READ_BY[d]
+            wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"
+            into = " | ".join("yes" if c in fam.anchors else "—" for c in BASE_TITLES)
+            lines.append(f"| {fam.title} | {DIALECT_TITLES[d]} | `{fmt}` | {wrote} | {into} |")
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""Flux.1 LoRAs in every dialect (kohya / sd-scripts BFL names, OneTrainer, diffusers, XLabs) merged into both
+base layouts (diffusers folder, BFL single file; ComfyUI's prefixed bf16 copy) against what diffusers computes,
+and converted between dialects exactly; the same for SD3 / SD3.5 (kohya lora_sd3 names, diffusers).
+Fixtures: fixtures/makers/dit.py (a micro FluxTransformer2DModel; the
+expect files are diffusers' own load_lora_adapter + fuse_lora, or diffusers' single-file converter)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraport.api import convert, inspect, merge
+from loraport.errors import BadInputError, LoraportError
+from loraport.names import dit
+from tests._sd_util import run_cli
+
+F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
+BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors",
+         "comfy-bf16": F / "flux-comfy-bf16.safetensors"}
+LORAS = {"diffusers": "expect_flux_diffusers", "onetrainer": "expect_flux_diffusers", "kohya": "expect_flux_kohya",
+         "kohya_full": "expect_flux_kohya_full", "xlabs": "expect_flux_xlabs"}
+
+
+SD3 = {"diffusers": F / "sd3-diffusers", "original": F / "sd3-original.safetensors"}
+
+
+def _base_sd() -> dict[str, torch.Tensor]:
+    return load_file(BASES["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _expected(lora: str) -> dict[str, torch.Tensor]:
+    return {**_base_sd(), **load_file(F / f"{LORAS[lora]}.safetensors")}
+
+
+def _to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names → BFL (the maker's inverse of diffusers' single-file converter, checked there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.to_bfl(sd, mod.CONFIG["num_layers"], mod.CONFIG["num_single_layers"])
+
+
+def _merged(base: str, lora_file: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """loraport's merge into `base`, in the base's own names (prefix stripped), fp32."""
+    out = tmp / ("out" if base == "diffusers" else "out.safetensors")
+    merge(BASES[base], [str(lora_file)], out)
+    if base == "diffusers":
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {k.removeprefix("model.diffusion_model."): v.float() for k, v in load_file(out).items()}
+
+
+def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float = 0.0) -> float:
+    assert set(got) == set(want)
+    return max(float(((got[k].float() - want[k]).abs() - rel * want[k].abs()).max()) for k in want)
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("lora", list(LORAS))
+def test_merge_matches_diffusers(lora, base, tmp_path):
+    want = _expected(lora)
+    assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) >= 9, "the LoRA changes the model"
+    if base != "diffusers":
+        want = _to_bfl(want)
+    got = _merged(base, F / f"flux_{lora}.safetensors", tmp_path)
+    rel = 0.0
+    if base == "comfy-bf16":  # the reference's ΔW on the bf16 weights, stored in bf16: one bf16 step apart at most
+        b32 = _to_bfl(_base_sd())
+        want = {k: (v.to(torch.bfloat16).float() + want[k] - v).to(torch.bfloat16).float() for k, v in b32.items()}
+        rel = 2 ** -7
+    assert _max_diff(got, want, rel=rel) <= 1e-5
+
+
+CONVERSIONS = [("kohya", "diffusers"), ("kohya_full", "diffusers"), ("diffusers", "kohya"), ("onetrainer", "kohya"),
+               ("kohya", "kohya"), ("xlabs", "diffusers")]
+# every pair without a base (canonical names), the kohya <-> diffusers pairs against each base layout too
+CONVERT_CASES = [(*c, None) for c in CONVERSIONS] + [(*c, b) for c in CONVERSIONS[:3] for b in ("diffusers", "bfl")]
+
+
+@pytest.mark.parametrize("src,to,base", CONVERT_CASES)
+def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"flux_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    keys = list(load_file(out))
+    if to == "kohya":
+        assert all(k.startswith("lora_unet_") for k in keys)
+        assert not any("transformer_blocks" in k for k in keys), "kohya files spell BFL module names"
+    else:
+        assert all(k.startswith("transformer.") for k in keys)
+        assert not any("double_blocks" in k for k in keys)
+    got = _merged("diffusers", out, tmp_path)
+    assert _max_diff(got, _expected(src)) <= 1e-5
+
+
+def test_xlabs_to_kohya_needs_the_base_for_linear1(tmp_path):
+    """XLabs' single-block qkv LoRA covers q, k, v of linear1 but not its MLP rows, whose count only the base
+    knows: with a base the kohya file is exact (MLP rows zero), without one it is refused."""
+    with pytest.raises(BadInputError, match="linear1.*pass (--)?base"):
+        convert(str(F / "flux_xlabs.safetensors"), to="kohya", out=tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    for base in ("diffusers", "bfl"):
+        out = tmp_path / f"{base}.safetensors"
+        rep = convert(str(F / "flux_xlabs.safetensors"), to="kohya", out=out, base=BASES[base])
+        assert rep.report["max_abs_diff"] <= 1e-6
+        up = load_file(out)["lora_unet_single_blocks_1_linear1.lora_up.weight"]
+        assert up.shape[0] == 3 * 16 + 64 and not up[48:].any()
+        (tmp_path / base).mkdir()
+        assert _max_diff(_merged("diffusers", out, tmp_path / base), _expected("xlabs")) <= 1e-5
+
+
+def test_fused_qkv_splits_sharing_A_and_fuses_back(tmp_path):
+    """A rank-r LoRA on qkv becomes three rank-r LoRAs sharing A; three LoRAs with their own A become one rank-3r
+    LoRA on the fused tensor; sd-scripts' split_qkv form (block-diagonal up) becomes three rank-r LoRAs."""
+    out = tmp_path / "d.safetensors"
+    convert(str(F / "flux_kohya.safetensors"), to="diffusers", out=out)
+    t = load_file(out)
+    a = [t[f"transformer.transformer_blocks.0.attn.to_{x}.lora_A.weight"] for x in "qkv"]
+    assert a[0].shape[0] == 4 and torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
+    assert t["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"].shape[0] == 4  # split_qkv block trimmed
+    k = tmp_path / "k.safetensors"
+    convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=k)
+    t = load_file(k)
+    assert t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12
+    assert t["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape[0] == 3 * 16 + 64
+
+
+@pytest.mark.slow  # ~13 s, most of it importing diffusers: pytest -m slow tests/test_dit_flux.py
+def test_converted_files_load_in_diffusers(tmp_path):
+    """What loraport writes is what diffusers reads: its kohya converter and its PEFT loader fuse our files to
+    the same weights as the originals."""
+    diffusers = pytest.importorskip("diffusers")
+    import importlib.util
+
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    model = diffusers.FluxTransformer2DModel.from_pretrained(BASES["diffusers"] / "transformer")
+    # diffusers' kohya converter hard-codes Flux-dev's linear1 split (3072 / 12288), so the kohya file it reads
+    # back is the one without linear1: kohya -> diffusers (read by PEFT's loader) -> kohya (by the converter)
+    there = tmp_path / "kohya-diffusers.safetensors"
+    convert(str(F / "flux_kohya.safetensors"), to="diffusers", out=there)
+    back = tmp_path / "diffusers-kohya.safetensors"
+    convert(str(there), to="kohya", out=back)
+    for out in (there, back):
+
+        def load(m, out=out):
+            state, meta = FluxLoraLoaderMixin.lora_state_dict(str(out), return_lora_metadata=True)
+            m.load_lora_adapter(state, prefix="transformer", metadata=meta)
+
+        got = mk.fused_reference(model, load)
+        assert _max_diff(got, _expected("kohya")) <= 1e-5, out.name
+
+
+def test_inspect_names_family_dialect_and_layouts():
+    for lora, dialect in (("kohya", "kohya"), ("onetrainer", "onetrainer"), ("diffusers", "diffusers"),
+                          ("xlabs", "xlabs")):
+        rep = inspect(F / f"flux_{lora}.safetensors")
+        d = rep.report["family"]
+        assert d["family"] == "flux" and d["dialects"] == [dialect], d
+        assert any("Flux.1" in n and "expects" in n for n in rep.report["notes"])
+    rep = inspect(F / "flux_kohya.safetensors", base=BASES["bfl"])
+    assert rep.report["family"]["base_layout"] == "original"
+
+
+def test_flux_lora_on_another_family_is_one_line(tmp_path):
+    sd_base = F.parent / "sd" / "base"
+    for lora in ("kohya", "diffusers", "onetrainer", "xlabs"):
+        with pytest.raises(BadInputError) as e:
+            merge(sd_base, [str(F / f"flux_{lora}.safetensors")], tmp_path / "o")
+        msg = str(e.value)
+        assert "Flux.1" in msg and "SD 1.x" in msg and "\n" not in msg
+    code, _, err = run_cli("merge", "--base", sd_base, "--adapter", F / "flux_kohya.safetensors",
+                           "--out", tmp_path / "o2")
+    assert code == 2 and "Flux.1" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
+    """A LoHa on the fused qkv has no exact per-row cut: into the BFL file it merges as is (checked against
+    the Hadamard product computed here), into the diffusers folder it is refused with the way out."""
+    g = torch.Generator().manual_seed(0)
+    f = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": torch.randn(*s, generator=g) * 0.2
+         for k, s in (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16)))}
+    f["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(2.0)
+    p = tmp_path / "loha.safetensors"
+    save_file(f, p)
+    got = _merged("bfl", p, tmp_path)
+    k = "lora_unet_double_blocks_0_img_attn_qkv."
+    dw = (f[k + "hada_w1_a"] @ f[k + "hada_w1_b"]) * (f[k + "hada_w2_a"] @ f[k + "hada_w2_b"])
+    base = load_file(BASES["bfl"])
+    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], base["double_blocks.0.img_attn.qkv.weight"] + dw,
+                          atol=1e-6)
+    with pytest.raises(LoraportError, match="cannot be split.*single file"):
+        merge(BASES["diffusers"], [str(p)], tmp_path / "o")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_table_covers_every_linear_weight_of_both_layouts(family):
+    """Each 2-D weight of the diffusers model and of the original file is some table row's, and every row maps
+    between two tensors of matching shape (parts sized from the input width)."""
+    table = dit.TABLES[family]
+    folder, single = (BASES["diffusers"], BASES["bfl"]) if family == "flux" else (SD3["diffusers"], SD3["original"])
+    dif = {k[:-7]: v.shape for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()
+           if k.endswith(".weight") and v.dim() == 2}
+    bfl = {k[:-7]: v.shape for k, v in load_file(single).items() if k.endswith(".weight") and v.dim() == 2}
+    for col, names, other in (("diffusers", dif, bfl), ("original", bfl, dif)):
+        to = "original" if col == "diffusers" else "diffusers"
+        for mod, shape in names.items():
+            pieces = table.translate(mod, col, to, shape[1], shape[0])
+            assert pieces, f"{mod} ({col}) is in no row"
+            covered = sum((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0] for p in pieces)
+            assert covered == shape[0], mod
+            for p in pieces:
+                assert p.module in other, f"{mod} -> {p.module}"
+                rows = (p.rows[1] - p.rows[0]) if p.rows else other[p.module][0]
+                assert rows == ((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0])
+
+
+def test_every_family_has_a_spec_section():
+    text = (Path(__file__).resolve().parents[1] / "formats" / "dit.md").read_text(encoding="utf-8")
+    for fam in dit.FAMILIES:
+        assert f"## {fam.title}" in text
+    for d in dit.DIALECTS:
+        assert f"`{d}`" in text
+    json.dumps(dit.DIALECT_TITLES)
+
+
+def test_readme_dit_table_is_the_tables():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- dit-matrix:start -->\n(.*?)\n<!-- dit-matrix:end -->", readme, re.S)
+    assert block and block.group(1).strip() == dit.support_table().strip(), (
+        "README's DiT table is out of date: paste loraport.names.dit.support_table()")
+
+
+# ------------------------------------------------------------------------------------------------- SD3 / SD3.5
+def _sd3_expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
+    base = load_file(SD3["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    want = {**base, **load_file(F / f"expect_sd3_{lora}.safetensors")}
+    if layout == "diffusers":
+        return want
+    mk = _maker()
+    return mk.sd3_to_original(want, mk.SD3_CONFIG["num_layers"], mk.SD3_CONFIG["dual_attention_layers"])
+
+
+def _maker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sd3_onetrainer(dst: Path) -> Path:
+    """The diffusers-dialect SD3 LoRA as OneTrainer names it (lora_transformer_<path>, lora_down/up, alpha 8 =
+    the file's lora_alpha): what diffusers' own loader fused is then the reference for it too."""
+    t = {}
+    for k, v in load_file(F / "sd3_diffusers.safetensors").items():
+        mod, _, role = k[len("transformer."):].rpartition(".lora_")
+        name = "lora_transformer_" + mod.replace(".", "_")
+        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
+        t[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(t, dst)
+    return dst
+
+
+@pytest.mark.parametrize("base", list(SD3))
+@pytest.mark.parametrize("lora", ["diffusers", "kohya", "onetrainer"])
+def test_sd3_merge_matches_diffusers(lora, base, tmp_path):
+    """diffusers' PEFT loader for its own dialect (and the same factors in OneTrainer's names); for kohya
+    (diffusers has no SD3 kohya converter) the original file plus up@down, converted by diffusers' single-file
+    converter: the last block's swapped 2-part context modulation and SD3.5's attn2 included."""
+    out = tmp_path / ("o" if base == "diffusers" else "o.safetensors")
+    src = _sd3_onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"sd3_{lora}.safetensors"
+    merge(SD3[base], [str(src)], out)
+    lora = "diffusers" if lora == "onetrainer" else lora
+    got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if base == "diffusers" else out)
+    assert _max_diff(got, _sd3_expected(lora, base)) <= 1e-5
+
+
+@pytest.mark.parametrize("src,to,base", [("kohya", "diffusers", None), ("diffusers", "kohya", None),
+                                         ("kohya", "kohya", None), ("kohya", "diffusers", "original"),
+                                         ("diffusers", "kohya", "diffusers")])
+def test_sd3_convert_is_exact(src, to, base, tmp_path):
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"sd3_{src}.safetensors"), to=to, out=out, base=None if base is None else SD3[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    merge(SD3["diffusers"], [str(out)], tmp_path / "o")
+    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert _max_diff(got, _sd3_expected(src, "diffusers")) <= 1e-5
+
+
+def test_flux_and_sd3_are_told_apart(tmp_path):
+    """Both name their double-stream attention transformer_blocks.N.attn.to_q in diffusers: the base and the
+    family-only modules decide, and a LoRA of one on the other's base is one line naming both."""
+    for lora, base, want in (("flux_kohya", SD3["original"], "Flux.1.*SD3"), ("flux_diffusers", SD3["diffusers"],
+                              "Flux.1.*SD3"), ("sd3_kohya", BASES["bfl"], "SD3.*Flux.1"),
+                             ("sd3_diffusers", BASES["diffusers"], "SD3.*Flux.1")):
+        with pytest.raises(BadInputError, match=want) as e:
+            merge(base, [str(F / f"{lora}.safetensors")], tmp_path / "o")
+        assert "\n" not in str(e.value)
+    assert inspect(F / "sd3_diffusers.safetensors").report["family"]["family"] == "sd3"
+
+
+# ------------------------------------------------------------------------------------------------- text encoders
+def test_text_encoder_modules_go_to_the_pipeline_components(tmp_path):
+    """sd-scripts' Flux LoRA may train CLIP-L (`lora_te1_`): placed on the diffusers folder's text_encoder
+    (forward from its names, with or without transformers' text_model. wrapper); the original single file holds
+    the transformer only, so there it is refused (strict) or skipped (--no-strict)."""
+    import shutil
+
+    folder = tmp_path / "flux"
+    shutil.copytree(BASES["diffusers"], folder)
+    shutil.copytree(F.parent / "sd" / "base" / "text_encoder", folder / "text_encoder")  # a CLIP text model
+    g = torch.Generator().manual_seed(1)
+    lora = load_file(F / "flux_kohya.safetensors")
+    te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 8, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(8, 2, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)}
+    src = tmp_path / "with_te.safetensors"
+    save_file({**lora, **te}, src)
+    merge(folder, [str(src)], tmp_path / "o")
+    k = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj."
+    want = load_file(folder / "text_encoder" / "model.safetensors")["encoder.layers.0.self_attn.q_proj.weight"] + \
+        0.5 * te[k + "lora_up.weight"] @ te[k + "lora_down.weight"]
+    got = load_file(tmp_path / "o" / "text_encoder" / "model.safetensors")["encoder.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert _max_diff(load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors"),
+                     _expected("kohya")) <= 1e-5
+    with pytest.raises(BadInputError, match="1 module.*not in the base.*lora_te1_"):
+        merge(BASES["bfl"], [str(src)], tmp_path / "o2.safetensors")
+    code, _, err = run_cli("merge", "--base", BASES["bfl"], "--adapter", src, "--out", tmp_path / "o3.safetensors",
+                           "--no-strict")
+    assert code == 0, err
+
+
+def test_a_bare_transformer_folder_is_a_diffusers_base(tmp_path):
+    """The transformer/ component folder alone (config.json + diffusion_pytorch_model.safetensors) is a base."""
+    merge(BASES["diffusers"] / "transformer", [str(F / "flux_kohya.safetensors")], tmp_path / "o")
+    assert _max_diff(load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors"), _expected("kohya")) <= 1e-5
+
+
+def test_a_fused_lora_of_the_wrong_height_is_refused(tmp_path):
+    """A qkv LoRA whose up has rows that are not 3 x its input width (another model's, or cut short) would lose
+    rows in a split: refused in one line, nothing written."""
+    t = load_file(F / "flux_kohya.safetensors")
+    k = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
+    t[k] = torch.cat([t[k], torch.ones(5, t[k].shape[1])])
+    bad = tmp_path / "bad.safetensors"
+    save_file(t, bad)
+    for base in ("diffusers", None):
+        with pytest.raises(BadInputError, match="img_attn_qkv.*53 output rows.*make 48") as e:
+            if base is None:
+                convert(str(bad), to="diffusers", out=tmp_path / "c.safetensors")
+            else:
+                merge(BASES[base], [str(bad)], tmp_path / "o")
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c.safetensors").exists()
+
+
+def test_dora_on_a_fused_qkv_splits_by_rows(tmp_path):
+    """Output-axis DoRA normalises each output row on its own, so cutting it with the rows is exact: the merge
+    into the diffusers folder equals the merge into the BFL file (one fused DoRA) in diffusers' layout."""
+    t = load_file(F / "flux_kohya.safetensors")
+    g = torch.Generator().manual_seed(2)
+    t["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(48, 1, generator=g) + 0.5
+    src = tmp_path / "dora.safetensors"
+    save_file(t, src)
+    fused = _merged("bfl", src, tmp_path)
+    (tmp_path / "d").mkdir()
+    split = _to_bfl(_merged("diffusers", src, tmp_path / "d"))
+    assert _max_diff(split, fused) <= 1e-5
+    assert not torch.equal(fused["double_blocks.0.img_attn.qkv.weight"],
+                           _to_bfl(_expected("kohya"))["double_blocks.0.img_attn.qkv.weight"])
