@@ -7,6 +7,8 @@ to/from the dialect (loaded back by PEFT and by lycoris-lora itself), and the re
 
 from __future__ import annotations
 
+import json
+
 import logging
 import shutil
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 import loraport
 from _sd_util import apply_adapter, flat_state, load_pipeline, run_cli, save_single, sd_base
 from loraport.checkpoint import Checkpoint
-from loraport.errors import BadInputError
+from loraport.errors import BadInputError, Inexpressible
 from loraport.formats import detect, load_adapter
 from loraport.safetensors_io import SafetensorsFile
 
@@ -183,27 +185,26 @@ def test_convert_to_peft_and_back_to_the_wrapper(tmp_path):
 
 
 def test_convert_within_lycoris_both_dialects(tmp_path):
-    """DiT wrapper → kohya-dialect names (lora_transformer_…) and back to the wrapper: the same deltas."""
+    """DiT wrapper → the kohya dialect (BFL names, `lora_unet_…`): Flux's `norm_out.linear` is BFL's
+    `final_layer.adaLN_modulation.1` with its halves swapped, and a LoHa / LoKr / full update is not yet
+    re-ordered by rows, so the conversion is refused with the tensor named (never written wrong)."""
     k = tmp_path / "kohya.safetensors"
-    rep = loraport.convert(WRAP / "dit_loha_dora.safetensors", "lycoris", k, base=DIT,
-                           write_options={"names": "kohya"})
-    assert rep.report["max_abs_diff"] == 0.0
-    assert all(n.startswith("lora_transformer_") for n in SafetensorsFile(k).tensors)
-    w = tmp_path / "wrap.safetensors"
-    rep = loraport.convert(k, "lycoris", w, base=DIT, write_options={"names": "wrapper"})
-    assert rep.report["max_abs_diff"] == 0.0
-    assert set(SafetensorsFile(w).tensors) == set(SafetensorsFile(WRAP / "dit_loha_dora.safetensors").tensors)
+    with pytest.raises(Inexpressible, match="norm_out.linear|adaLN_modulation"):
+        loraport.convert(WRAP / "dit_loha_dora.safetensors", "lycoris", k, base=DIT,
+                         write_options={"names": "kohya"})
+    assert not k.exists()
     # without a base the wrapper's names are kept as they are
-    rep = loraport.convert(WRAP / "llm_lokr.safetensors", "lycoris", tmp_path / "nobase.safetensors")
+    loraport.convert(WRAP / "llm_lokr.safetensors", "lycoris", tmp_path / "nobase.safetensors")
     assert set(SafetensorsFile(tmp_path / "nobase.safetensors").tensors) == set(
         SafetensorsFile(WRAP / "llm_lokr.safetensors").tensors)
 
 
 def test_inexpressible_conversions_are_refused(tmp_path):
-    # LoHa has no PEFT LoRA form
+    # LoHa has no PEFT *LoRA* form, but PEFT has its own LoHa method: the file becomes a PEFT LOHA adapter
     code, _, err = run_cli("convert", WRAP / "llm_loha.safetensors", "--to", "peft", "--out", tmp_path / "p",
                            "--base", LLAMA)
-    assert code == 2 and "loha" in err.lower() and not (tmp_path / "p").exists()
+    assert code == 0, err
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["peft_type"] == "LOHA"
     # a wrapper file names one wrapped module: an SD file touching the UNet and the text encoder cannot be one
     with pytest.raises(BadInputError, match="outside the UNet"):
         loraport.convert(FX / "sd" / "lycoris_loha.safetensors", "lycoris", tmp_path / "w.safetensors",
