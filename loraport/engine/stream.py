@@ -165,7 +165,7 @@ class Stream:
         fd, offset, n = span
         buf = item.view = self.pool.take(info.dtype, tuple(info.shape))
         item.pooled.append(buf)
-        if n and read_into(fd, memoryview(buf.view(torch.uint8).reshape(-1).numpy()), offset) != n:
+        if n and read_into(fd, memoryview(buf.reshape(-1).view(torch.uint8).numpy()), offset) != n:
             raise BadInputError(f"{self.base.shard_of(item.name)[0].file.path}: truncated while reading {item.name}")
         return True
 
