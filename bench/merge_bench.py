@@ -280,6 +280,8 @@ def report(res: list[dict]) -> str:
                 rat.append(["loraport / PEFT time (net)", f"{lp['net'] / p['net']:.3f}",
                             f"{p['net'] / lp['net']:.1f}x faster (target >= 3x)"])
                 rat.append(["loraport / PEFT peak anon RSS", f"{lp['anon'] / p['anon']:.3f}", "(target <= 0.5)"])
+                rat.append(["loraport / PEFT peak RSS (VmHWM)", f"{lp['hwm'] / p['hwm']:.3f}", "(target <= 0.40)"])
+                rat.append(["loraport / PEFT wall", f"{lp['wall'] / p['wall']:.3f}", ""])
                 if "max_abs_vs_loraport" in p:
                     rat.append(["max |loraport - PEFT| (2 tensors)", f"{p['max_abs_vs_loraport']:.3g}", ""])
             elif "peft" in rs:

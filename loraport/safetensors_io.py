@@ -277,7 +277,9 @@ class _DirectSink:
     same chunks through the page cache instead. Write errors (ENOSPC, EIO) are raised by the next append or by
     `close()`, as OSError with their errno."""
 
-    CHUNK = 16 << 20
+    # 4 × 4 MiB resident per open file: 16 MiB chunks held 64 MiB for the same CPU time (measured writing 400 MB
+    # with hashing: user+sys 0.37-0.50 s with 16 MiB chunks, 0.35-0.39 s with 4 MiB)
+    CHUNK = 4 << 20
     NBUF = 4
     ALIGN = 4096
 
@@ -690,6 +692,18 @@ def _hash_range(h, fd: int, offset: int, n: int) -> None:
             raise OSError(f"input ended while hashing {n} bytes at {offset}")
         h.update(view[:k])
         done += k
+
+
+def read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """pread until `buf` is full or the file ends; the number of bytes read (the engine reads base tensors into
+    its reused buffers with it, never through a memory map)."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def _copy_chunk(src: int, dst: int, src_off: int, dst_off: int, n: int) -> int:

@@ -4,6 +4,7 @@ tensors in flight, and the pool of reused host buffers."""
 from __future__ import annotations
 
 import math
+import mmap
 import queue
 import threading
 
@@ -72,10 +73,15 @@ class Budget:
 class Buffers:
     """Reused host buffers. A fresh large tensor costs one page fault per 4 KiB on first touch (and an munmap
     when freed) — more than the arithmetic done on it; a model has few distinct shapes, so buffers are kept per
-    byte size, at most `cap` bytes of them idle."""
+    byte size, idle ones only while the pool holds at most `cap` bytes in all (issued + idle).
+
+    Each buffer is an anonymous memory map of its own rather than a block of the C heap: a dropped buffer goes
+    back to the system at once, where freed heap blocks of varying sizes fragment the heap and stay resident
+    (measured on a 400 MB merge: 57 MiB more peak RSS than the pool itself held)."""
 
     def __init__(self, cap: int, pin: bool = False):
         self.cap, self.kept, self.pin = cap, 0, pin  # pin: page-locked (CUDA copies into them are plain DMA)
+        self.out = 0  # bytes issued and not given back
         self.free: dict[int, list[torch.Tensor]] = {}
         self.issued: dict[int, torch.Tensor] = {}
         self.lock = threading.Lock()
@@ -89,10 +95,13 @@ class Buffers:
             buf = lst.pop() if lst else None
             if buf is not None:
                 self.kept -= n
+            else:
+                self._trim(n)  # a new buffer: idle ones of other sizes make room for it first
         if buf is None:
-            buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+            buf = torch.empty(n, dtype=torch.uint8, pin_memory=True) if self.pin else _mapped(n)
         with self.lock:
             self.issued[buf.data_ptr()] = buf
+            self.out += n
         return buf.view(dtype).view(shape)
 
     def give(self, t: torch.Tensor | None) -> None:
@@ -103,11 +112,21 @@ class Buffers:
             if buf is None:
                 return
             n = buf.numel()
-            while self.kept + n > self.cap and self.kept:  # make room: drop the largest idle buffers
-                k = max(s for s, lst in self.free.items() if lst)
-                self.free[k].pop()
-                self.kept -= k
-            if self.kept + n <= self.cap:
+            self.out -= n
+            self._trim(n)
+            if self.kept + self.out + n <= self.cap:
                 self.free.setdefault(n, []).append(buf)
                 self.kept += n
+
+    def _trim(self, n: int) -> None:
+        """Drop the largest idle buffers until n more bytes fit under the cap (or none is left)."""
+        while self.kept + self.out + n > self.cap and self.kept:
+            k = max(s for s, lst in self.free.items() if lst)
+            self.free[k].pop()
+            self.kept -= k
+
+
+def _mapped(n: int) -> torch.Tensor:
+    """n bytes in a private anonymous map of their own, unmapped when the last tensor using them goes."""
+    return torch.frombuffer(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=torch.uint8)
 

@@ -37,8 +37,13 @@ class CudaStager:
         self.events: list = [None, None]
         self.i = 0
 
-    def to_device(self, view: torch.Tensor):
+    def to_device(self, view: torch.Tensor, pinned: bool = False):
+        """(device tensor, event): `view` copied to the device. `pinned`: view is page-locked already and stays
+        unchanged until the copy is complete (the stream's read buffers go back to its pool only once the merged
+        tensor is back on the host), so it is copied from directly, at any size."""
         n = view.numel() * view.element_size()
+        if pinned and n:
+            return self._copy(view)
         if n == 0 or n > self.limit:
             return view.to(self.dev), None
         k, self.i = self.i, self.i ^ 1
@@ -49,11 +54,15 @@ class CudaStager:
             buf = self.bufs[k] = torch.empty(-(-n // (1 << 20)) << 20, dtype=torch.uint8, pin_memory=True)
         host = buf[:n].view(view.dtype).view(view.shape)
         host.copy_(view)
+        t, ev = self._copy(host)
+        self.events[k] = ev
+        return t, ev
+
+    def _copy(self, host: torch.Tensor):
         with torch.cuda.stream(self.stream):
             t = host.to(self.dev, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        self.events[k] = ev
         return t, ev
 
     def ready(self, t: torch.Tensor, ev) -> None:

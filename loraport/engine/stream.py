@@ -1,9 +1,15 @@
 """Stream: the one pipeline, source → compute → sink. For each base tensor in layout order it is read from the
-source (a memory map, or a dequantizing view), every delta applied in fp32 on the device (`apply`), rounded once
-to the output dtype or handed to a quantizer, checked for NaN/Inf, and given to the sink. Reading, computing and
-writing run in three threads connected by small bounded queues, so I/O and math overlap; a byte budget bounds
-the tensors in flight and host buffers are reused, so peak memory is a few tensors, never the model. Untouched
-tensors whose dtype does not change are copied as raw bytes by the sink.
+source (pread into a reused buffer, or a dequantizing view), every delta applied in fp32 on the device (`apply`),
+rounded once to the output dtype or handed to a quantizer, checked for NaN/Inf, and given to the sink. Reading,
+computing and writing run in three threads connected by small bounded queues, so I/O and math overlap; a byte
+budget sized by the largest tensor bounds the tensors in flight and host buffers are reused, so peak memory is
+imports + a few of the largest tensors, never the model. Untouched tensors whose dtype does not change are copied
+as raw bytes by the sink.
+
+Why pread rather than the memory map: a mapped page read by this process counts in its resident set (VmHWM) until
+it is unmapped, and a merge touches every updated tensor's pages; read into a reused buffer, the same bytes cost
+one buffer per tensor in flight, whatever the model's size (measured on a 400 MB merge: see
+bench/results/merge-rss-before-after-2026-12-05.txt).
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from loraport.engine.device import CudaStager
 from loraport.engine.layout import OutFile, nbytes
 from loraport.engine.plan import FLOATS, MergePlan
 from loraport.engine.sinks import SafetensorsSink
+from loraport.errors import BadInputError
 from loraport.finite import check_merged, may_be_nonfinite
-from loraport.safetensors_io import itemsize
+from loraport.safetensors_io import itemsize, read_into
 from loraport.threads import op_threads
 
-# Bytes of tensor data in flight between the stages (and kept in the buffer pool): bounds peak memory by size
-# rather than by tensor count, and leaves room for two of the largest Llama-8B matrices (fp32 + fp16 copies).
-INFLIGHT_BYTES = 768 << 20
+# Bytes of host buffers in flight between the stages (and in the buffer pool, idle ones included): room for
+# INFLIGHT_TENSORS of the plan's largest item (one being read, one merged, one written: the stages overlap; an
+# item gives its read and fp32 buffers back as soon as it is done with them, so more small ones fit), at most
+# INFLIGHT_BYTES (two of the largest Llama-8B matrices, each with its read, fp32 and output buffers: 2 × 448 MiB);
+# a larger item still passes, alone. Sized by the largest tensor, never by the model (400 MB Llama: 66 MiB).
+INFLIGHT_BYTES = 1 << 30
+INFLIGHT_TENSORS = 3
 
 
 @dataclass
@@ -36,7 +47,7 @@ class Item:
     how: str  # "raw" (copied in the kernel) or "tensor"
     quantized: bool = False  # the quantizer writes this tensor's entries
     cost: int = 0  # bytes charged to the in-flight budget
-    view: torch.Tensor | None = None  # the base tensor (zero-copy view of the map)
+    view: torch.Tensor | None = None  # the base tensor (a pooled buffer it was read into, or the source's own)
     t: torch.Tensor | None = None  # what the compute stage starts from
     owned: bool = False  # t is a private fp32 buffer that may be merged in place
     event: object = None  # CUDA: the host→device copy of t
@@ -53,10 +64,13 @@ class Stream:
         self.dev, self.cuda = dev, dev.type == "cuda"
         self.out_dtype, self.quantizer, self.nonfinite = out_dtype, quantizer, nonfinite
         self.pipe = Pipeline()
-        self.budget = Budget(INFLIGHT_BYTES, self.pipe.stop)
-        # on CUDA the merged tensors come back into these buffers: pinned, the device → host copy runs at DMA
-        # speed (measured on an H200 box: with pageable buffers the CUDA path ran 2.3x slower than 16 CPU cores)
-        self.pool = Buffers(INFLIGHT_BYTES, pin=self.cuda)
+        self.limit = budget_bytes(max((self._cost(self._item(fi, n)) for fi, f in enumerate(layout)
+                                       for n in f.sources), default=0))
+        self.budget = Budget(self.limit, self.pipe.stop)
+        # on CUDA the base is read into, and the merged tensors come back into, these buffers: pinned, the host ↔
+        # device copies run at DMA speed (measured on an H200 box: with pageable buffers the CUDA path ran 2.3x
+        # slower than 16 CPU cores)
+        self.pool = Buffers(self.limit, pin=self.cuda)
         self.stager = CudaStager(dev) if self.cuda else None
         self.flagged: list[str] = []
 
@@ -67,6 +81,17 @@ class Stream:
     def _quantized(self, name: str, shape: tuple[int, ...]) -> bool:
         q = self.quantizer
         return q is not None and q.entries(name, shape, self.base.layer_hint(name)) is not None
+
+    def _cost(self, item: Item) -> int:
+        """Bytes of host buffers an item may hold at once: the stored tensor read, its fp32 copy (twice that
+        for a quantizer's work) unless it only changes dtype, and the output; 0 for a raw copy (the sink copies
+        it in the kernel). Buffers given back early return their bytes to the budget (`_give_back`)."""
+        if item.how == "raw":
+            return 0
+        info = self.base.info(item.name)
+        n = info.nbytes // itemsize(info.dtype)
+        work = 0 if not item.quantized and item.name not in self.plan.updates else (8 if item.quantized else 4)
+        return info.nbytes + n * (work + itemsize(self._out_dtype(info.dtype)))
 
     def _item(self, fi: int, name: str) -> Item:
         info = self.base.info(name)
@@ -91,14 +116,14 @@ class Stream:
             self.pipe.fail(e)
 
     def _load(self, item: Item) -> bool:
-        """Prepare a tensor for the compute stage without allocating: an updated tensor is copied (and upcast)
-        from the memory map straight into a reused fp32 buffer; a tensor that only changes dtype is cast into a
-        reused output buffer; on CUDA it is staged through pinned memory and copied to the device
+        """Prepare a tensor for the compute stage without allocating: the stored tensor is read into a reused
+        buffer; an updated one is upcast from there into a reused fp32 buffer; a tensor that only changes dtype
+        is cast into a reused output buffer; on CUDA the read buffer is pinned and copied to the device
         asynchronously while the previous tensor is being computed. False: the stream was stopped."""
         info = self.base.info(item.name)
-        shape, n = tuple(info.shape), info.nbytes // itemsize(info.dtype)
+        shape = tuple(info.shape)
         dt = self._out_dtype(info.dtype)
-        item.cost = n * ((8 if item.quantized else 4) + itemsize(dt))
+        item.cost = self._cost(item)
         if not self.budget.acquire(item.cost):
             return False
         if item.quantized and item.name not in self.plan.updates:
@@ -106,18 +131,47 @@ class Stream:
             if kept is not None:
                 item.outs = kept
                 return True
-        item.view = self.base.get(item.name)
+        pooled = self._read(item, info)
         if not item.quantized and item.name not in self.plan.updates:  # no math: cast here, or pass the view
             if dt != info.dtype:
                 item.outs = [self.pool.take(dt, shape).copy_(item.view)]
-                item.pooled = list(item.outs)
+                item.pooled.append(item.outs[0])
+                if pooled:
+                    self._give_back(item, item.view)
+                    item.view = None
             else:
                 item.outs = [item.view]
-        elif self.cuda:
-            item.t, item.event = self.stager.to_device(item.view)
+        elif self.cuda:  # the pinned read buffer stays until the item is written (the copy is asynchronous)
+            item.t, item.event = self.stager.to_device(item.view, pinned=pooled)
         else:  # upcast into a reused buffer (a quantizer reads the base rows it samples from .view)
             item.t = self.pool.take(torch.float32, shape).copy_(item.view)
             item.owned = True
+            if pooled and not item.quantized:  # the read buffer is free again (a NaN check re-reads the base)
+                self._give_back(item, item.view)
+                item.view = None
+        return True
+
+    def _give_back(self, item: Item, buf: torch.Tensor) -> None:
+        """Return one of an item's pooled buffers before the item is written, and its bytes to the budget."""
+        item.pooled = [b for b in item.pooled if b is not buf]
+        self.pool.give(buf)
+        n = buf.numel() * buf.element_size()
+        item.cost -= n
+        self.budget.release(n)
+
+    def _read(self, item: Item, info) -> bool:
+        """item.view = the stored tensor, read with pread into a pooled buffer (given back once the item is
+        written) when the source has a plain file span: no page of the base is mapped into this process. A
+        dequantizing source serves its own tensor. True: the view is a pooled (on CUDA: pinned) buffer."""
+        span = self.base.span(item.name)
+        if span is None:
+            item.view = self.base.get(item.name)
+            return False
+        fd, offset, n = span
+        buf = item.view = self.pool.take(info.dtype, tuple(info.shape))
+        item.pooled.append(buf)
+        if n and read_into(fd, memoryview(buf.reshape(-1).view(torch.uint8).numpy()), offset) != n:
+            raise BadInputError(f"{self.base.shard_of(item.name)[0].file.path}: truncated while reading {item.name}")
         return True
 
     # --- stage 2: compute -------------------------------------------------------------------------
@@ -144,10 +198,11 @@ class Stream:
         merged = merged_tensor(self.plan, name, self.dev, base_tensor=t, copy=not item.owned) if updated else None
         outs = self._quantize(item, merged) if item.quantized else self._round(item, merged)
         if item.owned:
-            self.pool.give(t)
+            self._give_back(item, t)
         item.t = merged = None
         if updated and any(may_be_nonfinite(o) for o in outs):
-            msg = check_merged(name, item.view, outs, self.nonfinite)  # raises in "fail" mode
+            base = item.view if item.view is not None else self.base.get(name)  # mapped: released once written
+            msg = check_merged(name, base, outs, self.nonfinite)  # raises in "fail" mode
             if msg:
                 self.flagged.append(msg)
         item.outs = outs
@@ -263,6 +318,11 @@ class _progress:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+def budget_bytes(largest: int) -> int:
+    """The stream's in-flight byte budget for a plan whose largest item holds `largest` bytes of buffers."""
+    return max(largest, min(INFLIGHT_BYTES, INFLIGHT_TENSORS * largest))
 
 
 def stream(plan: MergePlan, layout: list[OutFile], sink: SafetensorsSink, dev: torch.device, out_dtype, quantizer,

@@ -11,7 +11,6 @@ pages count in the resident set until unmapped). A tensor no adapter touches is 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from loraport.adapter import Adapter
 from loraport.errors import BadInputError
+from loraport.safetensors_io import read_into
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,3 @@ class WeightSource:
     def close(self) -> None:
         self.release()
         self.ckpt.close()
-
-
-def read_into(fd: int, buf: memoryview, offset: int) -> int:
-    """pread until `buf` is full or the file ends; the number of bytes read."""
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n <= 0:
-            break
-        got += n
-    return got
