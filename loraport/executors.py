@@ -1,0 +1,208 @@
+"""Where batch jobs run: here, one after the other (`LocalExecutor`, the default), or on a Dask cluster
+(`DaskExecutor`: a LocalCluster on 127.0.0.1 sized to this machine, or an existing scheduler such as one that
+dask-jobqueue runs on Slurm/PBS or dask-kubernetes on Kubernetes). Both run `job_runner.run_job` on each job and
+return its records in job order, so what they report is identical in shape.
+
+The distribution is Dask's own: futures (a job reading another's output gets that job's future as an argument),
+resources (GPU for CUDA jobs, MEMORY for a job's memory hint — requested only where workers advertise them) and
+retries (`retries=1`: a worker that dies mid-job has its job run once more elsewhere, then reported). Placement:
+jobs sharing a base go to the same worker where the load allows (its base is opened and hashed once there),
+loosely, so a dead or busy worker's jobs can still move. Dask is imported only when this executor runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from loraport.jobs import Job, JobResult
+from loraport.errors import BadInputError
+from loraport.job_runner import run_job
+
+DEFAULT_MEMORY = (768 << 20) + (1 << 30)  # the stream's in-flight budget + imports, when a job gives no hint
+
+
+class LocalExecutor:
+    """Today's behaviour: the jobs in file order, in this process, sharing one input-hash cache."""
+
+    name = "local"
+
+    def run(self, jobs: list[Job], options: dict, on_result=None) -> list[JobResult]:
+        from loraport.manifest import HashCache
+
+        options = {**options, "hash_cache": HashCache.of(options.get("hash_cache", True))}  # one base hash
+        results: list[JobResult] = []
+        for job in jobs:
+            r = run_job(job, options, tuple(results[k] for k in job.after))
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+        return results
+
+
+class DaskExecutor:
+    """Jobs as Dask futures. `scheduler`: tcp://HOST:PORT of a running scheduler; None starts a LocalCluster on
+    127.0.0.1 (`n_workers` processes, default one per core, one job at a time each) for the run."""
+
+    name = "dask"
+
+    def __init__(self, scheduler: str | None = None, n_workers: int | None = None, wait_workers: float = 60.0,
+                 processes: bool = True, connect_timeout: float = 20.0):
+        self.scheduler, self.n_workers, self.wait_workers = scheduler, n_workers, wait_workers
+        self.connect_timeout = connect_timeout
+        self.processes = processes  # False: worker threads in this process (quick to start; for tests)
+        self.placement: dict[int, str] = {}  # job index -> the worker it was sent to (for reports and tests)
+
+    def run(self, jobs: list[Job], options: dict, on_result=None) -> list[JobResult]:
+        try:
+            from distributed import as_completed
+        except ImportError:
+            raise BadInputError('--executor dask needs Dask: pip install "loraport[dask]"') from None
+        options = {**options, "hash_cache": bool(options.get("hash_cache", True))}  # each worker opens its own
+        with self._cluster() as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            futures = self._submit(client, jobs, options, workers)
+            results: list[JobResult | None] = [None] * len(jobs)
+            index = {f.key: i for i, f in futures.items()}
+            try:
+                for fut in as_completed([f for f in futures.values() if f is not None]):
+                    i = index[fut.key]
+                    results[i] = self._record(fut, jobs[i], results)
+                    if on_result is not None:
+                        on_result(results[i])
+            except BaseException:  # Ctrl-C: nothing outstanding may go on writing after we return
+                client.cancel([f for f in futures.values() if f is not None], force=True)
+                raise
+        return [r for r in results if r is not None]
+
+    # --------------------------------------------------------------------------------------------- cluster
+    def _cluster(self):
+        import contextlib
+
+        import dask
+        from distributed import Client, LocalCluster
+
+        stack = contextlib.ExitStack()
+        if self.scheduler is None:
+            n = self.n_workers or os.cpu_count() or 1
+            # a worker death counts once (then Dask's `retries` gives the job its one more try); no memory
+            # limit: a memory-mapped base is resident file cache, not a leak the nanny should kill for
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                where = {"host": "127.0.0.1"} if self.processes else {}  # threads: in-process comms, no socket
+                cluster = stack.enter_context(LocalCluster(
+                    **where, dashboard_address=None, n_workers=n, threads_per_worker=1,
+                    processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)}))
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(Client(self.scheduler, timeout=self.connect_timeout))
+            except (OSError, TimeoutError, ValueError) as e:
+                raise BadInputError(f"--scheduler {self.scheduler}: cannot connect ({str(e)[:120]})") from None
+        try:
+            client.wait_for_workers(1, timeout=self.wait_workers)
+        except (TimeoutError, OSError):
+            stack.close()
+            raise BadInputError(f"--scheduler {self.scheduler}: no worker joined within {self.wait_workers:.0f}s; "
+                                "start workers (`dask worker SCHEDULER`)") from None
+        return _Closing(stack, client)
+
+    # ----------------------------------------------------------------------------------------------- submit
+    def _submit(self, client, jobs: list[Job], options: dict, workers: dict) -> dict:
+        run = uuid.uuid4().hex[:8]
+        self.placement = place_by_base(jobs, list(workers))
+        futures: dict[int, object] = {}
+        for i, job in enumerate(jobs):
+            resources, refusal = _resources(job, options, workers)
+            if refusal:
+                futures[i] = client.submit(_refused, job, refusal, key=f"loraport-{run}-{i}-refused", pure=False)
+                continue
+            where = self.placement.get(i)
+            futures[i] = client.submit(
+                run_job, job, options, [futures[k] for k in job.after], key=f"loraport-{run}-{i}", pure=False,
+                retries=1, resources=resources or None, workers=[where] if where else None,
+                allow_other_workers=True)
+        return futures
+
+    def _record(self, fut, job: Job, results: list) -> JobResult:
+        if fut.status == "finished":
+            return fut.result()
+        failed_upstream = [results[k] for k in job.after if results[k] is not None and not results[k].ok]
+        if failed_upstream:
+            msg = f"not run: job {failed_upstream[0].name!r}, whose output it reads, failed"
+        else:
+            exc = fut.exception() if fut.status == "error" else None
+            if exc is not None and type(exc).__name__ == "KilledWorker":
+                msg = ("the worker running this job died, and again on its one retry (killed: out of memory?); "
+                       "nothing was written")
+            else:
+                msg = f"{type(exc).__name__}: {str(exc)[:200]}" if exc is not None else f"task {fut.status}"
+        now = time.time()
+        return JobResult(job.name, job.out, False, msg, 1, kind=job.kind, started=now, finished=now)
+
+
+class _Closing:
+    """The client, closing the cluster it may have started on exit."""
+
+    def __init__(self, stack, client):
+        self.stack, self.client = stack, client
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+
+def _refused(job: Job, why: str) -> JobResult:
+    now = time.time()
+    return JobResult(job.name, job.out, False, why, 2, kind=job.kind, started=now, finished=now)
+
+
+def _memory_per_worker(n: int) -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(1, total // max(1, n))
+
+
+def _resources(job: Job, options: dict, workers: dict) -> tuple[dict, str]:
+    """The resources to ask for, asked only where some worker advertises them (a request no worker can meet
+    would wait forever): ({}, "") when nothing is advertised; a refusal line when no worker is big enough."""
+    offered = [w.get("resources") or {} for w in workers.values()]
+    want: dict[str, float] = {}
+    if job.needs_gpu(options.get("device")) and any(r.get("GPU") for r in offered):
+        want["GPU"] = 1
+    if any(r.get("MEMORY") for r in offered):
+        want["MEMORY"] = job.memory or DEFAULT_MEMORY
+    if want and not any(all(r.get(k, 0) >= v for k, v in want.items()) for r in offered):
+        from loraport.console import human_bytes
+
+        need = ", ".join(human_bytes(v) + " memory" if k == "MEMORY" else f"{v:g} {k}" for k, v in want.items())
+        return {}, (f"no worker offers what this job needs ({need}); start workers with more "
+                    "(`dask worker --resources MEMORY=...,GPU=1`) or lower the job's \"memory\"")
+    return want, ""
+
+
+def place_by_base(jobs: list[Job], workers: list[str]) -> dict[int, str]:
+    """Job index -> worker: jobs sharing a base go to one worker, biggest groups first onto the least-loaded
+    worker; a group larger than a fair share (jobs / workers) is split so no worker sits idle."""
+    if not workers:
+        return {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, j in enumerate(jobs):
+        key = str(Path(j.base).resolve()) if j.base else f"(no base) {i}"
+        groups[key].append(i)
+    share = -(-len(jobs) // len(workers))
+    load = dict.fromkeys(workers, 0)
+    out: dict[int, str] = {}
+    for _, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        for c in range(0, len(idx), share):
+            w = min(workers, key=lambda a: (load[a], a))
+            chunk = idx[c:c + share]
+            load[w] += len(chunk)
+            out.update(dict.fromkeys(chunk, w))
+    return out
