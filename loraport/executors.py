@@ -4,8 +4,10 @@ dask-jobqueue runs on Slurm/PBS or dask-kubernetes on Kubernetes). Both run `job
 return its records in job order, so what they report is identical in shape.
 
 The distribution is Dask's own: futures (a job reading another's output gets that job's future as an argument),
-resources (GPU for CUDA jobs, MEMORY for a job's memory hint — requested only where workers advertise them) and
-retries (`retries=1`: a worker that dies mid-job has its job run once more elsewhere, then reported). Placement:
+resources (GPU for CUDA jobs, MEMORY for a job's "memory" hint — asked only where workers advertise them) and
+retries: a job whose worker dies mid-job is run again elsewhere as often as the scheduler's
+`distributed.scheduler.allowed-failures` says (1 on the cluster loraport starts: once, then reported; Dask's
+default elsewhere is 3), and an unexpected exception in a job is retried once (`retries=1`). Placement:
 jobs sharing a base go to the same worker where the load allows (its base is opened and hashed once there),
 loosely, so a dead or busy worker's jobs can still move. Dask is imported only when this executor runs.
 """
@@ -21,9 +23,6 @@ from pathlib import Path
 from loraport.jobs import Job, JobResult
 from loraport.errors import BadInputError
 from loraport.job_runner import run_job
-
-DEFAULT_MEMORY = (768 << 20) + (1 << 30)  # the stream's in-flight budget + imports, when a job gives no hint
-
 
 class LocalExecutor:
     """Today's behaviour: the jobs in file order, in this process, sharing one input-hash cache."""
@@ -50,8 +49,9 @@ class DaskExecutor:
     name = "dask"
 
     def __init__(self, scheduler: str | None = None, n_workers: int | None = None, wait_workers: float = 60.0,
-                 processes: bool = True, connect_timeout: float = 20.0):
+                 processes: bool = True, connect_timeout: float = 20.0, group_by_base: bool = True):
         self.scheduler, self.n_workers, self.wait_workers = scheduler, n_workers, wait_workers
+        self.group_by_base = group_by_base  # False: Dask places every job freely (bench/fleet_bench.py compares)
         self.connect_timeout = connect_timeout
         self.processes = processes  # False: worker threads in this process (quick to start; for tests)
         self.placement: dict[int, str] = {}  # job index -> the worker it was sent to (for reports and tests)
@@ -88,9 +88,9 @@ class DaskExecutor:
         stack = contextlib.ExitStack()
         if self.scheduler is None:
             n = self.n_workers or os.cpu_count() or 1
-            # a worker death counts once (then Dask's `retries` gives the job its one more try); no memory
-            # limit: a memory-mapped base is resident file cache, not a leak the nanny should kill for
-            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            # a job whose worker dies is run once more, then reported; no memory limit: a memory-mapped base is
+            # resident file cache, not a leak the nanny should kill for
+            with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
                 where = {"host": "127.0.0.1"} if self.processes else {}  # threads: in-process comms, no socket
                 cluster = stack.enter_context(LocalCluster(
                     **where, dashboard_address=None, n_workers=n, threads_per_worker=1,
@@ -112,7 +112,7 @@ class DaskExecutor:
     # ----------------------------------------------------------------------------------------------- submit
     def _submit(self, client, jobs: list[Job], options: dict, workers: dict) -> dict:
         run = uuid.uuid4().hex[:8]
-        self.placement = place_by_base(jobs, list(workers))
+        self.placement = place_by_base(jobs, list(workers)) if self.group_by_base else {}
         futures: dict[int, object] = {}
         for i, job in enumerate(jobs):
             resources, refusal = _resources(job, options, workers)
@@ -135,8 +135,9 @@ class DaskExecutor:
         else:
             exc = fut.exception() if fut.status == "error" else None
             if exc is not None and type(exc).__name__ == "KilledWorker":
-                msg = ("the worker running this job died, and again on its one retry (killed: out of memory?); "
-                       "nothing was written")
+                n = getattr(exc, "allowed_failures", 0) + 1
+                msg = (f"the worker running this job died, {n} time(s) (killed: out of memory?); nothing was "
+                       "written")
             else:
                 msg = f"{type(exc).__name__}: {str(exc)[:200]}" if exc is not None else f"task {fut.status}"
         now = time.time()
@@ -176,8 +177,8 @@ def _resources(job: Job, options: dict, workers: dict) -> tuple[dict, str]:
     want: dict[str, float] = {}
     if job.needs_gpu(options.get("device")) and any(r.get("GPU") for r in offered):
         want["GPU"] = 1
-    if any(r.get("MEMORY") for r in offered):
-        want["MEMORY"] = job.memory or DEFAULT_MEMORY
+    if job.memory and any(r.get("MEMORY") for r in offered):  # the job's own estimate ("memory": "8GB")
+        want["MEMORY"] = job.memory
     if want and not any(all(r.get(k, 0) >= v for k, v in want.items()) for r in offered):
         from loraport.console import human_bytes
 
