@@ -14,6 +14,7 @@ loosely, so a dead or busy worker's jobs can still move. Dask is imported only w
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -62,20 +63,27 @@ class DaskExecutor:
         except ImportError:
             raise BadInputError('--executor dask needs Dask: pip install "loraport[dask]"') from None
         options = {**options, "hash_cache": bool(options.get("hash_cache", True))}  # each worker opens its own
-        with self._cluster() as client:
-            workers = client.scheduler_info(n_workers=-1)["workers"]
-            futures = self._submit(client, jobs, options, workers)
-            results: list[JobResult | None] = [None] * len(jobs)
-            index = {f.key: i for i, f in futures.items()}
-            try:
-                for fut in as_completed([f for f in futures.values() if f is not None]):
-                    i = index[fut.key]
-                    results[i] = self._record(fut, jobs[i], results)
-                    if on_result is not None:
-                        on_result(results[i])
-            except BaseException:  # Ctrl-C: nothing outstanding may go on writing after we return
-                client.cancel([f for f in futures.values() if f is not None], force=True)
-                raise
+        results: list[JobResult | None] = [None] * len(jobs)
+        try:
+            with self._cluster() as client:
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                futures = self._submit(client, jobs, options, workers)
+                index = {f.key: i for i, f in futures.items()}
+                try:
+                    for fut in as_completed(list(futures.values())):
+                        i = index[fut.key]
+                        results[i] = self._record(fut, jobs[i], results)
+                        if on_result is not None:
+                            on_result(results[i])
+                except BaseException:  # Ctrl-C: what has not started never will
+                    client.cancel(list(futures.values()), force=True)
+                    raise
+        except BaseException:
+            # the cluster loraport started is closed now (its workers gone): the hidden temporaries of jobs they
+            # were writing are removed. A job already running on your own cluster finishes (Dask cannot stop a
+            # running task): its output appears complete, or not at all.
+            _sweep([j for j, r in zip(jobs, results) if r is None])
+            raise
         return [r for r in results if r is not None]
 
     # --------------------------------------------------------------------------------------------- cluster
@@ -94,7 +102,8 @@ class DaskExecutor:
                 where = {"host": "127.0.0.1"} if self.processes else {}  # threads: in-process comms, no socket
                 cluster = stack.enter_context(LocalCluster(
                     **where, dashboard_address=None, n_workers=n, threads_per_worker=1,
-                    processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)}))
+                    processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)},
+                    silence_logs=logging.ERROR))  # the records say what happened; no log lines on stderr
             client = stack.enter_context(Client(cluster))
         else:
             try:
@@ -122,8 +131,8 @@ class DaskExecutor:
             where = self.placement.get(i)
             futures[i] = client.submit(
                 run_job, job, options, [futures[k] for k in job.after], key=f"loraport-{run}-{i}", pure=False,
-                retries=1, resources=resources or None, workers=[where] if where else None,
-                allow_other_workers=True)
+                retries=1, resources=resources or None,
+                **({"workers": [where], "allow_other_workers": True} if where else {}))
         return futures
 
     def _record(self, fut, job: Job, results: list) -> JobResult:
@@ -155,6 +164,17 @@ class _Closing:
 
     def __exit__(self, *exc):
         self.stack.close()
+
+
+def _sweep(jobs: list[Job]) -> None:
+    from loraport.outputs import sweep_stale
+
+    for j in jobs:
+        if j.kind != "validate":
+            try:
+                sweep_stale(Path(j.out).resolve())
+            except OSError:
+                pass
 
 
 def _refused(job: Job, why: str) -> JobResult:

@@ -199,3 +199,39 @@ def test_mixed_jobs_on_a_real_cluster_with_a_worker_killed_mid_job(tmp_path):
     finally:
         cluster.stop()
     assert all(p.poll() is not None for p in cluster.procs)
+
+
+def test_ctrl_c_cancels_outstanding_jobs_and_leaves_no_partial_output(tmp_path):
+    """SIGINT to `loraport merge --jobs --executor dask` while a worker writes: one line, exit 130, the
+    cluster's processes gone, every output either complete (it verifies) or absent, no temporary left."""
+    import psutil
+
+    from loraport.outputs import TMP_TAG
+
+    big_base, big_ad = big_model(tmp_path)
+    w = tmp_path / "w"
+    w.mkdir()
+    js = [{"adapter": str(big_ad), "base": str(big_base), "weight": 0.1 * (i + 1), "out": f"big{i}"}
+          for i in range(6)]
+    (w / "jobs.json").write_text(json.dumps(js))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "loraport", "merge", "--jobs", str(w / "jobs.json"), "--device",
+                          "cpu", "--executor", "dask", "--workers", "2"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline, children = time.time() + 300, []
+    while time.time() < deadline and not any(TMP_TAG in q.name for q in w.iterdir()):
+        time.sleep(0.005)
+    children = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert children, "no job ever started writing"
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+    from loraport.manifest import verify
+
+    done = [j["out"] for j in js if (w / j["out"]).exists()]
+    assert len(done) < len(js)  # outstanding jobs were cancelled
+    assert all(verify(w / n)["ok"] for n in done)
+    assert not [q.name for q in w.iterdir() if TMP_TAG in q.name]
