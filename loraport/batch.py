@@ -67,7 +67,8 @@ def jobs_from_file(path: str | Path, base: str | None = None) -> list[Job]:
     merge: "adapter": p | [p...], "weight": w | [w...] (optional), "base" (default: `base`), "device".
     convert: "adapter": p, "to": a format ("onnx": an ONNX export of "base" with the adapters merged).
     validate: "artifact" (instead of "out"), "base" / "adapter" / "weight" (default: what its manifest
-    records), "tolerance", "provider". Any job: "memory" ("8GB": a hint for the scheduler).
+    records), "tolerance", "provider". Any job: "memory" ("8GB": a hint for the scheduler). `base` is the
+    default base of merges and ONNX exports only (a conversion uses a base only when its job names one).
     Relative paths are relative to the job file's folder. A job may read an earlier job's output."""
     p = Path(path)
     try:
@@ -108,19 +109,26 @@ def _job(here: Path, j, where: str, default_base: str | None) -> Job:
     name = j.get("name", Path(target).name)
     if not isinstance(name, str):
         raise BadInputError(f"{where}: 'name' must be a string")
-    base = _opt_str(j, "base", where)
+    base, to = _opt_str(j, "base", where), _opt_str(j, "to", where)
+    if not base and (kind == "merge" or to == "onnx"):  # validate: its manifest's base; convert: none unless given
+        base = default_base
     job = Job(_adapters(here, j, where, required=kind != "validate"), str(here / target), name, kind,
-              str(here / base) if base else default_base, to=_opt_str(j, "to", where),
+              str(here / base) if base else None, to=to,
               format=_opt_str(j, "format", where), device=_opt_str(j, "device", where),
               provider=_opt_str(j, "provider", where) or "auto", tolerance=_tolerance(j, where),
               memory=_memory(j, where))
     if kind == "convert" and not job.to:
         raise BadInputError(f"{where}: a convert job needs 'to' (a format, or onnx)")
-    if job.base is None and (kind == "merge" or job.to == "onnx"):
-        raise BadInputError(f"{where}: no base: give 'base' in the job or --base")
     if kind == "convert" and job.to != "onnx" and (len(job.adapters) != 1 or job.adapters[0][1] != 1.0):
         raise BadInputError(f"{where}: convert takes one adapter (a weight only applies to --to onnx)")
     return job
+
+
+def check_bases(jobs: list[Job], where: str) -> None:
+    """Before anything runs: every merge and ONNX export has a base (its own, or the batch's --base)."""
+    for i, j in enumerate(jobs):
+        if j.base is None and j.needs_base():
+            raise BadInputError(f"{where}: job {i} ({j.name}): no base: give 'base' in the job or --base")
 
 
 def _opt_str(j: dict, key: str, where: str) -> str | None:
@@ -196,6 +204,6 @@ def run_jobs(base: str | Path | None, jobs: list[Job], on_result=None, executor=
     from loraport.executors import LocalExecutor
 
     for j in jobs:
-        if j.base is None and j.kind == "merge":
+        if j.base is None and j.needs_base():
             j.base = None if base is None else str(base)
     return (executor or LocalExecutor()).run(jobs, options, on_result)

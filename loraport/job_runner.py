@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from loraport.jobs import Job, JobResult
-from loraport.errors import LoraportError
+from loraport.errors import BadInputError, LoraportError
 
 # batch options that only a merge takes (the others go to every kind that has them)
 _MERGE_ONLY = ("dtype", "shard_size", "quantize", "quant_options", "strict", "fp16_base", "nonfinite",
@@ -55,9 +55,10 @@ def _skip_or_run(job: Job, options: dict) -> JobResult:
     rep = _run(job, options)
     if job.kind == "validate":
         if not rep.get("passed"):
-            worst = rep.get("max_abs_error", rep.get("max_abs"))
-            return JobResult(job.name, job.out, False, f"validation failed: {job.out} is outside the tolerance"
-                             + (f" (max abs error {worst})" if worst is not None else ""), 1, report=rep)
+            failed = [c.get("case") for c in rep.get("cases", []) if not c.get("passed")]
+            return JobResult(job.name, job.out, False, f"validation failed: {job.out} is outside the tolerance "
+                             f"in {', '.join(map(str, failed)) or 'some case'} (run `loraport validate {job.out}` "
+                             "for the table)", 1, report=rep)
         return JobResult(job.name, job.out, True, report=rep)
     return JobResult(job.name, job.out, True, report=rep, sha256=output_digest(job.out))
 
@@ -67,6 +68,8 @@ def _run(job: Job, options: dict) -> dict:
     from loraport.hub import resolve
     from loraport.manifest import HashCache
 
+    if job.base is None and job.needs_base():
+        raise BadInputError(f"job {job.name!r}: no base: give 'base' in the job or --base")
     ads = [(str(resolve(a, "adapter")), w) for a, w in job.adapters]  # a Hub id: its cached snapshot
     base = None if job.base is None else str(resolve(job.base, "base"))
     device = job.device or options.get("device", "auto")

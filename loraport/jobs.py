@@ -27,6 +27,9 @@ class Job:
         return [a for a, _ in self.adapters] + ([self.base] if self.base else []) + \
             ([self.out] if self.kind == "validate" else [])
 
+    def needs_base(self) -> bool:
+        return self.kind == "merge" or self.to == "onnx"
+
     def needs_gpu(self, device: str | None) -> bool:
         """A CUDA merge or export, or a validation on the CUDA provider: a hint for the scheduler."""
         if self.kind == "validate":

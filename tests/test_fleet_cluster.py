@@ -1,5 +1,5 @@
 """Issue #20's proof on a real cluster: a `dask scheduler` and two `dask worker` processes (the venv's dask CLI,
-every socket on 127.0.0.1, stopped by pid), a mixed jobs file of 25 jobs with bad inputs, a worker killed with
+every socket on 127.0.0.1, stopped by pid), a mixed jobs file of 26 jobs with bad inputs, a worker killed with
 SIGKILL in the middle of a merge. Every good output equals the local executor's byte for byte, every bad job
 has its one error line, the killed job is retried and finishes, a rerun skips every completed job.
 
@@ -69,6 +69,7 @@ def jobs(folder: Path, big_base: Path, big_ad: Path) -> tuple[list[dict], set[st
         {"kind": "convert", "adapter": str(AD / "llama_plain"), "to": "onnx", "out": "onnx"},
         {"adapter": "mlx", "weight": 0.5, "out": "from_mlx"},
         {"kind": "validate", "artifact": "plain_2", "name": "check_plain_2"},
+        {"kind": "validate", "artifact": "plain_2", "adapter": str(AD / "llama_plain2"), "name": "check_wrong"},
         {"adapter": str(folder / "nowhere"), "out": "from_nowhere"},
         {"adapter": "truncated", "out": "from_truncated"},
         {"adapter": str(AD / "gpt2_conv1d"), "out": "wrong_base"},
@@ -76,7 +77,7 @@ def jobs(folder: Path, big_base: Path, big_ad: Path) -> tuple[list[dict], set[st
         {"adapter": "from_truncated", "out": "after_bad"},
     ]
     bad = {"from_nowhere": "nowhere", "from_truncated": "truncated", "wrong_base": "", "bad_format": "nosuchformat",
-           "after_bad": "not run"}
+           "after_bad": "not run", "check_wrong": "validation failed"}
     good = {j.get("out") for j in js if j.get("out") and j["out"] not in bad}
     return js, good, bad
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -129,22 +128,21 @@ def test_rerun_skips_what_verifies_and_redoes_what_does_not(tmp_path, dask_execu
 
 
 def test_cli_jsonl_stream_and_summary(tmp_path):
-    import subprocess
-    import sys
+    from click.testing import CliRunner
+
+    from loraport.cli import main
 
     d = tmp_path / "c"
     d.mkdir()
     jobs = mixed_jobs(d)[:3] + [{"adapter": str(d / "nope"), "out": "nope"}]
     (d / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    p = subprocess.run([sys.executable, "-m", "loraport", "merge", "--base", str(LLAMA), "--jobs",
-                        str(d / "jobs.json"), "--device", "cpu", "--jsonl"], capture_output=True, text=True,
-                       env=env, timeout=300)
-    lines = [json.loads(x) for x in p.stdout.splitlines()]
-    assert p.returncode == 1, p.stderr
+    r = CliRunner().invoke(main, ["merge", "--base", str(LLAMA), "--jobs", str(d / "jobs.json"), "--device", "cpu",
+                                  "--jsonl"])
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.exit_code == 1, r.stderr
     assert [x["name"] for x in lines[:-1]] == ["plain", "pair", "qwen", "nope"]
     assert lines[-1] == {"summary": {**lines[-1]["summary"], "total": 4, "ok": 3, "skipped": 0, "failed": 1}}
-    assert "Traceback" not in p.stderr
+    assert lines[-1]["summary"]["wall_seconds"] > 0 and not r.stderr.strip()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -260,3 +258,16 @@ def test_temporaries_of_another_host_are_never_swept(tmp_path):
     mine_dead.mkdir()
     sweep_stale(out)
     assert other.exists() and not mine_dead.exists()
+
+
+def test_a_merge_without_any_base_is_refused_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from loraport.cli import main
+
+    (tmp_path / "jobs.json").write_text(json.dumps([
+        {"kind": "convert", "adapter": str(AD / "llama_plain"), "to": "mlx", "base": str(LLAMA), "out": "c"},
+        {"adapter": str(AD / "llama_plain"), "out": "m"}]))
+    r = CliRunner().invoke(main, ["merge", "--jobs", str(tmp_path / "jobs.json")])
+    assert r.exit_code == 2 and "job 1 (m): no base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

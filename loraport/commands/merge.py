@@ -170,7 +170,7 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, execut
     from pathlib import Path
 
     from loraport import hub
-    from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs, summary
+    from loraport.batch import check_bases, jobs_from_dir, jobs_from_file, run_jobs, summary
     from loraport.errors import BadInputError
 
     if adapter_dir and jobs_file:
@@ -187,6 +187,7 @@ def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, execut
         Path(out).mkdir(parents=True, exist_ok=True)
     else:
         jobs = jobs_from_file(jobs_file, base)
+        check_bases(jobs, f"--jobs {jobs_file}")
     results = run_jobs(base, jobs, on_result=_shower(as_json), executor=executor, adapter_format=adapter_format,
                        **merge_options)
     total = summary(results)
