@@ -103,7 +103,7 @@ class DaskExecutor:
                 cluster = stack.enter_context(LocalCluster(
                     **where, dashboard_address=None, n_workers=n, threads_per_worker=1,
                     processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)},
-                    silence_logs=logging.ERROR))  # the records say what happened; no log lines on stderr
+                    silence_logs=logging.CRITICAL))  # the records say what happened: no log lines on stderr
             client = stack.enter_context(Client(cluster))
         else:
             try:
