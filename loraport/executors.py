@@ -99,11 +99,18 @@ class DaskExecutor:
             # a job whose worker dies is run once more, then reported; no memory limit: a memory-mapped base is
             # resident file cache, not a leak the nanny should kill for
             with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-                where = {"host": "127.0.0.1"} if self.processes else {}  # threads: in-process comms, no socket
-                cluster = stack.enter_context(LocalCluster(
-                    **where, dashboard_address=None, n_workers=n, threads_per_worker=1,
-                    processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)},
-                    silence_logs=logging.CRITICAL))  # the records say what happened: no log lines on stderr
+                # threads: in-process comms, no socket. Processes: every socket on 127.0.0.1 (the scheduler's HTTP
+                # server too: left to itself it takes 8787, warning on stderr when that is taken)
+                where = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"} if self.processes else \
+                    {"dashboard_address": None}
+                try:
+                    cluster = stack.enter_context(LocalCluster(
+                        **where, n_workers=n, threads_per_worker=1,
+                        processes=self.processes, memory_limit=0, resources={"MEMORY": _memory_per_worker(n)},
+                        silence_logs=logging.CRITICAL))  # the records say what happened: no log lines on stderr
+                except (RuntimeError, OSError) as e:
+                    raise BadInputError(f"could not start a local Dask cluster ({str(e)[:120]}); run with "
+                                        "--executor local, or on a running cluster with --scheduler") from None
             client = stack.enter_context(Client(cluster))
         else:
             try:
@@ -114,8 +121,9 @@ class DaskExecutor:
             client.wait_for_workers(1, timeout=self.wait_workers)
         except (TimeoutError, OSError):
             stack.close()
-            raise BadInputError(f"--scheduler {self.scheduler}: no worker joined within {self.wait_workers:.0f}s; "
-                                "start workers (`dask worker SCHEDULER`)") from None
+            where = f"--scheduler {self.scheduler}" if self.scheduler else "the local Dask cluster"
+            raise BadInputError(f"{where}: no worker joined within {self.wait_workers:.0f}s; start workers "
+                                "(`dask worker SCHEDULER`)") from None
         return _Closing(stack, client)
 
     # ----------------------------------------------------------------------------------------------- submit
