@@ -3,7 +3,7 @@ every socket on 127.0.0.1, stopped by pid), a mixed jobs file of 26 jobs with ba
 SIGKILL in the middle of a merge. Every good output equals the local executor's byte for byte, every bad job
 has its one error line, the killed job is retried and finishes, a rerun skips every completed job.
 
-Slow (about 2-3 minutes on 2 cores: worker start-up imports torch, an ONNX export runs twice):
+Slow (3-5 minutes on 2 shared cores: worker start-up imports torch, an ONNX export runs twice):
     python -m pytest -m slow tests/test_fleet_cluster.py
 """
 
