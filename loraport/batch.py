@@ -1,53 +1,24 @@
-"""Batch merging: many adapters into one base, one output each, continuing past a bad one.
+"""Batch jobs: many merges (and conversions, ONNX exports, validations) in one run, continuing past a bad one.
 
 Jobs come from a folder (`--adapter-dir DIR`: every entry of DIR that a reader recognises becomes
-OUTDIR/<name>) or a job file (`--jobs FILE`: a JSON list of {"adapter": path | [paths], "weight": w | [ws],
-"out": path}). Each job is an ordinary `merge()` call with its own staged output, so a failed job leaves
-nothing behind and never stops the others. The base is opened by each job (memory-mapped, read-only: the
-page cache is shared, nothing is copied).
+OUTDIR/<name>) or a job file (`--jobs FILE`: a JSON list of jobs, see `jobs_from_file`). Each job is one
+ordinary call into the engines with its own staged output, so a failed job leaves nothing behind and never
+stops the others. The base is opened by each job (memory-mapped, read-only: the page cache is shared, nothing
+is copied). This module parses jobs (loraport/jobs.py holds a job and its record); loraport/job_runner.py runs a job and
+loraport/executors.py runs many (here, or on a Dask cluster), so every executor reports the same records.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraport.errors import BadInputError, LoraportError
+from loraport.errors import BadInputError
+from loraport.jobs import KINDS, Job, JobResult, summary  # noqa: F401 - JobResult, summary: re-exported
 from loraport.jsonfile import MAX_JSON
 
 _BAD_NAME_CHARS = ("/", "\\", "\x00")
-
-
-@dataclass
-class Job:
-    adapters: list[tuple[str, float]]
-    out: str
-    name: str = ""
-
-
-@dataclass
-class JobResult:
-    name: str
-    out: str
-    ok: bool
-    error: str = ""
-    exit_code: int = 0
-    seconds: float = 0.0
-    report: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        d = {"name": self.name, "out": self.out, "ok": self.ok, "seconds": round(self.seconds, 3)}
-        if not self.ok:
-            d["error"] = self.error
-            d["exit_code"] = self.exit_code
-        else:
-            d["tensors_updated"] = self.report.get("tensors_updated")
-            d["bytes_written"] = self.report.get("bytes_written")
-            d["warnings"] = self.report.get("warnings", [])
-        return d
 
 
 def _safe_name(name: str, where: str) -> str:
@@ -91,9 +62,14 @@ def _refuse_collisions(jobs: list[Job], where: str) -> None:
                                 "(or use --jobs with distinct outputs)")
 
 
-def jobs_from_file(path: str | Path) -> list[Job]:
-    """A JSON list of {"adapter": p | [p...], "weight": w | [w...] (optional), "out": path, "name": optional}.
-    Relative paths are relative to the job file's folder."""
+def jobs_from_file(path: str | Path, base: str | None = None) -> list[Job]:
+    """A JSON list of jobs. Every job: "out" (a path), "name" (optional), "kind" (merge by default).
+    merge: "adapter": p | [p...], "weight": w | [w...] (optional), "base" (default: `base`), "device".
+    convert: "adapter": p, "to": a format ("onnx": an ONNX export of "base" with the adapters merged).
+    validate: "artifact" (instead of "out"), "base" / "adapter" / "weight" (default: what its manifest
+    records), "tolerance", "provider". Any job: "memory" ("8GB": a hint for the scheduler). `base` is the
+    default base of merges and ONNX exports only (a conversion uses a base only when its job names one).
+    Relative paths are relative to the job file's folder. A job may read an earlier job's output."""
     p = Path(path)
     try:
         if p.stat().st_size > MAX_JSON:
@@ -105,30 +81,113 @@ def jobs_from_file(path: str | Path) -> list[Job]:
         raise BadInputError(f"--jobs {p}: invalid JSON ({str(e)[:100]})") from None
     if not isinstance(data, list) or not data:
         raise BadInputError(f"--jobs {p}: expected a non-empty JSON list of jobs")
-    here = p.parent
-    jobs = []
-    for i, j in enumerate(data):
-        where = f"--jobs {p}: job {i}"
-        if not isinstance(j, dict):
-            raise BadInputError(f"{where}: expected an object with adapter and out")
-        ads = j.get("adapter", j.get("adapters"))
-        ads = [ads] if isinstance(ads, str) else ads
-        if not isinstance(ads, list) or not ads or not all(isinstance(a, str) and a for a in ads):
-            raise BadInputError(f"{where}: 'adapter' must be a path or a list of paths")
-        ws = j.get("weight", j.get("weights", [1.0] * len(ads)))
-        ws = [ws] if isinstance(ws, (int, float)) and not isinstance(ws, bool) else ws
-        if not isinstance(ws, list) or len(ws) != len(ads) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and w == w for w in ws):
-            raise BadInputError(f"{where}: 'weight' must be a number or a list with one number per adapter")
-        out = j.get("out")
-        if not isinstance(out, str) or not out or "\x00" in out:
-            raise BadInputError(f"{where}: 'out' must be a path")
-        name = j.get("name", Path(out).name)
-        if not isinstance(name, str):
-            raise BadInputError(f"{where}: 'name' must be a string")
-        jobs.append(Job([(_adapter_path(here, a), float(w)) for a, w in zip(ads, ws)], str(here / out), name))
-    _refuse_collisions(jobs, f"--jobs {p}")
+    jobs = [_job(p.parent, j, f"--jobs {p}: job {i}", base) for i, j in enumerate(data)]
+    _refuse_collisions([j for j in jobs if j.kind != "validate"], f"--jobs {p}")
+    _link(jobs, f"--jobs {p}")
     return jobs
+
+
+_KEYS = {"merge": {"adapter", "adapters", "weight", "weights", "base", "device"},
+         "convert": {"adapter", "adapters", "weight", "weights", "base", "device", "to", "format"},
+         "validate": {"artifact", "adapter", "adapters", "weight", "weights", "base", "tolerance", "provider"}}
+
+
+def _job(here: Path, j, where: str, default_base: str | None) -> Job:
+    if not isinstance(j, dict):
+        raise BadInputError(f"{where}: expected an object with adapter and out")
+    kind = j.get("kind", "merge")
+    if kind not in KINDS:
+        raise BadInputError(f"{where}: 'kind' must be one of {', '.join(KINDS)}")
+    known = _KEYS[kind] | {"kind", "name", "memory"} | ({"out"} if kind != "validate" else set())
+    unknown = sorted(set(j) - known)
+    if unknown:
+        raise BadInputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for a {kind} job (it takes "
+                            f"{', '.join(sorted(known - {'adapters', 'weights'}))})")
+    target = j.get("artifact" if kind == "validate" else "out")
+    if not isinstance(target, str) or not target or "\x00" in target:
+        raise BadInputError(f"{where}: {'artifact' if kind == 'validate' else 'out'!r} must be a path")
+    name = j.get("name", Path(target).name)
+    if not isinstance(name, str):
+        raise BadInputError(f"{where}: 'name' must be a string")
+    base, to = _opt_str(j, "base", where), _opt_str(j, "to", where)
+    if not base and (kind == "merge" or to == "onnx"):  # validate: its manifest's base; convert: none unless given
+        base = default_base
+    job = Job(_adapters(here, j, where, required=kind != "validate"), str(here / target), name, kind,
+              str(here / base) if base else None, to=to,
+              format=_opt_str(j, "format", where), device=_opt_str(j, "device", where),
+              provider=_opt_str(j, "provider", where) or "auto", tolerance=_tolerance(j, where),
+              memory=_memory(j, where))
+    if kind == "convert" and not job.to:
+        raise BadInputError(f"{where}: a convert job needs 'to' (a format, or onnx)")
+    if kind == "convert" and job.to != "onnx" and (len(job.adapters) != 1 or job.adapters[0][1] != 1.0):
+        raise BadInputError(f"{where}: convert takes one adapter (a weight only applies to --to onnx)")
+    return job
+
+
+def check_bases(jobs: list[Job], where: str) -> None:
+    """Before anything runs: every merge and ONNX export has a base (its own, or the batch's --base)."""
+    for i, j in enumerate(jobs):
+        if j.base is None and j.needs_base():
+            raise BadInputError(f"{where}: job {i} ({j.name}): no base: give 'base' in the job or --base")
+
+
+def _opt_str(j: dict, key: str, where: str) -> str | None:
+    v = j.get(key)
+    if v is not None and (not isinstance(v, str) or not v or "\x00" in v):
+        raise BadInputError(f"{where}: {key!r} must be a non-empty string")
+    return v
+
+
+def _tolerance(j: dict, where: str):
+    t = j.get("tolerance", "auto")
+    if isinstance(t, bool) or not isinstance(t, (str, int, float)):
+        raise BadInputError(f"{where}: 'tolerance' must be a number or \"auto\"")
+    return t
+
+
+def _memory(j: dict, where: str) -> int | None:
+    m = j.get("memory")
+    if m is None:
+        return None
+    from loraport.api import size_bytes
+
+    try:
+        return size_bytes(m, "memory")
+    except BadInputError as e:
+        raise BadInputError(f"{where}: {e}") from None
+
+
+def _adapters(here: Path, j: dict, where: str, required: bool) -> list[tuple[str, float]]:
+    ads = j.get("adapter", j.get("adapters"))
+    if ads is None and not required:
+        return []
+    ads = [ads] if isinstance(ads, str) else ads
+    if not isinstance(ads, list) or not ads or not all(isinstance(a, str) and a and "\x00" not in a for a in ads):
+        raise BadInputError(f"{where}: 'adapter' must be a path or a list of paths")
+    ws = j.get("weight", j.get("weights", [1.0] * len(ads)))
+    ws = [ws] if isinstance(ws, (int, float)) and not isinstance(ws, bool) else ws
+    if not isinstance(ws, list) or len(ws) != len(ads) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w == w and abs(w) != float("inf")
+            for w in ws):
+        raise BadInputError(f"{where}: 'weight' must be a number or a list with one number per adapter")
+    return [(_adapter_path(here, a), float(w)) for a, w in zip(ads, ws)]
+
+
+def _link(jobs: list[Job], where: str) -> None:
+    """A job that reads another job's output runs after it (`after`); the producer must come first in the file,
+    which also rules out cycles."""
+    def key(p: str) -> str:
+        return os.path.normcase(str(Path(p).resolve())).casefold()
+
+    made = {key(j.out): i for i, j in enumerate(jobs) if j.kind != "validate"}
+    for i, j in enumerate(jobs):
+        for inp in j.inputs():
+            k = made.get(key(inp))
+            if k is None or k == i:
+                continue
+            if k > i:
+                raise BadInputError(f"{where}: job {i} reads {inp}, which job {k} writes; list job {k} first")
+            j.after.append(k)
 
 
 def _adapter_path(here: Path, a: str) -> str:
@@ -138,29 +197,13 @@ def _adapter_path(here: Path, a: str) -> str:
     return a if not (here / a).exists() and parse_repo_id(a) is not None else str(here / a)
 
 
-def run_jobs(base: str | Path, jobs: list[Job], on_result=None, **merge_options) -> list[JobResult]:
-    """Run each job with `merge()`; a failing job is recorded and the next one runs."""
-    from loraport.hub import resolve
-    from loraport.manifest import HashCache
-    from loraport.api import run_merge
+def run_jobs(base: str | Path | None, jobs: list[Job], on_result=None, executor=None,
+             **options) -> list[JobResult]:
+    """Run every job (on `executor`: default the local one, in order); a failing job is recorded and the
+    others run. Returns the records in job order."""
+    from loraport.executors import LocalExecutor
 
-    merge_options["hash_cache"] = HashCache.of(merge_options.get("hash_cache", True))  # one base hash per batch
-    results = []
-    for job in jobs:
-        t0 = time.perf_counter()
-        try:
-            ads = [(str(resolve(a, "adapter")), w) for a, w in job.adapters]  # a Hub id: its cached snapshot
-            rep = run_merge(base, ads, job.out, **merge_options)
-            r = JobResult(job.name, job.out, True, report=rep)
-        except LoraportError as e:
-            hint = f" ({e.flag_hint[0]} {e.flag_hint[1]})" if e.flag_hint else ""  # batch is merge: it has them
-            r = JobResult(job.name, job.out, False, str(e) + hint, e.exit_code)
-        except OSError as e:
-            r = JobResult(job.name, job.out, False, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
-        except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:  # a reader's bug: report, go on
-            r = JobResult(job.name, job.out, False, f"internal error: {type(e).__name__}: {str(e)[:200]}", 1)
-        r.seconds = time.perf_counter() - t0
-        results.append(r)
-        if on_result is not None:
-            on_result(r)
-    return results
+    for j in jobs:
+        if j.base is None and j.needs_base():
+            j.base = None if base is None else str(base)
+    return (executor or LocalExecutor()).run(jobs, options, on_result)

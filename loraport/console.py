@@ -75,8 +75,9 @@ def always(message: str) -> None:
     _warn.print(message, markup=True)
 
 
-def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+def emit_json(obj, compact: bool = False) -> None:
+    """`compact`: one line (a JSON-lines record)."""
+    sys.stdout.write(json.dumps(obj, indent=None if compact else 2, default=str) + "\n")
     sys.stdout.flush()
 
 

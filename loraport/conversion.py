@@ -28,10 +28,12 @@ from loraport.errors import BadInputError, Inexpressible
 def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path | None = None,
                     format: str | None = None, lossy: bool = False, rank: int | None = None,
                     overwrite: bool = False, device: str = "cpu", write_options: dict | None = None,
-                    **read_options) -> dict:
+                    manifest: bool = False, hash_cache=True, **read_options) -> dict:
     """Read `src` (format auto-detected unless `format`; `read_options` go to the reader, e.g.
     mlx_alpha="apply"), write it as `to` at `out` (`write_options` go to the writer, e.g. bake=True). An option
-    the reader or writer does not declare is refused before anything is written. Returns a report."""
+    the reader or writer does not declare is refused before anything is written. `manifest`: record the output's
+    sha256, the inputs' and the plan (as merge does; batch jobs use it to skip work already done). Returns a
+    report."""
     from loraport.checkpoint import Checkpoint
     from loraport.formats import build_options, export_targets, get_format, load_adapter
     from loraport.outputs import check_output, staged_output
@@ -65,14 +67,15 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
             adapter, ref = refactor(adapter, ckpt, rank, dev, only_inexpressible=False)
             report.update(lossy=True, refactored=ref)
         is_dir = fmt.writes_folder(outp)
+        stamp = _stamper(src, to, base, hash_cache) if manifest else None
         try:
-            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts)
+            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts, stamp)
         except BadInputError as e:
             if not (isinstance(e, Inexpressible) or (e.flag_hint or ("",))[0] == "--lossy") or not lossy:
                 raise
             adapter, ref = refactor(adapter, ckpt, rank, dev, only_inexpressible=True)
             report.update(lossy=True, refactored=report["refactored"] + ref)
-            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts)
+            written = _write(fmt, adapter, outp, is_dir, overwrite, ckpt, staged_output, wopts, stamp)
         report["files"] = [str(w) for w in written]
         report["deltas"] = len(adapter.deltas)
         report["notes"] = list(dict.fromkeys(adapter.notes))
@@ -88,10 +91,31 @@ def convert_adapter(src: str | Path, to: str, out: str | Path, base: str | Path 
 
 
 def _write(fmt, adapter: Adapter, outp: Path, is_dir: bool, overwrite: bool, ckpt, staged_output,
-           opts) -> list[Path]:
+           opts, stamp=None) -> list[Path]:
     with staged_output(outp, is_dir=is_dir, overwrite=overwrite) as stage:
         written = fmt.write_with(adapter, stage, ckpt, opts) or []
+        if stamp is not None and is_dir:
+            stamp(stage, None)  # inside the stage: renamed into place with the rest
+    if stamp is not None and not is_dir:
+        stamp(outp, outp.name)  # a sibling <out>.manifest.json
     return [outp / Path(w).name if is_dir else outp for w in written]
+
+
+def _stamper(src, to: str, base, hash_cache):
+    """Writes the integrity manifest of a converted adapter (see loraport/manifest.py)."""
+    from loraport import manifest as mf
+
+    def stamp(written: Path, name: str | None) -> None:
+        inputs = mf.input_hashes([src, base], mf.HashCache.of(hash_cache))
+        plan = {"to": to, "source": str(Path(src).resolve()),
+                "base": None if base is None else str(Path(base).resolve())}
+        m = mf.build(written, inputs=inputs, plan=plan, name=name)
+        if name:
+            mf.write_sibling(written, m)
+        else:
+            mf.write_into(written, m)
+
+    return stamp
 
 
 def _check_naming(adapter: Adapter, to: str, ckpt) -> None:

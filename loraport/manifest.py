@@ -302,11 +302,11 @@ def write_into(stage: Path, manifest: dict) -> Path:
 
 def write_sibling(out: Path, manifest: dict) -> Path:
     """Single-file outputs: `<out>.manifest.json`, written to a temporary sibling and renamed into place."""
-    from loraport.outputs import TMP_TAG, sweep_stale
+    from loraport.outputs import stage_path, sweep_stale
 
     dst = manifest_path(out)
     sweep_stale(dst)  # temporaries of runs killed while writing this manifest
-    tmp = dst.parent / f".{dst.name}{TMP_TAG}{os.getpid()}"
+    tmp = stage_path(dst)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

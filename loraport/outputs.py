@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -125,18 +127,45 @@ def _onnx_stamped(p: Path) -> bool:
     return m.producer_name == "loraport" or any(x.key.startswith("loraport") for x in m.metadata_props)
 
 
-def owner_pid(name: str, prefix: str) -> int | None:
-    """The pid of the process that made a temporary: the digits right after `prefix`, up to the end of the name
-    or a '.' (a temporary may carry a suffix: a bake's `.<out>.loraport-tmp-<pid>.data`). None: not ours."""
+def host_tag() -> str:
+    """This machine's name as it appears in temporaries (letters, digits and '-' only): a pid is only
+    meaningful on the host that issued it, and workers on several hosts may share one output folder."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "localhost"
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`<pid>@<host>`: who owns a temporary, as written in its name."""
+    return f"{os.getpid() if pid is None else pid}@{host_tag()}"
+
+
+def stage_path(out: Path, tag: str = TMP_TAG, pid: int | None = None) -> Path:
+    """The temporary sibling of `out` that this process (or `pid` on this host) writes into."""
+    return out.parent / f".{out.name}{tag}{owner_tag(pid)}"
+
+
+def owner(name: str, prefix: str) -> tuple[int, str | None] | None:
+    """(pid, host) of the process that made a temporary: the part right after `prefix`, up to the end of the
+    name or a '.' (a temporary may carry a suffix: a bake's `.<out>.loraport-tmp-<pid>@<host>.data`); host is
+    None in names written before hosts were recorded (taken as this host). None: not ours."""
     if not name.startswith(prefix):
         return None
-    pid = name[len(prefix):].split(".", 1)[0]
-    return int(pid) if pid.isascii() and pid.isdigit() else None
+    pid, _, host = name[len(prefix):].split(".", 1)[0].partition("@")
+    if not (pid.isascii() and pid.isdigit()) or (_ and not host):
+        return None
+    return int(pid), host or None
+
+
+def owner_pid(name: str, prefix: str) -> int | None:
+    """The pid of a temporary made on this host (None: not ours, or made on another host, where a pid
+    means nothing here)."""
+    o = owner(name, prefix)
+    return o[0] if o is not None and o[1] in (None, host_tag()) else None
 
 
 def sweep_stale(out: Path) -> None:
     """Remove temporaries left by killed runs for this output (their pid is gone). A temporary whose owner is
-    alive is never touched, whatever its suffix; a name we cannot read a pid from is not ours and stays."""
+    alive is never touched, whatever its suffix; a name we cannot read a pid from is not ours and stays, and
+    so does one made on another host (its pid cannot be checked from here: it may be writing right now)."""
     tmp_prefix, old_prefix = f".{out.name}{TMP_TAG}", f".{out.name}{OLD_TAG}"
     try:
         names = [p.name for p in out.parent.iterdir() if p.name.startswith((tmp_prefix, old_prefix))]
@@ -150,7 +179,7 @@ def sweep_stale(out: Path) -> None:
         # killed between its two renames (its stage is still there, `out` is gone): the old output is the
         # last complete one. Killed after both renames: `out` is the new output, or the user removed it since;
         # either way the old one is garbage and must not come back.
-        if not out.exists() and (out.parent / f"{tmp_prefix}{pid}").exists():
+        if not out.exists() and any((out.parent / f"{tmp_prefix}{t}").exists() for t in (pid, owner_tag(pid))):
             p.rename(out)
         else:
             _remove(p)
@@ -193,7 +222,7 @@ def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
     (exception, Ctrl-C, SIGTERM) it is removed and `out` is left as it was."""
     out = Path(out).resolve()
     sweep_stale(out)
-    stage = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+    stage = stage_path(out)
     _remove(stage)
     if is_dir:
         stage.mkdir()
@@ -214,7 +243,7 @@ def staged_output(out: str | Path, *, is_dir: bool, overwrite: bool = False):
         if out.exists():
             if not overwrite:
                 raise OutputError(f"{out} appeared while writing; not replaced (pass --overwrite)")
-            old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
+            old = stage_path(out, OLD_TAG)
             try:
                 os.replace(out, old)
             except FileNotFoundError:  # another run replacing the same output moved it just now

@@ -67,7 +67,9 @@ def big(tmp_path_factory):
 
 
 def _stage_bytes(out: Path, pid: int) -> int | None:
-    st = out.parent / f".{out.name}.loraport-tmp-{pid}"
+    from loraport.outputs import stage_path
+
+    st = stage_path(out, pid=pid)
     if not st.exists():
         return None
     try:

@@ -177,6 +177,7 @@ def _workspace(root: Path, onnx: bool) -> Path:
     # a fine-tuned model to extract from: the base with a real LoRA merged in
     merge(ws / "Llama-3-8B", [(ws / "domain", 1.0)], ws / "Llama-3-8B-tuned", device="cpu", manifest=False)
     _second_adapter(ws / "qa", ws / "summarize")
+    (ws / "jobs.json").write_text(re.search(r"```json\n(.*?)```", README, re.S).group(1))  # the README's, verbatim
     if onnx:
         _onnx_base(ws / "llama", ws / "model.onnx")
     return ws

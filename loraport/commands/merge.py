@@ -12,8 +12,8 @@ def register(group: click.Group) -> None:
 
 
 @click.command("merge")
-@click.option("--base", required=True, type=click.Path(),
-              help="HF model folder, diffusers folder, .safetensors or .onnx")
+@click.option("--base", default=None, type=click.Path(),
+              help="HF model folder, diffusers folder, .safetensors or .onnx (with --jobs: the default base)")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(),
               help="adapter path (repeatable; required unless --adapter-dir or --jobs is given)")
 @click.option("--weight", "weights", multiple=True, type=float, help="weight of the adapter at the same position "
@@ -40,6 +40,15 @@ def register(group: click.Group) -> None:
               help="batch: merge every adapter in this folder, each into --out/<name>")
 @click.option("--jobs", "jobs_file", default=None, type=click.Path(),
               help='batch: a JSON list of {"adapter": path(s), "weight": w(s), "out": path}')
+@click.option("--executor", default=None, type=click.Choice(["local", "dask"]),
+              help="batch: run the jobs here, in order (local, the default), or on Dask (a LocalCluster on "
+              "127.0.0.1 sized to this machine, or --scheduler's cluster; pip install \"loraport[dask]\")")
+@click.option("--scheduler", default=None, help="batch: tcp://HOST:PORT of a running Dask scheduler (implies "
+              "--executor dask)")
+@click.option("--workers", "n_workers", default=None, type=click.IntRange(min=1),
+              help="batch, --executor dask without --scheduler: worker processes  [default: one per core]")
+@click.option("--jsonl", is_flag=True, help="batch: print each job's record on stdout as a JSON line when it "
+              "ends, then a summary line")
 @click.option("--fail-on-nonfinite", is_flag=True, help="refuse adapters or merged tensors with NaN/Inf "
               "(default: warn)")
 @click.option("--no-manifest", is_flag=True, help="skip the integrity manifest (sha256 of outputs and inputs)")
@@ -54,8 +63,8 @@ def register(group: click.Group) -> None:
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
-              fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
-              no_manifest, rehash_inputs, allow_incomplete, force, reference):
+              fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, executor, scheduler,
+              n_workers, jsonl, fail_on_nonfinite, no_manifest, rehash_inputs, allow_incomplete, force, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
     from rich.markup import escape
@@ -64,13 +73,21 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
 
     nonfinite = "fail" if fail_on_nonfinite else "warn"
     qopts = _quant_options(quantize, double_quant, blocksize, dtype)
+    batch_only = {"--executor": executor, "--scheduler": scheduler, "--workers": n_workers, "--jsonl": jsonl}
     if adapter_dir or jobs_file:
-        _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=adapter_format,
+        run_on = _executor(executor, scheduler, n_workers)
+        _batch(base, adapters, weights, out, adapter_dir, jobs_file, "jsonl" if jsonl else as_json, run_on,
+               adapter_format=adapter_format,
                dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
                overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict, fp16_base=fp16_base,
                nonfinite=nonfinite,
                manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete)
         return
+    if any(batch_only.values()):
+        raise BadInputError(f"{', '.join(k for k, v in batch_only.items() if v)} only apply to a batch "
+                            "(--jobs or --adapter-dir)")
+    if not base:
+        raise BadInputError("--base is required")
     if not adapters:
         raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
     if not out:
@@ -133,44 +150,76 @@ def _quant_options(quantize, double_quant: bool, blocksize, dtype: str) -> dict:
     return {"blocksize": 64 if blocksize is None else blocksize, "double_quant": double_quant}
 
 
-def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, adapter_format=None, **merge_options):
-    """--adapter-dir / --jobs: one merge per adapter, continuing past failures; exit 1 if any failed."""
+def _executor(executor, scheduler, n_workers):
+    from loraport.errors import BadInputError
+
+    if executor == "local" and (scheduler or n_workers):
+        raise BadInputError("--scheduler / --workers apply to --executor dask")
+    if scheduler and n_workers:
+        raise BadInputError("--workers sizes the cluster loraport starts; with --scheduler the cluster is yours")
+    if executor != "dask" and not scheduler:
+        if n_workers:
+            raise BadInputError("--workers applies to --executor dask")
+        return None
+    from loraport.executors import DaskExecutor
+
+    return DaskExecutor(scheduler, n_workers)
+
+
+def _batch(base, adapters, weights, out, adapter_dir, jobs_file, as_json, executor, adapter_format=None,
+           **merge_options):
+    """--adapter-dir / --jobs: one job per adapter or entry, continuing past failures; exit 1 if any failed.
+    `as_json`: True (one document at the end), "jsonl" (a line per job as it ends, then a summary) or False."""
     import sys
     from pathlib import Path
 
-    from rich.markup import escape
-
     from loraport import hub
-    from loraport.batch import jobs_from_dir, jobs_from_file, run_jobs
+    from loraport.batch import check_bases, jobs_from_dir, jobs_from_file, run_jobs, summary
     from loraport.errors import BadInputError
 
     if adapter_dir and jobs_file:
         raise BadInputError("give either --adapter-dir or --jobs, not both")
     if adapters or weights:
         raise BadInputError("--adapter/--weight cannot be combined with --adapter-dir or --jobs")
+    base = None if base is None else str(hub.resolve(base, "base"))
     if adapter_dir:
         if not out:
             raise BadInputError("--adapter-dir needs --out (the folder that receives one output per adapter)")
+        if base is None:
+            raise BadInputError("--base is required")
         jobs = jobs_from_dir(adapter_dir, out, adapter_format)  # refuses colliding names: nothing written yet
         Path(out).mkdir(parents=True, exist_ok=True)
     else:
-        jobs = jobs_from_file(jobs_file)
+        jobs = jobs_from_file(jobs_file, base)
+        check_bases(jobs, f"--jobs {jobs_file}")
+    results = run_jobs(base, jobs, on_result=_shower(as_json), executor=executor, adapter_format=adapter_format,
+                       **merge_options)
+    total = summary(results)
+    if as_json == "jsonl":
+        emit_json({"summary": total}, compact=True)
+    elif as_json:
+        emit_json({"jobs": [r.as_dict() for r in results], **total})
+    else:
+        skipped = f", {total['skipped']} already done" if total["skipped"] else ""
+        err.print(f"{total['ok']} of {len(results)} job(s) succeeded{skipped}")
+    if total["failed"]:
+        sys.exit(1)
+
+
+def _shower(as_json):
+    from rich.markup import escape
 
     def show(r):
-        if not as_json:
-            if r.ok:
+        if as_json == "jsonl":
+            emit_json(r.as_dict(), compact=True)
+        elif not as_json:
+            if r.status == "skipped":
+                err.print(f"[green]done[/green]  {escape(r.name)} → {escape(r.out)} (verified, skipped)", markup=True)
+            elif r.ok:
                 err.print(f"[green]ok[/green]    {escape(r.name)} → {escape(r.out)} ({r.seconds:.1f}s)", markup=True)
                 for w in r.report.get("warnings", []) or []:
                     err.print(f"      [yellow]warning:[/yellow] {escape(w)}", markup=True)
             else:
                 err.print(f"[red]FAIL[/red]  {escape(r.name)}: {escape(r.error)}", markup=True)
 
-    base = str(hub.resolve(base, "base"))
-    results = run_jobs(base, jobs, on_result=show, adapter_format=adapter_format, **merge_options)
-    failed = sum(not r.ok for r in results)
-    if as_json:
-        emit_json({"jobs": [r.as_dict() for r in results], "ok": len(results) - failed, "failed": failed})
-    else:
-        err.print(f"{len(results) - failed} of {len(results)} merge(s) succeeded")
-    if failed:
-        sys.exit(1)
+    return show
