@@ -1,0 +1,82 @@
+"""GGUF adapters for every architecture llama.cpp's name map covers (loraport/names/gguf_map.py), against
+llama.cpp's own convert_lora_to_gguf.py: its recorded output (fixtures/gguf_archs/oracle.json, made by
+fixtures/makers/gguf_archs.py) in the default run for two architectures, and — slow, with LORAPORT_LLAMACPP
+pointing at a llama.cpp tree — the live converter on all of them, tensor values included:
+
+    LORAPORT_LLAMACPP=/path/to/llama.cpp pytest -m slow tests/test_gguf_archs.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _gguf_arch_util import ARCHS, build, converter, load_oracle, run_oracle, summary, tensors
+from _llm_util import loraport_deltas, max_diff
+
+DEFAULT = ("gemma2", "phi3")  # a plain rename and llama.cpp's fused qkv / gate_up tensors
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _convert(tmp_path, arch):
+    from loraport.api import convert
+
+    base, adapter = build(arch, tmp_path)
+    out = tmp_path / f"{arch}.gguf"
+    convert(adapter, "gguf", out, base=base)
+    return base, adapter, out
+
+
+def test_every_arch_is_known_to_the_installed_gguf():
+    import gguf
+
+    from loraport.names.gguf_map import ARCHS as TABLE
+
+    import transformers
+
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    assert {a.gguf for a in TABLE.values()} <= known
+    built = {getattr(transformers, cls).model_type for cls, _, _ in ARCHS.values()}
+    assert built <= set(TABLE)  # every model_type the tests build has a row
+
+
+def test_oracle_covers_every_arch():
+    assert set(load_oracle()) == set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", [a if a in DEFAULT else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+def test_writer_matches_llamacpp_record(tmp_path, arch):
+    """Names, shapes, architecture and alpha as llama.cpp's converter writes them; read back against the HF
+    base (names through the same map, q/k un-permuted), the deltas are PEFT's adapter's."""
+    base, adapter, out = _convert(tmp_path, arch)
+    assert summary(out) == load_oracle()[arch]
+    assert max_diff(loraport_deltas(out, base), loraport_deltas(adapter, base)) < 1e-6
+
+
+def test_mla_kv_b_proj_refused(tmp_path):
+    """llama.cpp splits DeepSeek's kv_b_proj per head into attn_k_b (transposed) / attn_v_b: no LoRA pair."""
+    from loraport.api import convert
+    from loraport.errors import BadInputError
+
+    base, adapter = build("deepseek_v2", tmp_path, targets=["kv_b_proj", "o_proj"])
+    out = tmp_path / "mla.gguf"
+    with pytest.raises(BadInputError, match="kv_b_proj"):
+        convert(adapter, "gguf", out, base=base)
+    assert not out.exists() and not list(tmp_path.glob("mla*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_writer_equals_live_converter(tmp_path, arch):
+    """Tensor for tensor, bit for bit (f32), what llama.cpp's convert_lora_to_gguf.py writes from the same
+    PEFT adapter and base (q/k permutation and fused tensors included)."""
+    script = converter()
+    if script is None:
+        pytest.skip("LORAPORT_LLAMACPP does not point at a llama.cpp tree with convert_lora_to_gguf.py")
+    base, adapter, out = _convert(tmp_path, arch)
+    ref = tmp_path / "oracle.gguf"
+    p = run_oracle(script, base, adapter, ref)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert summary(out) == summary(ref)
+    mine, theirs = tensors(out), tensors(ref)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
