@@ -80,3 +80,19 @@ def test_writer_equals_live_converter(tmp_path, arch):
     assert summary(out) == summary(ref)
     mine, theirs = tensors(out), tensors(ref)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_readme_arch_matrix_is_the_tables():
+    import re
+
+    import transformers
+
+    from _gguf_arch_util import ROOT
+    from loraport.names.support import ORACLE_CHECKED, arch_matrix
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- arch-matrix:start -->\n(.*?)\n<!-- arch-matrix:end -->", readme, re.S)
+    assert block and block.group(1).strip() == arch_matrix().strip(), (
+        "README architecture matrix is out of date: paste loraport.names.support.arch_matrix()")
+    # a ✓ in the matrix is a model type this file really checks against the converter
+    assert set(ORACLE_CHECKED) == {getattr(transformers, cls).model_type for cls, _, _ in ARCHS.values()}
