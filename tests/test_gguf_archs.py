@@ -40,6 +40,20 @@ def test_every_arch_is_known_to_the_installed_gguf():
     assert built <= set(TABLE)  # every model_type the tests build has a row
 
 
+def test_map_is_per_architecture_and_asked_only_about_the_base():
+    """gguf-py's map decides per architecture (Gemma 2's post_attention_layernorm is its own tensor, Llama's is
+    ffn_norm); fused Phi-3 tensors keep their one GGUF name; a GGUF name two base tensors claim is dropped."""
+    from loraport.names.gguf_map import gguf_name, hf_names
+
+    assert gguf_name("model.layers.3.post_attention_layernorm.weight", "gemma2") == "blk.3.post_attention_norm.weight"
+    assert gguf_name("model.layers.3.post_attention_layernorm.weight", "llama") == "blk.3.ffn_norm.weight"
+    phi = ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight", "lm_head.weight"]
+    assert hf_names([], "phi3", phi) == {"blk.0.attn_qkv.weight": phi[0], "blk.0.ffn_up.weight": phi[1],
+                                         "output.weight": phi[2]}
+    both = ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.router.weight"]  # both ffn_gate_inp in the map
+    assert hf_names([], "deepseek2", both) == {}
+
+
 def test_oracle_covers_every_arch():
     assert set(load_oracle()) == set(ARCHS)
 
