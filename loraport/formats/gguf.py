@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.formats._experts import unstack_fused
 from loraport.formats._llm import bake, common_value, oriented, require_lora_only, stack_experts
+from loraport.names.gguf_map import ARCHS, UnknownArch, gguf_name, hf_names, refused
 from loraport.names.llm import (
-    GGUF_ARCH,
     expert_index,
     head_counts,
     num_experts,
@@ -289,6 +290,7 @@ class GgufFormat(AdapterFormat):
                     "--lossy", "with --base BASE re-factors the exact DoRA update to low rank")
         hf_named = any(not d.target.startswith(("blk.", "token_embd", "output")) for d in adapter.deltas)
         arch, permute, nh, nkv = _write_arch(adapter, base, hf_named, opts.arch)
+        to_gguf = _namer(adapter, base, arch) if hf_named else None
         # one alpha for the file: the commonest alpha (= s·r); other modules get s baked into B
         rs = [(d.scale, d.A.shape[0]) for d in adapter.deltas if d.has_lora_factors]
         rs += [(p.scale, p.A.shape[1]) for d in adapter.deltas if d.stacked for p in d.parts]
@@ -316,9 +318,7 @@ class GgufFormat(AdapterFormat):
                 if base is not None and base.tied() and d.target == "lm_head.weight":
                     raise BadInputError("lm_head is tied to the embeddings in this base; llama.cpp has no separate "
                                         "output tensor to adapt (ggml-org/llama.cpp#9065)")
-                name = translate(d.target, "hf", "gguf")
-                if name is None:
-                    raise BadInputError(f"{d.target}: no GGUF name for this tensor (see loraport/names/llm.py)")
+                name = to_gguf(d.target)
             else:
                 name = d.target
             emb = name.startswith("token_embd")
@@ -355,14 +355,50 @@ def _write_arch(adapter: Adapter, base, hf_named: bool, arch: str | None) -> tup
         raise BadInputError("writing GGUF from HF-named targets needs --base (the HF model folder with "
                             "config.json): the GGUF architecture and q/k head counts come from it")
     mt = base.model_type()
-    if mt not in GGUF_ARCH:
-        raise BadInputError(f"no GGUF name table for model_type {mt!r} (known: {', '.join(GGUF_ARCH)})")
-    arch, permute = GGUF_ARCH[mt]
+    if mt not in ARCHS:
+        raise BadInputError(f"no GGUF architecture known for model_type {mt!r} (known: {', '.join(sorted(ARCHS))}; "
+                            "see loraport/names/gguf_map.py)")
+    arch, permute = ARCHS[mt].gguf, ARCHS[mt].permute
     try:
         nh, nkv = head_counts(base.config)
     except ValueError as e:
         raise BadInputError(f"{base.root}/config.json: {e}") from None
     return arch, permute, nh, nkv
+
+
+def _namer(adapter: Adapter, base, arch: str):
+    """HF target -> GGUF tensor name: gguf-py's TensorNameMap for `arch` first, loraport's table where the map
+    has no spelling; modules the converter reshapes beyond a LoRA pair (DeepSeek MLA kv_b_proj) refused."""
+    spec = ARCHS[base.model_type()]
+    n_blocks = max([_block_count(base.config)] + [int(b) + 1 for d in adapter.deltas
+                                                   for b in _BLOCK.findall(d.target)])
+
+    def name(hf: str) -> str:
+        bad = refused(hf, spec)
+        if bad:
+            raise BadInputError(f"{hf}: llama.cpp's converter splits {bad} per head for {arch} (MLA), so a LoRA on "
+                                "it has no GGUF form; train the adapter without it")
+        try:
+            out = gguf_name(hf, arch, n_blocks)
+        except UnknownArch as e:
+            raise BadInputError(str(e)) from None
+        out = out or translate(hf, "hf", "gguf")
+        if out is None:
+            raise BadInputError(f"{hf}: no GGUF name for this tensor in llama.cpp's {arch!r} map "
+                                "(gguf-py tensor_mapping.py) nor loraport/names/llm.py")
+        return out
+
+    return name
+
+
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _block_count(config: dict | None) -> int:
+    cfg = config or {}
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    n = cfg.get("num_hidden_layers")
+    return n if isinstance(n, int) and 0 < n < 10_000 else 0
 
 
 def _save(path: Path, arch: str, alpha: float, tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -434,8 +470,8 @@ def _permutation(base, arch: str, path: Path) -> tuple[bool, int, int]:
     another architecture than the base converts to is refused."""
     permute, nh, nkv = False, 0, 0
     mt = base.model_type()
-    if mt in GGUF_ARCH:
-        want, permute = GGUF_ARCH[mt]
+    if mt in ARCHS:
+        want, permute = ARCHS[mt].gguf, ARCHS[mt].permute
         if arch and arch != want:
             raise BadInputError(f"{path}: adapter is for GGUF architecture {arch!r}, the base "
                                 f"({mt}) converts to {want!r}")
@@ -449,6 +485,17 @@ def _permutation(base, arch: str, path: Path) -> tuple[bool, int, int]:
     return permute, nh, nkv
 
 
+def _map_names(base, arch: str, pairs, names: set[str]) -> dict[str, str]:
+    """GGUF tensor -> the base's HF name by gguf-py's TensorNameMap for the architecture the base converts to
+    (else the file's own); {} where gguf does not know it (loraport's table answers then)."""
+    mt = base.model_type()
+    arch = ARCHS[mt].gguf if mt in ARCHS else arch
+    try:
+        return hf_names(pairs, arch, names) if arch else {}
+    except UnknownArch:
+        return {}
+
+
 def _read(f: GGUFFile, path: Path, base) -> Adapter:
     meta = f.metadata
     notes = []
@@ -459,8 +506,10 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
     to_hf = base is not None
     permute, nh, nkv = False, 0, 0
     names = set(base.names()) if to_hf else None
+    by_map: dict[str, str] = {}
     if to_hf:
         permute, nh, nkv = _permutation(base, arch, path)
+        by_map = _map_names(base, arch, pairs, names)
     else:
         notes.append("targets kept in GGUF naming (pass --base HF_MODEL to map them to HF names)")
 
@@ -481,7 +530,7 @@ def _read(f: GGUFFile, path: Path, base) -> Adapter:
         scale = lora_scale(alpha, r) if alpha else 1.0
         target = stem
         if to_hf:
-            target = translate(stem, "gguf", "hf", names)
+            target = by_map.get(stem) or translate(stem, "gguf", "hf", names)
             if target is None:
                 raise BadInputError(f"{path}: no HF name known for GGUF tensor {stem!r} (see loraport/names/llm.py)")
             kind = qk_kind(target)
