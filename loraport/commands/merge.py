@@ -47,12 +47,16 @@ def register(group: click.Group) -> None:
               "~/.cache/loraport)")
 @click.option("--allow-incomplete", is_flag=True, help="write a model folder even when the base lacks files "
               "transformers needs to load it (config.json)")
+@click.option("--tie-embeddings", default="auto", type=click.Choice(["auto", "keep", "untie"]), show_default=True,
+              help="a base whose head is tied to its embedding, when the adapter trained one side (or both "
+              "apart): auto unties unless both got the same update, keep forces one shared tensor, untie "
+              "always writes the head as its own tensor")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, fail_on_nonfinite,
-              no_manifest, rehash_inputs, allow_incomplete, reference):
+              no_manifest, rehash_inputs, allow_incomplete, tie_embeddings, reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
     from rich.markup import escape
@@ -66,7 +70,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
                overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict, fp16_base=fp16_base,
                nonfinite=nonfinite,
-               manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete)
+               manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete,
+               tie_embeddings=tie_embeddings)
         return
     if not adapters:
         raise BadInputError("--adapter is required (or --adapter-dir / --jobs for a batch)")
@@ -79,7 +84,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                             overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
                             adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
                             manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
-                            allow_incomplete=allow_incomplete)  # progress: the reporter the CLI installed (stderr)
+                            allow_incomplete=allow_incomplete,
+                            tie_embeddings=tie_embeddings)  # progress: the reporter the CLI installed (stderr)
     report = result.to_dict()
     if as_json:
         emit_json(report)

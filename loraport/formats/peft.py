@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
+from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
+from loraport.formats._peft_saved import SavedTensors
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import read_json
@@ -69,26 +70,16 @@ def _check_method(cfg: dict, path: Path) -> None:
 
 
 def _sort_keys(tensors: dict[str, torch.Tensor]):
-    """(module → LoRA parts, replacement tensors by target, the targets that are saved base layers, keys not
-    understood)."""
+    """(module → LoRA parts, the whole tensors saved beside them, keys not understood)."""
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    replacements: dict[str, torch.Tensor] = {}
-    saved_base: set[str] = set()
+    saved = SavedTensors()
     unknown = []
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY.match(k)
         if m is None:
-            if "lora_" in k or "token_adapter" in k:
+            if "lora_" in k or not saved.put(k, t):
                 unknown.append(key)
-                continue
-            # modules_to_save / trainable biases: full tensors, possibly still wrapped
-            k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
-            k = re.sub(r"\.original_module\.", ".", k)
-            if ".base_layer." in k:  # saved embedding/base layers (save_embedding_layers)
-                k = k.replace(".base_layer.", ".")
-                saved_base.add(k)
-            replacements[k] = t
             continue
         mod = m.group("mod")
         if m.group("role"):
@@ -97,7 +88,7 @@ def _sort_keys(tensors: dict[str, torch.Tensor]):
             parts[mod][m.group("emb")] = t
         else:
             parts[mod]["magnitude"] = t
-    return parts, replacements, saved_base, unknown
+    return parts, saved, unknown
 
 
 @register(write=WriteOptions)
@@ -139,11 +130,11 @@ class PeftFormat(AdapterFormat):
         if cfg.get("fan_in_fan_out"):
             notes.append("fan_in_fan_out flag ignored: orientation is decided from the base layer")
 
-        parts, replacements, saved_base, unknown = _sort_keys(tensors)
+        parts, saved, unknown = _sort_keys(tensors)
         if unknown:
             raise BadInputError(
-                f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save "
-                "and trainable biases are understood"
+                f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save, "
+                "trainable tokens and trainable biases are understood"
             )
 
         deltas = []
@@ -173,12 +164,14 @@ class PeftFormat(AdapterFormat):
             if "lora_B.bias" in p:
                 deltas.append(FullDelta(f"{mod}.bias", diff=p["lora_B.bias"], scale=scale,
                                         source_key=PREFIX + mod + ".lora_B.bias"))
-        for k, t in replacements.items():
-            deltas.append(ReplaceDelta(k, value=t, saved_base=k in saved_base, source_key=PREFIX + k))
+        whole, saved_notes = saved.deltas(cfg, str(wfile), PREFIX)
+        deltas += whole
         if any(d.has_magnitude for d in deltas):
             notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
-        if replacements:
-            notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
+        if any(d.replaces_base for d in whole):
+            notes.append(f"{sum(d.replaces_base for d in whole)} full replacement tensor(s) "
+                         "(modules_to_save / saved embeddings / trainable biases)")
+        notes += saved_notes
         return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
                        files=[str(path / CONFIG), str(wfile)], name=path.name)
 
