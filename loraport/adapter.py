@@ -149,6 +149,10 @@ class Delta:
         """The target's shape after this update: the base's, unless the update resizes it (a vocabulary)."""
         return tuple(base_shape)
 
+    def trained_rows(self) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """(row indices, their trained values) for an update that sets a few rows (PEFT trainable tokens)."""
+        return None
+
     def same_update(self, other: Delta) -> bool:
         """True when `other` makes exactly this update (same kind, fields and tensors), whatever its target: how a
         tied head and embedding trained together are recognised."""

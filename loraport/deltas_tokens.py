@@ -27,6 +27,9 @@ class TokenRowsDelta(Delta):
     def stored_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.values,)
 
+    def trained_rows(self) -> tuple[tuple[int, ...], torch.Tensor]:
+        return self.indices, self.values
+
     def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
         have = self._sliced(base_shape)
         if len(have) != 2 or tuple(self.values.shape[1:]) != tuple(have[1:]):

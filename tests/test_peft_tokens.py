@@ -64,7 +64,7 @@ def _peft_merge(case: dict) -> dict[str, torch.Tensor]:
     from transformers import PreTrainedTokenizerFast
 
     model = case["cls"].from_pretrained(case["base"]).eval()
-    n = len(PreTrainedTokenizerFast.from_pretrained(case["adapter"]))
+    n = len(PreTrainedTokenizerFast.from_pretrained(case.get("tokenizer", case["adapter"])))
     if n != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(n, mean_resizing=False)
     merged = PeftModel.from_pretrained(model, str(case["adapter"])).merge_and_unload()
@@ -211,3 +211,18 @@ def test_refusals(cases, tmp_path):
     res = cli("merge", "--base", llama["base"], "--adapter", bad, "--out", tmp_path / "o3")
     assert res.exit_code == 2 and "could not load" in res.stderr and not (tmp_path / "o3").exists()
     assert "Traceback" not in res.stderr
+
+
+def test_convert_to_peft_keeps_trainable_tokens(cases, tmp_path):
+    """`convert --to peft` writes trainable tokens as PEFT does: PEFT loads the copy and merges it to the same
+    tensors as the original."""
+    case = cases["llama_tokens_noresize"]
+    out = tmp_path / "copy"
+    res = cli("convert", case["adapter"], "--to", "peft", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == {"embed_tokens": [5, 9, 17]}
+    want = _peft_merge(case)
+    got = _peft_merge({**case, "adapter": out, "tokenizer": case["adapter"]})
+    for k in want:
+        assert max_abs(got[k], want[k]) <= TOL, k

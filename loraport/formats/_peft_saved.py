@@ -5,7 +5,8 @@
   `<m>.original_module.<leaf>` — the untrained original, ignored. When both trained spellings are there they
   must be equal.
 * `<m>.base_layer.<leaf>` and `<m>.token_adapter.base_layer.<leaf>` — PEFT's saved copy of the (possibly
-  resized) base layer under a LoRA or trainable tokens: it replaces the base tensor, 0 trained parameters.
+  resized) base layer under a LoRA or trainable tokens: it replaces the base tensor, 0 trained parameters; so
+  does a plain embedding / head weight that `modules_to_save` does not name (saved because it was resized).
 * `<m>.token_adapter.trainable_tokens_delta` — the trained rows of `trainable_token_indices` (TrainableTokens).
 """
 
@@ -19,6 +20,7 @@ import torch
 from loraport.adapter import Delta, ReplaceDelta
 from loraport.deltas_tokens import TokenRowsDelta
 from loraport.errors import BadInputError
+from loraport.names.llm import is_embedding
 
 _TRAINED = re.compile(r"\.modules_to_save(?:\.default)?\.")
 _ORIGINAL = re.compile(r"\.original_module\.")
@@ -74,7 +76,8 @@ class SavedTensors:
             if t is not None and p is not None and not (t.shape == p.shape and torch.equal(t, p)):
                 raise BadInputError(f"{where}: {prefix}{k} and its modules_to_save copy differ; which one was "
                                     "trained cannot be told (re-save the adapter with PEFT)")
-            out.append(ReplaceDelta(k, value=t if t is not None else p, source_key=prefix + k))
+            untrained = t is None and _resized_copy(cfg, k)
+            out.append(ReplaceDelta(k, value=t if t is not None else p, saved_base=untrained, source_key=prefix + k))
         for k, v in self.saved_base.items():
             out.append(ReplaceDelta(k, value=v, saved_base=True, source_key=prefix + k))
         for mod, v in self.tokens.items():
@@ -90,6 +93,16 @@ class SavedTensors:
             notes.append(f"trainable tokens: {sum(len(token_indices(cfg, m, where)) for m in self.tokens)} row(s) "
                          f"set in {len(self.tokens)} tensor(s)")
         return out, notes
+
+
+def _resized_copy(cfg: dict, k: str) -> bool:
+    """A plain embedding or head weight that `modules_to_save` does not name: PEFT's copy of the resized layer
+    (`save_embedding_layers`), not trained."""
+    mod = k.removesuffix(".weight")
+    if mod == k or not (is_embedding(k) or mod.rsplit(".", 1)[-1] == "lm_head"):
+        return False
+    names = cfg.get("modules_to_save") or []
+    return not any(isinstance(n, str) and (mod == n or mod.endswith("." + n)) for n in names)
 
 
 def token_indices(cfg: dict, mod: str, where: str) -> tuple[int, ...]:

@@ -182,6 +182,7 @@ class PeftFormat(AdapterFormat):
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         targets, to_save = [], []
+        token_rows: dict[str, list[int]] = {}
         dora = {d.has_magnitude for d in adapter.deltas if d.has_lora_factors}
         if dora == {True, False}:
             raise BadInputError("PEFT cannot express DoRA on some modules and plain LoRA on others")
@@ -214,6 +215,10 @@ class PeftFormat(AdapterFormat):
             elif d.replaces_base and d.saved_base:
                 mod, leaf = d.target.rsplit(".", 1)  # PEFT's own saved copy of a targeted layer
                 tensors[f"{PREFIX}{mod}.base_layer.{leaf}"] = d.value.contiguous()
+            elif (tr := d.trained_rows()) is not None and d.target.endswith(".weight"):
+                mod = d.target[: -len(".weight")]
+                tensors[f"{PREFIX}{mod}.token_adapter.trainable_tokens_delta"] = tr[1].contiguous()
+                token_rows[mod.rsplit(".", 1)[-1]] = list(tr[0])
             elif d.replaces_base:
                 tensors[PREFIX + d.target] = d.value.contiguous()
                 to_save.append(d.target.rsplit(".", 1)[0])
@@ -244,6 +249,7 @@ class PeftFormat(AdapterFormat):
             "rank_pattern": {re.escape(m): r for m, r in rank_pattern.items() if r != r0},
             "alpha_pattern": {re.escape(m): a for m, a in alpha_pattern.items() if a != a0},
             "modules_to_save": sorted(set(to_save)) or None,
+            "trainable_token_indices": token_rows or None,
             "lora_dropout": 0.0,
             "bias": "none",
             "lora_bias": any(k.endswith("lora_B.bias") for k in tensors),
