@@ -16,11 +16,15 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
   `low_rank_factors()` (B, A, scale, orientation of a plain 2-D LoRA, else None; `plain_lora`),
   `thin_factors(device)` (matrix factors of any LoRA, Tucker folded in), `with_default_orientation()`;
 * class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
-  `stores_dense`; per instance: `has_magnitude` (DoRA), `depends_on_base`;
+  `stores_dense`, `sets_values` (replacements, trained token rows); per instance: `has_magnitude` (DoRA),
+  `depends_on_base`;
+* vocabulary: `output_shape(base_shape)` (a replacement may resize a vocabulary), `replaced(W, w)` (W after a
+  replacement, a new tensor when resized), `trained_rows()` (trained token rows), `same_update(other)` (tied
+  head and embedding trained alike);
 * description: `label`, `variant`, `scale_rule`, `layer_kind`, `stored_tensors()`, `named_tensors()`.
 
 Size: over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
-full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.
+full and replacement classes that override them; LyCORIS, expert and token-row deltas live in deltas_*.py.
 """
 
 from __future__ import annotations
