@@ -226,3 +226,20 @@ def test_convert_to_peft_keeps_trainable_tokens(cases, tmp_path):
     got = _peft_merge({**case, "adapter": out, "tokenizer": case["adapter"]})
     for k in want:
         assert max_abs(got[k], want[k]) <= TOL, k
+
+
+def test_a_chat_template_alone_overlays_the_base_tokenizer(cases, tmp_path):
+    """An adapter folder with a chat template but no vocabulary file: the base's tokenizer stays, the adapter's
+    template replaces the base's."""
+    from loraport.engine.vocab import TOKENIZER_FILES
+
+    case = cases["llama_tokens_noresize"]
+    ad = _copy_adapter(case, tmp_path / "ad")
+    for n in TOKENIZER_FILES:
+        (ad / n).unlink(missing_ok=True)
+    (ad / "chat_template.jinja").write_text(TEMPLATE)
+    out = tmp_path / "merged"
+    res = cli("merge", "--base", case["base"], "--adapter", ad, "--out", out)
+    assert res.exit_code == 0, res.stderr
+    assert (out / "chat_template.jinja").read_text() == TEMPLATE != (case["base"] / "chat_template.jinja").read_text()
+    assert (out / "tokenizer.json").read_bytes() == (case["base"] / "tokenizer.json").read_bytes()

@@ -17,7 +17,7 @@ from loraport._version import __version__
 from loraport.adapter import Adapter
 from loraport.checkpoint import Checkpoint
 from loraport.engine.layout import OutEntry, OutFile, nbytes
-from loraport.engine.vocab import TOKENIZER_FILES
+from loraport.engine.vocab import TOKENIZER_FILES, VOCAB_FILES
 from loraport.manifest import sha256_file
 from loraport.safetensors_io import StreamingWriter
 
@@ -124,10 +124,12 @@ def write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_d
                      tokenizer: dict[str, Path] | None = None, config_updates: dict | None = None) -> None:
     """Copy every non-weight file; write indexes for multi-file folders; update config.json for the dtype,
     quantization and `config_updates` (a resized vocabulary). `tokenizer` (file name → path, the adapter's
-    tokenizer) replaces every tokenizer file of the base."""
+    tokenizer) replaces every tokenizer file of the base when it has a vocabulary file (a whole tokenizer: never
+    mixed with the base's), else only the files of the same name (a chat template, a tokenizer config)."""
+    whole = any(n in VOCAB_FILES for n in tokenizer or {})
     for rel in ckpt.extra_files:
-        if tokenizer and rel in TOKENIZER_FILES:
-            continue  # the adapter's tokenizer replaces the base's as a whole set, never mixed
+        if rel in (tokenizer or {}) or (whole and rel in TOKENIZER_FILES):
+            continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(paths.member(ckpt.root, ckpt.root / rel), dst)  # checked again: never copy from outside

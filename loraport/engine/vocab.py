@@ -12,7 +12,8 @@ that goes with them.
   `keep` forces one shared tensor (refused when the two sides were trained apart); `untie` always separates
   them when an update touches either.
 * Tokenizer: the tokenizer files and chat template of the first adapter folder that has them replace the
-  base's (the adapter was trained with them; its added tokens are the resized rows).
+  base's (the adapter was trained with them; its added tokens are the resized rows): the whole set when the
+  adapter has a vocabulary file, else file by file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ TIE_MODES = ("auto", "keep", "untie")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
                    "chat_template.jinja", "chat_template.json")
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")  # a whole tokenizer
 
 
 def is_head(target: str) -> bool:
@@ -147,7 +149,8 @@ def new_shapes(base: Checkpoint, adapters: list[tuple[Adapter, float]], allowed:
                     continue  # not a resize (or not a vocabulary tensor: the shape check refuses it)
                 if not allowed:
                     raise PlanError(f"{a.path}: {d.source_key or d.target} resizes {name} from {have[0]} to "
-                                    f"{new[0]} rows (a resized vocabulary); merge into a model folder first")
+                                    f"{new[0]} rows (a resized vocabulary), which only a merge into a model "
+                                    "folder (config.json, tokenizer) can express")
                 if w != 1.0:
                     raise PlanError(f"{a.path}: resizes the vocabulary of {name} ({have[0]} → {new[0]} rows); "
                                     f"such an adapter merges at weight 1 only, not {w}")
