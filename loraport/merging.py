@@ -24,7 +24,7 @@ from loraport.engine.plan import DTYPES, FLOATS, QUANTIZE_CASTS, MergePlan, buil
 from loraport.engine.sinks import SafetensorsSink, provenance, write_side_files
 from loraport.engine.sources import check_loadable, open_base
 from loraport.engine.stream import stream
-from loraport.engine.vocab import adapter_tokenizer, config_updates
+from loraport.engine.vocab import adapter_tokenizer, check_tokenizer, config_updates
 from loraport.errors import BadInputError, PlanError
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.threads import cores, torch_threads
@@ -76,6 +76,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
         raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
+    tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
+    check_tokenizer(tok, plan.base, plan.shapes)  # a token the merged embedding has no row for: refused now
     layout = build_layout(plan, out_dtype, quantizer, shard_size)
     total = sum(nbytes(e) for f in layout for e in f.entries)
     check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
@@ -84,7 +86,6 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
         stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite)
         if not single:
-            tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
             warns += tok_warns
             write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
                              config_updates=config_updates(plan.base, plan.shapes))

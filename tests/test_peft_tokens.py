@@ -210,6 +210,12 @@ def test_refusals(cases, tmp_path):
     save_file(sd, bad / "adapter_model.safetensors", {"format": "pt"})
     res = cli("merge", "--base", llama["base"], "--adapter", bad, "--out", tmp_path / "o3")
     assert res.exit_code == 2 and "could not load" in res.stderr and not (tmp_path / "o3").exists()
+    # trained on the resized vocabulary, saved without the embeddings: the tokenizer has ids the output lacks
+    bad = _copy_adapter(llama, tmp_path / "no_emb")
+    sd = load_file(bad / "adapter_model.safetensors")
+    save_file({k: v for k, v in sd.items() if "lora_" in k}, bad / "adapter_model.safetensors", {"format": "pt"})
+    res = cli("merge", "--base", llama["base"], "--adapter", bad, "--out", tmp_path / "o4")
+    assert res.exit_code == 2 and "save_embedding_layers=True" in res.stderr and not (tmp_path / "o4").exists()
     assert "Traceback" not in res.stderr
 
 

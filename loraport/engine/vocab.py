@@ -196,3 +196,35 @@ def adapter_tokenizer(adapters: list[tuple[Adapter, float]]) -> tuple[dict[str, 
         elif files.keys() != chosen.keys() or any(not filecmp.cmp(files[n], chosen[n], shallow=False) for n in files):
             warns.append(f"{a.path}: its tokenizer differs from the first adapter's, which the output carries")
     return chosen, warns
+
+
+def tokenizer_size(files: dict[str, Path]) -> int | None:
+    """1 + the largest token id of a `tokenizer.json` (its model's vocabulary and added tokens), or None when
+    there is no such file to read."""
+    from loraport.jsonfile import read_json
+
+    p = files.get("tokenizer.json")
+    if p is None:
+        return None
+    tj = read_json(p, "tokenizer")
+    vocab = tj.get("model", {}).get("vocab") if isinstance(tj.get("model"), dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    if isinstance(vocab, list):  # Unigram: [token, score] pairs, ids in order
+        ids = [len(vocab) - 1] if vocab else []
+    ids += [t.get("id") for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def check_tokenizer(files: dict[str, Path], base: Checkpoint, shapes: dict[str, tuple]) -> None:
+    """Refuse an adapter tokenizer with token ids the merged embedding has no row for: the adapter was trained on
+    a resized vocabulary but saved without its resized embedding."""
+    emb = next((e for e in TIED_EMBEDDINGS if e in base), None)
+    n = tokenizer_size(files)
+    if emb is None or n is None:
+        return
+    rows = (shapes.get(emb) or tuple(base.info(emb).shape))[0]
+    if n > rows:
+        raise PlanError(f"{files['tokenizer.json']}: the adapter's tokenizer has token ids up to {n - 1}, but the "
+                        f"merged {emb} has {rows} rows: the adapter was trained on a resized vocabulary and saved "
+                        "without its embedding; save it again with save_pretrained(save_embedding_layers=True)")
