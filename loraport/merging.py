@@ -77,6 +77,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     if single and shard_size:
         raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
     tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
+    warns += tok_warns
     check_tokenizer(tok, plan.base, plan.shapes)  # a token the merged embedding has no row for: refused now
     layout = build_layout(plan, out_dtype, quantizer, shard_size)
     total = sum(nbytes(e) for f in layout for e in f.entries)
@@ -86,7 +87,6 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
         stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite)
         if not single:
-            warns += tok_warns
             write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
                              config_updates=config_updates(plan.base, plan.shapes))
         if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
