@@ -249,3 +249,18 @@ def test_a_chat_template_alone_overlays_the_base_tokenizer(cases, tmp_path):
     assert res.exit_code == 0, res.stderr
     assert (out / "chat_template.jinja").read_text() == TEMPLATE != (case["base"] / "chat_template.jinja").read_text()
     assert (out / "tokenizer.json").read_bytes() == (case["base"] / "tokenizer.json").read_bytes()
+
+
+def test_weighted_trainable_tokens_interpolate(cases, tmp_path):
+    """--weight w on trainable tokens (no resize): W + w·(M − W), M = PEFT's merge, for rows and LoRA alike."""
+    from safetensors.torch import load_file
+
+    case = cases["llama_tokens_noresize"]
+    out = tmp_path / "w"
+    res = cli("merge", "--base", case["base"], "--adapter", case["adapter"], "--weight", "0.5", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    base, merged, got = load_file(case["base"] / "model.safetensors"), _peft_merge(case), load_state(out)
+    for k, t in got.items():
+        want = base[k] + 0.5 * (merged[k] - base[k])
+        assert max_abs(t, want) <= TOL, k
+    assert not torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
