@@ -139,6 +139,9 @@ def test_tied_base_trained_apart_is_untied(cases, tmp_path):
     assert max_abs(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"]) <= TOL
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert max_abs(_logits(out, case["ids"]), case["adapted"]) <= 1e-4
+    # validate builds its reference the same way (untied, resized); another adapter's reference fails it
+    assert cli("validate", out, "--base", case["base"], "--adapter", case["adapter"]).exit_code == 0
+    assert cli("validate", out, "--base", case["base"], "--adapter", cases["qwen_tokens"]["adapter"]).exit_code == 1
     res = cli("merge", "--base", case["base"], "--adapter", case["adapter"], "--out", tmp_path / "k",
               "--tie-embeddings", "keep")
     assert res.exit_code == 2 and "apart" in res.stderr and "Traceback" not in res.stderr
