@@ -16,11 +16,15 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
   `low_rank_factors()` (B, A, scale, orientation of a plain 2-D LoRA, else None; `plain_lora`),
   `thin_factors(device)` (matrix factors of any LoRA, Tucker folded in), `with_default_orientation()`;
 * class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
-  `stores_dense`; per instance: `has_magnitude` (DoRA), `depends_on_base`;
+  `stores_dense`, `sets_values` (replacements, trained token rows); per instance: `has_magnitude` (DoRA),
+  `depends_on_base`;
+* vocabulary: `output_shape(base_shape)` (a replacement may resize a vocabulary), `replaced(W, w)` (W after a
+  replacement, a new tensor when resized), `trained_rows()` (trained token rows), `same_update(other)` (tied
+  head and embedding trained alike);
 * description: `label`, `variant`, `scale_rule`, `layer_kind`, `stored_tensors()`, `named_tensors()`.
 
 Size: over 400 lines on purpose: the base class states every capability once with its default, next to the LoRA,
-full and replacement classes that override them; LyCORIS and expert deltas live in deltas_*.py.
+full and replacement classes that override them; LyCORIS, expert and token-row deltas live in deltas_*.py.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Delta:
     stacked: ClassVar[bool] = False  # updates a stacked [E, out, in] expert tensor: already low rank per expert
     has_lora_factors: ClassVar[bool] = False  # B, A (+ Tucker core, DoRA magnitude): see `thin_factors`
     stores_dense: ClassVar[bool] = False  # holds ΔW itself (a dense diff)
+    sets_values: ClassVar[bool] = False  # sets trained values (a replacement, trained token rows) instead of adding ΔW
 
     # --- capabilities ------------------------------------------------------------------------------
     def low_rank_factors(self) -> LowRank | None:
@@ -153,6 +158,31 @@ class Delta:
             )
         return self
 
+    def output_shape(self, base_shape: Shape) -> Shape:
+        """The target's shape after this update: the base's, unless the update resizes it (a vocabulary)."""
+        return tuple(base_shape)
+
+    def trained_rows(self) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """(row indices, their trained values) for an update that sets a few rows (PEFT trainable tokens)."""
+        return None
+
+    def same_update(self, other: Delta) -> bool:
+        """True when `other` makes exactly this update (same kind, fields and tensors), whatever its target: how a
+        tied head and embedding trained together are recognised."""
+        if type(self) is not type(other):
+            return False
+        b = vars(other)
+        for k, v in vars(self).items():
+            if k in ("target", "source_key"):
+                continue
+            w = b.get(k)
+            if isinstance(v, torch.Tensor):
+                if not (isinstance(w, torch.Tensor) and v.shape == w.shape and torch.equal(v, w)):
+                    return False
+            elif v != w:
+                return False
+        return True
+
     def _sliced(self, base_shape: Shape) -> Shape:
         if self.rows is None:
             return tuple(base_shape)
@@ -172,6 +202,12 @@ class Delta:
             W[a:b].add_(self.contribution(ref[a:b]), alpha=weight)
         else:
             W.add_(self.contribution(ref), alpha=weight)
+
+    def replaced(self, W: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """W after this update applied first (`replaces_base`): W itself, updated in place, unless the update
+        gives the tensor another shape (a resized vocabulary), then a new fp32 tensor on W's device."""
+        self.apply_(W, weight)
+        return W
 
     @property
     def depends_on_base(self) -> bool:
@@ -445,12 +481,32 @@ class ReplaceDelta(Delta):
     saved_base: bool = False  # a copy of the base layer saved alongside (PEFT save_embedding_layers): not trained
     kind: ClassVar[str] = "replace"
     replaces_base: ClassVar[bool] = True
+    sets_values: ClassVar[bool] = True
 
     def stored_tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.value,)
 
     def implied_shape(self) -> Shape | None:
         return tuple(self.value.shape)
+
+    def resizes(self, base_shape: Shape) -> bool:
+        """True when the value has another number of rows than the base, the rest alike: a vocabulary resized
+        before training (`resize_token_embeddings`). Whether that is allowed is the plan's rule."""
+        v, b = tuple(self.value.shape), tuple(base_shape)
+        return self.rows is None and len(v) == len(b) >= 1 and v[1:] == b[1:] and v[0] != b[0]
+
+    def output_shape(self, base_shape: Shape) -> Shape:
+        return tuple(self.value.shape) if self.resizes(base_shape) else tuple(base_shape)
+
+    def resolve(self, base_shape: Shape, hint: str | None = None) -> Delta:
+        if self.resizes(base_shape):
+            return self
+        return super().resolve(base_shape, hint)
+
+    def replaced(self, W: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        if tuple(W.shape) != tuple(self.value.shape):  # a resized vocabulary (weight 1: the plan's rule)
+            return self.value.to(device=W.device, dtype=torch.float32, copy=True)
+        return super().replaced(W, weight)
 
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
         return _f32(self.value, W.device).reshape(W.shape) - W

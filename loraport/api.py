@@ -162,12 +162,14 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           strict: bool = True, adapter_format: str | None = None, fp16_base: PathLike | None = None,
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
           hash_cache: bool = True, reference: PathLike | None = None, progress=None,
-          force: bool = False) -> MergeResult:
+          force: bool = False, tie_embeddings: str = "auto") -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
-    differently (PEFT activated LoRA), with a warning, instead of refusing it."""
+    differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or untie, for a base whose head is
+    tied to its embedding when an adapter trains one side (or both apart): auto unties unless both got the same
+    update (config.json then says tie_word_embeddings=false, and a warning says why)."""
     from loraport.results import MergeResult
 
     with _api_terms():
@@ -177,7 +179,7 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
                         quant_options=quant_options, strict=strict, adapter_format=adapter_format,
                         fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
                         reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
-                        allow_incomplete=allow_incomplete, force=force)
+                        allow_incomplete=allow_incomplete, force=force, tie_embeddings=tie_embeddings)
         return MergeResult.of(rep)
 
 
@@ -195,7 +197,8 @@ def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **opt
 
 def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: str = "auto", shard_size=None,
           quantize=None, fp16_base=None, adapter_format=None, overwrite: bool = False, strict: bool = True,
-          reference=None, manifest: bool = True, hash_cache=True, nonfinite: str = "warn", **_unused) -> dict:
+          reference=None, manifest: bool = True, hash_cache=True, nonfinite: str = "warn", tie_embeddings="auto",
+          **_unused) -> dict:
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
         raise BadInputError("no --adapter given")
@@ -204,7 +207,8 @@ def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: st
     except ImportError:
         raise BadInputError("ONNX baking is not available in this installation") from None
     ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-               "--fp16-base": fp16_base, "--format": adapter_format, "--fail-on-nonfinite": nonfinite == "fail"}
+               "--fp16-base": fp16_base, "--format": adapter_format, "--fail-on-nonfinite": nonfinite == "fail",
+               "--tie-embeddings": tie_embeddings != "auto"}
     if any(ignored.values()):  # baking keeps the model's own dtypes and layout, detects adapter formats and does
         # not (yet) check the baked initializers for NaN/Inf: refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "

@@ -19,7 +19,7 @@ from loraport.errors import BadInputError, LoraportError
 
 # batch options that only a merge takes (the others go to every kind that has them)
 _MERGE_ONLY = ("dtype", "shard_size", "quantize", "quant_options", "strict", "fp16_base", "nonfinite",
-               "allow_incomplete", "adapter_format")
+               "allow_incomplete", "adapter_format", "tie_embeddings")
 
 
 def run_job(job: Job, options: dict, upstream: tuple = ()) -> JobResult:

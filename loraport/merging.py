@@ -24,6 +24,7 @@ from loraport.engine.plan import DTYPES, FLOATS, QUANTIZE_CASTS, MergePlan, buil
 from loraport.engine.sinks import SafetensorsSink, provenance, write_side_files
 from loraport.engine.sources import check_loadable, open_base
 from loraport.engine.stream import stream
+from loraport.engine.vocab import adapter_tokenizer, check_tokenizer, config_updates
 from loraport.errors import BadInputError, PlanError
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.threads import cores, torch_threads
@@ -36,7 +37,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           quantize: str | None = None, quant_options: dict | None = None, strict: bool = True,
           adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
           nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None,
-          hash_cache=True, allow_incomplete: bool = False, force: bool = False) -> dict:
+          hash_cache=True, allow_incomplete: bool = False, force: bool = False,
+          tie_embeddings: str = "auto") -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
     .safetensors base). Returns a report dict. See the module docstring for how. An .onnx base is baked instead
     (loraport/onnx/baking.py): `loraport.api.run_merge` chooses, so `reference` (the HF folder an ONNX base was
@@ -44,6 +46,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     `hash_cache`: True reuses the inputs' sha256 remembered by earlier runs (loraport.manifest.HashCache), False
     hashes every input again; a HashCache object is used as given (a batch shares one across its merges).
     `allow_incomplete`: write a model folder even when the base lacks what transformers needs to load it.
+    `tie_embeddings`: auto, keep or untie: a tied head's rule when an adapter trains one side (engine/vocab.py).
     `progress`: None, or a callable(total_bytes) returning a context manager whose value is advance(n_bytes)."""
     t0 = time.perf_counter()
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
@@ -72,10 +75,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     if quantizer is not None:
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force)
-    plan = _plan(ckpt, loaded, strict)
+    plan = _plan(ckpt, loaded, strict, tie_embeddings)
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
         raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
+    tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
+    warns += tok_warns
+    check_tokenizer(tok, plan.base, plan.shapes)  # a token the merged embedding has no row for: refused now
     layout = build_layout(plan, out_dtype, quantizer, shard_size)
     total = sum(nbytes(e) for f in layout for e in f.entries)
     check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
@@ -84,7 +90,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
         stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite)
         if not single:
-            write_side_files(ckpt, layout, stage, out_dtype, quantizer)
+            write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
+                             config_updates=config_updates(plan.base, plan.shapes))
         if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
             summary = {"base": str(base_p), "dtype": dtype, "quantize": quantize, "strict": strict,
                        "adapters": _adapter_rows(loaded), "tensors": len(ckpt.names()),
@@ -101,7 +108,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         "files": [f.relpath for f in layout], "bytes_written": stats["bytes"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    report["warnings"] = warns + stats.get("nonfinite", [])
+    report["warnings"] = plan.notes + warns + stats.get("nonfinite", [])
     if hashes is not None:
         report["manifest"] = str(mf.manifest_path(out_p))
     if quantizer is not None:
@@ -155,9 +162,9 @@ def _load_adapters(adapters: list[tuple[str | Path, float]], ckpt, adapter_forma
     return [ad for ad, _ in done], [m for _, ms in done for m in ms]
 
 
-def _plan(ckpt, loaded: list[tuple[Adapter, float]], strict: bool) -> MergePlan:
-    try:
-        return build_plan(ckpt, loaded, strict=strict)
+def _plan(ckpt, loaded: list[tuple[Adapter, float]], strict: bool, tie: str = "auto") -> MergePlan:
+    try:  # a resized vocabulary needs a config.json to say so: model folders only
+        return build_plan(ckpt, loaded, strict=strict, tie=tie, resize=ckpt.kind == "hf-folder")
     except PlanError as e:  # name the adapter file(s) when the message (e.g. a delta's shape check) does not
         if any(a.path in str(e) for a, _ in loaded):
             raise

@@ -147,7 +147,8 @@ def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
     """Apply adapters to `model` without merging: forward hooks add each delta's output. Returns the handles."""
     from loraport.engine.plan import build_plan
 
-    plan = build_plan(base_ckpt, adapters, strict=True)
+    plan = build_plan(base_ckpt, adapters, strict=True, tie="auto", resize=True)
+    _vocab_like_plan(model, base_ckpt, plan)
     hooked = _Hooked([], [])
     params = {id(p): [] for p in model.parameters()}
     for _mn, m in model.named_modules():
@@ -164,6 +165,7 @@ def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
             continue
         mod, leaf = slot.module, slot.leaf
         sharers = params.get(id(getattr(mod, leaf)), [(mod, leaf)])
+        ups = _set_replacements(getattr(mod, leaf), ups, hooked)
         for d, w in ups:
             # factor hooks where the function is x·Aᵀ·Bᵀ: Linear stores B·A, Conv1D and Embedding store (B·A)ᵀ
             stores_t = _is_conv1d(mod) or isinstance(mod, torch.nn.Embedding)
@@ -187,6 +189,40 @@ def attach_unmerged(model, base_ckpt, adapters) -> _Hooked:
     if patched:
         hooked.notes.append(f"{patched} update(s) to non-matmul parameters were added to the weights directly")
     return hooked
+
+
+def _vocab_like_plan(model, base_ckpt, plan) -> None:
+    """The reference model shaped as the plan's output: its head untied from the embedding where the plan unties
+    it, its vocabulary resized where an adapter resizes it (the adapter's values then fill every row)."""
+    if base_ckpt.tied() and not plan.base.tied() and model.get_output_embeddings() is not None:
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    if plan.shapes:
+        model.resize_token_embeddings(next(iter(plan.shapes.values()))[0], mean_resizing=False)
+
+
+def _set_replacements(p: torch.nn.Parameter, ups, hooked: _Hooked):
+    """Replacements (modules_to_save, saved layers) set the parameter itself, restored by remove(), so the other
+    updates of the tensor apply on top of them as in the merge; returns those others."""
+    reps = [(d, w) for d, w in ups if d.replaces_base]
+    if not reps:
+        return ups
+    W = p.detach().to(torch.float32).clone()
+    for d, w in reps:
+        W = d.replaced(W, w)
+    old = p.data
+    p.data = W.to(p.dtype)
+    hooked.handles.append(_Reset(p, old))
+    return [(d, w) for d, w in ups if not d.replaces_base]
+
+
+class _Reset:
+    def __init__(self, p, old):
+        self.p, self.old = p, old
+
+    def remove(self):
+        self.p.data = self.old
 
 
 def _dense_delta(d, W: torch.Tensor) -> torch.Tensor:

@@ -59,12 +59,17 @@ def register(group: click.Group) -> None:
               "transformers needs to load it (config.json)")
 @click.option("--force", is_flag=True, help="merge an adapter whose merged form behaves differently (PEFT "
               "activated LoRA: its effect then starts at the first token, not at the invocation), with a warning")
+@click.option("--tie-embeddings", default="auto", type=click.Choice(["auto", "keep", "untie"]), show_default=True,
+              help="a base whose head is tied to its embedding, when the adapter trained one side (or both "
+              "apart): auto unties unless both got the same update, keep forces one shared tensor, untie "
+              "always writes the head as its own tensor")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, executor, scheduler,
-              n_workers, jsonl, fail_on_nonfinite, no_manifest, rehash_inputs, allow_incomplete, force, reference):
+              n_workers, jsonl, fail_on_nonfinite, no_manifest, rehash_inputs, allow_incomplete, force, tie_embeddings,
+              reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
     from rich.markup import escape
@@ -81,7 +86,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                dtype=dtype, device=device, shard_size=parse_size(shard_size) if shard_size else None,
                overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict, fp16_base=fp16_base,
                nonfinite=nonfinite,
-               manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete)
+               manifest=not no_manifest, hash_cache=not rehash_inputs, allow_incomplete=allow_incomplete,
+               tie_embeddings=tie_embeddings)
         return
     if any(batch_only.values()):
         raise BadInputError(f"{', '.join(k for k, v in batch_only.items() if v)} only apply to a batch "
@@ -99,8 +105,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                             overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
                             adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
                             manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
-                            allow_incomplete=allow_incomplete, force=force)
-    # progress: the reporter the CLI installed (stderr)
+                            allow_incomplete=allow_incomplete, force=force,
+                            tie_embeddings=tie_embeddings)  # progress: the reporter the CLI installed (stderr)
     report = result.to_dict()
     if as_json:
         emit_json(report)

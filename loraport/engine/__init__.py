@@ -3,6 +3,7 @@
 * `sources` — the base layouts, chosen by a registry when a base is opened; `resolve_target`, the one place
   an adapter target is matched to base tensors.
 * `plan`    — every target resolved against the base and oriented; failures before a byte is written.
+* `vocab`   — the plan's vocabulary rules: resized embeddings/heads, tied heads (untie), the adapter's tokenizer.
 * `apply`   — the pure per-tensor math W' = W + Σ wᵢ·ΔWᵢ in fp32, on any device.
 * `layout`  — the output files, keys, dtypes and shapes (headers known before the first write).
 * `stream`  — the one pipeline: read ► apply ► write in three threads, bounded buffers (`buffers`), the CUDA

@@ -20,7 +20,7 @@ def merged_tensor(plan: MergePlan, name: str, device: torch.device | str = "cpu"
     # replacements (modules_to_save, PEFT's saved base_layer) define the base the other deltas apply to
     for d, w in ups:
         if d.replaces_base:
-            d.apply_(W, w)
+            W = d.replaced(W, w)  # a new tensor when it resizes the vocabulary
     rest = [(d, w) for d, w in ups if not d.replaces_base]
     ref = W.clone() if len(rest) > 1 and any(d.depends_on_base for d, _ in rest) else None
     plain = [(d, w) for d, w in rest if _plain_lora(d, W)]

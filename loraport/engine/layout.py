@@ -33,17 +33,18 @@ def build_layout(plan: MergePlan, out_dtype: torch.dtype | None, quantizer, shar
     per_src: dict[str, list[OutEntry]] = {}
     for name in base.names():
         info = base.info(name)
+        shape = plan.shape_of(name)
         sh, key = base.shard_of(name)
         prefix = sh.prefix
         ents = None
         if quantizer is not None:
-            q = quantizer.entries(name, tuple(info.shape), base.layer_hint(name))
+            q = quantizer.entries(name, shape, base.layer_hint(name))
             if q is not None:
                 ents = [OutEntry(name, n[len(prefix):] if n.startswith(prefix) else n, dt, tuple(s))
                         for n, dt, s in q]
         if ents is None:
             dt = out_dtype if (out_dtype is not None and info.dtype in FLOATS) else info.dtype
-            ents = [OutEntry(name, key, dt, tuple(info.shape))]
+            ents = [OutEntry(name, key, dt, shape)]
         per_src[name] = ents
     files: list[OutFile] = []
     for sh in base.shards:

@@ -12,6 +12,7 @@ from loraport.adapter import Adapter, Delta
 from loraport.checkpoint import Checkpoint
 from loraport.engine.experts import to_base_layout
 from loraport.engine.sources import resolve_target
+from loraport.engine.vocab import new_shapes, tie_rule
 from loraport.errors import PlanError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -22,17 +23,27 @@ QUANTIZE_CASTS = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 @dataclass
 class MergePlan:
-    base: Checkpoint  # the source: Checkpoint or a subclass (loraport.engine.sources)
+    base: Checkpoint  # the source: Checkpoint or a subclass (loraport.engine.sources); an untied view of it
     adapters: list[tuple[Adapter, float]]
     updates: dict[str, list[tuple[Delta, float]]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output shapes that differ (resized vocab)
+    notes: list[str] = field(default_factory=list)  # decisions the user is told about (an untied head)
 
     def updated_names(self) -> list[str]:
         return [n for n in self.base.names() if n in self.updates]
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The output shape of base tensor `name`."""
+        return self.shapes.get(name) or tuple(self.base.info(name).shape)
 
-def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: bool = True) -> MergePlan:
-    plan = MergePlan(base, adapters)
+
+def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: bool = True,
+               tie: str = "keep", resize: bool = False) -> MergePlan:
+    """`tie`: the --tie-embeddings rule for a tied head (loraport.engine.vocab); `resize`: whether an adapter may
+    resize the vocabulary (only a model-folder output can say so in its config.json)."""
+    base, adapters, notes = tie_rule(base, adapters, tie)
+    plan = MergePlan(base, adapters, shapes=new_shapes(base, adapters, resize), notes=notes)
     for adapter, weight in adapters:
         unmatched, matched = [], 0
         for d in to_base_layout(adapter.deltas, base):  # fused expert updates on a per-expert base: split
@@ -47,7 +58,7 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
                 if info.dtype not in FLOATS:
                     raise PlanError(f"{adapter.path}: {name} is {info.dtype}, not a float tensor; cannot update it"
                                     " (a quantized base needs dequantizing first)")
-                r = d.resolve(tuple(info.shape), base.layer_hint(name))
+                r = d.resolve(plan.shape_of(name), base.layer_hint(name))
                 if r.target != name:
                     r = replace(r, target=name)
                 plan.updates.setdefault(name, []).append((r, weight))

@@ -17,6 +17,7 @@ from loraport._version import __version__
 from loraport.adapter import Adapter
 from loraport.checkpoint import Checkpoint
 from loraport.engine.layout import OutEntry, OutFile, nbytes
+from loraport.engine.vocab import TOKENIZER_FILES, VOCAB_FILES
 from loraport.manifest import sha256_file
 from loraport.safetensors_io import StreamingWriter
 
@@ -119,17 +120,25 @@ class SafetensorsSink:
         return {str(w.path): (w.sha256(), w.file_size) for w in self.writers.values() if w.sha256()}
 
 
-def write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_dtype, quantizer) -> None:
-    """Copy every non-weight file; write indexes for multi-file folders; update config.json for the dtype
-    and quantization."""
+def write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_dtype, quantizer,
+                     tokenizer: dict[str, Path] | None = None, config_updates: dict | None = None) -> None:
+    """Copy every non-weight file; write indexes for multi-file folders; update config.json for the dtype,
+    quantization and `config_updates` (a resized vocabulary). `tokenizer` (file name → path, the adapter's
+    tokenizer) replaces every tokenizer file of the base when it has a vocabulary file (a whole tokenizer: never
+    mixed with the base's), else only the files of the same name (a chat template, a tokenizer config)."""
+    whole = any(n in VOCAB_FILES for n in tokenizer or {})
     for rel in ckpt.extra_files:
+        if rel in (tokenizer or {}) or (whole and rel in TOKENIZER_FILES):
+            continue
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(paths.member(ckpt.root, ckpt.root / rel), dst)  # checked again: never copy from outside
+    for name, src in (tokenizer or {}).items():
+        shutil.copy2(src, stage / name)
     _write_indexes(ckpt, layout, stage)
     cfg_path = stage / "config.json"
     rewritten = ckpt.config_rewritten  # e.g. a dequantized base drops quantization_config
-    if cfg_path.is_file() and (out_dtype is not None or quantizer is not None or rewritten):
+    if cfg_path.is_file() and (out_dtype is not None or quantizer is not None or rewritten or config_updates):
         if rewritten:
             cfg = dict(ckpt.config)
         else:
@@ -144,6 +153,7 @@ def write_side_files(ckpt: Checkpoint, layout: list[OutFile], stage: Path, out_d
                     cfg[k] = name
         if quantizer is not None:
             cfg = quantizer.config_update(cfg)
+        cfg.update(config_updates or {})
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 

@@ -95,7 +95,7 @@ class Stream:
 
     def _item(self, fi: int, name: str) -> Item:
         info = self.base.info(name)
-        quantized = self._quantized(name, tuple(info.shape))
+        quantized = self._quantized(name, self.plan.shape_of(name))
         if name in self.plan.updates or quantized or self._out_dtype(info.dtype) != info.dtype:
             return Item(fi, name, "tensor", quantized=quantized)
         return Item(fi, name, "raw")
@@ -222,9 +222,9 @@ class Stream:
         if src.dtype == dt and not self.cuda:
             if item.owned:  # the merged fp32 buffer is the output: it goes back to the pool once written
                 item.pooled.append(src)
-                item.owned = False
+                item.owned = src is not item.t  # a resized tensor is new: the base's buffer goes back now
             return [src]
-        out = self.pool.take(dt, tuple(info.shape))
+        out = self.pool.take(dt, self.plan.shape_of(item.name))
         if self.cuda and src.dtype != dt:
             # round on the device: a host ← device copy that also converts goes through a fresh pageable fp32
             # temporary on the host (measured: the CUDA path 2x slower than the CPU path at 4 GB)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from loraport.adapter import Adapter, FullDelta, LoraDelta, ReplaceDelta
+from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats._common import lora_scale
 from loraport.formats._peft_lycoris_write import method_of, write_method
 from loraport.formats._peft_methods import read_method
 from loraport.formats._peft_params import param_deltas, param_tensors
+from loraport.formats._peft_saved import SavedTensors
 from loraport.patterns import Deadline, PatternTable
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import read_json
@@ -73,26 +74,16 @@ def _check_method(cfg: dict, path: Path, force: bool) -> list[str]:
 
 
 def _sort_keys(tensors: dict[str, torch.Tensor]):
-    """(module → LoRA parts, replacement tensors by target, the targets that are saved base layers, keys not
-    understood)."""
+    """(module → LoRA parts, the whole tensors saved beside them, keys not understood)."""
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    replacements: dict[str, torch.Tensor] = {}
-    saved_base: set[str] = set()
+    saved = SavedTensors()
     unknown = []
     for key, t in tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _KEY.match(k)
         if m is None:
-            if "lora_" in k or "token_adapter" in k:
+            if "lora_" in k or not saved.put(k, t):
                 unknown.append(key)
-                continue
-            # modules_to_save / trainable biases: full tensors, possibly still wrapped
-            k = re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)
-            k = re.sub(r"\.original_module\.", ".", k)
-            if ".base_layer." in k:  # saved embedding/base layers (save_embedding_layers)
-                k = k.replace(".base_layer.", ".")
-                saved_base.add(k)
-            replacements[k] = t
             continue
         mod = m.group("mod")
         if m.group("role"):
@@ -101,7 +92,7 @@ def _sort_keys(tensors: dict[str, torch.Tensor]):
             parts[mod][m.group("emb")] = t
         else:
             parts[mod]["magnitude"] = t
-    return parts, replacements, saved_base, unknown
+    return parts, saved, unknown
 
 
 def _module_deltas(mod: str, p: dict, wfile: Path, scale_of, rslora: bool, notes: list[str]) -> list:
@@ -176,11 +167,11 @@ class PeftFormat(AdapterFormat):
         if cfg.get("fan_in_fan_out"):
             notes.append("fan_in_fan_out flag ignored: orientation is decided from the base layer")
 
-        parts, replacements, saved_base, unknown = _sort_keys(tensors)
+        parts, saved, unknown = _sort_keys(tensors)
         if unknown:
             raise BadInputError(
-                f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save "
-                "and trainable biases are understood"
+                f"{wfile}: unsupported PEFT entries (e.g. {unknown[0]}); only LoRA/DoRA, modules_to_save, "
+                "trainable tokens and trainable biases are understood"
             )
 
         def scale_of(name: str) -> tuple[float, float, int]:
@@ -191,12 +182,14 @@ class PeftFormat(AdapterFormat):
         deltas = param_deltas(parts, cfg, base, wfile, scale_of, notes)  # target_parameters (MoE experts)
         for mod, p in parts.items():
             deltas.extend(_module_deltas(mod, p, wfile, scale_of, rslora, notes))
-        for k, t in replacements.items():
-            deltas.append(ReplaceDelta(k, value=t, saved_base=k in saved_base, source_key=PREFIX + k))
+        whole, saved_notes = saved.deltas(cfg, str(wfile), PREFIX)
+        deltas += whole
         if any(d.has_magnitude for d in deltas):
             notes.append("DoRA: magnitude per output feature, W' = m/||W+sBA|| (W+sBA)")
-        if replacements:
-            notes.append(f"{len(replacements)} full replacement tensor(s) (modules_to_save / trainable biases)")
+        if any(d.replaces_base for d in whole):
+            notes.append(f"{sum(d.replaces_base for d in whole)} full replacement tensor(s) "
+                         "(modules_to_save / saved embeddings / trainable biases)")
+        notes += saved_notes
         return Adapter(deltas, "peft", str(path), config=cfg, metadata=meta, notes=notes,
                        files=[str(path / CONFIG), str(wfile)], name=path.name, warnings=warnings)
 
@@ -210,6 +203,7 @@ class PeftFormat(AdapterFormat):
         rank_pattern: dict[str, int] = {}
         alpha_pattern: dict[str, float] = {}
         targets, to_save = [], []
+        token_rows: dict[str, list[int]] = {}
         dora = {d.has_magnitude for d in adapter.deltas if d.has_lora_factors}
         if dora == {True, False}:
             raise BadInputError("PEFT cannot express DoRA on some modules and plain LoRA on others")
@@ -245,6 +239,10 @@ class PeftFormat(AdapterFormat):
             elif d.replaces_base and d.saved_base:
                 mod, leaf = d.target.rsplit(".", 1)  # PEFT's own saved copy of a targeted layer
                 tensors[f"{PREFIX}{mod}.base_layer.{leaf}"] = d.value.contiguous()
+            elif (tr := d.trained_rows()) is not None and d.target.endswith(".weight"):
+                mod = d.target[: -len(".weight")]
+                tensors[f"{PREFIX}{mod}.token_adapter.trainable_tokens_delta"] = tr[1].contiguous()
+                token_rows[mod.rsplit(".", 1)[-1]] = list(tr[0])
             elif d.replaces_base:
                 tensors[PREFIX + d.target] = d.value.contiguous()
                 to_save.append(d.target.rsplit(".", 1)[0])
@@ -278,6 +276,7 @@ class PeftFormat(AdapterFormat):
             "rank_pattern": {re.escape(m): r for m, r in rank_pattern.items() if r != r0},
             "alpha_pattern": {re.escape(m): a for m, a in alpha_pattern.items() if a != a0},
             "modules_to_save": sorted(set(to_save)) or None,
+            "trainable_token_indices": token_rows or None,
             "lora_dropout": 0.0,
             "bias": "none",
             "lora_bias": any(k.endswith("lora_B.bias") for k in tensors),
