@@ -167,9 +167,10 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
-    differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or untie, for a base whose head is
-    tied to its embedding when an adapter trains one side (or both apart): auto unties unless both got the same
-    update (config.json then says tie_word_embeddings=false, and a warning says why)."""
+    differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or
+    untie, for a base whose head is tied to its embedding when an adapter trains one side (or both apart): auto
+    unties unless both got the same update (config.json then says tie_word_embeddings=false, and a warning says
+    why)."""
     from loraport.results import MergeResult
 
     with _api_terms():

@@ -125,6 +125,29 @@ def _module_deltas(mod: str, p: dict, wfile: Path, scale_of, rslora: bool, notes
     return deltas
 
 
+def _write_lora(d, tensors: dict, targets: list, rank_pattern: dict, alpha_pattern: dict) -> bool:
+    """Put one LoRA delta's PEFT tensors in `tensors`; True when it is stored transposed (fan_in_fan_out)."""
+    if d.mid is not None:
+        raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form").hint(
+            "--lossy", "re-factors them to low rank")
+    if not d.target.endswith(".weight"):
+        raise BadInputError(f"{d.target}: PEFT LoRA targets a module's .weight")
+    mod = d.target[: -len(".weight")]
+    emb = d.layer == "embedding"
+    if d.magnitude is not None and d.dora_axis != "out":
+        raise BadInputError(f"{d.target}: PEFT DoRA normalises per output feature; this DoRA uses "
+                            "the input axis")
+    ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+    tensors[f"{PREFIX}{mod}.{ka}"] = d.A.contiguous()
+    tensors[f"{PREFIX}{mod}.{kb}"] = d.B.contiguous()
+    if d.magnitude is not None:
+        tensors[f"{PREFIX}{mod}.lora_magnitude_vector"] = d.magnitude.contiguous()
+    targets.append(mod)
+    rank_pattern[mod] = int(d.A.shape[0])
+    alpha_pattern[mod] = d.scale * d.A.shape[0]
+    return bool(d.transpose and not emb)
+
+
 @register(write=WriteOptions)
 class PeftFormat(AdapterFormat):
     name = "peft"
@@ -216,26 +239,7 @@ class PeftFormat(AdapterFormat):
             if d.rows is not None:
                 raise BadInputError(f"{d.target}: a row-sliced update (fused projection) has no PEFT form")
             if d.has_lora_factors:
-                if d.mid is not None:
-                    raise BadInputError(f"{d.target}: Tucker (lora_mid) factors have no PEFT form").hint(
-                        "--lossy", "re-factors them to low rank")
-                if not d.target.endswith(".weight"):
-                    raise BadInputError(f"{d.target}: PEFT LoRA targets a module's .weight")
-                mod = d.target[: -len(".weight")]
-                emb = d.layer == "embedding"
-                if d.transpose and not emb:
-                    fan_in_fan_out = True
-                if d.magnitude is not None and d.dora_axis != "out":
-                    raise BadInputError(f"{d.target}: PEFT DoRA normalises per output feature; this DoRA uses "
-                                        "the input axis")
-                ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
-                tensors[f"{PREFIX}{mod}.{ka}"] = d.A.contiguous()
-                tensors[f"{PREFIX}{mod}.{kb}"] = d.B.contiguous()
-                if d.magnitude is not None:
-                    tensors[f"{PREFIX}{mod}.lora_magnitude_vector"] = d.magnitude.contiguous()
-                targets.append(mod)
-                rank_pattern[mod] = int(d.A.shape[0])
-                alpha_pattern[mod] = d.scale * d.A.shape[0]
+                fan_in_fan_out |= _write_lora(d, tensors, targets, rank_pattern, alpha_pattern)
             elif d.replaces_base and d.saved_base:
                 mod, leaf = d.target.rsplit(".", 1)  # PEFT's own saved copy of a targeted layer
                 tensors[f"{PREFIX}{mod}.base_layer.{leaf}"] = d.value.contiguous()
