@@ -4,6 +4,11 @@ to the output dtype or handed to a quantizer, checked for NaN/Inf, and given to 
 writing run in three threads connected by small bounded queues, so I/O and math overlap; a byte budget bounds
 the tensors in flight and host buffers are reused, so peak memory is a few tensors, never the model. Untouched
 tensors whose dtype does not change are copied as raw bytes by the sink.
+
+The source and the sink are roles (see loraport/engine/__init__.py): the safetensors layouts and
+`loraport.engine.sinks.SafetensorsSink` for a merge; the ONNX export's graph source or a foreign model's
+initializers, and `loraport.onnx.sink.OnnxDataSink`, for `convert --to onnx` and baking. Each tensor is written in
+its layout entry's dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from loraport.engine.buffers import DONE, Budget, Buffers, Pipeline
 from loraport.engine.device import CudaStager
 from loraport.engine.layout import OutFile, nbytes
 from loraport.engine.plan import FLOATS, MergePlan
-from loraport.engine.sinks import SafetensorsSink
+from loraport.engine.sinks import Sink
 from loraport.finite import check_merged, may_be_nonfinite
 from loraport.safetensors_io import itemsize
 from loraport.threads import op_threads
@@ -35,6 +40,7 @@ class Item:
     name: str
     how: str  # "raw" (copied in the kernel) or "tensor"
     quantized: bool = False  # the quantizer writes this tensor's entries
+    dtype: torch.dtype | None = None  # the output dtype (its layout entry's) when not quantized
     cost: int = 0  # bytes charged to the in-flight budget
     view: torch.Tensor | None = None  # the base tensor (zero-copy view of the map)
     t: torch.Tensor | None = None  # what the compute stage starts from
@@ -47,9 +53,11 @@ class Item:
 class Stream:
     """Runs a plan through a sink: `Stream(...).run(progress)` → {"bytes", "nonfinite", "hashes"}."""
 
-    def __init__(self, plan: MergePlan, layout: list[OutFile], sink: SafetensorsSink, dev: torch.device,
-                 out_dtype: torch.dtype | None, quantizer, nonfinite: str = "warn"):
+    def __init__(self, plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device,
+                 out_dtype: torch.dtype | None, quantizer, nonfinite: str = "warn", label: str | None = None):
         self.plan, self.base, self.layout, self.sink = plan, plan.base, layout, sink
+        self.label = label or ("merge" if quantizer is None else "merge+quantize")
+        self.dtypes = _entry_dtypes(layout)
         self.dev, self.cuda = dev, dev.type == "cuda"
         self.out_dtype, self.quantizer, self.nonfinite = out_dtype, quantizer, nonfinite
         self.pipe = Pipeline()
@@ -71,8 +79,9 @@ class Stream:
     def _item(self, fi: int, name: str) -> Item:
         info = self.base.info(name)
         quantized = self._quantized(name, tuple(info.shape))
-        if name in self.plan.updates or quantized or self._out_dtype(info.dtype) != info.dtype:
-            return Item(fi, name, "tensor", quantized=quantized)
+        dt = self._out_dtype(info.dtype) if quantized else self.dtypes[name]
+        if name in self.plan.updates or quantized or dt != info.dtype:
+            return Item(fi, name, "tensor", quantized=quantized, dtype=dt)
         return Item(fi, name, "raw")
 
     # --- stage 1: read ----------------------------------------------------------------------------
@@ -97,7 +106,7 @@ class Stream:
         asynchronously while the previous tensor is being computed. False: the stream was stopped."""
         info = self.base.info(item.name)
         shape, n = tuple(info.shape), info.nbytes // itemsize(info.dtype)
-        dt = self._out_dtype(info.dtype)
+        dt = item.dtype
         item.cost = n * ((8 if item.quantized else 4) + itemsize(dt))
         if not self.budget.acquire(item.cost):
             return False
@@ -111,9 +120,17 @@ class Stream:
         elif self.cuda:
             item.t, item.event = self.stager.to_device(item.view)
         else:  # upcast into a reused buffer (a quantizer reads the base rows it samples from .view)
-            item.t = self.pool.take(torch.float32, shape).copy_(item.view)
+            item.t = self._fp32_like(item.view)
             item.owned = True
         return True
+
+    def _fp32_like(self, view: torch.Tensor) -> torch.Tensor:
+        """A reused fp32 copy of `view`, in its memory layout: a source that serves a matrix as the transpose of
+        how it is stored (an ONNX initializer feeding x @ W) gets a transposed buffer, so the math runs on the
+        same layout as on the stored tensor."""
+        if view.dim() == 2 and not view.is_contiguous() and view.t().is_contiguous():
+            return self.pool.take(torch.float32, (view.shape[1], view.shape[0])).t().copy_(view)
+        return self.pool.take(torch.float32, tuple(view.shape)).copy_(view)
 
     # --- stage 2: compute -------------------------------------------------------------------------
     def _computer(self) -> None:
@@ -158,7 +175,7 @@ class Stream:
     def _round(self, item: Item, merged: torch.Tensor | None) -> list[torch.Tensor]:
         info = self.base.info(item.name)
         src = merged if merged is not None else item.t
-        dt = self._out_dtype(info.dtype)
+        dt = item.dtype
         if src.dtype == dt and not self.cuda:
             if item.owned:  # the merged fp32 buffer is the output: it goes back to the pool once written
                 item.pooled.append(src)
@@ -180,8 +197,7 @@ class Stream:
         for th in threads:
             th.start()
         try:
-            name = "merge" if self.quantizer is None else "merge+quantize"
-            with _progress(progress, self.layout, name) as advance:
+            with _progress(progress, self.layout, self.label) as advance:
                 written, pending = self._drain(advance)
             if pending is not None:
                 self._finish(*pending)
@@ -260,7 +276,17 @@ class _progress:
         return self._cm.__exit__(*exc)
 
 
-def stream(plan: MergePlan, layout: list[OutFile], sink: SafetensorsSink, dev: torch.device, out_dtype, quantizer,
-           progress=None, nonfinite: str = "warn") -> dict:
-    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite).run(progress)
+def _entry_dtypes(layout: list[OutFile]) -> dict[str, torch.dtype]:
+    """The output dtype of every tensor written as one layout entry (a quantized one has several: the quantizer
+    decides those)."""
+    out: dict[str, torch.dtype] = {}
+    for f in layout:
+        for e in f.entries:
+            out[e.name] = e.dtype
+    return out
+
+
+def stream(plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device, out_dtype, quantizer,
+           progress=None, nonfinite: str = "warn", label: str | None = None) -> dict:
+    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite, label).run(progress)
 

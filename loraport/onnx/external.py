@@ -10,6 +10,7 @@ piece from the base file, so neither needs the whole tensor in memory.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,29 @@ TORCH_TO_ONNX = {
     torch.float64: TensorProto.DOUBLE,
 }
 ONNX_TO_TORCH = {v: k for k, v in TORCH_TO_ONNX.items()}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a tensor's bytes lie in an input file: copied or converted piecewise by ExternalDataWriter.add_stored."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: str
+
+
+def read_into(fd: int, buf: memoryview, offset: int) -> int:
+    """pread until `buf` is full or the file ends; the number of bytes read."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -77,9 +101,8 @@ class ExternalDataWriter:
         return self._external(name, onnx_dtype, dims, begin)
 
     def add_stored(self, name: str, src, onnx_dtype: int, dims: tuple[int, ...]) -> TensorProto:
-        """Append a tensor straight from its base file (`src`: weights.Stored), converted to `onnx_dtype`."""
+        """Append a tensor straight from its input file (`src`: a Stored), converted to `onnx_dtype`."""
         from loraport.errors import BadInputError
-        from loraport.onnx.weights import read_into
 
         want = ONNX_TO_TORCH[onnx_dtype]
         out_size, in_size = want.itemsize, src.dtype.itemsize
@@ -147,7 +170,6 @@ class ExternalDataWriter:
     def _copy_range(self, src, name: str) -> None:
         """File-to-file copy in the kernel (no user-space buffer); plain reads where unsupported."""
         from loraport.errors import BadInputError
-        from loraport.onnx.weights import read_into
 
         pos = 0
         dst = self._f.fileno()
