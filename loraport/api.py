@@ -201,14 +201,14 @@ def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: st
     except ImportError:
         raise BadInputError("ONNX baking is not available in this installation") from None
     ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-               "--fp16-base": fp16_base, "--format": adapter_format, "--fail-on-nonfinite": nonfinite == "fail"}
-    if any(ignored.values()):  # baking keeps the model's own dtypes and layout, detects adapter formats and does
-        # not (yet) check the baked initializers for NaN/Inf: refused, never ignored
+               "--fp16-base": fp16_base, "--format": adapter_format}
+    if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats:
+        # refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
                             "an .onnx --base")
     return bake(str(base), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
                 device=device, reference=str(reference) if reference else None, manifest=manifest,
-                hash_cache=hash_cache)
+                hash_cache=hash_cache, nonfinite=nonfinite)
 
 
 def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: PathLike, *,
