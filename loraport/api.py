@@ -253,9 +253,10 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 weights: Sequence[float] | None = None, opset: int | None = None, dtype="fp32",
                 quantize: str | None = None, multi_lora: bool = False, with_past: bool = False,
                 overwrite: bool = False, device="auto", strict: bool = True,
-                recapture: bool = False) -> ExportResult:
+                recapture: bool = False, nonfinite: str = "warn") -> ExportResult:
     """Export `base` (a transformers model folder) with `adapters` merged — or, `multi_lora=True`, kept as
-    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4."""
+    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4.
+    `nonfinite`: "warn" (the result's warnings) or "fail" (refused) on NaN/Inf, as in merge."""
     from loraport.results import ExportResult
 
     with _api_terms():
@@ -267,7 +268,7 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 from None
         rep = run(_path(base, "base"), ads, out, opset=opset, dtype=dtype_name(dtype, allowed=("fp32", "fp16")),
                   quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite,
-                  device=str(device), strict=strict, recapture=recapture)
+                  device=str(device), strict=strict, recapture=recapture, nonfinite=nonfinite)
         return ExportResult.of(rep)
 
 
