@@ -39,7 +39,10 @@ def provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str 
 
 class Sink(Protocol):
     """What the stream hands tensors to, in layout order. `copy` and `write` return (bytes, token); the tensors
-    written must stay unchanged until `wait(token)`."""
+    written must stay unchanged until `wait(token)`. `converts`: `copy` also changes the dtype (in bounded
+    pieces), so a tensor that only changes dtype is copied, never held whole."""
+
+    converts: bool
 
     def copy(self, fi: int, name: str, source) -> tuple[int, object]: ...
     def write(self, fi: int, name: str, outs: list[torch.Tensor]) -> tuple[int, object]: ...
@@ -54,6 +57,8 @@ class SafetensorsSink:
     """One StreamingWriter per output file, opened at the file's first tensor (its header is known from the
     layout) and closed after its last. A write returns a token; the buffers written must stay unchanged until
     `wait(token)` (the writer hashes on its own thread)."""
+
+    converts = False  # a dtype change is the stream's: cast once into a reused buffer
 
     def __init__(self, layout: list[OutFile], stage: Path, single: bool, metadata: dict, hash_outputs: bool):
         self.layout, self.stage, self.single = layout, stage, single

@@ -80,7 +80,7 @@ class Stream:
         info = self.base.info(name)
         quantized = self._quantized(name, tuple(info.shape))
         dt = self._out_dtype(info.dtype) if quantized else self.dtypes[name]
-        if name in self.plan.updates or quantized or dt != info.dtype:
+        if name in self.plan.updates or quantized or (dt != info.dtype and not self.sink.converts):
             return Item(fi, name, "tensor", quantized=quantized, dtype=dt)
         return Item(fi, name, "raw")
 

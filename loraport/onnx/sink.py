@@ -21,6 +21,8 @@ from loraport.onnx.external import TORCH_TO_ONNX, ExternalDataWriter, Stored
 
 
 class OnnxDataSink:
+    converts = True  # `copy` converts a tensor that only changes dtype piecewise from its file (add_stored)
+
     def __init__(self, writer: ExternalDataWriter, layout: list[OutFile], transposed: frozenset[str] = frozenset()):
         self.writer, self.transposed = writer, transposed
         self.entries: dict[str, list[OutEntry]] = {}
@@ -30,7 +32,8 @@ class OnnxDataSink:
         self.protos: dict[str, list[TensorProto]] = {}  # source name -> the initializers written for it
 
     def copy(self, fi: int, name: str, source) -> tuple[int, None]:
-        """`name` unchanged: its stored bytes, copied file-to-file where the source has a plain file span."""
+        """`name` unmerged: its stored bytes copied file-to-file where the source has a plain file span, or
+        converted to the entry's dtype in pieces of PIECE bytes (onnx/external.py)."""
         e = self.entries[name][0]
         span = source.span(name)
         if span is not None:
