@@ -3,7 +3,8 @@ source (a memory map, or a dequantizing view), every delta applied in fp32 on th
 to the output dtype or handed to a quantizer, checked for NaN/Inf, and given to the sink. Reading, computing and
 writing run in three threads connected by small bounded queues, so I/O and math overlap; a byte budget bounds
 the tensors in flight and host buffers are reused, so peak memory is a few tensors, never the model. Untouched
-tensors whose dtype does not change are copied as raw bytes by the sink.
+tensors whose dtype does not change are copied as raw bytes by the sink (by a sink that `converts`, those whose
+dtype changes too: the ONNX sink converts them piecewise from their file).
 
 The source and the sink are roles (see loraport/engine/__init__.py): the safetensors layouts and
 `loraport.engine.sinks.SafetensorsSink` for a merge; the ONNX export's graph source or a foreign model's
