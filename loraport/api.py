@@ -208,15 +208,14 @@ def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: st
     except ImportError:
         raise BadInputError("ONNX baking is not available in this installation") from None
     ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-               "--fp16-base": fp16_base, "--format": adapter_format, "--fail-on-nonfinite": nonfinite == "fail",
-               "--tie-embeddings": tie_embeddings != "auto"}
-    if any(ignored.values()):  # baking keeps the model's own dtypes and layout, detects adapter formats and does
-        # not (yet) check the baked initializers for NaN/Inf: refused, never ignored
+               "--fp16-base": fp16_base, "--format": adapter_format, "--tie-embeddings": tie_embeddings != "auto"}
+    if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats:
+        # refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "
                             "an .onnx --base")
     return bake(str(base), [(str(a), w) for a, w in adapters], str(out), overwrite=overwrite, strict=strict,
                 device=device, reference=str(reference) if reference else None, manifest=manifest,
-                hash_cache=hash_cache)
+                hash_cache=hash_cache, nonfinite=nonfinite)
 
 
 def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: PathLike, *,
@@ -261,9 +260,10 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 weights: Sequence[float] | None = None, opset: int | None = None, dtype="fp32",
                 quantize: str | None = None, multi_lora: bool = False, with_past: bool = False,
                 overwrite: bool = False, device="auto", strict: bool = True,
-                recapture: bool = False) -> ExportResult:
+                recapture: bool = False, nonfinite: str = "warn") -> ExportResult:
     """Export `base` (a transformers model folder) with `adapters` merged — or, `multi_lora=True`, kept as
-    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4."""
+    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4.
+    `nonfinite`: "warn" (the result's warnings) or "fail" (refused) on NaN/Inf, as in merge."""
     from loraport.results import ExportResult
 
     with _api_terms():
@@ -275,7 +275,7 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 from None
         rep = run(_path(base, "base"), ads, out, opset=opset, dtype=dtype_name(dtype, allowed=("fp32", "fp16")),
                   quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite,
-                  device=str(device), strict=strict, recapture=recapture)
+                  device=str(device), strict=strict, recapture=recapture, nonfinite=nonfinite)
         return ExportResult.of(rep)
 
 

@@ -111,6 +111,10 @@ class Checkpoint:
     def shard_of(self, name: str) -> tuple[Shard, str]:
         return self._where[name]
 
+    def where(self, name: str) -> str:
+        """The file holding `name` (for messages)."""
+        return str(self._where[name][0].file.path)
+
     def get(self, name: str) -> torch.Tensor:
         sh, key = self._where[name]
         return sh.file.get(key)

@@ -39,10 +39,12 @@ def register(group: click.Group) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="ONNX: weight dtype")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="ONNX: quantized weights")
 @click.option("--with-past", is_flag=True, help="ONNX: KV-cache inputs/outputs for generation")
+@click.option("--fail-on-nonfinite", is_flag=True, help="ONNX: refuse adapters or merged weights with NaN/Inf "
+              "(default: warn), as merge does")
 @click.option("--recapture", is_flag=True, help="ONNX: trace the graph again instead of reading the one remembered "
               "for this architecture and these options (LORAPORT_NO_GRAPH_CACHE=1: never remember)")
 def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, write_opts, as_json, adapters, weights,
-                multi_lora, graph, opset, dtype, quantize, with_past, recapture):
+                multi_lora, graph, opset, dtype, quantize, with_past, fail_on_nonfinite, recapture):
     """Convert ADAPTER to another format without merging: exact where the target can express it (scales
     baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
     from loraport.console import emit_json, err
@@ -52,7 +54,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
     _check_target(to)
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
                  "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past,
-                 "--recapture": recapture}
+                 "--recapture": recapture, "--fail-on-nonfinite": fail_on_nonfinite}
     import loraport
 
     if to in export_targets():
@@ -65,7 +67,8 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
         rep = loraport.convert(all_adapters, to, out, weights=list(weights) or None, base=base, format=fmt,
                                lossy=lossy, rank=rank, overwrite=overwrite, graph=graph, multi_lora=multi_lora,
                                opset=opset, dtype=dtype, quantize=quantize, with_past=with_past,
-                               recapture=recapture).to_dict()
+                               recapture=recapture,
+                               **({"nonfinite": "fail"} if fail_on_nonfinite else {})).to_dict()
     else:
         used = [k for k, v in onnx_only.items() if v]
         if used:
@@ -79,6 +82,10 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
         emit_json(rep)
         return
     if to == "onnx" and isinstance(rep, dict) and "external_data_bytes" in rep:
+        from loraport.console import warn
+
+        for w in rep.get("warnings") or []:  # NaN/Inf, worded and shown as merge shows them
+            warn(w)
         _onnx_summary(rep, base, [a for a in [adapter, *adapters] if a], list(weights))
         return
     if not isinstance(rep, dict) or "source_format" not in rep:

@@ -8,14 +8,18 @@
 * `layout`  — the output files, keys, dtypes and shapes (headers known before the first write).
 * `stream`  — the one pipeline: read ► apply ► write in three threads, bounded buffers (`buffers`), the CUDA
   stager (`device`), progress and the finite check.
-* `sinks`   — safetensors shards (O_DIRECT writer; the bitsandbytes layout is the quantizer's entries in them)
-  and the side files (indexes, config.json).
+* `sinks`   — the sink role (`Sink`); safetensors shards (O_DIRECT writer; the bitsandbytes layout is the
+  quantizer's entries in them) and the side files (indexes, config.json).
 
-`loraport.merging.merge` is the entry point. Importing this package loads nothing: import the stage you need.
+`loraport.merging.merge` is the entry point for a merge. Importing this package loads nothing: import the stage
+you need.
 
-Not unified yet (issue 16): the ONNX export's `loraport.onnx.weights.WeightSource` + prestream thread and
-`loraport.onnx.baking.bake` run their own loops over `plan` + `apply` (they import build_plan / merged_tensor
-from here) with their own buffer reuse and name fall-backs, and write ONNX external data themselves; the next
-step is an ONNX source (initializers by name, matched by value against a reference) and an ONNX external-data
-sink driven by `stream.Stream`, which would give them the finite check and the byte budget.
+ONNX runs through the same stream (issue 16): `convert --to onnx` streams the graph's initializers from
+`loraport.onnx.weights.GraphSource` (checkpoint tensors under the graph's names, the capture's buffers; a
+quantized graph's weights through `loraport.onnx.quantize.GraphQuantizer`), and baking into an .onnx base
+streams a foreign model's initializers from `loraport.onnx.initializers.InitializerSource`; both write through
+`loraport.onnx.sink.OnnxDataSink` (ONNX external data). So export, bake and merge share one read ► apply ► write
+loop: the byte budget, reused buffers, the CUDA stager, progress and the NaN/Inf check (`--fail-on-nonfinite`).
+The layout is the contract: each tensor is written in its layout entry's dtype. This package imports nothing of
+loraport.onnx (which is built on it).
 """

@@ -1,14 +1,15 @@
-"""Sinks: where the stream's tensors go. `SafetensorsSink` writes the layout's files (HF folder, diffusers
-folder, single file; a bitsandbytes layout is the same files with the quantizer's entries) with the O_DIRECT
-streaming writer of `loraport.safetensors_io`; `write_side_files` carries over the base's non-weight files and
-writes indexes and the updated config.json. ONNX external data is written by `loraport.onnx` (see
-loraport/engine/__init__.py for what is left to unify)."""
+"""Sinks: where the stream's tensors go. `Sink` is the role; `SafetensorsSink` writes the layout's files (HF
+folder, diffusers folder, single file; a bitsandbytes layout is the same files with the quantizer's entries) with
+the O_DIRECT streaming writer of `loraport.safetensors_io`; `write_side_files` carries over the base's non-weight
+files and writes indexes and the updated config.json. ONNX external data (export and bake) is
+`loraport.onnx.sink.OnnxDataSink`, the same role (the engine imports nothing of loraport.onnx)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -37,10 +38,28 @@ def provenance(adapters: list[tuple[Adapter, float]], dtype: str, quantize: str 
     }
 
 
+class Sink(Protocol):
+    """What the stream hands tensors to, in layout order. `copy` and `write` return (bytes, token); the tensors
+    written must stay unchanged until `wait(token)`. `converts`: `copy` also changes the dtype (in bounded
+    pieces), so a tensor that only changes dtype is copied, never held whole."""
+
+    converts: bool
+
+    def copy(self, fi: int, name: str, source) -> tuple[int, object]: ...
+    def write(self, fi: int, name: str, outs: list[torch.Tensor]) -> tuple[int, object]: ...
+    def wait(self, token) -> None: ...
+    def close_if_complete(self, fi: int) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def hashes(self) -> dict[str, tuple[str, int]]: ...
+
+
 class SafetensorsSink:
     """One StreamingWriter per output file, opened at the file's first tensor (its header is known from the
     layout) and closed after its last. A write returns a token; the buffers written must stay unchanged until
     `wait(token)` (the writer hashes on its own thread)."""
+
+    converts = False  # a dtype change is the stream's: cast once into a reused buffer
 
     def __init__(self, layout: list[OutFile], stage: Path, single: bool, metadata: dict, hash_outputs: bool):
         self.layout, self.stage, self.single = layout, stage, single

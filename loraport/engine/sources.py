@@ -8,8 +8,9 @@ info, get, raw, span, release, layer_hint, resolve, extra_files).
   loraport.quant, or replaced by the --fp16-base it was made from), fp8 (float8 weights with their scales,
   loraport.quant.fp8_checkpoint); a quant_method none of them reads is refused. Register one with
   `@layered(name, claims)`.
-* An .onnx base is baked by loraport.onnx (its own source and sink); see loraport/merging.py for the options
-  it refuses.
+* An .onnx base is baked by loraport.onnx: its initializers are the source (loraport/onnx/initializers.py)
+  and ONNX external data the sink of the same stream; `loraport.api.run_merge` chooses it and refuses the options
+  baking cannot honour.
 
 Name fall-backs live here: `resolve_target` matches an adapter target to base tensors (prefix variants here,
 tied embeddings in `Checkpoint.resolve`); `parameter_tensor` finds the tensor holding a parameter of the model

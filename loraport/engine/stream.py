@@ -4,12 +4,18 @@ rounded once to the output dtype or handed to a quantizer, checked for NaN/Inf, 
 computing and writing run in three threads connected by small bounded queues, so I/O and math overlap; a byte
 budget sized by the largest tensor bounds the tensors in flight and host buffers are reused, so peak memory is
 imports + a few of the largest tensors, never the model. Untouched tensors whose dtype does not change are copied
-as raw bytes by the sink.
+as raw bytes by the sink (by a sink that `converts`, those whose dtype changes too: the ONNX sink converts them
+piecewise from their file).
 
 Why pread rather than the memory map: a mapped page read by this process counts in its resident set (VmHWM) until
 it is unmapped, and a merge touches every updated tensor's pages; read into a reused buffer, the same bytes cost
 one buffer per tensor in flight, whatever the model's size (measured on a 400 MB merge: see
 bench/results/merge-rss-before-after-2026-12-05.txt).
+
+The source and the sink are roles (see loraport/engine/__init__.py): the safetensors layouts and
+`loraport.engine.sinks.SafetensorsSink` for a merge; the ONNX export's graph source or a foreign model's
+initializers, and `loraport.onnx.sink.OnnxDataSink`, for `convert --to onnx` and baking. Each tensor is written in
+its layout entry's dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from loraport.engine.buffers import DONE, Budget, Buffers, Pipeline
 from loraport.engine.device import CudaStager
 from loraport.engine.layout import OutFile, nbytes
 from loraport.engine.plan import FLOATS, MergePlan
-from loraport.engine.sinks import SafetensorsSink
+from loraport.engine.sinks import Sink
 from loraport.errors import BadInputError
 from loraport.finite import check_merged, may_be_nonfinite
 from loraport.safetensors_io import itemsize, read_into
@@ -46,6 +52,7 @@ class Item:
     name: str
     how: str  # "raw" (copied in the kernel) or "tensor"
     quantized: bool = False  # the quantizer writes this tensor's entries
+    dtype: torch.dtype | None = None  # the output dtype (its layout entry's) when not quantized
     cost: int = 0  # bytes charged to the in-flight budget
     view: torch.Tensor | None = None  # the base tensor (a pooled buffer it was read into, or the source's own)
     t: torch.Tensor | None = None  # what the compute stage starts from
@@ -58,9 +65,11 @@ class Item:
 class Stream:
     """Runs a plan through a sink: `Stream(...).run(progress)` → {"bytes", "nonfinite", "hashes"}."""
 
-    def __init__(self, plan: MergePlan, layout: list[OutFile], sink: SafetensorsSink, dev: torch.device,
-                 out_dtype: torch.dtype | None, quantizer, nonfinite: str = "warn"):
+    def __init__(self, plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device,
+                 out_dtype: torch.dtype | None, quantizer, nonfinite: str = "warn", label: str | None = None):
         self.plan, self.base, self.layout, self.sink = plan, plan.base, layout, sink
+        self.label = label or ("merge" if quantizer is None else "merge+quantize")
+        self.dtypes = _entry_dtypes(layout)
         self.dev, self.cuda = dev, dev.type == "cuda"
         self.out_dtype, self.quantizer, self.nonfinite = out_dtype, quantizer, nonfinite
         self.pipe = Pipeline()
@@ -91,13 +100,14 @@ class Stream:
         info = self.base.info(item.name)
         n = info.nbytes // itemsize(info.dtype)
         work = 0 if not item.quantized and item.name not in self.plan.updates else (8 if item.quantized else 4)
-        return info.nbytes + n * (work + itemsize(self._out_dtype(info.dtype)))
+        return info.nbytes + n * (work + itemsize(item.dtype or self._out_dtype(info.dtype)))
 
     def _item(self, fi: int, name: str) -> Item:
         info = self.base.info(name)
         quantized = self._quantized(name, self.plan.shape_of(name))
-        if name in self.plan.updates or quantized or self._out_dtype(info.dtype) != info.dtype:
-            return Item(fi, name, "tensor", quantized=quantized)
+        dt = self._out_dtype(info.dtype) if quantized else self.dtypes[name]
+        if name in self.plan.updates or quantized or (dt != info.dtype and not self.sink.converts):
+            return Item(fi, name, "tensor", quantized=quantized, dtype=dt)
         return Item(fi, name, "raw")
 
     # --- stage 1: read ----------------------------------------------------------------------------
@@ -122,7 +132,7 @@ class Stream:
         asynchronously while the previous tensor is being computed. False: the stream was stopped."""
         info = self.base.info(item.name)
         shape = tuple(info.shape)
-        dt = self._out_dtype(info.dtype)
+        dt = item.dtype
         item.cost = self._cost(item)
         if not self.budget.acquire(item.cost):
             return False
@@ -144,7 +154,7 @@ class Stream:
         elif self.cuda:  # the pinned read buffer stays until the item is written (the copy is asynchronous)
             item.t, item.event = self.stager.to_device(item.view, pinned=pooled)
         else:  # upcast into a reused buffer (a quantizer reads the base rows it samples from .view)
-            item.t = self.pool.take(torch.float32, shape).copy_(item.view)
+            item.t = self._fp32_like(item.view)
             item.owned = True
             if pooled and not item.quantized:  # the read buffer is free again (a NaN check re-reads the base)
                 self._give_back(item, item.view)
@@ -171,8 +181,16 @@ class Stream:
         buf = item.view = self.pool.take(info.dtype, tuple(info.shape))
         item.pooled.append(buf)
         if n and read_into(fd, memoryview(buf.reshape(-1).view(torch.uint8).numpy()), offset) != n:
-            raise BadInputError(f"{self.base.shard_of(item.name)[0].file.path}: truncated while reading {item.name}")
+            raise BadInputError(f"{self.base.where(item.name)}: truncated while reading {item.name}")
         return True
+
+    def _fp32_like(self, view: torch.Tensor) -> torch.Tensor:
+        """A reused fp32 copy of `view`, in its memory layout: a source that serves a matrix as the transpose of
+        how it is stored (an ONNX initializer feeding x @ W) gets a transposed buffer, so the math runs on the
+        same layout as on the stored tensor."""
+        if view.dim() == 2 and not view.is_contiguous() and view.t().is_contiguous():
+            return self.pool.take(torch.float32, (view.shape[1], view.shape[0])).t().copy_(view)
+        return self.pool.take(torch.float32, tuple(view.shape)).copy_(view)
 
     # --- stage 2: compute -------------------------------------------------------------------------
     def _computer(self) -> None:
@@ -216,9 +234,8 @@ class Stream:
         return list(self.quantizer.quantize(item.name, w32, base32=b32).values())
 
     def _round(self, item: Item, merged: torch.Tensor | None) -> list[torch.Tensor]:
-        info = self.base.info(item.name)
         src = merged if merged is not None else item.t
-        dt = self._out_dtype(info.dtype)
+        dt = item.dtype
         if src.dtype == dt and not self.cuda:
             if item.owned:  # the merged fp32 buffer is the output: it goes back to the pool once written
                 item.pooled.append(src)
@@ -240,8 +257,7 @@ class Stream:
         for th in threads:
             th.start()
         try:
-            name = "merge" if self.quantizer is None else "merge+quantize"
-            with _progress(progress, self.layout, name) as advance:
+            with _progress(progress, self.layout, self.label) as advance:
                 written, pending = self._drain(advance)
             if pending is not None:
                 self._finish(*pending)
@@ -325,7 +341,17 @@ def budget_bytes(largest: int) -> int:
     return max(largest, min(INFLIGHT_BYTES, INFLIGHT_TENSORS * largest))
 
 
-def stream(plan: MergePlan, layout: list[OutFile], sink: SafetensorsSink, dev: torch.device, out_dtype, quantizer,
-           progress=None, nonfinite: str = "warn") -> dict:
-    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite).run(progress)
+def _entry_dtypes(layout: list[OutFile]) -> dict[str, torch.dtype]:
+    """The output dtype of every tensor written as one layout entry (a quantized one has several: the quantizer
+    decides those)."""
+    out: dict[str, torch.dtype] = {}
+    for f in layout:
+        for e in f.entries:
+            out[e.name] = e.dtype
+    return out
+
+
+def stream(plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device, out_dtype, quantizer,
+           progress=None, nonfinite: str = "warn", label: str | None = None) -> dict:
+    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite, label).run(progress)
 

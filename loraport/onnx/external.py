@@ -10,11 +10,15 @@ piece from the base file, so neither needs the whole tensor in memory.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from onnx import TensorProto
+
+
+from loraport.safetensors_io import read_into
 
 INLINE_MAX = 1024  # bytes; smaller tensors stay in the .onnx file
 ALIGN = 64
@@ -33,6 +37,18 @@ TORCH_TO_ONNX = {
     torch.float64: TensorProto.DOUBLE,
 }
 ONNX_TO_TORCH = {v: k for k, v in TORCH_TO_ONNX.items()}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a tensor's bytes lie in an input file: copied or converted piecewise by ExternalDataWriter.add_stored."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    path: str
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
@@ -77,9 +93,8 @@ class ExternalDataWriter:
         return self._external(name, onnx_dtype, dims, begin)
 
     def add_stored(self, name: str, src, onnx_dtype: int, dims: tuple[int, ...]) -> TensorProto:
-        """Append a tensor straight from its base file (`src`: weights.Stored), converted to `onnx_dtype`."""
+        """Append a tensor straight from its input file (`src`: a Stored), converted to `onnx_dtype`."""
         from loraport.errors import BadInputError
-        from loraport.onnx.weights import read_into
 
         want = ONNX_TO_TORCH[onnx_dtype]
         out_size, in_size = want.itemsize, src.dtype.itemsize
@@ -147,7 +162,6 @@ class ExternalDataWriter:
     def _copy_range(self, src, name: str) -> None:
         """File-to-file copy in the kernel (no user-space buffer); plain reads where unsupported."""
         from loraport.errors import BadInputError
-        from loraport.onnx.weights import read_into
 
         pos = 0
         dst = self._f.fileno()

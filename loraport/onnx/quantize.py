@@ -162,4 +162,30 @@ def quantized_tensors(entry: QuantEntry, W: torch.Tensor, float_dtype: torch.dty
     return [(entry.names[0], packed), (entry.names[1], scales.to(float_dtype))]
 
 
+def entry_layout(entry: QuantEntry, float_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each initializer `quantized_tensors` makes for `entry`, in writing order."""
+    n, k = entry.out_features, entry.in_features
+    if entry.mode == "int8":
+        return [(entry.names[0], torch.int8, (k, n)), (entry.names[1], float_dtype, (n,))]
+    kb = -(-k // entry.block)
+    return [(entry.names[0], torch.uint8, (n, kb, entry.block // 2)), (entry.names[1], float_dtype, (n, kb))]
+
+
+class GraphQuantizer:
+    """The stream's quantizer role for a quantized export: each weight `rewrite` chose becomes its initializers
+    (the merge engine's quantizers have the same two methods)."""
+
+    def __init__(self, entries: dict[str, QuantEntry], float_dtype: torch.dtype):
+        self.q, self.float_dtype = entries, float_dtype
+
+    def entries(self, name: str, shape, layer_hint=None):
+        e = self.q.get(name)
+        return None if e is None else entry_layout(e, self.float_dtype)
+
+    def quantize(self, name: str, w32: torch.Tensor, base32=None) -> dict[str, torch.Tensor]:
+        e = self.q[name]
+        W = w32.reshape(e.out_features, e.in_features)
+        return dict(quantized_tensors(e, W, self.float_dtype))
+
+
 ONNX_FLOAT = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
