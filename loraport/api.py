@@ -185,6 +185,10 @@ def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **opt
     ONNX one is built on the merge engine (its plan and per-tensor math), which therefore imports nothing of it."""
     if Path(base).suffix == ".onnx":
         return _bake(base, adapters, out, **options)
+    if Path(base).suffix == ".gguf":  # a GGUF model: its own source and sink around the same plan and math
+        from loraport.gguf_merge import merge_gguf
+
+        return merge_gguf(base, adapters, out, **options)
     from loraport.merging import merge as run
 
     return run(base, adapters, out, **options)
