@@ -105,7 +105,7 @@ def _stream(src: GgufBase, plan, sink: GgufSink, dev, nonfinite: str, rows: list
                 if msg:
                     warns.append(msg)
                 codes = src.to_stored(name, W)
-                rows.append(_row(src, name, W0, W, codes))
+                rows.append(_row(src, name, W0, W, codes, src.raw(name)))
                 n = sink.write(g, codes)
             written += n
             if advance is not None:
@@ -113,7 +113,8 @@ def _stream(src: GgufBase, plan, sink: GgufSink, dev, nonfinite: str, rows: list
     return written
 
 
-def _row(src: GgufBase, name: str, W0: torch.Tensor, W: torch.Tensor, codes: torch.Tensor) -> dict:
+def _row(src: GgufBase, name: str, W0: torch.Tensor, W: torch.Tensor, codes: torch.Tensor,
+         stored: torch.Tensor) -> dict:
     """How the re-quantized tensor relates to the merged weights and to the base (loraport.quant.metrics)."""
     t = src.ggml_type(name)
     deq = src.from_stored(name, codes)
@@ -122,7 +123,9 @@ def _row(src: GgufBase, name: str, W0: torch.Tensor, W: torch.Tensor, codes: tor
     kept, surv = delta_retained(deq, W0, delta), delta_survival(deq, W0, delta)
     row = {"name": name, "type": t.name, "rel_error": finite(rel), "snr_db": finite(snr),
            "delta_survival": None if surv is None else finite(surv),
-           "delta_retained": None if kept is None else finite(kept)}
+           "delta_retained": None if kept is None else finite(kept),
+           "codes_changed": round(float((codes != stored).float().mean()), 6),  # of the stored bytes
+           "bytes_before": codes.numel(), "bytes_after": codes.numel()}
     if kept is not None and kept < ERASED_BELOW:
         row["erased"] = True
     return row
@@ -133,7 +136,10 @@ def _total(rows: list[dict]) -> list[dict]:
     if not kept:
         return rows
     erased = sum(1 for k in kept if k < ERASED_BELOW)
+    errs = [r["rel_error"] for r in rows if r.get("rel_error") is not None]
     total = {"name": "(total)", "tensors": len(rows), "updated_tensors": len(kept),
+             "bytes_before": sum(r["bytes_before"] for r in rows), "bytes_after": sum(r["bytes_after"] for r in rows),
+             "rel_error_mean": round(sum(errs) / len(errs), 6) if errs else None,
              "delta_retained_median": sorted(kept)[len(kept) // 2], "erased_tensors": erased}
     if erased * 2 > len(kept):
         total["warning"] = (f"re-quantizing erased most of the adapter: {erased}/{len(kept)} updated tensors keep "
