@@ -140,6 +140,20 @@ def test_codes_equal_gguf_quants_of_loraport_merge(tmp_path, qtype):
     src.close()
 
 
+def test_gguf_adapter_equals_peft_adapter_on_a_gguf_base(tmp_path):
+    """llama.cpp's own adapter (lora_b rows in its RoPE order) and PEFT's (HF order) give the same bytes: the
+    base's q/k rows are un-permuted on reading and permuted back on writing, consistently with the reader."""
+    base = make_llama_gguf(tmp_path / "base.gguf", "Q4_1")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert cli("merge", "--base", base, "--adapter", LLAMA.parent.parent / "gguf" / "llama_lora.gguf",
+               "--out", a).exit_code == 0
+    assert cli("merge", "--base", base, "--adapter", ADAPTER, "--out", b).exit_code == 0
+    ta, tb = gguf.GGUFReader(a).tensors, gguf.GGUFReader(b).tensors
+    assert [t.name for t in ta] == [t.name for t in tb]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(ta, tb))
+    assert not all(np.array_equal(x.data, y.data) for x, y in zip(ta, gguf.GGUFReader(base).tensors))
+
+
 def test_report_has_delta_survival(tmp_path):
     base = make_llama_gguf(tmp_path / "base.gguf", "Q8_0")
     res = cli("merge", "--base", base, "--adapter", ADAPTER, "--out", tmp_path / "m.gguf", "--json")

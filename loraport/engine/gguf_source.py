@@ -17,6 +17,7 @@ a tensor type loraport cannot re-quantize is refused by name before anything is 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,11 @@ class GgufBaseFile(GGUFFile):
         return BadInputError(f"{self.path}: corrupted GGUF ({what}); re-download or re-convert the model")
 
     def raw(self, name: str) -> torch.Tensor:
+        """The stored bytes (a read-only mapping: nothing here writes into them)."""
         t = self.tensors[name]
-        return torch.frombuffer(self._mm, dtype=torch.uint8, count=t.end - t.begin, offset=t.begin)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+            return torch.frombuffer(self._mm, dtype=torch.uint8, count=t.end - t.begin, offset=t.begin)
 
 
 def _int(meta: dict, key: str) -> int | None:
