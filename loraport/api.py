@@ -257,9 +257,11 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 weights: Sequence[float] | None = None, opset: int | None = None, dtype="fp32",
                 quantize: str | None = None, multi_lora: bool = False, with_past: bool = False,
                 overwrite: bool = False, device="auto", strict: bool = True,
-                recapture: bool = False) -> ExportResult:
+                recapture: bool = False, int4: dict | None = None) -> ExportResult:
     """Export `base` (a transformers model folder) with `adapters` merged — or, `multi_lora=True`, kept as
-    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4."""
+    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4;
+    `int4`: {"block": 16-256, "symmetric": bool, "search": bool, "accuracy_level": 0-4} (default: symmetric,
+    block 32, onnxruntime's own quantizer's codes)."""
     from loraport.results import ExportResult
 
     with _api_terms():
@@ -271,7 +273,7 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 from None
         rep = run(_path(base, "base"), ads, out, opset=opset, dtype=dtype_name(dtype, allowed=("fp32", "fp16")),
                   quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite,
-                  device=str(device), strict=strict, recapture=recapture)
+                  device=str(device), strict=strict, recapture=recapture, int4=int4)
         return ExportResult.of(rep)
 
 

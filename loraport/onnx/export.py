@@ -18,6 +18,7 @@ the capture by a worker thread (loraport/onnx/prestream.py) and then copied into
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -59,12 +60,14 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                 opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
                 multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
                 device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False,
-                recapture: bool = False, manifest: bool = True, hash_cache=True) -> dict:
+                recapture: bool = False, manifest: bool = True, hash_cache=True, int4: dict | None = None) -> dict:
     """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`.
     `lean`: the caller is a process that ends after this export (the CLI): the capture may leave out optional
     packages transformers would import but never use here (loraport/onnx/memory.py).
     The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
     instead of being traced again; `recapture` traces it anyway (and refreshes the cache).
+    `int4`: how int4 weights are made (loraport.onnx.quantize.Int4Options' fields: block, symmetric, search,
+    accuracy_level); only with quantize="int4".
     `manifest`: write loraport-manifest.json (sha256 of every file, the inputs' sha256, the plan) for
     `loraport verify`; `hash_cache` as in `loraport.merging.merge`."""
     from loraport.onnx import graph_cache
@@ -82,6 +85,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         dtype, quantize = quantize, None
     if quantize not in (None, "int8", "int4"):
         raise BadInputError(f"--quantize {quantize!r} is not available for ONNX (int8, int4)")
+    int4_opts = _int4_options(int4, block_size, quantize)
     if opset is None:
         opset = QUANT_OPSET if quantize else DEFAULT_OPSET
     if not 17 <= int(opset) <= 23:
@@ -149,7 +153,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             weights = {i.name: i.shape for i in cap.inits if i.name not in cap.buffers and i.name not in slot_names
                        and len(i.shape) == 2}
             qentries = rewrite(proto, weights, quantize, proto.graph.input[0].type.tensor_type.elem_type,
-                               block=block_size)
+                               block=block_size, int4=int4_opts)
         if pre is None:  # (with a scratch file, twice the fp32 size was found free before it was written)
             need = sum(int(torch.Size(i.shape).numel()) * 4 for i in cap.inits)
             check_free_space(out_p.parent, need // (2 if dtype == "fp16" else 1))
@@ -241,7 +245,8 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
             "kind": "multi-lora" if multi_lora else "merged",
             "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
             "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
-            "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
+            "block_size": int4_opts.block if int4_opts else None, "opset": int(opset),
+            "int4": dataclasses.asdict(int4_opts) if int4_opts else None,
             "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
             "with_past": cap.with_past, "genai_config": genai,
             "adapters": adapters_out,
@@ -302,3 +307,18 @@ def _expose_lora_inputs(proto: onnx.ModelProto, slots) -> None:
         g.input.append(helper.make_tensor_value_info(s.b_name, elem[s.b_name], [r, s.d_out]))
     # shapes inferred at capture time carry the placeholder rank: drop them all
     del g.value_info[:]
+
+
+def _int4_options(int4: dict | None, block_size: int, quantize: str | None):
+    """The checked Int4Options for quantize="int4" (None otherwise); unknown fields refused."""
+    from loraport.onnx.quantize import Int4Options
+
+    if quantize != "int4":
+        if int4:
+            raise BadInputError("int4 options apply to --quantize int4 only")
+        return None
+    fields = {f.name for f in dataclasses.fields(Int4Options)}
+    unknown = sorted(set(int4 or {}) - fields)
+    if unknown:
+        raise BadInputError(f"unknown int4 option(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    return Int4Options(**{"block": block_size, **(int4 or {})}).check()
