@@ -80,9 +80,12 @@ def _candidate(blocks: torch.Tensor, symmetric: bool, f: float, end: float) -> t
     """(scale, zero point) per block for range shrink `f` (symmetric: `end` −8 or 7 is where the signed absmax
     lands)."""
     if symmetric:
-        m = torch.gather(blocks, 2, blocks.abs().argmax(2, keepdim=True)).squeeze(2)
+        lo, hi = blocks.amin(2), blocks.amax(2)
+        m = torch.where(hi.abs() > lo.abs(), hi, lo)  # a tie goes to the negative end, as in onnxruntime
         return m * f / end, torch.full_like(m, 8.0)
-    lo, hi = blocks.amin(2).clamp(max=0) * f, blocks.amax(2).clamp(min=0) * f
+    # asymmetric: `end` picks which side of the range shrinks (0 both, 1 the low, 2 the high end)
+    lo = blocks.amin(2).clamp(max=0) * (f if end != 2 else 1.0)
+    hi = blocks.amax(2).clamp(min=0) * (f if end != 1 else 1.0)
     s = (hi - lo) / 15
     zp = _roundf(torch.where(s == 0, torch.zeros_like(s), -lo / torch.where(s == 0, torch.ones_like(s), s)))
     return s, zp.clamp_(0, 15)
@@ -99,8 +102,8 @@ def quantize_int4(W: torch.Tensor, opts: Int4Options = Int4Options()):
     if kb * block != K:
         W = torch.nn.functional.pad(W, (0, kb * block - K))
     blocks = W.reshape(N, kb, block)
-    cands = [(f, e) for f in (SEARCH_SHRINK if opts.search else (1.0,)) for e in ((-8.0, 7.0) if opts.search and
-                                                                                   opts.symmetric else (-8.0,))]
+    ends = ((-8.0, 7.0) if opts.symmetric else (0, 1, 2)) if opts.search else ((-8.0,) if opts.symmetric else (0,))
+    cands = [(f, e) for f in (SEARCH_SHRINK if opts.search else (1.0,)) for e in ends]
     best = None
     for f, e in cands:
         s, zp = _candidate(blocks, opts.symmetric, f, e)
