@@ -15,9 +15,12 @@ The k-quants (Q4_K, Q5_K, Q6_K, ...) are not here: `TYPES` lists what is, `UNSUP
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from loraport.threads import cores, torch_threads
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ UNSUPPORTED = {10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "
                17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
                24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
                39: "MXFP4"}
+
+
+# Blocks per step: ~1 MB of fp32 temporaries stay in cache and in the allocator's reused memory. Whole-tensor
+# temporaries were 5-10x slower than numpy on 2 cores (every op faulted in fresh pages).
+CHUNK = 8192
 
 
 def row_bytes(t: GgmlType, n: int) -> int:
@@ -90,7 +98,13 @@ def _unpack_high(b: torch.Tensor) -> torch.Tensor:
 
 def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     """The value of largest magnitude in each block, with its sign (first one on ties, as numpy's argmax)."""
-    return torch.gather(x, 1, x.abs().argmax(dim=1, keepdim=True))
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    m = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo) & (hi != 0)  # +a and -a both present: the first one wins (rare, so looked up only then)
+    if bool(tie.any()):
+        rows = tie.squeeze(1).nonzero().squeeze(1)
+        m[rows] = torch.gather(x[rows], 1, x[rows].abs().argmax(dim=1, keepdim=True))
+    return m
 
 
 # --- quantize: [n, 32] fp32 blocks -> [n, nbytes] uint8 ------------------------------------------------------
@@ -153,6 +167,22 @@ _BLOCK_FNS = {"Q8_0": (_q8_0, _dq8_0), "Q4_0": (_q4_0, _dq4_0), "Q4_1": (_q4_1, 
               "Q5_0": (_q5_0, _dq5_0), "Q5_1": (_q5_1, _dq5_1)}
 
 
+def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = fn(blocks[i]) a chunk at a time, chunks spread over the cores, one torch thread each (an
+    OpenMP team per op stalled on a busy machine: 5x slower than one thread; see loraport/threads.py)."""
+    starts = range(0, blocks.shape[0], CHUNK)
+
+    def one(i: int) -> None:
+        with torch_threads(1):
+            out[i:i + CHUNK] = fn(blocks[i:i + CHUNK])
+
+    if len(starts) == 1 or cores() == 1:
+        one(0) if len(starts) == 1 else [one(i) for i in starts]
+        return
+    with ThreadPoolExecutor(max_workers=min(cores(), len(starts))) as ex:
+        list(ex.map(one, starts))
+
+
 def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
     """fp32 tensor (rows a multiple of the block) -> its GGUF bytes, flat uint8."""
     x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -164,7 +194,10 @@ def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
         return x.to(torch.bfloat16).reshape(-1).view(torch.uint8)
     if x.shape[-1] % t.block:
         raise ValueError(f"rows of {x.shape[-1]} are not a multiple of {t.name}'s block of {t.block}")
-    return _BLOCK_FNS[t.name][0](x.reshape(-1, t.block)).reshape(-1)
+    blocks = x.reshape(-1, t.block)
+    out = torch.empty(blocks.shape[0], t.nbytes, dtype=torch.uint8)
+    _chunked(_BLOCK_FNS[t.name][0], blocks, out)
+    return out.reshape(-1)
 
 
 def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.Tensor:
@@ -176,4 +209,7 @@ def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.
         return raw.view(torch.float16).float().reshape(shape)
     if t.name == "BF16":
         return raw.view(torch.bfloat16).float().reshape(shape)
-    return _BLOCK_FNS[t.name][1](raw.reshape(-1, t.nbytes)).reshape(shape)
+    blocks = raw.reshape(-1, t.nbytes)
+    out = torch.empty(blocks.shape[0], t.block, dtype=torch.float32)
+    _chunked(_BLOCK_FNS[t.name][1], blocks, out)
+    return out.reshape(shape)
