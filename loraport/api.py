@@ -224,7 +224,7 @@ def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: P
     `read_options` / `write_options` go to the reader and the writer (e.g. {"mlx_alpha": "apply"},
     {"bake": True}); one the format does not declare is refused, naming those it does.
     `to="onnx-adapter"` writes an .onnx_adapter for the multi-LoRA ONNX `graph`; `to="onnx"` is export_onnx
-    (`onnx_options`: opset, dtype, quantize, multi_lora, with_past, recapture)."""
+    (`onnx_options`: opset, dtype, quantize, multi_lora, with_past, recapture, int4)."""
     from loraport.results import ConvertResult
 
     with _api_terms():

@@ -100,3 +100,33 @@ def test_matmulnbits_graph_runs_in_onnxruntime(opts):
 def test_bad_int4_options_refused(bad):
     with pytest.raises(BadInputError):
         rewrite(_linear_model(24, 96), {"w": (24, 96)}, "int4", TensorProto.FLOAT, int4=Int4Options(**bad))
+
+
+def _export_args(tmp_path, *int4):
+    from _gguf_base_util import LLAMA
+
+    return ("convert", "--to", "onnx", "--base", LLAMA, "--adapter", LLAMA.parent.parent / "peft" / "llama_lora",
+            "--out", tmp_path / "onnx", "--quantize", "int4", *[a for o in int4 for a in ("--int4", o)])
+
+
+@pytest.mark.parametrize("opts,msg", [(["blok=16"], "unknown int4 option"), (["block=48"], "power of two"),
+                                      (["search=maybe"], "integer or true/false")])
+def test_cli_int4_options_refused_before_work(tmp_path, opts, msg):
+    from _peft_util import cli
+
+    res = cli(*_export_args(tmp_path, *opts))
+    assert res.exit_code == 2 and msg in res.stderr and not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow  # ~20 s: a graph capture (pytest -m slow tests/test_onnx_int4.py)
+def test_cli_asymmetric_search_export_validates(tmp_path):
+    from _gguf_base_util import LLAMA
+    from _peft_util import cli
+
+    res = cli(*_export_args(tmp_path, "block=16", "symmetric=false", "search=true", "accuracy_level=4"))
+    assert res.exit_code == 0, res.output
+    m = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15 and all(len(n.input) == 4 for n in nodes)
+    res = cli("validate", tmp_path / "onnx", "--base", LLAMA, "--adapter", LLAMA.parent.parent / "peft" / "llama_lora")
+    assert res.exit_code == 0, res.output

@@ -53,10 +53,10 @@ def cli_convert(**kw) -> dict:
                            quantize=kw.get("quantize"), multi_lora=bool(kw.get("multi_lora")),
                            with_past=bool(kw.get("with_past")), overwrite=bool(kw.get("overwrite")),
                            device=kw.get("device") or "auto", lean=own_process(),
-                           recapture=bool(kw.get("recapture")))
+                           recapture=bool(kw.get("recapture")), int4=kw.get("int4"))
     if to == "onnx-adapter":
         flags = (("--multi-lora", "multi_lora"), ("--quantize", "quantize"), ("--with-past", "with_past"),
-                 ("--opset", "opset"), ("--recapture", "recapture"))
+                 ("--opset", "opset"), ("--recapture", "recapture"), ("--int4", "int4"))
         unused = [f for f, k in flags if kw.get(k)]
         if unused:
             raise BadInputError(f"{', '.join(unused)} do not apply to --to onnx-adapter")
