@@ -8,6 +8,7 @@ One tensor is held at a time: peak memory is the largest tensor a few times over
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def merge_gguf(base: str | Path, adapters, out: str | Path, *, dtype: str = "aut
         hashes = mf.BackgroundHashes([base, *[a for a, _ in adapters]], cache) if manifest else None
         loaded, warns = _load_adapters(adapters, src, adapter_format, strict, nonfinite, cache)
         plan = _plan(src, loaded, strict)
-        entries = [GgufEntry(g, t.shape, t.ggml_type, t.end - t.begin) for g, t in src.file.tensors.items()]
-        check_free_space(out_p.parent, src.file.size)
+        entries, fell_back = _entries(src, plan)
+        warns += fell_back
+        check_free_space(out_p.parent, src.file.size + sum(e.nbytes for e in entries))
         f = src.file
         meta = [(k, *f.value_types[k], v) for k, v in f.metadata.items() if not k.startswith("loraport.")]
         meta += [(k, 8, None, str(v)) for k, v in provenance(loaded, "auto", None, cache.sha256).items()]
@@ -88,6 +90,23 @@ def merge_gguf(base: str | Path, adapters, out: str | Path, *, dtype: str = "aut
     return report
 
 
+def _entries(src: GgufBase, plan) -> tuple[list[GgufEntry], list[str]]:
+    """The output's tensor table (each tensor's type: its own; an updated k-quant's fallback) and a warning per
+    kind of fallback."""
+    entries, moved = [], {}
+    for name, g in src.gguf_of.items():
+        t = src.file.tensors[g]
+        stored = src.ggml_type(name)
+        out = src.out_type(name) if name in plan.updates else stored
+        if out is not stored:
+            moved.setdefault((stored.name, out.name), []).append(name)
+        n = math.prod(t.shape) // out.block * out.nbytes
+        entries.append(GgufEntry(g, t.shape, out.id, n))
+    warns = [f"{len(names)} updated {a} tensor(s) written as {b} (loraport has no {a} quantizer; {b} has at least "
+             f"as many bits per weight), e.g. {names[0]}" for (a, b), names in moved.items()]
+    return entries, warns
+
+
 def _stream(src: GgufBase, plan, sink: GgufSink, dev, nonfinite: str, rows: list, warns: list, progress) -> int:
     """Read ► apply ► re-quantize ► write, one tensor at a time in the file's order."""
     import contextlib
@@ -116,16 +135,17 @@ def _stream(src: GgufBase, plan, sink: GgufSink, dev, nonfinite: str, rows: list
 def _row(src: GgufBase, name: str, W0: torch.Tensor, W: torch.Tensor, codes: torch.Tensor,
          stored: torch.Tensor) -> dict:
     """How the re-quantized tensor relates to the merged weights and to the base (loraport.quant.metrics)."""
-    t = src.ggml_type(name)
-    deq = src.from_stored(name, codes)
+    t = src.out_type(name)
+    deq = src.from_stored(name, codes, t)
     delta = W - W0
     rel, snr = rel_error(W, deq)
     kept, surv = delta_retained(deq, W0, delta), delta_survival(deq, W0, delta)
     row = {"name": name, "type": t.name, "rel_error": finite(rel), "snr_db": finite(snr),
            "delta_survival": None if surv is None else finite(surv),
            "delta_retained": None if kept is None else finite(kept),
-           "codes_changed": round(float((codes != stored).float().mean()), 6),  # of the stored bytes
-           "bytes_before": codes.numel(), "bytes_after": codes.numel()}
+           "bytes_before": stored.numel(), "bytes_after": codes.numel()}
+    if t is src.ggml_type(name):
+        row["codes_changed"] = round(float((codes != stored).float().mean()), 6)  # of the stored bytes
     if kept is not None and kept < ERASED_BELOW:
         row["erased"] = True
     return row

@@ -32,11 +32,28 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{BLOCK[rest.removesuffix('.weight')]}.weight"
 
 
-def make_llama_gguf(out: Path, qtype: str = "Q8_0", weights: dict | None = None, norm_type: str = "F32") -> Path:
-    """The fixture llama as GGUF: 2-D weights in `qtype`, norms in `norm_type`. `weights` overrides the HF
-    tensors (fp32 numpy)."""
-    cfg = json.loads((LLAMA / "config.json").read_text())
-    ws = weights or load_file(str(LLAMA / "model.safetensors"))
+# where a k-quant block keeps its fp16 super-block scales (ggml-common.h block_q4_K / block_q6_K)
+K_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def _k_blocks(shape: tuple, qtype: str, rng) -> np.ndarray:
+    """Valid k-quant bytes without a k-quant quantizer (gguf-py has none): random codes and sub-scales, the
+    fp16 super-block scales set to small finite values. gguf.quants dequantizes them (the oracle)."""
+    qt = gguf.GGMLQuantizationType[qtype]
+    blk, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (int(np.prod(shape)) // blk, nbytes), dtype=np.uint8)
+    for off in K_SCALES[qtype]:
+        raw[:, off:off + 2] = (rng.uniform(1e-4, 4e-4, (raw.shape[0], 1))).astype(np.float16).view(np.uint8)
+    return raw.reshape(*shape[:-1], shape[-1] // blk * nbytes)
+
+
+def make_llama_gguf(out: Path, qtype: str = "Q8_0", weights: dict | None = None, norm_type: str = "F32",
+                    model: Path = LLAMA) -> Path:
+    """The llama of folder `model` (default: the fixture) as GGUF: 2-D weights in `qtype` (a k-quant: random
+    valid blocks instead of the model's weights), norms in `norm_type`. `weights` overrides the HF tensors."""
+    cfg = json.loads((model / "config.json").read_text())
+    ws = weights or load_file(str(model / "model.safetensors"))
+    rng = np.random.default_rng(0)
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_name("tiny-llama")
@@ -63,7 +80,7 @@ def make_llama_gguf(out: Path, qtype: str = "Q8_0", weights: dict | None = None,
         kind = qtype if t.ndim == 2 and t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] == 0 \
             else ("F16" if t.ndim == 2 else norm_type)
         qt = gguf.GGMLQuantizationType[kind]
-        data = gguf.quants.quantize(t, qt)
+        data = _k_blocks(t.shape, kind, rng) if kind in K_SCALES else gguf.quants.quantize(t, qt)
         w.add_tensor(gguf_name(hf), data, raw_shape=data.shape, raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -53,7 +53,7 @@ def _reader_meta(r: gguf.GGUFReader) -> dict:
     return {k: (f.types, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
 
 
-def _peft_reference(base_gguf) -> dict[str, torch.Tensor]:
+def _peft_reference(base_gguf, model=LLAMA, adapter=ADAPTER) -> dict[str, torch.Tensor]:
     """PEFT's merge of the adapter into the model whose weights are the GGUF's, dequantized by gguf.quants and
     un-permuted: HF name -> merged fp32."""
     from peft import PeftModel
@@ -61,18 +61,18 @@ def _peft_reference(base_gguf) -> dict[str, torch.Tensor]:
 
     r = gguf.GGUFReader(base_gguf)
     by_gguf = {t.name: t for t in r.tensors}
-    cfg = AutoConfig.from_pretrained(LLAMA)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    cfg = AutoConfig.from_pretrained(model)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     sd = {}
-    for hf in model.state_dict():
+    for hf in m.state_dict():
         t = by_gguf[gguf_name(hf)]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape)))
         if hf.endswith(("q_proj.weight", "k_proj.weight")):  # invert llama.cpp's permutation
             nh = cfg.num_attention_heads if "q_proj" in hf else cfg.num_key_value_heads
             w = w.reshape(nh, w.shape[0] // nh // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
         sd[hf] = torch.from_numpy(np.ascontiguousarray(w))
-    model.load_state_dict(sd)
-    merged = PeftModel.from_pretrained(model, str(ADAPTER)).merge_and_unload().state_dict()
+    m.load_state_dict(sd)
+    merged = PeftModel.from_pretrained(m, str(adapter)).merge_and_unload().state_dict()
     return {k: merged[k].float() for k in sd}, sd, cfg
 
 
@@ -175,11 +175,11 @@ def _set_type(path, tensor: str, new_type: int) -> None:
     path.write_bytes(bytes(b))
 
 
-@pytest.mark.parametrize("case", ["q4_k", "unknown", "truncated", "ragged"])
+@pytest.mark.parametrize("case", ["iq2", "unknown", "truncated", "ragged"])
 def test_bad_gguf_base_is_one_line_exit_2(tmp_path, case):
     base = make_llama_gguf(tmp_path / "base.gguf", "Q8_0")
-    if case == "q4_k":
-        _set_type(base, "blk.0.attn_q.weight", 12)
+    if case == "iq2":
+        _set_type(base, "blk.0.attn_q.weight", 16)
     elif case == "unknown":
         _set_type(base, "blk.0.attn_q.weight", 777)
     elif case == "truncated":
@@ -191,7 +191,7 @@ def test_bad_gguf_base_is_one_line_exit_2(tmp_path, case):
     assert res.exit_code == 2, res.output
     msg = res.stderr.strip()
     assert len(msg.splitlines()) == 1 and "Traceback" not in res.output and str(base) in msg
-    want = {"q4_k": "Q4_K", "unknown": "777", "truncated": "past the end", "ragged": "block size"}[case]
+    want = {"iq2": "IQ2_XXS", "unknown": "777", "truncated": "past the end", "ragged": "block size"}[case]
     assert want in msg
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
@@ -202,3 +202,46 @@ def test_refuses_options_it_cannot_honour(tmp_path):
     assert res.exit_code == 2 and "--dtype" in res.stderr
     res = cli("merge", "--base", base, "--adapter", ADAPTER, "--out", tmp_path / "m.safetensors")
     assert res.exit_code == 2 and ".gguf" in res.stderr
+
+
+def _wide_llama(tmp_path):
+    """A llama whose rows are whole k-quant super-blocks (256), and a PEFT LoRA for it made by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
+                                            init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    return tmp_path / "hf", tmp_path / "lora"
+
+
+@pytest.mark.parametrize("qtype,fallback", [("Q4_K", "Q5_0"), ("Q6_K", "Q8_0")])
+def test_k_quant_base_read_exactly_written_in_fallback(tmp_path, qtype, fallback):
+    """k-quants are read with gguf.quants' dequantizer; updated tensors go to the fallback type with a warning;
+    untouched ones keep their k-quant bytes."""
+    hf, lora = _wide_llama(tmp_path)
+    base = make_llama_gguf(tmp_path / "base.gguf", qtype, model=hf)
+    out = tmp_path / "merged.gguf"
+    res = cli("merge", "--base", base, "--adapter", lora, "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert f"written as {fallback}" in res.output
+    ref, base_sd, cfg = _peft_reference(base, hf, lora)
+    rb, ro = {t.name: t for t in gguf.GGUFReader(base).tensors}, {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert list(rb) == list(ro)
+    for hf_name, w in ref.items():
+        g = gguf_name(hf_name)
+        if torch.equal(w, base_sd[hf_name]):
+            assert ro[g].tensor_type == rb[g].tensor_type and np.array_equal(ro[g].data, rb[g].data), g
+            continue
+        assert ro[g].tensor_type.name == fallback, g
+        w = w.numpy()
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = llama_permute(w, cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads)
+        want = gguf.quants.quantize(np.ascontiguousarray(w), ro[g].tensor_type)
+        same = np.mean(want.reshape(-1).view(np.uint8) == ro[g].data.reshape(-1).view(np.uint8))
+        assert same > 0.995, (g, same)

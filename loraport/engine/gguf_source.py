@@ -39,14 +39,14 @@ for _mt, (_arch, _) in GGUF_ARCH.items():
 class GgufBaseFile(GGUFFile):
     """The bounded GGUF walker, reading the tensor types of `loraport.quant.ggml` (a model, not an adapter)."""
 
-    TYPES = {t.id: (t.name, None, t.block, t.nbytes) for t in ggml.TYPES.values()}
+    TYPES = {t.id: (t.name, None, t.block, t.nbytes) for t in (*ggml.TYPES.values(), *ggml.READ_ONLY.values())}
 
     def _unknown_type(self, name: str, gtype: int) -> BadInputError:
         known = ggml.UNSUPPORTED.get(gtype)
         what = f"ggml type {known}" if known else f"unknown ggml type {gtype}"
-        return BadInputError(f"{self.path}: tensor {name!r} has {what}; loraport re-quantizes GGUF bases of "
-                             f"{'/'.join(t.name for t in ggml.TYPES.values())} only (merge into the F16 or "
-                             "BF16 GGUF and quantize it with llama-quantize)")
+        return BadInputError(f"{self.path}: tensor {name!r} has {what}; loraport reads GGUF bases of "
+                             f"{'/'.join(ggml.BY_NAME)} only (merge into the F16 or BF16 GGUF and quantize "
+                             "it with llama-quantize)")
 
     def _err(self, what: str) -> BadInputError:
         return BadInputError(f"{self.path}: corrupted GGUF ({what}); re-download or re-convert the model")
@@ -97,7 +97,13 @@ class GgufBase(Checkpoint):
 
     # --- the source interface ---------------------------------------------------------------------
     def ggml_type(self, name: str) -> ggml.GgmlType:
-        return ggml.TYPES[self.file.tensors[self.gguf_of[name]].ggml_type]
+        """How `name` is stored."""
+        gt = self.file.tensors[self.gguf_of[name]].ggml_type
+        return ggml.TYPES.get(gt) or ggml.READ_ONLY[gt]
+
+    def out_type(self, name: str) -> ggml.GgmlType:
+        """How `name` is written once updated (its own type, or the k-quant's fallback)."""
+        return ggml.writable(self.ggml_type(name))
 
     def info(self, name: str) -> TensorInfo:
         t = self.file.tensors[self.gguf_of[name]]
@@ -111,18 +117,18 @@ class GgufBase(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         """fp32, in HF orientation (q/k rows un-permuted)."""
-        return self.from_stored(name, self.file.raw(self.gguf_of[name]))
+        return self.from_stored(name, self.file.raw(self.gguf_of[name]), self.ggml_type(name))
 
-    def from_stored(self, name: str, data: torch.Tensor) -> torch.Tensor:
-        """GGUF bytes of `name` (stored or re-quantized) -> fp32 in HF orientation."""
-        W = ggml.dequantize(data, self.ggml_type(name), self.file.tensors[self.gguf_of[name]].shape)
+    def from_stored(self, name: str, data: torch.Tensor, t: ggml.GgmlType) -> torch.Tensor:
+        """GGUF bytes of `name` in type `t` (stored or re-quantized) -> fp32 in HF orientation."""
+        W = ggml.dequantize(data, t, self.file.tensors[self.gguf_of[name]].shape)
         nh = self._heads(name)
         return rope_unpermute_rows(W, nh) if nh else W
 
     def to_stored(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """A tensor served by `get` back in the file's orientation and type: its GGUF bytes."""
         nh = self._heads(name)
-        return ggml.quantize(rope_permute_rows(W, nh) if nh else W, self.ggml_type(name))
+        return ggml.quantize(rope_permute_rows(W, nh) if nh else W, self.out_type(name))
 
     def raw(self, name: str) -> torch.Tensor:  # type: ignore[override]
         return self.file.raw(self.gguf_of[name])

@@ -10,7 +10,9 @@ Block layouts (32 weights a block, little-endian, d and m fp16):
   Q5_0 [d, 4 B high bits, 16 B]       x = d·(q − 16), d = signed absmax / −16
   Q5_1 [d, m, 4 B high bits, 16 B]    x = d·q + m,    d = (max − min) / 31
 Nibbles: byte j holds weight j (low) and weight j + 16 (high); high bits: bit j of the uint32 is weight j's.
-The k-quants (Q4_K, Q5_K, Q6_K, ...) are not here: `TYPES` lists what is, `UNSUPPORTED` names the rest.
+The k-quants Q2_K…Q6_K are read (through gguf.quants' dequantizer) but not written: gguf-py has no quantizer
+for them and libggml's is not reachable here, so `writable()` names the legacy type an updated tensor is
+written in instead (`FALLBACK`: at least as many bits per weight); `UNSUPPORTED` names what cannot be read.
 """
 
 from __future__ import annotations
@@ -36,8 +38,16 @@ TYPES: dict[int, GgmlType] = {t.id: t for t in (
     GgmlType("Q4_0", 2, 32, 18), GgmlType("Q4_1", 3, 32, 20), GgmlType("Q5_0", 6, 32, 22),
     GgmlType("Q5_1", 7, 32, 24), GgmlType("Q8_0", 8, 32, 34),
 )}
-# ggml types a GGUF base may hold that loraport cannot requantize (named in the refusal)
-UNSUPPORTED = {10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+# k-quants: read (dequantized by gguf.quants, the reference), but loraport has no quantizer for them: an updated
+# tensor is written in the nearest type here with at least as many bits per weight (a warning says so)
+READ_ONLY: dict[int, GgmlType] = {t.id: t for t in (
+    GgmlType("Q2_K", 10, 256, 84), GgmlType("Q3_K", 11, 256, 110), GgmlType("Q4_K", 12, 256, 144),
+    GgmlType("Q5_K", 13, 256, 176), GgmlType("Q6_K", 14, 256, 210),
+)}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}  # bpw 2.6/3.4/4.5/5.5/6.6
+BY_NAME = {t.name: t for t in (*TYPES.values(), *READ_ONLY.values())}
+# ggml types a GGUF base may hold that loraport cannot read (named in the refusal)
+UNSUPPORTED = {15: "Q8_K", 16: "IQ2_XXS",
                17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
                24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
                39: "MXFP4"}
@@ -200,9 +210,21 @@ def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
     return out.reshape(-1)
 
 
+def writable(t: GgmlType) -> GgmlType:
+    """The type an updated tensor stored as `t` is written in: itself, or its FALLBACK."""
+    return BY_NAME[FALLBACK[t.name]] if t.id in READ_ONLY else t
+
+
 def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.Tensor:
     """GGUF bytes (flat uint8) of a tensor of `shape` (torch order) -> fp32."""
     raw = raw.reshape(-1)
+    if t.id in READ_ONLY:  # gguf.quants' numpy dequantizer is the reference (and the only one here)
+        import gguf
+        import numpy as np
+
+        blocks = raw.numpy().reshape(-1, t.nbytes)
+        out = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(t.id)).astype(np.float32, copy=False)
+        return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape)
     if t.name == "F32":
         return raw.view(torch.float32).reshape(shape).clone()
     if t.name == "F16":
