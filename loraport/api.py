@@ -162,7 +162,8 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
           hash_cache: bool = True, reference: PathLike | None = None, progress=None) -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
-    model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
+    model folder, a file for a single .safetensors, an .onnx file for an .onnx base, a .gguf file for a .gguf
+    base (every tensor in its own ggml type; formats/gguf.md). `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json)."""
     from loraport.results import MergeResult
