@@ -164,7 +164,8 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           hash_cache: bool = True, reference: PathLike | None = None, progress=None,
           force: bool = False, tie_embeddings: str = "auto") -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
-    model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
+    model folder, a file for a single .safetensors, an .onnx file for an .onnx base, a .gguf file for a .gguf
+    base (every tensor in its own ggml type; formats/gguf.md). `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
     differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or
@@ -191,6 +192,10 @@ def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **opt
     ONNX one is built on the merge engine (its plan and per-tensor math), which therefore imports nothing of it."""
     if Path(base).suffix == ".onnx":
         return _bake(base, adapters, out, **options)
+    if Path(base).suffix == ".gguf":  # a GGUF model: its own source and sink around the same plan and math
+        from loraport.gguf_merge import merge_gguf
+
+        return merge_gguf(base, adapters, out, **options)
     from loraport.merging import merge as run
 
     return run(base, adapters, out, **options)
@@ -227,7 +232,7 @@ def convert(adapter: AdapterSpec | Sequence[AdapterSpec] | None, to: str, out: P
     `read_options` / `write_options` go to the reader and the writer (e.g. {"mlx_alpha": "apply"},
     {"bake": True}); one the format does not declare is refused, naming those it does.
     `to="onnx-adapter"` writes an .onnx_adapter for the multi-LoRA ONNX `graph`; `to="onnx"` is export_onnx
-    (`onnx_options`: opset, dtype, quantize, multi_lora, with_past, recapture)."""
+    (`onnx_options`: opset, dtype, quantize, multi_lora, with_past, recapture, int4)."""
     from loraport.results import ConvertResult
 
     with _api_terms():
@@ -260,10 +265,12 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 weights: Sequence[float] | None = None, opset: int | None = None, dtype="fp32",
                 quantize: str | None = None, multi_lora: bool = False, with_past: bool = False,
                 overwrite: bool = False, device="auto", strict: bool = True,
-                recapture: bool = False, nonfinite: str = "warn") -> ExportResult:
+                recapture: bool = False, nonfinite: str = "warn", int4: dict | None = None) -> ExportResult:
     """Export `base` (a transformers model folder) with `adapters` merged — or, `multi_lora=True`, kept as
-    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4.
-    `nonfinite`: "warn" (the result's warnings) or "fail" (refused) on NaN/Inf, as in merge."""
+    switchable inputs with one .onnx_adapter each — to the ONNX folder `out`. `quantize`: int8 or int4;
+    `int4`: {"block": 16-256, "symmetric": bool, "search": bool, "accuracy_level": 0-4} (default: symmetric,
+    block 32, onnxruntime's own quantizer's codes). `nonfinite`: "warn" (the result's warnings) or "fail"
+    (refused) on NaN/Inf, as in merge."""
     from loraport.results import ExportResult
 
     with _api_terms():
@@ -275,7 +282,7 @@ def export_onnx(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec] | 
                 from None
         rep = run(_path(base, "base"), ads, out, opset=opset, dtype=dtype_name(dtype, allowed=("fp32", "fp16")),
                   quantize=quantize, multi_lora=multi_lora, with_past=with_past, overwrite=overwrite,
-                  device=str(device), strict=strict, recapture=recapture, nonfinite=nonfinite)
+                  device=str(device), strict=strict, recapture=recapture, nonfinite=nonfinite, int4=int4)
         return ExportResult.of(rep)
 
 

@@ -41,10 +41,13 @@ def register(group: click.Group) -> None:
 @click.option("--with-past", is_flag=True, help="ONNX: KV-cache inputs/outputs for generation")
 @click.option("--fail-on-nonfinite", is_flag=True, help="ONNX: refuse adapters or merged weights with NaN/Inf "
               "(default: warn), as merge does")
+@click.option("--int4", "int4_opts", multiple=True, metavar="KEY=VALUE",
+              help="ONNX --quantize int4: block=16..256, symmetric=true|false, search=true|false, "
+                   "accuracy_level=0..4 (repeatable)")
 @click.option("--recapture", is_flag=True, help="ONNX: trace the graph again instead of reading the one remembered "
               "for this architecture and these options (LORAPORT_NO_GRAPH_CACHE=1: never remember)")
 def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, write_opts, as_json, adapters, weights,
-                multi_lora, graph, opset, dtype, quantize, with_past, fail_on_nonfinite, recapture):
+                multi_lora, graph, opset, dtype, quantize, with_past, fail_on_nonfinite, recapture, int4_opts):
     """Convert ADAPTER to another format without merging: exact where the target can express it (scales
     baked into B where a format has one alpha), refused with the reason otherwise unless --lossy."""
     from loraport.console import emit_json, err
@@ -54,7 +57,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
     _check_target(to)
     onnx_only = {"--adapter": adapters, "--weight": weights, "--multi-lora": multi_lora, "--graph": graph,
                  "--opset": opset, "--dtype": dtype, "--quantize": quantize, "--with-past": with_past,
-                 "--recapture": recapture, "--fail-on-nonfinite": fail_on_nonfinite}
+                 "--recapture": recapture, "--fail-on-nonfinite": fail_on_nonfinite, "--int4": int4_opts}
     import loraport
 
     if to in export_targets():
@@ -67,7 +70,7 @@ def convert_cmd(adapter, to, out, base, fmt, lossy, rank, overwrite, read_opts, 
         rep = loraport.convert(all_adapters, to, out, weights=list(weights) or None, base=base, format=fmt,
                                lossy=lossy, rank=rank, overwrite=overwrite, graph=graph, multi_lora=multi_lora,
                                opset=opset, dtype=dtype, quantize=quantize, with_past=with_past,
-                               recapture=recapture,
+                               recapture=recapture, int4=_int4(int4_opts),
                                **({"nonfinite": "fail"} if fail_on_nonfinite else {})).to_dict()
     else:
         used = [k for k, v in onnx_only.items() if v]
@@ -133,3 +136,20 @@ def _options(adapter, fmt, to, read_opts, write_opts) -> tuple[dict, dict]:
         ropts = parse_option_text(rfmt.read_options, list(read_opts), rfmt.name, "read")
     wfmt = get_format(to)
     return ropts, parse_option_text(wfmt.write_options, list(write_opts), wfmt.name, "write")
+
+
+def _int4(opts) -> dict | None:
+    """--int4 KEY=VALUE pairs as export_onnx's int4 dict (values: integers, true/false)."""
+    out: dict = {}
+    for o in opts:
+        key, sep, val = o.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--int4 {o!r}: expected KEY=VALUE (e.g. block=64)")
+        low = val.strip().lower()
+        if low in ("true", "false"):
+            out[key.strip()] = low == "true"
+        elif low.lstrip("-").isdigit():
+            out[key.strip()] = int(low)
+        else:
+            raise BadInputError(f"--int4 {o!r}: the value must be an integer or true/false")
+    return out or None

@@ -125,6 +125,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     size = report.get("bytes_written", report.get("external_data_bytes", 0))
     err.print(f"merged {len(report['adapters'])} adapter(s) into {n} tensor(s) → {report['out']} "
               f"({human_bytes(size)}, {report['seconds']:.1f}s on {report.get('device', '?')})", markup=False)
+    if str(base).endswith(".gguf"):  # validate runs torch / onnxruntime artifacts, not GGUF (llama.cpp's)
+        return
     if not str(base).endswith(".onnx") or reference:  # a baked ONNX model is validated against its HF folder
         err.print(next_validate(report["out"], reference or base, list(zip(adapters, ws))), markup=False)
 

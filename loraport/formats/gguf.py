@@ -87,9 +87,16 @@ class GGUFFile:
             raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
         self.size = size
         self.metadata: dict = {}
+        self.value_types: dict[str, tuple[int, int | None]] = {}  # key -> (GGUF value type, array item type)
         self._meta_bytes = 0
         self.tensors: dict[str, GGUFTensor] = {}
         self._parse()
+
+    TYPES = _TYPES  # the ggml types this view reads
+
+    def _unknown_type(self, name: str, gtype: int) -> BadInputError:
+        return BadInputError(f"{self.path}: tensor {name!r} has ggml type {gtype}; loraport reads "
+                             "F32/F16/BF16/Q8_0 adapters (re-export with --outtype f16 or f32)")
 
     def _err(self, what: str) -> BadInputError:
         return BadInputError(f"{self.path}: corrupted GGUF ({what}); re-export the adapter")
@@ -121,6 +128,7 @@ class GGUFFile:
             return self._string(off)
         if vtype == T_ARRAY and depth == 0:
             etype, off = self._unpack("<I", off, 4)
+            self._etype = etype
             count, off = self._unpack("<Q", off, 8)
             min_size = _SCALARS[etype][1] if etype in _SCALARS else 8
             if etype not in _SCALARS and etype != T_STRING or count * min_size > self.size - off:
@@ -160,6 +168,7 @@ class GGUFFile:
             if key in self.metadata:
                 raise self._err(f"metadata key {key!r} appears twice")
             self.metadata[key] = val
+            self.value_types[key] = (vtype, self._etype if vtype == T_ARRAY else None)
         infos = []
         for _ in range(n_tensors):
             info, off = self._tensor_info(off)
@@ -191,10 +200,9 @@ class GGUFFile:
         for name, shape, gtype, toff in infos:
             if name in self.tensors:
                 raise self._err(f"tensor {name!r} appears twice")
-            if gtype not in _TYPES:
-                raise BadInputError(f"{self.path}: tensor {name!r} has ggml type {gtype}; loraport reads "
-                                    "F32/F16/BF16/Q8_0 adapters (re-export with --outtype f16 or f32)")
-            _, _, blk, bbytes = _TYPES[gtype]
+            if gtype not in self.TYPES:
+                raise self._unknown_type(name, gtype)
+            _, _, blk, bbytes = self.TYPES[gtype]
             n = math.prod(int(x) for x in shape)
             if shape[-1] % blk:
                 raise self._err(f"tensor {name!r}: row of {shape[-1]} is not a multiple of the block size {blk}")

@@ -53,10 +53,12 @@ def cli_convert(**kw) -> dict:
                            quantize=kw.get("quantize"), multi_lora=bool(kw.get("multi_lora")),
                            with_past=bool(kw.get("with_past")), overwrite=bool(kw.get("overwrite")),
                            device=kw.get("device") or "auto", lean=own_process(),
-                           recapture=bool(kw.get("recapture")), nonfinite=kw.get("nonfinite") or "warn")
+                           recapture=bool(kw.get("recapture")), nonfinite=kw.get("nonfinite") or "warn",
+                           int4=kw.get("int4"))
     if to == "onnx-adapter":
         flags = (("--multi-lora", "multi_lora"), ("--quantize", "quantize"), ("--with-past", "with_past"),
-                 ("--opset", "opset"), ("--recapture", "recapture"), ("--fail-on-nonfinite", "nonfinite"))
+                 ("--opset", "opset"), ("--recapture", "recapture"), ("--fail-on-nonfinite", "nonfinite"),
+                 ("--int4", "int4"))
         unused = [f for f, k in flags if kw.get(k)]
         if unused:
             raise BadInputError(f"{', '.join(unused)} do not apply to --to onnx-adapter")

@@ -19,6 +19,7 @@ Bounded reused buffers, overlapped read / compute / write and progress are the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -59,12 +60,15 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
                 opset: int | None = None, dtype: str = "fp32", quantize: str | None = None,
                 multi_lora: bool = False, with_past: bool = False, overwrite: bool = False,
                 device: str = "auto", strict: bool = True, block_size: int = 32, lean: bool = False,
-                recapture: bool = False, manifest: bool = True, hash_cache=True, nonfinite: str = "warn") -> dict:
+                recapture: bool = False, manifest: bool = True, hash_cache=True, nonfinite: str = "warn",
+                int4: dict | None = None) -> dict:
     """Export base (+ adapters, merged or as switchable .onnx_adapter files) to an ONNX folder `out`.
     `lean`: the caller is a process that ends after this export (the CLI): the capture may leave out optional
     packages transformers would import but never use here (loraport/onnx/memory.py).
     The graph of an architecture captured before is read back from the graph cache (loraport/onnx/graph_cache.py)
     instead of being traced again; `recapture` traces it anyway (and refreshes the cache).
+    `int4`: how int4 weights are made (loraport.onnx.quantize.Int4Options' fields: block, symmetric, search,
+    accuracy_level); only with quantize="int4".
     `manifest`: write loraport-manifest.json (sha256 of every file, the inputs' sha256, the plan) for
     `loraport verify`; `hash_cache` as in `loraport.merging.merge`; `nonfinite` ("warn" or "fail") as in merge:
     NaN/Inf in an adapter or in a merged weight is reported, or refused before the output is renamed into place."""
@@ -75,6 +79,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
 
     t0 = time.perf_counter()
     dtype, quantize, opset = _options(adapters, opset, dtype, quantize, multi_lora)
+    int4_opts = _int4_options(int4, block_size, quantize)
     out_p = check_output(out, [base, *_paths(adapters)], overwrite)
     pick_device(device)
     hashes = None
@@ -89,7 +94,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         check_config(src.config, {n: tuple(src.ckpt.info(n).shape) for n in src.ckpt.names()})
         lora_targets = _lora_targets(src, strict) if multi_lora else None
         cap, graph_from, left_out = _graph(src.config, dtype, opset, lora_targets, with_past, lean, recapture)
-        qentries = _quantize_graph(cap, quantize, block_size)
+        qentries = _quantize_graph(cap, quantize, block_size, int4_opts)
         _check_space(cap, out_p, dtype)
         stage = stack.enter_context(staged_output(out_p, is_dir=True, overwrite=overwrite))
         stats = _write_weights(src, cap, qentries, dtype, stage)
@@ -97,7 +102,7 @@ def export_onnx(base: str | Path, adapters: list[tuple[str | Path, float]], out:
         _copy_side_files(src, stage)
         genai, genai_note = _genai(cap, src, stage)
         adapters_out = _adapter_entries(src, adapters, cap, dtype, stage, multi_lora)
-        described = _describe(base, cap, dtype, quantize, block_size, opset, genai, adapters_out, qentries,
+        described = _describe(base, cap, dtype, quantize, int4_opts, opset, genai, adapters_out, qentries,
                               multi_lora)
         (stage / MANIFEST).write_text(json.dumps(described, indent=2))
         if hashes is not None:  # last: it lists every file of the staged folder
@@ -178,7 +183,7 @@ def _slot_names(cap) -> set[str]:
     return {n for s in cap.lora_slots for n in (s.a_name, s.b_name)}
 
 
-def _quantize_graph(cap, quantize: str | None, block_size: int) -> dict:
+def _quantize_graph(cap, quantize: str | None, block_size: int, int4_opts=None) -> dict:
     """The graph rewritten for quantized weights; {weight: QuantEntry} ({} without --quantize)."""
     if not quantize:
         return {}
@@ -188,7 +193,7 @@ def _quantize_graph(cap, quantize: str | None, block_size: int) -> dict:
     weights = {i.name: i.shape for i in cap.inits if i.name not in cap.buffers and i.name not in slots
                and len(i.shape) == 2}
     return rewrite(cap.proto, weights, quantize, cap.proto.graph.input[0].type.tensor_type.elem_type,
-                   block=block_size)
+                   block=block_size, int4=int4_opts)
 
 
 def _check_space(cap, out_p: Path, dtype: str) -> None:
@@ -291,7 +296,7 @@ def _adapter_entries(src, adapters, cap, dtype: str, stage: Path, multi_lora: bo
     return rows
 
 
-def _describe(base, cap, dtype: str, quantize, block_size: int, opset, genai, adapters_out, qentries,
+def _describe(base, cap, dtype: str, quantize, int4_opts, opset, genai, adapters_out, qentries,
               multi_lora: bool) -> dict:
     """loraport_onnx.json: what the folder holds (read by `validate`)."""
     return {
@@ -299,7 +304,8 @@ def _describe(base, cap, dtype: str, quantize, block_size: int, opset, genai, ad
         "kind": "multi-lora" if multi_lora else "merged",
         "model": MODEL_FILE, "data": DATA_FILE, "base": str(Path(base).resolve()),
         "model_type": cap.model_type, "dtype": dtype, "quantize": quantize,
-        "block_size": block_size if quantize == "int4" else None, "opset": int(opset),
+        "block_size": int4_opts.block if int4_opts else None, "opset": int(opset),
+        "int4": dataclasses.asdict(int4_opts) if int4_opts else None,
         "ir_version": IR_VERSION, "inputs": cap.input_names, "outputs": cap.output_names,
         "with_past": cap.with_past, "genai_config": genai,
         "adapters": adapters_out,
@@ -329,3 +335,18 @@ def _expose_lora_inputs(proto: onnx.ModelProto, slots) -> None:
         g.input.append(helper.make_tensor_value_info(s.b_name, elem[s.b_name], [r, s.d_out]))
     # shapes inferred at capture time carry the placeholder rank: drop them all
     del g.value_info[:]
+
+
+def _int4_options(int4: dict | None, block_size: int, quantize: str | None):
+    """The checked Int4Options for quantize="int4" (None otherwise); unknown fields refused."""
+    from loraport.onnx.quantize import Int4Options
+
+    if quantize != "int4":
+        if int4:
+            raise BadInputError("int4 options apply to --quantize int4 only")
+        return None
+    fields = {f.name for f in dataclasses.fields(Int4Options)}
+    unknown = sorted(set(int4 or {}) - fields)
+    if unknown:
+        raise BadInputError(f"unknown int4 option(s) {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    return Int4Options(**{"block": block_size, **(int4 or {})}).check()

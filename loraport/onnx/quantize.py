@@ -2,9 +2,11 @@
 
 * int8: per-output-channel symmetric, stored as the ONNX standard `DequantizeLinear` (int8 [in, out],
   float scale [out], axis=1) feeding the original `MatMul`; runs on every EP.
-* int4: block-wise symmetric (block along the input dimension), stored as the ORT contrib op
+* int4: block-wise (block along the input dimension), stored as the ORT contrib op
   `com.microsoft.MatMulNBits` (bits=4): B uint8 [out, k_blocks, block/2] low nibble first, scales
-  [out, k_blocks], implicit zero point 8.
+  [out, k_blocks], zero points implicit (8, symmetric) or uint8 [out, ceil(k_blocks/2)] (asymmetric); codes
+  bit-exact with onnxruntime's own quantizer, optionally with a per-block error-minimizing scale search
+  (`Int4Options`).
 
 The math is pure functions of tensors; `rewrite()` changes the (initializer-free) graph and tells the writer
 which tensors each quantized weight becomes.
@@ -37,29 +39,113 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.float32) * scale[None, :]).t()
 
 
-def quantize_int4_blocks(W: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N=out, K=in] fp32 -> (packed uint8 [N, k_blocks, block/2], scales fp32 [N, k_blocks]).
+@dataclass(frozen=True)
+class Int4Options:
+    """How int4 weights are made (MatMulNBits bits=4; block along the input dimension).
 
-    Symmetric: q = clamp(round(w / s), -8, 7) + 8 with s = absmax / 7 per block; K is zero-padded to a
-    multiple of `block`; two 4-bit values per byte, the first in the low nibble (MatMulNBits' layout)."""
+    symmetric: zero point 8, s = signed absmax / −8 per block (onnxruntime's MatMul4BitsQuantizer default);
+    asymmetric: a zero point per block, s = (max(hi, 0) − min(lo, 0)) / 15, zp = roundf(−min / s).
+    Codes q = clamp(roundf(w / s + zp), 0, 15): bit-exact with onnxruntime's `quantize_matmul_4bits`.
+    search: per block, also try shrunken ranges (and, symmetric, the +7 end of the grid) and keep the scale with
+    the smallest squared error; never worse than the plain scale (it is one of the candidates).
+    accuracy_level: MatMulNBits' attribute (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations)."""
+
+    block: int = 32
+    symmetric: bool = True
+    search: bool = False
+    accuracy_level: int | None = None
+
+    def check(self) -> Int4Options:
+        if not isinstance(self.block, int) or self.block < 16 or self.block & (self.block - 1):
+            raise BadInputError(f"int4 block size must be a power of two >= 16, got {self.block}")
+        if self.accuracy_level is not None and self.accuracy_level not in range(5):
+            raise BadInputError(f"int4 accuracy_level must be 0-4 (MatMulNBits), got {self.accuracy_level}")
+        return self
+
+
+SEARCH_SHRINK = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8)
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C roundf: halves away from zero (what onnxruntime's quantizer uses, not torch.round's half-to-even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _codes(blocks: torch.Tensor, s: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)
+    return _roundf(blocks * inv[..., None] + zp[..., None]).clamp_(0, 15)
+
+
+def _candidate(blocks: torch.Tensor, symmetric: bool, f: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) per block for range shrink `f` (symmetric: `end` −8 or 7 is where the signed absmax
+    lands)."""
+    if symmetric:
+        lo, hi = blocks.amin(2), blocks.amax(2)
+        m = torch.where(hi.abs() > lo.abs(), hi, lo)  # a tie goes to the negative end, as in onnxruntime
+        return m * f / end, torch.full_like(m, 8.0)
+    # asymmetric: `end` picks which side of the range shrinks (0 both, 1 the low, 2 the high end)
+    lo = blocks.amin(2).clamp(max=0) * (f if end != 2 else 1.0)
+    hi = blocks.amax(2).clamp(min=0) * (f if end != 1 else 1.0)
+    s = (hi - lo) / 15
+    zp = _roundf(torch.where(s == 0, torch.zeros_like(s), -lo / torch.where(s == 0, torch.ones_like(s), s)))
+    return s, zp.clamp_(0, 15)
+
+
+def quantize_int4(W: torch.Tensor, opts: Int4Options = Int4Options()):
+    """W [N=out, K=in] fp32 -> (packed uint8 [N, k_blocks, block/2], scales fp32 [N, k_blocks], zero points
+    uint8 [N, ceil(k_blocks/2)] or None when symmetric). K is zero-padded to whole blocks; two codes a byte,
+    the first in the low nibble (MatMulNBits' layout; zero points packed the same way)."""
     N, K = W.shape
+    block = opts.block
     kb = -(-K // block)
+    W = W.to(torch.float32)
     if kb * block != K:
         W = torch.nn.functional.pad(W, (0, kb * block - K))
     blocks = W.reshape(N, kb, block)
-    absmax = blocks.abs().amax(dim=2)
-    scales = torch.where(absmax > 0, absmax / 7.0, torch.ones_like(absmax))
-    q = (torch.round(blocks / scales[..., None]).clamp_(-8, 7) + 8).to(torch.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return packed.contiguous(), scales
+    ends = ((-8.0, 7.0) if opts.symmetric else (0, 1, 2)) if opts.search else ((-8.0,) if opts.symmetric else (0,))
+    cands = [(f, e) for f in (SEARCH_SHRINK if opts.search else (1.0,)) for e in ends]
+    best = None
+    for f, e in cands:
+        s, zp = _candidate(blocks, opts.symmetric, f, e)
+        q = _codes(blocks, s, zp)
+        err = ((q - zp[..., None]) * s[..., None] - blocks).square_().sum(2)
+        if best is None:
+            best = [err, s, zp, q]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1], best[2] = torch.where(better, s, best[1]), torch.where(better, zp, best[2])
+        best[3] = torch.where(better[..., None], q, best[3])
+    _, s, zp, q = best
+    q = q.to(torch.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+    if opts.symmetric:
+        return packed, s, None
+    z = zp.to(torch.uint8)
+    if kb % 2:  # the unused high nibble holds 8, as onnxruntime writes it
+        z = torch.nn.functional.pad(z, (0, 1), value=8)
+    return packed, s, (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                    K: int) -> torch.Tensor:
+    N, kb = scales.shape
+    q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(N, kb, -1).to(torch.float32)
+    if zero_points is None:
+        z = torch.full((N, kb), 8.0)
+    else:
+        z = torch.stack((zero_points & 0x0F, zero_points >> 4), dim=-1).reshape(N, -1)[:, :kb].to(torch.float32)
+    return ((q - z[..., None]) * scales[..., None]).reshape(N, -1)[:, :K]
+
+
+def quantize_int4_blocks(W: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 (the default): (packed [N, k_blocks, block/2], scales [N, k_blocks]); see quantize_int4."""
+    packed, scales, _ = quantize_int4(W, Int4Options(block=block))
+    return packed, scales
 
 
 def dequantize_int4_blocks(packed: torch.Tensor, scales: torch.Tensor, K: int) -> torch.Tensor:
-    lo = (packed & 0x0F).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    q = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1], -1) - 8
-    W = (q.to(torch.float32) * scales[..., None]).reshape(packed.shape[0], -1)
-    return W[:, :K]
+    return dequantize_int4(packed, scales, None, K)
 
 
 # ---------------------------------------------------------------------------------------------- graph
@@ -73,6 +159,7 @@ class QuantEntry:
     in_features: int
     names: tuple[str, ...]  # the initializers it becomes, in writing order
     block: int = 32
+    int4: Int4Options | None = None
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
@@ -91,10 +178,12 @@ def _perm(node: onnx.NodeProto) -> list[int] | None:
 
 
 def rewrite(proto: onnx.ModelProto, weights: dict[str, tuple[int, ...]], mode: str, elem_type: int,
-            block: int = 32, exclude: set[str] | None = None) -> dict[str, QuantEntry]:
+            block: int = 32, exclude: set[str] | None = None,
+            int4: Int4Options | None = None) -> dict[str, QuantEntry]:
     """Quantize every 2-D weight in `weights` (name -> torch shape) that reaches a MatMul as its right-hand
     side through `Transpose(perm=[1,0])` (the torch.onnx `optimize=False` pattern for nn.Linear) and has no
-    other consumer. Returns {weight name: QuantEntry}; weights not matched stay float."""
+    other consumer. Returns {weight name: QuantEntry}; weights not matched stay float. `int4` (default:
+    symmetric, `block`) says how int4 weights are made."""
     if mode not in MODES:
         raise BadInputError(f"unknown --quantize {mode!r} for ONNX (choose {', '.join(MODES)})")
     g = proto.graph
@@ -121,17 +210,17 @@ def rewrite(proto: onnx.ModelProto, weights: dict[str, tuple[int, ...]], mode: s
             remove.append(tr)
             entries[name] = QuantEntry(name, mode, n_out, k_in, (q, s))
         else:
-            if block < 16 or block & (block - 1):
-                raise BadInputError(f"int4 block size must be a power of two >= 16, got {block}")
+            opts = (int4 or Int4Options(block=block)).check()
             if len(mm_uses) != 1:
                 continue
             mm = mm_uses[0][0]
-            q, s = f"{name}.int4", f"{name}.scales"
-            nb = helper.make_node("MatMulNBits", [mm.input[0], q, s], list(mm.output), name=f"{name}.MatMulNBits",
-                                  domain=MS_DOMAIN, K=k_in, N=n_out, bits=4, block_size=block)
+            names = (f"{name}.int4", f"{name}.scales") + (() if opts.symmetric else (f"{name}.zero_points",))
+            extra = {} if opts.accuracy_level is None else {"accuracy_level": opts.accuracy_level}
+            nb = helper.make_node("MatMulNBits", [mm.input[0], *names], list(mm.output), name=f"{name}.MatMulNBits",
+                                  domain=MS_DOMAIN, K=k_in, N=n_out, bits=4, block_size=opts.block, **extra)
             new_nodes.append((mm, nb))
             remove += [tr, mm]
-            entries[name] = QuantEntry(name, mode, n_out, k_in, (q, s), block)
+            entries[name] = QuantEntry(name, mode, n_out, k_in, names, opts.block, opts)
     if not entries:
         return entries
     repl = {id(a): b for a, b in new_nodes}
@@ -158,8 +247,9 @@ def quantized_tensors(entry: QuantEntry, W: torch.Tensor, float_dtype: torch.dty
     if entry.mode == "int8":
         q, s = quantize_int8_per_channel(W)
         return [(entry.names[0], q), (entry.names[1], s.to(float_dtype))]
-    packed, scales = quantize_int4_blocks(W, entry.block)
-    return [(entry.names[0], packed), (entry.names[1], scales.to(float_dtype))]
+    packed, scales, zp = quantize_int4(W, entry.int4 or Int4Options(block=entry.block))
+    out = [(entry.names[0], packed), (entry.names[1], scales.to(float_dtype))]
+    return out if zp is None else out + [(entry.names[2], zp)]
 
 
 def entry_layout(entry: QuantEntry, float_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -168,7 +258,10 @@ def entry_layout(entry: QuantEntry, float_dtype: torch.dtype) -> list[tuple[str,
     if entry.mode == "int8":
         return [(entry.names[0], torch.int8, (k, n)), (entry.names[1], float_dtype, (n,))]
     kb = -(-k // entry.block)
-    return [(entry.names[0], torch.uint8, (n, kb, entry.block // 2)), (entry.names[1], float_dtype, (n, kb))]
+    out = [(entry.names[0], torch.uint8, (n, kb, entry.block // 2)), (entry.names[1], float_dtype, (n, kb))]
+    if entry.int4 is not None and not entry.int4.symmetric:  # zero points, two a byte (MatMulNBits' 4th input)
+        out.append((entry.names[2], torch.uint8, (n, -(-kb // 2))))
+    return out
 
 
 class GraphQuantizer:
