@@ -275,6 +275,10 @@ class GraphQuantizer:
         e = self.q.get(name)
         return None if e is None else entry_layout(e, self.float_dtype)
 
+    def unchanged(self, name: str) -> None:
+        """No weight is kept as stored: every quantized one is made from the (merged) fp32 value."""
+        return None
+
     def quantize(self, name: str, w32: torch.Tensor, base32=None) -> dict[str, torch.Tensor]:
         e = self.q[name]
         W = w32.reshape(e.out_features, e.in_features)
