@@ -21,6 +21,7 @@ from loraport.formats._dit import DitNames, diffusers_deltas
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
+from loraport.names import dit as dit_names
 from loraport.names.sd import SDNames, te_spellings
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import loads_json
@@ -117,7 +118,7 @@ def _group_keys(tensors: dict[str, torch.Tensor], notes: set[str]):
             unrecognised.append(key)
             continue
         mod, role, form = p
-        if mod.split(".", 1)[0] not in COMPONENTS:
+        if mod.split(".", 1)[0] not in COMPONENTS and not dit_names.unspell(mod):  # DiT dialects keep theirs
             mod = "unet." + mod
             notes.add("keys without a component prefix: read as unet")
         parts[mod][role] = t
