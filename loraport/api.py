@@ -162,12 +162,13 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           strict: bool = True, adapter_format: str | None = None, fp16_base: PathLike | None = None,
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
           hash_cache: bool = True, reference: PathLike | None = None, progress=None,
-          force: bool = False) -> MergeResult:
+          force: bool = False, transformer: str = "transformer") -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base. `quantize`: fp16, bf16,
     fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
-    differently (PEFT activated LoRA), with a warning, instead of refusing it."""
+    differently (PEFT activated LoRA), with a warning, instead of refusing it. `transformer`: a DiT LoRA into a
+    diffusers folder's "transformer" (default), "transformer_2" (Wan 2.2 A14B's low-noise expert) or "both"."""
     from loraport.results import MergeResult
 
     with _api_terms():
@@ -177,7 +178,7 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
                         quant_options=quant_options, strict=strict, adapter_format=adapter_format,
                         fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
                         reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
-                        allow_incomplete=allow_incomplete, force=force)
+                        allow_incomplete=allow_incomplete, force=force, transformer=transformer)
         return MergeResult.of(rep)
 
 

@@ -140,3 +140,48 @@ def _flux_module(flat: str) -> str:
     hits = [m for fam, d, m in dit.unspell("lora_unet_" + flat) if fam == "flux" and d == "kohya"]
     assert hits, flat
     return hits[0]
+
+
+# ------------------------------------------------------------------------------------------------- Wan 2.2 experts
+def _two_experts(root: Path) -> Path:
+    """A Wan 2.2 A14B-style folder: transformer/ (high noise) and transformer_2/ (low noise, other weights)."""
+    import json
+    import shutil
+
+    folder = root / "wan22"
+    shutil.copytree(WAN["diffusers"], folder)
+    shutil.copytree(folder / "transformer", folder / "transformer_2")
+    second = {k: (v * 1.5 + 0.01).contiguous() for k, v in _base().items()}
+    save_file(second, folder / "transformer_2" / "diffusion_pytorch_model.safetensors")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("which", ["transformer", "transformer_2", "both"])
+def test_wan22_second_expert_is_chosen_by_an_option(which, tmp_path):
+    """diffusers' update of the comfy LoRA (expect - base) lands on the chosen expert(s) only."""
+    folder = _two_experts(tmp_path)
+    merge(folder, [str(F / "wan_comfy.safetensors")], tmp_path / "o", transformer=which)
+    delta = {k: v - _base()[k] for k, v in _expected("comfy", "diffusers").items()}
+    for comp in ("transformer", "transformer_2"):
+        base = load_file(folder / comp / "diffusion_pytorch_model.safetensors")
+        got = load_file(tmp_path / "o" / comp / "diffusion_pytorch_model.safetensors")
+        want = {k: v + delta[k] for k, v in base.items()} if which in (comp, "both") else base
+        assert _max_diff(got, want) <= 1e-5, comp
+
+
+def test_wan22_option_without_a_second_expert_is_one_line(tmp_path):
+    from tests._sd_util import run_cli
+
+    for base, out in ((WAN["diffusers"], tmp_path / "o"), (WAN["original"], tmp_path / "o.safetensors")):
+        with pytest.raises(BadInputError, match="no transformer_2/") as e:
+            merge(base, [str(F / "wan_musubi.safetensors")], out, transformer="both")
+        assert "\n" not in str(e.value) and not out.exists()
+    code, _, err = run_cli("merge", "--base", WAN["diffusers"], "--adapter", F / "wan_comfy.safetensors",
+                           "--out", tmp_path / "o2", "--transformer", "transformer_2")
+    assert code == 2 and "no transformer_2/" in err and "Traceback" not in err
+    code, _, err = run_cli("merge", "--base", _two_experts(tmp_path), "--adapter", F / "wan_comfy.safetensors",
+                           "--out", tmp_path / "o3", "--transformer", "both")
+    assert code == 0, err
