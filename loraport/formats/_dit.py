@@ -206,7 +206,7 @@ def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, 
 def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]], list[Delta], DitNames | None]:
     """The adapter's transformer deltas as (module in `column`, delta) — parts of one fused module combined —
     and the other deltas as they are; (…, None) when the adapter is not a DiT family's."""
-    modules = [n for d in adapter.deltas for n in _spellings(d.target)]
+    modules = [tuple(_spellings(d.target)) for d in adapter.deltas]
     names = DitNames.detect(modules, base, where)
     if names is None:
         return [], list(adapter.deltas), None

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_wan import WAN_ROWS
 
 # ------------------------------------------------------------------------------------------------- Flux.1
@@ -157,8 +158,9 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
            {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}),
     Family("wan", "Wan 2.1 / 2.2", _columns(WAN_ROWS), {},
-           {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"},
-           {}),
+           {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
+    Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
+           {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -334,13 +336,14 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def families_of_modules(names: Iterable[str]) -> dict[str, tuple[int, set[str]]]:
-    """family → (how many of a LoRA's module names its table knows, the dialects they spell)."""
+def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tuple[int, set[str]]]:
+    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module."""
     fams: dict[str, tuple[int, set[str]]] = {}
     for n in names:
-        for fam, dialect, _ in unspell(n):
+        hits = [h for alt in ((n,) if isinstance(n, str) else n) for h in unspell(alt)]
+        for fam in dict.fromkeys(f for f, _, _ in hits):
             count, dialects = fams.get(fam, (0, set()))
-            fams[fam] = (count + 1, dialects | {dialect})
+            fams[fam] = (count + 1, dialects | {d for f, d, _ in hits if f == fam})
     return fams
 
 
