@@ -162,7 +162,7 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
           strict: bool = True, adapter_format: str | None = None, fp16_base: PathLike | None = None,
           overwrite: bool = False, allow_incomplete: bool = False, nonfinite: str = "warn", manifest: bool = True,
           hash_cache: bool = True, reference: PathLike | None = None, progress=None,
-          force: bool = False, tie_embeddings: str = "auto") -> MergeResult:
+          force: bool = False, tie_embeddings: str = "auto", transformer: str = "transformer") -> MergeResult:
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base, a .gguf file for a .gguf
     base (every tensor in its own ggml type; formats/gguf.md). `quantize`: fp16, bf16,
@@ -171,7 +171,8 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
     differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or
     untie, for a base whose head is tied to its embedding when an adapter trains one side (or both apart): auto
     unties unless both got the same update (config.json then says tie_word_embeddings=false, and a warning says
-    why)."""
+    why). `transformer`: a DiT LoRA into a diffusers folder's "transformer" (default), "transformer_2" (Wan 2.2
+    A14B's low-noise expert) or "both"."""
     from loraport.results import MergeResult
 
     with _api_terms():
@@ -181,7 +182,8 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
                         quant_options=quant_options, strict=strict, adapter_format=adapter_format,
                         fp16_base=_path(fp16_base, "fp16_base"), nonfinite=nonfinite, manifest=manifest,
                         reference=_path(reference, "reference"), hash_cache=hash_cache, progress=progress,
-                        allow_incomplete=allow_incomplete, force=force, tie_embeddings=tie_embeddings)
+                        allow_incomplete=allow_incomplete, force=force, tie_embeddings=tie_embeddings,
+                        transformer=transformer)
         return MergeResult.of(rep)
 
 
@@ -204,7 +206,7 @@ def run_merge(base: str, adapters: list[tuple[str, float]], out: PathLike, **opt
 def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: str = "auto", shard_size=None,
           quantize=None, fp16_base=None, adapter_format=None, overwrite: bool = False, strict: bool = True,
           reference=None, manifest: bool = True, hash_cache=True, nonfinite: str = "warn", tie_embeddings="auto",
-          **_unused) -> dict:
+          transformer: str = "transformer", **_unused) -> dict:
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
         raise BadInputError("no --adapter given")
@@ -213,7 +215,8 @@ def _bake(base: str, adapters, out: PathLike, *, dtype: str = "auto", device: st
     except ImportError:
         raise BadInputError("ONNX baking is not available in this installation") from None
     ignored = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize,
-               "--fp16-base": fp16_base, "--format": adapter_format, "--tie-embeddings": tie_embeddings != "auto"}
+               "--fp16-base": fp16_base, "--format": adapter_format, "--tie-embeddings": tie_embeddings != "auto",
+               "--transformer": transformer != "transformer"}
     if any(ignored.values()):  # baking keeps the model's own dtypes and layout and detects adapter formats:
         # refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in ignored.items() if v)} do(es) not apply to baking into "

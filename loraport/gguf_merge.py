@@ -29,7 +29,8 @@ def merge_gguf(base: str | Path, adapters, out: str | Path, *, dtype: str = "aut
                shard_size=None, quantize=None, quant_options=None, fp16_base=None, reference=None,
                adapter_format: str | None = None, overwrite: bool = False, strict: bool = True,
                manifest: bool = True, hash_cache=True, nonfinite: str = "warn", progress=None,
-               allow_incomplete: bool = False, force: bool = False, tie_embeddings: str = "auto") -> dict:
+               allow_incomplete: bool = False, force: bool = False, tie_embeddings: str = "auto",
+               transformer: str = "transformer") -> dict:
     """Merge adapters into the GGUF file `base`, writing the GGUF file `out`. Returns the report dict.
     `force` as in merge (an adapter whose merged form behaves differently); `tie_embeddings` as in merge (a GGUF
     without output.weight ties its head: untying would add a tensor llama.cpp's file did not have, so only
@@ -42,7 +43,8 @@ def merge_gguf(base: str | Path, adapters, out: str | Path, *, dtype: str = "aut
     if not adapters:
         raise BadInputError("no --adapter given")
     refused = {"--dtype": dtype != "auto", "--shard-size": shard_size, "--quantize": quantize or quant_options,
-               "--fp16-base": fp16_base, "--reference": reference, "--tie-embeddings untie": tie_embeddings == "untie"}
+               "--fp16-base": fp16_base, "--reference": reference, "--tie-embeddings untie": tie_embeddings == "untie",
+               "--transformer": transformer != "transformer"}
     if any(refused.values()):  # a GGUF base is written back in its own types, as one file: refused, never ignored
         raise BadInputError(f"{', '.join(k for k, v in refused.items() if v)} do(es) not apply to a .gguf --base "
                             "(each tensor keeps its own ggml type; re-quantize with llama-quantize)")

@@ -38,7 +38,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
           adapter_format: str | None = None, fp16_base: str | Path | None = None, progress=None,
           nonfinite: str = "warn", manifest: bool = True, reference: str | Path | None = None,
           hash_cache=True, allow_incomplete: bool = False, force: bool = False,
-          tie_embeddings: str = "auto") -> dict:
+          tie_embeddings: str = "auto", transformer: str = "transformer") -> dict:
     """Merge adapters into `base` and write the result to `out` (a folder for a folder base, a file for a
     .safetensors base). Returns a report dict. See the module docstring for how. An .onnx base is baked instead
     (loraport/onnx/baking.py): `loraport.api.run_merge` chooses, so `reference` (the HF folder an ONNX base was
@@ -47,7 +47,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     hashes every input again; a HashCache object is used as given (a batch shares one across its merges).
     `allow_incomplete`: write a model folder even when the base lacks what transformers needs to load it.
     `tie_embeddings`: auto, keep or untie: a tied head's rule when an adapter trains one side (engine/vocab.py).
-    `progress`: None, or a callable(total_bytes) returning a context manager whose value is advance(n_bytes)."""
+    `progress`: None, or a callable(total_bytes) returning a context manager whose value is advance(n_bytes).
+    `transformer`: a DiT LoRA into a diffusers folder's "transformer", "transformer_2" (Wan 2.2's second expert)
+    or "both"."""
     t0 = time.perf_counter()
     adapters = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
     if not adapters:
@@ -74,7 +76,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         quantizer = ckpt.own_layout()  # an fp8 base is written back in its own layout unless --dtype says otherwise
     if quantizer is not None:
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
-    loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force)
+    loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force, transformer)
     plan = _plan(ckpt, loaded, strict, tie_embeddings)
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
@@ -136,7 +138,8 @@ def _output_options(dtype: str, quantize: str | None, quant_options: dict | None
 
 
 def _load_adapters(adapters: list[tuple[str | Path, float]], ckpt, adapter_format: str | None, strict: bool,
-                   nonfinite: str, cache, force: bool = False) -> tuple[list[tuple[Adapter, float]], list[str]]:
+                   nonfinite: str, cache, force: bool = False, transformer: str = "transformer"
+                   ) -> tuple[list[tuple[Adapter, float]], list[str]]:
     """Read, check (NaN/Inf) and hash every adapter; several side by side. Results in adapter order."""
     from loraport.finite import check_adapters, check_mode
     from loraport.formats import load_adapter
@@ -145,7 +148,8 @@ def _load_adapters(adapters: list[tuple[str | Path, float]], ckpt, adapter_forma
 
     def load_one(aw: tuple) -> tuple[tuple[Adapter, float], list[str]]:
         with torch_threads(1):  # hundreds of small tensors: one thread each op, no team to wait for
-            ad = (load_adapter(aw[0], format=adapter_format, base=ckpt, strict=strict, force=force), aw[1])
+            dit = {} if transformer == "transformer" else {"transformer": transformer}  # DiT readers' option
+            ad = (load_adapter(aw[0], format=adapter_format, base=ckpt, strict=strict, force=force, **dit), aw[1])
             warns = ad[0].warnings + check_adapters([ad], mode)  # NaN/Inf in an adapter: warn, or refuse ("fail")
         for f in ad[0].files:  # the provenance's digests (shared with the manifest through the cache)
             if Path(f).is_file():

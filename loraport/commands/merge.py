@@ -63,12 +63,17 @@ def register(group: click.Group) -> None:
               help="a base whose head is tied to its embedding, when the adapter trained one side (or both "
               "apart): auto unties unless both got the same update, keep forces one shared tensor, untie "
               "always writes the head as its own tensor")
+@click.option("--transformer", default="transformer", show_default=True,
+              type=click.Choice(["transformer", "transformer_2", "both"]),
+              help="a DiT LoRA into this transformer of a diffusers folder (Wan 2.2 A14B: transformer_2 is the "
+              "low-noise expert)")
 @click.option("--reference", default=None, type=click.Path(),
               help="with an .onnx --base: the HF folder it was exported from, to find weights by value when the "
               "exporter renamed them")
 def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize, double_quant, blocksize,
               fp16_base, adapter_format, strict, overwrite, as_json, adapter_dir, jobs_file, executor, scheduler,
               n_workers, jsonl, fail_on_nonfinite, no_manifest, rehash_inputs, allow_incomplete, force, tie_embeddings,
+              transformer,
               reference):
     """Merge one or more adapters into a base model: W' = W + Σ wᵢ·ΔWᵢ, computed in fp32, rounded once."""
     import loraport
@@ -79,6 +84,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
     nonfinite = "fail" if fail_on_nonfinite else "warn"
     qopts = _quant_options(quantize, double_quant, blocksize, dtype)
     batch_only = {"--executor": executor, "--scheduler": scheduler, "--workers": n_workers, "--jsonl": jsonl}
+    if (adapter_dir or jobs_file) and transformer != "transformer":
+        raise BadInputError("--transformer applies to a single merge (a batch merges into the transformer)")
     if adapter_dir or jobs_file:
         run_on = _executor(executor, scheduler, n_workers)
         _batch(base, adapters, weights, out, adapter_dir, jobs_file, "jsonl" if jsonl else as_json, run_on,
@@ -105,8 +112,8 @@ def merge_cmd(base, adapters, weights, out, dtype, device, shard_size, quantize,
                             overwrite=overwrite, quantize=quantize, quant_options=qopts, strict=strict,
                             adapter_format=adapter_format, fp16_base=fp16_base, nonfinite=nonfinite,
                             manifest=not no_manifest, reference=reference, hash_cache=not rehash_inputs,
-                            allow_incomplete=allow_incomplete, force=force,
-                            tie_embeddings=tie_embeddings)  # progress: the reporter the CLI installed (stderr)
+                            allow_incomplete=allow_incomplete, force=force, tie_embeddings=tie_embeddings,
+                            transformer=transformer)  # progress: the reporter the CLI installed (stderr)
     report = result.to_dict()
     if as_json:
         emit_json(report)

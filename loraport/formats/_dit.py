@@ -14,6 +14,7 @@ import torch
 
 from loraport.adapter import Delta
 from loraport.errors import BadInputError, Inexpressible
+from loraport.formats import ReadOptions, choice
 from loraport.names import dit
 from loraport.names.sd import kohya_name, te_spellings
 
@@ -27,6 +28,29 @@ def _strip(target: str) -> tuple[str, str]:
     return target, ""
 
 
+@dataclass(frozen=True)
+class DitReadOptions(ReadOptions):
+    """The readers of DiT LoRAs (kohya, diffusers, LyCORIS). `transformer`: which transformer of a diffusers
+    folder the LoRA goes into: Wan 2.2 A14B pipelines carry a second (low-noise) expert in `transformer_2/`
+    ("transformer_2", or "both")."""
+
+    transformer: str = choice("transformer", "transformer_2", "both")
+
+
+EXPERTS = {"transformer": "transformer.", "transformer_2": "transformer_2."}  # Wan 2.2 A14B: high / low noise
+
+
+def _experts(base, prefix: str, transformer: str, where) -> tuple[str, ...]:
+    """The name prefixes a LoRA's deltas go to: the layout's own, or the chosen transformer(s) of the folder."""
+    if transformer == "transformer":
+        return (prefix,)
+    if prefix != EXPERTS["transformer"] or not any(n.startswith(EXPERTS["transformer_2"]) for n in base.names()):
+        raise BadInputError(f"{where}: transformer={transformer!r}, but the base has no transformer_2/ (a Wan 2.2 "
+                            "A14B pipeline folder has); merge into its transformer (the default)")
+    wanted = EXPERTS if transformer == "both" else {transformer: EXPERTS[transformer]}
+    return tuple(wanted.values())
+
+
 @dataclass
 class DitNames:
     """A DiT LoRA's family against a base (or none): where each of its modules lands."""
@@ -37,11 +61,14 @@ class DitNames:
     layout: dit.BaseLayout | None
     column: str = "diffusers"  # the column of the targets: the base's, or canonical (diffusers) without a base
     prefix: str = "transformer."
+    prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
 
     @classmethod
-    def detect(cls, modules, base, where) -> DitNames | None:
-        """None unless the modules are a DiT family's; refuses a base of another family in one line."""
+    def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
+        """None unless the modules are a DiT family's; refuses a base of another family in one line.
+        `transformer`: the diffusers folder's transformer the LoRA goes into ("transformer_2", "both": Wan 2.2's
+        second expert too)."""
         lay = dit.base_layout(base.names()) if base is not None else None
         fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
         if fam is None:
@@ -51,7 +78,11 @@ class DitNames:
         if lay.family != fam:
             raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
                                 f"pass a {dit.family_title(fam)} base")
-        return cls(fam, dialects, base, lay, lay.column, lay.prefix)
+        prefix = lay.prefix
+        if lay.column == "diffusers" and prefix in EXPERTS.values():
+            prefix = "transformer."  # a two-expert folder: the first expert is the default
+        prefixes = _experts(base, prefix, transformer, where)
+        return cls(fam, dialects, base, lay, lay.column, prefixes[0], prefixes)
 
     # --- reading --------------------------------------------------------------------------------
     def _shape(self, module: str) -> tuple[int, ...] | None:
@@ -110,17 +141,17 @@ class DitNames:
         out = []
         for p in pieces:
             for d in deltas:
-                suffix = _strip(d.target)[1]
-                target = self.prefix + p.module + suffix
-                if self.base is not None and target not in self.base:
-                    return None
                 part = d if p.lora_rows is None else d.output_rows(*p.lora_rows)
                 if part is None:
                     raise BadInputError(f"{where}: {name}: a {d.label} update on a fused tensor cannot be split into "
                                         f"the base's separate tensors exactly; merge into the "
                                         f"{dit.BASE_TITLES['original']} instead")
-                if p.lora_rows is None or not part.is_zero():  # a part the LoRA leaves at zero adds nothing
-                    out.append(replace(part, target=target, rows=p.rows))
+                for prefix in self.prefixes if self.base is not None else (self.prefix,):
+                    target = prefix + p.module + _strip(d.target)[1]
+                    if self.base is not None and target not in self.base:
+                        return None
+                    if p.lora_rows is None or not part.is_zero():  # a part the LoRA leaves at zero adds nothing
+                        out.append(replace(part, target=target, rows=p.rows))
         return out
 
     def note(self) -> str:
@@ -175,7 +206,7 @@ def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, 
 def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]], list[Delta], DitNames | None]:
     """The adapter's transformer deltas as (module in `column`, delta) — parts of one fused module combined —
     and the other deltas as they are; (…, None) when the adapter is not a DiT family's."""
-    modules = [n for d in adapter.deltas for n in _spellings(d.target)]
+    modules = [tuple(_spellings(d.target)) for d in adapter.deltas]
     names = DitNames.detect(modules, base, where)
     if names is None:
         return [], list(adapter.deltas), None

@@ -17,10 +17,11 @@ import torch
 from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats._dit import DitNames, diffusers_deltas
+from loraport.formats._dit import DitNames, DitReadOptions, diffusers_deltas
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
+from loraport.names import dit as dit_names
 from loraport.names.sd import SDNames, te_spellings
 from loraport.safetensors_io import save_file
 from loraport.jsonfile import loads_json
@@ -117,7 +118,7 @@ def _group_keys(tensors: dict[str, torch.Tensor], notes: set[str]):
             unrecognised.append(key)
             continue
         mod, role, form = p
-        if mod.split(".", 1)[0] not in COMPONENTS:
+        if mod.split(".", 1)[0] not in COMPONENTS and not dit_names.unspell(mod):  # DiT dialects keep theirs
             mod = "unet." + mod
             notes.add("keys without a component prefix: read as unet")
         parts[mod][role] = t
@@ -176,7 +177,7 @@ def _placed(mod: str, p: dict, scale: float, alpha, rule: str, dit: DitNames | N
     return _module_deltas(mod, p, scale, alpha, rule, ent.target, ent.rows, ent.transpose)
 
 
-@register(write=WriteOptions)
+@register(read=DitReadOptions, write=WriteOptions)
 class DiffusersFormat(AdapterFormat):
     name = "diffusers"
     title = "diffusers LoRA (pytorch_lora_weights.safetensors)"
@@ -206,7 +207,7 @@ class DiffusersFormat(AdapterFormat):
         configs = component_configs(meta, wfile)
         notes: set[str] = set()
         parts, forms, unrecognised = _group_keys(tensors, notes)
-        dit = DitNames.detect(list(parts), base, wfile)
+        dit = DitNames.detect(list(parts), base, wfile, opts.transformer)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None and not dit else None
         if dit:
             notes.add(dit.note())

@@ -23,7 +23,7 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats._dit import DitNames, kohya_modules
+from loraport.formats._dit import DitNames, DitReadOptions, kohya_modules
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
 from loraport.names.lycoris_wrapper import WrapperNames, is_wrapper_module, wrapper_index
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
@@ -301,7 +301,8 @@ def _sd_entries(names: SDNames | None, mod: str, notes: set[str], spellings: set
     return ent_w, ent_b
 
 
-def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Adapter:
+def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, transformer: str = "transformer"
+                     ) -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unrecognised: list[str] = []
@@ -315,7 +316,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True) -> Ad
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    dit = DitNames.detect(list(groups), base, path)
+    dit = DitNames.detect(list(groups), base, path, transformer)
     names = _name_index(base, groups) if base is not None and not dit else None
     notes: set[str] = {dit.note()} if dit else (set(names.notes) if names is not None else set())
     counts: dict[str, int] = defaultdict(int)
@@ -495,7 +496,7 @@ class KohyaWriteOptions(WriteOptions):
     unet_names: str | None = choice(None, "sgm", "diffusers")
 
 
-@register(write=KohyaWriteOptions)
+@register(read=DitReadOptions, write=KohyaWriteOptions)
 class KohyaFormat(AdapterFormat):
     name = "kohya"
     title = "kohya / sd-scripts / A1111 / ComfyUI single-file LoRA"
@@ -518,7 +519,7 @@ class KohyaFormat(AdapterFormat):
 
     @classmethod
     def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
-        return read_single_file(path, cls.name, base=base, strict=opts.strict)
+        return read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: KohyaWriteOptions) -> list[Path]:

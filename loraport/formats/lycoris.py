@@ -15,6 +15,7 @@ from pathlib import Path
 from loraport.adapter import Adapter, Delta
 from loraport.errors import BadInputError
 from loraport.formats import AdapterFormat, ReadOptions, choice, register
+from loraport.formats._dit import DitReadOptions
 from loraport.formats.kohya import (KNOWN_PREFIXES, LYCORIS_ONLY, KohyaWriteOptions, header_keys,
                                     read_single_file, split_key, write_single_file)
 from loraport.names.lycoris_wrapper import (DIFFUSERS_COMPONENTS, PREFIX, expected_bases, is_wrapper_module,
@@ -33,7 +34,7 @@ class LycorisWriteOptions(KohyaWriteOptions):
     names: str | None = choice(None, "kohya", "wrapper")
 
 
-@register(write=LycorisWriteOptions)
+@register(read=DitReadOptions, write=LycorisWriteOptions)
 class LycorisFormat(AdapterFormat):
     name = "lycoris"
     title = "LyCORIS (LoCon, LoHa, LoKr, IA³, full/diff, DoRA)"
@@ -52,7 +53,7 @@ class LycorisFormat(AdapterFormat):
 
     @classmethod
     def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
-        ad = read_single_file(path, cls.name, base=base, strict=opts.strict)
+        ad = read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer)
         if not any(is_wrapper_module(d.source_key) for d in ad.deltas):
             return ad
         notes = {"dialect: LyCORIS whole-model wrapper (lycoris_<module path>; lycoris.create_lycoris, SimpleTuner)"}

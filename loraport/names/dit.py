@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
+from loraport.names.dit_wan import WAN_ROWS
+
 # ------------------------------------------------------------------------------------------------- Flux.1
 # diffusers module (canonical)                      original (BFL) module
 FLUX_ROWS: tuple[tuple[str, str], ...] = (
@@ -154,6 +157,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
            {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}),
+    Family("wan", "Wan 2.1 / 2.2", _columns(WAN_ROWS), {},
+           {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
+    Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
+           {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -168,11 +175,16 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "onetrainer": ("diffusers", "lora_transformer_", "_"),
     "diffusers":  ("diffusers", "transformer.",      "."),
     "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
+    "comfy":      ("original",  "diffusion_model.",  "."),  # diffusion-pipe, ComfyUI (PEFT keys, original names)
+    "diffsynth":  ("original",  "",                  "."),  # DiffSynth-Studio (`….lora_A.default.weight`)
 }
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
-                  "xlabs": "XLabs x-flux (processor.qkv_lora1)"}
-READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs"}  # dialect → format
+                  "xlabs": "XLabs x-flux (processor.qkv_lora1)",
+                  "comfy": "diffusion-pipe / ComfyUI (diffusion_model.)",
+                  "diffsynth": "DiffSynth-Studio (bare original names)"}
+READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs", "comfy": "diffusers",
+           "diffsynth": "diffusers"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
@@ -324,13 +336,14 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def families_of_modules(names: Iterable[str]) -> dict[str, tuple[int, set[str]]]:
-    """family → (how many of a LoRA's module names its table knows, the dialects they spell)."""
+def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tuple[int, set[str]]]:
+    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module."""
     fams: dict[str, tuple[int, set[str]]] = {}
     for n in names:
-        for fam, dialect, _ in unspell(n):
+        hits = [h for alt in ((n,) if isinstance(n, str) else n) for h in unspell(alt)]
+        for fam in dict.fromkeys(f for f, _, _ in hits):
             count, dialects = fams.get(fam, (0, set()))
-            fams[fam] = (count + 1, dialects | {dialect})
+            fams[fam] = (count + 1, dialects | {d for f, d, _ in hits if f == fam})
     return fams
 
 
