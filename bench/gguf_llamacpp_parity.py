@@ -11,10 +11,12 @@ with PEFT's merged model's (fp32 transformers) on the same ids.
 
 Needs llama-cpp-python and a llama.cpp tree (e.g. the llama-cpp-python sdist's vendor/llama.cpp) for the base
 converter, which imports sentencepiece (LORAPORT_LLAMACPP_PYTHONPATH: an extra import path for it). Families:
-llama, granite, smollm3 (q/k rows permuted by the converter), qwen2, gemma2, gemma3 (not permuted). Prints per
-family max |Δlogit| with the adapter, without it (the control: what a dropped or misnamed adapter looks like),
-llama.cpp's base alone against transformers' base, and the logits' scale. Exits 1 when a family is past its
-tolerance (TOL, reasons beside it) or its control is not 100x past it. The same run as a slow test:
+llama, granite, smollm3 (q/k rows permuted by the converter), qwen2, phi3 (fused qkv and gate_up), gemma2,
+gemma3; the others in tests/_gguf_arch_util.py need a BPE tokenizer whose pre-tokenizer hash llama.cpp knows.
+Prints per family max |Δlogit| with the adapter, and the controls: without it (what a dropped or misnamed
+adapter looks like) and at lora_scale 0.5 (what a wrong alpha/r rule looks like); then llama.cpp's base alone
+against transformers' base, and the logits' scale. Exits 1 when a family is past its tolerance (TOL, reasons
+beside it) or a control is not 100x past it. The same run as a slow test:
 tests/test_gguf_llamacpp_parity.py. Result: bench/results/gguf-llamacpp-parity-2026-12-05.txt.
 """
 
@@ -39,7 +41,8 @@ TOKENS = [1, 40, 77, 120, 9, 200, 33, 5, 150, 61, 250, 7]
 # 32-48-term dot products through 2 layers stays near 1e-6, so 1e-5 leaves 10x margin. Gemma 2's GELU runs on
 # ggml's CPU f16 lookup table (GGML_GELU_FP16: the input is rounded to f16, rel. 4.9e-4), which the base alone
 # shows at ~1e-4 ('base only' column), hence 5e-4 there
-TOL = {"llama": 1e-5, "granite": 1e-5, "smollm3": 1e-5, "qwen2": 1e-5, "gemma2": 5e-4, "gemma3": 5e-4}
+TOL = {"llama": 1e-5, "granite": 1e-5, "smollm3": 1e-5, "qwen2": 1e-5, "phi3": 1e-5, "gemma2": 5e-4,
+       "gemma3": 5e-4}
 
 
 def _tokenizer(base: Path, vocab_size: int) -> None:
@@ -61,7 +64,9 @@ def _tokenizer(base: Path, vocab_size: int) -> None:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, hard_vocab_limit=False, unk_id=0,
-                                   bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+                                   bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   # llama.cpp's vocab loader looks it up (.at) when the model's name says phi3
+                                   user_defined_symbols=["<|endoftext|>"])
     (base / "tokenizer.model").write_bytes(buf.getvalue())
     (base / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -107,10 +112,10 @@ def _peft_logits(base: Path, adapter: Path) -> tuple[torch.Tensor, torch.Tensor]
         return merged(ids).logits[0].float(), plain
 
 
-def _llamacpp_logits(base_gguf: Path, lora: Path | None) -> torch.Tensor:
+def _llamacpp_logits(base_gguf: Path, lora: Path | None, scale: float = 1.0) -> torch.Tensor:
     from llama_cpp import Llama
 
-    kw = {"lora_path": str(lora)} if lora else {}
+    kw = {"lora_path": str(lora), "lora_scale": scale} if lora else {}
     # type_k/type_v 0 = GGML_TYPE_F32: an f32 KV cache (the default f16 one rounds keys and values)
     llm = Llama(model_path=str(base_gguf), n_ctx=64, logits_all=True, n_threads=2, seed=0, type_k=0, type_v=0,
                 verbose=bool(os.environ.get("LORAPORT_LLAMACPP_VERBOSE")), **kw)
@@ -137,7 +142,9 @@ def run(arch: str, llamacpp: Path, tmp: Path) -> dict[str, float]:
     want, plain = _peft_logits(base, adapter)
     got = _llamacpp_logits(base_gguf, lora)
     without = _llamacpp_logits(base_gguf, None)
+    half = _llamacpp_logits(base_gguf, lora, 0.5)  # a wrong alpha/r rule would look like this
     return {"with": float((got - want).abs().max()), "without": float((without - want).abs().max()),
+            "half": float((half - want).abs().max()),
             "base": float((without - plain).abs().max()), "scale": float(want.abs().max())}
 
 
@@ -151,18 +158,20 @@ def main() -> None:
     if not (llamacpp / "convert_hf_to_gguf.py").is_file():
         raise SystemExit("set LORAPORT_LLAMACPP to a llama.cpp tree (convert_hf_to_gguf.py)")
     bad = []
-    print(f"{'arch':<10}{'with adapter':>14}{'without':>10}{'base only':>11}{'max|logit|':>12}{'tol':>9}")
+    print(f"{'arch':<10}{'with adapter':>14}{'without':>10}{'at 0.5x':>10}{'base only':>11}{'max|logit|':>12}"
+          f"{'tol':>9}")
     for arch in args.arch:
         with tempfile.TemporaryDirectory() as tmp:
             r = run(arch, llamacpp, Path(tmp))
         tol = args.tol or TOL.get(arch, 1e-5)
         # the adapter must be applied (within tol) and its absence must show (the control fails by far)
-        if r["with"] > tol or r["without"] < 100 * tol:
+        if r["with"] > tol or min(r["without"], r["half"]) < 100 * tol:
             bad.append(arch)
-        print(f"{arch:<10}{r['with']:>14.2e}{r['without']:>10.2e}{r['base']:>11.2e}{r['scale']:>12.3f}{tol:>9.0e}",
-              flush=True)
-    print("max |Δlogit| against PEFT's merged model (fp32 transformers), 12 positions x 288 logits; 'base only':"
-          " llama.cpp without adapter against the unmerged base")
+        print(f"{arch:<10}{r['with']:>14.2e}{r['without']:>10.2e}{r['half']:>10.2e}{r['base']:>11.2e}"
+              f"{r['scale']:>12.3f}{tol:>9.0e}", flush=True)
+    print("max |Δlogit| against PEFT's merged model (fp32 transformers), 12 positions x 288 logits; 'without' /"
+          " 'at 0.5x': llama.cpp with no adapter / lora_scale 0.5 (the controls); 'base only': llama.cpp without"
+          " adapter against the unmerged base")
     if bad:
         print("FAILED: " + " ".join(bad))
     sys.exit(1 if bad else 0)

@@ -49,4 +49,5 @@ def test_llamacpp_runs_loraport_adapter_like_peft_merge(tmp_path, arch):
     r = BENCH.run(arch, _llamacpp_tree(), tmp_path)
     tol = BENCH.TOL[arch]
     assert r["with"] <= tol, r
-    assert r["without"] >= 100 * tol, r  # the control: a dropped adapter is visible far above the tolerance
+    # the controls: a dropped adapter, or one applied at half its scale, shows far above the tolerance
+    assert min(r["without"], r["half"]) >= 100 * tol, r
