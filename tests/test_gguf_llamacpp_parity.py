@@ -1,0 +1,53 @@
+"""llama.cpp itself as the consumer of loraport's GGUF adapters (issue #18): llama-cpp-python runs a base
+converted by llama.cpp's own convert_hf_to_gguf.py with loraport's adapter (`lora_path=`), and its logits match
+PEFT's merged model; without the adapter they do not. Slow (llama.cpp's converter and runtime per family, ~20 s
+each); skipped unless llama_cpp is importable and LORAPORT_LLAMACPP points at a llama.cpp tree:
+
+    LORAPORT_LLAMACPP=/path/to/llama.cpp LORAPORT_LLAMACPP_PYTHONPATH=/where/sentencepiece/is \
+        pytest -m slow tests/test_gguf_llamacpp_parity.py
+
+The work is bench/gguf_llamacpp_parity.py's (tolerances and their reasons are there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gguf_llamacpp_parity", ROOT / "bench" / "gguf_llamacpp_parity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BENCH = _bench()
+
+
+def _llamacpp_tree() -> Path:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    root = Path(os.environ.get("LORAPORT_LLAMACPP", ""))
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("LORAPORT_LLAMACPP does not point at a llama.cpp tree with convert_hf_to_gguf.py")
+    extra = os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH", "")
+    if importlib.util.find_spec("sentencepiece") is None and not (Path(extra) / "sentencepiece").is_dir():
+        pytest.skip("sentencepiece (installed or in LORAPORT_LLAMACPP_PYTHONPATH) is needed for the tokenizer")
+    return root
+
+
+@pytest.mark.parametrize("arch", list(BENCH.TOL))
+def test_llamacpp_runs_loraport_adapter_like_peft_merge(tmp_path, arch):
+    r = BENCH.run(arch, _llamacpp_tree(), tmp_path)
+    tol = BENCH.TOL[arch]
+    assert r["with"] <= tol, r
+    # the controls: a dropped adapter, or one applied at half its scale, shows far above the tolerance
+    assert min(r["without"], r["half"]) >= 100 * tol, r
