@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from loraport import paths
-from loraport.checkpoint import CONV1D_LAYERS, Checkpoint, Shard
+from loraport.checkpoint import CONV1D_LAYERS, Checkpoint
 from loraport.errors import BadInputError
 from loraport.quant import bnb_layout as L
+from loraport.quant.dequant_view import DequantizedView
 from loraport.quant.blockwise import dequantize_4bit, dequantize_absmax
 from loraport.quant.rowwise import dequantize_int8
-from loraport.safetensors_io import TensorInfo, tensor_bytes
 from loraport.jsonfile import read_json
 
 _QS = re.compile(r"^(?P<w>.+)\.quant_state\.bitsandbytes__(?P<t>nf4|fp4)$")
@@ -101,60 +101,7 @@ def open_quantized_base(ckpt: Checkpoint, fp16_base: str | Path | None = None, q
     return fp
 
 
-class _LogicalFile:
-    """One stored shard seen through the logical names: quantized weights dequantized, aux tensors hidden."""
-
-    def __init__(self, owner: BnbCheckpoint, shard: Shard, keys: list[str]):
-        self._owner = owner
-        self._shard = shard
-        self.path = shard.file.path
-        self.metadata = dict(shard.file.metadata)
-        self._keys = keys
-        self.tensors: dict[str, TensorInfo] = {}
-        for k in keys:
-            spec = owner.specs.get(shard.prefix + k)
-            if spec is None:
-                self.tensors[k] = shard.file.tensors[k]
-            else:
-                n = math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
-                self.tensors[k] = TensorInfo(k, spec.dtype, spec.shape, 0, n)
-
-    def names(self) -> list[str]:
-        return list(self._keys)
-
-    def get(self, key: str) -> torch.Tensor:
-        spec = self._owner.specs.get(self._shard.prefix + key)
-        if spec is None:
-            return self._shard.file.get(key)
-        return self._owner.get(self._shard.prefix + key)
-
-    def raw(self, key: str) -> memoryview:
-        spec = self._owner.specs.get(self._shard.prefix + key)
-        if spec is None:
-            return self._shard.file.raw(key)
-        return tensor_bytes(self.get(key))
-
-    def span(self, key: str):
-        """The stored bytes of an unquantized tensor, for the engine's kernel copy; None for a dequantized one."""
-        if self._owner.specs.get(self._shard.prefix + key) is not None:
-            return None
-        span = getattr(self._shard.file, "span", None)
-        return span(key) if span is not None else None
-
-    def release(self, key: str) -> None:
-        spec = self._owner.specs.get(self._shard.prefix + key)
-        st = self._owner.stored
-        for stored in ([key] if spec is None else [n for n in (spec.weight, *spec.aux.values())]):
-            sh, k = (self._shard, key) if spec is None else st.shard_of(stored)
-            release = getattr(sh.file, "release", None)
-            if release is not None:
-                release(k)
-
-    def close(self) -> None:
-        self._shard.file.close()
-
-
-class BnbCheckpoint(Checkpoint):
+class BnbCheckpoint(DequantizedView):
     """A Checkpoint whose quantized weights are served dequantized (see the module docstring)."""
 
     @classmethod
@@ -167,19 +114,7 @@ class BnbCheckpoint(Checkpoint):
         if not specs:
             raise BadInputError(f"{ck.root}: no bitsandbytes-quantized weights found (no *.quant_state.bitsandbytes__* "
                                 f"or *.SCB tensors); is this a quantized model?")
-        self = cls.__new__(cls)
-        self.stored = ck
-        self.specs = specs
-        hidden = {a for s in specs.values() for a in s.aux.values()}
-        shards = []
-        for sh in ck.shards:
-            logical = Shard(sh.relpath, None, sh.prefix)  # type: ignore[arg-type]
-            logical.file = _LogicalFile(self, sh, [k for k in sh.file.names() if sh.prefix + k not in hidden])
-            shards.append(logical)
-        cfg = dict(ck.config) if isinstance(ck.config, dict) else {}
-        qc = cfg.pop("quantization_config", None)
-        Checkpoint.__init__(self, ck.root, ck.kind, shards, cfg, list(ck.extra_files), list(ck.index_files))
-        self.quantization_config = qc if isinstance(qc, dict) else None
+        self = cls._view(ck, specs)
         kinds = {s.kind for s in specs.values()}
         first = next(iter(specs.values()))
         self.quant = {"bits": 4 if "4bit" in kinds else 8,

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from loraport.checkpoint import Checkpoint, Shard
+from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
 from loraport.quant import fp8 as F
 from loraport.quant.fp8_spec import MARKER, Fp8Spec
-from loraport.quant.bnb_checkpoint import _LogicalFile
+from loraport.quant.dequant_view import DequantizedView
 
 METHODS = ("fp8", "compressed-tensors")  # the config.json quant_method values this source reads
 _SCALES = {"block": "weight_scale_inv", "ct": "weight_scale", "scaled": "scale_weight"}
@@ -159,25 +159,13 @@ def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
     return F.dequantize_ct(q, s)
 
 
-class Fp8Checkpoint(Checkpoint):
+class Fp8Checkpoint(DequantizedView):
     """A Checkpoint whose float8 weights are served dequantized in fp32 (see the module docstring)."""
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint) -> Fp8Checkpoint:
         specs = find_specs(ck)
-        self = cls.__new__(cls)
-        self.stored, self.specs = ck, specs
-        hidden = {a for s in specs.values() for a in s.aux.values()}
-        shards = []
-        for sh in ck.shards:
-            logical = Shard(sh.relpath, None, sh.prefix)  # type: ignore[arg-type]
-            logical.file = _LogicalFile(self, sh, [k for k in sh.file.names() if sh.prefix + k not in hidden])
-            shards.append(logical)
-        cfg = dict(ck.config) if isinstance(ck.config, dict) else {}
-        qc = cfg.pop("quantization_config", None)
-        Checkpoint.__init__(self, ck.root, ck.kind, shards, cfg, list(ck.extra_files), list(ck.index_files))
-        self.quantization_config = qc if isinstance(qc, dict) else None
-        self.config_rewritten = qc is not None  # a 16-bit output drops quantization_config
+        self = cls._view(ck, specs)  # a 16-bit output drops quantization_config
         return self
 
     def is_quantized(self, name: str) -> bool:
