@@ -105,7 +105,8 @@ LAYOUT = {
     "my-flux-lora.safetensors": F / "dit" / "flux_kohya.safetensors",   # kohya Flux LoRA of the micro Flux
     "flux1-dev.safetensors": F / "dit" / "flux-bfl.safetensors",        # BFL single file
 }
-BUILT = ("sd_xl_base_1.0.safetensors", "Llama-3-8B-tuned", "summarize", "model.onnx")  # made by _workspace
+BUILT = ("sd_xl_base_1.0.safetensors", "Llama-3-8B-tuned", "summarize", "model.onnx",  # made by _workspace
+         "flux1-dev-fp8.safetensors", "llama-Q8_0.gguf")
 # lines another test already runs verbatim (the demo: ~5-13 s, as a subprocess, offline, in test_cli_core)
 RUN_ELSEWHERE = {"loraport demo": "tests/test_cli_core.py::test_demo_offline_under_a_minute"}
 
@@ -165,6 +166,22 @@ def _onnx_base(llama: Path, dst: Path) -> None:
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
 
 
+def _fp8_single_file(dst: Path) -> None:
+    """The micro Flux BFL file as the fp8 files people download store it: matrices float8_e4m3fn, the rest bf16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(F / "dit" / "flux-bfl.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn if v.dim() == 2 else torch.bfloat16) for k, v in sd.items()}, dst)
+
+
+def _gguf_base(dst: Path) -> None:
+    """The Llama fixture as llama.cpp's converter lays it out, Q8_0 (written by gguf-py: tests/_gguf_base_util)."""
+    from tests._gguf_base_util import make_llama_gguf
+
+    make_llama_gguf(dst, "Q8_0")
+
+
 def _workspace(root: Path, onnx: bool) -> Path:
     """A folder holding every input the README names, under its README name."""
     from loraport.merging import merge
@@ -177,6 +194,8 @@ def _workspace(root: Path, onnx: bool) -> Path:
     # a fine-tuned model to extract from: the base with a real LoRA merged in
     merge(ws / "Llama-3-8B", [(ws / "domain", 1.0)], ws / "Llama-3-8B-tuned", device="cpu", manifest=False)
     _second_adapter(ws / "qa", ws / "summarize")
+    _fp8_single_file(ws / "flux1-dev-fp8.safetensors")
+    _gguf_base(ws / "llama-Q8_0.gguf")
     (ws / "jobs.json").write_text(re.search(r"```json\n(.*?)```", README, re.S).group(1))  # the README's, verbatim
     if onnx:
         _onnx_base(ws / "llama", ws / "model.onnx")
@@ -225,6 +244,7 @@ def test_readme_recipes_run_as_written(tmp_path, monkeypatch):
     ws = tmp_path / "readme"
     assert (ws / "merged" / "loraport-manifest.json").is_file() and (ws / "sdxl-pixel.safetensors").is_file()
     assert (ws / "merged-nf4" / "config.json").is_file() and (ws / "my-adapter.gguf").is_file()
+    assert (ws / "flux-merged-fp8.safetensors").is_file() and (ws / "merged-Q8_0.gguf").is_file()
     for name, src in LAYOUT.items():  # the inputs are untouched
         if src.is_dir():
             assert all((ws / name / f.relative_to(src)).read_bytes() == f.read_bytes()

@@ -1,7 +1,7 @@
 """XLabs-AI x-flux LoRA for Flux.1: `double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`,
 `single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight` (optionally under `diffusion_model.`), no alpha
 (scale 1, as x-flux's LoRA processors and diffusers' converter use it). Names are a column of the Flux table in
-loraport/names/dit.py. Spec: formats/dit.md."""
+loraport/names/dit.py. Spec: formats/xlabs.md (the Flux table: formats/dit.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ KEY = re.compile(r"^(?:diffusion_model\.)?(?P<m>(?:double|single)_blocks\.\d+\.p
 class XLabsFormat(AdapterFormat):
     name = "xlabs"
     title = "XLabs x-flux LoRA (Flux.1)"
-    spec = "dit"
     writable = False
 
     @classmethod
