@@ -95,6 +95,20 @@ def _libtorch_loading(pid: int) -> bool:
         return False
 
 
+def _spawn_with_default_sigint(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start `cmd` as a terminal would: with Ctrl-C at its default action. A process started in the background by
+    a non-interactive shell (`cmd &`, as some CI runners do) has SIGINT ignored, and an ignored signal stays
+    ignored across exec: the child would never see a Ctrl-C sent before loraport installs its handler."""
+    old = signal.getsignal(signal.SIGINT)
+    if old == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a Python handler: reset to default at exec
+    try:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    finally:
+        if old == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, old)
+
+
 def _wait_exec(pid: int, cmd: list[str]) -> None:
     """Until the child runs `cmd`: a SIGINT that lands between fork and exec meets the parent's copied handler,
     which only records it, and exec then forgets it (the merge ran to the end: a false failure, seen once)."""
@@ -111,7 +125,7 @@ def _wait_exec(pid: int, cmd: list[str]) -> None:
 
 def _interrupt(cmd: list[str], env: dict, moment: str, out: Path) -> tuple[int, list[str], bool]:
     """Start `cmd`, wait for `moment`, send SIGINT; returns (exit status, stderr lines, whether it was sent)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    p = _spawn_with_default_sigint(cmd, env)
     sent = False
     if moment == "spawn":  # the interpreter itself is still starting
         _wait_exec(p.pid, cmd)
