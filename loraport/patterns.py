@@ -13,6 +13,7 @@ dict, and one `Deadline` bounds the total time spent matching for an adapter.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -180,6 +181,17 @@ class PatternTable:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def positive(self, name: str, default):
+        """The value of the first key matching module `name` (PEFT's rule), else `default`; a matched value must
+        be a positive finite number (ranks and alphas)."""
+        hit = self.lookup(name)
+        if hit is None:
+            return default
+        k, v = hit
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise BadInputError(f"{self.where}: {self.what}[{k[:60]!r}] must be a positive number, got {v!r}")
+        return v
 
     def lookup(self, name: str):
         """(key, value) of the first key matching module `name` by PEFT's rule, or None."""

@@ -80,19 +80,13 @@ class _Ctx:
             raise BadInputError(f"{self.where}: {key} must be a {'positive ' if positive else ''}number, got {v!r}")
         return v
 
-    def per_module(self, table: PatternTable | None, mod: str, default):
-        """PEFT's pattern rule (loraport.patterns): the first matching key's value, else `default`."""
-        hit = None if table is None else table.lookup(mod)
-        if hit is None:
-            return default
-        k, v = hit
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise BadInputError(f"{self.where}: {table.what}[{k[:60]!r}] must be a positive number, got {v!r}")
-        return v
+    @staticmethod
+    def _pattern(table: PatternTable | None, mod: str, default):
+        return default if table is None else table.positive(mod, default)
 
     def r_alpha(self, mod: str, alpha_key: str = "alpha") -> tuple[float, float]:
-        r = self.per_module(self.rank_pattern, mod, self.num("r", 8, positive=True))
-        alpha = self.per_module(self.alpha_pattern, mod, self.num(alpha_key, 8))
+        r = self._pattern(self.rank_pattern, mod, self.num("r", 8, positive=True))
+        alpha = self._pattern(self.alpha_pattern, mod, self.num(alpha_key, 8))
         return r, alpha
 
 

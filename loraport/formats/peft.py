@@ -38,17 +38,6 @@ _KEY = re.compile(
 )
 
 
-def _pattern_value(table: PatternTable, module: str, default):
-    """PEFT's rule (see loraport.patterns): the first matching key's value, else `default`."""
-    hit = table.lookup(module)
-    if hit is None:
-        return default
-    k, v = hit
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise BadInputError(f"{table.where}: {table.what}[{k[:60]!r}] must be a positive number, got {v!r}")
-    return v
-
-
 def _num(cfg: dict, key: str, default, path: Path):
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -198,8 +187,8 @@ class PeftFormat(AdapterFormat):
             )
 
         def scale_of(name: str) -> tuple[float, float, int]:
-            r = int(_pattern_value(rank_pattern, name, r_default))
-            alpha = _pattern_value(alpha_pattern, name, a_default)
+            r = int(rank_pattern.positive(name, r_default))
+            alpha = alpha_pattern.positive(name, a_default)
             return lora_scale(alpha, r, rslora), float(alpha), r
 
         deltas = param_deltas(parts, cfg, base, wfile, scale_of, notes)  # target_parameters (MoE experts)
