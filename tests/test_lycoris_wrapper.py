@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import loraport
-from _sd_util import apply_adapter, flat_state, load_pipeline, run_cli, save_single, sd_base
+from _sd_util import apply_adapter, flat_state, load_pipeline, run_cli, save_single, sd_base, wrapped_module_errors
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError, Inexpressible
 from loraport.formats import detect, load_adapter
@@ -246,18 +245,8 @@ def test_sd_single_file(tmp_path, algo, kw, xl):
     target = {d.source_key: d.target for d in ad.deltas}
     assert len(target) == len(net.loras) > 20
     assert all(t.startswith("model.diffusion_model.") for t in target.values())
-    for lo in net.loras:
-        org = lo.org_module[0]
-        W = merged[target[lo.lora_name]]
-        if isinstance(org, torch.nn.Conv2d):
-            x = torch.randn(1, org.in_channels, 4, 4)
-            got = F.conv2d(x, W, org.bias, org.stride, org.padding)
-        else:
-            x = torch.randn(2, org.in_features)
-            got = F.linear(x, W, org.bias)
-        with torch.no_grad():
-            y = lo(x)
-        assert _rel(got, y) <= TOL, lo.lora_name
+    for name, err in wrapped_module_errors(net, merged, target).items():
+        assert err <= TOL, name
 
 
 def test_ambiguous_roots_are_refused():
