@@ -311,3 +311,21 @@ def test_gguf_to_onnx_adapter_reads_back_to_peft_delta(tmp_path):
     onnx_convert(adapters=[str(LLM / "gguf" / "llama_lora.gguf")], to="onnx-adapter", out=str(out), graph=str(graph),
                  base=str(LLAMA))
     assert max_diff(loraport_deltas(out), peft_deltas(str(PEFT / "llama_lora"))) <= TOL
+
+
+def test_torchtune_refuses_a_delta_on_a_norm_instead_of_mangling_its_name(tmp_path):
+    """torchtune spells norms `….scale`; the writer used to cut 7 characters off it (`sa_nor.lora_a.weight`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "a"
+    shutil.copytree(PEFT / "llama_lora", src)
+    t = {k: v for k, v in load_file(src / "adapter_model.safetensors").items() if ".mlp." in k}
+    t["base_model.model.model.layers.0.input_layernorm.lora_A.weight"] = torch.randn(4, 32)
+    t["base_model.model.model.layers.0.input_layernorm.lora_B.weight"] = torch.randn(32, 4)
+    save_file(t, src / "adapter_model.safetensors")
+    out = tmp_path / "tt"
+    with pytest.raises(BadInputError, match="sa_norm.scale, not a linear weight"):
+        convert_adapter(src, "torchtune", out)
+    assert not out.exists()

@@ -211,6 +211,8 @@ class TorchtuneFormat(AdapterFormat):
                 n = nh if kind == "q" else nkv
                 B = rope_permute_rows(B, n)
                 m = rope_permute_rows(m, n) if m is not None else None
+            if not name.endswith(".weight"):  # e.g. a norm's `.scale`: torchtune LoRA adapts linear weights only
+                raise Inexpressible(f"{d.target}: torchtune names it {name}, not a linear weight it can adapt")
             mod = name[: -len(".weight")]
             tensors[f"{mod}.lora_a.weight"] = A.contiguous()
             tensors[f"{mod}.lora_b.weight"] = B.contiguous()
