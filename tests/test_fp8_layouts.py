@@ -225,3 +225,56 @@ def test_uint8_scale_outside_a_block_layout_is_refused(tmp_path):
     sd[s] = torch.zeros(sd[s].shape, dtype=torch.uint8)
     save_file(sd, base / "model.safetensors")
     assert "expected a float dtype" in _refused(tmp_path, base)
+
+
+# --- per-expert fp8 MoE bases (Qwen3-MoE-FP8 naming) --------------------------------------------------------
+def test_target_parameters_adapter_merges_into_a_per_expert_fp8_moe_base(tmp_path):
+    """Qwen3-MoE-FP8 stores each expert's Linear as its own block-scaled fp8 weight
+    (`mlp.experts.N.up_proj.weight` + `weight_scale_inv`); PEFT's target_parameters LoRA is on the fused
+    in-memory parameter. Reference: PEFT's merge_and_unload on the model transformers builds from the
+    dequantized weights; loraport's fp32 output matches it (≤1e-5), its default output holds transformers'
+    block codes of that fp32 merge (the same rule as test_fp8.py's block tests)."""
+    import transformers as tf
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = tf.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[])
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "plain")
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_parameters=[
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).save_pretrained(tmp_path / "adapter")
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "deq").mkdir()
+    fp8, deq = {}, {}
+    for k, v in load_file(tmp_path / "plain" / "model.safetensors").items():
+        if k.endswith("proj.weight"):
+            q, s = F.quantize_block(v.float(), (16, 16))
+            fp8[k], fp8[k[: -len("weight")] + "weight_scale_inv"] = q, s
+            deq[k] = F.dequantize_block(q, s, (16, 16))
+        else:
+            fp8[k], deq[k] = v, v.float()
+    save_file(fp8, tmp_path / "fp8" / "model.safetensors", {"format": "pt"})
+    save_file(deq, tmp_path / "deq" / "model.safetensors", {"format": "pt"})
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    (tmp_path / "deq" / "config.json").write_text(json.dumps(config))
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [16, 16]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    ref_model = tf.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.float32)
+    PeftModel.from_pretrained(ref_model, tmp_path / "adapter").merge_and_unload().save_pretrained(tmp_path / "ref")
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+
+    merge(tmp_path / "fp8", [tmp_path / "adapter"], tmp_path / "o32", dtype="fp32")
+    o32 = load_file(tmp_path / "o32" / "model.safetensors")
+    assert set(o32) == set(ref) and max(float((o32[k] - ref[k]).abs().max()) for k in ref) <= 1e-5
+    rep = merge(tmp_path / "fp8", [tmp_path / "adapter"], tmp_path / "o8")
+    o8 = load_file(tmp_path / "o8" / "model.safetensors")
+    experts = [k for k in ref if ".experts." in k]
+    assert len(experts) == 12 and len([r for r in rep["quantization"] if r["name"] != "(total)"]) == 12
+    for k in experts:
+        q, s = F.quantize_block(o32[k], (16, 16))
+        assert torch.equal(_bits(o8[k]), _bits(q)) and torch.equal(o8[k[: -len("weight")] + "weight_scale_inv"], s)
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight_scale_inv"):
+        assert torch.equal(_bits(o8[k]), _bits(fp8[k]))  # untouched: copied
