@@ -36,11 +36,13 @@ SCALE_BIAS = 127
 def dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 [..., rows, G·32] of blocks [..., rows, G, 16] and scales [..., rows, G] (stored orientation)."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    b = blocks.to(torch.int64)
-    vals = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1)  # [..., G, 16, 2]: low nibble first
-    vals = vals.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
-    vals = torch.ldexp(vals, (scales.to(torch.int32) - SCALE_BIAS).unsqueeze(-1).to(torch.float32))
-    return vals.reshape(*blocks.shape[:-2], blocks.shape[-2] * 2 * blocks.shape[-1])
+    pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # byte → (low, high) values
+    vals = pairs.index_select(0, blocks.reshape(-1).to(torch.int32))  # [n, 2]: low nibble first
+    vals = vals.view(*blocks.shape[:-1], 2 * blocks.shape[-1])
+    # × 2^(byte − 127): a power of two, exact in fp32 for every byte < 255 (2^-127 is a subnormal), = ldexp
+    pow2 = torch.ldexp(torch.ones(256, device=blocks.device), torch.arange(256, device=blocks.device) - SCALE_BIAS)
+    vals.mul_(pow2.index_select(0, scales.reshape(-1).to(torch.int32)).view(*scales.shape, 1))
+    return vals.view(*blocks.shape[:-2], blocks.shape[-2] * 2 * blocks.shape[-1])
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -65,9 +67,12 @@ def quantize_rows(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = bits.view(torch.float32)
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
     q = g * inv.unsqueeze(-1)
-    mids = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=q.device)
-    mag = torch.bucketize(q.abs(), mids, right=True).to(torch.uint8)  # how many midpoints ≤ |q|
-    codes = mag | (torch.signbit(q).to(torch.uint8) << 3)
+    # the code's magnitude = how many midpoints are ≤ |q| (a tie rounds up); they all lie on the 0.25 grid,
+    # so that count depends only on ⌊4|q|⌋ (0..24, |q| ≤ 6): one table lookup instead of a search
+    quarters = torch.arange(25, dtype=torch.float32, device=q.device) / 4
+    table = torch.bucketize(quarters, torch.tensor(_MIDPOINTS, device=q.device), right=True).to(torch.uint8)
+    k = (q.abs() * 4).to(torch.int32).clamp_(max=24)
+    codes = table.index_select(0, k.reshape(-1)).view(k.shape) | (torch.signbit(q).to(torch.uint8) << 3)
     codes = codes.reshape(*lead, cols // BLOCK, BLOCK // 2, 2)
     blocks = codes[..., 0] | (codes[..., 1] << 4)
     return blocks.contiguous(), (bits >> 23).to(torch.uint8)
