@@ -197,6 +197,25 @@ def test_untouched_mxfp4_parameters_are_copied_byte_for_byte(oss, tmp_path):
     assert not rep["quantization"]  # nothing re-quantized
 
 
+def test_a_small_delta_is_reported_erased_and_inspect_names_the_layout(oss, tmp_path):
+    """At 1/100 of its weight the adapter moves few E2M1 codes: the report says most of it is lost and how to
+    keep it; `inspect --base` shows the experts' storage and what a merge writes."""
+    from loraport.inspection import base_storage
+    from loraport.merging import open_base
+
+    rep = loraport.merge(oss["root"] / "mx", [(oss["root"] / "adapter", 0.01)], tmp_path / "o")
+    total = rep["quantization"][-1]
+    assert total["erased_tensors"] == 4 and total["delta_retained_median"] < 0.5
+    assert any("--dtype bf16" in w for w in rep["warnings"])
+    ck = open_base(oss["root"] / "mx")
+    try:
+        st = base_storage(ck)
+    finally:
+        ck.close()
+    assert st["families"]["model.layers.*.mlp.experts.gate_up_proj"].startswith("mxfp4")
+    assert st["merge_writes"].startswith("the same layout")
+
+
 def test_dtype_bf16_and_quantize_mxfp4_from_a_16bit_folder(oss, tmp_path):
     root = oss["root"]
     loraport.merge(root / "mx", root / "adapter", tmp_path / "b16", dtype="bf16")
