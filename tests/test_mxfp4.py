@@ -74,6 +74,7 @@ def test_dequantize_equals_transformers_convert_moe_packed_tensors():
     ours = M.dequantize(blocks, scales)
     assert ours.shape == (3, 64, 40)
     assert torch.equal(ours, convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    assert torch.equal(ours.to(torch.bfloat16).float(), ours)  # why the source may serve bf16: exact
     per_elem = scales[..., None].expand(*scales.shape, 32).reshape(3, 40, 64).transpose(1, 2)
     normal = (per_elem > 140) & (per_elem < 250)  # bf16-normal and finite: a grid point re-quantizes to itself
     b2, s2 = M.quantize(torch.where(normal, ours, 0.0))

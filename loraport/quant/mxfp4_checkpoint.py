@@ -1,9 +1,9 @@
 """An MXFP4 base (gpt-oss as OpenAI ships it, config.json `quantization_config.quant_method: "mxfp4"`) seen as an
 ordinary base: each expert parameter stored as `P_blocks` + `P_scales` is served under its logical name `P`
 (`model.layers.N.mlp.experts.gate_up_proj` / `down_proj`, [E, in, out] as transformers' GptOssExperts holds
-it), dequantized in fp32; everything else (attention, router, biases, embeddings) is an ordinary tensor.
-`own_layout()` is the sink that writes MXFP4 back (loraport.quant.mxfp4_quantizer). Spec: formats/fp8.md
-(section MXFP4); codec: loraport.quant.mxfp4.
+it), dequantized (as bf16, which holds every MXFP4 value exactly); everything else (attention, router,
+biases, embeddings) is an ordinary tensor. `own_layout()` is the sink that writes MXFP4 back
+(loraport.quant.mxfp4_quantizer). Spec: formats/fp8.md (section MXFP4); codec: loraport.quant.mxfp4.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class Mxfp4Spec:
     weight: str
     shape: tuple[int, ...]  # logical [E, in, out]
     aux: dict[str, str] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
+    # served as bf16: every E2M1 value × 2^k is exact in bf16 (2 significant bits, fp32's exponent range), so
+    # nothing is lost, a view holds half the bytes and an unquantized output defaults to gpt-oss's own dtype
+    dtype: torch.dtype = torch.bfloat16
 
 
 def _qc(ck: Checkpoint) -> dict | None:
@@ -118,10 +120,13 @@ class Mxfp4Checkpoint(DequantizedView):
         spec = self.specs.get(name)
         if spec is None:
             return super().get(name)
-        return M.dequantize(self.stored.get(spec.weight), self.stored.get(spec.aux["scale"]))
+        return self.get32(name).to(spec.dtype)
 
     def get32(self, name: str) -> torch.Tensor:
-        return self.get(name).to(torch.float32)
+        spec = self.specs.get(name)
+        if spec is None:
+            return super().get(name).to(torch.float32)
+        return M.dequantize(self.stored.get(spec.weight), self.stored.get(spec.aux["scale"]))
 
     def storage_of(self, name: str) -> str:
         return "mxfp4 (e2m1 + e8m0 scales per 32)" if name in self.specs else super().storage_of(name)
