@@ -270,6 +270,7 @@ DAMAGE = {
     "scales missing": (lambda sd, c: sd.pop(P + "_scales"), "no 'model.layers.0.mlp.experts.gate_up_proj_scales'"),
     "scales as float": (lambda sd, c: sd.__setitem__(P + "_scales", sd[P + "_scales"].float()), "expected uint8"),
     "shape against config": (lambda sd, c: c.__setitem__("intermediate_size", 16), "config.json"),
+    "NaN scale byte": (lambda sd, c: sd[P + "_scales"].view(-1)[5:6].fill_(255), "E8M0 byte 255 (NaN)"),
     "no blocks": (lambda sd, c: [sd.pop(k) for k in [k for k in sd if k.endswith(("_blocks", "_scales"))]],
                   "no tensor is stored as MXFP4"),
 }

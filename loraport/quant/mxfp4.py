@@ -31,6 +31,7 @@ BLOCK = 32
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive magnitudes; a tie rounds up
 SCALE_BIAS = 127
+SCALE_NAN = 255  # E8M0's only non-number: a damaged or foreign scale
 
 
 def dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,10 @@ class Mxfp4Checkpoint(DequantizedView):
         spec = self.specs.get(name)
         if spec is None:
             return super().get(name).to(torch.float32)
-        return M.dequantize(self.stored.get(spec.weight), self.stored.get(spec.aux["scale"]))
+        scales = self.stored.get(spec.aux["scale"])
+        if bool((scales == M.SCALE_NAN).any()):  # checked as read: the scales are 1/16 of the blocks' bytes
+            raise _bad(self.stored, spec.aux["scale"], f"holds E8M0 byte {M.SCALE_NAN} (NaN)")
+        return M.dequantize(self.stored.get(spec.weight), scales)
 
     def storage_of(self, name: str) -> str:
         return "mxfp4 (e2m1 + e8m0 scales per 32)" if name in self.specs else super().storage_of(name)
