@@ -294,3 +294,19 @@ def test_truncated_mxfp4_base_is_one_line_exit_2(oss, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     res = cli("merge", "--base", base, "--adapter", oss["root"] / "adapter", "--out", tmp_path / "never")
     assert res.exit_code == 2 and "truncated" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.gpu
+def test_cuda_merge_into_mxfp4_base_equals_cpu(oss, tmp_path):
+    """The codec is plain torch: on CUDA it writes the codes the CPU writes, up to the fp32 merge's last bit
+    (GEMM order) moving a value across a rounding midpoint."""
+    root = oss["root"]
+    loraport.merge(root / "mx", root / "adapter", tmp_path / "cpu", device="cpu")
+    loraport.merge(root / "mx", root / "adapter", tmp_path / "gpu", device="cuda")
+    a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(("_blocks", "_scales")):
+            assert float((a[k] != b[k]).float().mean()) <= 1e-2, k
+        else:
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7), k
