@@ -114,10 +114,11 @@ class Mxfp4Quantizer(BnbQuantizer):
         deq_b = M.dequantize(bb.to(W.device), sb.to(W.device))
         delta = Ws - B
         surv, kept = delta_survival(deq, deq_b, delta), delta_retained(deq, deq_b, delta)
-        same = torch.cat([(bq.to(bb.device) ^ bb).reshape(-1) & 0x0F, (bq.to(bb.device) ^ bb).reshape(-1) >> 4])
+        x = (bq.to(bb.device) ^ bb).reshape(-1)  # per byte: which of its two FP4 codes moved
+        changed = float(((x & 0x0F) != 0).sum() + ((x >> 4) != 0).sum()) / (2 * x.numel())
         row.update(delta_survival=None if surv is None else finite(surv),
                    delta_retained=None if kept is None else finite(kept),
-                   codes_changed=round(float((same != 0).float().mean()), 6),
+                   codes_changed=round(changed, 6),
                    scales_changed=round(float((sq.to(sb.device) != sb).float().mean()), 6))
         if kept is not None and kept < ERASED_BELOW:
             row["erased"] = True
