@@ -166,13 +166,14 @@ def merge(base: PathLike, adapters: AdapterSpec | Sequence[AdapterSpec], out: Pa
     """Merge adapters into `base` (W' = W + Σ wᵢ·ΔWᵢ in fp32, rounded once) and write `out`: a folder for a
     model folder, a file for a single .safetensors, an .onnx file for an .onnx base, a .gguf file for a .gguf
     base (every tensor in its own ggml type; formats/gguf.md). `quantize`: fp16, bf16,
-    fp32, int8, nf4, fp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
+    fp32, int8, nf4, fp4, fp8, mxfp4. `allow_incomplete`: write an HF-style folder even when the base lacks files
     transformers needs to load it (config.json). `force`: merge an adapter whose merged form behaves
     differently (PEFT activated LoRA), with a warning, instead of refusing it. `tie_embeddings`: auto, keep or
     untie, for a base whose head is tied to its embedding when an adapter trains one side (or both apart): auto
     unties unless both got the same update (config.json then says tie_word_embeddings=false, and a warning says
     why). `transformer`: a DiT LoRA into a diffusers folder's "transformer" (default), "transformer_2" (Wan 2.2
-    A14B's low-noise expert) or "both"."""
+    A14B's low-noise expert) or "both". An fp8 or MXFP4 (gpt-oss) base keeps its own layout unless `dtype` or
+    `quantize` says otherwise (formats/fp8.md)."""
     from loraport.results import MergeResult
 
     with _api_terms():

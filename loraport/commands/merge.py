@@ -25,8 +25,9 @@ def register(group: click.Group) -> None:
               "a dtype here writes 16/32-bit instead)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--shard-size", default=None, help="re-shard the output, e.g. 5GB (default: mirror the base)")
-@click.option("--quantize", default=None, type=click.Choice(["fp16", "bf16", "fp32", "int8", "nf4", "fp4", "fp8"]),
-              help="re-quantize the merged weights (an fp8 base is written back as fp8 without it)")
+@click.option("--quantize", default=None,
+              type=click.Choice(["fp16", "bf16", "fp32", "int8", "nf4", "fp4", "fp8", "mxfp4"]),
+              help="re-quantize the merged weights (an fp8 or MXFP4 base is written back in its own layout without it)")
 @click.option("--double-quant", is_flag=True, help="nf4/fp4: quantize the absmax statistics too")
 @click.option("--blocksize", default=None, type=int, help="nf4/fp4 block size  [default: 64]")
 @click.option("--fp16-base", default=None, type=click.Path(), help="with a quantized --base: the original 16-bit "

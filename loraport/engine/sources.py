@@ -6,7 +6,8 @@ info, get, raw, span, release, layer_hint, resolve, extra_files).
   apart by `Checkpoint.open`.
 * A layered source wraps that view when it recognizes the base: bitsandbytes (served dequantized by
   loraport.quant, or replaced by the --fp16-base it was made from), fp8 (float8 weights with their scales,
-  loraport.quant.fp8_checkpoint); a quant_method none of them reads is refused. Register one with
+  loraport.quant.fp8_checkpoint), MXFP4 (gpt-oss `*_blocks` + `*_scales`, loraport.quant.mxfp4_checkpoint); a
+  quant_method none of them reads is refused. Register one with
   `@layered(name, claims)`.
 * An .onnx base is baked by loraport.onnx: its initializers are the source (loraport/onnx/initializers.py)
   and ONNX external data the sink of the same stream; `loraport.api.run_merge` chooses it and refuses the options
@@ -80,7 +81,20 @@ def _open_fp8(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
     return Fp8Checkpoint.from_checkpoint(ckpt)
 
 
-KNOWN_QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors")
+def _is_mxfp4(ckpt: Checkpoint, opts: BaseOptions) -> bool:
+    from loraport.quant.mxfp4_checkpoint import has_mxfp4
+
+    return has_mxfp4(ckpt)
+
+
+@layered("mxfp4", _is_mxfp4)
+def _open_mxfp4(ckpt: Checkpoint, opts: BaseOptions) -> Checkpoint:
+    from loraport.quant.mxfp4_checkpoint import Mxfp4Checkpoint
+
+    return Mxfp4Checkpoint.from_checkpoint(ckpt)
+
+
+KNOWN_QUANT_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
 
 
 def _unknown_quant(ckpt: Checkpoint, opts: BaseOptions) -> bool:

@@ -3,7 +3,7 @@ layouts, and reading bitsandbytes-quantized bases. Our own torch quantizers (CPU
 bitsandbytes' CPU ops; bitsandbytes itself is only a test-time oracle.
 
 Protocol the merge engine calls:
-    q = get_quantizer("nf4" | "fp4" | "int8" | "fp8", blocksize=64, double_quant=False, compute_dtype=None)
+    q = get_quantizer("nf4" | "fp4" | "int8" | "fp8" | "mxfp4", blocksize=64, double_quant=False, compute_dtype=None)
     q.bind(base)                           # optional: default compute dtype = the base's dtype
     q.entries(name, shape, hint)           # -> [(out_name, dtype, shape), ...] or None (keep unquantized)
     q.quantize(name, merged32, base32)     # -> {out_name: cpu tensor} in the order of entries()
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from loraport.errors import BadInputError
 
-QUANTIZERS = ("nf4", "fp4", "int8", "fp8")
+QUANTIZERS = ("nf4", "fp4", "int8", "fp8", "mxfp4")
 
 
 def get_quantizer(name: str, **options):
@@ -31,6 +31,10 @@ def get_quantizer(name: str, **options):
         from loraport.quant.fp8_quantizer import Fp8Quantizer
 
         return Fp8Quantizer(**{k: v for k, v in options.items() if k not in ("blocksize", "double_quant")})
+    if name == "mxfp4":
+        from loraport.quant.mxfp4_quantizer import Mxfp4Quantizer
+
+        return Mxfp4Quantizer(**{k: v for k, v in options.items() if k not in ("blocksize", "double_quant")})
     raise BadInputError(f"unknown quantization {name!r} (one of {', '.join(QUANTIZERS)})")
 
 

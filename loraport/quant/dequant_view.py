@@ -1,6 +1,6 @@
 """A base seen through its logical tensor names: the quantized weights a layered source knows (`specs`: name →
 a spec with `.shape`, `.dtype`, `.weight` and `.aux` tensors) served dequantized by the owner's `get`, their aux
-tensors (scales, quant states) hidden. Shared by the bitsandbytes and fp8 sources."""
+tensors (scales, quant states) hidden. Shared by the bitsandbytes, fp8 and MXFP4 sources."""
 
 from __future__ import annotations
 
@@ -77,10 +77,14 @@ class DequantizedView(Checkpoint):
         self = cls.__new__(cls)
         self.stored, self.specs = ck, specs
         hidden = {a for s in specs.values() for a in s.aux.values()}
+        # a logical name may differ from its stored tensor's (MXFP4: `P` is stored as `P_blocks` + `P_scales`)
+        renamed = {s.weight: n for n, s in specs.items() if s.weight != n}
         shards = []
         for sh in ck.shards:
             logical = Shard(sh.relpath, None, sh.prefix)  # type: ignore[arg-type]
-            logical.file = LogicalFile(self, sh, [k for k in sh.file.names() if sh.prefix + k not in hidden])
+            keys = [renamed.get(sh.prefix + k, sh.prefix + k)[len(sh.prefix):] for k in sh.file.names()
+                    if sh.prefix + k not in hidden]
+            logical.file = LogicalFile(self, sh, keys)
             shards.append(logical)
         cfg = dict(ck.config) if isinstance(ck.config, dict) else {}
         qc = cfg.pop("quantization_config", None)

@@ -8,9 +8,15 @@ computes them, so that re-quantizing a merged weight gives the codes and scales 
 * tensor / channel — compressed-tensors (llm-compressor `FP8` / `FP8_DYNAMIC`): scale = amax / 448 computed
              in the scale's dtype (the model dtype), q = clamp(W / scale) cast, the weight first rounded to that
              dtype (what the producer holds); a zero scale becomes that dtype's eps.
+* group / ct-block — compressed-tensors `group` (a scale per `group_size` inputs of a row, [out, in/g]) and
+             `block` (a scale per bh×bw tile, [⌈out/bh⌉, ⌈in/bw⌉]): the tensor/channel rule per tile.
 * block    — DeepSeek-V3 / Qwen3-FP8 / transformers FineGrainedFP8: per 128×128 tile, s = 448 / amax (1 for an
              all-zero tile), q = clamp(W · s) cast, `weight_scale_inv` = 1 / s in fp32. Partial edge tiles (a
              dimension not a multiple of the block) get a scale of their own, as DeepSeek's dequant reads them.
+
+  With `scale_fmt: "ue8m0"` (DeepSeek-V3.1, DeepGEMM's `per_block_cast_to_fp8(use_ue8m0=True)`): amax
+             clamped to ≥ 1e-4, `sf = amax / 448` rounded UP to a power of two, q = (W · (1/sf)) cast, stored
+             `weight_scale_inv` = sf (fp32, or its E8M0 byte when the file stores uint8).
 
 Every cast is torch's float8 conversion (round to nearest, ties to even). A plain cast clamps to ±fp8_max
 first (torch saturates e4m3fn by itself but rounds e5m2 past its range to ±inf); a scaled one cannot pass the
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-KINDS = ("plain", "scaled", "tensor", "channel", "block")
+KINDS = ("plain", "scaled", "tensor", "channel", "group", "ct-block", "block")
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -103,6 +109,21 @@ def quantize_ct(W: torch.Tensor, strategy: str, scale_dtype: torch.dtype,
     return cast_scaled(x / scale, dtype, scale), scale
 
 
+def quantize_ct_tiles(W: torch.Tensor, tile: tuple[int, int], scale_dtype: torch.dtype,
+                      dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' `group` (tile (1, group_size)) and `block` (tile (bh, bw)) strategies: the
+    tensor/channel rule (amax / 448 in the scale's dtype, eps for 0, the division in that dtype) per tile,
+    partial edge tiles padded with zeros; scale [⌈rows/bh⌉, ⌈cols/bw⌉]."""
+    rows, cols = W.shape
+    t, (gr, gc) = _tiles(W.to(scale_dtype), tile)
+    zero = torch.zeros((), dtype=scale_dtype)
+    amax = torch.maximum(torch.minimum(t.amin(dim=(1, 3)), zero).abs(), torch.maximum(t.amax(dim=(1, 3)), zero))
+    scale = amax / torch.tensor(fp8_max(dtype), dtype=scale_dtype)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale_dtype).eps, dtype=scale_dtype), scale)
+    q = cast_scaled(t / scale[:, None, :, None], dtype, scale)
+    return q.reshape(gr * tile[0], gc * tile[1])[:rows, :cols].contiguous(), scale
+
+
 def dequantize_ct(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     s = scale.to(torch.float32)
     if s.dim() == 1 and s.numel() > 1:
@@ -136,6 +157,31 @@ def quantize_block(W: torch.Tensor, block: tuple[int, int] = (128, 128),
     q = cast_scaled(t * s[:, None, :, None], dtype, 1.0 / s)
     q = q.reshape(t.shape[0] * block[0], t.shape[2] * block[1])[:rows, :cols].contiguous()
     return q, (1.0 / s).to(torch.float32)
+
+
+def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Positive fp32 values rounded up to a power of two (the mantissa carried into the exponent)."""
+    return ((x.float().contiguous().view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def e8m0_float(b: torch.Tensor) -> torch.Tensor:
+    """UE8M0 bytes (uint8) as the fp32 powers of two they encode, 2^(b − 127)."""
+    return torch.exp2(b.to(torch.float32) - 127.0)
+
+
+def e8m0_bytes(sf: torch.Tensor) -> torch.Tensor:
+    """fp32 powers of two as their UE8M0 bytes (the biased exponent)."""
+    return (sf.float().contiguous().view(torch.int32) >> 23).to(torch.uint8)
+
+
+def quantize_block_ue8m0(W: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, fp32 power-of-two scale_inv): DeepGEMM's rule (module docstring), partial tiles padded with 0."""
+    rows, cols = W.shape
+    t, _ = _tiles(W.to(torch.float32), block)
+    sf = ceil_pow2(_absmax(t, dim=(1, 3)).clamp(min=1e-4) / fp8_max(dtype))
+    q = cast_scaled(t * (1.0 / sf)[:, None, :, None], dtype, sf)
+    return q.reshape(t.shape[0] * block[0], t.shape[2] * block[1])[:rows, :cols].contiguous(), sf
 
 
 def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:

@@ -3,8 +3,11 @@ its scales and markers hidden, so the plan and the merge see plain float tensors
 
 Layouts, told apart per weight by the tensors next to it (`<m>.weight` is float8_e4m3fn or float8_e5m2):
 
-    <m>.weight_scale_inv  fp32 [⌈out/bm⌉, ⌈in/bn⌉]   block   (config quant_method "fp8": DeepSeek-V3, Qwen3-FP8)
-    <m>.weight_scale      [1] or [out, 1]           tensor / channel (quant_method "compressed-tensors")
+    <m>.weight_scale_inv  fp32 [⌈out/bm⌉, ⌈in/bn⌉]   block   (config quant_method "fp8": DeepSeek-V3, Qwen3-FP8;
+                                                    scale_fmt "ue8m0": powers of two, fp32 or uint8 bytes)
+    <m>.weight_scale      [1] / [out, 1] / [out, in/g] / [⌈out/bh⌉, ⌈in/bw⌉]
+                                                    tensor / channel / group / block (quant_method
+                                                    "compressed-tensors"; the config groups give g, bh×bw)
     <m>.scale_weight      [] / [1] or [out]         scaled  (ComfyUI; the file holds a `scaled_fp8` marker)
     nothing                                         plain   (Flux / Wan fp8 single files)
 
@@ -46,21 +49,47 @@ def _bad(ck: Checkpoint, name: str, msg: str) -> BadInputError:
                          f"(see formats/fp8.md)")
 
 
-def _ct_check(ck: Checkpoint, qc: dict) -> None:
-    """compressed-tensors: only the float-quantized fp8 weight schemes are read."""
+_CT_STRATEGIES = ("tensor", "channel", "group", "block")
+
+
+def _ct_tile(ck: Checkpoint, g: str, w: dict) -> tuple[str, tuple[int, int]] | None:
+    """(kind, tile) of a compressed-tensors `group` / `block` weight scheme (None for tensor / channel)."""
+    if w.get("strategy") == "group":
+        gs = w.get("group_size")
+        if not (isinstance(gs, int) and gs > 0):
+            raise BadInputError(f"{ck.root}/config.json: compressed-tensors group {g!r}: strategy 'group' needs a "
+                                f"positive integer group_size, found {gs!r}")
+        return "group", (1, gs)
+    if w.get("strategy") == "block":
+        bs = w.get("block_structure")
+        if not (isinstance(bs, list) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+            raise BadInputError(f"{ck.root}/config.json: compressed-tensors group {g!r}: strategy 'block' needs "
+                                f"block_structure [rows, cols], found {bs!r}")
+        return "ct-block", (bs[0], bs[1])
+    return None
+
+
+def _ct_check(ck: Checkpoint, qc: dict) -> list[tuple[str, tuple[int, int]]]:
+    """compressed-tensors: only the float-quantized fp8 weight schemes are read; returns the group / block
+    tiles its config groups declare (a weight's scale shape picks one)."""
     fmt = qc.get("format")
     if fmt not in ("float-quantized", None):
         raise BadInputError(f"{ck.root}: compressed-tensors format {fmt!r} is not supported as a base (only "
                             f"'float-quantized' fp8 weights are); dequantize it with llm-compressor first")
     groups = qc.get("config_groups") if isinstance(qc.get("config_groups"), dict) else {}
+    tiles = []
     for g, grp in groups.items():
         w = grp.get("weights") if isinstance(grp, dict) else None
         if not isinstance(w, dict):
             continue
-        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in ("tensor", "channel"):
+        if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") not in _CT_STRATEGIES:
             raise BadInputError(f"{ck.root}: compressed-tensors group {g!r} stores {w.get('type')} "
                                 f"{w.get('num_bits')}-bit weights with strategy {w.get('strategy')!r}; only fp8 "
-                                f"with strategy 'tensor' or 'channel' is supported as a base")
+                                f"with strategy {', '.join(_CT_STRATEGIES)} is supported as a base")
+        tile = _ct_tile(ck, g, w)
+        if tile is not None:
+            tiles.append(tile)
+    return tiles
 
 
 def _block_size(ck: Checkpoint, qc: dict | None) -> tuple[int, int]:
@@ -75,9 +104,9 @@ def find_specs(ck: Checkpoint) -> dict[str, Fp8Spec]:
     names = set(ck.names())
     qc = quant_config(ck.config)
     method = qc.get("quant_method") if qc else None
-    if method == "compressed-tensors":
-        _ct_check(ck, qc)
+    tiles = _ct_check(ck, qc) if method == "compressed-tensors" else []
     block = _block_size(ck, qc) if method == "fp8" else (128, 128)
+    ue8m0 = method == "fp8" and qc.get("scale_fmt") == "ue8m0"
     marker = next((n for n in ck.names() if n == MARKER or n.endswith("." + MARKER)), None)
     specs: dict[str, Fp8Spec] = {}
     for name in ck.names():
@@ -85,6 +114,10 @@ def find_specs(ck: Checkpoint) -> dict[str, Fp8Spec]:
         if name == marker or not F.is_fp8(info.dtype):
             continue
         specs[name] = _spec(ck, names, name, tuple(info.shape), info.dtype, block)
+        if specs[name].kind == "block":
+            _block_fmt(ck, specs[name], ue8m0)
+        elif specs[name].kind == "ct":
+            _ct_kind(ck, specs[name], tiles)
     for name in names:  # a scale whose weight is not fp8 would be silently ignored: refuse it
         for suffix in _SCALES.values():
             if name.endswith("." + suffix):
@@ -117,8 +150,10 @@ def _spec(ck: Checkpoint, names: set[str], name: str, shape: tuple[int, ...], fp
     sname = stem + _SCALES[kind]
     si = ck.info(sname)
     spec.aux["scale"], spec.scale_dtype, spec.scale_shape = sname, si.dtype, tuple(si.shape)
-    if si.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise _bad(ck, sname, f"scale stored as {str(si.dtype).removeprefix('torch.')}, expected a float dtype")
+    if si.dtype not in (torch.float32, torch.float16, torch.bfloat16) and not (kind == "block" and
+                                                                              si.dtype == torch.uint8):
+        raise _bad(ck, sname, f"scale stored as {str(si.dtype).removeprefix('torch.')}, expected a float dtype "
+                              f"(or uint8 UE8M0 bytes for block scales)")
     rows = shape[0] if shape else 1
     if kind == "block":
         if len(shape) != 2:
@@ -128,13 +163,7 @@ def _spec(ck: Checkpoint, names: set[str], name: str, shape: tuple[int, ...], fp
                                   f"{block[0]}×{block[1]} blocks (expected {list(F.block_grid(shape, block))})")
         spec.kind, spec.block = "block", block
     elif kind == "ct":
-        if spec.scale_shape in ((), (1,)):
-            spec.kind = "tensor"
-        elif len(shape) == 2 and spec.scale_shape in ((rows, 1), (rows,)):
-            spec.kind = "channel"
-        else:
-            raise _bad(ck, sname, f"scale shape {list(si.shape)} is neither per-tensor [1] nor per-channel "
-                                  f"[{rows}, 1] for weight {list(shape)} (group and block strategies are not read)")
+        spec.kind = "ct"  # tensor / channel / group / ct-block: told by _ct_kind from the scale's shape
     else:
         n = 1
         for d in spec.scale_shape:
@@ -146,6 +175,31 @@ def _spec(ck: Checkpoint, names: set[str], name: str, shape: tuple[int, ...], fp
     return spec
 
 
+def _block_fmt(ck: Checkpoint, spec: Fp8Spec, ue8m0: bool) -> None:
+    """Power-of-two block scales: config.json's scale_fmt "ue8m0" (fp32 scales) or UE8M0 bytes (uint8)."""
+    spec.ue8m0 = ue8m0 or spec.scale_dtype == torch.uint8
+
+
+def _ct_kind(ck: Checkpoint, spec: Fp8Spec, tiles: list[tuple[str, tuple[int, int]]]) -> None:
+    """A compressed-tensors weight's strategy, from its scale's shape: [1] tensor, [out, 1] channel, else the
+    group / block tile of a config group whose scale grid it is."""
+    shape, ss = spec.shape, spec.scale_shape
+    rows = shape[0] if shape else 1
+    if ss in ((), (1,)):
+        spec.kind = "tensor"
+        return
+    if len(shape) == 2 and ss in ((rows, 1), (rows,)):
+        spec.kind = "channel"
+        return
+    for kind, tile in tiles:
+        if len(shape) == 2 and ss == F.block_grid(shape, tile):
+            spec.kind, spec.block = kind, tile
+            return
+    want = ", ".join(f"{k} {list(F.block_grid(shape, t))}" for k, t in tiles if len(shape) == 2)
+    raise _bad(ck, spec.aux["scale"], f"scale shape {list(ss)} is neither per-tensor [1] nor per-channel "
+                                      f"[{rows}, 1]{' nor ' + want if want else ''} for weight {list(shape)}")
+
+
 def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
     """The fp32 weight a consumer computes with (before its own rounding to the compute dtype)."""
     q = ck.get(spec.weight)
@@ -153,6 +207,8 @@ def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
         return F.dequantize_plain(q)
     s = ck.get(spec.aux["scale"])
     if spec.kind == "block":
+        return F.dequantize_block(q, F.e8m0_float(s) if s.dtype == torch.uint8 else s, spec.block)
+    if spec.kind in ("group", "ct-block"):
         return F.dequantize_block(q, s, spec.block)
     if spec.kind == "scaled":
         return F.dequantize_scaled(q, s)
@@ -190,8 +246,10 @@ class Fp8Checkpoint(DequantizedView):
         if s.kind == "plain":
             return f"{fp8} (plain)"
         sdt = str(s.scale_dtype).removeprefix("torch.")
-        what = {"block": f"{s.block[0]}x{s.block[1]} block scales", "tensor": "per-tensor scale",
-                "channel": "per-channel scale", "scaled": "ComfyUI scale_weight"}[s.kind]
+        tile = f"{s.block[0]}x{s.block[1]}" if s.block else ""
+        what = {"block": f"{tile} block scales{' (ue8m0)' if s.ue8m0 else ''}", "tensor": "per-tensor scale",
+                "channel": "per-channel scale", "scaled": "ComfyUI scale_weight",
+                "group": f"group-{s.block[1] if s.block else 0} scales", "ct-block": f"{tile} block scales"}[s.kind]
         return f"{fp8} + {sdt} {what}"
 
     def own_layout(self):

@@ -2,8 +2,9 @@
 with the codecs of loraport.quant.fp8 (spec: formats/fp8.md).
 
 * Bound to an fp8 base (`Fp8Checkpoint`), it writes the base's own layout back — per weight the same kind,
-  code dtype, scale dtype and shape, block size; input scales and the `scaled_fp8` marker carried over; an
-  untouched weight's stored tensors copied as they are (`unchanged`), so only updated weights are re-quantized;
+  code dtype, scale dtype and shape, block or group size, power-of-two (ue8m0) scales; input scales and the
+  `scaled_fp8` marker carried over; an untouched weight's stored tensors copied as they are (`unchanged`), so
+  only updated weights are re-quantized;
   config.json keeps the base's `quantization_config`.
 * Bound to a 16-bit base (`--quantize fp8`), it writes the layout that base's consumers load: an HF model
   folder gets transformers' FineGrainedFP8 layout (128×128 blocks, `quant_method: "fp8"`), a single
@@ -23,6 +24,7 @@ from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival,
 from loraport.quant.quantizer import METRIC_ELEMS, BnbQuantizer
 
 BLOCK = (128, 128)
+_TILED = ("group", "ct-block")  # compressed-tensors scales per tile (spec.block)
 
 
 class Fp8Quantizer(BnbQuantizer):
@@ -124,9 +126,15 @@ class Fp8Quantizer(BnbQuantizer):
         """(codes, fp32 scale as the dequantizer uses it (finite check), scale as stored or None)."""
         if spec.kind == "plain":
             return F.quantize_plain(W32, spec.fp8), torch.stack(torch.aminmax(W32)), None
+        if spec.kind == "block" and spec.ue8m0:
+            q, s = F.quantize_block_ue8m0(W32, spec.block, spec.fp8)
+            return q, s, F.e8m0_bytes(s) if spec.scale_dtype == torch.uint8 else s.to(spec.scale_dtype)
         if spec.kind == "block":
             q, s = F.quantize_block(W32, spec.block, spec.fp8)
             return q, s, s.to(spec.scale_dtype)
+        if spec.kind in _TILED:
+            q, s = F.quantize_ct_tiles(W32, spec.block, spec.scale_dtype, spec.fp8)
+            return q, s.to(torch.float32), s
         if spec.kind == "scaled":
             per_row = len(spec.scale_shape) > 0 and spec.scale_shape[0] > 1
             q, s = F.quantize_scaled(W32, spec.fp8, per_row)
@@ -143,7 +151,7 @@ class Fp8Quantizer(BnbQuantizer):
         q = codes if rows is None else codes.index_select(0, rows)
         if spec.kind == "plain":
             return F.dequantize_plain(q)
-        if spec.kind == "block":
+        if spec.kind == "block" or spec.kind in _TILED:
             r = torch.arange(codes.shape[0], device=codes.device) if rows is None else rows
             per_row = scale.index_select(0, r // spec.block[0]).repeat_interleave(spec.block[1], 1)
             return q.to(torch.float32) * per_row[:, : q.shape[1]]
@@ -158,7 +166,7 @@ class Fp8Quantizer(BnbQuantizer):
         if len(shape) != 2 or shape[0] * shape[1] <= METRIC_ELEMS:
             return None
         rows, cols = shape
-        band = spec.block[0] if spec.kind == "block" else 1
+        band = spec.block[0] if spec.kind == "block" or spec.kind in _TILED else 1
         nb = -(-rows // band)
         k = max(1, min(nb, METRIC_ELEMS // (band * cols)))
         picked = torch.linspace(0, nb - 1, k).round().long().unique()

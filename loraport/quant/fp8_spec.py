@@ -21,5 +21,6 @@ class Fp8Spec:
     aux: dict[str, str] = field(default_factory=dict)  # role -> global name: "scale", "input_scale", "marker"
     scale_dtype: torch.dtype | None = None
     scale_shape: tuple[int, ...] | None = None
-    block: tuple[int, int] | None = None
+    block: tuple[int, int] | None = None  # the scale's tile: block (bm, bn), group (1, g), ct-block (bh, bw)
+    ue8m0: bool = False  # block: power-of-two scales (config scale_fmt "ue8m0"; stored fp32, or uint8 bytes)
     dtype: torch.dtype = torch.float32  # served dtype (the merge works on the fp32 dequantized weight)
