@@ -23,6 +23,8 @@ from _gguf_dit_util import comfy_gguf, dequantized
 from _peft_util import cli
 from safetensors.torch import load_file, save_file
 
+from loraport.quant import ggml
+
 F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -104,10 +106,14 @@ def _check(tmp: Path, sd: dict[str, torch.Tensor], arch: str, qtype: str, lora: 
             continue
         updated[b.name] = (b.tensor_type.name, o.tensor_type.name)
         w = np.ascontiguousarray(want[b.name].numpy()).reshape(o.data.shape[:-1] + (-1,))
-        codes = gguf.quants.quantize(w, o.tensor_type)
-        assert np.array_equal(codes.reshape(-1).view(np.uint8), o.data.reshape(-1).view(np.uint8)), b.name
         x, w0 = exact[b.name].float(), sd[b.name.removeprefix(pre)].float()
         e0 = float((deq[b.name] - w0).abs().max())  # the base's rounding
+        try:
+            codes = gguf.quants.quantize(w, o.tensor_type)
+        except NotImplementedError:  # a k-quant written as itself (gguf-py has no quantizer): 4+ bits' error
+            assert float((got[b.name] - want[b.name]).abs().max()) <= 0.1 * float(want[b.name].abs().max()), b.name
+            continue
+        assert np.array_equal(codes.reshape(-1).view(np.uint8), o.data.reshape(-1).view(np.uint8)), b.name
         e1 = float((torch.from_numpy(gguf.quants.dequantize(codes, o.tensor_type)).reshape(x.shape)
                     - want[b.name]).abs().max())  # the re-rounding
         assert float((got[b.name] - x).abs().max()) <= e0 + e1 + 1e-5, b.name
@@ -134,18 +140,22 @@ def test_flux_gguf_merge_is_the_single_file_merge_quantized(tmp_path, dialect, q
 
 
 def test_flux_k_quant_base_writes_fallback_and_inspect_says_so(tmp_path):
+    """An updated k-quant is written in its fallback type with a warning (or, once loraport writes k-quants, as
+    itself), and `inspect ADAPTER --base` says so beforehand."""
     sd = _wide_flux()
     lora = _lora(sd, "kohya", tmp_path / "lora.safetensors")
     r = _check(tmp_path, sd, "flux", "Q4_K", lora)
-    assert r["updated"]["double_blocks.0.img_mlp.2.weight"] == ("Q4_K", "Q5_0")  # rows of 256: a k-quant
-    assert any("written as Q5_0" in w for w in r["report"]["warnings"])
+    written = ggml.writable(ggml.BY_NAME["Q4_K"]).name  # Q5_0 while loraport writes no k-quants
+    assert r["updated"]["double_blocks.0.img_mlp.2.weight"] == ("Q4_K", written)  # rows of 256: a k-quant
+    assert any(f"written as {written}" in w for w in r["report"]["warnings"]) == (written != "Q4_K")
     res = cli("inspect", lora, "--base", tmp_path / "base.gguf", "--json")
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)["base"]["merge"]
-    written = {f"{a} -> {b}" if a != b else a: 0 for a, b in r["updated"].values()}
+    per_type: dict[str, int] = {}
     for a, b in r["updated"].values():
-        written[f"{a} -> {b}" if a != b else a] += 1
-    assert m["written"] == written and m["updated"] == len(r["updated"]), m
+        key = f"{a} -> {b}" if a != b else a
+        per_type[key] = per_type.get(key, 0) + 1
+    assert m["written"] == per_type and m["updated"] == len(r["updated"]), m
     assert m["copied"] == len(gguf.GGUFReader(str(tmp_path / "base.gguf")).tensors) - m["updated"]
 
 
