@@ -58,7 +58,7 @@ def storage(src) -> dict:
              "copied byte for byte"
     if moved:
         writes += "; updated " + ", ".join(f"{a} tensors as {b}" for a, b in moved.items()) + \
-                  " (loraport writes no k-quants; llama.cpp loads mixed types)"
+                  " (loraport has no quantizer for them; llama.cpp loads mixed types)"
     meta = src.file.metadata
     return {"path": str(src.path), "layout": "gguf-file", "architecture": src.arch or None,
             "merged_by": meta.get("loraport.version"), "tensors": len(src.gguf_of), "storage": dict(by_type),

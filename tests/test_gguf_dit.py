@@ -215,3 +215,21 @@ def test_gguf_base_corrupt_orig_shape_and_validate_are_one_line(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     line = [x for x in res.stderr.strip().splitlines() if x.startswith("error")]
     assert len(line) == 1 and "llama.cpp" in line[0] and "loraport convert" in line[0]
+
+
+@pytest.mark.parametrize("value", [[7] * 500, "x" * 300, [-4, -256]])
+def test_hostile_orig_shape_is_one_line(tmp_path, value):
+    """A recorded shape that is long, not an int array, or negative: one line naming the key, nothing written."""
+    base = tmp_path / "h.gguf"
+    w = gguf.GGUFWriter(str(base), "flux")
+    key = "comfy.gguf.orig_shape.double_blocks.0.img_mlp.0.weight"
+    w.add_array(key, value) if isinstance(value, list) else w.add_string(key, value)
+    w.add_tensor("double_blocks.0.img_mlp.0.weight", np.zeros((4, 256), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    res = cli("merge", "--base", base, "--adapter", F / "flux_kohya.safetensors", "--out", tmp_path / "m.gguf")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr, res.stderr
+    assert not (tmp_path / "m.gguf").exists()

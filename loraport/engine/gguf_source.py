@@ -82,8 +82,9 @@ def _orig_shape(f: GgufBaseFile, g: str) -> tuple[int, ...]:
         return stored
     shape = tuple(int(x) for x in v) if isinstance(v, np.ndarray) and v.dtype.kind in "iu" else ()
     if not shape or min(shape) < 1 or math.prod(shape) != math.prod(stored):
-        raise BadInputError(f"{f.path}: {ORIG_SHAPE}{g} = {v!r} does not match the tensor's {math.prod(stored)} "
-                            "elements; the file is corrupted (re-convert it)")
+        shown = str(v.tolist()[:8]) if isinstance(v, np.ndarray) else repr(v)[:60]  # one line, however long
+        raise BadInputError(f"{f.path}: {ORIG_SHAPE}{g} = {shown} does not match the tensor's "
+                            f"{math.prod(stored)} elements; the file is corrupted (re-convert it)")
     return shape
 
 
