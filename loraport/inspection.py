@@ -104,7 +104,15 @@ def _gguf_base(p: Path) -> dict:
 
     src = GgufBase.open(p)
     try:
-        return {"path": str(p), "kind": "gguf-base", "base": gguf_inspect.storage(src)}
+        rep = {"path": str(p), "kind": "gguf-base", "base": gguf_inspect.storage(src)}
+        prov = {k: v for k, v in src.file.metadata.items() if k.startswith("loraport.")}
+        if prov:  # a loraport-merged GGUF: what it records about its inputs, as for safetensors outputs
+            try:
+                prov["loraport.adapters"] = json.loads(prov.get("loraport.adapters", "[]"))
+            except (json.JSONDecodeError, TypeError):
+                pass
+            rep["provenance"] = prov
+        return rep
     finally:
         src.close()
 

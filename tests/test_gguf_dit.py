@@ -233,3 +233,16 @@ def test_hostile_orig_shape_is_one_line(tmp_path, value):
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert len(res.stderr.strip().splitlines()) == 1 and key in res.stderr, res.stderr
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_inspect_merged_gguf_shows_its_provenance(tmp_path):
+    sd = _wide_flux()
+    base, out = tmp_path / "base.gguf", tmp_path / "m.gguf"
+    comfy_gguf(sd, base, "flux", "Q8_0")
+    lora = _lora(sd, "kohya", tmp_path / "lora.safetensors")
+    _merge(base, lora, out)
+    assert "provenance" not in json.loads(cli("inspect", base, "--json").stdout)
+    rep = json.loads(cli("inspect", out, "--json").stdout)
+    assert rep["kind"] == "gguf-base" and rep["base"]["merged_by"]
+    assert [a["path"] for a in rep["provenance"]["loraport.adapters"]] == [str(lora)]
+    assert rep["base"]["storage"] == json.loads(cli("inspect", base, "--json").stdout)["base"]["storage"]

@@ -36,6 +36,10 @@ def inspect_cmd(path, fmt, base, plot, as_json):
         out.print(f"[bold]{p}[/bold]: a GGUF model (a base: `loraport merge --base {p}`)", markup=True)
         for line in lines(rep["base"]):
             out.print(line, markup=False)
+        for a in (res.provenance or {}).get("loraport.adapters", []):
+            if isinstance(a, dict):
+                out.print(f"  adapter       {a.get('path')} ({a.get('format')}, weight {a.get('weight')})",
+                          markup=False)
         return
     if res.kind == "merged-output":
         prov = res.provenance
