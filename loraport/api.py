@@ -314,7 +314,9 @@ def validate(artifact: PathLike, base: PathLike | None = None,
 def inspect(path: PathLike, *, format: str | None = None, base: PathLike | None = None,
             plot: PathLike | None = None) -> InspectResult:
     """What an adapter is (format, ranks, alphas, scale rule, targets, DoRA, size, full-rank cost) or, for a
-    loraport-merged output, the provenance it records. `plot`: also write a PNG of per-layer spectra."""
+    loraport-merged output, the provenance it records; for a GGUF model (kind "gguf-base"), its storage per tensor
+    family and what a merge writes (with a GGUF `base`, the adapter's planned merge into it). `plot`: also write
+    a PNG of per-layer spectra."""
     from loraport.inspection import inspect_path
     from loraport.results import InspectResult
 

@@ -98,20 +98,48 @@ def base_storage(ckpt) -> dict:
             "merge_writes": writes}
 
 
+def _gguf_base(p: Path) -> dict:
+    from loraport import gguf_inspect
+    from loraport.engine.gguf_source import GgufBase
+
+    src = GgufBase.open(p)
+    try:
+        rep = {"path": str(p), "kind": "gguf-base", "base": gguf_inspect.storage(src)}
+        prov = {k: v for k, v in src.file.metadata.items() if k.startswith("loraport.")}
+        if prov:  # a loraport-merged GGUF: what it records about its inputs, as for safetensors outputs
+            try:
+                prov["loraport.adapters"] = json.loads(prov.get("loraport.adapters", "[]"))
+            except (json.JSONDecodeError, TypeError):
+                pass
+            rep["provenance"] = prov
+        return rep
+    finally:
+        src.close()
+
+
 def inspect_path(path: str | Path, format: str | None = None, base: str | Path | None = None,
                  plot: str | Path | None = None) -> dict:
-    """The inspect report of `path`: a merged output's provenance, else the adapter's description (with its
-    singular-value spectra, and a PNG of them written to `plot`, when asked)."""
+    """The inspect report of `path`: a GGUF model's storage (kind "gguf-base"), a merged output's provenance,
+    else the adapter's description (with its singular-value spectra, and a PNG of them written to `plot`, when
+    asked; with a GGUF `base`, what the merge writes)."""
     from loraport.formats import detect, load_adapter
 
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"not found: {p}")
+    from loraport import gguf_inspect
+
+    if gguf_inspect.is_gguf_model(p):  # a GGUF model: its storage and what a merge into it writes
+        return _gguf_base(p)
     prov = _provenance(p)
     if prov is not None:
         return {"path": str(p), "kind": "merged-output", "provenance": prov}
     ckpt = None
-    if base:
+    if base and Path(base).suffix == ".gguf":
+        from loraport.engine.gguf_source import GgufBase
+
+        ckpt = GgufBase.open(base)
+    elif base:
         from loraport.engine.sources import open_base
 
         ckpt = open_base(Path(base))
@@ -120,7 +148,9 @@ def inspect_path(path: str | Path, format: str | None = None, base: str | Path |
         adapter = load_adapter(p, format=format or fmt_cls.name, base=ckpt)
         rep = describe(adapter)
         rep["format_title"] = (fmt_cls.title if fmt_cls else format)
-        if ckpt is not None:
+        if ckpt is not None and ckpt.kind == "gguf-file":
+            rep["base"] = {**gguf_inspect.storage(ckpt), "merge": gguf_inspect.merge_preview(ckpt, adapter)}
+        elif ckpt is not None:
             rep["base"] = base_storage(ckpt)
         if plot:
             from loraport.spectrum import plot_spectrum, spectrum_report

@@ -407,6 +407,17 @@ def _safetensors_precision(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
+def _refuse_gguf(artifact, base) -> None:
+    """validate runs artifacts in torch / onnxruntime; a GGUF model runs in llama.cpp (formats/gguf.md)."""
+    which = [str(p) for p in (artifact, base) if p is not None and str(p).endswith(".gguf")]
+    if which:
+        raise BadInputError(f"{which[0]}: validate runs merged safetensors and ONNX, not GGUF (llama.cpp's): "
+                            "compare the merged .gguf with the base .gguf + the adapter in llama.cpp "
+                            "(`loraport convert ADAPTER --to gguf`, then `llama-cli -m BASE.gguf --lora "
+                            "ADAPTER.gguf`; bench/gguf_merged_llamacpp.py), or validate a merge into the "
+                            "safetensors base")
+
+
 def validate(artifact: str | Path, base: str | Path | None = None, adapters: list | None = None, *,
              tolerance: str | float = "auto", provider: str = "auto", active: str = "all", batch: int = 2,
              seq: int = 16, seed: int = 0) -> dict:
@@ -416,6 +427,7 @@ def validate(artifact: str | Path, base: str | Path | None = None, adapters: lis
     from loraport.formats import load_adapter
 
     t0 = time.perf_counter()
+    _refuse_gguf(artifact, base)
     art = detect_artifact(artifact)
     man = art.manifest
     base, adapters = _reference_inputs(art, base, adapters, active)

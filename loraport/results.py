@@ -103,15 +103,15 @@ class ValidationReport(_Result):
 @dataclass(frozen=True, kw_only=True)
 class InspectResult(_Result):
     path: Path
-    kind: str  # "adapter" or "merged-output"
+    kind: str  # "adapter", "merged-output" or "gguf-base" (a GGUF model: report["base"] is its storage)
     format: str | None  # the adapter format; None for a merged output
     provenance: dict | None  # what a loraport-merged output records about its inputs
 
     @classmethod
     def of(cls, rep: dict) -> InspectResult:
-        merged = rep.get("kind") == "merged-output"
-        return cls(path=Path(rep["path"]), kind="merged-output" if merged else "adapter",
-                   format=None if merged else rep.get("format"), provenance=rep.get("provenance"), report=rep)
+        kind = rep.get("kind") if rep.get("kind") in ("merged-output", "gguf-base") else "adapter"
+        return cls(path=Path(rep["path"]), kind=kind, format=rep.get("format") if kind == "adapter" else None,
+                   provenance=rep.get("provenance"), report=rep)
 
 
 @dataclass(frozen=True, kw_only=True)

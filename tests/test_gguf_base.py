@@ -245,3 +245,21 @@ def test_k_quant_base_read_exactly_written_in_fallback(tmp_path, qtype, fallback
         want = gguf.quants.quantize(np.ascontiguousarray(w), ro[g].tensor_type)
         same = np.mean(want.reshape(-1).view(np.uint8) == ro[g].data.reshape(-1).view(np.uint8))
         assert same > 0.995, (g, same)
+
+
+def test_inspect_adapter_against_gguf_base_is_the_merge(tmp_path):
+    """`inspect ADAPTER --base model.gguf` says what the merge then does: the same tensors re-quantized, per type."""
+    base = make_llama_gguf(tmp_path / "base.gguf", "Q4_1")
+    res = cli("inspect", ADAPTER, "--base", base, "--json")
+    assert res.exit_code == 0, res.output
+    b = json.loads(res.stdout)["base"]
+    assert b["architecture"] == "llama" and b["storage"] == {"Q4_1": 14, "F32": 5, "F16": 2}
+    assert b["families"]["model.layers.*.mlp.down_proj.weight"] == {"types": {"F16": 2}, "count": 2, "bytes": 6144}
+    out = tmp_path / "m.gguf"
+    assert cli("merge", "--base", base, "--adapter", ADAPTER, "--out", out).exit_code == 0
+    changed: dict[str, int] = {}
+    for x, y in zip(gguf.GGUFReader(base).tensors, gguf.GGUFReader(out).tensors):
+        if not np.array_equal(x.data, y.data):
+            changed[y.tensor_type.name] = changed.get(y.tensor_type.name, 0) + 1
+    assert b["merge"]["written"] == changed and b["merge"]["updated"] == sum(changed.values()) == 14
+    assert b["merge"]["copied"] == 7

@@ -106,7 +106,7 @@ LAYOUT = {
     "flux1-dev.safetensors": F / "dit" / "flux-bfl.safetensors",        # BFL single file
 }
 BUILT = ("sd_xl_base_1.0.safetensors", "Llama-3-8B-tuned", "summarize", "model.onnx",  # made by _workspace
-         "flux1-dev-fp8.safetensors", "llama-Q8_0.gguf")
+         "flux1-dev-fp8.safetensors", "llama-Q8_0.gguf", "flux1-dev-Q4_0.gguf")
 # lines another test already runs verbatim (the demo: ~5-13 s, as a subprocess, offline, in test_cli_core)
 RUN_ELSEWHERE = {"loraport demo": "tests/test_cli_core.py::test_demo_offline_under_a_minute"}
 
@@ -182,6 +182,15 @@ def _gguf_base(dst: Path) -> None:
     make_llama_gguf(dst, "Q8_0")
 
 
+def _comfy_gguf(dst: Path) -> None:
+    """The micro Flux as ComfyUI-GGUF lays it out, Q4_0 where rows are whole blocks (tests/_gguf_dit_util)."""
+    from safetensors.torch import load_file
+
+    from tests._gguf_dit_util import comfy_gguf
+
+    comfy_gguf(load_file(LAYOUT["flux1-dev.safetensors"]), dst, "flux", "Q4_0", small=0)
+
+
 def _workspace(root: Path, onnx: bool) -> Path:
     """A folder holding every input the README names, under its README name."""
     from loraport.merging import merge
@@ -196,6 +205,7 @@ def _workspace(root: Path, onnx: bool) -> Path:
     _second_adapter(ws / "qa", ws / "summarize")
     _fp8_single_file(ws / "flux1-dev-fp8.safetensors")
     _gguf_base(ws / "llama-Q8_0.gguf")
+    _comfy_gguf(ws / "flux1-dev-Q4_0.gguf")
     (ws / "jobs.json").write_text(re.search(r"```json\n(.*?)```", README, re.S).group(1))  # the README's, verbatim
     if onnx:
         _onnx_base(ws / "llama", ws / "model.onnx")

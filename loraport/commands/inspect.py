@@ -21,7 +21,7 @@ def register(group: click.Group) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def inspect_cmd(path, fmt, base, plot, as_json):
     """Show an adapter's format, ranks, alphas, scale rule, targets, DoRA, size and full-rank cost;
-    or the provenance recorded in a loraport-merged output."""
+    or the provenance recorded in a loraport-merged output; or a GGUF model's storage per tensor family."""
     import loraport
 
     res = loraport.inspect(path, format=fmt, base=base, plot=plot)
@@ -30,6 +30,17 @@ def inspect_cmd(path, fmt, base, plot, as_json):
         emit_json(rep)
         return
     p = res.path
+    if res.kind == "gguf-base":
+        from loraport.gguf_inspect import lines
+
+        out.print(f"[bold]{p}[/bold]: a GGUF model (a base: `loraport merge --base {p}`)", markup=True)
+        for line in lines(rep["base"]):
+            out.print(line, markup=False)
+        for a in (res.provenance or {}).get("loraport.adapters", []):
+            if isinstance(a, dict):
+                out.print(f"  adapter       {a.get('path')} ({a.get('format')}, weight {a.get('weight')})",
+                          markup=False)
+        return
     if res.kind == "merged-output":
         prov = res.provenance
         out.print(f"[bold]{p}[/bold]: merged by loraport {prov.get('loraport.version')}")
@@ -56,7 +67,12 @@ def inspect_cmd(path, fmt, base, plot, as_json):
               f"({rep['file_bytes']} bytes)")
     for n in rep["notes"]:
         out.print(f"  note          {n}")
-    if rep.get("base"):
+    if rep.get("base", {}).get("layout") == "gguf-file":
+        from loraport.gguf_inspect import lines
+
+        for line in lines(rep["base"]):
+            out.print(line, markup=False)
+    elif rep.get("base"):
         b = rep["base"]
         out.print(f"  base          {b['path']} ({b['layout']}, {b['tensors']} tensors): "
                   + ", ".join(f"{k} ×{n}" for k, n in b["storage"].items()))

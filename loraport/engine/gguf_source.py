@@ -10,6 +10,11 @@ the q/k rows for its RoPE (the Llama family) they are un-permuted on reading and
 which is exact (a row shuffle; quantization blocks lie along rows). A model without `output.weight` ties the
 head to `token_embd.weight` (config's tie_word_embeddings, as llama.cpp does).
 
+DiT models as ComfyUI-GGUF ships them (`general.architecture` flux / wan / qwen_image: any architecture not in
+GGUF_ARCH) keep their single-file names, which the DiT tables plan against as for the .safetensors file; their
+shape quirks are served here: 5-D tensors (Wan's patch embedding) are read, and a tensor stored as [n/256, 256]
+with `comfy.gguf.orig_shape.<name>` is served in that shape and re-quantized in its stored one.
+
 The header is walked by `loraport.formats.gguf.GGUFFile` (every length and offset bounded by the file size);
 a tensor type loraport cannot re-quantize is refused by name before anything is written.
 """
@@ -40,6 +45,7 @@ class GgufBaseFile(GGUFFile):
     """The bounded GGUF walker, reading the tensor types of `loraport.quant.ggml` (a model, not an adapter)."""
 
     TYPES = {t.id: (t.name, None, t.block, t.nbytes) for t in (*ggml.TYPES.values(), *ggml.READ_ONLY.values())}
+    MAX_DIMS = 5  # ComfyUI-GGUF's Wan / HunyuanVideo patch embedding (Conv3d), put back by tools/fix_5d_tensors.py
 
     def _unknown_type(self, name: str, gtype: int) -> BadInputError:
         known = ggml.UNSUPPORTED.get(gtype)
@@ -62,6 +68,24 @@ class GgufBaseFile(GGUFFile):
 def _int(meta: dict, key: str) -> int | None:
     v = meta.get(key)
     return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 else None
+
+
+ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF: a tensor stored as [n/256, 256], its model shape here
+
+
+def _orig_shape(f: GgufBaseFile, g: str) -> tuple[int, ...]:
+    """The shape the model uses for GGUF tensor `g`: its stored shape, or ComfyUI-GGUF's recorded original
+    (convert.py reshapes conv weights whose rows are not whole k-quant blocks; ComfyUI's loader undoes it)."""
+    stored = f.tensors[g].shape
+    v = f.metadata.get(ORIG_SHAPE + g)
+    if v is None:
+        return stored
+    shape = tuple(int(x) for x in v) if isinstance(v, np.ndarray) and v.dtype.kind in "iu" else ()
+    if not shape or min(shape) < 1 or math.prod(shape) != math.prod(stored):
+        shown = str(v.tolist()[:8]) if isinstance(v, np.ndarray) else repr(v)[:60]  # one line, however long
+        raise BadInputError(f"{f.path}: {ORIG_SHAPE}{g} = {shown} does not match the tensor's "
+                            f"{math.prod(stored)} elements; the file is corrupted (re-convert it)")
+    return shape
 
 
 class GgufBase(Checkpoint):
@@ -90,6 +114,7 @@ class GgufBase(Checkpoint):
                 raise BadInputError(f"{path}: tensors {self.gguf_of[name]!r} and {g!r} both map to {name!r}")
             self.gguf_of[name] = g
         self._where = {n: (None, g) for n, g in self.gguf_of.items()}  # type: ignore[misc]
+        self.shape_of = {n: _orig_shape(f, g) for n, g in self.gguf_of.items()}  # served (torch) shapes
 
     @classmethod
     def open(cls, path: str | Path) -> GgufBase:
@@ -107,7 +132,7 @@ class GgufBase(Checkpoint):
 
     def info(self, name: str) -> TensorInfo:
         t = self.file.tensors[self.gguf_of[name]]
-        return TensorInfo(name, torch.float32, t.shape, t.begin, t.end)
+        return TensorInfo(name, torch.float32, self.shape_of[name], t.begin, t.end)
 
     def _heads(self, name: str) -> int | None:
         kind = qk_kind(name) if self.permuted else None
@@ -121,14 +146,15 @@ class GgufBase(Checkpoint):
 
     def from_stored(self, name: str, data: torch.Tensor, t: ggml.GgmlType) -> torch.Tensor:
         """GGUF bytes of `name` in type `t` (stored or re-quantized) -> fp32 in HF orientation."""
-        W = ggml.dequantize(data, t, self.file.tensors[self.gguf_of[name]].shape)
+        W = ggml.dequantize(data, t, self.file.tensors[self.gguf_of[name]].shape).reshape(self.shape_of[name])
         nh = self._heads(name)
         return rope_unpermute_rows(W, nh) if nh else W
 
     def to_stored(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """A tensor served by `get` back in the file's orientation and type: its GGUF bytes."""
         nh = self._heads(name)
-        return ggml.quantize(rope_permute_rows(W, nh) if nh else W, self.out_type(name))
+        W = (rope_permute_rows(W, nh) if nh else W).reshape(self.file.tensors[self.gguf_of[name]].shape)
+        return ggml.quantize(W, self.out_type(name))
 
     def raw(self, name: str) -> torch.Tensor:  # type: ignore[override]
         return self.file.raw(self.gguf_of[name])

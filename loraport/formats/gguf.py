@@ -93,6 +93,7 @@ class GGUFFile:
         self._parse()
 
     TYPES = _TYPES  # the ggml types this view reads
+    MAX_DIMS = MAX_DIMS
 
     def _unknown_type(self, name: str, gtype: int) -> BadInputError:
         return BadInputError(f"{self.path}: tensor {name!r} has ggml type {gtype}; loraport reads "
@@ -182,7 +183,7 @@ class GGUFFile:
         """One tensor-info record: ((name, shape in torch order, ggml type, data offset), next offset)."""
         name, off = self._string(off)
         nd, off = self._unpack("<I", off, 4)
-        if not 1 <= nd <= MAX_DIMS:
+        if not 1 <= nd <= self.MAX_DIMS:
             raise self._err(f"tensor {name!r} has {nd} dimensions")
         ne = []
         for _ in range(nd):

@@ -1,0 +1,51 @@
+"""llama.cpp runs a GGUF base merged by loraport (issue #19): F32 / F16 / Q8_0 bases from llama.cpp's own
+convert_hf_to_gguf.py, Q4_0 / Q4_K_M from llama.cpp's own quantizer; the merged file's logits in llama-cpp-python
+are within the type's quantization error of the unmerged base + adapter (`lora_path`) and of PEFT's merged
+model, types (or a k-quant's fallback) and metadata unchanged, codes those of gguf.quants. Slow (~3 min: two
+conversions per type and 4 llama.cpp runs each); skipped unless llama_cpp is importable and LORAPORT_LLAMACPP
+points at a llama.cpp tree:
+
+    LORAPORT_LLAMACPP=/path/to/llama.cpp LORAPORT_LLAMACPP_PYTHONPATH=/where/sentencepiece/is \
+        pytest -m slow tests/test_gguf_merged_llamacpp.py
+
+The work and the tolerances' reasons are bench/gguf_merged_llamacpp.py's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from test_gguf_llamacpp_parity import _llamacpp_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gguf_merged_llamacpp", ROOT / "bench" / "gguf_merged_llamacpp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BENCH = _bench()
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return BENCH.run(_llamacpp_tree(), tmp_path_factory.mktemp("merged"))
+
+
+@pytest.mark.parametrize("qtype", BENCH.TYPES)
+def test_merged_gguf_runs_in_llamacpp_like_base_plus_lora(rows, qtype):
+    r = rows[qtype]
+    assert BENCH.failures(r) == [], r
+    assert r["layout"] and r["metadata"] and r["wrong_tensors"] == 0
+    assert r["codes_checked"] == 14 and r["codes_equal_min"] >= 0.995, r
+    if qtype == "F32":  # no quantization: the merge is llama.cpp's own unmerged run to f32 rounding
+        assert r["merged_vs_lora"][1] <= 1e-5 and r["merged_vs_peft"][1] <= 1e-5, r
+    if qtype == "Q4_K_M":  # updated k-quants are written in their fallback (or, once loraport writes them, kept)
+        assert r["kept"] + r["fell_back"] == 21 and r["kept"] >= 7, r
