@@ -51,6 +51,18 @@ def _experts(base, prefix: str, transformer: str, where) -> tuple[str, ...]:
     return tuple(wanted.values())
 
 
+def _not_in(modules, lay: dit.BaseLayout) -> str:
+    """Why a LoRA of another family does not fit a base whose family shares some of its modules (Flux and
+    Chroma): the modules the base's family lacks, counted, the first named; "" when it shares none."""
+    if lay.family is None:
+        return ""
+    names = [(m,) if isinstance(m, str) else tuple(m) for m in modules]
+    missing = [n[0] for n in names if not any(f == lay.family for alt in n for f, _, _ in dit.unspell(alt))]
+    if not missing or len(missing) == len(names):
+        return ""
+    return f": {len(missing)} of its {len(names)} modules (e.g. {missing[0]}) are not in a {lay.title} model"
+
+
 @dataclass
 class DitNames:
     """A DiT LoRA's family against a base (or none): where each of its modules lands."""
@@ -76,8 +88,8 @@ class DitNames:
         if lay is None:
             return cls(fam, dialects, None, None)
         if lay.family != fam:
-            raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
-                                f"pass a {dit.family_title(fam)} base")
+            raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}"
+                                f"{_not_in(modules, lay)}; pass a {dit.family_title(fam)} base")
         prefix = lay.prefix
         if lay.column == "diffusers" and prefix in EXPERTS.values():
             prefix = "transformer."  # a two-expert folder: the first expert is the default
