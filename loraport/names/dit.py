@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
@@ -46,7 +47,9 @@ def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ..
 
 FAMILIES: tuple[Family, ...] = (
     Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
-           {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
+           # a modulation tensor: Chroma (Flux with the modulation pruned) has the rest of Flux's names
+           {"diffusers": "single_transformer_blocks.0.norm.linear.weight",
+            "original": "single_blocks.0.modulation.lin.weight"},
            {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
     Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
@@ -55,6 +58,8 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
+    Family("chroma", "Chroma", _columns(CHROMA_ROWS), CHROMA_FUSED,
+           CHROMA_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).

@@ -1,0 +1,160 @@
+"""Chroma LoRAs in every dialect (diffusers / ai-toolkit `transformer.`, sd-scripts `lora_unet_` original names,
+OneTrainer `lora_transformer_`, diffusion-pipe / ComfyUI `diffusion_model.`) merged into both base layouts
+(diffusers folder, original single file with and without ComfyUI's `model.diffusion_model.` prefix) against what
+diffusers computes (ChromaPipeline.lora_state_dict + load_lora_adapter + fuse_lora in fp32, or the original +
+alpha/r·B@A through diffusers' Chroma single-file converter), converted exactly; and Flux.1 LoRAs on a Chroma base:
+merged where the modules are Flux's own (attention, MLP, linear1/2), refused in one line where they are the
+modulation Chroma has pruned. Fixtures: fixtures/makers/dit_chroma.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraport.api import convert, inspect, merge
+from loraport.errors import BadInputError
+from loraport.names import dit
+
+F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
+CHROMA = {"diffusers": F / "chroma-diffusers", "original": F / "chroma-original.safetensors"}
+
+
+@cache
+def _maker():
+    spec = importlib.util.spec_from_file_location("dit_chroma_maker", F.parent / "makers" / "dit_chroma.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@cache
+def _base() -> dict[str, torch.Tensor]:  # read-only: callers build new dicts
+    return load_file(CHROMA["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
+    want = {**_base(), **load_file(F / f"expect_chroma_{lora}.safetensors")}
+    return want if layout == "diffusers" else _maker().to_chroma_original(want)
+
+
+def _onetrainer(dst: Path) -> Path:
+    """The diffusers-dialect file as OneTrainer names it (lora_transformer_<path>, lora_down/up, alpha 8 = the
+    file's lora_alpha): diffusers' fuse of the diffusers file is its reference too."""
+    t = {}
+    for k, v in load_file(F / "chroma_diffusers.safetensors").items():
+        mod, _, role = k[len("transformer."):].rpartition(".lora_")
+        name = "lora_transformer_" + mod.replace(".", "_")
+        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
+        t[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(t, dst)
+    return dst
+
+
+def _merged(base: Path, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    out = tmp / ("o" if base.is_dir() else "o.safetensors")
+    merge(base, [str(lora)], out)
+    if base.is_dir():
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
+
+
+def _max_diff(got, want) -> float:
+    assert set(got) == set(want)
+    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+
+# each dialect into both layouts (the prefixed original once: the prefix is the layer's, not the family's)
+MERGES = [("diffusers", "diffusers"), ("diffusers", "original"), ("kohya", "diffusers"), ("kohya", "original"),
+          ("comfy", "diffusers"), ("comfy", "comfy-original"), ("onetrainer", "original")]
+
+
+@pytest.mark.parametrize("lora,base", MERGES)
+def test_chroma_merge_matches_diffusers(lora, base, tmp_path):
+    src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"chroma_{lora}.safetensors"
+    path = CHROMA["diffusers" if base == "diffusers" else "original"]
+    if base == "comfy-original":
+        path = tmp_path / "base.safetensors"
+        save_file({"model.diffusion_model." + k: v for k, v in load_file(CHROMA["original"]).items()}, path)
+    ref = "diffusers" if lora == "onetrainer" else lora
+    changed, base_sd = load_file(F / f"expect_chroma_{ref}.safetensors"), _base()
+    assert sum(not torch.equal(v, base_sd[k]) for k, v in changed.items()) >= 10, "the LoRA changes the model"
+    want = _expected(ref, "diffusers" if base == "diffusers" else "original")
+    assert _max_diff(_merged(path, src, tmp_path), want) <= 1e-5
+
+
+@pytest.mark.parametrize("src,to,base", [("kohya", "diffusers", None), ("comfy", "kohya", None),
+                                         ("comfy", "diffusers", "original"),
+                                         ("diffusers", "kohya", "diffusers")])
+def test_chroma_convert_is_exact(src, to, base, tmp_path):
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"chroma_{src}.safetensors"), to=to, out=out, base=None if base is None else CHROMA[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    keys = list(load_file(out))
+    assert all(k.startswith("lora_unet_" if to == "kohya" else "transformer.") for k in keys)
+    assert any("distilled_guidance_layer" in k for k in keys) == (src != "kohya")
+    assert _max_diff(_merged(CHROMA["original"], out, tmp_path), _expected(src, "original")) <= 1e-5
+
+
+def test_chroma_table_covers_every_linear_weight_of_both_layouts():
+    table = dit.TABLES["chroma"]
+    dif = {k[:-7]: v.shape for k, v in _base().items() if k.endswith(".weight") and v.dim() == 2}
+    orig = {k[:-7]: v.shape for k, v in load_file(CHROMA["original"]).items() if k.endswith(".weight") and v.dim() == 2}
+    for col, names, other in (("diffusers", dif, orig), ("original", orig, dif)):
+        to = "original" if col == "diffusers" else "diffusers"
+        for mod, shape in names.items():
+            pieces = table.translate(mod, col, to, shape[1], shape[0])
+            assert pieces, f"{mod} ({col}) is in no row"
+            assert sum((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0] for p in pieces) == shape[0]
+            for p in pieces:
+                assert p.module in other, f"{mod} -> {p.module}"
+                rows = (p.rows[1] - p.rows[0]) if p.rows else other[p.module][0]
+                assert rows == ((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0]), mod
+
+
+def test_chroma_is_named_and_its_base_told_from_flux():
+    for lora, dialect in (("diffusers", "diffusers"), ("comfy", "comfy")):
+        d = inspect(F / f"chroma_{lora}.safetensors").report["family"]
+        assert d["family"] == "chroma" and d["dialects"] == [dialect], d
+    for base, layout in (("original", "original"), ("diffusers", "diffusers")):
+        d = inspect(F / "chroma_kohya.safetensors", base=CHROMA[base]).report["family"]
+        assert d == {**d, "family": "chroma", "dialects": ["kohya"], "base_layout": layout}, d
+    for base, layout in (("flux-bfl.safetensors", "original"), ("flux-diffusers", "diffusers")):
+        d = inspect(F / "chroma_kohya.safetensors", base=F / base).report["family"]
+        assert d["family"] == "flux" and d["base_layout"] == layout, d  # Flux's own modules on a Flux base
+
+
+def _flux_shared(dst: Path) -> Path:
+    """sd-scripts' Flux LoRA less its modulation modules (img_mod / txt_mod / modulation.lin): only modules a
+    Chroma model has too. The micro Chroma is the micro Flux's width, as Chroma is Flux-schnell's."""
+    save_file({k: v for k, v in load_file(F / "flux_kohya.safetensors").items()
+               if "_mod_lin" not in k and "_modulation_lin" not in k}, dst)
+    return dst
+
+
+def test_flux_lora_on_its_shared_modules_merges_into_chroma(tmp_path):
+    """Reference: sd-scripts' own rule (W + alpha/r·up@down) on the Chroma original; the folder's merge is
+    compared through the maker's diffusers→original inverse (checked against diffusers' converter)."""
+    mk = _maker()
+    lora = _flux_shared(tmp_path / "flux_shared.safetensors")
+    flux_lora = load_file(lora)
+    want = mk.apply_kohya_to_bfl(load_file(CHROMA["original"]), flux_lora)
+    assert _max_diff(_merged(CHROMA["original"], lora, tmp_path), want) <= 1e-5
+    (tmp_path / "d").mkdir()
+    assert _max_diff(mk.to_chroma_original(_merged(CHROMA["diffusers"], lora, tmp_path / "d")), want) <= 1e-5
+
+
+def test_flux_modulation_lora_on_chroma_and_chroma_guidance_lora_on_flux_are_one_line(tmp_path):
+    for lora, base, want in (("flux_kohya", CHROMA["original"], r"Flux.1.*Chroma: 3 of its 14 modules \(e.g. "
+                              r"lora_unet_double_blocks_1_img_mod_lin\) are not in a Chroma model; pass a Flux.1"),
+                             ("flux_diffusers", CHROMA["diffusers"], r"Flux.1.*Chroma: .*norm.*not in a Chroma"),
+                             ("chroma_comfy", F / "flux-bfl.safetensors", r"Chroma.*Flux.1.*distilled_guidance"),
+                             ("chroma_diffusers", F / "flux-diffusers", r"Chroma.*Flux.1.*distilled_guidance")):
+        out = tmp_path / ("o" if base.is_dir() else "o.safetensors")
+        with pytest.raises(BadInputError, match=want) as e:
+            merge(base, [str(F / f"{lora}.safetensors")], out)
+        assert "\n" not in str(e.value) and not out.exists()
