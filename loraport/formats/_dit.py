@@ -283,18 +283,20 @@ def _base_total(table, mod: str, column: str, names: DitNames) -> int | None:
 
 
 def _total(spec: tuple[str, ...], parts) -> int | None:
-    """The rows of a fused tensor from the LoRAs on its parts: "h" parts are the input width; the "*" part is
-    as tall as the LoRA on it (unknown when it has none)."""
+    """The rows of a fused tensor from the LoRAs on its parts: "h" parts are the input width; a "*" part is as
+    tall as the LoRA on it, and the "*" parts are equal (unknown when none has a LoRA)."""
     hs = {int(d.implied_shape()[1]) for d, _ in parts if d.implied_shape() and len(d.implied_shape()) == 2}
     if len(hs) != 1:
         return None
     h = hs.pop()
     if "*" not in spec:
         return len(spec) * h
-    start = spec[:spec.index("*")].count("h") * h
+    first = spec.index("*")
+    start = spec[:first].count("h") * h
+    only_stars_after = "h" not in spec[first:]
     for _, r in parts:
-        if r is not None and r[0] == start:
-            return r[1] + spec[spec.index("*") + 1:].count("h") * h
+        if r is not None and (r[0] == start or (only_stars_after and r[0] > start)):
+            return spec.count("h") * h + spec.count("*") * (r[1] - r[0])
     return None
 
 

@@ -119,14 +119,17 @@ class Piece:
 def part_rows(spec: tuple[str, ...], k: int, h: int, total: int | None, own: int | None = None
               ) -> tuple[int, int] | None:
     """Row range of part k of a fused tensor (`spec` from FUSED; h its input width, total its rows when known,
-    own the part's rows when known), None when it cannot be sized."""
+    own the part's rows when known), None when it cannot be sized. Several "*" parts share the rest equally
+    (Lumina2's grouped-query k and v)."""
     if k >= len(spec):
         return None
     sizes: list[int | None] = [h if s == "h" else None for s in spec]
-    if None in sizes and total is not None:
-        sizes[sizes.index(None)] = total - sum(s for s in sizes if s is not None)
-    if sizes[k] is None:
-        sizes[k] = own
+    stars, rest = spec.count("*"), None
+    if stars and total is not None and (total - spec.count("h") * h) % stars == 0:
+        rest = (total - spec.count("h") * h) // stars
+    elif spec[k] == "*":
+        rest = own
+    sizes = [rest if s is None else s for s in sizes]
     if any(s is None for s in sizes[:k + 1]):
         return None
     start = sum(sizes[:k])  # type: ignore[arg-type]
