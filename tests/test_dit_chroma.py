@@ -8,7 +8,6 @@ modulation Chroma has pruned. Fixtures: fixtures/makers/dit_chroma.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
 from pathlib import Path
 
@@ -18,23 +17,18 @@ from safetensors.torch import load_file, save_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
-from loraport.names import dit
+from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 CHROMA = {"diffusers": F / "chroma-diffusers", "original": F / "chroma-original.safetensors"}
 
 
-@cache
 def _maker():
-    spec = importlib.util.spec_from_file_location("dit_chroma_maker", F.parent / "makers" / "dit_chroma.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return maker("dit_chroma")
 
 
 @cache
 def _base() -> dict[str, torch.Tensor]:  # read-only: callers build new dicts
-    return load_file(CHROMA["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(CHROMA["diffusers"])
 
 
 def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
@@ -55,19 +49,6 @@ def _onetrainer(dst: Path) -> Path:
     return dst
 
 
-def _merged(base: Path, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    out = tmp / ("o" if base.is_dir() else "o.safetensors")
-    merge(base, [str(lora)], out)
-    if base.is_dir():
-        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
-
-
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 # each dialect into both layouts (the prefixed original once: the prefix is the layer's, not the family's)
 MERGES = [("diffusers", "diffusers"), ("diffusers", "original"), ("kohya", "diffusers"), ("kohya", "original"),
           ("comfy", "diffusers"), ("comfy", "comfy-original"), ("onetrainer", "original")]
@@ -84,7 +65,7 @@ def test_chroma_merge_matches_diffusers(lora, base, tmp_path):
     changed, base_sd = load_file(F / f"expect_chroma_{ref}.safetensors"), _base()
     assert sum(not torch.equal(v, base_sd[k]) for k, v in changed.items()) >= 10, "the LoRA changes the model"
     want = _expected(ref, "diffusers" if base == "diffusers" else "original")
-    assert _max_diff(_merged(path, src, tmp_path), want) <= 1e-5
+    assert max_diff(merged(path, src, tmp_path), want) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to,base", [("kohya", "diffusers", None), ("comfy", "kohya", None),
@@ -97,23 +78,11 @@ def test_chroma_convert_is_exact(src, to, base, tmp_path):
     keys = list(load_file(out))
     assert all(k.startswith("lora_unet_" if to == "kohya" else "transformer.") for k in keys)
     assert any("distilled_guidance_layer" in k for k in keys) == (src != "kohya")
-    assert _max_diff(_merged(CHROMA["original"], out, tmp_path), _expected(src, "original")) <= 1e-5
+    assert max_diff(merged(CHROMA["original"], out, tmp_path), _expected(src, "original")) <= 1e-5
 
 
 def test_chroma_table_covers_every_linear_weight_of_both_layouts():
-    table = dit.TABLES["chroma"]
-    dif = {k[:-7]: v.shape for k, v in _base().items() if k.endswith(".weight") and v.dim() == 2}
-    orig = {k[:-7]: v.shape for k, v in load_file(CHROMA["original"]).items() if k.endswith(".weight") and v.dim() == 2}
-    for col, names, other in (("diffusers", dif, orig), ("original", orig, dif)):
-        to = "original" if col == "diffusers" else "diffusers"
-        for mod, shape in names.items():
-            pieces = table.translate(mod, col, to, shape[1], shape[0])
-            assert pieces, f"{mod} ({col}) is in no row"
-            assert sum((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0] for p in pieces) == shape[0]
-            for p in pieces:
-                assert p.module in other, f"{mod} -> {p.module}"
-                rows = (p.rows[1] - p.rows[0]) if p.rows else other[p.module][0]
-                assert rows == ((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0]), mod
+    assert_table_covers("chroma", CHROMA["diffusers"], CHROMA["original"])
 
 
 def test_chroma_is_named_and_its_base_told_from_flux():
@@ -143,9 +112,9 @@ def test_flux_lora_on_its_shared_modules_merges_into_chroma(tmp_path):
     lora = _flux_shared(tmp_path / "flux_shared.safetensors")
     flux_lora = load_file(lora)
     want = mk.apply_kohya_to_bfl(load_file(CHROMA["original"]), flux_lora)
-    assert _max_diff(_merged(CHROMA["original"], lora, tmp_path), want) <= 1e-5
+    assert max_diff(merged(CHROMA["original"], lora, tmp_path), want) <= 1e-5
     (tmp_path / "d").mkdir()
-    assert _max_diff(mk.to_chroma_original(_merged(CHROMA["diffusers"], lora, tmp_path / "d")), want) <= 1e-5
+    assert max_diff(mk.to_chroma_original(merged(CHROMA["diffusers"], lora, tmp_path / "d")), want) <= 1e-5
 
 
 def test_flux_modulation_lora_on_chroma_and_chroma_guidance_lora_on_flux_are_one_line(tmp_path):

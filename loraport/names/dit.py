@@ -23,6 +23,7 @@ from functools import lru_cache
 
 from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
@@ -60,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
     Family("chroma", "Chroma", _columns(CHROMA_ROWS), CHROMA_FUSED,
            CHROMA_ANCHORS, {}),
+    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
