@@ -23,6 +23,7 @@ from functools import lru_cache
 
 from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_hidream import HIDREAM_ANCHOR, HIDREAM_ROWS
 from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
@@ -62,6 +63,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("chroma", "Chroma", _columns(CHROMA_ROWS), CHROMA_FUSED,
            CHROMA_ANCHORS, {}),
     Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
+    Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
+           {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -104,7 +107,7 @@ def _split(cell: str) -> tuple[str, int | None]:
 @lru_cache(maxsize=4096)
 def _regex(template: str, sep: str = ".") -> re.Pattern:
     rx = re.escape(template.replace(".", sep)) if sep != "." else re.escape(template)
-    for v in ("i", "s"):
+    for v in ("i", "s", "e"):  # block, single block, expert
         rx = rx.replace(re.escape("{" + v + "}"), rf"(?P<{v}>\d+)")
     return re.compile("^" + rx + "$")
 
