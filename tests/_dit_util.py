@@ -60,3 +60,15 @@ def assert_table_covers(family: str, folder: Path, single: Path) -> None:
                 assert p.module in other, f"{mod} -> {p.module}"
                 rows = (p.rows[1] - p.rows[0]) if p.rows else other[p.module][0]
                 assert rows == ((p.lora_rows[1] - p.lora_rows[0]) if p.lora_rows else shape[0]), mod
+
+
+def diffusers_fuse(make, base: dict[str, torch.Tensor], pipeline, lora: Path) -> dict[str, torch.Tensor]:
+    """What diffusers makes of a LoRA file: `pipeline.lora_state_dict` (its converters) → load_lora_adapter →
+    fuse_lora in fp32 on the micro model `make()` holding `base`; the weights after."""
+    m = make()
+    m.load_state_dict(base)
+    state, meta = pipeline.lora_state_dict(str(lora), return_lora_metadata=True)
+    m.load_lora_adapter(state, prefix="transformer", metadata=meta)
+    m.fuse_lora(lora_scale=1.0)
+    m.unload_lora()
+    return {k: v.detach() for k, v in m.state_dict().items()}

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraport.api import convert, inspect, merge
+from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
+from loraport.formats import load_adapter
 from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged
 
 CHROMA = {"diffusers": F / "chroma-diffusers", "original": F / "chroma-original.safetensors"}
@@ -127,3 +129,40 @@ def test_flux_modulation_lora_on_chroma_and_chroma_guidance_lora_on_flux_are_one
         with pytest.raises(BadInputError, match=want) as e:
             merge(base, [str(F / f"{lora}.safetensors")], out)
         assert "\n" not in str(e.value) and not out.exists()
+        assert e.value.flag_hint[0] == "--no-strict"  # the way to merge what the base has
+    # Qwen-Image's transformer_blocks.N.attn.to_q is not Flux's, though spelled alike: no kin, no way round
+    with pytest.raises(BadInputError, match=r"Qwen-Image.*Flux.1 \(dev, schnell, Kontext\); pass") as e:
+        merge(F / "flux-diffusers", [str(F / "qwen_diffusers.safetensors")], tmp_path / "o", strict=False)
+    assert e.value.flag_hint is None and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("lora", ["kohya", "xlabs", "diffusers"])
+def test_flux_lora_on_chroma_no_strict_merges_what_chroma_has(lora, tmp_path):
+    """--no-strict: a Flux LoRA that also trains modulation merges its attention / MLP / linear1-2 modules into a
+    Chroma base and skips (and notes) the rest, as ComfyUI does. Reference: diffusers' own fuse of that Flux LoRA
+    (expect_flux_* - the Flux base: ΔW per tensor; the micro Chroma has the micro Flux's shapes) on the tensors a
+    Chroma model has; XLabs' attention-only LoRA needs no --no-strict at all."""
+    flux_base = folder_weights(F / "flux-diffusers")
+    delta = {k: v - flux_base[k] for k, v in load_file(F / f"expect_flux_{lora}.safetensors").items()}
+    want = {k: v + delta[k] if k in delta else v for k, v in _base().items()}
+    skipped = sorted(set(delta) - set(want))
+    assert (lora == "xlabs") == (not skipped) and all("norm" in k or "time_text_embed" in k for k in skipped)
+    out = tmp_path / "o"
+    merge(CHROMA["diffusers"], [str(F / f"flux_{lora}.safetensors")], out, strict=lora == "xlabs")
+    assert max_diff(folder_weights(out), want) <= 1e-5
+    ad = load_adapter(F / f"flux_{lora}.safetensors", base=Checkpoint.open(CHROMA["diffusers"]), strict=False)
+    assert ad.family["family"] == "chroma" and bool(ad.metadata.get("skipped")) == (lora != "xlabs"), ad.metadata
+
+
+@pytest.mark.slow  # imports diffusers (~10 s): pytest -m slow tests/test_dit_chroma.py
+def test_converted_chroma_files_load_in_diffusers(tmp_path):
+    """What loraport writes is what diffusers reads: the comfy file (which diffusers cannot load for Chroma)
+    converted to the diffusers dialect fuses, in diffusers, to the comfy reference."""
+    from diffusers import ChromaPipeline
+
+    from tests._dit_util import diffusers_fuse
+
+    out = tmp_path / "c.safetensors"
+    convert(str(F / "chroma_comfy.safetensors"), to="diffusers", out=out)
+    got = diffusers_fuse(_maker().micro_chroma, _base(), ChromaPipeline, out)
+    assert max_diff(got, _expected("comfy", "diffusers")) <= 1e-5

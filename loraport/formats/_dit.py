@@ -51,10 +51,11 @@ def _experts(base, prefix: str, transformer: str, where) -> tuple[str, ...]:
     return tuple(wanted.values())
 
 
-def _not_in(modules, lay: dit.BaseLayout) -> str:
-    """Why a LoRA of another family does not fit a base whose family shares some of its modules (Flux and
-    Chroma): the modules the base's family lacks, counted, the first named; "" when it shares none."""
-    if lay.family is None:
+def _not_in(modules, fam: str, lay: dit.BaseLayout) -> str:
+    """Why a LoRA of a kin family does not fit the base (Flux on Chroma): the modules the base's family lacks,
+    counted, the first named; "" when the families are not kin (the same name in Qwen-Image and Flux is another
+    weight) or share none of its modules."""
+    if lay.family is None or not dit.kin(fam, lay.family):
         return ""
     names = [(m,) if isinstance(m, str) else tuple(m) for m in modules]
     missing = [n[0] for n in names if not any(f == lay.family for alt in n for f, _, _ in dit.unspell(alt))]
@@ -77,10 +78,12 @@ class DitNames:
     _te: dict[str, str] | None = field(default=None, repr=False)
 
     @classmethod
-    def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
+    def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True
+               ) -> DitNames | None:
         """None unless the modules are a DiT family's; refuses a base of another family in one line.
         `transformer`: the diffusers folder's transformer the LoRA goes into ("transformer_2", "both": Wan 2.2's
-        second expert too)."""
+        second expert too). `strict=False`: a LoRA of a family sharing modules with the base's (Flux on Chroma)
+        is read as the base's family; the modules it lacks are then unmatched, skipped and noted by the reader."""
         lay = dit.base_layout(base.names()) if base is not None else None
         fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
         if fam is None:
@@ -88,8 +91,13 @@ class DitNames:
         if lay is None:
             return cls(fam, dialects, None, None)
         if lay.family != fam:
-            raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}"
-                                f"{_not_in(modules, lay)}; pass a {dit.family_title(fam)} base")
+            why = _not_in(modules, fam, lay)
+            if not why or strict:
+                err = BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}{why}; "
+                                    f"pass a {dit.family_title(fam)} base")
+                raise err.hint("--no-strict", f"merges the modules a {lay.title} model has and skips the rest") \
+                    if why else err
+            fam, dialects = lay.family, dit.families_of_modules(modules)[lay.family][1]
         prefix = lay.prefix
         if lay.column == "diffusers" and prefix in EXPERTS.values():
             prefix = "transformer."  # a two-expert folder: the first expert is the default

@@ -39,6 +39,7 @@ class Family:
     fused: dict[str, tuple[str, ...]]
     anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
     text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
+    kin: str = ""  # a family whose modules of the same name are the same weights (Chroma: Flux, pruned)
 
 
 def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
@@ -60,8 +61,8 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
-    Family("chroma", "Chroma", _columns(CHROMA_ROWS), CHROMA_FUSED,
-           CHROMA_ANCHORS, {}),
+    Family("chroma", "Chroma", _columns(CHROMA_ROWS, FLUX_XLABS), CHROMA_FUSED,  # XLabs: Flux attention LoRAs
+           CHROMA_ANCHORS, {}, kin="flux"),
     Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
     Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
            {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
@@ -290,6 +291,12 @@ def base_layout(names: Iterable[str]) -> BaseLayout:
 
 def family_title(name: str) -> str:
     return next(f.title for f in FAMILIES if f.name == name)
+
+
+def kin(a: str, b: str) -> bool:
+    """Whether two families' shared module names are the same weights (a LoRA of one fits the other there)."""
+    fams = {f.name: f for f in FAMILIES}
+    return fams[a].kin == b or fams[b].kin == a
 
 
 def support_table() -> str:

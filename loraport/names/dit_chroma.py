@@ -26,9 +26,8 @@ CHROMA_ROWS: tuple[tuple[str, str], ...] = tuple(r for r in FLUX_ROWS if r[0] no
     ("distilled_guidance_layer.layers.{i}.linear_2",    "distilled_guidance_layer.layers.{i}.out_layer"),
     ("distilled_guidance_layer.out_proj",               "distilled_guidance_layer.out_proj"),
 )
-CHROMA_FUSED: dict[str, tuple[str, ...]] = {k: v for k, v in FLUX_FUSED.items()  # qkv and linear1, as Flux's
-                                            if k.startswith(("double_blocks.", "single_blocks."))
-                                            and "processor" not in k}
+CHROMA_FUSED: dict[str, tuple[str, ...]] = {k: v for k, v in FLUX_FUSED.items()  # qkv, linear1, XLabs' qkv
+                                            if k.startswith(("double_blocks.", "single_blocks."))}
 # a tensor only a Chroma base has, per layout (the guidance layer's in_proj is spelled alike in both)
 CHROMA_ANCHORS = {"diffusers": "distilled_guidance_layer.layers.0.linear_1.weight",
                   "original": "distilled_guidance_layer.layers.0.in_layer.weight"}
