@@ -74,3 +74,17 @@ def test_hidream_is_named_and_other_families_refused(tmp_path):
         with pytest.raises(BadInputError, match=want) as e:
             merge(base, [str(F / f"{lora}.safetensors")], tmp_path / "o")
         assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # imports diffusers (~10 s): pytest -m slow tests/test_dit_hidream.py
+def test_converted_hidream_files_load_in_diffusers(tmp_path):
+    """What loraport writes is what diffusers reads: the kohya file (no diffusers loader) converted to the
+    diffusers dialect fuses in diffusers to the comfy file's reference (the same ΔW)."""
+    from diffusers import HiDreamImagePipeline
+
+    from tests._dit_util import diffusers_fuse, maker
+
+    out = tmp_path / "c.safetensors"
+    convert(str(F / "hidream_kohya.safetensors"), to="diffusers", out=out)
+    got = diffusers_fuse(maker("dit_hidream").micro_hidream, _base(), HiDreamImagePipeline, out)
+    assert max_diff(got, _expected("kohya")) <= 1e-5

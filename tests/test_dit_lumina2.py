@@ -100,3 +100,17 @@ def test_lumina2_is_named_and_other_families_refused(tmp_path):
         with pytest.raises(BadInputError, match=want) as e:
             merge(base, [str(F / f"{lora}.safetensors")], out)
         assert "\n" not in str(e.value) and not out.exists()
+
+
+@pytest.mark.slow  # imports diffusers (~10 s): pytest -m slow tests/test_dit_lumina2.py
+def test_converted_lumina2_files_load_in_diffusers(tmp_path):
+    """What loraport writes is what diffusers reads: the kohya file (no diffusers loader) converted to the
+    diffusers dialect, q / k / v cut from the fused grouped-query qkv, fuses in diffusers to the kohya reference."""
+    from diffusers import Lumina2Pipeline
+
+    from tests._dit_util import diffusers_fuse
+
+    out = tmp_path / "c.safetensors"
+    convert(str(F / "lumina2_kohya.safetensors"), to="diffusers", out=out)
+    got = diffusers_fuse(maker("dit_lumina2").micro_lumina2, _base(), Lumina2Pipeline, out)
+    assert max_diff(got, _expected("kohya", "diffusers")) <= 1e-5
