@@ -51,6 +51,19 @@ def _experts(base, prefix: str, transformer: str, where) -> tuple[str, ...]:
     return tuple(wanted.values())
 
 
+def _not_in(modules, fam: str, lay: dit.BaseLayout) -> str:
+    """Why a LoRA of a kin family does not fit the base (Flux on Chroma): the modules the base's family lacks,
+    counted, the first named; "" when the families are not kin (the same name in Qwen-Image and Flux is another
+    weight) or share none of its modules."""
+    if lay.family is None or not dit.kin(fam, lay.family):
+        return ""
+    names = [(m,) if isinstance(m, str) else tuple(m) for m in modules]
+    missing = [n[0] for n in names if not any(f == lay.family for alt in n for f, _, _ in dit.unspell(alt))]
+    if not missing or len(missing) == len(names):
+        return ""
+    return f": {len(missing)} of its {len(names)} modules (e.g. {missing[0]}) are not in a {lay.title} model"
+
+
 @dataclass
 class DitNames:
     """A DiT LoRA's family against a base (or none): where each of its modules lands."""
@@ -65,10 +78,12 @@ class DitNames:
     _te: dict[str, str] | None = field(default=None, repr=False)
 
     @classmethod
-    def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
+    def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True
+               ) -> DitNames | None:
         """None unless the modules are a DiT family's; refuses a base of another family in one line.
         `transformer`: the diffusers folder's transformer the LoRA goes into ("transformer_2", "both": Wan 2.2's
-        second expert too)."""
+        second expert too). `strict=False`: a LoRA of a family sharing modules with the base's (Flux on Chroma)
+        is read as the base's family; the modules it lacks are then unmatched, skipped and noted by the reader."""
         lay = dit.base_layout(base.names()) if base is not None else None
         fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
         if fam is None:
@@ -76,8 +91,13 @@ class DitNames:
         if lay is None:
             return cls(fam, dialects, None, None)
         if lay.family != fam:
-            raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
-                                f"pass a {dit.family_title(fam)} base")
+            why = _not_in(modules, fam, lay)
+            if not why or strict:
+                err = BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}{why}; "
+                                    f"pass a {dit.family_title(fam)} base")
+                raise err.hint("--no-strict", f"merges the modules a {lay.title} model has and skips the rest") \
+                    if why else err
+            fam, dialects = lay.family, dit.families_of_modules(modules)[lay.family][1]
         prefix = lay.prefix
         if lay.column == "diffusers" and prefix in EXPERTS.values():
             prefix = "transformer."  # a two-expert folder: the first expert is the default
@@ -271,18 +291,20 @@ def _base_total(table, mod: str, column: str, names: DitNames) -> int | None:
 
 
 def _total(spec: tuple[str, ...], parts) -> int | None:
-    """The rows of a fused tensor from the LoRAs on its parts: "h" parts are the input width; the "*" part is
-    as tall as the LoRA on it (unknown when it has none)."""
+    """The rows of a fused tensor from the LoRAs on its parts: "h" parts are the input width; a "*" part is as
+    tall as the LoRA on it, and the "*" parts are equal (unknown when none has a LoRA)."""
     hs = {int(d.implied_shape()[1]) for d, _ in parts if d.implied_shape() and len(d.implied_shape()) == 2}
     if len(hs) != 1:
         return None
     h = hs.pop()
     if "*" not in spec:
         return len(spec) * h
-    start = spec[:spec.index("*")].count("h") * h
+    first = spec.index("*")
+    start = spec[:first].count("h") * h
+    only_stars_after = "h" not in spec[first:]
     for _, r in parts:
-        if r is not None and r[0] == start:
-            return r[1] + spec[spec.index("*") + 1:].count("h") * h
+        if r is not None and (r[0] == start or (only_stars_after and r[0] > start)):
+            return spec.count("h") * h + spec.count("*") * (r[1] - r[0])
     return None
 
 

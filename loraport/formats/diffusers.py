@@ -207,7 +207,7 @@ class DiffusersFormat(AdapterFormat):
         configs = component_configs(meta, wfile)
         notes: set[str] = set()
         parts, forms, unrecognised = _group_keys(tensors, notes)
-        dit = DitNames.detect(list(parts), base, wfile, opts.transformer)
+        dit = DitNames.detect(list(parts), base, wfile, opts.transformer, opts.strict)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None and not dit else None
         if dit:
             notes.add(dit.note())

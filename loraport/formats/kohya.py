@@ -316,7 +316,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, trans
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    dit = DitNames.detect(list(groups), base, path, transformer)
+    dit = DitNames.detect(list(groups), base, path, transformer, strict)
     names = _name_index(base, groups) if base is not None and not dit else None
     notes: set[str] = {dit.note()} if dit else (set(names.notes) if names is not None else set())
     counts: dict[str, int] = defaultdict(int)

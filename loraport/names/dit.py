@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_hidream import HIDREAM_ANCHOR, HIDREAM_ROWS
+from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
@@ -36,6 +39,7 @@ class Family:
     fused: dict[str, tuple[str, ...]]
     anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
     text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
+    kin: str = ""  # a family whose modules of the same name are the same weights (Chroma: Flux, pruned)
 
 
 def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
@@ -46,7 +50,9 @@ def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ..
 
 FAMILIES: tuple[Family, ...] = (
     Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
-           {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
+           # a modulation tensor: Chroma (Flux with the modulation pruned) has the rest of Flux's names
+           {"diffusers": "single_transformer_blocks.0.norm.linear.weight",
+            "original": "single_blocks.0.modulation.lin.weight"},
            {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
     Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
@@ -55,6 +61,11 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
+    Family("chroma", "Chroma", _columns(CHROMA_ROWS, FLUX_XLABS), CHROMA_FUSED,  # XLabs: Flux attention LoRAs
+           CHROMA_ANCHORS, {}, kin="flux"),
+    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
+    Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
+           {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -97,7 +108,7 @@ def _split(cell: str) -> tuple[str, int | None]:
 @lru_cache(maxsize=4096)
 def _regex(template: str, sep: str = ".") -> re.Pattern:
     rx = re.escape(template.replace(".", sep)) if sep != "." else re.escape(template)
-    for v in ("i", "s"):
+    for v in ("i", "s", "e"):  # block, single block, expert
         rx = rx.replace(re.escape("{" + v + "}"), rf"(?P<{v}>\d+)")
     return re.compile("^" + rx + "$")
 
@@ -114,14 +125,17 @@ class Piece:
 def part_rows(spec: tuple[str, ...], k: int, h: int, total: int | None, own: int | None = None
               ) -> tuple[int, int] | None:
     """Row range of part k of a fused tensor (`spec` from FUSED; h its input width, total its rows when known,
-    own the part's rows when known), None when it cannot be sized."""
+    own the part's rows when known), None when it cannot be sized. Several "*" parts share the rest equally
+    (Lumina2's grouped-query k and v)."""
     if k >= len(spec):
         return None
     sizes: list[int | None] = [h if s == "h" else None for s in spec]
-    if None in sizes and total is not None:
-        sizes[sizes.index(None)] = total - sum(s for s in sizes if s is not None)
-    if sizes[k] is None:
-        sizes[k] = own
+    stars, rest = spec.count("*"), None
+    if stars and total is not None and (total - spec.count("h") * h) % stars == 0:
+        rest = (total - spec.count("h") * h) // stars
+    elif spec[k] == "*":
+        rest = own
+    sizes = [rest if s is None else s for s in sizes]
     if any(s is None for s in sizes[:k + 1]):
         return None
     start = sum(sizes[:k])  # type: ignore[arg-type]
@@ -277,6 +291,12 @@ def base_layout(names: Iterable[str]) -> BaseLayout:
 
 def family_title(name: str) -> str:
     return next(f.title for f in FAMILIES if f.name == name)
+
+
+def kin(a: str, b: str) -> bool:
+    """Whether two families' shared module names are the same weights (a LoRA of one fits the other there)."""
+    fams = {f.name: f for f in FAMILIES}
+    return fams[a].kin == b or fams[b].kin == a
 
 
 def support_table() -> str:
