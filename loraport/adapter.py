@@ -16,8 +16,8 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
   `low_rank_factors()` (B, A, scale, orientation of a plain 2-D LoRA, else None; `plain_lora`),
   `thin_factors(device)` (matrix factors of any LoRA, Tucker folded in), `with_default_orientation()`;
 * class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
-  `stores_dense`, `sets_values` (replacements, trained token rows); per instance: `has_magnitude` (DoRA),
-  `depends_on_base`;
+  `stores_dense`, `sets_values` (replacements, trained token rows), `widens` (deltas_widen.py); per instance:
+  `has_magnitude` (DoRA), `depends_on_base`;
 * vocabulary: `output_shape(base_shape)` (a replacement may resize a vocabulary), `replaced(W, w)` (W after a
   replacement, a new tensor when resized), `trained_rows()` (trained token rows), `same_update(other)` (tied
   head and embedding trained alike);
@@ -67,6 +67,7 @@ class Delta:
     has_lora_factors: ClassVar[bool] = False  # B, A (+ Tucker core, DoRA magnitude): see `thin_factors`
     stores_dense: ClassVar[bool] = False  # holds ΔW itself (a dense diff)
     sets_values: ClassVar[bool] = False  # sets trained values (a replacement, trained token rows) instead of adding ΔW
+    widens: ClassVar[bool] = False  # gives the target more input columns (a control LoRA's input projection)
 
     # --- capabilities ------------------------------------------------------------------------------
     def low_rank_factors(self) -> LowRank | None:
