@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_INPUT, FLUX_PARAMS, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_flux2 import FLUX2_FUSED, FLUX2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
@@ -48,7 +49,8 @@ def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ..
 
 FAMILIES: tuple[Family, ...] = (
     Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
-           {"diffusers": "single_transformer_blocks.0.proj_mlp.weight", "original": "single_blocks.0.linear1.weight"},
+           {"diffusers": "single_transformer_blocks.0.proj_mlp.weight",
+            "original": "single_blocks.0.modulation.lin.weight"},  # Flux.2's file has single_blocks.0.linear1 too
            {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}, FLUX_PARAMS, FLUX_INPUT),
     Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
@@ -57,6 +59,9 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
+    Family("flux2", "Flux.2 (dev, Klein)", _columns(FLUX2_ROWS), FLUX2_FUSED,
+           {"diffusers": "single_stream_modulation.linear.weight", "original": "single_stream_modulation.lin.weight"},
+           {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
