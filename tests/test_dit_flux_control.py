@@ -124,6 +124,16 @@ def test_a_plan_that_cannot_write_new_columns_refuses_the_widening():
     assert build_plan(base, [(ad, 1.0)], widen=True).shape_of("transformer.x_embedder.weight") == (16, 8)
 
 
+def test_converting_a_control_lora_is_refused_in_one_line(tmp_path):
+    """A widened input and replaced tensors have no place in a LoRA-only file: convert says so (exit 2) instead of
+    writing a file that would lose them."""
+    for to in ("kohya", "diffusers"):
+        code, _, err = run_cli("convert", CONTROL, "--to", to, "--out", tmp_path / f"{to}.safetensors", "--base",
+                               BASES["diffusers"])
+        assert code == 2 and "control LoRA" in err and "merge it" in err and "Traceback" not in err, err
+        assert not (tmp_path / f"{to}.safetensors").exists()
+
+
 @pytest.mark.slow  # ~12 s importing bitsandbytes: pytest -m slow tests/test_dit_flux_control.py
 def test_widening_is_refused_with_a_quantized_output(tmp_path):
     """A quantized output has no place for new columns: one line, exit 2, nothing written."""

@@ -206,6 +206,10 @@ def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, 
 def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]], list[Delta], DitNames | None]:
     """The adapter's transformer deltas as (module in `column`, delta) — parts of one fused module combined —
     and the other deltas as they are; (…, None) when the adapter is not a DiT family's."""
+    wide = next((d for d in adapter.deltas if d.widens), None)
+    if wide is not None:  # a Flux Control LoRA read against a base (formats/_dit_control.py)
+        raise BadInputError(f"{where}: a control LoRA that widens {wide.target} to {wide.columns} input columns has "
+                            "no LoRA-file form; merge it into the base instead")
     modules = [tuple(_spellings(d.target)) for d in adapter.deltas]
     names = DitNames.detect(modules, base, where)
     if names is None:
