@@ -84,6 +84,11 @@ class Delta:
         tensors of another layout), or None when this kind cannot be cut by rows exactly."""
         return None
 
+    def input_padded(self, columns: int) -> Delta | None:
+        """The same update on a weight widened to `columns` input columns, the new ones left alone (a LoRA
+        trained on Flux.1-dev merged into a control model's wider img_in), or None when this kind cannot say."""
+        return None
+
     @property
     def plain_lora(self) -> bool:
         return self.low_rank_factors() is not None
@@ -282,6 +287,14 @@ class LoraDelta(Delta):
             B, A = B[:, keep], A[keep]
         mag = None if self.magnitude is None else self.magnitude.reshape(-1)[start:stop]
         return replace(self, A=A.contiguous(), B=B.contiguous(), magnitude=mag)
+
+    def input_padded(self, columns: int) -> Delta | None:
+        """A with zero columns appended: B@A is unchanged on the old inputs and zero on the new ones."""
+        if self.low_rank_factors() is None or self.transpose or self.A.shape[1] > columns:
+            return None
+        A = torch.zeros((self.A.shape[0], columns), dtype=self.A.dtype)
+        A[:, : self.A.shape[1]] = self.A
+        return replace(self, A=A)
 
     @property
     def has_magnitude(self) -> bool:

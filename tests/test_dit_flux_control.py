@@ -108,6 +108,24 @@ def test_a_control_lora_on_an_already_widened_base_adds_only(tmp_path):
     assert json.loads((tmp_path / "second" / "transformer" / "config.json").read_text())["in_channels"] == 8
 
 
+@pytest.mark.parametrize("route", ["together-diffusers", "together-bfl", "into-the-merged-model"])
+def test_an_ordinary_lora_with_the_control_lora(route, tmp_path):
+    """A style LoRA trained on Flux.1-dev's 4-wide x_embedder, merged with the control LoRA (one merge, either
+    layout) or into the merged control model: its A is zero-padded to the widened input, as diffusers'
+    _maybe_expand_lora_state_dict does; both equal FluxControlPipeline loading both and fusing them."""
+    style = F / "flux_control_style.safetensors"
+    layout = "bfl" if route.endswith("bfl") else "diffusers"
+    out = tmp_path / ("o" if layout == "diffusers" else "o.safetensors")
+    if route.startswith("together"):
+        rep = merge(BASES[layout], [str(CONTROL), str(style)], out)
+    else:
+        merge(BASES["diffusers"], [str(CONTROL)], tmp_path / "control")
+        rep = merge(tmp_path / "control", [str(style)], out)
+        assert rep["adapters"] and inspect(style, base=tmp_path / "control").report["family"]["input_padded"]
+    got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if layout == "diffusers" else out)
+    assert _max_diff(got, _expected("control_style", layout)) <= 1e-5
+
+
 def test_a_plan_that_cannot_write_new_columns_refuses_the_widening():
     """What the ONNX export / bake and validate plan with (widen=False): one line naming the tensor and the way
     out; the same adapter merges when the plan may widen."""

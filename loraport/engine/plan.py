@@ -13,7 +13,7 @@ from loraport.checkpoint import Checkpoint
 from loraport.engine.experts import to_base_layout
 from loraport.engine.sources import resolve_target
 from loraport.engine.vocab import new_shapes, tie_rule
-from loraport.engine.widen import widened_shapes
+from loraport.engine.widen import fit_input, widened_shapes
 from loraport.errors import PlanError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -45,8 +45,8 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
     resize the vocabulary (only a model-folder output can say so in its config.json); `widen`: whether a control
     LoRA may widen an input projection (loraport.engine.widen)."""
     base, adapters, notes = tie_rule(base, adapters, tie)
-    shapes = {**new_shapes(base, adapters, resize), **widened_shapes(base, adapters, widen)}
-    plan = MergePlan(base, adapters, shapes=shapes, notes=notes)
+    wide = widened_shapes(base, adapters, widen)
+    plan = MergePlan(base, adapters, shapes={**new_shapes(base, adapters, resize), **wide}, notes=notes)
     for adapter, weight in adapters:
         unmatched, matched = [], 0
         for d in to_base_layout(adapter.deltas, base):  # fused expert updates on a per-expert base: split
@@ -61,7 +61,8 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
                 if info.dtype not in FLOATS:
                     raise PlanError(f"{adapter.path}: {name} is {info.dtype}, not a float tensor; cannot update it"
                                     " (a quantized base needs dequantizing first)")
-                r = d.resolve(plan.shape_of(name), base.layer_hint(name))
+                fitted = fit_input(d, tuple(info.shape), wide[name]) if name in wide else d
+                r = fitted.resolve(plan.shape_of(name), base.layer_hint(name))
                 if tuple(r.output_shape(plan.shape_of(name))) != plan.shape_of(name):  # a resize the plan refused
                     raise PlanError(f"{adapter.path}: shape mismatch for {name}: adapter key {d.source_key or '?'} "
                                     f"gives it {list(r.output_shape(plan.shape_of(name)))}, the base tensor is "

@@ -36,6 +36,15 @@ def widened_shapes(base, adapters: list[tuple[Adapter, float]], allowed: bool) -
     return shapes
 
 
+def fit_input(d, have: tuple[int, ...], new: tuple[int, ...]):
+    """A delta of another adapter on a tensor the plan widens, sized for the base's width: its update on the old
+    columns (what diffusers' _maybe_expand_lora_state_dict does to a LoRA merged into a control model)."""
+    s = d.implied_shape()
+    if d.widens or d.rows is not None or s is None or tuple(s) != tuple(have) or len(have) != 2:
+        return d
+    return d.input_padded(new[1]) or d
+
+
 def config_updates(plan) -> dict[str, dict]:
     """{config.json of the widened tensor's folder (relative path): the entries to set}."""
     out: dict[str, dict] = {}

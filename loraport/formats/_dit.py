@@ -63,6 +63,7 @@ class DitNames:
     prefix: str = "transformer."
     prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
+    padded: list[str] = field(default_factory=list, repr=False)  # LoRAs fitted to a control model's wider input
 
     @classmethod
     def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
@@ -151,8 +152,33 @@ class DitNames:
                     if self.base is not None and target not in self.base:
                         return None
                     if p.lora_rows is None or not part.is_zero():  # a part the LoRA leaves at zero adds nothing
-                        out.append(replace(part, target=target, rows=p.rows))
+                        out.append(self._fit_input(replace(part, target=target, rows=p.rows)))
         return out
+
+    def input_target(self) -> tuple[str, str, str] | None:
+        """(the family's input projection weight in the base's names — canonical without a base —, the config
+        key stating its width, the key that defaulted to it); None when the family has none (Family.input)."""
+        spec = dit.TABLES[self.family].family.input
+        if not spec:
+            return None
+        diffusers = self.column == "diffusers" or self.base is None
+        prefix = self.prefix if self.base is not None else "transformer."
+        return (prefix + (spec[0] if diffusers else spec[1]) + ".weight", spec[2] if diffusers else "",
+                spec[3] if diffusers else "")
+
+    def _fit_input(self, d: Delta) -> Delta:
+        """A LoRA trained on the original's input width merged into a control model (img_in already a multiple
+        of it wide): zero-padded to the base's width, the control columns untouched, as diffusers' loader pads it."""
+        spec = self.input_target() if self.base is not None else None
+        if spec is None or d.target != spec[0] or spec[0] not in self.base:
+            return d
+        have, s = tuple(self.base.info(d.target).shape), d.implied_shape()
+        if s is None or len(s) != 2 or len(have) != 2 or s[0] != have[0] or s[1] >= have[1] or have[1] % s[1]:
+            return d  # a control model stacks whole latents (Canny / Depth 2x, Fill 6x): anything else is wrong
+        padded = d.input_padded(have[1])
+        if padded is not None:
+            self.padded.append(f"{d.target}: the LoRA's {s[1]} input columns of the base's {have[1]}")
+        return padded or d
 
     def note(self) -> str:
         dialects = ", ".join(dit.DIALECT_TITLES[d] for d in sorted(self.dialects))
@@ -161,8 +187,9 @@ class DitNames:
         return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}"
 
     def summary(self) -> dict:
-        return {"family": self.family, "dialects": sorted(self.dialects),
-                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+        out = {"family": self.family, "dialects": sorted(self.dialects),
+               "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+        return {**out, "input_padded": self.padded} if self.padded else out
 
 
 # ================================================================================================= writing

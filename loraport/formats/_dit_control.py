@@ -45,21 +45,10 @@ def replacements(names: DitNames, tensors: dict[str, torch.Tensor], where
     return out, unknown, unmatched
 
 
-def _input(names: DitNames) -> tuple[str, str, str] | None:
-    """(target, config key, key that defaulted to it) of the family's widenable input projection."""
-    spec = dit.TABLES[names.family].family.input
-    if not spec:
-        return None
-    diffusers = names.column == "diffusers" or names.base is None
-    mod = spec[0] if diffusers else spec[1]
-    prefix = names.prefix if names.base is not None else "transformer."
-    return prefix + mod + ".weight", (spec[2] if diffusers else ""), (spec[3] if diffusers else "")
-
-
 def widen(names: DitNames, deltas: list[Delta], where) -> tuple[list[Delta], dict | None, list[str]]:
     """(the deltas with a WidenDelta before a LoRA on the input projection whose A takes more inputs than the
     base's weight, what inspect reports about it, the merge's warnings)."""
-    spec = _input(names)
+    spec = names.input_target()
     lora = [d for d in deltas if spec and d.target == spec[0] and d.has_lora_factors and d.implied_shape()]
     if not lora:
         return deltas, None, []
