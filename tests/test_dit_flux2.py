@@ -71,3 +71,25 @@ def test_flux2_is_told_apart_from_flux1(tmp_path):
     with pytest.raises(BadInputError, match="Flux.2.*Flux.1") as e:
         merge(F / "flux-diffusers", [str(F / "flux2_comfy.safetensors")], tmp_path / "o")
     assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_a_lora_on_shared_modules_needs_the_base_to_change_column(tmp_path):
+    """A kohya Flux.2 LoRA on qkv / proj / mlp / linear1 / linear2 only is also a Flux.1 one by its names: inspect
+    says both, converting it to diffusers names without a base (Flux.1 and Flux.2 name linear1 and the MLPs
+    differently) is refused in one line, with the base it is exact, and kohya → kohya needs no base."""
+    from loraport.api import convert
+
+    rep = inspect(F / "flux2_kohya.safetensors").report
+    assert rep["family"]["also_families"] == ["flux2"] and any("Flux.2" in n for n in rep["notes"])
+    with pytest.raises(BadInputError, match="Flux.1.*or Flux.2.*pass (--)?base") as e:
+        convert(str(F / "flux2_kohya.safetensors"), to="diffusers", out=tmp_path / "c.safetensors")
+    assert "\n" not in str(e.value) and not (tmp_path / "c.safetensors").exists()
+    out = tmp_path / "c2.safetensors"
+    rep = convert(str(F / "flux2_kohya.safetensors"), to="diffusers", out=out, base=BASES["original"])
+    assert rep.report["max_abs_diff"] == 0
+    merge(BASES["diffusers"], [str(out)], tmp_path / "o")
+    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
+    want = {**_base_sd(), **load_file(F / "expect_flux2_kohya.safetensors")}
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
+    assert convert(str(F / "flux2_kohya.safetensors"), to="kohya", out=tmp_path / "k.safetensors").report[
+        "max_abs_diff"] == 0

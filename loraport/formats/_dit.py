@@ -64,6 +64,7 @@ class DitNames:
     prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
     padded: list[str] = field(default_factory=list, repr=False)  # LoRAs fitted to a control model's wider input
+    ties: tuple[str, ...] = ()  # without a base: other families whose tables know as many of the modules
 
     @classmethod
     def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
@@ -75,7 +76,9 @@ class DitNames:
         if fam is None:
             return None
         if lay is None:
-            return cls(fam, dialects, None, None)
+            counts = dit.families_of_modules(modules)
+            ties = tuple(f for f, (c, _) in counts.items() if f != fam and c == counts[fam][0])
+            return cls(fam, dialects, None, None, ties=ties)
         if lay.family != fam:
             raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
                                 f"pass a {dit.family_title(fam)} base")
@@ -184,11 +187,14 @@ class DitNames:
         dialects = ", ".join(dit.DIALECT_TITLES[d] for d in sorted(self.dialects))
         expects = " or ".join(dit.BASE_TITLES.values())
         base = f"; base: {dit.BASE_TITLES[self.column]}" if self.layout is not None else ""
-        return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}"
+        also = "".join(f" (or {dit.family_title(f)}: it trains only modules both have; a base tells)"
+                       for f in self.ties)
+        return f"{dit.family_title(self.family)} LoRA{also}, {dialects}; expects a {expects}{base}"
 
     def summary(self) -> dict:
         out = {"family": self.family, "dialects": sorted(self.dialects),
                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+        out |= {"also_families": list(self.ties)} if self.ties else {}
         return {**out, "input_padded": self.padded} if self.padded else out
 
 
@@ -241,6 +247,14 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
     names = DitNames.detect(modules, base, where)
     if names is None:
         return [], list(adapter.deltas), None
+    read = adapter.family or {}
+    ties = names.ties or tuple(read.get("also_families") or ())
+    read_columns = {dit.DIALECTS[d][0] for d in read.get("dialects") or () if d in dit.DIALECTS}
+    if ties and base is None and column not in (read_columns or {names.column}):
+        # read without a base as the first family's: the other one names these modules otherwise
+        raise BadInputError(f"{where}: a {dit.family_title(names.family)} or "
+                            f"{' or '.join(dit.family_title(f) for f in ties)} LoRA (it trains only modules "
+                            "both have); pass --base to say which")
     table = dit.TABLES[names.family]
     groups: dict[str, list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
     rest = []
