@@ -93,3 +93,19 @@ def test_a_lora_on_shared_modules_needs_the_base_to_change_column(tmp_path):
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
     assert convert(str(F / "flux2_kohya.safetensors"), to="kohya", out=tmp_path / "k.safetensors").report[
         "max_abs_diff"] == 0
+
+
+@pytest.mark.parametrize("src,to,base", [("diffusers", "kohya", None), ("comfy", "diffusers", "original"),
+                                         ("kohya_full", "diffusers", "diffusers")])
+def test_flux2_convert_is_exact(src, to, base, tmp_path):
+    """Written in another dialect (qkv regrouped or split, the final adaLN halves swapped) and read back exactly;
+    the converted file merges to what diffusers made of the original."""
+    from loraport.api import convert
+
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"flux2_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    merge(BASES["diffusers"], [str(out)], tmp_path / "o")
+    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
+    want = {**_base_sd(), **load_file(F / f"expect_flux2_{src}.safetensors")}
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
