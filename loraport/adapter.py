@@ -16,8 +16,8 @@ Capabilities (asked of a delta; nobody outside the delta classes probes with isi
   `low_rank_factors()` (B, A, scale, orientation of a plain 2-D LoRA, else None; `plain_lora`),
   `thin_factors(device)` (matrix factors of any LoRA, Tucker folded in), `with_default_orientation()`;
 * class flags: `replaces_base`, `factored` (LoRA/LoHa/LoKr), `has_lora_factors`, `stacked` (per-expert),
-  `stores_dense`, `sets_values` (replacements, trained token rows); per instance: `has_magnitude` (DoRA),
-  `depends_on_base`;
+  `stores_dense`, `sets_values` (replacements, trained token rows), `widens` (deltas_widen.py); per instance:
+  `has_magnitude` (DoRA), `depends_on_base`;
 * vocabulary: `output_shape(base_shape)` (a replacement may resize a vocabulary), `replaced(W, w)` (W after a
   replacement, a new tensor when resized), `trained_rows()` (trained token rows), `same_update(other)` (tied
   head and embedding trained alike);
@@ -67,6 +67,7 @@ class Delta:
     has_lora_factors: ClassVar[bool] = False  # B, A (+ Tucker core, DoRA magnitude): see `thin_factors`
     stores_dense: ClassVar[bool] = False  # holds ΔW itself (a dense diff)
     sets_values: ClassVar[bool] = False  # sets trained values (a replacement, trained token rows) instead of adding ΔW
+    widens: ClassVar[bool] = False  # gives the target more input columns (a control LoRA's input projection)
 
     # --- capabilities ------------------------------------------------------------------------------
     def low_rank_factors(self) -> LowRank | None:
@@ -81,6 +82,11 @@ class Delta:
     def output_rows(self, start: int, stop: int) -> Delta | None:
         """The update to output rows [start, stop) alone (a LoRA on a fused projection split into the separate
         tensors of another layout), or None when this kind cannot be cut by rows exactly."""
+        return None
+
+    def input_padded(self, columns: int) -> Delta | None:
+        """The same update on a weight widened to `columns` input columns, the new ones left alone (a LoRA
+        trained on Flux.1-dev merged into a control model's wider img_in), or None when this kind cannot say."""
         return None
 
     @property
@@ -281,6 +287,14 @@ class LoraDelta(Delta):
             B, A = B[:, keep], A[keep]
         mag = None if self.magnitude is None else self.magnitude.reshape(-1)[start:stop]
         return replace(self, A=A.contiguous(), B=B.contiguous(), magnitude=mag)
+
+    def input_padded(self, columns: int) -> Delta | None:
+        """A with zero columns appended: B@A is unchanged on the old inputs and zero on the new ones."""
+        if self.low_rank_factors() is None or self.transpose or self.A.shape[1] > columns:
+            return None
+        A = torch.zeros((self.A.shape[0], columns), dtype=self.A.dtype)
+        A[:, : self.A.shape[1]] = self.A
+        return replace(self, A=A)
 
     @property
     def has_magnitude(self) -> bool:

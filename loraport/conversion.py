@@ -140,7 +140,7 @@ def drop_identity_replacements(adapter: Adapter, ckpt) -> Adapter:
         return adapter
     keep, dropped = [], 0
     for d in adapter.deltas:
-        if d.replaces_base and d.target in ckpt and d.rows is None:
+        if d.replaces_base and d.sets_values and d.target in ckpt and d.rows is None:  # not a widening
             w = ckpt.get(d.target)
             if tuple(w.shape) == tuple(d.value.shape) and torch.equal(w, d.value.to(w.dtype)):
                 dropped += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter
+from loraport.checkpoint import Checkpoint
 from loraport.engine.apply import FUSE_MIN, merged_tensor
 from loraport.engine.device import pick_device, warm_cuda
 from loraport.engine.layout import OutEntry, OutFile, build_layout, nbytes
@@ -25,6 +26,7 @@ from loraport.engine.sinks import SafetensorsSink, provenance, write_side_files
 from loraport.engine.sources import check_loadable, open_base
 from loraport.engine.stream import stream
 from loraport.engine.vocab import adapter_tokenizer, check_tokenizer, config_updates
+from loraport.engine.widen import write_config_updates
 from loraport.errors import BadInputError, PlanError
 from loraport.outputs import check_free_space, check_output, staged_output
 from loraport.threads import cores, torch_threads
@@ -77,7 +79,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     if quantizer is not None:
         quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
     loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force, transformer)
-    plan = _plan(ckpt, loaded, strict, tie_embeddings)
+    plan = _plan(ckpt, loaded, strict, tie_embeddings, widen=type(ckpt) is Checkpoint and quantizer is None)
     single = ckpt.kind == "safetensors-file"
     if single and shard_size:
         raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
@@ -94,6 +96,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         if not single:
             write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
                              config_updates=config_updates(plan.base, plan.shapes))
+            warns += [f"config changed: {c}" for c in write_config_updates(plan, stage)]  # a widened input
         if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
             summary = {"base": str(base_p), "dtype": dtype, "quantize": quantize, "strict": strict,
                        "adapters": _adapter_rows(loaded), "tensors": len(ckpt.names()),
@@ -166,9 +169,10 @@ def _load_adapters(adapters: list[tuple[str | Path, float]], ckpt, adapter_forma
     return [ad for ad, _ in done], [m for _, ms in done for m in ms]
 
 
-def _plan(ckpt, loaded: list[tuple[Adapter, float]], strict: bool, tie: str = "auto") -> MergePlan:
+def _plan(ckpt, loaded: list[tuple[Adapter, float]], strict: bool, tie: str = "auto", widen: bool = False
+          ) -> MergePlan:
     try:  # a resized vocabulary needs a config.json to say so: model folders only
-        return build_plan(ckpt, loaded, strict=strict, tie=tie, resize=ckpt.kind == "hf-folder")
+        return build_plan(ckpt, loaded, strict=strict, tie=tie, resize=ckpt.kind == "hf-folder", widen=widen)
     except PlanError as e:  # name the adapter file(s) when the message (e.g. a delta's shape check) does not
         if any(a.path in str(e) for a, _ in loaded):
             raise

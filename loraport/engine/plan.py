@@ -13,6 +13,7 @@ from loraport.checkpoint import Checkpoint
 from loraport.engine.experts import to_base_layout
 from loraport.engine.sources import resolve_target
 from loraport.engine.vocab import new_shapes, tie_rule
+from loraport.engine.widen import fit_input, widened_shapes
 from loraport.errors import PlanError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -27,7 +28,7 @@ class MergePlan:
     adapters: list[tuple[Adapter, float]]
     updates: dict[str, list[tuple[Delta, float]]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output shapes that differ (resized vocab)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # output shapes that differ (vocab, widened)
     notes: list[str] = field(default_factory=list)  # decisions the user is told about (an untied head)
 
     def updated_names(self) -> list[str]:
@@ -39,11 +40,13 @@ class MergePlan:
 
 
 def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: bool = True,
-               tie: str = "keep", resize: bool = False) -> MergePlan:
+               tie: str = "keep", resize: bool = False, widen: bool = False) -> MergePlan:
     """`tie`: the --tie-embeddings rule for a tied head (loraport.engine.vocab); `resize`: whether an adapter may
-    resize the vocabulary (only a model-folder output can say so in its config.json)."""
+    resize the vocabulary (only a model-folder output can say so in its config.json); `widen`: whether a control
+    LoRA may widen an input projection (loraport.engine.widen)."""
     base, adapters, notes = tie_rule(base, adapters, tie)
-    plan = MergePlan(base, adapters, shapes=new_shapes(base, adapters, resize), notes=notes)
+    wide = widened_shapes(base, adapters, widen)
+    plan = MergePlan(base, adapters, shapes={**new_shapes(base, adapters, resize), **wide}, notes=notes)
     for adapter, weight in adapters:
         unmatched, matched = [], 0
         for d in to_base_layout(adapter.deltas, base):  # fused expert updates on a per-expert base: split
@@ -58,7 +61,12 @@ def build_plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], strict: 
                 if info.dtype not in FLOATS:
                     raise PlanError(f"{adapter.path}: {name} is {info.dtype}, not a float tensor; cannot update it"
                                     " (a quantized base needs dequantizing first)")
-                r = d.resolve(plan.shape_of(name), base.layer_hint(name))
+                fitted = fit_input(d, tuple(info.shape), wide[name]) if name in wide else d
+                r = fitted.resolve(plan.shape_of(name), base.layer_hint(name))
+                if tuple(r.output_shape(plan.shape_of(name))) != plan.shape_of(name):  # a resize the plan refused
+                    raise PlanError(f"{adapter.path}: shape mismatch for {name}: adapter key {d.source_key or '?'} "
+                                    f"gives it {list(r.output_shape(plan.shape_of(name)))}, the base tensor is "
+                                    f"{list(plan.shape_of(name))}")
                 if r.target != name:
                     r = replace(r, target=name)
                 plan.updates.setdefault(name, []).append((r, weight))

@@ -76,6 +76,8 @@ class DitNames:
     prefix: str = "transformer."
     prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
+    padded: list[str] = field(default_factory=list, repr=False)  # LoRAs fitted to a control model's wider input
+    ties: tuple[str, ...] = ()  # without a base: other families whose tables know as many of the modules
 
     @classmethod
     def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True
@@ -89,7 +91,9 @@ class DitNames:
         if fam is None:
             return None
         if lay is None:
-            return cls(fam, dialects, None, None)
+            counts = dit.families_of_modules(modules)
+            ties = tuple(f for f, (c, _) in counts.items() if f != fam and c == counts[fam][0])
+            return cls(fam, dialects, None, None, ties=ties)
         if lay.family != fam:
             why = _not_in(modules, fam, lay)
             if not why or strict:
@@ -171,18 +175,47 @@ class DitNames:
                     if self.base is not None and target not in self.base:
                         return None
                     if p.lora_rows is None or not part.is_zero():  # a part the LoRA leaves at zero adds nothing
-                        out.append(replace(part, target=target, rows=p.rows))
+                        out.append(self._fit_input(replace(part, target=target, rows=p.rows)))
         return out
+
+    def input_target(self) -> tuple[str, str, str] | None:
+        """(the family's input projection weight in the base's names — canonical without a base —, the config
+        key stating its width, the key that defaulted to it); None when the family has none (Family.input)."""
+        spec = dit.TABLES[self.family].family.input
+        if not spec:
+            return None
+        diffusers = self.column == "diffusers" or self.base is None
+        prefix = self.prefix if self.base is not None else "transformer."
+        return (prefix + (spec[0] if diffusers else spec[1]) + ".weight", spec[2] if diffusers else "",
+                spec[3] if diffusers else "")
+
+    def _fit_input(self, d: Delta) -> Delta:
+        """A LoRA trained on the original's input width merged into a control model (img_in already a multiple
+        of it wide): zero-padded to the base's width, the control columns untouched, as diffusers' loader pads it."""
+        spec = self.input_target() if self.base is not None else None
+        if spec is None or d.target != spec[0] or spec[0] not in self.base:
+            return d
+        have, s = tuple(self.base.info(d.target).shape), d.implied_shape()
+        if s is None or len(s) != 2 or len(have) != 2 or s[0] != have[0] or s[1] >= have[1] or have[1] % s[1]:
+            return d  # a control model stacks whole latents (Canny / Depth 2x, Fill 6x): anything else is wrong
+        padded = d.input_padded(have[1])
+        if padded is not None:
+            self.padded.append(f"{d.target}: the LoRA's {s[1]} input columns of the base's {have[1]}")
+        return padded or d
 
     def note(self) -> str:
         dialects = ", ".join(dit.DIALECT_TITLES[d] for d in sorted(self.dialects))
         expects = " or ".join(dit.BASE_TITLES.values())
         base = f"; base: {dit.BASE_TITLES[self.column]}" if self.layout is not None else ""
-        return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}"
+        also = "".join(f" (or {dit.family_title(f)}: it trains only modules both have; a base tells)"
+                       for f in self.ties)
+        return f"{dit.family_title(self.family)} LoRA{also}, {dialects}; expects a {expects}{base}"
 
     def summary(self) -> dict:
-        return {"family": self.family, "dialects": sorted(self.dialects),
-                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+        out = {"family": self.family, "dialects": sorted(self.dialects),
+               "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+        out |= {"also_families": list(self.ties)} if self.ties else {}
+        return {**out, "input_padded": self.padded} if self.padded else out
 
 
 # ================================================================================================= writing
@@ -226,10 +259,23 @@ def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, 
 def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]], list[Delta], DitNames | None]:
     """The adapter's transformer deltas as (module in `column`, delta) — parts of one fused module combined —
     and the other deltas as they are; (…, None) when the adapter is not a DiT family's."""
+    wide = next((d for d in adapter.deltas if d.widens), None)
+    if wide is not None:  # a Flux Control LoRA read against a base (formats/_dit_control.py)
+        raise BadInputError(f"{where}: a control LoRA that widens {wide.target} to {wide.columns} input columns has "
+                            "no LoRA-file form; merge it into the base instead")
     modules = [tuple(_spellings(d.target)) for d in adapter.deltas]
     names = DitNames.detect(modules, base, where)
     if names is None:
         return [], list(adapter.deltas), None
+    read = adapter.family or {}
+    # a kin family (Chroma: Flux's modules under Flux's names) spells these modules the same: no tie to break
+    ties = tuple(f for f in names.ties or read.get("also_families") or () if not dit.kin(names.family, f))
+    read_columns = {dit.DIALECTS[d][0] for d in read.get("dialects") or () if d in dit.DIALECTS}
+    if ties and base is None and column not in (read_columns or {names.column}):
+        # read without a base as the first family's: the other one names these modules otherwise
+        raise BadInputError(f"{where}: a {dit.family_title(names.family)} or "
+                            f"{' or '.join(dit.family_title(f) for f in ties)} LoRA (it trains only modules "
+                            "both have); pass --base to say which")
     table = dit.TABLES[names.family]
     groups: dict[str, list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
     rest = []

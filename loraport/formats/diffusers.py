@@ -18,6 +18,7 @@ from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
 from loraport.formats._dit import DitNames, DitReadOptions, diffusers_deltas
+from loraport.formats._dit_control import read_control
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
 from loraport.patterns import Deadline, PatternTable
@@ -195,8 +196,8 @@ class DiffusersFormat(AdapterFormat):
         if not parsed:
             return 0
         prefixed = sum(p[0].split(".", 1)[0] in COMPONENTS for p in parsed)
-        if any(k.startswith("base_model.model.") for k in keys):
-            return 0  # PEFT keys: a PEFT adapter folder, not a diffusers file
+        if any(k.startswith("base_model.model.") for k in keys) and not any(dit_names.unspell(p[0]) for p in parsed):
+            return 0  # PEFT keys: a PEFT adapter folder, not a diffusers file (unless a DiT's original names: fal)
         return 85 if prefixed == len(parsed) else 50
 
     @classmethod
@@ -233,6 +234,12 @@ class DiffusersFormat(AdapterFormat):
             if placed is None:
                 unmatched.append(mod)
             deltas += placed or []
+        warnings, control = [], None
+        if dit:  # a Flux Control LoRA's full tensors and widened input (formats/_dit_control.py)
+            deltas, unrecognised, more, warnings, control, line = read_control(
+                dit, deltas, {k: tensors[k] for k in unrecognised}, wfile)
+            unmatched += more
+            notes |= {line} if line else set()
         check_unmatched(wfile, len(deltas), unrecognised, unmatched, opts.strict, notes)
         if not deltas:
             raise BadInputError(f"{wfile}: no diffusers LoRA modules found")
@@ -250,9 +257,9 @@ class DiffusersFormat(AdapterFormat):
         metadata = dict(meta)
         if unrecognised or unmatched:
             metadata["skipped"] = unrecognised + unmatched
+        family = None if not dit else {**dit.summary(), **({"control": control} if control else {})}
         return Adapter(deltas, "diffusers", str(path), config=configs, metadata=metadata, notes=sorted(notes),
-                       files=[str(wfile)], name=path.stem,
-                       family=dit.summary() if dit else None)
+                       warnings=warnings, files=[str(wfile)], name=path.stem, family=family)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: WriteOptions) -> list[Path]:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
-from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_flux import FLUX_FUSED, FLUX_INPUT, FLUX_PARAMS, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_flux2 import FLUX2_FUSED, FLUX2_ROWS
 from loraport.names.dit_hidream import HIDREAM_ANCHOR, HIDREAM_ROWS
 from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
@@ -40,6 +41,8 @@ class Family:
     anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
     text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
     kin: str = ""  # a family whose modules of the same name are the same weights (Chroma: Flux, pruned)
+    params: tuple[tuple[str, str], ...] = ()  # (diffusers, original) full tensors a control LoRA replaces
+    input: tuple[str, ...] = ()  # (diffusers, original) input projection a control LoRA widens, config keys
 
 
 def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
@@ -50,10 +53,11 @@ def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ..
 
 FAMILIES: tuple[Family, ...] = (
     Family("flux", "Flux.1 (dev, schnell, Kontext)", _columns(FLUX_ROWS, FLUX_XLABS), FLUX_FUSED,
-           # a modulation tensor: Chroma (Flux with the modulation pruned) has the rest of Flux's names
+           # a modulation tensor: Chroma (Flux with the modulation pruned) has the rest of Flux's names, and
+           # Flux.2's file has single_blocks.0.linear1 too (its modulation is shared, not per block)
            {"diffusers": "single_transformer_blocks.0.norm.linear.weight",
             "original": "single_blocks.0.modulation.lin.weight"},
-           {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}),
+           {"lora_te1": "text_encoder", "lora_te3": "text_encoder_2"}, params=FLUX_PARAMS, input=FLUX_INPUT),
     Family("sd3", "SD3 / SD3.5", _columns(SD3_ROWS), SD3_FUSED,
            {"diffusers": "pos_embed.proj.weight", "original": "joint_blocks.0.x_block.attn.qkv.weight"},
            {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}),
@@ -66,6 +70,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
     Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
            {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
+    Family("flux2", "Flux.2 (dev, Klein)", _columns(FLUX2_ROWS), FLUX2_FUSED,
+           {"diffusers": "single_stream_modulation.linear.weight", "original": "single_stream_modulation.lin.weight"},
+           {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -82,14 +89,16 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
     "comfy":      ("original",  "diffusion_model.",  "."),  # diffusion-pipe, ComfyUI (PEFT keys, original names)
     "diffsynth":  ("original",  "",                  "."),  # DiffSynth-Studio (`….lora_A.default.weight`)
+    "peft_original": ("original", "base_model.model.", "."),  # PEFT around the original model (fal Kontext)
 }
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
                   "xlabs": "XLabs x-flux (processor.qkv_lora1)",
                   "comfy": "diffusion-pipe / ComfyUI (diffusion_model.)",
-                  "diffsynth": "DiffSynth-Studio (bare original names)"}
+                  "diffsynth": "DiffSynth-Studio (bare original names)",
+                  "peft_original": "PEFT on original names (base_model.model.; fal Kontext)"}
 READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs", "comfy": "diffusers",
-           "diffsynth": "diffusers"}  # dialect → format
+           "diffsynth": "diffusers", "peft_original": "diffusers"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
@@ -287,6 +296,17 @@ def base_layout(names: Iterable[str]) -> BaseLayout:
         if any(n.endswith(anchor) for n in names):
             return BaseLayout(None, None, "", title)
     return BaseLayout(None, None, "", "not a diffusion-transformer base")
+
+
+def param_name(family: str, name: str, to: str) -> str | None:
+    """A full tensor's name (a `params` row's, spelled in either column, no prefix) in column `to`; None when
+    the family's table has no such tensor."""
+    for row in TABLES[family].family.params:
+        for cell in row:
+            m = _regex(cell).match(name)
+            if m:
+                return row[COLUMNS.index(to)].format(**m.groupdict())
+    return None
 
 
 def family_title(name: str) -> str:

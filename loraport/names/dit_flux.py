@@ -64,3 +64,19 @@ FLUX_FUSED: dict[str, tuple[str, ...]] = {
     "double_blocks.{i}.processor.qkv_lora2": ("h", "h", "h"),
     "single_blocks.{s}.processor.qkv_lora":  ("h", "h", "h"),  # XLabs: q, k, v of linear1, not its MLP part
 }
+
+# Full tensors a Flux Control LoRA (BFL Canny / Depth) carries whole, replacing the base's: the qk RMS-norm scales
+# (diffusers tensor, original tensor), read off diffusers' _convert_bfl_flux_control_lora_to_diffusers.
+FLUX_PARAMS: tuple[tuple[str, str], ...] = (
+    ("transformer_blocks.{i}.attn.norm_q.weight",         "double_blocks.{i}.img_attn.norm.query_norm.scale"),
+    ("transformer_blocks.{i}.attn.norm_k.weight",         "double_blocks.{i}.img_attn.norm.key_norm.scale"),
+    ("transformer_blocks.{i}.attn.norm_added_q.weight",   "double_blocks.{i}.txt_attn.norm.query_norm.scale"),
+    ("transformer_blocks.{i}.attn.norm_added_k.weight",   "double_blocks.{i}.txt_attn.norm.key_norm.scale"),
+    ("single_transformer_blocks.{s}.attn.norm_q.weight",  "single_blocks.{s}.norm.query_norm.scale"),
+    ("single_transformer_blocks.{s}.attn.norm_k.weight",  "single_blocks.{s}.norm.key_norm.scale"),
+)
+
+# The input projection a control LoRA widens (its A takes the control image's latents beside the noise's):
+# diffusers module, original module, the transformer config key that states its width, and the key that
+# defaulted to it (out_channels = in_channels when unset: it must keep the old width).
+FLUX_INPUT: tuple[str, str, str, str] = ("x_embedder", "img_in", "in_channels", "out_channels")
