@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_ROWS, FLUX_XLABS
+from loraport.names.dit_hunyuan import HUNYUAN_ANCHORS, HUNYUAN_FUSED, HUNYUAN_ROWS
+from loraport.names.dit_ltx import LTX_ANCHORS, LTX_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
@@ -36,6 +38,7 @@ class Family:
     fused: dict[str, tuple[str, ...]]
     anchors: dict[str, str]  # base layout column → a tensor name only this family's base has in it
     text_encoders: dict[str, str]  # kohya prefix → diffusers pipeline component
+    shadows: tuple[str, ...] = ()  # families whose anchors this family's bases also carry: its anchors go first
 
 
 def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
@@ -55,6 +58,9 @@ FAMILIES: tuple[Family, ...] = (
            {"diffusers": "condition_embedder.time_proj.weight", "original": "time_projection.1.weight"}, {}),
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
+    Family("hunyuan_video", "HunyuanVideo", _columns(HUNYUAN_ROWS), HUNYUAN_FUSED, HUNYUAN_ANCHORS,
+           {}, shadows=("flux",)),
+    Family("ltx_video", "LTX-Video", _columns(LTX_ROWS), {}, LTX_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -264,7 +270,7 @@ class BaseLayout:
 def base_layout(names: Iterable[str]) -> BaseLayout:
     """Which family and layout a base's tensor names are (by anchor names), and the prefix its names carry."""
     names = list(names)
-    for fam in FAMILIES:
+    for fam in sorted(FAMILIES, key=lambda f: not f.shadows):  # a family that shadows another is tried first
         for column, anchor in fam.anchors.items():
             for n in names:
                 if n.endswith(anchor) and (n == anchor or n[:-len(anchor)].endswith(".")):

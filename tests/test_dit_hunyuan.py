@@ -1,0 +1,149 @@
+"""HunyuanVideo LoRAs in every dialect (diffusers, diffusion-pipe / ComfyUI `diffusion_model.`, musubi-tuner
+`lora_unet_`) merged into both base layouts (diffusers folder, Tencent's original single file, with and without
+ComfyUI's `model.diffusion_model.` prefix) against what diffusers computes (its HunyuanVideo LoRA converter +
+load_lora_adapter + fuse_lora in fp32, or, where that converter is wrong, the original file + up@down through its
+single-file converter), converted exactly, and told apart from Flux, whose original names it shares in part.
+Fixtures: fixtures/makers/dit_hunyuan.py."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraport.api import convert, inspect, merge
+from loraport.errors import BadInputError
+
+F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
+HY = {"diffusers": F / "hunyuan-diffusers", "original": F / "hunyuan-original.safetensors"}
+LORAS = ("diffusers", "comfy", "comfy_full", "musubi")
+
+
+def _maker():
+    spec = importlib.util.spec_from_file_location("dit_hunyuan_maker", F.parent / "makers" / "dit_hunyuan.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _base() -> dict[str, torch.Tensor]:
+    return load_file(HY["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
+    want = {**_base(), **load_file(F / f"expect_hunyuan_{lora}.safetensors")}
+    return want if layout == "diffusers" else _maker().hunyuan_to_original(want)
+
+
+def _max_diff(got, want) -> float:
+    assert set(got) == set(want)
+    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+
+def _merged(base: str, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    if base == "comfy-original":
+        path = tmp / "base.safetensors"
+        save_file({"model.diffusion_model." + k: v for k, v in load_file(HY["original"]).items()}, path)
+    else:
+        path = HY[base]
+    out = tmp / ("o" if base == "diffusers" else "o.safetensors")
+    merge(path, [str(lora)], out)
+    if base == "diffusers":
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
+
+
+def _onetrainer(dst: Path) -> Path:
+    """The diffusers file's factors as OneTrainer names them (lora_transformer_<diffusers path>, lora_down / up,
+    alpha 8 = the PEFT file's lora_alpha): the same update."""
+    out = {}
+    for k, v in load_file(F / "hunyuan_diffusers.safetensors").items():
+        mod, _, role = k.removeprefix("transformer.").rpartition(".lora_")
+        name = "lora_transformer_" + mod.replace(".", "_")
+        out[f"{name}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = v
+        out[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(out, dst)
+    return dst
+
+
+@pytest.mark.parametrize("base", ["diffusers", "original", "comfy-original"])
+@pytest.mark.parametrize("lora", [*LORAS, "onetrainer"])
+def test_hunyuan_merge_matches_diffusers(lora, base, tmp_path):
+    src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"hunyuan_{lora}.safetensors"
+    lora = "diffusers" if lora == "onetrainer" else lora
+    want = _expected(lora, "diffusers" if base == "diffusers" else "original")
+    assert len(load_file(F / f"expect_hunyuan_{lora}.safetensors")) >= 10, "the LoRA changes the model"
+    assert _max_diff(_merged(base, src, tmp_path), want) <= 1e-5
+
+
+@pytest.mark.parametrize("src,to", [("musubi", "diffusers"), ("comfy_full", "diffusers"), ("diffusers", "kohya"),
+                                    ("comfy", "kohya")])
+def test_hunyuan_convert_is_exact(src, to, tmp_path):
+    """fused ⇄ split: linear1 / qkv LoRAs become per-part LoRAs sharing A (diffusers), per-part LoRAs with their
+    own A one block-diagonal LoRA on the fused tensor (kohya); the final adaLN's halves swap on the way."""
+    out = tmp_path / "c.safetensors"
+    rep = convert(str(F / f"hunyuan_{src}.safetensors"), to=to, out=out)
+    assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
+    keys = load_file(out)
+    if to == "kohya":
+        assert all(k.startswith("lora_unet_") for k in keys)
+    else:
+        assert all(k.startswith("transformer.") for k in keys)
+    assert _max_diff(_merged("original", out, tmp_path), _expected(src, "original")) <= 1e-5
+
+
+def test_hunyuan_converted_files_load_in_diffusers(tmp_path):
+    """What loraport writes in the diffusers dialect is what diffusers' HunyuanVideo loader reads: the musubi file
+    (fused qkv and linear1, which diffusers' converter cannot split at this width) fuses to the reference."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
+
+    out = tmp_path / "c.safetensors"
+    convert(str(F / "hunyuan_musubi.safetensors"), to="diffusers", out=out)
+    mk = _maker()
+
+    def load(m):  # per-module alphas travel in lora_adapter_metadata (alpha_pattern)
+        state, meta = HunyuanVideoLoraLoaderMixin.lora_state_dict(str(out), return_lora_metadata=True)
+        m.load_lora_adapter(state, prefix="transformer", metadata=meta)
+
+    got = mk.fused_reference(mk.micro_hunyuan(), load, mk.micro_hunyuan)  # the micro model's init is the base's
+    assert _max_diff(got, _expected("musubi", "diffusers")) <= 1e-5
+
+
+def test_hunyuan_dialects_are_named_and_told_from_flux(tmp_path):
+    """double_blocks / single_blocks / linear1 / final_layer are Flux's names too: the token refiner, img_mod.linear,
+    img_mlp.fc1 decide, the bases are told by the refiner, and a LoRA of one on the other's base is one line."""
+    for lora, dialect in (("diffusers", "diffusers"), ("comfy", "comfy"), ("comfy_full", "comfy"),
+                          ("musubi", "kohya"), ("onetrainer", "onetrainer")):
+        src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"hunyuan_{lora}.safetensors"
+        d = inspect(src).report["family"]
+        assert d["family"] == "hunyuan_video" and d["dialects"] == [dialect], d
+    for base, lora, want in ((F / "flux-bfl.safetensors", "hunyuan_musubi", "HunyuanVideo.*Flux.1"),
+                             (F / "flux-diffusers", "hunyuan_comfy", "HunyuanVideo.*Flux.1"),
+                             (HY["original"], "flux_kohya", "Flux.1.*HunyuanVideo"),
+                             (HY["diffusers"], "flux_kohya_full", "Flux.1.*HunyuanVideo"),
+                             (F / "wan-diffusers", "hunyuan_diffusers", "HunyuanVideo.*Wan")):
+        out = tmp_path / ("o" if base.is_dir() else "o.safetensors")
+        with pytest.raises(BadInputError, match=want) as e:
+            merge(base, [str(F / f"{lora}.safetensors")], out)
+        assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_flux_still_merges_into_flux_bases(tmp_path):
+    """HunyuanVideo's bases carry Flux's anchors (single_blocks.0.linear1, single_transformer_blocks.0.proj_mlp), so
+    its own are tried first; a Flux base stays Flux for a LoRA both tables know (a musubi linear1 only)."""
+    t = load_file(F / "hunyuan_musubi.safetensors")
+    shared = {k: v for k, v in t.items() if "linear1" in k or "linear2" in k}
+    assert shared
+    p = tmp_path / "shared.safetensors"
+    save_file(shared, p)
+    for base in (HY["original"], F / "flux-bfl.safetensors"):
+        out = tmp_path / f"{base.stem}.safetensors"
+        rep = merge(base, [str(p)], out)
+        assert rep.report  # merged: a LoRA on linear1 / linear2 is valid for either family
+    flux = load_file(F / "flux-bfl.safetensors")
+    got = load_file(tmp_path / "flux-bfl.safetensors")
+    assert not torch.equal(got["single_blocks.0.linear1.weight"], flux["single_blocks.0.linear1.weight"])
