@@ -95,6 +95,7 @@ def test_hunyuan_convert_is_exact(src, to, tmp_path):
     assert _max_diff(_merged("original", out, tmp_path), _expected(src, "original")) <= 1e-5
 
 
+@pytest.mark.slow  # ~27 s on 2 shared cores, most of it importing diffusers: pytest -m slow tests/test_dit_hunyuan.py
 def test_hunyuan_converted_files_load_in_diffusers(tmp_path):
     """What loraport writes in the diffusers dialect is what diffusers' HunyuanVideo loader reads: the musubi file
     (fused qkv and linear1, which diffusers' converter cannot split at this width) fuses to the reference."""
