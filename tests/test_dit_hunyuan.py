@@ -148,3 +148,34 @@ def test_flux_still_merges_into_flux_bases(tmp_path):
     flux = load_file(F / "flux-bfl.safetensors")
     got = load_file(tmp_path / "flux-bfl.safetensors")
     assert not torch.equal(got["single_blocks.0.linear1.weight"], flux["single_blocks.0.linear1.weight"])
+
+
+def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
+    """A diffusers LoRA on the double / single blocks only is Flux's names too: without a base it is read as Flux
+    (the first family) and says so; with a HunyuanVideo base it is HunyuanVideo's, so `convert --to kohya`
+    writes musubi's names (img_mlp_fc1, img_mod_linear), not Flux's (img_mlp_0, img_mod_lin)."""
+    from safetensors import safe_open
+
+    with safe_open(F / "hunyuan_diffusers.safetensors", "pt") as f:  # lora_adapter_metadata: alpha 8
+        shared = {k: f.get_tensor(k) for k in f.keys() if "context_embedder" not in k}
+        meta = f.metadata()
+    src = tmp_path / "shared.safetensors"
+    save_file(shared, src, meta)
+    rep = inspect(src).report
+    assert rep["family"]["family"] == "flux" and rep["family"]["also_fits"] == ["hunyuan_video"]
+    assert any("fit HunyuanVideo too" in n and "--base" in n for n in rep["notes"])
+    out = tmp_path / "k.safetensors"
+    rep = convert(str(src), to="kohya", out=out, base=HY["original"])
+    names = {k.split(".")[0] for k in load_file(out)}
+    assert "lora_unet_double_blocks_0_img_mlp_fc1" in names and "lora_unet_double_blocks_0_img_mod_linear" in names
+    assert rep.report["max_abs_diff"] <= 1e-6
+    # diffusers' fuse of the whole file, on the modules the subset keeps (each module's update is its own)
+    want = {**_base(), **{k: v for k, v in load_file(F / "expect_hunyuan_diffusers.safetensors").items()
+                          if "context_embedder" not in k}}
+    want = _maker().hunyuan_to_original(want)
+    for i, lora in enumerate((src, out)):
+        (tmp_path / str(i)).mkdir()
+        assert _max_diff(_merged("original", lora, tmp_path / str(i)), want) <= 1e-5
+    flux = tmp_path / "f.safetensors"
+    convert(str(src), to="kohya", out=flux)
+    assert "lora_unet_double_blocks_0_img_mlp_0" in {k.split(".")[0] for k in load_file(flux)}

@@ -63,6 +63,7 @@ class DitNames:
     prefix: str = "transformer."
     prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
+    alike: tuple[str, ...] = ()  # other families whose tables know the LoRA's modules as well as `family`'s
 
     @classmethod
     def detect(cls, modules, base, where, transformer: str = "transformer") -> DitNames | None:
@@ -70,11 +71,11 @@ class DitNames:
         `transformer`: the diffusers folder's transformer the LoRA goes into ("transformer_2", "both": Wan 2.2's
         second expert too)."""
         lay = dit.base_layout(base.names()) if base is not None else None
-        fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
+        fam, dialects, alike = dit.family_and_alike(modules, lay.family if lay else None)
         if fam is None:
             return None
         if lay is None:
-            return cls(fam, dialects, None, None)
+            return cls(fam, dialects, None, None, alike=tuple(alike))
         if lay.family != fam:
             raise BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}; "
                                 f"pass a {dit.family_title(fam)} base")
@@ -82,7 +83,7 @@ class DitNames:
         if lay.column == "diffusers" and prefix in EXPERTS.values():
             prefix = "transformer."  # a two-expert folder: the first expert is the default
         prefixes = _experts(base, prefix, transformer, where)
-        return cls(fam, dialects, base, lay, lay.column, prefixes[0], prefixes)
+        return cls(fam, dialects, base, lay, lay.column, prefixes[0], prefixes, alike=tuple(alike))
 
     # --- reading --------------------------------------------------------------------------------
     def _shape(self, module: str) -> tuple[int, ...] | None:
@@ -158,11 +159,19 @@ class DitNames:
         dialects = ", ".join(dit.DIALECT_TITLES[d] for d in sorted(self.dialects))
         expects = " or ".join(dit.BASE_TITLES.values())
         base = f"; base: {dit.BASE_TITLES[self.column]}" if self.layout is not None else ""
-        return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}"
+        return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}{self._alike()}"
+
+    def _alike(self) -> str:
+        if not self.alike:
+            return ""
+        others = " and ".join(dit.family_title(f) for f in self.alike)
+        how = "the base decides" if self.layout is not None else "pass --base to decide"
+        return f" (its module names fit {others} too: read as {dit.family_title(self.family)}'s; {how})"
 
     def summary(self) -> dict:
         return {"family": self.family, "dialects": sorted(self.dialects),
-                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
+                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None,
+                "also_fits": list(self.alike)}
 
 
 # ================================================================================================= writing

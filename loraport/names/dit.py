@@ -250,13 +250,20 @@ def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tup
 def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
     """(family, dialects) of a LoRA's module names: the family whose table knows most of them (`prefer`, the
     base's family, among equals: Flux and SD3 share `transformer_blocks.N.attn.to_q`); None when none does."""
+    fam, dialects, _ = family_and_alike(names, prefer)
+    return fam, dialects
+
+
+def family_and_alike(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str], list[str]]:
+    """family_of_modules and the other families whose tables know as many of the modules (a diffusers LoRA on
+    Flux's double / single blocks is HunyuanVideo's names too): the first of them in FAMILIES' order wins."""
     fams = families_of_modules(names)
     if not fams:
-        return None, set()
+        return None, set(), []
     best = max(c for c, _ in fams.values())
     top = [f for f, (c, _) in fams.items() if c == best]
     fam = prefer if prefer in top else top[0]
-    return fam, fams[fam][1]
+    return fam, fams[fam][1], [f for f in top if f != fam]
 
 
 @dataclass(frozen=True)
