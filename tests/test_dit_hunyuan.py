@@ -131,6 +131,12 @@ def test_hunyuan_dialects_are_named_and_told_from_flux(tmp_path):
         with pytest.raises(BadInputError, match=want) as e:
             merge(base, [str(F / f"{lora}.safetensors")], out)
         assert "\n" not in str(e.value) and not out.exists()
+    from tests._sd_util import run_cli
+
+    code, _, err = run_cli("merge", "--base", HY["original"], "--adapter", F / "flux_kohya.safetensors",
+                           "--out", tmp_path / "cli.safetensors")
+    assert code == 2 and "HunyuanVideo" in err and "Flux.1" in err and "Traceback" not in err
+    assert not (tmp_path / "cli.safetensors").exists()
 
 
 def test_flux_still_merges_into_flux_bases(tmp_path):
@@ -179,3 +185,30 @@ def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
     flux = tmp_path / "f.safetensors"
     convert(str(src), to="kohya", out=flux)
     assert "lora_unet_double_blocks_0_img_mlp_0" in {k.split(".")[0] for k in load_file(flux)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_hunyuan_16bit_and_fp8_single_files(dtype, tmp_path):
+    """ComfyUI's repackaged bf16 file (model.diffusion_model. prefix) and the plain fp8 files HunyuanVideo is mostly
+    run from (linear weights `.to(float8_e4m3fn)`, the rest bf16): the merge is diffusers' ΔW on the stored
+    weights, written back in each tensor's dtype (one rounding step of that dtype at most)."""
+    orig = load_file(HY["original"])
+    fp8 = dtype == torch.float8_e4m3fn
+    stored = {k: v.to(dtype if not fp8 or (k.endswith(".weight") and v.dim() == 2) else torch.bfloat16)
+              for k, v in orig.items()}
+    prefix = "" if fp8 else "model.diffusion_model."
+    path = tmp_path / "base.safetensors"
+    save_file({prefix + k: v for k, v in stored.items()}, path)
+    out = tmp_path / "o.safetensors"
+    merge(path, [str(F / "hunyuan_musubi.safetensors")], out)
+    got = {k.removeprefix(prefix): v for k, v in load_file(out).items()}
+    want = _expected("musubi", "original")
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in stored.items()}
+    step, tiny = (2 ** -3, 2 ** -9) if fp8 else (2 ** -7, 0.0)
+    changed = 0
+    for k, w in want.items():
+        target = stored[k].float() + (w - orig[k])  # ΔW on the stored weight
+        err = (got[k].float() - target).abs() - step * target.abs() - tiny
+        assert float(err.max()) <= 1e-6, k
+        changed += not torch.equal(got[k], stored[k])
+    assert changed >= 20
