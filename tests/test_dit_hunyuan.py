@@ -141,19 +141,23 @@ def test_hunyuan_dialects_are_named_and_told_from_flux(tmp_path):
 
 def test_flux_still_merges_into_flux_bases(tmp_path):
     """HunyuanVideo's bases carry Flux's anchors (single_blocks.0.linear1, single_transformer_blocks.0.proj_mlp), so
-    its own are tried first; a Flux base stays Flux for a LoRA both tables know (a musubi linear1 only)."""
+    its own are tried first; a LoRA both tables know (musubi's linear1 / linear2 only, the same names and, here,
+    shapes) goes into either family's base as that base's: alpha/r·up@down on the same tensors."""
     t = load_file(F / "hunyuan_musubi.safetensors")
-    shared = {k: v for k, v in t.items() if "linear1" in k or "linear2" in k}
-    assert shared
+    shared = {k: v for k, v in t.items() if "_linear1." in k or "_linear2." in k}
     p = tmp_path / "shared.safetensors"
     save_file(shared, p)
     for base in (HY["original"], F / "flux-bfl.safetensors"):
         out = tmp_path / f"{base.stem}.safetensors"
-        rep = merge(base, [str(p)], out)
-        assert rep.report  # merged: a LoRA on linear1 / linear2 is valid for either family
-    flux = load_file(F / "flux-bfl.safetensors")
-    got = load_file(tmp_path / "flux-bfl.safetensors")
-    assert not torch.equal(got["single_blocks.0.linear1.weight"], flux["single_blocks.0.linear1.weight"])
+        merge(base, [str(p)], out)
+        want = load_file(base)
+        for k in shared:
+            if k.endswith(".lora_down.weight"):
+                mod = k[:-len(".lora_down.weight")]
+                target = mod.removeprefix("lora_unet_").replace("_", ".").replace("single.blocks", "single_blocks")
+                scale = float(shared[mod + ".alpha"]) / shared[k].shape[0]
+                want[target + ".weight"] += scale * (shared[mod + ".lora_up.weight"] @ shared[k])
+        assert len(shared) == 12 and _max_diff(load_file(out), want) <= 1e-5, base.name
 
 
 def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
