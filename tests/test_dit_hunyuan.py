@@ -56,6 +56,14 @@ def _merged(base: str, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
 
 
+def _comfy_saved(dst: Path) -> Path:
+    """The comfy file as ComfyUI's LoRA save / extract nodes write it: diffusion_model.<original> with kohya's
+    lora_down / lora_up factor names, no alpha (scale 1, as in the diffusion-pipe file)."""
+    t = load_file(F / "hunyuan_comfy.safetensors")
+    save_file({k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in t.items()}, dst)
+    return dst
+
+
 def _onetrainer(dst: Path) -> Path:
     """The diffusers file's factors as OneTrainer names them (lora_transformer_<diffusers path>, lora_down / up,
     alpha 8 = the PEFT file's lora_alpha): the same update."""
@@ -69,11 +77,14 @@ def _onetrainer(dst: Path) -> Path:
     return dst
 
 
+MADE = {"onetrainer": (_onetrainer, "diffusers"), "comfy_saved": (_comfy_saved, "comfy")}  # → (maker, reference)
+
+
 @pytest.mark.parametrize("base", ["diffusers", "original", "comfy-original"])
-@pytest.mark.parametrize("lora", [*LORAS, "onetrainer"])
+@pytest.mark.parametrize("lora", [*LORAS, *MADE])
 def test_hunyuan_merge_matches_diffusers(lora, base, tmp_path):
-    src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"hunyuan_{lora}.safetensors"
-    lora = "diffusers" if lora == "onetrainer" else lora
+    src = MADE[lora][0](tmp_path / "m.safetensors") if lora in MADE else F / f"hunyuan_{lora}.safetensors"
+    lora = MADE[lora][1] if lora in MADE else lora
     want = _expected(lora, "diffusers" if base == "diffusers" else "original")
     assert len(load_file(F / f"expect_hunyuan_{lora}.safetensors")) >= 10, "the LoRA changes the model"
     assert _max_diff(_merged(base, src, tmp_path), want) <= 1e-5
@@ -118,8 +129,8 @@ def test_hunyuan_dialects_are_named_and_told_from_flux(tmp_path):
     """double_blocks / single_blocks / linear1 / final_layer are Flux's names too: the token refiner, img_mod.linear,
     img_mlp.fc1 decide, the bases are told by the refiner, and a LoRA of one on the other's base is one line."""
     for lora, dialect in (("diffusers", "diffusers"), ("comfy", "comfy"), ("comfy_full", "comfy"),
-                          ("musubi", "kohya"), ("onetrainer", "onetrainer")):
-        src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"hunyuan_{lora}.safetensors"
+                          ("musubi", "kohya"), ("onetrainer", "onetrainer"), ("comfy_saved", "comfy")):
+        src = MADE[lora][0](tmp_path / "m.safetensors") if lora in MADE else F / f"hunyuan_{lora}.safetensors"
         d = inspect(src).report["family"]
         assert d["family"] == "hunyuan_video" and d["dialects"] == [dialect], d
     for base, lora, want in ((F / "flux-bfl.safetensors", "hunyuan_musubi", "HunyuanVideo.*Flux.1"),
