@@ -203,15 +203,21 @@ def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
         merge(BASES["diffusers"], [str(p)], tmp_path / "o")
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+COVERED = {"flux": (BASES["diffusers"], BASES["bfl"]), "sd3": (SD3["diffusers"], SD3["original"]),
+           "hunyuan_video": (F / "hunyuan-diffusers", F / "hunyuan-original.safetensors"),
+           "ltx_video": (F / "ltx-diffusers", F / "ltx-original.safetensors")}  # (folder, original single file)
+
+
+@pytest.mark.parametrize("family", list(COVERED))
 def test_table_covers_every_linear_weight_of_both_layouts(family):
     """Each 2-D weight of the diffusers model and of the original file is some table row's, and every row maps
     between two tensors of matching shape (parts sized from the input width)."""
     table = dit.TABLES[family]
-    folder, single = (BASES["diffusers"], BASES["bfl"]) if family == "flux" else (SD3["diffusers"], SD3["original"])
+    folder, single = COVERED[family]
     dif = {k[:-7]: v.shape for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()
            if k.endswith(".weight") and v.dim() == 2}
-    bfl = {k[:-7]: v.shape for k, v in load_file(single).items() if k.endswith(".weight") and v.dim() == 2}
+    bfl = {k[:-7].removeprefix("model.diffusion_model."): v.shape for k, v in load_file(single).items()
+           if k.endswith(".weight") and v.dim() == 2}
     for col, names, other in (("diffusers", dif, bfl), ("original", bfl, dif)):
         to = "original" if col == "diffusers" else "diffusers"
         for mod, shape in names.items():

@@ -80,7 +80,7 @@ def test_a_lora_on_shared_modules_needs_the_base_to_change_column(tmp_path):
     from loraport.api import convert
 
     rep = inspect(F / "flux2_kohya.safetensors").report
-    assert rep["family"]["also_families"] == ["flux2"] and any("Flux.2" in n for n in rep["notes"])
+    assert rep["family"]["also_fits"] == ["flux2"] and any("Flux.2" in n for n in rep["notes"])
     with pytest.raises(BadInputError, match="Flux.1.*or Flux.2.*pass (--)?base") as e:
         convert(str(F / "flux2_kohya.safetensors"), to="diffusers", out=tmp_path / "c.safetensors")
     assert "\n" not in str(e.value) and not (tmp_path / "c.safetensors").exists()

@@ -77,7 +77,7 @@ class DitNames:
     prefixes: tuple[str, ...] = ("transformer.",)  # where placed deltas go: prefix, or each expert's (Wan 2.2)
     _te: dict[str, str] | None = field(default=None, repr=False)
     padded: list[str] = field(default_factory=list, repr=False)  # LoRAs fitted to a control model's wider input
-    ties: tuple[str, ...] = ()  # without a base: other families whose tables know as many of the modules
+    alike: tuple[str, ...] = ()  # other families whose tables know the LoRA's modules as well as `family`'s
 
     @classmethod
     def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True
@@ -87,13 +87,11 @@ class DitNames:
         second expert too). `strict=False`: a LoRA of a family sharing modules with the base's (Flux on Chroma)
         is read as the base's family; the modules it lacks are then unmatched, skipped and noted by the reader."""
         lay = dit.base_layout(base.names()) if base is not None else None
-        fam, dialects = dit.family_of_modules(modules, lay.family if lay else None)
+        fam, dialects, alike = dit.family_and_alike(modules, lay.family if lay else None)
         if fam is None:
             return None
         if lay is None:
-            counts = dit.families_of_modules(modules)
-            ties = tuple(f for f, (c, _) in counts.items() if f != fam and c == counts[fam][0])
-            return cls(fam, dialects, None, None, ties=ties)
+            return cls(fam, dialects, None, None, alike=tuple(alike))
         if lay.family != fam:
             why = _not_in(modules, fam, lay)
             if not why or strict:
@@ -106,7 +104,7 @@ class DitNames:
         if lay.column == "diffusers" and prefix in EXPERTS.values():
             prefix = "transformer."  # a two-expert folder: the first expert is the default
         prefixes = _experts(base, prefix, transformer, where)
-        return cls(fam, dialects, base, lay, lay.column, prefixes[0], prefixes)
+        return cls(fam, dialects, base, lay, lay.column, prefixes[0], prefixes, alike=tuple(alike))
 
     # --- reading --------------------------------------------------------------------------------
     def _shape(self, module: str) -> tuple[int, ...] | None:
@@ -207,14 +205,19 @@ class DitNames:
         dialects = ", ".join(dit.DIALECT_TITLES[d] for d in sorted(self.dialects))
         expects = " or ".join(dit.BASE_TITLES.values())
         base = f"; base: {dit.BASE_TITLES[self.column]}" if self.layout is not None else ""
-        also = "".join(f" (or {dit.family_title(f)}: it trains only modules both have; a base tells)"
-                       for f in self.ties)
-        return f"{dit.family_title(self.family)} LoRA{also}, {dialects}; expects a {expects}{base}"
+        return f"{dit.family_title(self.family)} LoRA, {dialects}; expects a {expects}{base}{self._alike()}"
+
+    def _alike(self) -> str:
+        if not self.alike:
+            return ""
+        others = " and ".join(dit.family_title(f) for f in self.alike)
+        how = "the base decides" if self.layout is not None else "pass --base to decide"
+        return f" (its module names fit {others} too: read as {dit.family_title(self.family)}'s; {how})"
 
     def summary(self) -> dict:
         out = {"family": self.family, "dialects": sorted(self.dialects),
-               "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None}
-        out |= {"also_families": list(self.ties)} if self.ties else {}
+               "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None,
+               "also_fits": list(self.alike)}
         return {**out, "input_padded": self.padded} if self.padded else out
 
 
@@ -268,8 +271,10 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
     if names is None:
         return [], list(adapter.deltas), None
     read = adapter.family or {}
-    # a kin family (Chroma: Flux's modules under Flux's names) spells these modules the same: no tie to break
-    ties = tuple(f for f in names.ties or read.get("also_families") or () if not dit.kin(names.family, f))
+    # a family whose table sends these modules where this one's does (Chroma's pruned Flux rows; HunyuanVideo's
+    # Flux-shaped blocks) gives the same file: no tie to break
+    ties = tuple(f for f in names.alike or read.get("also_fits") or ()
+                 if not dit.kin(names.family, f) and not _spelled_alike(adapter, names, f, column))
     read_columns = {dit.DIALECTS[d][0] for d in read.get("dialects") or () if d in dit.DIALECTS}
     if ties and base is None and column not in (read_columns or {names.column}):
         # read without a base as the first family's: the other one names these modules otherwise
@@ -295,6 +300,25 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
             total = shape[0] if shape else (_base_total(table, mod, column, names) or _total(spec, parts))
         out.append((mod, _fuse(parts, total, f"{where}: {mod}")))
     return out, rest, names
+
+
+def _spelled_alike(adapter, names: DitNames, fam: str, column: str) -> bool:
+    """True when `fam`'s table translates every module of the adapter to `column` exactly as names.family's does
+    (same modules, same row parts): which of the two families the LoRA is then changes nothing in the output."""
+    a, b = dit.TABLES[names.family], dit.TABLES[fam]
+    for d in adapter.deltas:
+        mod = _target_module(d.target, names.prefix)
+        if mod is None:
+            continue
+        own = d.implied_shape()
+        h = int(own[1]) if own and len(own) == 2 else 0
+        total = int(own[0]) if own and d.rows is None else None
+        try:
+            if a.translate(mod, names.column, column, h, total) != b.translate(mod, names.column, column, h, total):
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 def _moved(d: Delta, mod: str, names: DitNames, table, column: str, where):

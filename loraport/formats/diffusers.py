@@ -48,6 +48,9 @@ KEY_FORMS: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(r"^(?P<m>.+)\.lora_linear_layer\.up\.weight$"), "B", "lora_linear_layer"),
     (re.compile(r"^(?P<m>.+)\.lora\.down\.weight$"), "A", "lora.down/up"),
     (re.compile(r"^(?P<m>.+)\.lora\.up\.weight$"), "B", "lora.down/up"),
+    # ComfyUI's LoRA save / extract nodes: the diffusion_model. names with kohya's factor names (no alpha: scale 1)
+    (re.compile(r"^(?P<m>diffusion_model\..+)\.lora_down\.weight$"), "A", "ComfyUI lora_down/up"),
+    (re.compile(r"^(?P<m>diffusion_model\..+)\.lora_up\.weight$"), "B", "ComfyUI lora_down/up"),
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha", "network_alphas"),
 )
 

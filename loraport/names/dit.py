@@ -25,6 +25,8 @@ from loraport.names.dit_chroma import CHROMA_ANCHORS, CHROMA_FUSED, CHROMA_ROWS
 from loraport.names.dit_flux import FLUX_FUSED, FLUX_INPUT, FLUX_PARAMS, FLUX_ROWS, FLUX_XLABS
 from loraport.names.dit_flux2 import FLUX2_FUSED, FLUX2_ROWS
 from loraport.names.dit_hidream import HIDREAM_ANCHOR, HIDREAM_ROWS
+from loraport.names.dit_hunyuan import HUNYUAN_ANCHORS, HUNYUAN_FUSED, HUNYUAN_ROWS
+from loraport.names.dit_ltx import LTX_ANCHORS, LTX_ROWS
 from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
@@ -43,6 +45,7 @@ class Family:
     kin: str = ""  # a family whose modules of the same name are the same weights (Chroma: Flux, pruned)
     params: tuple[tuple[str, str], ...] = ()  # (diffusers, original) full tensors a control LoRA replaces
     input: tuple[str, ...] = ()  # (diffusers, original) input projection a control LoRA widens, config keys
+    shadows: tuple[str, ...] = ()  # families whose anchors this family's bases also carry: its anchors go first
 
 
 def _columns(rows: tuple[tuple[str, str], ...], *more: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], ...]:
@@ -73,6 +76,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux2", "Flux.2 (dev, Klein)", _columns(FLUX2_ROWS), FLUX2_FUSED,
            {"diffusers": "single_stream_modulation.linear.weight", "original": "single_stream_modulation.lin.weight"},
            {}),
+    Family("hunyuan_video", "HunyuanVideo", _columns(HUNYUAN_ROWS), HUNYUAN_FUSED, HUNYUAN_ANCHORS,
+           {}, shadows=("flux",)),
+    Family("ltx_video", "LTX-Video", _columns(LTX_ROWS), {}, LTX_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -267,13 +273,20 @@ def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tup
 def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
     """(family, dialects) of a LoRA's module names: the family whose table knows most of them (`prefer`, the
     base's family, among equals: Flux and SD3 share `transformer_blocks.N.attn.to_q`); None when none does."""
+    fam, dialects, _ = family_and_alike(names, prefer)
+    return fam, dialects
+
+
+def family_and_alike(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str], list[str]]:
+    """family_of_modules and the other families whose tables know as many of the modules (a diffusers LoRA on
+    Flux's double / single blocks is HunyuanVideo's names too): the first of them in FAMILIES' order wins."""
     fams = families_of_modules(names)
     if not fams:
-        return None, set()
+        return None, set(), []
     best = max(c for c, _ in fams.values())
     top = [f for f, (c, _) in fams.items() if c == best]
     fam = prefer if prefer in top else top[0]
-    return fam, fams[fam][1]
+    return fam, fams[fam][1], [f for f in top if f != fam]
 
 
 @dataclass(frozen=True)
@@ -287,7 +300,7 @@ class BaseLayout:
 def base_layout(names: Iterable[str]) -> BaseLayout:
     """Which family and layout a base's tensor names are (by anchor names), and the prefix its names carry."""
     names = list(names)
-    for fam in FAMILIES:
+    for fam in sorted(FAMILIES, key=lambda f: not f.shadows):  # a family that shadows another is tried first
         for column, anchor in fam.anchors.items():
             for n in names:
                 if n.endswith(anchor) and (n == anchor or n[:-len(anchor)].endswith(".")):
