@@ -184,23 +184,55 @@ def test_flux_lora_on_another_family_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
-def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
-    """A LoHa on the fused qkv has no exact per-row cut: into the BFL file it merges as is (checked against
-    the Hadamard product computed here), into the diffusers folder it is refused with the way out."""
+QKV = "lora_unet_double_blocks_0_img_attn_qkv."
+LYCORIS_QKV = {  # LyCORIS kinds on the fused qkv [48, 16]: their keys and shapes
+    "loha": (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16))),
+    "lokr": (("lokr_w1", (4, 2)), ("lokr_w2_a", (12, 2)), ("lokr_w2_b", (2, 8))),
+    "full": (("diff", (48, 16)),),
+}
+
+
+def _qkv_dw(f: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """ΔW of the fused qkv computed here from the file (alpha 2, rank 2: scale 1)."""
+    if kind == "loha":
+        return (f[QKV + "hada_w1_a"] @ f[QKV + "hada_w1_b"]) * (f[QKV + "hada_w2_a"] @ f[QKV + "hada_w2_b"])
+    if kind == "lokr":
+        return torch.kron(f[QKV + "lokr_w1"], f[QKV + "lokr_w2_a"] @ f[QKV + "lokr_w2_b"])
+    return f[QKV + "diff"]
+
+
+@pytest.mark.parametrize("kind", list(LYCORIS_QKV))
+def test_lycoris_on_fused_qkv_merges_into_both_layouts(kind, tmp_path):
+    """A LoHa / LoKr / full update on the fused qkv: into the BFL file it merges as is (checked against the
+    product computed here); into the diffusers folder each of q, k, v takes its rows of it (a LoHa's rows are a
+    LoHa, a LoKr's are built from its factors), so both merges are the same model."""
     g = torch.Generator().manual_seed(0)
-    f = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": torch.randn(*s, generator=g) * 0.2
-         for k, s in (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16)))}
-    f["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(2.0)
-    p = tmp_path / "loha.safetensors"
+    f = {QKV + k: torch.randn(*s, generator=g) * 0.2 for k, s in LYCORIS_QKV[kind]}
+    f[QKV + "alpha"] = torch.tensor(2.0)
+    p = tmp_path / f"{kind}.safetensors"
     save_file(f, p)
     got = _merged("bfl", p, tmp_path)
-    k = "lora_unet_double_blocks_0_img_attn_qkv."
-    dw = (f[k + "hada_w1_a"] @ f[k + "hada_w1_b"]) * (f[k + "hada_w2_a"] @ f[k + "hada_w2_b"])
     base = load_file(BASES["bfl"])
-    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], base["double_blocks.0.img_attn.qkv.weight"] + dw,
-                          atol=1e-6)
+    want = base["double_blocks.0.img_attn.qkv.weight"] + _qkv_dw(f, kind)
+    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], want, atol=1e-6)
+    (tmp_path / "d").mkdir()
+    split = _to_bfl(_merged("diffusers", p, tmp_path / "d"))
+    assert _max_diff(split, got) <= 1e-6
+
+
+def test_input_axis_dora_on_a_fused_qkv_is_refused_for_split(tmp_path):
+    """Input-axis DoRA (dora_scale [1, in], LyCORIS < 3.2) normalises each column over all of q, k and v: no
+    part of it is the update of q alone. Merged into the BFL file as is; into the diffusers folder refused with
+    the way out, nothing written."""
+    g = torch.Generator().manual_seed(0)
+    f = {QKV + k: torch.randn(*s, generator=g) * 0.2 for k, s in LYCORIS_QKV["loha"]}
+    f[QKV + "dora_scale"] = torch.rand(1, 16, generator=g) + 0.5
+    p = tmp_path / "dora.safetensors"
+    save_file(f, p)
+    _merged("bfl", p, tmp_path)
     with pytest.raises(LoraportError, match="cannot be split.*single file"):
         merge(BASES["diffusers"], [str(p)], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
