@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from _sd_util import wrapped_module_errors
 from loraport.api import inspect, merge
+from loraport.errors import BadInputError
 from loraport.safetensors_io import SafetensorsFile
 
 FX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -129,6 +130,26 @@ def test_wrapper_merges_into_the_original_single_file(fam, algo, tmp_path):
     assert max(wrapped_module_errors(net, back(base), target).values()) > 100 * TOL
 
 
+def test_input_axis_dora_on_the_swapped_norm_out_is_refused_for_the_original(tmp_path):
+    """Input-axis DoRA (LyCORIS < 3.2's dora_scale [1, in]) normalises each column over all of norm_out.linear's
+    rows; BFL's tensor holds them in another order, which is fine, but the update is placed half by half, and a
+    half has no DoRA of its own: refused in one line naming the diffusers folder, nothing written. The diffusers
+    folder takes it as it is."""
+    g = torch.Generator().manual_seed(3)
+    mod = "lycoris_norm_out_linear."
+    f = {mod + k: torch.randn(*s, generator=g) * 0.2 for k, s in
+         (("hada_w1_a", (32, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (32, 2)), ("hada_w2_b", (2, 16)))}
+    f[mod + "alpha"] = torch.tensor(2.0)
+    f[mod + "dora_scale"] = torch.rand(1, 16, generator=g) + 0.5
+    p = tmp_path / "dora.safetensors"
+    save_file(f, p)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(BadInputError, match="norm_out_linear.*cannot be split.*DoRA.*diffusers folder") as e:
+        merge(F / "flux-bfl.safetensors", [str(p)], out)
+    assert "\n" not in str(e.value) and not out.exists()
+    merge(F / "flux-diffusers", [str(p)], tmp_path / "d")
+
+
 # ------------------------------------------------------------------------------------------------ committed Flux
 @pytest.mark.parametrize("case", [pytest.param("dit_lokr", marks=pytest.mark.slow), "dit_loha_dora", "dit_full"])
 def test_committed_flux_wrappers_give_the_wrapped_output_from_the_bfl_file(case, tmp_path):
@@ -196,6 +217,19 @@ def test_comfy_generic_keys_merge_as_the_kohya_spelling(lora, layout, tmp_path):
         lambda p: load_file(p / "transformer" / "diffusion_pytorch_model.safetensors"))
     want, got, b = pick(tmp_path / f"k{suffix}"), pick(tmp_path / f"c{suffix}"), pick(base)
     assert sum(not torch.equal(want[k], b[k]) for k in b) >= 5
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_kohya_names_with_peft_factor_names(tmp_path):
+    """`lora_unet_<module>.lora_A.weight` / `.lora_B.weight` (kohya names, PEFT's factor names: A1111 and ComfyUI
+    accept the mix) merge as lora_down / lora_up."""
+    src = load_file(F / "flux_kohya.safetensors")
+    mixed = {k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight"): v
+             for k, v in src.items()}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    merge(F / "flux-bfl.safetensors", [str(F / "flux_kohya.safetensors")], tmp_path / "k.safetensors")
+    merge(F / "flux-bfl.safetensors", [str(tmp_path / "mixed.safetensors")], tmp_path / "m.safetensors")
+    want, got = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "m.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 

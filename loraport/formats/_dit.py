@@ -143,9 +143,11 @@ class DitNames:
             for d in deltas:
                 part = d if p.lora_rows is None else d.output_rows(*p.lora_rows)
                 if part is None:
-                    raise BadInputError(f"{where}: {name}: a {d.label} update on a fused tensor cannot be split into "
-                                        f"the base's separate tensors exactly; merge into the "
-                                        f"{dit.BASE_TITLES['original']} instead")
+                    other = "diffusers" if self.column == "original" else "original"
+                    why = "its DoRA norm spans all its rows" if d.has_magnitude else "it has no per-row form"
+                    raise BadInputError(f"{where}: {name}: a {d.label} update cannot be split by rows exactly for "
+                                        f"the base's {p.module} ({why}); merge into the {dit.BASE_TITLES[other]} "
+                                        "instead")
                 for prefix in self.prefixes if self.base is not None else (self.prefix,):
                     target = prefix + p.module + _strip(d.target)[1]
                     if self.base is not None and target not in self.base:
