@@ -151,6 +151,40 @@ class LohaDelta(_Factored):
         return replace(self, w1a=w1a.contiguous(), w2a=w2a.contiguous(),
                        magnitude=self._magnitude_rows(start, stop))
 
+    @classmethod
+    def from_row_parts(cls, parts: list[tuple[Delta, tuple[int, int]]], total: int) -> Delta | None:
+        """LoHas on row ranges as one LoHa: each part's w1a (scale folded in) and w2a at its rows, in its own
+        block of columns against the w?b stacked (rank Σr; rank r when the parts are rows of one LoHa: same
+        w1b, w2b, scale). Exact: row o of (w1a@w1b) ⊙ (w2a@w2b) sees only its part's block. Output-axis DoRA
+        magnitudes concatenate when the parts cover every row (a row without one would be rescaled)."""
+        ds = [d for d, _ in parts]
+        if not all(type(d) is cls and d.t1 is None and d._cuttable() and d.rows is None for d in ds):
+            return None
+        mags = [d.magnitude for d in ds]
+        if any(m is not None for m in mags) and (None in mags or sum(b - a for _, (a, b) in parts) != total):
+            return None
+        d0 = ds[0]
+        shared = all(d.scale == d0.scale and torch.equal(d.w1b, d0.w1b) and torch.equal(d.w2b, d0.w2b) for d in ds)
+        blocks = [d0] if shared else ds
+        r = sum(int(d.w1b.shape[0]) for d in blocks)
+        w1a, w2a = torch.zeros(total, r), torch.zeros(total, r)
+        c = 0
+        for d, (a, b) in parts:
+            k = int(d.w1b.shape[0])
+            w1a[a:b, c:c + k] = d.w1a.float() * (1.0 if shared else d.scale)
+            w2a[a:b, c:c + k] = d.w2a.float()
+            c += 0 if shared else k
+        mag = None
+        if mags[0] is not None:
+            mag = torch.zeros(total)
+            for d, (a, b) in parts:
+                mag[a:b] = d.magnitude.float().reshape(-1)
+        w1b = torch.cat([d.w1b.float() for d in blocks])
+        w2b = torch.cat([d.w2b.float() for d in blocks])
+        scale = d0.scale if shared else 1.0
+        return replace(d0, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, scale=scale, alpha=scale * r, magnitude=mag,
+                       rows=None)
+
     def rank(self) -> int | None:
         return int(self.w1b.shape[0])
 

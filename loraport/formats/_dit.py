@@ -168,11 +168,12 @@ class DitNames:
 
 
 # ================================================================================================= writing
-def _target_module(target: str, prefix: str) -> str | None:
+def _target_module(target: str, prefix: str) -> tuple[str, str] | None:
+    """(module without the prefix, ".weight" | ".bias") of a target under `prefix`, else None."""
     mod, suffix = _strip(target)
-    if suffix != ".weight" or not mod.startswith(prefix):
+    if not suffix or not mod.startswith(prefix):
         return None
-    return mod[len(prefix):]
+    return mod[len(prefix):], suffix
 
 
 def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, where: str) -> Delta:
@@ -180,12 +181,15 @@ def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, 
     when they share A and scale (rank r), else block-placed with the A's concatenated (rank Σr)."""
     if len(parts) == 1 and parts[0][1] is None:
         return parts[0][0]
-    for d, _ in parts:
-        if d.low_rank_factors() is None:
-            raise Inexpressible(f"{where}: a {d.label} update on part of a fused tensor has no form on the fused "
-                                "tensor; only plain LoRA parts are combined exactly")
     if total is None:
         raise BadInputError(f"{where}: the fused tensor's size is unknown (a part has no update); pass --base")
+    if any(d.low_rank_factors() is None for d, _ in parts):  # the kind says whether it holds row parts exactly
+        fused = type(parts[0][0]).from_row_parts(parts, total)
+        if fused is None:
+            d = next(d for d, _ in parts if d.low_rank_factors() is None)
+            raise Inexpressible(f"{where}: a {d.label} update on part of a fused tensor has no form on the fused "
+                                "tensor; LoRA, LoHa (output-axis DoRA) and full parts are combined exactly")
+        return fused
     d0 = parts[0][0]
     same = all(d.scale == d0.scale and d.A.shape == d0.A.shape and torch.equal(d.A, d0.A) for d, _ in parts)
     dtype = d0.B.dtype
@@ -213,23 +217,26 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
     if names is None:
         return [], list(adapter.deltas), None
     table = dit.TABLES[names.family]
-    groups: dict[str, list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
     rest = []
     for d in adapter.deltas:
-        mod = _target_module(d.target, names.prefix)
-        if mod is None or not table.knows(mod):
+        found = _target_module(d.target, names.prefix)
+        # a bias (a full diff's diff_b) is placed by its weight's rows: only with the base's shape
+        if found is None or not table.knows(found[0]) or (found[1] == ".bias" and names._shape(found[0]) is None):
             rest.append(d)
             continue
-        for module, part, rows in _moved(d, mod, names, table, column, where):
-            groups[module].append((part, rows))
+        for module, part, rows in _moved(d, found[0], names, table, column, where):
+            groups[(module, found[1])].append((part, rows))
     out = []
-    for mod, parts in groups.items():
+    totals: dict[str, int | None] = {}
+    for (mod, suffix), parts in sorted(groups.items(), key=lambda kv: kv[0][1] != ".weight"):  # weights first
         spec = table.spec(mod)
         total = None
         if spec is not None:
             shape = names._shape(mod) if names.column == column else None
             total = shape[0] if shape else (_base_total(table, mod, column, names) or _total(spec, parts))
-        out.append((mod, _fuse(parts, total, f"{where}: {mod}")))
+        total = totals.setdefault(mod, total) if suffix == ".weight" else (total or totals.get(mod))
+        out.append((mod, _fuse(parts, total, f"{where}: {mod}{suffix}")))
     return out, rest, names
 
 
@@ -328,4 +335,4 @@ def diffusers_deltas(adapter, base, path: Path | str):
     grouped, rest, names = regroup(adapter, "diffusers", base, path)
     if names is None:
         return None
-    return [replace(d, target=dit.spell("diffusers", m) + ".weight") for m, d in grouped] + rest
+    return [replace(d, target=dit.spell("diffusers", m) + _strip(d.target)[1]) for m, d in grouped] + rest

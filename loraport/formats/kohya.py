@@ -486,8 +486,11 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
     for d_mod, d in dit or [(None, d) for d in adapter.deltas]:
         if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if d.stores_dense and d.target.endswith(".bias") and dit is None:
-            pending_bias.append(d)
+        if d.stores_dense and d.target.endswith(".bias"):
+            if d_mod is None:
+                pending_bias.append(d)
+            else:  # a DiT module's bias diff, placed by the regrouping like its weight
+                put(d_mod, "diff_b", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
             continue
         mod = d_mod or (module_name(d) if module_name else _kohya_module(d, names, unet_names, sdxl))
         parts = _PARTS.get(d.kind)
