@@ -89,6 +89,12 @@ class Delta:
         trained on Flux.1-dev merged into a control model's wider img_in), or None when this kind cannot say."""
         return None
 
+    @classmethod
+    def from_row_parts(cls, parts: list[tuple[Delta, tuple[int, int]]], total: int) -> Delta | None:
+        """One update of this kind on a tensor of `total` rows whose rows [a, b) are each part's update (rows no
+        part covers: zero), or None when the kind cannot hold them exactly (the writer of a fused module)."""
+        return None
+
     @property
     def plain_lora(self) -> bool:
         return self.low_rank_factors() is not None
@@ -477,6 +483,19 @@ class FullDelta(Delta):
 
     def output_rows(self, start: int, stop: int) -> Delta | None:
         return replace(self, diff=self.diff[start:stop].contiguous())
+
+    @classmethod
+    def from_row_parts(cls, parts: list[tuple[Delta, tuple[int, int]]], total: int) -> Delta | None:
+        """The parts' diffs (scales folded in) at their rows of one zero diff."""
+        if not all(type(d) is cls and d.rows is None for d, _ in parts):
+            return None
+        d0 = parts[0][0]
+        diff = torch.zeros(total, *d0.diff.shape[1:], dtype=torch.float32)
+        for d, (a, b) in parts:
+            if tuple(d.diff.shape) != (b - a, *d0.diff.shape[1:]):
+                return None
+            diff[a:b] = d.diff.float() * d.scale
+        return replace(d0, diff=diff, scale=1.0, rows=None)
 
     def contribution(self, W: torch.Tensor) -> torch.Tensor:
         d = _f32(self.diff, W.device).reshape(W.shape)

@@ -197,20 +197,22 @@ def apply_adapter(adapter, base) -> dict[str, torch.Tensor]:
 
 def wrapped_module_errors(net, merged: dict[str, torch.Tensor], target: dict[str, str]) -> dict[str, float]:
     """For each module a LyCORIS network wraps (`net.loras`): the relative max error of the merged weight's
-    output (`merged[target[lora_name]]` applied as the original layer: conv or linear) against the wrapped
-    module's own forward, on random inputs."""
+    output (`merged[target[lora_name]]` applied as the original layer: conv or linear, with the merged bias when
+    `merged` has it: a full diff's `diff_b`) against the wrapped module's own forward, on random inputs."""
     import torch.nn.functional as F
 
     errs = {}
     for lo in net.loras:
         org = lo.org_module[0]
         W = merged[target[lo.lora_name]]
-        if isinstance(org, torch.nn.Conv2d):
-            x = torch.randn(1, org.in_channels, 4, 4)
-            got = F.conv2d(x, W, org.bias, org.stride, org.padding)
+        bias = merged.get(target[lo.lora_name].removesuffix(".weight") + ".bias", getattr(org, "bias", None))
+        if isinstance(org, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            conv = F.conv2d if isinstance(org, torch.nn.Conv2d) else F.conv3d
+            x = torch.randn(1, org.in_channels, *[4] * (W.dim() - 2))
+            got = conv(x, W, bias, org.stride, org.padding)
         else:
             x = torch.randn(2, org.in_features)
-            got = F.linear(x, W, org.bias)
+            got = F.linear(x, W, bias)
         with torch.no_grad():
             y = lo(x)
         errs[lo.lora_name] = ((got - y).abs().max() / y.abs().max()).item()

@@ -86,7 +86,10 @@ CONVERT_CASES = [(*c, None) for c in CONVERSIONS] + [(*c, b) for c in CONVERSION
 @pytest.mark.parametrize("src,to,base", CONVERT_CASES)
 def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
     out = tmp_path / "c.safetensors"
-    rep = convert(str(F / f"flux_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
+    # without a base a diffusers-named Flux LoRA also fits HunyuanVideo's / Flux.2's tables: the user says which
+    opts = {"family": "flux"} if base is None and src in ("diffusers", "onetrainer") else None
+    rep = convert(str(F / f"flux_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base],
+                  read_options=opts)
     assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
     keys = list(load_file(out))
     if to == "kohya":
@@ -125,7 +128,7 @@ def test_fused_qkv_splits_sharing_A_and_fuses_back(tmp_path):
     assert a[0].shape[0] == 4 and torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
     assert t["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"].shape[0] == 4  # split_qkv block trimmed
     k = tmp_path / "k.safetensors"
-    convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=k)
+    convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=k, read_options={"family": "flux"})
     t = load_file(k)
     assert t["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12
     assert t["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape[0] == 3 * 16 + 64
@@ -184,23 +187,55 @@ def test_flux_lora_on_another_family_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
-def test_loha_on_fused_qkv_merges_into_bfl_and_is_refused_for_split(tmp_path):
-    """A LoHa on the fused qkv has no exact per-row cut: into the BFL file it merges as is (checked against
-    the Hadamard product computed here), into the diffusers folder it is refused with the way out."""
+QKV = "lora_unet_double_blocks_0_img_attn_qkv."
+LYCORIS_QKV = {  # LyCORIS kinds on the fused qkv [48, 16]: their keys and shapes
+    "loha": (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16))),
+    "lokr": (("lokr_w1", (4, 2)), ("lokr_w2_a", (12, 2)), ("lokr_w2_b", (2, 8))),
+    "full": (("diff", (48, 16)),),
+}
+
+
+def _qkv_dw(f: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """ΔW of the fused qkv computed here from the file (alpha 2, rank 2: scale 1)."""
+    if kind == "loha":
+        return (f[QKV + "hada_w1_a"] @ f[QKV + "hada_w1_b"]) * (f[QKV + "hada_w2_a"] @ f[QKV + "hada_w2_b"])
+    if kind == "lokr":
+        return torch.kron(f[QKV + "lokr_w1"], f[QKV + "lokr_w2_a"] @ f[QKV + "lokr_w2_b"])
+    return f[QKV + "diff"]
+
+
+@pytest.mark.parametrize("kind", list(LYCORIS_QKV))
+def test_lycoris_on_fused_qkv_merges_into_both_layouts(kind, tmp_path):
+    """A LoHa / LoKr / full update on the fused qkv: into the BFL file it merges as is (checked against the
+    product computed here); into the diffusers folder each of q, k, v takes its rows of it (a LoHa's rows are a
+    LoHa, a LoKr's are built from its factors), so both merges are the same model."""
     g = torch.Generator().manual_seed(0)
-    f = {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": torch.randn(*s, generator=g) * 0.2
-         for k, s in (("hada_w1_a", (48, 2)), ("hada_w1_b", (2, 16)), ("hada_w2_a", (48, 2)), ("hada_w2_b", (2, 16)))}
-    f["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(2.0)
-    p = tmp_path / "loha.safetensors"
+    f = {QKV + k: torch.randn(*s, generator=g) * 0.2 for k, s in LYCORIS_QKV[kind]}
+    f[QKV + "alpha"] = torch.tensor(2.0)
+    p = tmp_path / f"{kind}.safetensors"
     save_file(f, p)
     got = _merged("bfl", p, tmp_path)
-    k = "lora_unet_double_blocks_0_img_attn_qkv."
-    dw = (f[k + "hada_w1_a"] @ f[k + "hada_w1_b"]) * (f[k + "hada_w2_a"] @ f[k + "hada_w2_b"])
     base = load_file(BASES["bfl"])
-    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], base["double_blocks.0.img_attn.qkv.weight"] + dw,
-                          atol=1e-6)
-    with pytest.raises(LoraportError, match="cannot be split.*single file"):
+    want = base["double_blocks.0.img_attn.qkv.weight"] + _qkv_dw(f, kind)
+    assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], want, atol=1e-6)
+    (tmp_path / "d").mkdir()
+    split = _to_bfl(_merged("diffusers", p, tmp_path / "d"))
+    assert _max_diff(split, got) <= 1e-6
+
+
+def test_input_axis_dora_on_a_fused_qkv_is_refused_for_split(tmp_path):
+    """Input-axis DoRA (dora_scale [1, in], LyCORIS < 3.2) normalises each column over all of q, k and v: no
+    part of it is the update of q alone. Merged into the BFL file as is; into the diffusers folder refused with
+    the way out, nothing written."""
+    g = torch.Generator().manual_seed(0)
+    f = {QKV + k: torch.randn(*s, generator=g) * 0.2 for k, s in LYCORIS_QKV["loha"]}
+    f[QKV + "dora_scale"] = torch.rand(1, 16, generator=g) + 0.5
+    p = tmp_path / "dora.safetensors"
+    save_file(f, p)
+    _merged("bfl", p, tmp_path)
+    with pytest.raises(LoraportError, match="cannot be split.*DoRA norm.*single file"):
         merge(BASES["diffusers"], [str(p)], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 COVERED = {"flux": (BASES["diffusers"], BASES["bfl"]), "sd3": (SD3["diffusers"], SD3["original"]),
@@ -387,3 +422,16 @@ def test_dora_on_a_fused_qkv_splits_by_rows(tmp_path):
     assert _max_diff(split, fused) <= 1e-5
     assert not torch.equal(fused["double_blocks.0.img_attn.qkv.weight"],
                            _to_bfl(_expected("kohya"))["double_blocks.0.img_attn.qkv.weight"])
+
+
+def test_a_diffusers_flux_lora_without_a_base_is_refused_until_told_its_family(tmp_path):
+    """Flux.1's diffusers names are HunyuanVideo's and Flux.2's too, and their kohya spellings differ: without a
+    base, converting to kohya names is refused naming the families, and `family` (a read option) settles it."""
+    out = tmp_path / "k.safetensors"
+    with pytest.raises(BadInputError, match=r"Flux\.1.*HunyuanVideo.*family=NAME") as e:
+        convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=out)
+    assert "\n" not in str(e.value) and not out.exists()
+    with pytest.raises(BadInputError, match="family"):
+        convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=out, read_options={"family": "nope"})
+    rep = convert(str(F / "flux_diffusers.safetensors"), to="kohya", out=out, read_options={"family": "flux"})
+    assert rep.report["max_abs_diff"] <= 1e-6 and "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight" in load_file(out)

@@ -173,7 +173,8 @@ def test_flux_still_merges_into_flux_bases(tmp_path):
 
 def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
     """A diffusers LoRA on the double / single blocks only is Flux's names too: without a base it is read as Flux
-    (the first family) and says so; with a HunyuanVideo base it is HunyuanVideo's, so `convert --to kohya`
+    (the first family) and says so, and converting it to kohya names needs the family said; with a HunyuanVideo
+    base it is HunyuanVideo's, so `convert --to kohya`
     writes musubi's names (img_mlp_fc1, img_mod_linear), not Flux's (img_mlp_0, img_mod_lin)."""
     from safetensors import safe_open
 
@@ -197,9 +198,14 @@ def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
     for i, lora in enumerate((src, out)):
         (tmp_path / str(i)).mkdir()
         assert _max_diff(_merged("original", lora, tmp_path / str(i)), want) <= 1e-5
-    flux = tmp_path / "f.safetensors"
-    convert(str(src), to="kohya", out=flux)
+    # without a base, kohya names are refused until the user says which family (they differ: img_mlp_0 / fc1)
+    flux, hy = tmp_path / "f.safetensors", tmp_path / "h.safetensors"
+    with pytest.raises(BadInputError, match="HunyuanVideo.*family="):
+        convert(str(src), to="kohya", out=flux)
+    convert(str(src), to="kohya", out=flux, read_options={"family": "flux"})
     assert "lora_unet_double_blocks_0_img_mlp_0" in {k.split(".")[0] for k in load_file(flux)}
+    convert(str(src), to="kohya", out=hy, read_options={"family": "hunyuan_video"})
+    assert load_file(hy).keys() == load_file(out).keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])

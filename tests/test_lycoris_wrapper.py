@@ -184,14 +184,25 @@ def test_convert_to_peft_and_back_to_the_wrapper(tmp_path):
 
 
 def test_convert_within_lycoris_both_dialects(tmp_path):
-    """DiT wrapper → the kohya dialect (BFL names, `lora_unet_…`): Flux's `norm_out.linear` is BFL's
-    `final_layer.adaLN_modulation.1` with its halves swapped, and a LoHa / LoKr / full update is not yet
-    re-ordered by rows, so the conversion is refused with the tensor named (never written wrong)."""
-    k = tmp_path / "kohya.safetensors"
-    with pytest.raises(Inexpressible, match="norm_out.linear|adaLN_modulation"):
-        loraport.convert(WRAP / "dit_loha_dora.safetensors", "lycoris", k, base=DIT,
-                         write_options={"names": "kohya"})
-    assert not k.exists()
+    """DiT wrapper → the kohya dialect (BFL names, `lora_unet_…`): q, k, v's LoHas become one LoHa on the fused
+    qkv (each in its own block of columns, rank 3r) and `norm_out.linear`'s rows are re-ordered into BFL's
+    swapped `final_layer.adaLN_modulation.1`, DoRA magnitudes with them; full diffs and their bias diffs are
+    stacked the same way; merged back into the diffusers folder the kohya file gives the wrapped network's output.
+    A LoKr's rows have no Kronecker form on the fused tensor: refused with the tensor named (never written wrong)."""
+    for case, key in (("dit_loha_dora", "final_layer_adaLN_modulation_1.dora_scale"),
+                      ("dit_full", "double_blocks_0_img_attn_qkv.diff_b")):  # full: biases regrouped too
+        k = tmp_path / f"{case}.safetensors"
+        rep = loraport.convert(WRAP / f"{case}.safetensors", "lycoris", k, base=DIT, write_options={"names": "kohya"})
+        assert rep.report["max_abs_diff"] <= 1e-5
+        keys = SafetensorsFile(k).tensors
+        assert "lora_unet_" + key in keys and not any(n.startswith("lycoris_") for n in keys)
+        loraport.merge(DIT, [k], tmp_path / f"m_{case}")
+        expect = SafetensorsFile(WRAP / f"expect_{case}.safetensors").load_all()
+        assert _rel(_run("dit_", tmp_path / f"m_{case}", expect), expect["sample"]) <= TOL
+    k2 = tmp_path / "lokr.safetensors"
+    with pytest.raises(Inexpressible, match="lokr .*has no form on the fused tensor"):
+        loraport.convert(WRAP / "dit_lokr.safetensors", "lycoris", k2, base=DIT, write_options={"names": "kohya"})
+    assert not k2.exists()
     # without a base the wrapper's names are kept as they are
     loraport.convert(WRAP / "llm_lokr.safetensors", "lycoris", tmp_path / "nobase.safetensors")
     assert set(SafetensorsFile(tmp_path / "nobase.safetensors").tensors) == set(

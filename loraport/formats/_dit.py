@@ -6,14 +6,11 @@ Every step is exact or refused. Spec: formats/dit.md."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-import torch
 
 from loraport.adapter import Delta
-from loraport.errors import BadInputError, Inexpressible
+from loraport.errors import BadInputError
 from loraport.formats import ReadOptions, choice
 from loraport.names import dit
 from loraport.names.sd import kohya_name, te_spellings
@@ -32,9 +29,11 @@ def _strip(target: str) -> tuple[str, str]:
 class DitReadOptions(ReadOptions):
     """The readers of DiT LoRAs (kohya, diffusers, LyCORIS). `transformer`: which transformer of a diffusers
     folder the LoRA goes into: Wan 2.2 A14B pipelines carry a second (low-noise) expert in `transformer_2/`
-    ("transformer_2", or "both")."""
+    ("transformer_2", or "both"). `family`: the family a LoRA is read as when its module names fit several (a
+    diffusers LoRA on Flux.1's blocks has HunyuanVideo's and Flux.2's names too) and no base tells which."""
 
     transformer: str = choice("transformer", "transformer_2", "both")
+    family: str = choice("", *(f.name for f in dit.FAMILIES))
 
 
 EXPERTS = {"transformer": "transformer.", "transformer_2": "transformer_2."}  # Wan 2.2 A14B: high / low noise
@@ -78,20 +77,23 @@ class DitNames:
     _te: dict[str, str] | None = field(default=None, repr=False)
     padded: list[str] = field(default_factory=list, repr=False)  # LoRAs fitted to a control model's wider input
     alike: tuple[str, ...] = ()  # other families whose tables know the LoRA's modules as well as `family`'s
+    stated: bool = False  # the family is the user's choice among those (read option `family`)
 
     @classmethod
-    def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True
+    def detect(cls, modules, base, where, transformer: str = "transformer", strict: bool = True, family: str = ""
                ) -> DitNames | None:
         """None unless the modules are a DiT family's; refuses a base of another family in one line.
         `transformer`: the diffusers folder's transformer the LoRA goes into ("transformer_2", "both": Wan 2.2's
         second expert too). `strict=False`: a LoRA of a family sharing modules with the base's (Flux on Chroma)
-        is read as the base's family; the modules it lacks are then unmatched, skipped and noted by the reader."""
+        is read as the base's family; the modules it lacks are then unmatched, skipped and noted by the reader.
+        `family`: the user's word for which family fits best when the names fit several and there is no base."""
         lay = dit.base_layout(base.names()) if base is not None else None
-        fam, dialects, alike = dit.family_and_alike(modules, lay.family if lay else None)
+        fam, dialects, alike = dit.family_and_alike(modules, lay.family if lay else (family or None))
         if fam is None:
             return None
         if lay is None:
-            return cls(fam, dialects, None, None, alike=tuple(alike))
+            stated = bool(family) and fam == family
+            return cls(fam, dialects, None, None, alike=() if stated else tuple(alike), stated=stated)
         if lay.family != fam:
             why = _not_in(modules, fam, lay)
             if not why or strict:
@@ -165,9 +167,11 @@ class DitNames:
             for d in deltas:
                 part = d if p.lora_rows is None else d.output_rows(*p.lora_rows)
                 if part is None:
-                    raise BadInputError(f"{where}: {name}: a {d.label} update on a fused tensor cannot be split into "
-                                        f"the base's separate tensors exactly; merge into the "
-                                        f"{dit.BASE_TITLES['original']} instead")
+                    other = "diffusers" if self.column == "original" else "original"
+                    why = "its DoRA norm spans all its rows" if d.has_magnitude else "it has no per-row form"
+                    raise BadInputError(f"{where}: {name}: a {d.label} update cannot be split by rows exactly for "
+                                        f"the base's {p.module} ({why}); merge into the {dit.BASE_TITLES[other]} "
+                                        "instead")
                 for prefix in self.prefixes if self.base is not None else (self.prefix,):
                     target = prefix + p.module + _strip(d.target)[1]
                     if self.base is not None and target not in self.base:
@@ -217,205 +221,5 @@ class DitNames:
     def summary(self) -> dict:
         out = {"family": self.family, "dialects": sorted(self.dialects),
                "base_layouts": list(dit.BASE_TITLES), "base_layout": self.column if self.layout else None,
-               "also_fits": list(self.alike)}
+               "also_fits": list(self.alike), **({"stated": True} if self.stated else {})}
         return {**out, "input_padded": self.padded} if self.padded else out
-
-
-# ================================================================================================= writing
-def _target_module(target: str, prefix: str) -> str | None:
-    mod, suffix = _strip(target)
-    if suffix != ".weight" or not mod.startswith(prefix):
-        return None
-    return mod[len(prefix):]
-
-
-def _fuse(parts: list[tuple[Delta, tuple[int, int] | None]], total: int | None, where: str) -> Delta:
-    """One LoRA on a fused tensor of `total` rows from LoRAs on row ranges of it: B stacked under a shared A
-    when they share A and scale (rank r), else block-placed with the A's concatenated (rank Σr)."""
-    if len(parts) == 1 and parts[0][1] is None:
-        return parts[0][0]
-    for d, _ in parts:
-        if d.low_rank_factors() is None:
-            raise Inexpressible(f"{where}: a {d.label} update on part of a fused tensor has no form on the fused "
-                                "tensor; only plain LoRA parts are combined exactly")
-    if total is None:
-        raise BadInputError(f"{where}: the fused tensor's size is unknown (a part has no update); pass --base")
-    d0 = parts[0][0]
-    same = all(d.scale == d0.scale and d.A.shape == d0.A.shape and torch.equal(d.A, d0.A) for d, _ in parts)
-    dtype = d0.B.dtype
-    if same:
-        B = torch.zeros(total, d0.A.shape[0], dtype=dtype)
-        for d, (a, b) in parts:
-            B[a:b] = d.B
-        return replace(d0, A=d0.A, B=B, rows=None)
-    r = sum(int(d.A.shape[0]) for d, _ in parts)
-    B = torch.zeros(total, r, dtype=torch.float32)
-    c = 0
-    for d, (a, b) in parts:
-        k = int(d.A.shape[0])
-        B[a:b, c:c + k] = d.B.float() * d.scale
-        c += k
-    A = torch.cat([d.A.float() for d, _ in parts])
-    return replace(d0, A=A, B=B, scale=1.0, alpha=float(r), rows=None)
-
-
-def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]], list[Delta], DitNames | None]:
-    """The adapter's transformer deltas as (module in `column`, delta) — parts of one fused module combined —
-    and the other deltas as they are; (…, None) when the adapter is not a DiT family's."""
-    wide = next((d for d in adapter.deltas if d.widens), None)
-    if wide is not None:  # a Flux Control LoRA read against a base (formats/_dit_control.py)
-        raise BadInputError(f"{where}: a control LoRA that widens {wide.target} to {wide.columns} input columns has "
-                            "no LoRA-file form; merge it into the base instead")
-    modules = [tuple(_spellings(d.target)) for d in adapter.deltas]
-    names = DitNames.detect(modules, base, where)
-    if names is None:
-        return [], list(adapter.deltas), None
-    read = adapter.family or {}
-    # a family whose table sends these modules where this one's does (Chroma's pruned Flux rows; HunyuanVideo's
-    # Flux-shaped blocks) gives the same file: no tie to break
-    ties = tuple(f for f in names.alike or read.get("also_fits") or ()
-                 if not dit.kin(names.family, f) and not _spelled_alike(adapter, names, f, column))
-    read_columns = {dit.DIALECTS[d][0] for d in read.get("dialects") or () if d in dit.DIALECTS}
-    if ties and base is None and column not in (read_columns or {names.column}):
-        # read without a base as the first family's: the other one names these modules otherwise
-        raise BadInputError(f"{where}: a {dit.family_title(names.family)} or "
-                            f"{' or '.join(dit.family_title(f) for f in ties)} LoRA (it trains only modules "
-                            "both have); pass --base to say which")
-    table = dit.TABLES[names.family]
-    groups: dict[str, list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
-    rest = []
-    for d in adapter.deltas:
-        mod = _target_module(d.target, names.prefix)
-        if mod is None or not table.knows(mod):
-            rest.append(d)
-            continue
-        for module, part, rows in _moved(d, mod, names, table, column, where):
-            groups[module].append((part, rows))
-    out = []
-    for mod, parts in groups.items():
-        spec = table.spec(mod)
-        total = None
-        if spec is not None:
-            shape = names._shape(mod) if names.column == column else None
-            total = shape[0] if shape else (_base_total(table, mod, column, names) or _total(spec, parts))
-        out.append((mod, _fuse(parts, total, f"{where}: {mod}")))
-    return out, rest, names
-
-
-def _spelled_alike(adapter, names: DitNames, fam: str, column: str) -> bool:
-    """True when `fam`'s table translates every module of the adapter to `column` exactly as names.family's does
-    (same modules, same row parts): which of the two families the LoRA is then changes nothing in the output."""
-    a, b = dit.TABLES[names.family], dit.TABLES[fam]
-    for d in adapter.deltas:
-        mod = _target_module(d.target, names.prefix)
-        if mod is None:
-            continue
-        own = d.implied_shape()
-        h = int(own[1]) if own and len(own) == 2 else 0
-        total = int(own[0]) if own and d.rows is None else None
-        try:
-            if a.translate(mod, names.column, column, h, total) != b.translate(mod, names.column, column, h, total):
-                return False
-        except ValueError:
-            return False
-    return True
-
-
-def _moved(d: Delta, mod: str, names: DitNames, table, column: str, where):
-    """[(module in `column`, the part of d that goes there, its rows there)] for a delta on module `mod`."""
-    shape = names._shape(mod)
-    own = d.implied_shape()
-    h = shape[1] if shape else (int(own[1]) if own and len(own) == 2 else 0)
-    total = shape[0] if shape else (int(own[0]) if own and d.rows is None else None)
-    spec = table.spec(mod)
-    if total is None and d.rows is not None and spec and "*" not in spec:
-        total = len(spec) * h  # a row slice of a module fused by its parts' rule: it has all of them
-    try:
-        hits = table.translate(mod, names.column, column, h, total)
-    except ValueError as e:
-        raise BadInputError(f"{where}: {d.target}: {e}") from None
-    if not hits:
-        raise BadInputError(f"{where}: {d.target}: the parts of this fused tensor cannot be sized; pass --base")
-    out = []
-    for p in hits:
-        if d.rows is not None and p.lora_rows not in (None, d.rows):
-            continue  # another part of the fused tensor
-        part = d if p.lora_rows is None or d.rows is not None else d.output_rows(*p.lora_rows)
-        if part is None:
-            raise Inexpressible(f"{where}: {d.target}: a {d.label} update cannot be split by rows exactly")
-        rows = p.rows if p.rows is not None else (d.rows if p.lora_rows is None else None)
-        out.append((p.module, replace(part, rows=None), rows))
-    return out
-
-
-def _base_total(table, mod: str, column: str, names: DitNames) -> int | None:
-    """The rows of fused `mod` (spelled in `column`) from the base's separate tensors of its parts."""
-    total = 0
-    for _, values, idx in table.match(mod, column):
-        cell = table.other(idx, names.column, values)
-        shape = names._shape(cell[0]) if cell and cell[1] is None else None
-        if shape is None:
-            return None
-        total += shape[0]
-    return total or None
-
-
-def _total(spec: tuple[str, ...], parts) -> int | None:
-    """The rows of a fused tensor from the LoRAs on its parts: "h" parts are the input width; a "*" part is as
-    tall as the LoRA on it, and the "*" parts are equal (unknown when none has a LoRA)."""
-    hs = {int(d.implied_shape()[1]) for d, _ in parts if d.implied_shape() and len(d.implied_shape()) == 2}
-    if len(hs) != 1:
-        return None
-    h = hs.pop()
-    if "*" not in spec:
-        return len(spec) * h
-    first = spec.index("*")
-    start = spec[:first].count("h") * h
-    only_stars_after = "h" not in spec[first:]
-    for _, r in parts:
-        if r is not None and (r[0] == start or (only_stars_after and r[0] > start)):
-            return spec.count("h") * h + spec.count("*") * (r[1] - r[0])
-    return None
-
-
-def _spellings(target: str) -> list[str]:
-    """A delta target as the dialects would spell its module (for family detection)."""
-    mod, _ = _strip(target)
-    names = [mod]
-    for prefix in dit.BASE_PREFIXES["original"] + dit.BASE_PREFIXES["diffusers"]:
-        if prefix and mod.startswith(prefix):
-            names.append(mod[len(prefix):])
-    out = []
-    for n in names:
-        out += [dit.spell("kohya", n), dit.spell("diffusers", n)]
-    return out
-
-
-def kohya_modules(adapter, base, where) -> list[tuple[str, Delta]] | None:
-    """(kohya module name, delta) for every delta of a DiT adapter (transformer modules regrouped into the
-    original's fused tensors, text encoders under the family's lora_te prefixes); None if not DiT."""
-    grouped, rest, names = regroup(adapter, "original", base, where)
-    if names is None:
-        return None
-    out = [(dit.spell("kohya", m), d) for m, d in grouped]
-    comps = {c: pre for pre, c in dit.TABLES[names.family].family.text_encoders.items()}
-    for d in rest:
-        mod, suffix = _strip(d.target)
-        comp, _, inner = mod.partition(".")
-        if suffix == ".weight" and mod.startswith("lora_") and "." not in mod:
-            out.append((mod, d))  # read without a base: already a kohya name
-        elif suffix == ".weight" and comp in comps:
-            out.append((kohya_name(comps[comp], te_spellings(inner)[0]), d))
-        else:
-            raise BadInputError(f"{where}: {d.target}: no kohya name for it in a {dit.family_title(names.family)} "
-                                "LoRA")
-    return out
-
-
-def diffusers_deltas(adapter, base, path: Path | str):
-    """The adapter with its transformer deltas as canonical `transformer.<diffusers module>.weight` LoRAs (q, k, v
-    split from a fused module), None if not DiT."""
-    grouped, rest, names = regroup(adapter, "diffusers", base, path)
-    if names is None:
-        return None
-    return [replace(d, target=dit.spell("diffusers", m) + ".weight") for m, d in grouped] + rest

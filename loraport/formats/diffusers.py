@@ -17,7 +17,8 @@ import torch
 from loraport.adapter import Adapter, FullDelta, LoraDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats._dit import DitNames, DitReadOptions, diffusers_deltas
+from loraport.formats._dit import DitNames, DitReadOptions
+from loraport.formats._dit_write import diffusers_deltas
 from loraport.formats._dit_control import read_control
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, register
 from loraport.formats.kohya import header_keys
@@ -211,7 +212,7 @@ class DiffusersFormat(AdapterFormat):
         configs = component_configs(meta, wfile)
         notes: set[str] = set()
         parts, forms, unrecognised = _group_keys(tensors, notes)
-        dit = DitNames.detect(list(parts), base, wfile, opts.transformer, opts.strict)
+        dit = DitNames.detect(list(parts), base, wfile, opts.transformer, opts.strict, opts.family)
         names = SDNames(base.names(), lambda n: tuple(base.info(n).shape)) if base is not None and not dit else None
         if dit:
             notes.add(dit.note())

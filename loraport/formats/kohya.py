@@ -23,9 +23,10 @@ from loraport.adapter import Adapter, Delta, FullDelta, LoraDelta
 from loraport.deltas_lycoris import Ia3Delta, LohaDelta, LokrDelta
 from loraport.errors import BadInputError
 from loraport.formats._common import check_unmatched, lora_scale
-from loraport.formats._dit import DitNames, DitReadOptions, kohya_modules
+from loraport.formats._dit import DitNames, DitReadOptions
+from loraport.formats._dit_write import kohya_modules
 from loraport.formats import AdapterFormat, ReadOptions, WriteOptions, choice, register
-from loraport.names.lycoris_wrapper import WrapperNames, is_wrapper_module, wrapper_index
+from loraport.names.lycoris_wrapper import ROOTS, WrapperNames, is_wrapper_module, wrapper_index
 from loraport.names.sd import KNOWN_PREFIXES, Entry, SDNames, kohya_name, te_spellings
 from loraport.safetensors_io import SafetensorsFile, save_file
 from loraport.tensorfile import load_tensors
@@ -43,8 +44,24 @@ LYCORIS_ONLY = set(LOHA_KEYS) | set(LOKR_KEYS) | {"on_input", "diff", "diff_b"}
 LYCORIS_EPS = float(torch.finfo(torch.float32).eps)  # LyCORIS adds eps(dtype) to the DoRA norm
 
 
+# ComfyUI's generic keys: `diffusion_model.<module path of the model file>` + a LoRA / LyCORIS tensor suffix
+# (comfy/lora.py maps every base tensor so). PEFT's lora_A/lora_B there are the diffusers format's `comfy`
+# dialect; `weight` (IA³) and `scale` (A1111) would make a model file's own keys look like an adapter.
+DOTTED_PREFIXES = ("diffusion_model.",)
+WRAPPER_ROOTS = {prefix for prefix, _, _ in ROOTS}
+_BY_LENGTH = sorted(KNOWN_SUFFIXES - {"lora_A.weight", "lora_B.weight", "weight", "on_input", "scale"}, key=len,
+                    reverse=True)
+
+
 def split_key(key: str) -> tuple[str, str] | None:
-    """'lora_unet_x_to_q.lora_down.weight' → ('lora_unet_x_to_q', 'lora_down.weight'), None if not kohya-like."""
+    """'lora_unet_x_to_q.lora_down.weight' → ('lora_unet_x_to_q', 'lora_down.weight'), None if not kohya-like.
+    A dotted module under a DOTTED_PREFIXES prefix keeps its dots: the longest known suffix ends it."""
+    if key.startswith(DOTTED_PREFIXES):
+        suffix = next((s for s in _BY_LENGTH if key.endswith("." + s)), None)
+        mod = key[: -len(suffix) - 1] if suffix else ""
+        if not suffix or "." not in mod or "lora" in mod.rsplit(".", 1)[1]:  # `x.lora_A.alpha`-like: PEFT's
+            return None
+        return mod, suffix
     mod, dot, suffix = key.partition(".")
     if not dot or not mod.startswith(KNOWN_PREFIXES) or suffix not in KNOWN_SUFFIXES:
         return None
@@ -127,7 +144,7 @@ def _check_factors(where: str, parts: dict[str, torch.Tensor]) -> None:
             continue
         if not t.is_floating_point():
             raise BadInputError(f"{where}: {k} is {str(t.dtype).replace('torch.', '')}, not a float tensor")
-        if t.numel() == 0 or t.dim() > 4:
+        if t.numel() == 0 or t.dim() > 5:  # 5-D: a Conv3d (Wan's patch embedding)
             raise BadInputError(f"{where}: {k} has an unusable shape {list(t.shape)}")
 
 
@@ -149,7 +166,7 @@ def _lora_deltas(where: str, parts: dict[str, torch.Tensor], tgt: str, transpose
         raise BadInputError(f"{where}: has only one of lora_down/lora_up")
     mid = parts.get("mid")
     r = int(A.shape[0])
-    if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4) or B.dim() not in (2, 4):
+    if B.dim() < 2 or (B.shape[1] != r and mid is None) or A.dim() not in (2, 4, 5) or B.dim() not in (2, 4, 5):
         raise BadInputError(f"{where}: lora_down {list(A.shape)} and lora_up {list(B.shape)} do not fit")
     scale, alpha = _scale(parts, r, counts, where)
     inp = int(A.shape[1])
@@ -301,8 +318,21 @@ def _sd_entries(names: SDNames | None, mod: str, notes: set[str], spellings: set
     return ent_w, ent_b
 
 
-def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, transformer: str = "transformer"
-                     ) -> Adapter:
+def _dit_names(modules: list[str], base, path: Path, transformer: str, strict: bool = True, family: str = ""
+               ) -> DitNames | None:
+    """The DiT family's names of a file's modules, None when they are not a DiT family's or are a LyCORIS wrapper
+    around the diffusers model merged into its diffusers folder (or the transformer/ folder alone): there its
+    names are the base's own module paths under a wrapper root, found forward from the base (every layer it
+    wrapped, not only the rows of the family's table)."""
+    dit = DitNames.detect(modules, base, path, transformer, strict, family)
+    if (dit is not None and dit.layout is not None and dit.column == "diffusers" and "lycoris" in dit.dialects
+            and dit.layout.prefix in WRAPPER_ROOTS):
+        return None
+    return dit
+
+
+def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, transformer: str = "transformer",
+                     family: str = "") -> Adapter:
     tensors, meta = load_tensors(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unrecognised: list[str] = []
@@ -316,7 +346,7 @@ def read_single_file(path: Path, fmt: str, base=None, strict: bool = True, trans
     if not groups:
         raise BadInputError(f"{path}: no kohya/LyCORIS keys (lora_unet_*/lora_te*_* with lora_down/up, hada_*, "
                             f"lokr_* ...); e.g. {next(iter(tensors), '(empty file)')}")
-    dit = DitNames.detect(list(groups), base, path, transformer, strict)
+    dit = _dit_names(list(groups), base, path, transformer, strict, family)
     names = _name_index(base, groups) if base is not None and not dit else None
     notes: set[str] = {dit.note()} if dit else (set(names.notes) if names is not None else set())
     counts: dict[str, int] = defaultdict(int)
@@ -458,8 +488,11 @@ def write_single_file(adapter: Adapter, path: Path, base=None, bake: bool = Fals
     for d_mod, d in dit or [(None, d) for d in adapter.deltas]:
         if d.replaces_base:
             raise BadInputError(f"{d.target}: full replacements have no kohya form")
-        if d.stores_dense and d.target.endswith(".bias") and dit is None:
-            pending_bias.append(d)
+        if d.stores_dense and d.target.endswith(".bias"):
+            if d_mod is None:
+                pending_bias.append(d)
+            else:  # a DiT module's bias diff, placed by the regrouping like its weight
+                put(d_mod, "diff_b", d.diff if d.scale == 1.0 else (d.diff.float() * d.scale).to(d.diff.dtype))
             continue
         mod = d_mod or (module_name(d) if module_name else _kohya_module(d, names, unet_names, sdxl))
         parts = _PARTS.get(d.kind)
@@ -511,15 +544,16 @@ class KohyaFormat(AdapterFormat):
         if not keys:
             return 0
         parsed = [sp for k in keys if (sp := split_key(k))]
-        if not parsed:
-            return 0
+        if all(s in COMMON_KEYS for _, s in parsed):
+            return 0  # alphas alone (a diffusers file's network_alphas): no factors of ours
         if any(s in LYCORIS_ONLY for _, s in parsed) or any(is_wrapper_module(m) for m, _ in parsed):
             return 40  # the LyCORIS face reads these
         return 85 if len(parsed) == len(keys) else 60
 
     @classmethod
     def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
-        return read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer)
+        return read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer,
+                                family=opts.family)
 
     @classmethod
     def write_with(cls, adapter: Adapter, path: Path, base, opts: KohyaWriteOptions) -> list[Path]:

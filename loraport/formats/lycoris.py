@@ -53,7 +53,8 @@ class LycorisFormat(AdapterFormat):
 
     @classmethod
     def read_with(cls, path: Path, base, opts: ReadOptions) -> Adapter:
-        ad = read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer)
+        ad = read_single_file(path, cls.name, base=base, strict=opts.strict, transformer=opts.transformer,
+                              family=opts.family)
         if not any(is_wrapper_module(d.source_key) for d in ad.deltas):
             return ad
         notes = {"dialect: LyCORIS whole-model wrapper (lycoris_<module path>; lycoris.create_lycoris, SimpleTuner)"}

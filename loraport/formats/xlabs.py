@@ -44,7 +44,7 @@ class XLabsFormat(AdapterFormat):
                 unrecognised.append(key)
             else:
                 groups[m.group("m")][m.group("r")] = t
-        dit = DitNames.detect(list(groups), base, path, strict=opts.strict)
+        dit = DitNames.detect(list(groups), base, path, strict=opts.strict, family="flux")  # x-flux: Flux.1 only
         if dit is None:
             raise BadInputError(f"{path}: no XLabs Flux LoRA keys (double_blocks.N.processor.qkv_lora1.down.weight)")
         deltas: list[Delta] = []

@@ -96,15 +96,20 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "comfy":      ("original",  "diffusion_model.",  "."),  # diffusion-pipe, ComfyUI (PEFT keys, original names)
     "diffsynth":  ("original",  "",                  "."),  # DiffSynth-Studio (`….lora_A.default.weight`)
     "peft_original": ("original", "base_model.model.", "."),  # PEFT around the original model (fal Kontext)
+    "lycoris":    ("diffusers", "lycoris_",          "_"),  # LyCORIS wrapper around the diffusers model (SimpleTuner)
+    "lycoris_original": ("original", "lycoris_",     "_"),  # LyCORIS wrapper around the original model (ComfyUI Wan)
 }
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
                   "xlabs": "XLabs x-flux (processor.qkv_lora1)",
                   "comfy": "diffusion-pipe / ComfyUI (diffusion_model.)",
                   "diffsynth": "DiffSynth-Studio (bare original names)",
-                  "peft_original": "PEFT on original names (base_model.model.; fal Kontext)"}
+                  "peft_original": "PEFT on original names (base_model.model.; fal Kontext)",
+                  "lycoris": "LyCORIS wrapper / SimpleTuner (lycoris_, diffusers names)",
+                  "lycoris_original": "LyCORIS wrapper (lycoris_, original names)"}
 READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs", "comfy": "diffusers",
-           "diffsynth": "diffusers", "peft_original": "diffusers"}  # dialect → format
+           "diffsynth": "diffusers", "peft_original": "diffusers", "lycoris": "lycoris",
+           "lycoris_original": "lycoris"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
@@ -260,13 +265,24 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
 
 
 def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tuple[int, set[str]]]:
-    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module."""
+    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module.
+    A module two dialects spell alike (a `lycoris_` name the same in both columns: Qwen-Image's, Wan's
+    patch_embedding) counts for the first of them unless another module needs the second."""
     fams: dict[str, tuple[int, set[str]]] = {}
+    alike: dict[str, list[tuple[str, ...]]] = {}
     for n in names:
         hits = [h for alt in ((n,) if isinstance(n, str) else n) for h in unspell(alt)]
         for fam in dict.fromkeys(f for f, _, _ in hits):
             count, dialects = fams.get(fam, (0, set()))
-            fams[fam] = (count + 1, dialects | {d for f, d, _ in hits if f == fam})
+            mine = tuple(dict.fromkeys(d for f, d, _ in hits if f == fam))
+            if len(mine) > 1 and len({DIALECTS[d][1:] for d in mine}) == 1:
+                alike.setdefault(fam, []).append(mine)
+                mine = ()
+            fams[fam] = (count + 1, dialects | set(mine))
+    for fam, groups in alike.items():
+        for group in groups:
+            if not set(group) & fams[fam][1]:
+                fams[fam][1].add(group[0])
     return fams
 
 

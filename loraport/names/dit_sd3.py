@@ -26,6 +26,7 @@ SD3_ROWS: tuple[tuple[str, str], ...] = (
     # tensor has exactly their rows
     ("transformer_blocks.{i}.norm1_context.linear[0]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[1]"),
     ("transformer_blocks.{i}.norm1_context.linear[1]",  "joint_blocks.{i}.context_block.adaLN_modulation.1[0]"),
+    ("pos_embed.proj",                                  "x_embedder.proj"),  # the patch embedding (a conv)
     ("context_embedder",                                "context_embedder"),
     ("time_text_embed.timestep_embedder.linear_1",      "t_embedder.mlp.0"),
     ("time_text_embed.timestep_embedder.linear_2",      "t_embedder.mlp.2"),

@@ -24,4 +24,5 @@ WAN_ROWS: tuple[tuple[str, str], ...] = (
     ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),  # I2V
     ("condition_embedder.image_embedder.ff.net.2",      "img_emb.proj.3"),  # I2V
     ("proj_out",                                        "head.head"),
+    ("patch_embedding",                                 "patch_embedding"),  # a Conv3d
 )
