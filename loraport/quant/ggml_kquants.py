@@ -67,23 +67,46 @@ def _byte(i: torch.Tensor) -> torch.Tensor:
 
 
 # --- the per-sub-block searches -----------------------------------------------------------------------------
+def _grid(x: torch.Tensor, mn: torch.Tensor, iscale: torch.Tensor, lo: int, hi: int, out: torch.Tensor,
+          xm: torch.Tensor) -> torch.Tensor:
+    """out = clamp(nearest_int(iscale·(x − mn)), lo, hi) (mn = None: iscale·x), through preallocated buffers:
+    fresh [n, N] temporaries cost more than the arithmetic (page faults)."""
+    if mn is None:
+        torch.mul(x, iscale, out=out)
+    else:
+        torch.sub(x, mn, out=xm)
+        torch.mul(xm, iscale, out=out)
+    return out.round_().clamp_(lo, hi)
+
+
+def _wsum(w: torch.Tensor, L: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, x: torch.Tensor, mad: bool,
+          buf: torch.Tensor) -> torch.Tensor:
+    """Σ w·loss(scale·L + mn − x), C's order."""
+    torch.mul(L, scale, out=buf)
+    buf.add_(mn).sub_(x)
+    buf.abs_() if mad else buf.mul_(buf)
+    return _seqsum(buf.mul_(w))
+
+
 def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
     """make_qkx2_quants for N sub-blocks at once. x, w: [n, N] (lane, sub-block). Returns (scale [N],
     the_min [N], L [n, N] float codes in [0, nmax]). The candidates are tried in order and each one's grid
-    starts at the min of the best fit so far (as in C), so only the sub-blocks are vectorized."""
+    starts at the min of the best fit so far (as in C), so only the sub-blocks are vectorized; the winner's
+    grid (its iscale and starting min) is kept and its codes recomputed once at the end."""
     mn = x.amin(0).clamp_max(0)  # if (min > 0) min = 0
     mx = x.amax(0)
     sum_w, sum_x = _seqsum(w), _seqsum(w * x)
     flat = mx == mn
-    scale = _rdiv(nmax, torch.where(flat, torch.ones_like(mx), mx - mn))  # iscale, then its inverse
-    L = torch.round(scale * (x - mn)).clamp_(0, nmax)
-    scale = 1 / scale
-    best = _seqsum(w * _loss(scale * L + mn - x, mad))
-    rmin, rdelta = _f32(rmin), _f32(rdelta)  # C's float parameters
+    La, xm, buf = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     P = torch.empty((x.shape[0], 3, x.shape[1]))
+    g_iscale = _rdiv(nmax, torch.where(flat, torch.ones_like(mx), mx - mn))
+    g_mn = mn
+    scale = 1 / g_iscale
+    best = _wsum(w, _grid(x, mn, g_iscale, 0, nmax, La, xm), scale, mn, x, mad, buf)
+    rmin, rdelta = _f32(rmin), _f32(rdelta)  # C's float parameters
     for step in range(nstep + 1):
-        c = _f32(_f32(rmin + _f32(rdelta * step)) + nmax)
-        La = torch.round(_rdiv(c, mx - mn) * (x - mn)).clamp_(0, nmax)
+        iscale = _rdiv(_f32(_f32(rmin + _f32(rdelta * step)) + nmax), mx - mn)
+        _grid(x, mn, iscale, 0, nmax, La, xm)
         torch.mul(w, La, out=P[:, 0])
         torch.mul(P[:, 0], La, out=P[:, 1])
         torch.mul(P[:, 0], x, out=P[:, 2])
@@ -94,20 +117,17 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: floa
         pos = this_min > 0
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         this_min = this_min.masked_fill_(pos, 0)
-        err = _seqsum(w * _loss(this_scale * La + this_min - x, mad))
+        err = _wsum(w, La, this_scale, this_min, x, mad, buf)
         up = (D > 0) & (err < best)
-        L = torch.where(up, La, L)
+        g_iscale, g_mn = torch.where(up, iscale, g_iscale), torch.where(up, mn, g_mn)
         best = torch.where(up, err, best)
         scale = torch.where(up, this_scale, scale)
         mn = torch.where(up, this_min, mn)
+    L = _grid(x, g_mn, g_iscale, 0, nmax, La, xm)
     if bool(flat.any()):  # max == min: every code 0, scale 0
         scale = scale.masked_fill(flat, 0)
         L = L.masked_fill(flat, 0)
     return scale, -mn, L
-
-
-def _loss(diff: torch.Tensor, mad: bool) -> torch.Tensor:
-    return diff.abs_() if mad else diff.square_()
 
 
 def _qx(x: torch.Tensor, nmax: int):
@@ -116,24 +136,61 @@ def _qx(x: torch.Tensor, nmax: int):
     idx = x.abs().argmax(0, keepdim=True)  # first of largest |x|, signed
     mx = x.gather(0, idx)[0]
     zero = mx.abs() < _f32(GROUP_MAX_EPS)
-    coef = [float(nmax)] + [_f32(nmax + _f32(_f32(0.1) * i)) for i in range(-9, 10) if i]
-    iscale = -torch.tensor(coef)[:, None] / torch.where(zero, torch.ones_like(mx), mx)  # [K, N]
-    L = torch.round(iscale * x[:, None]).clamp_(-nmax, nmax - 1)  # [n, K, N]
+    mx = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
-    wL = w[:, None] * L
-    s = _seqsum(torch.stack([(w * x)[:, None] * L, wL * L], 1))  # [2, K, N]
-    sumlx, suml2 = s[0], s[1]
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(mx))
-    best = scale * sumlx[0]
-    pick = torch.zeros_like(mx, dtype=torch.int64)
-    for k in range(1, len(coef)):  # the reference's order: each candidate is compared with the best so far
-        up = (suml2[k] > 0) & (sumlx[k] * sumlx[k] > best * suml2[k])
-        scale = torch.where(up, sumlx[k] / suml2[k], scale)
-        best = torch.where(up, scale * sumlx[k], best)
-        pick = torch.where(up, k, pick)
-    L = L.gather(1, pick[None, None].expand(L.shape[0], 1, -1))[:, 0] + nmax
+    wx = w * x
+    L, buf = torch.empty_like(x), torch.empty_like(x)
+    P = torch.empty((x.shape[0], 2, x.shape[1]))
+    g_iscale = scale = best = None
+    for k in [0] + [i for i in range(-9, 10) if i]:  # each candidate is compared with the best so far
+        iscale = _rdiv(-_f32(nmax + _f32(_f32(0.1) * k)), mx)
+        _grid(x, None, iscale, -nmax, nmax - 1, L, buf)
+        torch.mul(wx, L, out=P[:, 0])
+        torch.mul(torch.mul(w, L, out=buf), L, out=P[:, 1])
+        sumlx, suml2 = _seqsum(P)
+        if g_iscale is None:
+            g_iscale = iscale
+            scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(mx))
+            best = scale * sumlx
+            continue
+        up = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        g_iscale = torch.where(up, iscale, g_iscale)
+        scale = torch.where(up, sumlx / suml2, scale)
+        best = torch.where(up, scale * sumlx, best)
+    L = _grid(x, None, g_iscale, -nmax, nmax - 1, L, buf).add_(nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = torch.where(zero, torch.zeros_like(L), L)
+    L = L.masked_fill_(zero, 0)
+    return scale, L
+
+
+def _q3(x: torch.Tensor, nmax: int):
+    """make_q3_quants(do_rmse) for N sub-blocks at once: the absmax grid, then up to 5 sweeps that move one
+    weight at a time to the code that best fits the others, kept when Σwxl²/Σwl² grows (w = x²). A sweep that
+    changes nothing is the reference's stop, and repeating it changes nothing, so every sub-block sweeps 5
+    times. x: [n, N]. Returns (scale [N], L [n, N] float codes in [0, 2·nmax))."""
+    idx = x.abs().argmax(0, keepdim=True)
+    mx = x.gather(0, idx)[0]
+    zero = mx.abs() < _f32(GROUP_MAX_EPS)
+    iscale = _rdiv(-nmax, torch.where(zero, torch.ones_like(mx), mx))
+    L = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = _seqsum(wx * L), _seqsum(w * L * L)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx0 = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new = torch.round(x[i] * sl2 / slx0).clamp_(-nmax, nmax - 1)
+            slx = slx0 + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            up = (slx0 > 0) & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(up, new, li)
+            sumlx = torch.where(up, slx, sumlx)
+            suml2 = torch.where(up, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
     return scale, L
 
 
@@ -157,8 +214,7 @@ def _scales_6bit(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     av_x = _sqrt(_seqsum(xl * xl) / 32)
     scales, mins, L = _qkx2(xl, av_x + xl.abs(), nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)  # [S, 8]
-    max_scale = scales.amax(1).clamp_min(0)
-    max_min = mins.amax(1).clamp_min(0)
+    max_scale, max_min = _pos_max(scales), _pos_max(mins)
     inv_s = torch.where(max_scale > 0, _rdiv(63, max_scale), torch.zeros_like(max_scale))
     inv_m = torch.where(max_min > 0, _rdiv(63, max_min), torch.zeros_like(max_min))
     ls = _byte(torch.round(inv_s[:, None] * scales)).clamp_(max=63)
@@ -170,6 +226,12 @@ def _scales_6bit(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     packed = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
                         (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], 1)
     return codes, d, dmin, packed
+
+
+def _pos_max(v: torch.Tensor) -> torch.Tensor:
+    """C's `float m = 0; if (v > m) m = v;` per row: +0 (never −0) when nothing is positive."""
+    m = v.amax(1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -228,8 +290,7 @@ def q2_k(x: torch.Tensor) -> torch.Tensor:
     xl = _lanes(x, 16)
     scales, mins, L = _qkx2(xl, xl.abs(), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
-    max_scale = scales.amax(1).clamp_min(0)
-    max_min = mins.amax(1).clamp_min(0)
+    max_scale, max_min = _pos_max(scales), _pos_max(mins)
     zs, zm = max_scale > 0, max_min > 0
     ls = torch.where(zs[:, None], torch.round(_rdiv(15, max_scale)[:, None] * scales), torch.zeros_like(scales))
     lm = torch.where(zm[:, None], torch.round(_rdiv(15, max_min)[:, None] * mins), torch.zeros_like(mins))
@@ -243,4 +304,34 @@ def q2_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([sc, qs, _f16_bytes(d), _f16_bytes(dmin)], 1)
 
 
-QUANTIZERS = {"Q2_K": q2_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
+# --- Q3_K ----------------------------------------------------------------------------------------------------
+def q3_k(x: torch.Tensor) -> torch.Tensor:
+    """[S, 256] fp32 -> [S, 110] uint8 (quantize_row_q3_K_ref): 16 signed 6-bit scales against d = largest
+    |scale| / −32 (low 4 bits in bytes 0-7, weight j's high 2 bits in byte 8 + j%4 at bit 2·(j/4)); codes
+    q − 4 with the high bit of weight 32b + m in bit b of hmask[m], the low 2 bits packed as Q2_K's."""
+    xl = _lanes(x, 16)
+    scales, L = _q3(xl, 4)
+    scales = scales.reshape(-1, 16)
+    pick = scales.abs().argmax(1, keepdim=True)
+    max_scale = scales.gather(1, pick)[:, 0]
+    has = max_scale != 0
+    iscale = _rdiv(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    ls = (torch.round(iscale[:, None] * scales).clamp_(-32, 31) + 32).to(torch.uint8)
+    ls = torch.where(has[:, None], ls, torch.zeros_like(ls))  # scale bytes stay 0 without a scale
+    d = torch.where(has, 1 / iscale, torch.zeros_like(iscale))
+    dsub = (_fp16_round(d)[:, None] * (ls.float() - 32)).reshape(-1)
+    dsub = torch.where(has.repeat_interleave(16), dsub, torch.zeros_like(dsub))
+    q = _codes(xl, L, dsub, None, -4, 3)  # [S, 256], 0..7
+    hi = (q >> 2).reshape(-1, 8, 32) << _SHIFT8[:, None]
+    hmask = hi[:, 0]
+    for b in range(1, 8):
+        hmask = hmask | hi[:, b]
+    q = (q & 3).reshape(-1, 2, 4, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+    h = ls >> 4  # [S, 16]
+    sc = torch.cat([(ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4),
+                    h[:, 0:4] | (h[:, 4:8] << 2) | (h[:, 8:12] << 4) | (h[:, 12:16] << 6)], 1)
+    return torch.cat([hmask, qs, sc, _f16_bytes(d)], 1)
+
+
+QUANTIZERS = {"Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
