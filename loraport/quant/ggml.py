@@ -130,9 +130,16 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- quantize: [n, 32] fp32 blocks -> [n, nbytes] uint8 ------------------------------------------------------
+_JUST_BELOW_HALF = torch.tensor(0.49999997)  # 0.5 − 2⁻²⁵, the float32 just below 0.5
+
+
 def _q8_0(x):
+    """roundf(x/d) as trunc(y ± 0.49999997) (the float→int8 conversion truncates): exact half-away-from-zero for
+    |y| ≤ 127.5 — a tie y = k + 0.5 sums to within 2⁻²⁵ of k + 1 and rounds up to it, anything below stays below,
+    and unlike y ± 0.5 the largest float below 0.5 stays 0. 3 passes instead of _roundf's 8: 2x faster."""
     d = x.abs().amax(1, keepdim=True) / 127
-    q = _roundf(x * _inverse(d)).to(torch.int8).view(torch.uint8)
+    y = x * _inverse(d)
+    q = torch.copysign(_JUST_BELOW_HALF, y).add_(y).to(torch.int8).view(torch.uint8)
     return torch.cat([_f16_bytes(d), q], 1)
 
 
@@ -192,24 +199,26 @@ _DEQUANT = {"Q8_0": _dq8_0, "Q4_0": _dq4_0, "Q4_1": _dq4_1, "Q5_0": _dq5_0, "Q5_
 K_CHUNK = 1024
 
 
-def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK) -> None:
-    """out[i] = fn(blocks[i]) a chunk at a time, chunks spread over the cores, one torch thread each (an
-    OpenMP team per op stalled on a busy machine: 5x slower than one thread; see loraport/threads.py)."""
+def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK, workers: int | None = None) -> None:
+    """out[i] = fn(blocks[i]) a chunk at a time, chunks spread over the cores (or `workers` threads), one torch
+    thread each (an OpenMP team per op stalled on a busy machine: 5x slower than one thread; loraport/threads.py)."""
     starts = range(0, blocks.shape[0], chunk)
+    workers = workers or cores()
 
     def one(i: int) -> None:
         with torch_threads(1):
             out[i:i + chunk] = fn(blocks[i:i + chunk])
 
-    if len(starts) == 1 or cores() == 1:
+    if len(starts) == 1 or workers == 1:
         one(0) if len(starts) == 1 else [one(i) for i in starts]
         return
-    with ThreadPoolExecutor(max_workers=min(cores(), len(starts))) as ex:
+    with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as ex:
         list(ex.map(one, starts))
 
 
-def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
-    """fp32 tensor (rows a multiple of the block) -> its GGUF bytes, flat uint8."""
+def quantize(x: torch.Tensor, t: GgmlType, workers: int | None = None) -> torch.Tensor:
+    """fp32 tensor (rows a multiple of the block) -> its GGUF bytes, flat uint8; on `workers` threads (default:
+    every core)."""
     x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if t.name == "F32":
         return x.reshape(-1).view(torch.uint8)
@@ -221,7 +230,7 @@ def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
         raise ValueError(f"rows of {x.shape[-1]} are not a multiple of {t.name}'s block of {t.block}")
     blocks = x.reshape(-1, t.block)
     out = torch.empty(blocks.shape[0], t.nbytes, dtype=torch.uint8)
-    _chunked(_QUANT[t.name], blocks, out, K_CHUNK if t.block == ggml_kquants.QK else CHUNK)
+    _chunked(_QUANT[t.name], blocks, out, K_CHUNK if t.block == ggml_kquants.QK else CHUNK, workers)
     return out.reshape(-1)
 
 
