@@ -63,6 +63,25 @@ def test_codes_equal_libggml_live(libggml, name):
             assert np.array_equal(ours, ref), (label, seed, _first_diff(ours, ref, ggml.BY_NAME[name].nbytes))
 
 
+@pytest.mark.parametrize("name", KQUANTS)
+def test_dequantize_equals_gguf_quants(name):
+    """loraport reads k-quants in torch (quant/ggml_kdequant.py): every value equal to gguf.quants' numpy
+    dequantizer, on arbitrary bytes (every code, scale and sign pattern) with the fp16 super-block scales set
+    to finite values, and on the fixture libggml wrote."""
+    t = ggml.BY_NAME[name]
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (512, t.nbytes), dtype=np.uint8)
+    scales = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[name]
+    for off in scales:
+        raw[:, off:off + 2] = rng.uniform(-3, 3, (512, 1)).astype(np.float16).view(np.uint8)
+    raw = np.concatenate([raw, load_file(str(FIXTURE))[name].reshape(-1, t.nbytes)])
+    qt = gguf.GGMLQuantizationType(t.id)
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(raw, qt).astype(np.float32)
+    got = ggml.dequantize(torch.from_numpy(raw.copy()).reshape(-1), t, want.shape).numpy()
+    assert np.array_equal(got, want, equal_nan=True)
+
+
 def test_error_falls_with_bits():
     """A sanity check that does not need libggml: dequantized by gguf.quants, the RMS error falls with every bit
     (Q2_K > Q3_K > Q4_K > Q5_K > Q6_K > Q8_0) and Q4_K beats the legacy Q4_0 of the same size class."""

@@ -11,7 +11,8 @@ Block layouts (32 weights a block, little-endian, d and m fp16):
   Q5_1 [d, m, 4 B high bits, 16 B]    x = d·q + m,    d = (max − min) / 31
 Nibbles: byte j holds weight j (low) and weight j + 16 (high); high bits: bit j of the uint32 is weight j's.
 The k-quants Q2_K…Q6_K (256-weight super-blocks) are written by `loraport.quant.ggml_kquants`, code for code
-libggml's `ggml_quantize_chunk` without an importance matrix, and read through gguf.quants' dequantizer. Types
+libggml's `ggml_quantize_chunk` without an importance matrix, and read by `loraport.quant.ggml_kdequant`, value
+for value gguf.quants' dequantizer. Types
 loraport reads but cannot write (`READ_ONLY`: the IQ* and TQ* grids, MXFP4) are written, once updated, in the
 type `FALLBACK` names (`writable()`): the nearest with at least as many bits per weight. `UNSUPPORTED` names
 what cannot be read.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraport.quant import ggml_kquants
+from loraport.quant import ggml_kdequant, ggml_kquants
 from loraport.threads import cores, torch_threads
 
 
@@ -193,7 +194,8 @@ def _dq5_1(b):
 
 
 _QUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, **ggml_kquants.QUANTIZERS}
-_DEQUANT = {"Q8_0": _dq8_0, "Q4_0": _dq4_0, "Q4_1": _dq4_1, "Q5_0": _dq5_0, "Q5_1": _dq5_1}
+_DEQUANT = {"Q8_0": _dq8_0, "Q4_0": _dq4_0, "Q4_1": _dq4_1, "Q5_0": _dq5_0, "Q5_1": _dq5_1,
+            **ggml_kdequant.DEQUANTIZERS}
 # super-blocks per step for the k-quants: their searches run ~20 passes over [lanes, sub-blocks] buffers, so a
 # step of 1024 (1 MiB of fp32) amortizes the per-op cost while the buffers stay in cache
 K_CHUNK = 1024
@@ -242,7 +244,7 @@ def writable(t: GgmlType) -> GgmlType:
 def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.Tensor:
     """GGUF bytes (flat uint8) of a tensor of `shape` (torch order) -> fp32."""
     raw = raw.reshape(-1)
-    if t.name not in _DEQUANT and t.block > 1:  # k-quants and the rest: gguf.quants' numpy dequantizer
+    if t.name not in _DEQUANT and t.block > 1:  # READ_ONLY types: gguf.quants' numpy dequantizer
         import gguf
         import numpy as np
 
@@ -257,5 +259,5 @@ def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.
         return raw.view(torch.bfloat16).float().reshape(shape)
     blocks = raw.reshape(-1, t.nbytes)
     out = torch.empty(blocks.shape[0], t.block, dtype=torch.float32)
-    _chunked(_DEQUANT[t.name], blocks, out)
+    _chunked(_DEQUANT[t.name], blocks, out, K_CHUNK if t.block == ggml_kquants.QK else CHUNK)
     return out.reshape(shape)
