@@ -37,12 +37,15 @@ from loraport.onnx.quantize import Int4Options, dequantize_int4, quantize_int4  
 from loraport.quant import ggml  # noqa: E402
 
 
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
+def _best(*fns, repeat: int) -> list[float]:
+    """Best time of each function over `repeat` rounds, the functions taking turns within a round: on a shared
+    machine the load then weighs on all of them alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -59,9 +62,8 @@ def throughput(rows: int, cols: int, repeat: int) -> None:
         ref = gguf.quants.quantize(x, qt)
         ours = ggml.quantize(xt, t)
         same = np.array_equal(ref.reshape(-1).view(np.uint8), ours.numpy())
-        a = _best(lambda qt=qt: gguf.quants.quantize(x, qt), repeat)
-        b = _best(lambda t=t: ggml.quantize(xt, t), repeat)
-        c = _best(lambda t=t: ggml.quantize(xt, t, workers=1), repeat)
+        a, b, c = _best(lambda qt=qt: gguf.quants.quantize(x, qt), lambda t=t: ggml.quantize(xt, t),
+                        lambda t=t: ggml.quantize(xt, t, workers=1), repeat=repeat)
         print(f"{name:6s} {mib / a:18.0f} {mib / b:15.0f} {a / b:5.1f}x {mib / c:14.0f} {a / c:5.1f}x  "
               f"{'identical' if same else 'DIFFER'}")
 
@@ -92,11 +94,30 @@ def kquant_throughput(rows: int, cols: int, repeat: int) -> None:
             diff = (ref.reshape(-1, t.nbytes) != ours.reshape(-1, t.nbytes)).any(1).mean()
             codes = "identical" if diff == 0 else \
                 f"{diff:.2%} super-blocks differ, error ratio {_rms(ours, t, x) / _rms(ref, t, x):.4f}"
-            a = _best(lambda name=name, x=x: lib.quantize(x, name), repeat)
-            b = _best(lambda t=t, xt=xt: ggml.quantize(xt, t), repeat)
-            c = _best(lambda t=t, xt=xt: ggml.quantize(xt, t, workers=1), repeat)
+            a, b, c = _best(lambda name=name, x=x: lib.quantize(x, name), lambda t=t, xt=xt: ggml.quantize(xt, t),
+                            lambda t=t, xt=xt: ggml.quantize(xt, t, workers=1), repeat=repeat)
             print(f"{name:5s} {label:10s} {mib / a:13.1f} {mib / b:14.1f} {a / b:5.2f}x {mib / c:14.1f} {a / c:5.2f}x"
                   f"  {codes}")
+
+
+def kquant_reading(rows: int, cols: int, repeat: int) -> None:
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32) * 0.02)
+    mib = x.numel() * 4 / 2**20
+    print(f"\n== k-quant reading (dequantize), {rows}x{cols} ({mib:.0f} MiB of fp32 out)")
+    print(f"{'type':5s} {'gguf.quants MiB/s':>18s} {'loraport MiB/s':>15s} {'ratio':>6s}  values")
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        t = ggml.BY_NAME[name]
+        raw = ggml.quantize(x, t)
+        blocks, qt = raw.numpy().reshape(-1, t.nbytes), gguf.GGMLQuantizationType(t.id)
+        def ref(blocks=blocks, qt=qt):
+            return gguf.quants.dequantize(blocks, qt)
+
+        def ours(raw=raw, t=t):
+            return ggml.dequantize(raw, t, x.shape)
+
+        same = np.array_equal(ref().reshape(-1), ours().numpy().reshape(-1))
+        a, b = _best(ref, ours, repeat=repeat)
+        print(f"{name:5s} {mib / a:18.0f} {mib / b:15.0f} {a / b:5.1f}x  {'identical' if same else 'DIFFER'}")
 
 
 def _ort(W: torch.Tensor, block: int, symmetric: bool) -> torch.Tensor:
@@ -167,6 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     throughput(args.rows, args.cols, args.repeat)
     kquant_throughput(args.krows, args.cols, args.repeat)
+    kquant_reading(args.krows, args.cols, args.repeat)
     if args.skip_int4:
         print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         return
