@@ -1,22 +1,26 @@
-"""ggml's k-quants Q2_K, Q4_K, Q5_K, Q6_K written in torch, code for code what libggml's
+"""ggml's k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K written in torch, code for code what libggml's
 `ggml_quantize_chunk` writes without an importance matrix (it then calls ggml-quants.c's
-`quantize_row_q*_K_ref`, the quantizer `llama-quantize` uses when given no imatrix).
+`quantize_row_q*_K_ref`, the quantizer `llama-quantize` uses when given no imatrix). Read back by
+`loraport.quant.ggml_kdequant`; layouts and a worked example in formats/gguf.md.
 
-A super-block holds 256 weights: sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q2_K, Q6_K), each with its own scale
-(and min), the scales themselves quantized against one fp16 `d` (and `dmin`) per super-block:
+A super-block holds 256 weights: sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q2_K, Q3_K, Q6_K), each with its own
+scale (and min), the scales themselves quantized against one fp16 `d` (and `dmin`) per super-block:
   Q2_K [16 B scales (4-bit scale | 4-bit min << 4), 64 B 2-bit codes, d, dmin]       x = d·sc·q − dmin·m
+  Q3_K [32 B high bits, 64 B 2-bit codes, 12 B 6-bit signed scales, d]               x = d·sc·(q − 4)
   Q4_K [d, dmin, 12 B 6-bit scales and mins, 128 B nibbles]                          x = d·sc·q − dmin·m
   Q5_K [d, dmin, 12 B 6-bit scales and mins, 32 B high bits, 128 B nibbles]          x = d·sc·q − dmin·m
   Q6_K [128 B low nibbles, 64 B 2-bit highs, 16 × int8 scales, d]                    x = d·sc·(q − 32)
 
 Per sub-block the reference searches for the scale: Q2_K/Q4_K/Q5_K (`make_qkx2_quants`) try the range's
 own grid and `nstep + 1` stretched grids, fit scale and min to each by weighted least squares and keep the
-grid of least weighted error; Q6_K (`make_qx_quants`) tries 19 grids around absmax/−32 and keeps each one
-that raises Σwxl²/Σwl². Here every candidate grid of every sub-block is computed at once (lanes × candidates
-× sub-blocks), and the choice made in the reference's order. The codes equal libggml's because the float32
-arithmetic is the same: every product in C's association order, every sum accumulated lane by lane in order
-(`_seqsum`; torch's own reductions add in another order), nearest_int = round half to even, fp16 by
-round-to-nearest-even. Q3_K (`make_q3_quants`, a per-weight coordinate descent) has no quantizer here.
+fit of least weighted error; Q6_K (`make_qx_quants`) tries 19 grids around absmax/−32 and keeps each one that
+raises Σwxl²/Σwl²; Q3_K (`make_q3_quants`) sweeps one weight at a time. The candidates are tried in the
+reference's order (a kept fit's min moves the next grids), each one vectorized over every sub-block of a
+chunk, laid out lanes-first ([lane, sub-block]) so that a sum over a sub-block's weights is a loop of
+contiguous adds. The codes equal libggml's because the float32 arithmetic is the same: every product in C's
+association order, every sum accumulated lane by lane in order (`_seqsum`; torch's own reductions add in
+another order), true division (`_rdiv`), a correctly rounded √ (`_sqrt`), nearest_int = round half to even,
+fp16 by round-to-nearest-even, C's integer conversions (`_byte`).
 """
 
 from __future__ import annotations
