@@ -72,6 +72,13 @@ def _byte(i: torch.Tensor) -> torch.Tensor:
 
 
 # --- the per-sub-block searches -----------------------------------------------------------------------------
+def _nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int bit for bit, also past |f| > 2²² where it wraps (as a float tensor): the low 23 bits
+    of f + 1.5·2²³ in float32. Within range it is round half to even (torch.round), used where f is bounded."""
+    bits = (f + 12582912.0).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).float()
+
+
 def _first_absmax(x: torch.Tensor) -> torch.Tensor:
     """The value of largest magnitude over dim 0, signed, the first one on ties: C's `if (ax > amax) { amax = ax;
     max = x[i]; }`. A scan over the lanes: argmax across dim 0 is not vectorized in torch (~50x slower)."""
@@ -197,7 +204,7 @@ def _q3(x: torch.Tensor, nmax: int):
             li = L[i]
             slx0 = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new = torch.round(x[i] * sl2 / slx0).clamp_(-nmax, nmax - 1)
+            new = _nearest_int(x[i] * sl2 / slx0).clamp_(-nmax, nmax - 1)  # unbounded where slx0 is tiny
             slx = slx0 + wx[i] * new
             sl2 = sl2 + w[i] * new * new
             up = (slx0 > 0) & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
