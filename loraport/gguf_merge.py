@@ -96,8 +96,8 @@ def merge_gguf(base: str | Path, adapters, out: str | Path, *, dtype: str = "aut
 
 
 def _entries(src: GgufBase, plan) -> tuple[list[GgufEntry], list[str]]:
-    """The output's tensor table (each tensor's type: its own; an updated k-quant's fallback) and a warning per
-    kind of fallback."""
+    """The output's tensor table (each tensor's type: its own; an updated IQ* / TQ* / MXFP4 tensor's fallback)
+    and a warning per kind of fallback."""
     entries, moved = [], {}
     for name, g in src.gguf_of.items():
         t = src.file.tensors[g]

@@ -32,8 +32,9 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{BLOCK[rest.removesuffix('.weight')]}.weight"
 
 
-# where a k-quant block keeps its fp16 super-block scales (ggml-common.h block_q4_K / block_q6_K)
-K_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+# where a k-quant (or IQ4_XS) block keeps its fp16 super-block scales (ggml-common.h block_q4_K / block_q6_K /
+# block_iq4_xs)
+K_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,), "IQ4_XS": (0,)}
 
 
 def _k_blocks(shape: tuple, qtype: str, rng) -> np.ndarray:

@@ -16,7 +16,9 @@ shape quirks are served here: 5-D tensors (Wan's patch embedding) are read, and 
 with `comfy.gguf.orig_shape.<name>` is served in that shape and re-quantized in its stored one.
 
 The header is walked by `loraport.formats.gguf.GGUFFile` (every length and offset bounded by the file size);
-a tensor type loraport cannot re-quantize is refused by name before anything is written.
+a type with no quantizer here (IQ*, TQ*, MXFP4) is written, once updated, in the nearest type with at least as
+many bits per weight (`ggml.writable`, with a warning); a type loraport cannot read is refused by name before
+anything is written.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class GgufBase(Checkpoint):
         return ggml.TYPES.get(gt) or ggml.READ_ONLY[gt]
 
     def out_type(self, name: str) -> ggml.GgmlType:
-        """How `name` is written once updated (its own type, or the k-quant's fallback)."""
+        """How `name` is written once updated (its own type, or the nearest writable one for IQ* / TQ* / MXFP4)."""
         return ggml.writable(self.ggml_type(name))
 
     def info(self, name: str) -> TensorInfo:

@@ -10,9 +10,12 @@ Block layouts (32 weights a block, little-endian, d and m fp16):
   Q5_0 [d, 4 B high bits, 16 B]       x = d·(q − 16), d = signed absmax / −16
   Q5_1 [d, m, 4 B high bits, 16 B]    x = d·q + m,    d = (max − min) / 31
 Nibbles: byte j holds weight j (low) and weight j + 16 (high); high bits: bit j of the uint32 is weight j's.
-The k-quants Q2_K…Q6_K are read (through gguf.quants' dequantizer) but not written: gguf-py has no quantizer
-for them and libggml's is not reachable here, so `writable()` names the legacy type an updated tensor is
-written in instead (`FALLBACK`: at least as many bits per weight); `UNSUPPORTED` names what cannot be read.
+The k-quants Q2_K…Q6_K (256-weight super-blocks) are written by `loraport.quant.ggml_kquants`, code for code
+libggml's `ggml_quantize_chunk` without an importance matrix, and read by `loraport.quant.ggml_kdequant`, value
+for value gguf.quants' dequantizer. Types
+loraport reads but cannot write (`READ_ONLY`: the IQ* and TQ* grids, MXFP4) are written, once updated, in the
+type `FALLBACK` names (`writable()`): the nearest with at least as many bits per weight. `UNSUPPORTED` names
+what cannot be read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraport.quant import ggml_kdequant, ggml_kquants
 from loraport.threads import cores, torch_threads
 
 
@@ -38,19 +42,28 @@ TYPES: dict[int, GgmlType] = {t.id: t for t in (
     GgmlType("Q4_0", 2, 32, 18), GgmlType("Q4_1", 3, 32, 20), GgmlType("Q5_0", 6, 32, 22),
     GgmlType("Q5_1", 7, 32, 24), GgmlType("Q8_0", 8, 32, 34),
 )}
-# k-quants: read (dequantized by gguf.quants, the reference), but loraport has no quantizer for them: an updated
-# tensor is written in the nearest type here with at least as many bits per weight (a warning says so)
-READ_ONLY: dict[int, GgmlType] = {t.id: t for t in (
+TYPES.update({t.id: t for t in (  # k-quants: 256-weight super-blocks (ggml_kquants.py)
     GgmlType("Q2_K", 10, 256, 84), GgmlType("Q3_K", 11, 256, 110), GgmlType("Q4_K", 12, 256, 144),
     GgmlType("Q5_K", 13, 256, 176), GgmlType("Q6_K", 14, 256, 210),
+)})
+# read (dequantized by gguf.quants, the reference) but not written: libggml quantizes these with lattice searches
+# (and an importance matrix for the smallest) loraport does not reproduce. An updated tensor is written in the
+# FALLBACK type, the nearest with at least as many bits per weight and a block that divides the row; a warning
+# names both. bpw: IQ1_S 1.56, IQ1_M 1.75, IQ2_XXS 2.06, IQ2_XS 2.31, IQ2_S 2.56, TQ1_0 1.69, TQ2_0 2.06 -> Q2_K
+# 2.63; IQ3_XXS 3.06, IQ3_S 3.44 -> Q3_K 3.44; IQ4_XS 4.25 -> Q4_K 4.5; IQ4_NL 4.5, MXFP4 4.25 (blocks of 32)
+# -> Q4_1 5.0.
+READ_ONLY: dict[int, GgmlType] = {t.id: t for t in (
+    GgmlType("IQ2_XXS", 16, 256, 66), GgmlType("IQ2_XS", 17, 256, 74), GgmlType("IQ3_XXS", 18, 256, 98),
+    GgmlType("IQ1_S", 19, 256, 50), GgmlType("IQ4_NL", 20, 32, 18), GgmlType("IQ3_S", 21, 256, 110),
+    GgmlType("IQ2_S", 22, 256, 82), GgmlType("IQ4_XS", 23, 256, 136), GgmlType("IQ1_M", 29, 256, 56),
+    GgmlType("TQ1_0", 34, 256, 54), GgmlType("TQ2_0", 35, 256, 66), GgmlType("MXFP4", 39, 32, 17),
 )}
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}  # bpw 2.6/3.4/4.5/5.5/6.6
+FALLBACK = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K",
+            "TQ1_0": "Q2_K", "TQ2_0": "Q2_K", "IQ3_XXS": "Q3_K", "IQ3_S": "Q3_K", "IQ4_XS": "Q4_K",
+            "IQ4_NL": "Q4_1", "MXFP4": "Q4_1"}
 BY_NAME = {t.name: t for t in (*TYPES.values(), *READ_ONLY.values())}
 # ggml types a GGUF base may hold that loraport cannot read (named in the refusal)
-UNSUPPORTED = {15: "Q8_K", 16: "IQ2_XXS",
-               17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
-               24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
-               39: "MXFP4"}
+UNSUPPORTED = {15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 
 
 # Blocks per step: ~1 MB of fp32 temporaries stay in cache and in the allocator's reused memory. Whole-tensor
@@ -118,9 +131,16 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- quantize: [n, 32] fp32 blocks -> [n, nbytes] uint8 ------------------------------------------------------
+_JUST_BELOW_HALF = torch.tensor(0.49999997)  # 0.5 − 2⁻²⁵, the float32 just below 0.5
+
+
 def _q8_0(x):
+    """roundf(x/d) as trunc(y ± 0.49999997) (the float→int8 conversion truncates): exact half-away-from-zero for
+    |y| ≤ 127.5 — a tie y = k + 0.5 sums to within 2⁻²⁵ of k + 1 and rounds up to it, anything below stays below,
+    and unlike y ± 0.5 the largest float below 0.5 stays 0. 3 passes instead of _roundf's 8: 2x faster."""
     d = x.abs().amax(1, keepdim=True) / 127
-    q = _roundf(x * _inverse(d)).to(torch.int8).view(torch.uint8)
+    y = x * _inverse(d)
+    q = torch.copysign(_JUST_BELOW_HALF, y).add_(y).to(torch.int8).view(torch.uint8)
     return torch.cat([_f16_bytes(d), q], 1)
 
 
@@ -173,28 +193,34 @@ def _dq5_1(b):
     return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
 
 
-_BLOCK_FNS = {"Q8_0": (_q8_0, _dq8_0), "Q4_0": (_q4_0, _dq4_0), "Q4_1": (_q4_1, _dq4_1),
-              "Q5_0": (_q5_0, _dq5_0), "Q5_1": (_q5_1, _dq5_1)}
+_QUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, **ggml_kquants.QUANTIZERS}
+_DEQUANT = {"Q8_0": _dq8_0, "Q4_0": _dq4_0, "Q4_1": _dq4_1, "Q5_0": _dq5_0, "Q5_1": _dq5_1,
+            **ggml_kdequant.DEQUANTIZERS}
+# super-blocks per step for the k-quants: their searches run ~20 passes over [lanes, sub-blocks] buffers, so a
+# step of 1024 (1 MiB of fp32) amortizes the per-op cost while the buffers stay in cache
+K_CHUNK = 1024
 
 
-def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    """out[i] = fn(blocks[i]) a chunk at a time, chunks spread over the cores, one torch thread each (an
-    OpenMP team per op stalled on a busy machine: 5x slower than one thread; see loraport/threads.py)."""
-    starts = range(0, blocks.shape[0], CHUNK)
+def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK, workers: int | None = None) -> None:
+    """out[i] = fn(blocks[i]) a chunk at a time, chunks spread over the cores (or `workers` threads), one torch
+    thread each (an OpenMP team per op stalled on a busy machine: 5x slower than one thread; loraport/threads.py)."""
+    starts = range(0, blocks.shape[0], chunk)
+    workers = workers or cores()
 
     def one(i: int) -> None:
         with torch_threads(1):
-            out[i:i + CHUNK] = fn(blocks[i:i + CHUNK])
+            out[i:i + chunk] = fn(blocks[i:i + chunk])
 
-    if len(starts) == 1 or cores() == 1:
+    if len(starts) == 1 or workers == 1:
         one(0) if len(starts) == 1 else [one(i) for i in starts]
         return
-    with ThreadPoolExecutor(max_workers=min(cores(), len(starts))) as ex:
+    with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as ex:
         list(ex.map(one, starts))
 
 
-def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
-    """fp32 tensor (rows a multiple of the block) -> its GGUF bytes, flat uint8."""
+def quantize(x: torch.Tensor, t: GgmlType, workers: int | None = None) -> torch.Tensor:
+    """fp32 tensor (rows a multiple of the block) -> its GGUF bytes, flat uint8; on `workers` threads (default:
+    every core)."""
     x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
     if t.name == "F32":
         return x.reshape(-1).view(torch.uint8)
@@ -206,19 +232,19 @@ def quantize(x: torch.Tensor, t: GgmlType) -> torch.Tensor:
         raise ValueError(f"rows of {x.shape[-1]} are not a multiple of {t.name}'s block of {t.block}")
     blocks = x.reshape(-1, t.block)
     out = torch.empty(blocks.shape[0], t.nbytes, dtype=torch.uint8)
-    _chunked(_BLOCK_FNS[t.name][0], blocks, out)
+    _chunked(_QUANT[t.name], blocks, out, K_CHUNK if t.block == ggml_kquants.QK else CHUNK, workers)
     return out.reshape(-1)
 
 
 def writable(t: GgmlType) -> GgmlType:
-    """The type an updated tensor stored as `t` is written in: itself, or its FALLBACK."""
+    """The type an updated tensor stored as `t` is written in: itself, or its FALLBACK (READ_ONLY types)."""
     return BY_NAME[FALLBACK[t.name]] if t.id in READ_ONLY else t
 
 
 def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.Tensor:
     """GGUF bytes (flat uint8) of a tensor of `shape` (torch order) -> fp32."""
     raw = raw.reshape(-1)
-    if t.id in READ_ONLY:  # gguf.quants' numpy dequantizer is the reference (and the only one here)
+    if t.name not in _DEQUANT and t.block > 1:  # READ_ONLY types: gguf.quants' numpy dequantizer
         import gguf
         import numpy as np
 
@@ -233,5 +259,5 @@ def dequantize(raw: torch.Tensor, t: GgmlType, shape: tuple[int, ...]) -> torch.
         return raw.view(torch.bfloat16).float().reshape(shape)
     blocks = raw.reshape(-1, t.nbytes)
     out = torch.empty(blocks.shape[0], t.block, dtype=torch.float32)
-    _chunked(_BLOCK_FNS[t.name][1], blocks, out)
+    _chunked(_DEQUANT[t.name], blocks, out, K_CHUNK if t.block == ggml_kquants.QK else CHUNK)
     return out.reshape(shape)
