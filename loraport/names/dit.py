@@ -28,6 +28,7 @@ from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_R
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
+from loraport.names.dit_zimage import ZIMAGE_ANCHORS, ZIMAGE_FUSED, ZIMAGE_ROWS
 
 
 # ------------------------------------------------------------------------------------------------- families
@@ -66,6 +67,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
     Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
            {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
+    Family("zimage", "Z-Image (Turbo, Omni)", _columns(ZIMAGE_ROWS), ZIMAGE_FUSED, ZIMAGE_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -82,14 +84,20 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "xlabs":      ("xlabs",     "",                  "."),  # XLabs-AI x-flux (`….processor.qkv_lora1`)
     "comfy":      ("original",  "diffusion_model.",  "."),  # diffusion-pipe, ComfyUI (PEFT keys, original names)
     "diffsynth":  ("original",  "",                  "."),  # DiffSynth-Studio (`….lora_A.default.weight`)
+    "musubi":     ("diffusers", "lora_unet_",        "_"),  # musubi-tuner's Z-Image: its model has diffusers' names
+    "aitoolkit":  ("diffusers", "diffusion_model.",  "."),  # ai-toolkit's Z-Image: ComfyUI's prefix, diffusers' names
 }
+# dialects that only some families' trainers write (absent: every family's); others' names are not read so
+ONLY_FOR: dict[str, tuple[str, ...]] = {"musubi": ("zimage",), "aitoolkit": ("zimage",)}
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
                   "xlabs": "XLabs x-flux (processor.qkv_lora1)",
                   "comfy": "diffusion-pipe / ComfyUI (diffusion_model.)",
-                  "diffsynth": "DiffSynth-Studio (bare original names)"}
+                  "diffsynth": "DiffSynth-Studio (bare original names)",
+                  "musubi": "musubi-tuner (lora_unet_, diffusers names)",
+                  "aitoolkit": "ai-toolkit (diffusion_model., diffusers names)"}
 READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs", "comfy": "diffusers",
-           "diffsynth": "diffusers"}  # dialect → format
+           "diffsynth": "diffusers", "musubi": "kohya", "aitoolkit": "diffusers"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
@@ -233,6 +241,8 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
             continue
         rest = name[len(prefix):]
         for fam, table in TABLES.items():
+            if fam not in ONLY_FOR.get(dialect, (fam,)):
+                continue
             for row in table.rows:
                 cell = row[COLUMNS.index(column)]
                 if cell is None:
@@ -305,7 +315,8 @@ def support_table() -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fam in FAMILIES:
         for d, (column, _, _) in DIALECTS.items():
-            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows):
+            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows) \
+                    or fam.name not in ONLY_FOR.get(d, (fam.name,)):
                 continue  # a trainer that never targets this family
             fmt = READ_BY[d]
             wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"
