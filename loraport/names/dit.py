@@ -63,8 +63,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
     Family("chroma", "Chroma", _columns(CHROMA_ROWS, FLUX_XLABS), CHROMA_FUSED,  # XLabs: Flux attention LoRAs
-           CHROMA_ANCHORS, {}, kin="flux"),
-    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
+           CHROMA_ANCHORS, {"lora_te3": "text_encoder"}, kin="flux"),  # sd-scripts: T5 keeps Flux's te3
+    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS,
+           {"lora_te": "text_encoder"}),  # sd-scripts lora_lumina: Gemma2
     Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
            {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
     Family("zimage", "Z-Image (Turbo, Omni)", _columns(ZIMAGE_ROWS), ZIMAGE_FUSED, ZIMAGE_ANCHORS, {}),
