@@ -96,9 +96,10 @@ def test_zimage_is_named_with_its_dialect_and_layout():
     for lora, want in (("diffusers", {"diffusers"}), ("aitoolkit", {"aitoolkit"}), ("comfy", {"comfy"}),
                        ("kohya", {"kohya"}), ("musubi", {"musubi"})):
         d = inspect(F / f"zimage_{lora}.safetensors").report["family"]
-        # names both spellings share (feed_forward.w1, adaLN_modulation.0) count for both dialects of a prefix
-        assert d["family"] == "zimage" and want <= set(d["dialects"]), (lora, d)
-        assert set(d["dialects"]) <= {"kohya", "musubi"} | want or set(d["dialects"]) <= {"comfy", "aitoolkit"}, d
+        # names both spellings of a prefix share (feed_forward.w1, adaLN_modulation.0) do not add the other dialect
+        assert d["family"] == "zimage" and set(d["dialects"]) == want, (lora, d)
+    shared = ["lora_unet_layers_0_feed_forward_w1", "lora_unet_layers_1_adaLN_modulation_0"]  # either spelling
+    assert dit.families_of_modules(shared)["zimage"] == (2, {"kohya", "musubi"})
     for layout in ("diffusers", "original"):
         d = inspect(F / "zimage_kohya.safetensors", base=ZIMAGE[layout]).report["family"]
         assert d["base_layout"] == layout, d

@@ -257,13 +257,24 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
 
 def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tuple[int, set[str]]]:
     """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module."""
-    fams: dict[str, tuple[int, set[str]]] = {}
+    fams: dict[str, list[frozenset[str]]] = {}  # family → per module it knows, the dialects that read it
     for n in names:
         hits = [h for alt in ((n,) if isinstance(n, str) else n) for h in unspell(alt)]
         for fam in dict.fromkeys(f for f, _, _ in hits):
-            count, dialects = fams.get(fam, (0, set()))
-            fams[fam] = (count + 1, dialects | {d for f, d, _ in hits if f == fam})
-    return fams
+            fams.setdefault(fam, []).append(frozenset(d for f, d, _ in hits if f == fam))
+    return {fam: (len(per), _spoken(per)) for fam, per in fams.items()}
+
+
+def _spoken(per: list[frozenset[str]]) -> set[str]:
+    """The dialects a LoRA is written in, from the dialects reading each module: one that reads only modules another
+    reads too, which also reads more, is not (Z-Image's `feed_forward.w1` is `lora_unet_` in kohya's and musubi's
+    spelling alike: a file with `attention_to_q` is musubi's)."""
+    every = set().union(*per)
+
+    def reads(d: str) -> frozenset[int]:
+        return frozenset(i for i, p in enumerate(per) if d in p)
+
+    return {d for d in every if not any(reads(d) < reads(e) for e in every)}
 
 
 def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
