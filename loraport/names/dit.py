@@ -31,6 +31,7 @@ from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_R
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
 from loraport.names.dit_wan import WAN_ROWS
+from loraport.names.dit_zimage import ZIMAGE_ANCHORS, ZIMAGE_FUSED, ZIMAGE_ROWS
 
 
 # ------------------------------------------------------------------------------------------------- families
@@ -69,8 +70,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen", "Qwen-Image (and Edit)", _columns(QWEN_ROWS), {},
            {"diffusers": QWEN_ANCHOR, "original": QWEN_ANCHOR}, {}),
     Family("chroma", "Chroma", _columns(CHROMA_ROWS, FLUX_XLABS), CHROMA_FUSED,  # XLabs: Flux attention LoRAs
-           CHROMA_ANCHORS, {}, kin="flux"),
-    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS, {}),
+           CHROMA_ANCHORS, {"lora_te3": "text_encoder"}, kin="flux"),  # sd-scripts: T5 keeps Flux's te3
+    Family("lumina2", "Lumina-Image 2.0", _columns(LUMINA2_ROWS), LUMINA2_FUSED, LUMINA2_ANCHORS,
+           {"lora_te": "text_encoder"}),  # sd-scripts lora_lumina: Gemma2
     Family("hidream", "HiDream-I1 / E1", _columns(HIDREAM_ROWS), {},
            {"diffusers": HIDREAM_ANCHOR, "original": HIDREAM_ANCHOR}, {}),
     Family("flux2", "Flux.2 (dev, Klein)", _columns(FLUX2_ROWS), FLUX2_FUSED,
@@ -79,6 +81,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("hunyuan_video", "HunyuanVideo", _columns(HUNYUAN_ROWS), HUNYUAN_FUSED, HUNYUAN_ANCHORS,
            {}, shadows=("flux",)),
     Family("ltx_video", "LTX-Video", _columns(LTX_ROWS), {}, LTX_ANCHORS, {}),
+    Family("zimage", "Z-Image (Turbo, Omni)", _columns(ZIMAGE_ROWS), ZIMAGE_FUSED, ZIMAGE_ANCHORS, {}),
 )
 
 # Bases of families without a table yet, named in the "wrong base" message (column → anchor).
@@ -98,7 +101,11 @@ DIALECTS: dict[str, tuple[str, str, str]] = {
     "peft_original": ("original", "base_model.model.", "."),  # PEFT around the original model (fal Kontext)
     "lycoris":    ("diffusers", "lycoris_",          "_"),  # LyCORIS wrapper around the diffusers model (SimpleTuner)
     "lycoris_original": ("original", "lycoris_",     "_"),  # LyCORIS wrapper around the original model (ComfyUI Wan)
+    "musubi":     ("diffusers", "lora_unet_",        "_"),  # musubi-tuner's Z-Image: its model has diffusers' names
+    "aitoolkit":  ("diffusers", "diffusion_model.",  "."),  # ai-toolkit's Z-Image: ComfyUI's prefix, diffusers' names
 }
+# dialects that only some families' trainers write (absent: every family's); others' names are not read so
+ONLY_FOR: dict[str, tuple[str, ...]] = {"musubi": ("zimage",), "aitoolkit": ("zimage",)}
 DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": "OneTrainer (lora_transformer_)",
                   "diffusers": "diffusers / ai-toolkit / SimpleTuner (transformer.)",
                   "xlabs": "XLabs x-flux (processor.qkv_lora1)",
@@ -106,10 +113,12 @@ DIALECT_TITLES = {"kohya": "kohya / sd-scripts (original names)", "onetrainer": 
                   "diffsynth": "DiffSynth-Studio (bare original names)",
                   "peft_original": "PEFT on original names (base_model.model.; fal Kontext)",
                   "lycoris": "LyCORIS wrapper / SimpleTuner (lycoris_, diffusers names)",
-                  "lycoris_original": "LyCORIS wrapper (lycoris_, original names)"}
+                  "lycoris_original": "LyCORIS wrapper (lycoris_, original names)",
+                  "musubi": "musubi-tuner (lora_unet_, diffusers names)",
+                  "aitoolkit": "ai-toolkit (diffusion_model., diffusers names)"}
 READ_BY = {"kohya": "kohya", "onetrainer": "kohya", "diffusers": "diffusers", "xlabs": "xlabs", "comfy": "diffusers",
            "diffsynth": "diffusers", "peft_original": "diffusers", "lycoris": "lycoris",
-           "lycoris_original": "lycoris"}  # dialect → format
+           "lycoris_original": "lycoris", "musubi": "kohya", "aitoolkit": "diffusers"}  # dialect → format
 WRITTEN_BY = {"kohya": "kohya", "diffusers": "diffusers"}  # dialect → the `convert --to` format that writes it
 BASE_PREFIXES = {"diffusers": ("transformer.", ""), "original": ("model.diffusion_model.", "")}
 BASE_TITLES = {"diffusers": "diffusers folder (transformer/)", "original": "original single file"}
@@ -253,6 +262,8 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
             continue
         rest = name[len(prefix):]
         for fam, table in TABLES.items():
+            if fam not in ONLY_FOR.get(dialect, (fam,)):
+                continue
             for row in table.rows:
                 cell = row[COLUMNS.index(column)]
                 if cell is None:
@@ -265,25 +276,30 @@ def unspell(name: str) -> list[tuple[str, str, str]]:
 
 
 def families_of_modules(names: Iterable[str | tuple[str, ...]]) -> dict[str, tuple[int, set[str]]]:
-    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module.
-    A module two dialects spell alike (a `lycoris_` name the same in both columns: Qwen-Image's, Wan's
-    patch_embedding) counts for the first of them unless another module needs the second."""
-    fams: dict[str, tuple[int, set[str]]] = {}
-    alike: dict[str, list[tuple[str, ...]]] = {}
+    """family → (how many of a LoRA's modules its table knows, their dialects); a tuple of spellings: one module."""
+    fams: dict[str, list[frozenset[str]]] = {}  # family → per module it knows, the dialects that read it
     for n in names:
         hits = [h for alt in ((n,) if isinstance(n, str) else n) for h in unspell(alt)]
         for fam in dict.fromkeys(f for f, _, _ in hits):
-            count, dialects = fams.get(fam, (0, set()))
-            mine = tuple(dict.fromkeys(d for f, d, _ in hits if f == fam))
-            if len(mine) > 1 and len({DIALECTS[d][1:] for d in mine}) == 1:
-                alike.setdefault(fam, []).append(mine)
-                mine = ()
-            fams[fam] = (count + 1, dialects | set(mine))
-    for fam, groups in alike.items():
-        for group in groups:
-            if not set(group) & fams[fam][1]:
-                fams[fam][1].add(group[0])
-    return fams
+            fams.setdefault(fam, []).append(frozenset(d for f, d, _ in hits if f == fam))
+    return {fam: (len(per), _spoken(per)) for fam, per in fams.items()}
+
+
+def _spoken(per: list[frozenset[str]]) -> set[str]:
+    """The dialects a LoRA is written in, from the dialects reading each module: one that reads only modules another
+    reads too, which also reads more, is not (Z-Image's `feed_forward.w1` is `lora_unet_` in kohya's and musubi's
+    spelling alike: a file with `attention_to_q` is musubi's)."""
+    every = set().union(*per)
+
+    def reads(d: str) -> frozenset[int]:
+        return frozenset(i for i, p in enumerate(per) if d in p)
+
+    spoken = {d for d in every if not any(reads(d) < reads(e) for e in every)}
+    # two dialects spelling every module alike (a `lycoris_` name the same in both columns: Qwen-Image's, Wan's
+    # patch_embedding): the first of them
+    order = list(DIALECTS)
+    return {d for d in spoken if not any(order.index(e) < order.index(d) and reads(e) == reads(d)
+                                         and DIALECTS[e][1:] == DIALECTS[d][1:] for e in spoken)}
 
 
 def family_of_modules(names: Iterable[str], prefer: str | None = None) -> tuple[str | None, set[str]]:
@@ -354,7 +370,8 @@ def support_table() -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fam in FAMILIES:
         for d, (column, _, _) in DIALECTS.items():
-            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows):
+            if not any(row[COLUMNS.index(column)] for row in TABLES[fam.name].rows) \
+                    or fam.name not in ONLY_FOR.get(d, (fam.name,)):
                 continue  # a trainer that never targets this family
             fmt = READ_BY[d]
             wrote = f"`convert --to {WRITTEN_BY[d]}`" if d in WRITTEN_BY else "—"

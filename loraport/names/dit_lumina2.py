@@ -29,4 +29,6 @@ LUMINA2_ROWS: tuple[tuple[str, str], ...] = sum((_block_rows(b) for b in BLOCKS)
     ("norm_out.linear_2",                                   "final_layer.linear"),
 )
 LUMINA2_FUSED: dict[str, tuple[str, ...]] = {f"{b}.{{i}}.attention.qkv": ("h", "*", "*") for b in BLOCKS}
-LUMINA2_ANCHORS = {"diffusers": "time_caption_embed.caption_embedder.1.weight", "original": "cap_embedder.1.weight"}
+# Z-Image's bases have cap_embedder.1 too: the original's anchor is the block modulation (Z-Image's is .0)
+LUMINA2_ANCHORS = {"diffusers": "time_caption_embed.caption_embedder.1.weight",
+                   "original": "layers.0.adaLN_modulation.1.weight"}

@@ -106,10 +106,11 @@ CLIP_TEXT_MODEL_PARTS = ("embeddings", "encoder", "final_layer_norm")
 
 
 def te_spellings(module: str) -> list[str]:
-    """[canonical (with text_model.), alternative] spellings of a CLIP text-model module path."""
+    """[canonical (with text_model.), alternative] spellings of a CLIP text-model module path (a T5 encoder's
+    `encoder.block.…` has no text_model. wrapper: sd-scripts writes `lora_te3_encoder_block_…`)."""
     if module.startswith("text_model."):
         return [module, module[len("text_model."):]]
-    if module.split(".", 1)[0] in CLIP_TEXT_MODEL_PARTS:
+    if module.split(".", 1)[0] in CLIP_TEXT_MODEL_PARTS and not module.startswith("encoder.block."):
         return ["text_model." + module, module]
     return [module]
 
