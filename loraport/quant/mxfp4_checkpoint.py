@@ -82,6 +82,9 @@ def _spec(ck: Checkpoint, bname: str) -> tuple[str, Mxfp4Spec]:
         raise _bad(ck, sname, f"shape {list(ss)} does not match its blocks {list(bs)} (expected {list(bs[:-1])})")
     E, rows, G, _ = bs
     shape = (E, G * M.BLOCK, rows)
+    n_exp = ck.config.get("num_local_experts") if isinstance(ck.config, dict) else None
+    if isinstance(n_exp, int) and n_exp != E:  # transformers could not load the output: say it before writing
+        raise _bad(ck, bname, f"holds {E} experts but config.json num_local_experts is {n_exp}")
     want = _expected(ck, logical)
     if want is not None and shape[1:] != want:
         raise _bad(ck, bname, f"dequantizes to [in, out] = {list(shape[1:])} per expert but config.json "
