@@ -98,6 +98,24 @@ def test_hostile_base_real_cli_subprocess(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("which", ["base", "adapter", "out"])
+def test_symlink_loop_as_base_adapter_or_out_is_one_line(tmp_path, which):
+    """Found by the GGUF base fuzz: a single-file base that is a symlink loop ended in an internal error
+    (Path.resolve's RuntimeError, exit 1) while the output was checked; an adapter or --out loop as well."""
+    from loraport.cli import main
+
+    loop = tmp_path / f"loop-{which}.gguf"
+    loop.symlink_to(loop.name)
+    base = flux = tmp_path / "flux.gguf"
+    L.flux_gguf(flux)
+    args = {"base": flux, "adapter": L.FLUX_LORA, "out": tmp_path / "merged.gguf"}
+    args[which] = loop
+    res = CliRunner().invoke(main, ["merge", *[x for k, v in args.items() for x in (f"--{k}", str(v))]])
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "symlink" in lines[0], res.stderr
+    assert not (tmp_path / "merged.gguf").exists() and base.is_file() and loop.is_symlink()
+
+
 @pytest.mark.parametrize("layout", list(L.SEEDS))
 def test_undamaged_seed_merges_and_a_short_fuzz_stays_clean(layout, tmp_path):
     """The fuzzer's seed of each layout merges (so a refusal is the mutation's doing), and 12 seeded mutations
