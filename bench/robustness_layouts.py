@@ -6,9 +6,9 @@ compressed-tensors group and block, ComfyUI-GGUF DiT) and the DiT family mismatc
   must be absent and the inputs byte-identical);
 * `fuzz(layout, n, rng)`: the undamaged base of that layout copied, 1-3 random byte / header / JSON mutations of
   its files (tests/_hostile_util.random_mutation, the adapters' fuzzer), sometimes a path mutation (symlinks
-  out, FIFOs, /proc), then a whole `loraport.merge` into a fresh output under the address-space cap and a 30 s
-  limit. Lost: anything but a valid merge or a one-line LoraportError, a hang, an output left behind by a
-  refused merge, an input changed.
+  out, FIFOs, /proc), then a whole `loraport.merge` into a fresh output and `inspect` of the base (alone and as
+  the adapter's merge preview), each under the address-space cap and a 30 s limit. Lost: anything but a valid
+  result or a one-line LoraportError, a hang, an output left behind by a refused merge, an input changed.
 """
 
 from __future__ import annotations
@@ -81,35 +81,62 @@ def _gist(msg: str) -> str:
     return " ".join(words[:8])
 
 
-def fuzz(layout: str, n: int, rng) -> dict:
-    from loraport.api import merge
+def _attempt(fn) -> object:
+    """"ok", or the LoraportError `fn` raised (anything else propagates: lost)."""
     from loraport.errors import LoraportError
 
+    try:
+        with H.memory_cap(), H.time_limit(30):
+            fn()
+        return "ok"
+    except LoraportError as e:
+        return e
+
+
+def _trial(copy: Path, adapter: Path, out: Path) -> tuple[object, str | None]:
+    """Merge the mutated base, then `inspect` it alone and as the base of the adapter's merge preview: (the
+    merge's outcome, what went wrong or None)."""
+    from loraport.api import inspect, merge
+
+    before = _digests(copy, adapter)
+    r = _attempt(lambda: merge(copy, [str(adapter)], out, hash_cache=False))
+    if r != "ok" and not H.clean_message(r):
+        return r, f"merge: not a one-line message: {str(r)[:200]!r}"
+    if r != "ok" and out.exists():
+        return r, "output written on a refusal"
+    for what, fn in (("inspect", lambda: inspect(copy)), ("inspect --base", lambda: inspect(adapter, base=copy))):
+        ri = _attempt(fn)
+        if ri != "ok" and not H.clean_message(ri):
+            return r, f"{what}: not a one-line message: {str(ri)[:200]!r}"
+    if _digests(copy, adapter) != before:
+        return r, "an input changed"
+    return r, None
+
+
+def fuzz(layout: str, n: int, rng) -> dict:
     c = collections.Counter()
     c["max_s"] = 0.0
     scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="lplay-") as td:
         template, adapter = L.SEEDS[layout](Path(td))
-        ad_before = _digests(adapter)
         for _ in range(n):
             ch = H.Chooser(rng=rng)
             with tempfile.TemporaryDirectory(prefix="lplay-", dir=scratch) as it:
                 copy = Path(it) / template.name
                 (shutil.copytree if template.is_dir() else shutil.copy2)(template, copy)
-                descs = [H.random_mutation(copy, ch) for _ in range(ch.integer(1, 3))]
+                structural = layout == "gguf-dit" and ch.integer(0, 1) == 0
+                if structural:  # half the GGUF iterations: hostile metadata values, then 0-1 byte mutations
+                    c["structural mutations"] += 1
+                descs = [L.random_flux_gguf(copy, ch)] if structural else []
+                descs += [H.random_mutation(copy, ch) for _ in range(ch.integer(0 if structural else 1, 3))]
                 if ch.integer(0, 4) == 0:
                     descs.append(H.path_mutation(copy, ch))
                     c["path mutations"] += 1
-                before = _digests(copy)
-                out = Path(it) / ("merged" if copy.is_dir() else "merged" + copy.suffix)
                 c["iterations"] += 1
                 t0 = time.perf_counter()
                 try:
-                    with H.memory_cap(), H.time_limit(30):
-                        merge(copy, [str(adapter)], out, hash_cache=False)
-                    r = "ok"
-                except LoraportError as e:
-                    r = e
+                    r, problem = _trial(copy, adapter, Path(it) / ("merged" if copy.is_dir() else "merged"
+                                                                  + copy.suffix))
                 except Exception as e:  # noqa: BLE001 - counted as lost
                     c["lost"] += 1
                     c["hangs" if isinstance(e, H.Hang) else "internal errors"] += 1
@@ -117,13 +144,6 @@ def fuzz(layout: str, n: int, rng) -> dict:
                     continue
                 finally:
                     c["max_s"] = max(c["max_s"], time.perf_counter() - t0)
-                problem = None
-                if r != "ok" and not H.clean_message(r):
-                    problem = f"not a one-line message: {str(r)[:200]!r}"
-                elif r != "ok" and out.exists():
-                    problem = "output written on a refusal"
-                elif _digests(copy) != before or _digests(adapter) != ad_before:
-                    problem = "an input changed"
                 if problem:
                     c["lost"] += 1
                     print(f"  LOST {layout} {descs}: {problem}", file=sys.stderr)

@@ -307,15 +307,15 @@ def report(results: list[dict], seconds: float, cap_note: str) -> None:
 def _print_basefuzz(rows: list[dict]) -> None:
     if not rows:
         return
-    print("\n| fuzzed base layout (merge) | iterations (path) | clean error | valid merge | hangs | internal errors | "
-          "lost | max s / input | peak RSS MB |")
+    print("\n| fuzzed base layout (merge, inspect) | iterations (structural / path) | clean error | valid merge | "
+          "hangs | internal errors | lost | max s / input | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = r.get("fuzz")
         if f is None:
             print(f"| {r['part'][9:]} | {'hung' if r.get('hung') else 'crashed'} | | | | | | | |")
             continue
-        cells = [f"{f.get('iterations', 0)} ({f.get('path mutations', 0)})"] + [
+        cells = [f"{f.get('iterations', 0)} ({f.get('structural mutations', 0)} / {f.get('path mutations', 0)})"] + [
             str(f.get(k, 0)) for k in ("clean error", "valid", "hangs", "internal errors", "lost")]
         print(f"| {r['part'][9:]} | {' | '.join(cells)} | {f.get('max_s', 0):.1f} | {r['peak_rss_mb']:.0f} |")
 

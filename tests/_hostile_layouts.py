@@ -228,14 +228,14 @@ RESHAPED = "double_blocks.0.img_mlp.2.weight"  # [16, 64], stored [4, 256]: the 
 ORIG = "comfy.gguf.orig_shape." + RESHAPED
 
 
-def flux_gguf(out: Path, orig=None, extra: dict | None = None, six_d: bool = False) -> Path:
+def flux_gguf(out: Path, orig=None, extra: dict | None = None, six_d: bool = False, arch: str = "flux") -> Path:
     """The Flux fixture (BFL names) as ComfyUI-GGUF writes it with gguf-py: F32, `RESHAPED` as Q8_0 [4, 256]
     with `comfy.gguf.orig_shape` = `orig` (default: its true shape), a 5-D F32 tensor as fix_5d_tensors.py adds
     (6-D with `six_d`), `extra` metadata as given."""
     import gguf
 
     sd = load_file(DIT / "flux-bfl.safetensors")
-    w = gguf.GGUFWriter(str(out), "flux")
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for k, v in {ORIG: [16, 64] if orig is None else orig, **(extra or {})}.items():
         if isinstance(v, str):
@@ -301,6 +301,31 @@ def _gguf_cases() -> list[Case]:
          ("base.gguf",)),
     ]
     return [Case("gguf-dit", name, lambda d, m=m: (m(d), FLUX_LORA), say) for name, m, say in makers]
+
+
+DIMS = [0, 1, -1, 2, 4, 16, 64, 256, 1024, 2**31 - 1, 2**32, 2**40, 2**62, -2**63]
+ARCHS = ["flux", "chroma", "lumina2", "hidream", "wan", "qwen_image", "llama", "sd3", "", "x" * 300]
+
+
+def random_flux_gguf(out: Path, ch) -> str:
+    """The fuzzer's structural GGUF mutation (`ch`: tests/_hostile_util.Chooser): the Flux GGUF rewritten by
+    gguf-py with a random orig_shape (ints of any size and count, floats, a string), a random architecture,
+    an orig_shape key on other tensors too, sometimes a 6-D tensor. Returns a description."""
+    def shape():
+        kind = ch.integer(0, 5)
+        if kind == 0:
+            return [16, 64]
+        if kind == 1:
+            return [float(ch.pick(DIMS[:9]))] * ch.integer(1, 3)
+        if kind == 2:
+            return ",".join(str(ch.pick(DIMS)) for _ in range(2))
+        return [ch.pick(DIMS) for _ in range(ch.integer(1, 7))]
+
+    orig, arch, six = shape(), ch.pick(ARCHS), ch.integer(0, 5) == 0
+    extra = {f"comfy.gguf.orig_shape.{ch.pick(['img_in.bias', 'final_layer.linear.weight', 'patch5d.weight'])}":
+             shape() for _ in range(ch.integer(0, 2))}
+    flux_gguf(out, orig=orig, extra=extra, six_d=six, arch=arch)
+    return f"gguf: orig_shape {str(orig)[:40]}, arch {arch[:12]!r}, extra {str(extra)[:60]}, 6-D {six}"
 
 
 # ------------------------------------------------------------------------------------------------ families
