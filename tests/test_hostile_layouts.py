@@ -74,12 +74,14 @@ def test_hostile_new_layout_base(case, tmp_path):
 
 
 def test_every_new_family_pair_is_covered():
+    """Each new family's LoRAs meet every other family's base and the reverse, kin pairs (Chroma / Flux) aside."""
+    from loraport.names import dit
+
     pairs = {(L._family(lo), L._family(b)) for lo, b in L.family_pairs()}
     for new in L.NEW_FAMILIES:
-        others = {f for f in L.FAMILY_NAMES if f != new}
-        assert {b for lo, b in pairs if lo == new} >= others - {"flux"}, new
-        assert {lo for lo, b in pairs if b == new} >= others - {"chroma", "flux"} - ({"flux"} if new == "chroma"
-                                                                                  else set()), new
+        others = {f for f in L.FAMILY_NAMES if f != new and not dit.kin(new, f)}
+        assert {b for lo, b in pairs if lo == new} == others, new
+        assert {lo for lo, b in pairs if b == new} == others, new
 
 
 @pytest.mark.slow
