@@ -108,6 +108,7 @@ MXFP4_EDITS: dict[str, tuple[Callable[[dict, dict], None], tuple[str, ...]]] = {
     "zero experts": (_set(GU + "_blocks", lambda t: t[:0]), ("gate_up_proj_blocks",)),
     "E8M0 byte 255 in a merged parameter": (_set(GU + "_scales", _byte255), ("255",)),
     "every scale byte 255": (_set(DN + "_scales", lambda t: torch.full_like(t, 255)), ("255",)),
+    "every scale byte 254 (overflows fp32)": (_set(GU + "_scales", lambda t: torch.full_like(t, 254)), ("254",)),
     "blocks stored as int8": (_set(GU + "_blocks", lambda t: t.view(torch.int8)), ("uint8",)),
     "blocks stored as bf16": (_set(DN + "_blocks", lambda t: t.view(torch.bfloat16)), ("uint8",)),
     "scales stored as float32": (_set(GU + "_scales", lambda t: t.float()), ("uint8",)),
@@ -211,8 +212,12 @@ def _fp8_cases() -> list[Case]:
                   (kind, "a zero scale", _scale(kind, _fill(0.0)), (), "any")]
         edits += [(kind, f"a {n} scale", _scale(kind, _fill(v)), ("weight_scale",), "error")
                   for n, v in bad_scales.items()]
+        edits.append((kind, "a scale of 1e38 (overflows fp32)", _scale(kind, lambda t: torch.full_like(t, 1e38)),
+                      ("overflows",), "error"))
     edits += [("ue8m0", "UE8M0 byte 255", _scale("ue8m0", lambda t: _byte255(t.contiguous())), ("255",), "error"),
-              ("ue8m0", "scale stored as int8", _scale("ue8m0", lambda t: t.view(torch.int8)), ("int8",), "error")]
+              ("ue8m0", "scale stored as int8", _scale("ue8m0", lambda t: t.view(torch.int8)), ("int8",), "error"),
+              ("ue8m0", "UE8M0 byte 254 (overflows fp32)", _scale("ue8m0", lambda t: torch.full_like(t, 254)),
+               ("overflows",), "error")]
     for v in (0, -32, 2**40, "32", 32.5, None):
         edits.append(("group", f"group_size {v!r}", _weights_cfg(group_size=v), ("group_size",), "error"))
     for v in ([0, 32], [-32, 32], [2**40, 2**40], [32], "32x32"):

@@ -230,9 +230,18 @@ def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
     if spec.kind == "plain":
         return F.dequantize_plain(q)
     s = _finite_scale(ck, spec.aux["scale"])
-    if spec.kind == "block":
-        return F.dequantize_block(q, F.e8m0_float(s) if s.dtype == torch.uint8 else s, spec.block)
-    if spec.kind in ("group", "ct-block"):
+    s = F.e8m0_float(s) if s.dtype == torch.uint8 else s
+    W = _scaled(q, s, spec)
+    # a finite scale so large that codes × scale leave fp32 (a scale past ~7.6e35 for e4m3): inf weights, which
+    # a 16-bit output would carry silently and an fp8 one blame on the adapter; checked only when it can happen
+    if s.numel() and float(s.float().abs().max()) * F.fp8_max(spec.fp8) > torch.finfo(torch.float32).max and \
+            not bool(torch.isfinite(W).all()):
+        raise _bad(ck, spec.aux["scale"], "holds a scale so large that the weight overflows fp32 (inf)")
+    return W
+
+
+def _scaled(q: torch.Tensor, s: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:
+    if spec.kind in ("block", "group", "ct-block"):
         return F.dequantize_block(q, s, spec.block)
     if spec.kind == "scaled":
         return F.dequantize_scaled(q, s)
