@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import _hostile_classes as HC  # noqa: E402
 import _hostile_util as H  # noqa: E402
+import robustness_layouts as RL  # noqa: E402
 
 REFUSED = "refused"  # a trial's result when a forged cache entry was ignored (no error to raise)
 
@@ -621,6 +622,10 @@ CLASSES: dict[str, tuple[str, Callable[[Path], list[Trial]]]] = {
     "batch": ("batch output-name collisions", batch_collisions),
     "onnx-fields": ("malformed ONNX fields (bake)", onnx_fields),
     "rank0": ("rank 0", rank_zero),
+    **{f"layouts-{k}": (t, lambda tmp, k=k: RL.cases(k, tmp)) for k, t in (
+        ("mxfp4", "hostile MXFP4 gpt-oss bases (2026-12-05)"), ("fp8", "hostile fp8 group / block / ue8m0 bases"),
+        ("gguf-dit", "hostile ComfyUI-GGUF DiT bases (orig_shape, 5-D)"),
+        ("family", "DiT LoRA on another family's base (Chroma / Lumina2 / HiDream)"))},
 }
 
 

@@ -4,11 +4,14 @@
     python bench/robustness_report.py --fuzz 10000 --jobs 2   # the README's run (~25 min on 2 shared cores)
     python bench/robustness_report.py --quick         # 5 interruption points instead of 36
     python bench/robustness_report.py --parts class:patterns reader:peft   # some parts only
+    python bench/robustness_report.py --fuzz 500 --parts class:layouts-mxfp4 basefuzz:mxfp4  # a new base layout
 
 Each part runs in its own child process (its peak RSS is the part's own; a part that never returns is a
 hang): one per reader, one per hostile-input class of bench/robustness_classes.py (path policy, remote code,
-pattern bombs, amplification caps, cache authenticity, batch collisions, malformed ONNX fields, rank 0), the
-base checkpoints and the interruptions. Caches and keys go to a temporary folder, never the user's.
+pattern bombs, amplification caps, cache authenticity, batch collisions, malformed ONNX fields, rank 0, the
+hostile MXFP4 / fp8 / GGUF-DiT bases and DiT family mismatches), the base checkpoints, the fuzzed base layouts
+(bench/robustness_layouts.py: each undamaged base mutated, then merged) and the interruptions. Caches and keys
+go to a temporary folder, never the user's.
 
 For every reader in the registry (through the fixtures it accepts): the deliberate bad inputs of
 tests/_hostile_util.hostile_cases (per seed, per file), planted code-executing pickles, and random mutations
@@ -200,6 +203,10 @@ def run_part(part: str, args) -> dict:
             out["counts"] = RC.run_class(name, Path(td))
     elif kind == "bases":
         out["counts"] = dict(base_inputs())
+    elif kind == "basefuzz":  # a new base layout (bench/robustness_layouts.py), mutated and merged
+        import robustness_layouts as RL
+
+        out["fuzz"] = RL.fuzz(name, args.fuzz, random.Random(f"{args.seed}:{name}"))
     else:
         out["interruptions"] = interruptions(args.quick)
     out["seconds"] = time.perf_counter() - t0
@@ -230,8 +237,10 @@ SLOW = ["reader:lycoris", "reader:kohya", "reader:diffusers", "reader:peft", "in
 def all_parts() -> list[str]:
     import robustness_classes as RC
 
+    import robustness_layouts as RL
+
     return ([f"reader:{f}" for f in sorted(H.seeds_by_format())] + [f"class:{c}" for c in RC.CLASSES]
-            + ["bases", "interruptions"])
+            + ["bases"] + [f"basefuzz:{k}" for k in RL.SEEDS] + ["interruptions"])
 
 
 def _reader_row(r: dict) -> str:
@@ -288,10 +297,27 @@ def report(results: list[dict], seconds: float, cap_note: str) -> None:
         print(f"| **all classes** | **{sum(c['tried'] for c in ok)}** | | | **{sum(c['lost'] for c in ok)}** | "
               f"**{sum(c['hangs'] for c in ok)}** | {max((c['max_s'] for c in ok), default=0):.1f} | "
               f"{max((r['peak_rss_mb'] for r in classes if 'counts' in r), default=0):.0f} |")
+    _print_basefuzz([r for r in results if r["part"].startswith("basefuzz:")])
     for r in results:
         if r["part"] == "interruptions" and "interruptions" in r:
             _print_interruptions(r["interruptions"])
     print(f"\n{seconds:.0f} s in all; {cap_note}")
+
+
+def _print_basefuzz(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n| fuzzed base layout (merge, inspect) | iterations (structural / path) | clean error | valid merge | "
+          "hangs | internal errors | lost | max s / input | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = r.get("fuzz")
+        if f is None:
+            print(f"| {r['part'][9:]} | {'hung' if r.get('hung') else 'crashed'} | | | | | | | |")
+            continue
+        cells = [f"{f.get('iterations', 0)} ({f.get('structural mutations', 0)} / {f.get('path mutations', 0)})"] + [
+            str(f.get(k, 0)) for k in ("clean error", "valid", "hangs", "internal errors", "lost")]
+        print(f"| {r['part'][9:]} | {' | '.join(cells)} | {f.get('max_s', 0):.1f} | {r['peak_rss_mb']:.0f} |")
 
 
 def _print_interruptions(ints: list[dict]) -> None:
@@ -312,7 +338,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="6 interruption points instead of the 36-point matrix")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--parts", nargs="*", help="reader:<fmt>, class:<name>, bases, interruptions (default: all)")
+    ap.add_argument("--parts", nargs="*", help="reader:<fmt>, class:<name>, bases, basefuzz:<layout>, interruptions "
+                                                "(default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="parts run at once (each its own process)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -14,7 +14,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from loraport.errors import OutputError
+from loraport.errors import BadInputError, OutputError
 
 TMP_TAG = ".loraport-tmp-"
 OLD_TAG = ".loraport-old-"
@@ -24,15 +24,25 @@ MARKER = ".loraport-output"
 FOLDER_PROOFS = ("loraport-manifest.json", "loraport_onnx.json", MARKER)
 
 
+def _resolved(p: str | Path, role: str) -> Path:
+    """`p` with its links followed; a symlink loop (RuntimeError before Python 3.13, OSError after) is the
+    user's path, not an internal error."""
+    try:
+        return Path(p).resolve()
+    except (RuntimeError, OSError) as e:
+        err = OutputError if role == "--out" else BadInputError
+        raise err(f"{role} {p}: cannot follow its symlinks ({e}); point it at a real file or folder") from None
+
+
 def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
     """Refuse outputs that would clobber an input or an existing output (without overwrite)."""
-    o = Path(out).resolve()
+    o = _resolved(out, "--out")
     if overwrite:
         _refuse_protected(o, out)
     for i in inputs:
         if i is None:
             continue
-        ip = Path(i).resolve()
+        ip = _resolved(i, "input")
         if o == ip:
             raise OutputError(f"--out {out} is the same as the input {i}; choose a new path")
         if ip in o.parents:

@@ -52,8 +52,8 @@ def _bad(ck: Checkpoint, name: str, msg: str) -> BadInputError:
 _CT_STRATEGIES = ("tensor", "channel", "group", "block")
 
 
-def _ct_tile(ck: Checkpoint, g: str, w: dict) -> tuple[str, tuple[int, int]] | None:
-    """(kind, tile) of a compressed-tensors `group` / `block` weight scheme (None for tensor / channel)."""
+def _ct_tile(ck: Checkpoint, g: str, w: dict) -> tuple[str, tuple[int, int] | None]:
+    """(kind, tile) of a compressed-tensors weight scheme (tile None for tensor / channel)."""
     if w.get("strategy") == "group":
         gs = w.get("group_size")
         if not (isinstance(gs, int) and gs > 0):
@@ -66,12 +66,12 @@ def _ct_tile(ck: Checkpoint, g: str, w: dict) -> tuple[str, tuple[int, int]] | N
             raise BadInputError(f"{ck.root}/config.json: compressed-tensors group {g!r}: strategy 'block' needs "
                                 f"block_structure [rows, cols], found {bs!r}")
         return "ct-block", (bs[0], bs[1])
-    return None
+    return w["strategy"], None
 
 
-def _ct_check(ck: Checkpoint, qc: dict) -> list[tuple[str, tuple[int, int]]]:
-    """compressed-tensors: only the float-quantized fp8 weight schemes are read; returns the group / block
-    tiles its config groups declare (a weight's scale shape picks one)."""
+def _ct_check(ck: Checkpoint, qc: dict) -> list[tuple[str, tuple[int, int] | None]]:
+    """compressed-tensors: only the float-quantized fp8 weight schemes are read; returns the strategies (with
+    the group / block tiles) its config groups declare (a weight's scale shape picks one)."""
     fmt = qc.get("format")
     if fmt not in ("float-quantized", None):
         raise BadInputError(f"{ck.root}: compressed-tensors format {fmt!r} is not supported as a base (only "
@@ -86,9 +86,7 @@ def _ct_check(ck: Checkpoint, qc: dict) -> list[tuple[str, tuple[int, int]]]:
             raise BadInputError(f"{ck.root}: compressed-tensors group {g!r} stores {w.get('type')} "
                                 f"{w.get('num_bits')}-bit weights with strategy {w.get('strategy')!r}; only fp8 "
                                 f"with strategy {', '.join(_CT_STRATEGIES)} is supported as a base")
-        tile = _ct_tile(ck, g, w)
-        if tile is not None:
-            tiles.append(tile)
+        tiles.append(_ct_tile(ck, g, w))
     return tiles
 
 
@@ -159,8 +157,9 @@ def _spec(ck: Checkpoint, names: set[str], name: str, shape: tuple[int, ...], fp
         if len(shape) != 2:
             raise _bad(ck, name, f"a block-scaled weight must be 2-D, found {list(shape)}")
         if spec.scale_shape != F.block_grid(shape, block):
+            grid = list(F.block_grid(shape, block))
             raise _bad(ck, sname, f"scale shape {list(si.shape)} does not match weight {list(shape)} in "
-                                  f"{block[0]}×{block[1]} blocks (expected {list(F.block_grid(shape, block))})")
+                                  f"weight_block_size {block[0]}×{block[1]} blocks (expected {grid})")
         spec.kind, spec.block = "block", block
     elif kind == "ct":
         spec.kind = "ct"  # tensor / channel / group / ct-block: told by _ct_kind from the scale's shape
@@ -180,24 +179,49 @@ def _block_fmt(ck: Checkpoint, spec: Fp8Spec, ue8m0: bool) -> None:
     spec.ue8m0 = ue8m0 or spec.scale_dtype == torch.uint8
 
 
-def _ct_kind(ck: Checkpoint, spec: Fp8Spec, tiles: list[tuple[str, tuple[int, int]]]) -> None:
+def _ct_kind(ck: Checkpoint, spec: Fp8Spec, tiles: list[tuple[str, tuple[int, int] | None]]) -> None:
     """A compressed-tensors weight's strategy, from its scale's shape: [1] tensor, [out, 1] channel, else the
-    group / block tile of a config group whose scale grid it is."""
+    group / block tile of a config group whose scale grid it is. Where the config declares its strategies only
+    those are taken: a group scale that lost columns down to [out, 1] is not read as per-channel."""
     shape, ss = spec.shape, spec.scale_shape
     rows = shape[0] if shape else 1
-    if ss in ((), (1,)):
+    declared = {k for k, _ in tiles}
+    if ss in ((), (1,)) and (not declared or "tensor" in declared):
         spec.kind = "tensor"
         return
-    if len(shape) == 2 and ss in ((rows, 1), (rows,)):
+    if len(shape) == 2 and ss in ((rows, 1), (rows,)) and (not declared or "channel" in declared):
         spec.kind = "channel"
         return
     for kind, tile in tiles:
-        if len(shape) == 2 and ss == F.block_grid(shape, tile):
+        if tile is not None and len(shape) == 2 and ss == F.block_grid(shape, tile):
             spec.kind, spec.block = kind, tile
             return
-    want = ", ".join(f"{k} {list(F.block_grid(shape, t))}" for k, t in tiles if len(shape) == 2)
-    raise _bad(ck, spec.aux["scale"], f"scale shape {list(ss)} is neither per-tensor [1] nor per-channel "
-                                      f"[{rows}, 1]{' nor ' + want if want else ''} for weight {list(shape)}")
+    raise _bad(ck, spec.aux["scale"], f"scale shape {list(ss)} is none of {_ct_wanted(shape, tiles)} for weight "
+                                      f"{list(shape)}")
+
+
+def _ct_wanted(shape: tuple[int, ...], tiles: list[tuple[str, tuple[int, int] | None]]) -> str:
+    """The scale shapes a weight of `shape` may have under the config's strategies, each with its config field."""
+    declared = {k for k, _ in tiles}
+    want = [] if declared and "tensor" not in declared else ["per-tensor [1]"]
+    if not declared or "channel" in declared:
+        want.append(f"per-channel [{shape[0] if shape else 1}, 1]")
+    for k, t in tiles:
+        if t is not None and len(shape) == 2:
+            field = f"group_size {t[1]}" if k == "group" else f"block_structure {list(t)}"
+            want.append(f"{k} {list(F.block_grid(shape, t))} (config {field})")
+    return " / ".join(want)
+
+
+def _finite_scale(ck: Checkpoint, name: str) -> torch.Tensor:
+    """A stored scale, refused when it is no number (checked as read: scales are a small part of the bytes): a
+    NaN / inf scale (or UE8M0 byte 255) would reach the output as NaN weights, blamed on the adapter."""
+    s = ck.get(name)
+    if s.dtype == torch.uint8 and bool((s == 255).any()):
+        raise _bad(ck, name, "holds UE8M0 byte 255 (NaN)")
+    if s.dtype != torch.uint8 and not bool(torch.isfinite(s).all()):
+        raise _bad(ck, name, "holds a NaN or infinite scale")
+    return s
 
 
 def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
@@ -205,10 +229,19 @@ def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
     q = ck.get(spec.weight)
     if spec.kind == "plain":
         return F.dequantize_plain(q)
-    s = ck.get(spec.aux["scale"])
-    if spec.kind == "block":
-        return F.dequantize_block(q, F.e8m0_float(s) if s.dtype == torch.uint8 else s, spec.block)
-    if spec.kind in ("group", "ct-block"):
+    s = _finite_scale(ck, spec.aux["scale"])
+    s = F.e8m0_float(s) if s.dtype == torch.uint8 else s
+    W = _scaled(q, s, spec)
+    # a finite scale so large that codes × scale leave fp32 (a scale past ~7.6e35 for e4m3): inf weights, which
+    # a 16-bit output would carry silently and an fp8 one blame on the adapter; checked only when it can happen
+    if s.numel() and float(s.float().abs().max()) * F.fp8_max(spec.fp8) > torch.finfo(torch.float32).max and \
+            not bool(torch.isfinite(W).all()):
+        raise _bad(ck, spec.aux["scale"], "holds a scale so large that the weight overflows fp32 (inf)")
+    return W
+
+
+def _scaled(q: torch.Tensor, s: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:
+    if spec.kind in ("block", "group", "ct-block"):
         return F.dequantize_block(q, s, spec.block)
     if spec.kind == "scaled":
         return F.dequantize_scaled(q, s)

@@ -19,6 +19,7 @@ from loraport.quant.dequant_view import DequantizedView
 
 METHOD = "mxfp4"
 BLOCKS, SCALES = "_blocks", "_scales"
+OVERFLOW_BYTE = 253  # 2^(253 − 127) × 6 > fp32's max: the smallest scale byte whose block can hold an inf
 
 
 @dataclass
@@ -82,6 +83,9 @@ def _spec(ck: Checkpoint, bname: str) -> tuple[str, Mxfp4Spec]:
         raise _bad(ck, sname, f"shape {list(ss)} does not match its blocks {list(bs)} (expected {list(bs[:-1])})")
     E, rows, G, _ = bs
     shape = (E, G * M.BLOCK, rows)
+    n_exp = ck.config.get("num_local_experts") if isinstance(ck.config, dict) else None
+    if isinstance(n_exp, int) and n_exp != E:  # transformers could not load the output: say it before writing
+        raise _bad(ck, bname, f"holds {E} experts but config.json num_local_experts is {n_exp}")
     want = _expected(ck, logical)
     if want is not None and shape[1:] != want:
         raise _bad(ck, bname, f"dequantizes to [in, out] = {list(shape[1:])} per expert but config.json "
@@ -129,7 +133,13 @@ class Mxfp4Checkpoint(DequantizedView):
         scales = self.stored.get(spec.aux["scale"])
         if bool((scales == M.SCALE_NAN).any()):  # checked as read: the scales are 1/16 of the blocks' bytes
             raise _bad(self.stored, spec.aux["scale"], f"holds E8M0 byte {M.SCALE_NAN} (NaN)")
-        return M.dequantize(self.stored.get(spec.weight), scales)
+        W = M.dequantize(self.stored.get(spec.weight), scales)
+        # bytes 253-254 (2^126, 2^127) times FP4 codes ±2..6 leave fp32: inf weights a 16-bit output would carry
+        # silently and the MXFP4 sink blame on the adapter; checked only when such a byte is there
+        if scales.numel() and int(scales.max()) >= OVERFLOW_BYTE and not bool(torch.isfinite(W).all()):
+            raise _bad(self.stored, spec.aux["scale"], f"holds E8M0 byte {int(scales.max())}: its FP4 values "
+                                                       "overflow fp32 (inf)")
+        return W
 
     def storage_of(self, name: str) -> str:
         return "mxfp4 (e2m1 + e8m0 scales per 32)" if name in self.specs else super().storage_of(name)
