@@ -40,7 +40,7 @@ OSS, OSS_LORA = FIX / "quant" / "gpt-oss-mxfp4", FIX / "quant" / "gpt-oss-lora"
 BF16, LLAMA_LORA = FIX / "quant" / "llama-bf16", FIX / "quant" / "lora-small"
 DIT = FIX / "dit"
 FLUX_LORA = DIT / "flux_kohya.safetensors"
-NEW_FAMILIES = ("chroma", "lumina2", "hidream")
+NEW_FAMILIES = ("chroma", "lumina2", "hidream", "flux2", "hunyuan_video", "ltx_video", "zimage")
 
 
 @dataclass(frozen=True)
@@ -337,11 +337,14 @@ def random_flux_gguf(out: Path, ch) -> str:
 
 # ------------------------------------------------------------------------------------------------ families
 FAMILY_NAMES = {"flux": "Flux", "sd3": "SD3", "wan": "Wan", "qwen": "Qwen-Image", "chroma": "Chroma",
-                "lumina2": "Lumina", "hidream": "HiDream"}
+                "lumina2": "Lumina", "hidream": "HiDream", "flux2": "Flux.2", "hunyuan_video": "HunyuanVideo",
+                "ltx_video": "LTX-Video", "zimage": "Z-Image"}
+FIXTURE_FAMILY = {"hunyuan": "hunyuan_video", "ltx": "ltx_video"}  # fixture file prefix → family name
 
 
 def _family(p: Path) -> str:
-    return p.name.split("_")[0].split("-")[0]
+    stem = p.name.split("_")[0].split("-")[0]
+    return FIXTURE_FAMILY.get(stem, stem)
 
 
 def family_pairs() -> list[tuple[Path, Path]]:
