@@ -168,6 +168,26 @@ def child_copy(src: str, dst: str) -> None:
         os.fsync(f.fileno())
 
 
+def child(kind: str, *argv: str) -> None:
+    """A row's process; on exit it prints its storage I/O (/proc/self/io read_bytes, write_bytes: what reached
+    the disk, page-cache hits excluded) so a row that reads its input twice shows it."""
+    try:
+        if kind == "copy":
+            child_copy(*argv)
+        else:
+            from loraport.cli import main as cli
+
+            cli(list(argv), prog_name="loraport")
+    finally:
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        print(f"IO {int(io['read_bytes'])} {int(io['write_bytes'])}", file=sys.stderr)
+
+
+def io_of(err: str) -> tuple[int, int]:
+    got = [line.split()[1:] for line in err.splitlines() if line.startswith("IO ")]
+    return (int(got[-1][0]), int(got[-1][1])) if got else (0, 0)
+
+
 def check(base: Path, lora: Path, out: Path, scale: float) -> float:
     """max |merged - (W + alpha/r * up @ down)| in bf16 steps over the first double and single block's linears
     (reference computed in fp32 from the two files, rounded to bf16 once: loraport's rule)."""
@@ -197,7 +217,7 @@ def main() -> None:
     ap.add_argument("--rows", default="copy,loraport")
     ap.add_argument("--merge-args", default="", help="extra `loraport merge` arguments, space-separated")
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child_copy(*sys.argv[3:])
+        child(*sys.argv[2:])
         return
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fluxbench-", dir=a.tmp))
@@ -221,22 +241,24 @@ def main() -> None:
             if row == "copy":
                 argv = [PY, __file__, "--child", "copy", str(base), str(out)]
             else:
-                argv = [PY, "-m", "loraport", "merge", "--base", str(base), "--adapter", str(lora), "--out", str(out),
-                        "--json", *a.merge_args.split()]
+                extra = {"loraport-nomanifest": ["--no-manifest"]}.get(row, [])
+                argv = [PY, __file__, "--child", "loraport", "merge", "--base", str(base), "--adapter", str(lora),
+                        "--out", str(out), "--json", *extra, *a.merge_args.split()]
             print(f"{row} ...", file=sys.stderr)
             r = run_child(row, argv)
             if r.rc != 0:
                 raise SystemExit(f"{row}: exit {r.rc}\n{r.err[-2000:]}")
             res[row] = r
-            if row == "loraport":
+            if row.startswith("loraport") and "steps" not in res:
                 res["steps"] = check(base, lora, out, a.scale)
         drop_written(out)
-        rows = [[r.label, f"{r.wall:.1f}", f"{nbytes / r.wall / 1e9:.2f}", f"{r.cpu:.1f}", gib(r.anon), gib(r.hwm)]
-                for k, r in res.items() if k != "steps"]
+        rows = [[r.label, f"{r.wall:.1f}", f"{nbytes / r.wall / 1e9:.2f}", f"{r.cpu:.1f}", gib(r.anon), gib(r.hwm),
+                 *(gib(n) for n in io_of(r.err))] for k, r in res.items() if k != "steps"]
         print(f"Flux.1-dev-shaped bf16 single file, scale {a.scale:g}: {gib(nbytes)}, {params / 1e9:.2f}B params; "
               f"kohya LoRA r={a.rank} on {len(lora_modules(a.scale))} linears; cold page cache for every row; "
               f"{os.cpu_count()} cores, {gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM")
-        print(table(rows, ["row", "wall s", "GB/s", "cpu s", "peak anon", "peak RSS"]))
+        print(table(rows, ["row", "wall s", "GB/s", "cpu s", "peak anon", "peak RSS", "disk read",
+                           "disk write"]))
         if "copy" in res and "loraport" in res:
             lp, cp = res["loraport"], res["copy"]
             print(f"\nloraport / copy wall: {lp.wall / cp.wall:.3f} (goal <= 1.5); loraport peak anon "
