@@ -14,6 +14,7 @@ Rows, each its own child process (bench/common.py: wall time, peak RssAnon and V
        copy      shutil.copyfile of the base + fsync (what reading and writing the bytes costs)
        loraport  `loraport merge --base flux.safetensors --adapter lora.safetensors --out merged.safetensors`
                  (default flags: the integrity manifest on, so the inputs are hashed too)
+       loraport-nomanifest   the same with --no-manifest (no sha256 of the 24 GB input and output)
 The base is larger than the page cache can hold on this machine, so every row starts cold: before each row
 the previous output is deleted and synced and the base and LoRA are evicted from the page cache
 (posix_fadvise DONTNEED: only these files, other users' cache is left alone). After the merge row a few merged
@@ -245,7 +246,9 @@ def main() -> None:
                 argv = [PY, __file__, "--child", "loraport", "merge", "--base", str(base), "--adapter", str(lora),
                         "--out", str(out), "--json", *extra, *a.merge_args.split()]
             print(f"{row} ...", file=sys.stderr)
+            load0 = os.getloadavg()[0]
             r = run_child(row, argv)
+            r.load = (load0 + os.getloadavg()[0]) / 2  # the machine is shared: how busy it was meanwhile
             if r.rc != 0:
                 raise SystemExit(f"{row}: exit {r.rc}\n{r.err[-2000:]}")
             res[row] = r
@@ -253,16 +256,19 @@ def main() -> None:
                 res["steps"] = check(base, lora, out, a.scale)
         drop_written(out)
         rows = [[r.label, f"{r.wall:.1f}", f"{nbytes / r.wall / 1e9:.2f}", f"{r.cpu:.1f}", gib(r.anon), gib(r.hwm),
-                 *(gib(n) for n in io_of(r.err))] for k, r in res.items() if k != "steps"]
+                 *(gib(n) for n in io_of(r.err)), f"{r.load:.1f}"] for k, r in res.items() if k != "steps"]
         print(f"Flux.1-dev-shaped bf16 single file, scale {a.scale:g}: {gib(nbytes)}, {params / 1e9:.2f}B params; "
               f"kohya LoRA r={a.rank} on {len(lora_modules(a.scale))} linears; cold page cache for every row; "
               f"{os.cpu_count()} cores, {gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM")
         print(table(rows, ["row", "wall s", "GB/s", "cpu s", "peak anon", "peak RSS", "disk read",
-                           "disk write"]))
+                           "disk write", "load avg"]))
         if "copy" in res and "loraport" in res:
             lp, cp = res["loraport"], res["copy"]
             print(f"\nloraport / copy wall: {lp.wall / cp.wall:.3f} (goal <= 1.5); loraport peak anon "
                   f"{gib(lp.anon)} (goal < 2 GB); merged vs reference: max {res['steps']:.2f} bf16 steps")
+        if "copy" in res and "loraport-nomanifest" in res:
+            print(f"loraport --no-manifest / copy wall: {res['loraport-nomanifest'].wall / res['copy'].wall:.3f}")
+        print("load avg: the 1-minute load average of the machine (shared, 2 cores) at the start and end of the row")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

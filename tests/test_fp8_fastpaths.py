@@ -18,8 +18,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
+@pytest.mark.parametrize("step", [None, 97])  # 97: the lookup in many steps, one ending mid-row
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_table_decode_is_torch_conversion_bit_for_bit(dtype):
+def test_table_decode_is_torch_conversion_bit_for_bit(dtype, step, monkeypatch):
+    if step:
+        monkeypatch.setattr(F, "_STEP", step)
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     assert torch.equal(_bits(F.to_float32(codes)), _bits(codes.to(torch.float32)))  # NaN payloads included
     g = torch.Generator().manual_seed(0)

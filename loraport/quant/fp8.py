@@ -44,8 +44,14 @@ def to_float32(q: torch.Tensor) -> torch.Tensor:
     table = _TABLES.get(q.dtype)
     if table is None or q.device.type != "cpu":
         return q.to(torch.float32)
-    idx = q.reshape(-1).view(torch.uint8).to(torch.int32)
-    return torch.index_select(table, 0, idx).view(q.shape)
+    codes = q.reshape(-1).view(torch.uint8)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for i in range(0, codes.numel(), _STEP):  # in steps: the int32 indices are a small temporary, not 4 B/weight
+        torch.index_select(table, 0, codes[i:i + _STEP].to(torch.int32), out=out[i:i + _STEP])
+    return out.view(q.shape)
+
+
+_STEP = 1 << 20
 
 
 def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
