@@ -261,6 +261,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+_WAIT = object()  # _DirectSink's I/O thread: no job taken yet
+
+
 class _DirectSink:
     """A file written front to back in page-aligned chunks with O_DIRECT, bypassing the page cache.
 
@@ -272,7 +275,11 @@ class _DirectSink:
 
     How: bytes are appended (copied) into CHUNK-sized page-aligned buffers; a full buffer goes to an I/O thread
     (`pwrite`, GIL released) and, when hashing, to a hash thread, in order; it is reused once both are done, so
-    at most NBUF buffers exist. The last partial chunk is padded to the alignment, written, and the file is
+    at most NBUF buffers exist. The buffers are the slots of one ring, so chunks waiting for the disk in
+    consecutive slots go out as one larger `pwrite` (up to NBUF × CHUNK): a virtual disk takes few, large
+    O_DIRECT requests much faster than one 4 MiB request at a time (measured with dd oflag=direct on this
+    project's VM: 4 MiB 166-267 MB/s, 16 MiB 348-369 MB/s), and the ring holds no more memory than before.
+    The last partial chunk is padded to the alignment, written, and the file is
     truncated to its size. A filesystem that refuses O_DIRECT (EINVAL at open or at the first write) gets the
     same chunks through the page cache instead. Write errors (ENOSPC, EIO) are raised by the next append or by
     `close()`, as OSError with their errno."""
@@ -293,16 +300,17 @@ class _DirectSink:
                 raise
             self.fd, self.direct = os.open(path, flags, 0o644), False
         self.size = 0  # bytes appended
+        self._ring = mmap.mmap(-1, self.CHUNK * self.NBUF)  # anonymous maps are page-aligned
         self._free: queue.Queue = queue.Queue()
-        for _ in range(self.NBUF):
-            self._free.put(mmap.mmap(-1, self.CHUNK))  # anonymous maps are page-aligned
-        self._cur: mmap.mmap | None = None
+        for i in range(self.NBUF):
+            self._free.put(i)  # a buffer is a slot of the ring, by index
+        self._cur: int | None = None
         self._fill = 0
         self._chunk_off = 0  # file offset of the chunk being filled
         self._error: BaseException | None = None
         self._stopped = False
         self._lock = threading.Lock()
-        self._pending: dict[int, list] = {}  # id(buffer) -> [buffer, users left]
+        self._pending: dict[int, int] = {}  # slot -> users left (the I/O thread, the hash thread)
         self._io_q: queue.SimpleQueue = queue.SimpleQueue()
         self._hash_q: queue.SimpleQueue | None = queue.SimpleQueue() if hash else None
         self._h = hashlib.sha256() if hash else None
@@ -312,8 +320,13 @@ class _DirectSink:
         for t in self._threads:
             t.start()
 
+    def _slot(self, i: int, n: int | None = None) -> memoryview:
+        """Slot i of the ring (its first n bytes), or from slot i on when n is larger than one slot."""
+        b = i * self.CHUNK
+        return memoryview(self._ring)[b : b + (self.CHUNK if n is None else n)]
+
     # -- producer side (one thread)
-    def _take(self) -> mmap.mmap:
+    def _take(self) -> int:
         while True:
             if self._error is not None:
                 raise self._error
@@ -326,7 +339,7 @@ class _DirectSink:
         """Where the next (at most `want`) bytes go: the free part of the current chunk."""
         if self._cur is None:
             self._cur, self._fill = self._take(), 0
-        return memoryview(self._cur)[self._fill : self._fill + min(want, self.CHUNK - self._fill)]
+        return self._slot(self._cur)[self._fill : self._fill + min(want, self.CHUNK - self._fill)]
 
     def _filled(self, k: int) -> None:
         self._fill += k
@@ -357,40 +370,54 @@ class _DirectSink:
         buf, length, off = self._cur, self._fill, self._chunk_off
         self._cur, self._fill = None, 0
         self._chunk_off += length  # every chunk but the last is full, so each starts CHUNK-aligned
-        users = 2 if self._hash_q is not None else 1
         with self._lock:
-            self._pending[id(buf)] = [buf, users]
+            self._pending[buf] = 2 if self._hash_q is not None else 1
         self._io_q.put((buf, length, off))
         if self._hash_q is not None:
             self._hash_q.put((buf, length))
 
-    def _release(self, buf: mmap.mmap) -> None:
+    def _release(self, buf: int) -> None:
         with self._lock:
-            ent = self._pending[id(buf)]
-            ent[1] -= 1
-            last = ent[1] == 0
+            self._pending[buf] -= 1
+            last = self._pending[buf] == 0
             if last:
-                del self._pending[id(buf)]
+                del self._pending[buf]
         if last:
             self._free.put(buf)
 
     # -- workers
     def _io_run(self) -> None:
-        while (job := self._io_q.get()) is not None:
-            buf, length, off = job
+        job = self._io_q.get()
+        while job is not None:
+            batch, job = [job], _WAIT
+            # the full chunks queued right behind this one, in the ring's next slots: the same write
+            while batch[-1][1] == self.CHUNK and batch[-1][0] + 1 < self.NBUF:
+                try:
+                    job = self._io_q.get_nowait()
+                except queue.Empty:
+                    job = _WAIT
+                    break
+                if job is None or job[0] != batch[-1][0] + 1:
+                    break
+                batch.append(job)
+                job = _WAIT
             try:
                 if self._error is None:
-                    self._pwrite(buf, length, off)
+                    self._pwrite(batch[0][0], (len(batch) - 1) * self.CHUNK + batch[-1][1], batch[0][2])
             except BaseException as e:  # noqa: BLE001 - raised to the producer by _take / close
                 self._error = e
-            self._release(buf)
+            for buf, _, _ in batch:
+                self._release(buf)
+            if job is _WAIT:
+                job = self._io_q.get()
 
-    def _pwrite(self, buf: mmap.mmap, length: int, off: int) -> None:
+    def _pwrite(self, buf: int, length: int, off: int) -> None:
+        """Write `length` bytes of the ring from slot `buf` on (whole slots, then the last one's fill)."""
         n = length
         if self.direct and length % self.ALIGN:
             n = -(-length // self.ALIGN) * self.ALIGN  # the last chunk: zero padding, cut off by ftruncate
-            buf[length:n] = bytes(n - length)
-        view = memoryview(buf)
+            self._slot(buf, n)[length:n] = bytes(n - length)
+        view = self._slot(buf, n)
         done = 0
         while done < n:
             try:
@@ -413,7 +440,7 @@ class _DirectSink:
             buf, length = job
             try:
                 if self._error is None:
-                    self._h.update(memoryview(buf)[:length])
+                    self._h.update(self._slot(buf, length))
             except BaseException as e:  # noqa: BLE001
                 self._error = e
             self._release(buf)
@@ -427,18 +454,11 @@ class _DirectSink:
             self._hash_q.put(None)
         for t in self._threads:
             t.join()
-        bufs = [self._cur] if self._cur is not None else []
         self._cur = None
-        while True:  # the buffers go now, not when the writer object does (a merge keeps its writers)
-            try:
-                bufs.append(self._free.get_nowait())
-            except queue.Empty:
-                break
-        for b in bufs:
-            try:
-                b.close()
-            except BufferError:  # a view of it is still alive (an exception's frame): freed with that view
-                pass
+        try:  # the ring goes now, not when the writer object does (a merge keeps its writers)
+            self._ring.close()
+        except BufferError:  # a view of it is still alive (an exception's frame): freed with that view
+            pass
 
     def close(self) -> str | None:
         """Write what is left, cut the padding, fsync; the sha256 (hex) of the file when hashing."""

@@ -39,6 +39,27 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES.values()
 
 
+# every float8 code's fp32 value, as torch's own conversion gives it (see to_float32)
+_TABLES = {d: torch.arange(256, dtype=torch.uint8).view(d).to(torch.float32) for d in FP8_DTYPES.values()}
+
+
+def to_float32(q: torch.Tensor) -> torch.Tensor:
+    """`q.to(torch.float32)`, bit for bit, by table lookup: on CPU torch converts float8 one element at a time
+    (measured: 12.8 ms for a 2816×1024 weight against 0.7 ms for the same bf16 upcast), while a lookup of the
+    byte in a 256-entry table of that same conversion runs vectorized (2.7 ms)."""
+    table = _TABLES.get(q.dtype)
+    if table is None or q.device.type != "cpu":
+        return q.to(torch.float32)
+    codes = q.reshape(-1).view(torch.uint8)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for i in range(0, codes.numel(), _STEP):  # in steps: the int32 indices are a small temporary, not 4 B/weight
+        torch.index_select(table, 0, codes[i:i + _STEP].to(torch.int32), out=out[i:i + _STEP])
+    return out.view(q.shape)
+
+
+_STEP = 1 << 20
+
+
 def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Saturating round-to-nearest-even cast to a float8 dtype."""
     m = fp8_max(dtype)
@@ -69,7 +90,7 @@ def quantize_plain(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_plain(q: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32)
+    return to_float32(q)
 
 
 # --- ComfyUI scaled -----------------------------------------------------------------------------------------
@@ -87,7 +108,7 @@ def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     s = scale.to(torch.float32)
     if s.dim() == 1 and s.numel() == q.shape[0] and q.dim() > 1:
         s = s.reshape(-1, *([1] * (q.dim() - 1)))
-    return q.to(torch.float32) * s
+    return to_float32(q) * s
 
 
 # --- compressed-tensors -------------------------------------------------------------------------------------
@@ -128,7 +149,7 @@ def dequantize_ct(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     s = scale.to(torch.float32)
     if s.dim() == 1 and s.numel() > 1:
         s = s.reshape(-1, 1)
-    return q.to(torch.float32) * s
+    return to_float32(q) * s
 
 
 # --- block (DeepSeek-V3 / FineGrainedFP8) -------------------------------------------------------------------
@@ -188,7 +209,7 @@ def dequantize_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
     rows, cols = q.shape
     gr, gc = scale_inv.shape
     if rows == gr * block[0] and cols == gc * block[1]:  # whole tiles: broadcast, no full-size scale tensor
-        t = q.to(torch.float32).view(gr, block[0], gc, block[1])
+        t = to_float32(q).view(gr, block[0], gc, block[1])
         return t.mul_(scale_inv.to(torch.float32)[:, None, :, None]).view(rows, cols)
     s = scale_inv.to(torch.float32).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return q.to(torch.float32) * s[:rows, :cols]
+    return to_float32(q) * s[:rows, :cols]

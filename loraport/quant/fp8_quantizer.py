@@ -154,11 +154,11 @@ class Fp8Quantizer(BnbQuantizer):
         if spec.kind == "block" or spec.kind in _TILED:
             r = torch.arange(codes.shape[0], device=codes.device) if rows is None else rows
             per_row = scale.index_select(0, r // spec.block[0]).repeat_interleave(spec.block[1], 1)
-            return q.to(torch.float32) * per_row[:, : q.shape[1]]
+            return F.to_float32(q) * per_row[:, : q.shape[1]]
         if scale.numel() == 1:
-            return q.to(torch.float32) * scale.reshape(())
+            return F.to_float32(q) * scale.reshape(())
         sc = scale.reshape(-1, 1)
-        return q.to(torch.float32) * (sc if rows is None else sc.index_select(0, rows))
+        return F.to_float32(q) * (sc if rows is None else sc.index_select(0, rows))
 
     def _sample(self, spec: Fp8Spec, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The rows the report is computed on: all up to METRIC_ELEMS elements, else evenly spaced rows (whole
