@@ -28,7 +28,7 @@ def test_registry_opens_each_layout():
         ck.close()
     assert kinds == {"llama": ("hf-folder", False), "base": ("diffusers-folder", False),
                      "model.safetensors": ("safetensors-file", False), "llama-nf4-dq": ("hf-folder", True)}
-    assert [s.name for s in sources.LAYERED] == ["bitsandbytes", "fp8", "unknown quantization"]
+    assert [s.name for s in sources.LAYERED] == ["bitsandbytes", "fp8", "mxfp4", "unknown quantization"]
     with pytest.raises(BadInputError, match="--fp16-base"):  # the fp16 original of a base that is not quantized
         sources.open_base(FX / "peft/bases/llama", fp16_base=FX / "peft/bases/llama")
 

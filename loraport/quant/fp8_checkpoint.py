@@ -241,7 +241,7 @@ def dequantize(ck: Checkpoint, spec: Fp8Spec) -> torch.Tensor:
 
 
 def _scaled(q: torch.Tensor, s: torch.Tensor, spec: Fp8Spec) -> torch.Tensor:
-    if spec.kind in ("block", "group", "ct-block"):
+    if spec.tiled:
         return F.dequantize_block(q, s, spec.block)
     if spec.kind == "scaled":
         return F.dequantize_scaled(q, s)

@@ -24,3 +24,9 @@ class Fp8Spec:
     block: tuple[int, int] | None = None  # the scale's tile: block (bm, bn), group (1, g), ct-block (bh, bw)
     ue8m0: bool = False  # block: power-of-two scales (config scale_fmt "ue8m0"; stored fp32, or uint8 bytes)
     dtype: torch.dtype = torch.float32  # served dtype (the merge works on the fp32 dequantized weight)
+
+    @property
+    def tiled(self) -> bool:
+        """The scale is one per tile of the weight (`block`: DeepSeek / FineGrainedFP8, compressed-tensors `group` /
+        `block`), not per tensor or per row."""
+        return self.block is not None
