@@ -24,6 +24,7 @@ Size: one table of cases per layout plus the builders they share; read as one li
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -347,6 +348,17 @@ def _family(p: Path) -> str:
     return FIXTURE_FAMILY.get(stem, stem)
 
 
+@functools.cache
+def _fits(lo: Path) -> frozenset[str]:
+    """The families whose tables know the LoRA's modules best (one, or several alike: a diffusers Flux.1 LoRA on
+    its blocks is HunyuanVideo's names too; a kohya one Flux.2's). A base of one of them is no mismatch by names:
+    it merges where the shapes fit, else a shape line (formats/dit.md, "Refused")."""
+    from loraport.api import inspect
+
+    fam = inspect(lo).report.get("family") or {}
+    return frozenset([fam.get("family"), *fam.get("also_fits", ())]) - {None}
+
+
 def family_pairs() -> list[tuple[Path, Path]]:
     """(LoRA, base) fixture pairs of different families where one is new, kin pairs (a Flux-named LoRA on
     Chroma, whose modules are Flux's) left out: those merge when every module is there."""
@@ -356,7 +368,8 @@ def family_pairs() -> list[tuple[Path, Path]]:
                                                                "-bfl.safetensors")))
     loras = sorted(p for p in DIT.glob("*_*.safetensors") if not p.name.startswith("expect"))
     return [(lo, b) for lo in loras for b in bases if _family(lo) != _family(b)
-            and {_family(lo), _family(b)} & set(NEW_FAMILIES) and not dit.kin(_family(lo), _family(b))]
+            and {_family(lo), _family(b)} & set(NEW_FAMILIES) and not dit.kin(_family(lo), _family(b))
+            and _family(b) not in _fits(lo)]
 
 
 GGUF_ARCHS = {"flux": "flux-bfl", "chroma": "chroma-original", "lumina2": "lumina2-original", "wan": "wan-original"}
@@ -382,7 +395,7 @@ def gguf_family_pairs() -> list[tuple[Path, str]]:
 
     loras = sorted(p for p in DIT.glob("*_*.safetensors") if not p.name.startswith("expect"))
     return [(lo, f) for lo in loras for f in GGUF_ARCHS if _family(lo) != f
-            and {_family(lo), f} & set(NEW_FAMILIES) and not dit.kin(_family(lo), f)]
+            and {_family(lo), f} & set(NEW_FAMILIES) and not dit.kin(_family(lo), f) and f not in _fits(lo)]
 
 
 def _family_cases() -> list[Case]:

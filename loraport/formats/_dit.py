@@ -97,8 +97,8 @@ class DitNames:
         if lay.family != fam:
             why = _not_in(modules, fam, lay)
             if not why or strict:
-                err = BadInputError(f"{where}: a {dit.family_title(fam)} LoRA, but the base is {lay.title}{why}; "
-                                    f"pass a {dit.family_title(fam)} base")
+                title = " or ".join(dit.family_title(f) for f in (fam, *alike))  # names several fit alike
+                err = BadInputError(f"{where}: a {title} LoRA, but the base is {lay.title}{why}; pass a {title} base")
                 raise err.hint("--no-strict", f"merges the modules a {lay.title} model has and skips the rest") \
                     if why else err
             fam, dialects = lay.family, dit.families_of_modules(modules)[lay.family][1]
