@@ -20,24 +20,22 @@ import torch
 from loraport.errors import BadInputError
 from loraport.quant import fp8 as F
 from loraport.quant.fp8_spec import MARKER, Fp8Spec
-from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival, finite, rel_error
-from loraport.quant.quantizer import METRIC_ELEMS, BnbQuantizer
+from loraport.quant.metrics import finite, record_delta, rel_error
+from loraport.quant.quantizer import METRIC_ELEMS
+from loraport.quant.writeback import WritebackQuantizer
 
 BLOCK = (128, 128)
 _TILED = ("group", "ct-block")  # compressed-tensors scales per tile (spec.block)
 
 
-class Fp8Quantizer(BnbQuantizer):
+class Fp8Quantizer(WritebackQuantizer):
     name = "fp8"
     bits = 8
 
     def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True, source=None, **unknown):
         """`source`: an fp8 base (loraport.quant.fp8_checkpoint.Fp8Checkpoint) whose layout is written back."""
-        if unknown:
-            raise BadInputError(f"unknown fp8 option(s): {', '.join(sorted(unknown))}")
-        super().__init__(compute_dtype, dtype, metrics)
+        super().__init__(compute_dtype, dtype, metrics, source, **unknown)
         self._explicit_dtype = compute_dtype is not None or dtype is not None
-        self.src = source
         self.specs: dict[str, Fp8Spec] = dict(source.specs) if source is not None else {}
         self.scheme: str | None = None  # for a 16-bit base: "block" or "scaled"
         self.marker_prefix = ""
@@ -214,27 +212,10 @@ class Fp8Quantizer(BnbQuantizer):
             deq_b = self._decode(cb, sb, spec, rows if whole else None)
             codes_b = cb.index_select(0, rows) if whole else cb
         q = codes if rows is None else codes.index_select(0, rows)
-        delta = Ws - B
-        surv, kept = delta_survival(deq, deq_b, delta), delta_retained(deq, deq_b, delta)
-        row.update(delta_survival=None if surv is None else finite(surv),
-                   delta_retained=None if kept is None else finite(kept),
-                   codes_changed=round(float((q.view(torch.uint8) != codes_b.view(torch.uint8)).float().mean()), 6))
-        if kept is not None and kept < ERASED_BELOW:
-            row["erased"] = True
+        record_delta(row, deq, deq_b, Ws - B,
+                     codes_changed=round(float((q.view(torch.uint8) != codes_b.view(torch.uint8)).float().mean()), 6))
 
-    def report(self) -> list[dict]:
-        rows = super().report()
-        if rows and rows[-1].get("warning", "").startswith("re-quantizing erased"):
-            rows[-1]["warning"] = rows[-1]["warning"].split(". Write 16-bit")[0] + (
-                ". Write 16-bit instead (--dtype bf16)")
-        return rows
-
-    def config_update(self, config: dict) -> dict:
-        cfg = dict(config)
-        if self.src is not None:
-            if self.src.quantization_config is not None:
-                cfg["quantization_config"] = self.src.quantization_config
-            return cfg
+    def _config_16bit(self, cfg: dict) -> dict:
         if self.scheme == "block":
             cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                           "weight_block_size": list(BLOCK),

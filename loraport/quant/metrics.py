@@ -48,3 +48,15 @@ def delta_retained(Wq_merged: torch.Tensor, Wq_base: torch.Tensor, delta: torch.
 def finite(x: float) -> float | None:
     """JSON-safe rounding: inf/nan become None."""
     return round(x, 6) if math.isfinite(x) else None
+
+
+def record_delta(row: dict, Wq_merged: torch.Tensor, Wq_base: torch.Tensor, delta: torch.Tensor,
+                 **changed: float) -> None:
+    """A report row's adapter columns: delta_survival, delta_retained, then `changed` (codes / scales moved), and
+    `erased` when less than ERASED_BELOW of the delta is kept — the same columns, in the same order, for every
+    quantizer."""
+    surv, kept = delta_survival(Wq_merged, Wq_base, delta), delta_retained(Wq_merged, Wq_base, delta)
+    row.update(delta_survival=None if surv is None else finite(surv),
+               delta_retained=None if kept is None else finite(kept), **changed)
+    if kept is not None and kept < ERASED_BELOW:
+        row["erased"] = True

@@ -17,23 +17,17 @@ import torch
 
 from loraport.errors import BadInputError
 from loraport.quant import mxfp4 as M
-from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival, finite, rel_error
-from loraport.quant.quantizer import METRIC_ELEMS, BnbQuantizer
+from loraport.quant.metrics import finite, record_delta, rel_error
+from loraport.quant.quantizer import METRIC_ELEMS
+from loraport.quant.writeback import WritebackQuantizer
 
 _EXPERTS = re.compile(r"(^|\.)mlp\.experts\.(gate_up_proj|down_proj)$")
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
-class Mxfp4Quantizer(BnbQuantizer):
+class Mxfp4Quantizer(WritebackQuantizer):
     name = "mxfp4"
     bits = 4
-
-    def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True, source=None, **unknown):
-        """`source`: an MXFP4 base (loraport.quant.mxfp4_checkpoint.Mxfp4Checkpoint) whose layout is written back."""
-        if unknown:
-            raise BadInputError(f"unknown mxfp4 option(s): {', '.join(sorted(unknown))}")
-        super().__init__(compute_dtype, dtype, metrics)
-        self.src = source
 
     def bind(self, base) -> None:
         if self.src is not None:
@@ -112,29 +106,11 @@ class Mxfp4Quantizer(BnbQuantizer):
         else:
             bb, sb = M.quantize(B)
         deq_b = M.dequantize(bb.to(W.device), sb.to(W.device))
-        delta = Ws - B
-        surv, kept = delta_survival(deq, deq_b, delta), delta_retained(deq, deq_b, delta)
         x = (bq.to(bb.device) ^ bb).reshape(-1)  # per byte: which of its two FP4 codes moved
         changed = float(((x & 0x0F) != 0).sum() + ((x >> 4) != 0).sum()) / (2 * x.numel())
-        row.update(delta_survival=None if surv is None else finite(surv),
-                   delta_retained=None if kept is None else finite(kept),
-                   codes_changed=round(changed, 6),
-                   scales_changed=round(float((sq.to(sb.device) != sb).float().mean()), 6))
-        if kept is not None and kept < ERASED_BELOW:
-            row["erased"] = True
+        record_delta(row, deq, deq_b, Ws - B, codes_changed=round(changed, 6),
+                     scales_changed=round(float((sq.to(sb.device) != sb).float().mean()), 6))
 
-    def report(self) -> list[dict]:
-        rows = super().report()
-        if rows and rows[-1].get("warning", "").startswith("re-quantizing erased"):
-            rows[-1]["warning"] = rows[-1]["warning"].split(". Write 16-bit")[0] + (
-                ". Write 16-bit instead (--dtype bf16)")
-        return rows
-
-    def config_update(self, config: dict) -> dict:
-        cfg = dict(config)
-        if self.src is not None:
-            if self.src.quantization_config is not None:
-                cfg["quantization_config"] = self.src.quantization_config
-            return cfg
+    def _config_16bit(self, cfg: dict) -> dict:
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": list(NOT_CONVERTED)}
         return cfg

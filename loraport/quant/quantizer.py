@@ -19,7 +19,7 @@ from loraport.errors import BadInputError
 from loraport.quant import bnb_layout as L
 from loraport.quant.blockwise import check_blocksize, dequantize_4bit, dequantize_absmax, quantize_4bit, \
     quantize_absmax
-from loraport.quant.metrics import ERASED_BELOW, delta_retained, delta_survival, finite, rel_error
+from loraport.quant.metrics import ERASED_BELOW, finite, record_delta, rel_error
 from loraport.quant.rowwise import FP16_MAX, dequantize_int8, quantize_int8
 
 # 2-D weights that are not Linear layers (or are output heads transformers keeps in full precision), by the
@@ -60,6 +60,8 @@ class BnbQuantizer:
 
     name = ""
     bits = 0
+    # how to write 16-bit instead, in the "erased most of the adapter" warning
+    write_16bit = "(omit --quantize) or re-quantize from the original weights with --fp16-base"
 
     def __init__(self, compute_dtype=None, dtype=None, metrics: bool = True):
         # compute dtype: what transformers dequantizes to and computes in (the base model's dtype by default)
@@ -125,14 +127,7 @@ class BnbQuantizer:
                 # any float dtype: only the sampled rows are upcast
                 B = (base32 if rows is None else base32.index_select(0, rows)).to(W.device, torch.float32)
                 deq_b, codes_b = self._reconstruct(self._quantize(name, B)[1], None)
-                delta = W - B
-                surv = delta_survival(deq, deq_b, delta)
-                kept = delta_retained(deq, deq_b, delta)
-                row.update(delta_survival=None if surv is None else finite(surv),
-                           delta_retained=None if kept is None else finite(kept),
-                           codes_changed=round(self._changed(codes, codes_b), 6))
-                if kept is not None and kept < ERASED_BELOW:
-                    row["erased"] = True
+                record_delta(row, deq, deq_b, W - B, codes_changed=round(self._changed(codes, codes_b), 6))
         self._rows.append(row)
         return {k: v.cpu() for k, v in out.items()}
 
@@ -157,8 +152,8 @@ class BnbQuantizer:
             if erased * 2 > len(upd):
                 total["warning"] = (
                     f"re-quantizing erased most of the adapter: {erased}/{len(upd)} updated tensors keep less "
-                    f"than {ERASED_BELOW:.0%} of their delta (median kept {med:.0%}). Write 16-bit instead (omit "
-                    f"--quantize) or re-quantize from the original weights with --fp16-base")
+                    f"than {ERASED_BELOW:.0%} of their delta (median kept {med:.0%}). Write 16-bit instead "
+                    f"{self.write_16bit}")
             elif self._from_quantized:
                 total["warning"] = (
                     f"re-quantized from an already-quantized base: median {med:.0%} of the adapter kept; "
