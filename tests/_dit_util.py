@@ -1,5 +1,6 @@
-"""Shared steps of the DiT family tests (Chroma, Lumina2, HiDream): load a fixture maker by path, merge and read
-back in the base's own names, compare, and check a family's table against both layouts of its micro model."""
+"""Shared steps of the DiT family tests: load a fixture maker by path, derive the files a test makes itself (a
+base under ComfyUI's prefix, a LoRA in OneTrainer's spelling), merge and read back in the base's own names,
+compare, and check a family's table against both layouts of its micro model."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loraport.api import merge
 from loraport.names import dit
 
 F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
+COMFY = "model.diffusion_model."  # ComfyUI's prefix on a checkpoint's transformer weights
 
 
 @cache
@@ -29,6 +31,27 @@ def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
+def single_file(weights: Path | dict[str, torch.Tensor], dst: Path, prefix: str = COMFY) -> Path:
+    """`weights` (a .safetensors file or a state dict) saved as one file under `prefix`: ComfyUI's by default, ""
+    for the bare transformer."""
+    sd = load_file(weights) if isinstance(weights, Path) else weights
+    save_file({prefix + k: v for k, v in sd.items()}, dst)
+    return dst
+
+
+def onetrainer(src: Path, dst: Path) -> Path:
+    """A diffusers-dialect LoRA (`transformer.<path>.lora_A/B`) as OneTrainer names it: lora_transformer_<path>,
+    lora_down / lora_up, alpha 8 = the fixtures' lora_alpha, so diffusers' fuse of `src` is its reference too."""
+    t = {}
+    for k, v in load_file(src).items():
+        mod, _, role = k.removeprefix("transformer.").rpartition(".lora_")
+        name = "lora_transformer_" + mod.replace(".", "_")
+        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
+        t[f"{name}.alpha"] = torch.tensor(8.0)
+    save_file(t, dst)
+    return dst
+
+
 def merged(base: Path, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """loraport's merge of `lora` into `base` (a folder or a single file), in the base's own names (ComfyUI's
     model.diffusion_model. prefix stripped)."""
@@ -36,12 +59,15 @@ def merged(base: Path, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
     merge(base, [str(lora)], out)
     if base.is_dir():
         return folder_weights(out)
-    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
+    return {k.removeprefix(COMFY): v for k, v in load_file(out).items()}
 
 
-def max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+def max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float = 0.0) -> float:
+    """The largest |got - want| over tensors with the same names and shapes, less `rel`·|want| (a storage dtype's
+    step)."""
     assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+    assert all(got[k].shape == want[k].shape for k in want), [k for k in want if got[k].shape != want[k].shape]
+    return max(float(((got[k].float() - want[k].float()).abs() - rel * want[k].float().abs()).max()) for k in want)
 
 
 def assert_table_covers(family: str, folder: Path, single: Path) -> None:

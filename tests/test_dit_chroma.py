@@ -19,7 +19,7 @@ from loraport.api import convert, inspect, merge
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
 from loraport.formats import load_adapter
-from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged
+from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged, onetrainer, single_file
 
 CHROMA = {"diffusers": F / "chroma-diffusers", "original": F / "chroma-original.safetensors"}
 
@@ -38,19 +38,6 @@ def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
     return want if layout == "diffusers" else _maker().to_chroma_original(want)
 
 
-def _onetrainer(dst: Path) -> Path:
-    """The diffusers-dialect file as OneTrainer names it (lora_transformer_<path>, lora_down/up, alpha 8 = the
-    file's lora_alpha): diffusers' fuse of the diffusers file is its reference too."""
-    t = {}
-    for k, v in load_file(F / "chroma_diffusers.safetensors").items():
-        mod, _, role = k[len("transformer."):].rpartition(".lora_")
-        name = "lora_transformer_" + mod.replace(".", "_")
-        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
-        t[f"{name}.alpha"] = torch.tensor(8.0)
-    save_file(t, dst)
-    return dst
-
-
 # each dialect into both layouts (the prefixed original once: the prefix is the layer's, not the family's)
 MERGES = [("diffusers", "diffusers"), ("diffusers", "original"), ("kohya", "diffusers"), ("kohya", "original"),
           ("comfy", "diffusers"), ("comfy", "comfy-original"), ("onetrainer", "original")]
@@ -58,11 +45,11 @@ MERGES = [("diffusers", "diffusers"), ("diffusers", "original"), ("kohya", "diff
 
 @pytest.mark.parametrize("lora,base", MERGES)
 def test_chroma_merge_matches_diffusers(lora, base, tmp_path):
-    src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"chroma_{lora}.safetensors"
+    src = onetrainer(F / "chroma_diffusers.safetensors", tmp_path / "ot.safetensors") if lora == "onetrainer" \
+        else F / f"chroma_{lora}.safetensors"
     path = CHROMA["diffusers" if base == "diffusers" else "original"]
     if base == "comfy-original":
-        path = tmp_path / "base.safetensors"
-        save_file({"model.diffusion_model." + k: v for k, v in load_file(CHROMA["original"]).items()}, path)
+        path = single_file(CHROMA["original"], tmp_path / "base.safetensors")
     ref = "diffusers" if lora == "onetrainer" else lora
     changed, base_sd = load_file(F / f"expect_chroma_{ref}.safetensors"), _base()
     assert sum(not torch.equal(v, base_sd[k]) for k, v in changed.items()) >= 10, "the LoRA changes the model"

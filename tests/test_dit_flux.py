@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError, LoraportError
 from loraport.names import dit
+from tests._dit_util import F, folder_weights, maker, max_diff, merged, onetrainer
 from tests._sd_util import run_cli
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors",
          "comfy-bf16": F / "flux-comfy-bf16.safetensors"}
 LORAS = {"diffusers": "expect_flux_diffusers", "onetrainer": "expect_flux_diffusers", "kohya": "expect_flux_kohya",
@@ -30,7 +30,7 @@ SD3 = {"diffusers": F / "sd3-diffusers", "original": F / "sd3-original.safetenso
 
 
 def _base_sd() -> dict[str, torch.Tensor]:
-    return load_file(BASES["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(BASES["diffusers"])
 
 
 def _expected(lora: str) -> dict[str, torch.Tensor]:
@@ -39,26 +39,8 @@ def _expected(lora: str) -> dict[str, torch.Tensor]:
 
 def _to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers names → BFL (the maker's inverse of diffusers' single-file converter, checked there)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = maker("dit")
     return mod.to_bfl(sd, mod.CONFIG["num_layers"], mod.CONFIG["num_single_layers"])
-
-
-def _merged(base: str, lora_file: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """loraport's merge into `base`, in the base's own names (prefix stripped), fp32."""
-    out = tmp / ("out" if base == "diffusers" else "out.safetensors")
-    merge(BASES[base], [str(lora_file)], out)
-    if base == "diffusers":
-        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    return {k.removeprefix("model.diffusion_model."): v.float() for k, v in load_file(out).items()}
-
-
-def _max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rel: float = 0.0) -> float:
-    assert set(got) == set(want)
-    return max(float(((got[k].float() - want[k]).abs() - rel * want[k].abs()).max()) for k in want)
 
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -68,13 +50,13 @@ def test_merge_matches_diffusers(lora, base, tmp_path):
     assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) >= 9, "the LoRA changes the model"
     if base != "diffusers":
         want = _to_bfl(want)
-    got = _merged(base, F / f"flux_{lora}.safetensors", tmp_path)
+    got = merged(BASES[base], F / f"flux_{lora}.safetensors", tmp_path)
     rel = 0.0
     if base == "comfy-bf16":  # the reference's ΔW on the bf16 weights, stored in bf16: one bf16 step apart at most
         b32 = _to_bfl(_base_sd())
         want = {k: (v.to(torch.bfloat16).float() + want[k] - v).to(torch.bfloat16).float() for k, v in b32.items()}
         rel = 2 ** -7
-    assert _max_diff(got, want, rel=rel) <= 1e-5
+    assert max_diff(got, want, rel=rel) <= 1e-5
 
 
 CONVERSIONS = [("kohya", "diffusers"), ("kohya_full", "diffusers"), ("diffusers", "kohya"), ("onetrainer", "kohya"),
@@ -98,8 +80,8 @@ def test_convert_between_dialects_is_exact(src, to, base, tmp_path):
     else:
         assert all(k.startswith("transformer.") for k in keys)
         assert not any("double_blocks" in k for k in keys)
-    got = _merged("diffusers", out, tmp_path)
-    assert _max_diff(got, _expected(src)) <= 1e-5
+    got = merged(BASES["diffusers"], out, tmp_path)
+    assert max_diff(got, _expected(src)) <= 1e-5
 
 
 def test_xlabs_to_kohya_needs_the_base_for_linear1(tmp_path):
@@ -115,7 +97,7 @@ def test_xlabs_to_kohya_needs_the_base_for_linear1(tmp_path):
         up = load_file(out)["lora_unet_single_blocks_1_linear1.lora_up.weight"]
         assert up.shape[0] == 3 * 16 + 64 and not up[48:].any()
         (tmp_path / base).mkdir()
-        assert _max_diff(_merged("diffusers", out, tmp_path / base), _expected("xlabs")) <= 1e-5
+        assert max_diff(merged(BASES["diffusers"], out, tmp_path / base), _expected("xlabs")) <= 1e-5
 
 
 def test_fused_qkv_splits_sharing_A_and_fuses_back(tmp_path):
@@ -139,13 +121,9 @@ def test_converted_files_load_in_diffusers(tmp_path):
     """What loraport writes is what diffusers reads: its kohya converter and its PEFT loader fuse our files to
     the same weights as the originals."""
     diffusers = pytest.importorskip("diffusers")
-    import importlib.util
-
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
-    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
-    mk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mk)
+    mk = maker("dit")
     model = diffusers.FluxTransformer2DModel.from_pretrained(BASES["diffusers"] / "transformer")
     # diffusers' kohya converter hard-codes Flux-dev's linear1 split (3072 / 12288), so the kohya file it reads
     # back is the one without linear1: kohya -> diffusers (read by PEFT's loader) -> kohya (by the converter)
@@ -160,7 +138,7 @@ def test_converted_files_load_in_diffusers(tmp_path):
             m.load_lora_adapter(state, prefix="transformer", metadata=meta)
 
         got = mk.fused_reference(model, load)
-        assert _max_diff(got, _expected("kohya")) <= 1e-5, out.name
+        assert max_diff(got, _expected("kohya")) <= 1e-5, out.name
 
 
 def test_inspect_names_family_dialect_and_layouts():
@@ -214,13 +192,13 @@ def test_lycoris_on_fused_qkv_merges_into_both_layouts(kind, tmp_path):
     f[QKV + "alpha"] = torch.tensor(2.0)
     p = tmp_path / f"{kind}.safetensors"
     save_file(f, p)
-    got = _merged("bfl", p, tmp_path)
+    got = merged(BASES["bfl"], p, tmp_path)
     base = load_file(BASES["bfl"])
     want = base["double_blocks.0.img_attn.qkv.weight"] + _qkv_dw(f, kind)
     assert torch.allclose(got["double_blocks.0.img_attn.qkv.weight"], want, atol=1e-6)
     (tmp_path / "d").mkdir()
-    split = _to_bfl(_merged("diffusers", p, tmp_path / "d"))
-    assert _max_diff(split, got) <= 1e-6
+    split = _to_bfl(merged(BASES["diffusers"], p, tmp_path / "d"))
+    assert max_diff(split, got) <= 1e-6
 
 
 def test_input_axis_dora_on_a_fused_qkv_is_refused_for_split(tmp_path):
@@ -232,7 +210,7 @@ def test_input_axis_dora_on_a_fused_qkv_is_refused_for_split(tmp_path):
     f[QKV + "dora_scale"] = torch.rand(1, 16, generator=g) + 0.5
     p = tmp_path / "dora.safetensors"
     save_file(f, p)
-    _merged("bfl", p, tmp_path)
+    merged(BASES["bfl"], p, tmp_path)
     with pytest.raises(LoraportError, match="cannot be split.*DoRA norm.*single file"):
         merge(BASES["diffusers"], [str(p)], tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -249,7 +227,7 @@ def test_table_covers_every_linear_weight_of_both_layouts(family):
     between two tensors of matching shape (parts sized from the input width)."""
     table = dit.TABLES[family]
     folder, single = COVERED[family]
-    dif = {k[:-7]: v.shape for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()
+    dif = {k[:-7]: v.shape for k, v in folder_weights(folder).items()
            if k.endswith(".weight") and v.dim() == 2}
     bfl = {k[:-7].removeprefix("model.diffusion_model."): v.shape for k, v in load_file(single).items()
            if k.endswith(".weight") and v.dim() == 2}
@@ -284,34 +262,12 @@ def test_readme_dit_table_is_the_tables():
 
 # ------------------------------------------------------------------------------------------------- SD3 / SD3.5
 def _sd3_expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
-    base = load_file(SD3["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    base = folder_weights(SD3["diffusers"])
     want = {**base, **load_file(F / f"expect_sd3_{lora}.safetensors")}
     if layout == "diffusers":
         return want
-    mk = _maker()
+    mk = maker("dit")
     return mk.sd3_to_original(want, mk.SD3_CONFIG["num_layers"], mk.SD3_CONFIG["dual_attention_layers"])
-
-
-def _maker():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dit_maker", F.parent / "makers" / "dit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _sd3_onetrainer(dst: Path) -> Path:
-    """The diffusers-dialect SD3 LoRA as OneTrainer names it (lora_transformer_<path>, lora_down/up, alpha 8 =
-    the file's lora_alpha): what diffusers' own loader fused is then the reference for it too."""
-    t = {}
-    for k, v in load_file(F / "sd3_diffusers.safetensors").items():
-        mod, _, role = k[len("transformer."):].rpartition(".lora_")
-        name = "lora_transformer_" + mod.replace(".", "_")
-        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
-        t[f"{name}.alpha"] = torch.tensor(8.0)
-    save_file(t, dst)
-    return dst
 
 
 @pytest.mark.parametrize("base", list(SD3))
@@ -320,12 +276,11 @@ def test_sd3_merge_matches_diffusers(lora, base, tmp_path):
     """diffusers' PEFT loader for its own dialect (and the same factors in OneTrainer's names); for kohya
     (diffusers has no SD3 kohya converter) the original file plus up@down, converted by diffusers' single-file
     converter: the last block's swapped 2-part context modulation and SD3.5's attn2 included."""
-    out = tmp_path / ("o" if base == "diffusers" else "o.safetensors")
-    src = _sd3_onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"sd3_{lora}.safetensors"
-    merge(SD3[base], [str(src)], out)
+    src = onetrainer(F / "sd3_diffusers.safetensors", tmp_path / "ot.safetensors") if lora == "onetrainer" \
+        else F / f"sd3_{lora}.safetensors"
+    got = merged(SD3[base], src, tmp_path)
     lora = "diffusers" if lora == "onetrainer" else lora
-    got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if base == "diffusers" else out)
-    assert _max_diff(got, _sd3_expected(lora, base)) <= 1e-5
+    assert max_diff(got, _sd3_expected(lora, base)) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to,base", [("kohya", "diffusers", None), ("diffusers", "kohya", None),
@@ -336,8 +291,8 @@ def test_sd3_convert_is_exact(src, to, base, tmp_path):
     rep = convert(str(F / f"sd3_{src}.safetensors"), to=to, out=out, base=None if base is None else SD3[base])
     assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
     merge(SD3["diffusers"], [str(out)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert _max_diff(got, _sd3_expected(src, "diffusers")) <= 1e-5
+    got = folder_weights(tmp_path / "o")
+    assert max_diff(got, _sd3_expected(src, "diffusers")) <= 1e-5
 
 
 def test_flux_and_sd3_are_told_apart(tmp_path):
@@ -375,7 +330,7 @@ def test_text_encoder_modules_go_to_the_pipeline_components(tmp_path):
         0.5 * te[k + "lora_up.weight"] @ te[k + "lora_down.weight"]
     got = load_file(tmp_path / "o" / "text_encoder" / "model.safetensors")["encoder.layers.0.self_attn.q_proj.weight"]
     assert torch.allclose(got, want, atol=1e-6)
-    assert _max_diff(load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors"),
+    assert max_diff(folder_weights(tmp_path / "o"),
                      _expected("kohya")) <= 1e-5
     with pytest.raises(BadInputError, match="1 module.*not in the base.*lora_te1_"):
         merge(BASES["bfl"], [str(src)], tmp_path / "o2.safetensors")
@@ -387,7 +342,7 @@ def test_text_encoder_modules_go_to_the_pipeline_components(tmp_path):
 def test_a_bare_transformer_folder_is_a_diffusers_base(tmp_path):
     """The transformer/ component folder alone (config.json + diffusion_pytorch_model.safetensors) is a base."""
     merge(BASES["diffusers"] / "transformer", [str(F / "flux_kohya.safetensors")], tmp_path / "o")
-    assert _max_diff(load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors"), _expected("kohya")) <= 1e-5
+    assert max_diff(load_file(tmp_path / "o" / "diffusion_pytorch_model.safetensors"), _expected("kohya")) <= 1e-5
 
 
 def test_a_fused_lora_of_the_wrong_height_is_refused(tmp_path):
@@ -416,10 +371,10 @@ def test_dora_on_a_fused_qkv_splits_by_rows(tmp_path):
     t["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"] = torch.rand(48, 1, generator=g) + 0.5
     src = tmp_path / "dora.safetensors"
     save_file(t, src)
-    fused = _merged("bfl", src, tmp_path)
+    fused = merged(BASES["bfl"], src, tmp_path)
     (tmp_path / "d").mkdir()
-    split = _to_bfl(_merged("diffusers", src, tmp_path / "d"))
-    assert _max_diff(split, fused) <= 1e-5
+    split = _to_bfl(merged(BASES["diffusers"], src, tmp_path / "d"))
+    assert max_diff(split, fused) <= 1e-5
     assert not torch.equal(fused["double_blocks.0.img_attn.qkv.weight"],
                            _to_bfl(_expected("kohya"))["double_blocks.0.img_attn.qkv.weight"])
 

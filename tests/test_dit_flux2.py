@@ -5,8 +5,6 @@ unswapped, the original file + up@down through its single-file converter). Fixtu
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +13,14 @@ from safetensors.torch import load_file
 from loraport.api import inspect, merge
 from loraport.errors import BadInputError
 from loraport.names import dit
+from tests._dit_util import F, folder_weights, maker, max_diff, merged
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 BASES = {"diffusers": F / "flux2-diffusers", "original": F / "flux2-original.safetensors"}
 LORAS = ("diffusers", "kohya", "comfy", "kohya_full")
 
 
-def _maker():
-    spec = importlib.util.spec_from_file_location("dit_flux2_maker", F.parent / "makers" / "dit_flux2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _base_sd() -> dict[str, torch.Tensor]:
-    return load_file(BASES["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(BASES["diffusers"])
 
 
 @pytest.mark.parametrize("layout", list(BASES))
@@ -37,14 +28,9 @@ def _base_sd() -> dict[str, torch.Tensor]:
 def test_flux2_merge_matches_diffusers(lora, layout, tmp_path):
     want = {**_base_sd(), **load_file(F / f"expect_flux2_{lora}.safetensors")}
     assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) >= 4, "the LoRA changes the model"
-    out = tmp_path / ("o" if layout == "diffusers" else "o.safetensors")
-    merge(BASES[layout], [str(F / f"flux2_{lora}.safetensors")], out)
-    if layout == "diffusers":
-        got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    else:
-        got, want = load_file(out), _maker().to_original(want)
-    assert set(got) == set(want)
-    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
+    if layout != "diffusers":
+        want = maker("dit_flux2").to_original(want)
+    assert max_diff(merged(BASES[layout], F / f"flux2_{lora}.safetensors", tmp_path), want) <= 1e-5
 
 
 def test_flux2_table_covers_every_linear_weight_of_both_layouts():
@@ -88,9 +74,8 @@ def test_a_lora_on_shared_modules_needs_the_base_to_change_column(tmp_path):
     rep = convert(str(F / "flux2_kohya.safetensors"), to="diffusers", out=out, base=BASES["original"])
     assert rep.report["max_abs_diff"] == 0
     merge(BASES["diffusers"], [str(out)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
     want = {**_base_sd(), **load_file(F / "expect_flux2_kohya.safetensors")}
-    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
+    assert max_diff(folder_weights(tmp_path / "o"), want) <= 1e-5
     assert convert(str(F / "flux2_kohya.safetensors"), to="kohya", out=tmp_path / "k.safetensors").report[
         "max_abs_diff"] == 0
 
@@ -106,6 +91,5 @@ def test_flux2_convert_is_exact(src, to, base, tmp_path):
     rep = convert(str(F / f"flux2_{src}.safetensors"), to=to, out=out, base=None if base is None else BASES[base])
     assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
     merge(BASES["diffusers"], [str(out)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
     want = {**_base_sd(), **load_file(F / f"expect_flux2_{src}.safetensors")}
-    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-5
+    assert max_diff(folder_weights(tmp_path / "o"), want) <= 1e-5

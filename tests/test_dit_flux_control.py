@@ -6,7 +6,6 @@ diffusers on the widened input against the unfused LoRA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,40 +16,25 @@ from safetensors.torch import load_file, save_file
 
 from loraport.api import inspect, merge
 from loraport.errors import LoraportError
+from tests._dit_util import F, folder_weights, maker, max_diff
 from tests._sd_util import run_cli
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 BASES = {"diffusers": F / "flux-diffusers", "bfl": F / "flux-bfl.safetensors"}
 CONTROL = F / "flux_control.safetensors"
 KONTEXT = F / "flux_kontext_fal.safetensors"
 
 
-def _maker(name: str = "dit"):
-    spec = importlib.util.spec_from_file_location(f"maker_{name}", F.parent / "makers" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _expected(name: str, layout: str) -> dict[str, torch.Tensor]:
-    base = load_file(BASES["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
-    want = {**base, **load_file(F / f"expect_flux_{name}.safetensors")}
+    want = {**folder_weights(BASES["diffusers"]), **load_file(F / f"expect_flux_{name}.safetensors")}
     if layout == "diffusers":
         return want
-    mk = _maker()
+    mk = maker("dit")
     return mk.to_bfl(want, mk.CONFIG["num_layers"], mk.CONFIG["num_single_layers"])
 
 
 def _merged(layout: str, lora: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     rep = merge(BASES[layout], [str(lora)], out)
-    return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if layout == "diffusers"
-                     else out), rep
-
-
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    assert all(got[k].shape == want[k].shape for k in want), [k for k in want if got[k].shape != want[k].shape]
-    return max(float((got[k].float() - want[k]).abs().max()) for k in want)
+    return folder_weights(out) if layout == "diffusers" else load_file(out), rep
 
 
 @pytest.mark.parametrize("layout", list(BASES))
@@ -62,8 +46,8 @@ def test_control_lora_merge_matches_diffusers(layout, tmp_path):
     want = _expected("control", layout)
     x = "x_embedder.weight" if layout == "diffusers" else "img_in.weight"
     assert want[x].shape[1] == 8 and load_file(CONTROL)["img_in.lora_A.weight"].shape[1] == 8
-    assert _max_diff(got, want) <= 1e-5
-    assert torch.equal(got[x][:, 4:], want[x][:, 4:]) or _max_diff({x: got[x][:, 4:]}, {x: want[x][:, 4:]}) <= 1e-5
+    assert max_diff(got, want) <= 1e-5
+    assert torch.equal(got[x][:, 4:], want[x][:, 4:]) or max_diff({x: got[x][:, 4:]}, {x: want[x][:, 4:]}) <= 1e-5
     assert any("control LoRA" in w and "from 4 to 8 input columns" in w for w in rep["warnings"])
     if layout == "diffusers":
         cfg = json.loads((out / "transformer" / "config.json").read_text())
@@ -77,7 +61,7 @@ def test_control_lora_merge_matches_diffusers(layout, tmp_path):
 def test_kontext_fal_lora_merge_matches_diffusers(layout, tmp_path):
     out = tmp_path / ("o" if layout == "diffusers" else "o.safetensors")
     got, rep = _merged(layout, KONTEXT, out)
-    assert _max_diff(got, _expected("kontext_fal", layout)) <= 1e-5
+    assert max_diff(got, _expected("kontext_fal", layout)) <= 1e-5
     assert not any("control" in w for w in rep["warnings"])
     assert inspect(KONTEXT).report["family"]["dialects"] == ["peft_original"]
 
@@ -99,8 +83,8 @@ def test_a_control_lora_on_an_already_widened_base_adds_only(tmp_path):
     merge(BASES["diffusers"], [str(CONTROL)], first)
     rep = merge(first, [str(CONTROL)], tmp_path / "second")
     assert not any("widened" in w for w in rep["warnings"])
-    a = load_file(first / "transformer" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "second" / "transformer" / "diffusion_pytorch_model.safetensors")
+    a = folder_weights(first)
+    b = folder_weights(tmp_path / "second")
     t = load_file(CONTROL)
     dw = t["img_in.lora_B.weight"] @ t["img_in.lora_A.weight"]
     assert torch.allclose(b["x_embedder.weight"], a["x_embedder.weight"] + dw, atol=1e-6)
@@ -123,7 +107,7 @@ def test_an_ordinary_lora_with_the_control_lora(route, tmp_path):
         rep = merge(tmp_path / "control", [str(style)], out)
         assert rep["adapters"] and inspect(style, base=tmp_path / "control").report["family"]["input_padded"]
     got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors" if layout == "diffusers" else out)
-    assert _max_diff(got, _expected("control_style", layout)) <= 1e-5
+    assert max_diff(got, _expected("control_style", layout)) <= 1e-5
 
 
 def test_a_plan_that_cannot_write_new_columns_refuses_the_widening():
@@ -191,7 +175,7 @@ def test_merged_control_model_runs_like_diffusers_unfused(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.loaders.lora_conversion_utils import _convert_bfl_flux_control_lora_to_diffusers
 
-    ctl = _maker("dit_flux_control")
+    ctl = maker("dit_flux_control")
     out = tmp_path / "o"
     merge(BASES["diffusers"], [str(CONTROL)], out)
     merged = diffusers.FluxTransformer2DModel.from_pretrained(out / "transformer").eval()

@@ -7,15 +7,14 @@ Fixtures: fixtures/makers/dit_hidream.py."""
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
-from tests._dit_util import F, folder_weights, max_diff, merged
+from tests._dit_util import COMFY, F, folder_weights, max_diff, merged, single_file
 
 FOLDER = F / "hidream-diffusers"
 
@@ -25,12 +24,6 @@ def _base() -> dict[str, torch.Tensor]:  # read-only: callers build new dicts
     return folder_weights(FOLDER)
 
 
-def _single(tmp: Path, prefix: str) -> Path:
-    p = tmp / "hidream-single.safetensors"
-    save_file({prefix + k: v for k, v in _base().items()}, p)
-    return p
-
-
 def _expected(lora: str) -> dict[str, torch.Tensor]:
     return {**_base(), **load_file(F / f"expect_hidream_{'comfy' if lora == 'kohya' else lora}.safetensors")}
 
@@ -38,7 +31,8 @@ def _expected(lora: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("lora,base", [("diffusers", "diffusers"), ("diffusers", "comfy"), ("comfy", "diffusers"),
                                        ("comfy", "bare"), ("kohya", "diffusers")])
 def test_hidream_merge_matches_diffusers(lora, base, tmp_path):
-    path = FOLDER if base == "diffusers" else _single(tmp_path, "model.diffusion_model." if base == "comfy" else "")
+    path = FOLDER if base == "diffusers" else \
+        single_file(_base(), tmp_path / "hidream-single.safetensors", COMFY if base == "comfy" else "")
     want = _expected(lora)
     assert sum("experts" in k and not torch.equal(v, _base()[k]) for k, v in want.items()) >= 2, "experts changed"
     assert max_diff(merged(path, F / f"hidream_{lora}.safetensors", tmp_path), want) <= 1e-5

@@ -7,7 +7,6 @@ Fixtures: fixtures/makers/dit_hunyuan.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,18 @@ from safetensors.torch import load_file, save_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
+from tests._dit_util import COMFY, F, folder_weights, maker, max_diff, merged, onetrainer, single_file
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 HY = {"diffusers": F / "hunyuan-diffusers", "original": F / "hunyuan-original.safetensors"}
 LORAS = ("diffusers", "comfy", "comfy_full", "musubi")
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("dit_hunyuan_maker", F.parent / "makers" / "dit_hunyuan.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return maker("dit_hunyuan")
 
 
 def _base() -> dict[str, torch.Tensor]:
-    return load_file(HY["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(HY["diffusers"])
 
 
 def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
@@ -38,22 +34,9 @@ def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
     return want if layout == "diffusers" else _maker().hunyuan_to_original(want)
 
 
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 def _merged(base: str, lora: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    if base == "comfy-original":
-        path = tmp / "base.safetensors"
-        save_file({"model.diffusion_model." + k: v for k, v in load_file(HY["original"]).items()}, path)
-    else:
-        path = HY[base]
-    out = tmp / ("o" if base == "diffusers" else "o.safetensors")
-    merge(path, [str(lora)], out)
-    if base == "diffusers":
-        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
+    return merged(single_file(HY["original"], tmp / "base.safetensors") if base == "comfy-original" else HY[base],
+                  lora, tmp)
 
 
 def _comfy_saved(dst: Path) -> Path:
@@ -65,16 +48,7 @@ def _comfy_saved(dst: Path) -> Path:
 
 
 def _onetrainer(dst: Path) -> Path:
-    """The diffusers file's factors as OneTrainer names them (lora_transformer_<diffusers path>, lora_down / up,
-    alpha 8 = the PEFT file's lora_alpha): the same update."""
-    out = {}
-    for k, v in load_file(F / "hunyuan_diffusers.safetensors").items():
-        mod, _, role = k.removeprefix("transformer.").rpartition(".lora_")
-        name = "lora_transformer_" + mod.replace(".", "_")
-        out[f"{name}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = v
-        out[f"{name}.alpha"] = torch.tensor(8.0)
-    save_file(out, dst)
-    return dst
+    return onetrainer(F / "hunyuan_diffusers.safetensors", dst)
 
 
 MADE = {"onetrainer": (_onetrainer, "diffusers"), "comfy_saved": (_comfy_saved, "comfy")}  # → (maker, reference)
@@ -87,7 +61,7 @@ def test_hunyuan_merge_matches_diffusers(lora, base, tmp_path):
     lora = MADE[lora][1] if lora in MADE else lora
     want = _expected(lora, "diffusers" if base == "diffusers" else "original")
     assert len(load_file(F / f"expect_hunyuan_{lora}.safetensors")) >= 10, "the LoRA changes the model"
-    assert _max_diff(_merged(base, src, tmp_path), want) <= 1e-5
+    assert max_diff(_merged(base, src, tmp_path), want) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to", [("musubi", "diffusers"), ("comfy_full", "diffusers"), ("diffusers", "kohya"),
@@ -103,7 +77,7 @@ def test_hunyuan_convert_is_exact(src, to, tmp_path):
         assert all(k.startswith("lora_unet_") for k in keys)
     else:
         assert all(k.startswith("transformer.") for k in keys)
-    assert _max_diff(_merged("original", out, tmp_path), _expected(src, "original")) <= 1e-5
+    assert max_diff(_merged("original", out, tmp_path), _expected(src, "original")) <= 1e-5
 
 
 @pytest.mark.slow  # ~27 s on 2 shared cores, most of it importing diffusers: pytest -m slow tests/test_dit_hunyuan.py
@@ -122,7 +96,7 @@ def test_hunyuan_converted_files_load_in_diffusers(tmp_path):
         m.load_lora_adapter(state, prefix="transformer", metadata=meta)
 
     got = mk.fused_reference(mk.micro_hunyuan(), load, mk.micro_hunyuan)  # the micro model's init is the base's
-    assert _max_diff(got, _expected("musubi", "diffusers")) <= 1e-5
+    assert max_diff(got, _expected("musubi", "diffusers")) <= 1e-5
 
 
 def test_hunyuan_dialects_are_named_and_told_from_flux(tmp_path):
@@ -168,7 +142,7 @@ def test_flux_still_merges_into_flux_bases(tmp_path):
                 target = mod.removeprefix("lora_unet_").replace("_", ".").replace("single.blocks", "single_blocks")
                 scale = float(shared[mod + ".alpha"]) / shared[k].shape[0]
                 want[target + ".weight"] += scale * (shared[mod + ".lora_up.weight"] @ shared[k])
-        assert len(shared) == 12 and _max_diff(load_file(out), want) <= 1e-5, base.name
+        assert len(shared) == 12 and max_diff(load_file(out), want) <= 1e-5, base.name
 
 
 def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
@@ -197,7 +171,7 @@ def test_a_lora_on_the_shared_names_is_read_as_the_base_says(tmp_path):
     want = _maker().hunyuan_to_original(want)
     for i, lora in enumerate((src, out)):
         (tmp_path / str(i)).mkdir()
-        assert _max_diff(_merged("original", lora, tmp_path / str(i)), want) <= 1e-5
+        assert max_diff(_merged("original", lora, tmp_path / str(i)), want) <= 1e-5
     # without a base, kohya names are refused until the user says which family (they differ: img_mlp_0 / fc1)
     flux, hy = tmp_path / "f.safetensors", tmp_path / "h.safetensors"
     with pytest.raises(BadInputError, match="HunyuanVideo.*family="):
@@ -217,9 +191,8 @@ def test_hunyuan_16bit_and_fp8_single_files(dtype, tmp_path):
     fp8 = dtype == torch.float8_e4m3fn
     stored = {k: v.to(dtype if not fp8 or (k.endswith(".weight") and v.dim() == 2) else torch.bfloat16)
               for k, v in orig.items()}
-    prefix = "" if fp8 else "model.diffusion_model."
-    path = tmp_path / "base.safetensors"
-    save_file({prefix + k: v for k, v in stored.items()}, path)
+    prefix = "" if fp8 else COMFY
+    path = single_file(stored, tmp_path / "base.safetensors", prefix)
     out = tmp_path / "o.safetensors"
     merge(path, [str(F / "hunyuan_musubi.safetensors")], out)
     got = {k.removeprefix(prefix): v for k, v in load_file(out).items()}

@@ -7,7 +7,6 @@ converted exactly. Fixtures: fixtures/makers/dit_ltx.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,20 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
+from tests._dit_util import F, folder_weights, maker, max_diff
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 LTX = {"diffusers": F / "ltx-diffusers", "original": F / "ltx-original.safetensors"}
 
 
-def _maker():
-    spec = importlib.util.spec_from_file_location("dit_ltx_maker", F.parent / "makers" / "dit_ltx.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _base() -> dict[str, torch.Tensor]:
-    return load_file(LTX["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(LTX["diffusers"])
 
 
 def _expected(lora: str) -> dict[str, torch.Tensor]:
@@ -66,17 +58,12 @@ def _diffsynth(dst: Path) -> Path:
     return dst
 
 
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 @pytest.mark.parametrize("base", ["diffusers", "original", "bare-original"])
 @pytest.mark.parametrize("lora", ["diffusers", "comfy", "comfy_full", "kohya", "diffsynth"])
 def test_ltx_merge_matches_diffusers(lora, base, tmp_path):
     made = {"kohya": _kohya, "diffsynth": _diffsynth}
     src = made[lora](tmp_path / "k.safetensors") if lora in made else F / f"ltx_{lora}.safetensors"
-    mk = _maker()
+    mk = maker("dit_ltx")
     if base == "bare-original":  # the transformer alone, no prefix
         path = tmp_path / "bare.safetensors"
         save_file({k.removeprefix(mk.PREFIX): v for k, v in load_file(LTX["original"]).items()
@@ -87,12 +74,12 @@ def test_ltx_merge_matches_diffusers(lora, base, tmp_path):
     merge(path, [str(src)], out)
     want = _expected(lora)
     if base == "diffusers":
-        assert _max_diff(load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"), want) <= 1e-5
+        assert max_diff(folder_weights(out), want) <= 1e-5
         return
     want = mk.ltx_to_original(want)
     if base == "original":  # the prefix kept, the VAE's tensors carried over untouched
         want = {**{mk.PREFIX + k: v for k, v in want.items()}, **mk.VAE}
-    assert _max_diff(load_file(out), want) <= 1e-5
+    assert max_diff(load_file(out), want) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to", [("comfy_full", "diffusers"), ("diffusers", "kohya"), ("comfy", "diffusers")])
@@ -103,8 +90,8 @@ def test_ltx_convert_is_exact(src, to, tmp_path):
     if src == "comfy_full" and to == "diffusers":
         assert any(k.startswith("transformer.proj_in.") for k in load_file(out))  # patchify_proj, renamed
     merge(LTX["diffusers"], [str(out)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert _max_diff(got, _expected(src)) <= 1e-5
+    got = folder_weights(tmp_path / "o")
+    assert max_diff(got, _expected(src)) <= 1e-5
 
 
 def test_ltx_is_named_and_other_families_refused(tmp_path):

@@ -8,16 +8,15 @@ converted exactly. Fixtures: fixtures/makers/dit_lumina2.py."""
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
 from loraport.names import dit
-from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged
+from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged, onetrainer, single_file
 
 LUMINA = {"diffusers": F / "lumina2-diffusers", "original": F / "lumina2-original.safetensors"}
 
@@ -32,29 +31,17 @@ def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
     return want if layout == "diffusers" else maker("dit_lumina2").to_lumina2_original(want)
 
 
-def _onetrainer(dst: Path) -> Path:
-    """The diffusers-dialect file in OneTrainer's spelling (alpha 8 = the file's lora_alpha)."""
-    t = {}
-    for k, v in load_file(F / "lumina2_diffusers.safetensors").items():
-        mod, _, role = k[len("transformer."):].rpartition(".lora_")
-        name = "lora_transformer_" + mod.replace(".", "_")
-        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
-        t[f"{name}.alpha"] = torch.tensor(8.0)
-    save_file(t, dst)
-    return dst
-
-
 MERGES = [("diffusers", "diffusers"), ("diffusers", "original"), ("comfy", "diffusers"), ("comfy", "comfy-original"),
           ("kohya", "diffusers"), ("kohya", "original"), ("onetrainer", "original")]
 
 
 @pytest.mark.parametrize("lora,base", MERGES)
 def test_lumina2_merge_matches_diffusers(lora, base, tmp_path):
-    src = _onetrainer(tmp_path / "ot.safetensors") if lora == "onetrainer" else F / f"lumina2_{lora}.safetensors"
+    src = onetrainer(F / "lumina2_diffusers.safetensors", tmp_path / "ot.safetensors") if lora == "onetrainer" \
+        else F / f"lumina2_{lora}.safetensors"
     path = LUMINA["diffusers" if base == "diffusers" else "original"]
     if base == "comfy-original":
-        path = tmp_path / "base.safetensors"
-        save_file({"model.diffusion_model." + k: v for k, v in load_file(LUMINA["original"]).items()}, path)
+        path = single_file(LUMINA["original"], tmp_path / "base.safetensors")
     ref = "diffusers" if lora == "onetrainer" else lora
     changed, base_sd = load_file(F / f"expect_lumina2_{ref}.safetensors"), _base()
     assert sum(not torch.equal(v, base_sd[k]) for k, v in changed.items()) >= 10, "the LoRA changes the model"

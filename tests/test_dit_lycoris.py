@@ -18,7 +18,6 @@ Cost: the default cases take a few seconds; `pytest -m slow tests/test_dit_lycor
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from _sd_util import wrapped_module_errors
 from loraport.api import inspect, merge
 from loraport.errors import BadInputError
 from loraport.safetensors_io import SafetensorsFile
+from tests._dit_util import maker
 
 FX = Path(__file__).resolve().parents[1] / "fixtures"
 F = FX / "dit"
@@ -39,15 +39,8 @@ COMFY = "model.diffusion_model."
 logging.getLogger("lycoris").setLevel(logging.ERROR)
 
 
-def _maker(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_maker", FX / "makers" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _flux_back(sd):
-    return _maker("dit").bfl_to_diffusers(sd)
+    return maker("dit").bfl_to_diffusers(sd)
 
 
 def _sd3_back(sd):
@@ -162,7 +155,7 @@ def test_committed_flux_wrappers_give_the_wrapped_output_from_the_bfl_file(case,
     folder = wrap / "dit_base" / "transformer"
     cfg = FluxTransformer2DModel.load_config(folder)
     bfl = tmp_path / "bfl.safetensors"
-    base = _maker("dit").to_bfl(load_file(folder / "diffusion_pytorch_model.safetensors"), cfg["num_layers"],
+    base = maker("dit").to_bfl(load_file(folder / "diffusion_pytorch_model.safetensors"), cfg["num_layers"],
                                 cfg["num_single_layers"])
     save_file(base, bfl)
     merge(bfl, [str(wrap / f"{case}.safetensors")], tmp_path / "m.safetensors")

@@ -5,50 +5,32 @@ converters + load_lora_adapter + fuse_lora, fp32). Fixtures: fixtures/makers/dit
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
+from tests._dit_util import COMFY, F, folder_weights, max_diff, merged, single_file
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 FOLDER = F / "qwen-diffusers"
 
 
 def _base() -> dict[str, torch.Tensor]:
-    return load_file(FOLDER / "transformer" / "diffusion_pytorch_model.safetensors")
-
-
-def _single(tmp: Path, prefix: str) -> Path:
-    p = tmp / "qwen-single.safetensors"
-    save_file({prefix + k: v for k, v in _base().items()}, p)
-    return p
+    return folder_weights(FOLDER)
 
 
 def _expected(lora: str) -> dict[str, torch.Tensor]:
     return {**_base(), **load_file(F / f"expect_qwen_{lora}.safetensors")}
 
 
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 @pytest.mark.parametrize("base", ["diffusers", "comfy", "bare"])
 @pytest.mark.parametrize("lora", ["diffusers", "comfy", "musubi", "diffsynth"])
 def test_qwen_merge_matches_diffusers(lora, base, tmp_path):
-    prefix = "model.diffusion_model." if base == "comfy" else ""
-    path = FOLDER if base == "diffusers" else _single(tmp_path, prefix)
-    out = tmp_path / ("o" if base == "diffusers" else "o.safetensors")
-    merge(path, [str(F / f"qwen_{lora}.safetensors")], out)
-    if base == "diffusers":
-        got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    else:
-        got = {k.removeprefix(prefix): v for k, v in load_file(out).items()}
-    assert _max_diff(got, _expected(lora)) <= 1e-5
+    path = FOLDER if base == "diffusers" else \
+        single_file(_base(), tmp_path / "qwen-single.safetensors", COMFY if base == "comfy" else "")
+    assert max_diff(merged(path, F / f"qwen_{lora}.safetensors", tmp_path), _expected(lora)) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to", [("musubi", "diffusers"), ("diffsynth", "kohya"), ("comfy", "diffusers")])
@@ -57,8 +39,7 @@ def test_qwen_convert_is_exact(src, to, tmp_path):
     rep = convert(str(F / f"qwen_{src}.safetensors"), to=to, out=out)
     assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
     merge(FOLDER, [str(out)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert _max_diff(got, _expected(src)) <= 1e-5
+    assert max_diff(folder_weights(tmp_path / "o"), _expected(src)) <= 1e-5
 
 
 def test_qwen_is_told_from_flux_and_sd3(tmp_path):

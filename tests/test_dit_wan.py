@@ -6,7 +6,6 @@ Fixtures: fixtures/makers/dit_wan.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,18 @@ from safetensors.torch import load_file, save_file
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError
 from loraport.names import dit
+from tests._dit_util import F, folder_weights, maker, max_diff, merged, single_file
 
-F = Path(__file__).resolve().parents[1] / "fixtures" / "dit"
 WAN = {"diffusers": F / "wan-diffusers", "original": F / "wan-original.safetensors"}
 
 
-def _maker():
-    spec = importlib.util.spec_from_file_location("dit_wan_maker", F.parent / "makers" / "dit_wan.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _base() -> dict[str, torch.Tensor]:
-    return load_file(WAN["diffusers"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    return folder_weights(WAN["diffusers"])
 
 
 def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
     want = {**_base(), **load_file(F / f"expect_wan_{lora}.safetensors")}
-    return want if layout == "diffusers" else _maker().wan_to_original(want)
+    return want if layout == "diffusers" else maker("dit_wan").wan_to_original(want)
 
 
 def _diffsynth(dst: Path) -> Path:
@@ -55,30 +47,15 @@ def _diffsynth(dst: Path) -> Path:
     return dst
 
 
-def _prefixed_original(dst: Path) -> Path:
-    """The original file under ComfyUI's `model.diffusion_model.` prefix (fp32, so 1e-5 still holds)."""
-    save_file({"model.diffusion_model." + k: v for k, v in load_file(WAN["original"]).items()}, dst)
-    return dst
-
-
-def _max_diff(got, want) -> float:
-    assert set(got) == set(want)
-    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
-
-
 @pytest.mark.parametrize("base", ["diffusers", "original", "comfy-original"])
 @pytest.mark.parametrize("lora", ["diffusers", "comfy", "musubi", "diffsynth"])
 def test_wan_merge_matches_diffusers(lora, base, tmp_path):
     src = _diffsynth(tmp_path / "ds.safetensors") if lora == "diffsynth" else F / f"wan_{lora}.safetensors"
-    path = _prefixed_original(tmp_path / "base.safetensors") if base == "comfy-original" else WAN[base]
-    out = tmp_path / ("o" if base == "diffusers" else "o.safetensors")
-    merge(path, [str(src)], out)
-    if base == "diffusers":
-        got = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
-    else:
-        got = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(out).items()}
+    # the original file under ComfyUI's prefix: fp32, so 1e-5 still holds
+    path = single_file(WAN["original"], tmp_path / "base.safetensors") if base == "comfy-original" else WAN[base]
+    got = merged(path, src, tmp_path)
     want = _expected("comfy" if lora == "diffsynth" else lora, "diffusers" if base == "diffusers" else "original")
-    assert _max_diff(got, want) <= 1e-5
+    assert max_diff(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("src,to", [("musubi", "diffusers"), ("comfy", "kohya"), ("diffusers", "kohya"),
@@ -88,7 +65,7 @@ def test_wan_convert_is_exact(src, to, tmp_path):
     rep = convert(str(F / f"wan_{src}.safetensors"), to=to, out=out)
     assert rep.report["max_abs_diff"] is not None and rep.report["max_abs_diff"] <= 1e-6
     merge(WAN["original"], [str(out)], tmp_path / "o.safetensors")
-    assert _max_diff(load_file(tmp_path / "o.safetensors"), _expected(src, "original")) <= 1e-5
+    assert max_diff(load_file(tmp_path / "o.safetensors"), _expected(src, "original")) <= 1e-5
 
 
 def test_wan_table_covers_every_linear_weight_of_both_layouts():
@@ -129,10 +106,9 @@ def test_flux_lora_in_comfy_names_merges_like_kohya(tmp_path):
     src = tmp_path / "flux_comfy.safetensors"
     save_file(out, src)
     merge(F / "flux-diffusers", [str(src)], tmp_path / "o")
-    got = load_file(tmp_path / "o" / "transformer" / "diffusion_pytorch_model.safetensors")
-    want = {**load_file(F / "flux-diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"),
-            **load_file(F / "expect_flux_kohya.safetensors")}
-    assert _max_diff(got, want) <= 1e-5
+    got = folder_weights(tmp_path / "o")
+    want = {**folder_weights(F / "flux-diffusers"), **load_file(F / "expect_flux_kohya.safetensors")}
+    assert max_diff(got, want) <= 1e-5
 
 
 def _flux_module(flat: str) -> str:
@@ -169,7 +145,7 @@ def test_wan22_second_expert_is_chosen_by_an_option(which, tmp_path):
         base = load_file(folder / comp / "diffusion_pytorch_model.safetensors")
         got = load_file(tmp_path / "o" / comp / "diffusion_pytorch_model.safetensors")
         want = {k: v + delta[k] for k, v in base.items()} if which in (comp, "both") else base
-        assert _max_diff(got, want) <= 1e-5, comp
+        assert max_diff(got, want) <= 1e-5, comp
 
 
 def test_wan22_option_without_a_second_expert_is_one_line(tmp_path):

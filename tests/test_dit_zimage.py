@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from loraport.api import convert, inspect, merge
 from loraport.errors import BadInputError, LoraportError
 from loraport.names import dit
-from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged
+from tests._dit_util import F, assert_table_covers, folder_weights, maker, max_diff, merged, onetrainer, single_file
 
 ZIMAGE = {"diffusers": F / "zimage-diffusers", "original": F / "zimage-original.safetensors"}
 
@@ -35,15 +35,7 @@ def _expected(lora: str, layout: str) -> dict[str, torch.Tensor]:
 
 
 def _onetrainer(dst: Path) -> Path:
-    """The diffusers-dialect file in OneTrainer's spelling (alpha 8 = the file's lora_alpha)."""
-    t = {}
-    for k, v in load_file(F / "zimage_diffusers.safetensors").items():
-        mod, _, role = k[len("transformer."):].rpartition(".lora_")
-        name = "lora_transformer_" + mod.replace(".", "_")
-        t[f"{name}.{'lora_down' if role.startswith('A') else 'lora_up'}.weight"] = v
-        t[f"{name}.alpha"] = torch.tensor(8.0)
-    save_file(t, dst)
-    return dst
+    return onetrainer(F / "zimage_diffusers.safetensors", dst)
 
 
 def _diffsynth(dst: Path) -> Path:
@@ -65,8 +57,7 @@ def test_zimage_merge_matches_diffusers(lora, base, tmp_path):
     src = OWN[lora][0](tmp_path / "own.safetensors") if lora in OWN else F / f"zimage_{lora}.safetensors"
     path = ZIMAGE["diffusers" if base == "diffusers" else "original"]
     if base == "comfy-original":
-        path = tmp_path / "base.safetensors"
-        save_file({"model.diffusion_model." + k: v for k, v in load_file(ZIMAGE["original"]).items()}, path)
+        path = single_file(ZIMAGE["original"], tmp_path / "base.safetensors")
     ref = OWN[lora][1] if lora in OWN else lora
     changed, base_sd = load_file(F / f"expect_zimage_{ref}.safetensors"), _base()
     assert sum(not torch.equal(v, base_sd[k]) for k, v in changed.items()) >= 30, "the LoRA changes the model"
