@@ -57,7 +57,7 @@ class Case:
         return f"{self.layout}:{self.name}"
 
 
-def _edit_folder(src: Path, edit: Callable[[dict, dict], None]) -> Callable[[Path], Path]:
+def edit_folder(src: Path, edit: Callable[[dict, dict], None]) -> Callable[[Path], Path]:
     """A copy of the single-shard folder `src` whose tensors and config.json went through `edit`."""
     def make(d: Path) -> Path:
         base = d / "base"
@@ -128,9 +128,9 @@ MXFP4_EDITS: dict[str, tuple[Callable[[dict, dict], None], tuple[str, ...]]] = {
 
 
 def _mxfp4_cases() -> list[Case]:
-    cases = [Case("mxfp4", name, lambda d, e=edit: (_edit_folder(OSS, e)(d), OSS_LORA), say)
+    cases = [Case("mxfp4", name, lambda d, e=edit: (edit_folder(OSS, e)(d), OSS_LORA), say)
              for name, (edit, say) in MXFP4_EDITS.items()]
-    ident = _edit_folder(OSS, lambda sd, cfg: None)
+    ident = edit_folder(OSS, lambda sd, cfg: None)
     for name, keep in (("truncated in the last tensor", lambda n: n - 100),
                        ("truncated to its header", lambda n: 8 + int.from_bytes(OSS_SHARD_HEAD(), "little")),
                        ("truncated mid-header", lambda n: 40)):
@@ -226,7 +226,7 @@ def _fp8_cases() -> list[Case]:
     for v in ([0, 32], [32, -1], [2**40, 2**40], [32], ["32", "32"]):
         edits.append(("block", f"weight_block_size {v!r}", _qc(weight_block_size=v), ("weight_block_size",), "error"))
     edits.append(("group", "strategy tensor, group scales", _weights_cfg(strategy="tensor"), ("scale",), "error"))
-    return [Case("fp8", f"{kind}: {name}", lambda d, k=kind, e=e: (_edit_folder(BF16, _then(_fp8_base(k), e))(d),
+    return [Case("fp8", f"{kind}: {name}", lambda d, k=kind, e=e: (edit_folder(BF16, _then(_fp8_base(k), e))(d),
                                                                     LLAMA_LORA), say, expect)
             for kind, name, e, say, expect in edits]
 
@@ -420,8 +420,8 @@ def out_path(base: Path, d: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ fuzz seeds
 SEEDS: dict[str, Callable[[Path], tuple[Path, Path]]] = {
-    "mxfp4": lambda d: (_edit_folder(OSS, lambda sd, cfg: None)(d), OSS_LORA),
-    **{f"fp8-{k}": (lambda d, k=k: (_edit_folder(BF16, _fp8_base(k))(d), LLAMA_LORA))
+    "mxfp4": lambda d: (edit_folder(OSS, lambda sd, cfg: None)(d), OSS_LORA),
+    **{f"fp8-{k}": (lambda d, k=k: (edit_folder(BF16, _fp8_base(k))(d), LLAMA_LORA))
        for k in ("block", "ue8m0", "group", "ctblock")},
     "gguf-dit": lambda d: (flux_gguf(d / "base.gguf"), FLUX_LORA),
 }  # the undamaged bases the fuzzer mutates (each merges cleanly: tests/test_hostile_layouts.py checks it)

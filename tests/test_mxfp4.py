@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import loraport
 from loraport.errors import BadInputError
 from loraport.quant import mxfp4 as M
+from tests._hostile_layouts import edit_folder
 from tests._peft_util import cli
 
 EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
@@ -250,17 +251,6 @@ def test_quantize_mxfp4_refuses_a_model_that_is_not_gpt_oss(tmp_path):
 
 
 # --- damaged bases -----------------------------------------------------------------------------------------
-def _damaged(oss, tmp_path, edit) -> Path:
-    base = tmp_path / "base"
-    shutil.copytree(oss["root"] / "mx", base)
-    sd = load_file(base / "model.safetensors")
-    cfg = json.loads((base / "config.json").read_text())
-    edit(sd, cfg)
-    save_file(sd, base / "model.safetensors", {"format": "pt"})
-    (base / "config.json").write_text(json.dumps(cfg))
-    return base
-
-
 P = "model.layers.0.mlp.experts.gate_up_proj"
 DAMAGE = {
     "scales not matching blocks": (lambda sd, c: sd.__setitem__(P + "_scales", sd[P + "_scales"][:, :, :1].clone()),
@@ -279,7 +269,7 @@ DAMAGE = {
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_mxfp4_base_is_one_line_exit_2(oss, tmp_path, case):
     edit, msg = DAMAGE[case]
-    base = _damaged(oss, tmp_path, edit)
+    base = edit_folder(oss["root"] / "mx", edit)(tmp_path)
     before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
     res = cli("merge", "--base", base, "--adapter", oss["root"] / "adapter", "--out", tmp_path / "never")
     assert res.exit_code == 2, res.output
