@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from _gguf_arch_util import llamacpp_env, llamacpp_tree  # noqa: E402
 
 TOKENS = [1, 40, 77, 120, 9, 200, 33, 5, 150, 61, 250, 7]
 # max |Δlogit| allowed per family. Everything runs in f32 (weights, adapter, KV cache forced to f32: llama.cpp's
@@ -130,11 +131,8 @@ def run(arch: str, llamacpp: Path, tmp: Path) -> dict[str, float]:
 
     base, adapter = _build(arch, tmp)
     base_gguf = tmp / f"{arch}-base.gguf"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH"):  # e.g. where sentencepiece is, which the converter imports
-        env["PYTHONPATH"] = os.environ["LORAPORT_LLAMACPP_PYTHONPATH"]
     p = subprocess.run([sys.executable, str(llamacpp / "convert_hf_to_gguf.py"), str(base), "--outtype", "f32",
-                        "--outfile", str(base_gguf)], capture_output=True, text=True, env=env)
+                        "--outfile", str(base_gguf)], capture_output=True, text=True, env=llamacpp_env())
     if p.returncode:
         raise SystemExit(f"{arch}: convert_hf_to_gguf.py failed:\n{p.stderr[-3000:]}")
     lora = tmp / f"{arch}-lora.gguf"
@@ -154,8 +152,8 @@ def main() -> None:
     ap.add_argument("--arch", nargs="*", default=list(TOL))
     ap.add_argument("--tol", type=float, default=None, help="override the per-family tolerance")
     args = ap.parse_args()
-    llamacpp = Path(os.environ.get("LORAPORT_LLAMACPP", ""))
-    if not (llamacpp / "convert_hf_to_gguf.py").is_file():
+    llamacpp = llamacpp_tree()
+    if llamacpp is None:
         raise SystemExit("set LORAPORT_LLAMACPP to a llama.cpp tree (convert_hf_to_gguf.py)")
     bad = []
     print(f"{'arch':<10}{'with adapter':>14}{'without':>10}{'at 0.5x':>10}{'base only':>11}{'max|logit|':>12}"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from _gguf_arch_util import llamacpp_env, llamacpp_tree  # noqa: E402
 
 TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
 CONVERTED = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0"}  # convert_hf_to_gguf --outtype
@@ -93,9 +93,7 @@ def make_bases(hf: Path, llamacpp: Path, tmp: Path, types: list[str], stem: str 
     """<stem>-T.gguf for each type: llama.cpp's converter, then llama.cpp's quantizer from the F32 file."""
     import llama_cpp
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["LORAPORT_LLAMACPP_PYTHONPATH"]
+    env = llamacpp_env()
     out = {}
     for t in ["F32", *[t for t in types if t in CONVERTED and t != "F32"]]:
         out[t] = tmp / f"{stem}-{t}.gguf"
@@ -224,8 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", nargs="*", default=TYPES, choices=TYPES)
     args = ap.parse_args()
-    llamacpp = Path(os.environ.get("LORAPORT_LLAMACPP", ""))
-    if not (llamacpp / "convert_hf_to_gguf.py").is_file():
+    llamacpp = llamacpp_tree()
+    if llamacpp is None:
         raise SystemExit("set LORAPORT_LLAMACPP to a llama.cpp tree (convert_hf_to_gguf.py)")
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(llamacpp, Path(tmp), ["F32", *[t for t in args.types if t != "F32"]])

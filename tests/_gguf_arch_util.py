@@ -86,6 +86,40 @@ def converter() -> Path | None:
     return script if script is not None and script.is_file() else None
 
 
+def llamacpp_tree() -> Path | None:
+    """LORAPORT_LLAMACPP, if it points at a llama.cpp tree with convert_hf_to_gguf.py (the base converter of the
+    llama.cpp runtime checks: tests/test_gguf_llamacpp_parity.py, test_gguf_merged_llamacpp.py and their bench/)."""
+    root = Path(os.environ.get("LORAPORT_LLAMACPP", ""))
+    return root if (root / "convert_hf_to_gguf.py").is_file() else None
+
+
+def llamacpp_or_skip() -> Path:
+    """The llama.cpp tree for a runtime test, or a skip naming what is missing (llama-cpp-python, the tree, or
+    sentencepiece, installed or in LORAPORT_LLAMACPP_PYTHONPATH)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    root = llamacpp_tree()
+    if root is None:
+        pytest.skip("LORAPORT_LLAMACPP does not point at a llama.cpp tree with convert_hf_to_gguf.py")
+    extra = os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH", "")
+    if importlib.util.find_spec("sentencepiece") is None and not (Path(extra) / "sentencepiece").is_dir():
+        pytest.skip("sentencepiece (installed or in LORAPORT_LLAMACPP_PYTHONPATH) is needed for the tokenizer")
+    return root
+
+
+def llamacpp_env() -> dict[str, str]:
+    """The environment llama.cpp's convert_hf_to_gguf.py runs in: not our PYTHONPATH (it has its own gguf-py), but
+    LORAPORT_LLAMACPP_PYTHONPATH when set (e.g. where sentencepiece is, which the converter imports)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["LORAPORT_LLAMACPP_PYTHONPATH"]
+    return env
+
+
 def run_oracle(script: Path, base: Path, adapter: Path, out: Path) -> subprocess.CompletedProcess:
     """The real converter, f32 output, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -12,10 +12,10 @@ The work is bench/gguf_llamacpp_parity.py's (tolerances and their reasons are th
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
+from _gguf_arch_util import llamacpp_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -32,21 +32,9 @@ def _bench():
 BENCH = _bench()
 
 
-def _llamacpp_tree() -> Path:
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed")
-    root = Path(os.environ.get("LORAPORT_LLAMACPP", ""))
-    if not (root / "convert_hf_to_gguf.py").is_file():
-        pytest.skip("LORAPORT_LLAMACPP does not point at a llama.cpp tree with convert_hf_to_gguf.py")
-    extra = os.environ.get("LORAPORT_LLAMACPP_PYTHONPATH", "")
-    if importlib.util.find_spec("sentencepiece") is None and not (Path(extra) / "sentencepiece").is_dir():
-        pytest.skip("sentencepiece (installed or in LORAPORT_LLAMACPP_PYTHONPATH) is needed for the tokenizer")
-    return root
-
-
 @pytest.mark.parametrize("arch", list(BENCH.TOL))
 def test_llamacpp_runs_loraport_adapter_like_peft_merge(tmp_path, arch):
-    r = BENCH.run(arch, _llamacpp_tree(), tmp_path)
+    r = BENCH.run(arch, llamacpp_or_skip(), tmp_path)
     tol = BENCH.TOL[arch]
     assert r["with"] <= tol, r
     # the controls: a dropped adapter, or one applied at half its scale, shows far above the tolerance

@@ -17,7 +17,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_gguf_llamacpp_parity import _llamacpp_tree
+from _gguf_arch_util import llamacpp_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -36,7 +36,7 @@ BENCH = _bench()
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    return BENCH.run(_llamacpp_tree(), tmp_path_factory.mktemp("merged"))
+    return BENCH.run(llamacpp_or_skip(), tmp_path_factory.mktemp("merged"))
 
 
 @pytest.mark.parametrize("qtype", BENCH.TYPES)
