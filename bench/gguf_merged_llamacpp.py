@@ -36,7 +36,6 @@ The same run as a slow test: tests/test_gguf_merged_llamacpp.py. Result: bench/r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from _gguf_arch_util import llamacpp_env, llamacpp_tree  # noqa: E402
+from _gguf_arch_util import bench_script, llamacpp_env, llamacpp_tree  # noqa: E402
 
 TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M"]
 CONVERTED = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0"}  # convert_hf_to_gguf --outtype
@@ -59,15 +58,7 @@ FLOOR = 1e-5
 RMS_FACTOR, MAX_FACTOR, CONTROL = 2.0, 3.0, 2.0
 
 
-def _parity():
-    """bench/gguf_llamacpp_parity.py: its tokenizer and llama.cpp / PEFT runners."""
-    spec = importlib.util.spec_from_file_location("gguf_llamacpp_parity", ROOT / "bench" / "gguf_llamacpp_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-P = _parity()
+P = bench_script("gguf_llamacpp_parity")  # its tokenizer and llama.cpp / PEFT runners
 
 
 def build(tmp: Path) -> tuple[Path, Path]:

@@ -86,6 +86,17 @@ def converter() -> Path | None:
     return script if script is not None and script.is_file() else None
 
 
+def bench_script(name: str):
+    """bench/<name>.py as a module: the llama.cpp runtime checks' work and tolerances live there, and their slow
+    tests and the bench scripts that reuse each other's runners load it by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def llamacpp_tree() -> Path | None:
     """LORAPORT_LLAMACPP, if it points at a llama.cpp tree with convert_hf_to_gguf.py (the base converter of the
     llama.cpp runtime checks: tests/test_gguf_llamacpp_parity.py, test_gguf_merged_llamacpp.py and their bench/)."""

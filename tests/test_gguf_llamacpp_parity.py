@@ -11,25 +11,13 @@ The work is bench/gguf_llamacpp_parity.py's (tolerances and their reasons are th
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from _gguf_arch_util import llamacpp_or_skip
+from _gguf_arch_util import bench_script, llamacpp_or_skip
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gguf_llamacpp_parity", ROOT / "bench" / "gguf_llamacpp_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BENCH = _bench()
+BENCH = bench_script("gguf_llamacpp_parity")
 
 
 @pytest.mark.parametrize("arch", list(BENCH.TOL))

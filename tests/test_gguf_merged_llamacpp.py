@@ -13,25 +13,13 @@ The work and the tolerances' reasons are bench/gguf_merged_llamacpp.py's.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from _gguf_arch_util import llamacpp_or_skip
+from _gguf_arch_util import bench_script, llamacpp_or_skip
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gguf_merged_llamacpp", ROOT / "bench" / "gguf_merged_llamacpp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BENCH = _bench()
+BENCH = bench_script("gguf_merged_llamacpp")
 
 
 @pytest.fixture(scope="module")
