@@ -110,6 +110,7 @@ def _meta(r) -> dict:
 
 def file_checks(base: Path, merged: Path, peft_delta: dict[str, torch.Tensor], heads: tuple[int, int]) -> dict:
     """Types, shapes, metadata and codes of `merged` against `base` (see the module docstring)."""
+    import _libggml
     import gguf
     from _gguf_base_util import gguf_name, llama_permute
 
@@ -139,8 +140,11 @@ def file_checks(base: Path, merged: Path, peft_delta: dict[str, torch.Tensor], h
         w = gguf.quants.dequantize(b.data, b.tensor_type).astype(np.float32).reshape(shape) + d
         try:
             want = gguf.quants.quantize(np.ascontiguousarray(w), m.tensor_type)
-        except NotImplementedError:  # a k-quant written as itself: gguf-py has no quantizer for it
-            continue
+        except NotImplementedError:  # a k-quant: gguf-py has no quantizer for it, libggml's own is the reference
+            lib = _libggml.load()
+            if lib is None or m.tensor_type.name not in _libggml.IDS:
+                continue
+            want = lib.quantize(w.reshape(-1, shape[-1]), m.tensor_type.name)
         checked += 1
         worst = min(worst, float(np.mean(want.reshape(-1).view(np.uint8) == m.data.reshape(-1).view(np.uint8))))
     types = sorted({f"{b.tensor_type.name}->{m.tensor_type.name}" for b, m in zip(tb, tm) if b.name in delta})
