@@ -97,18 +97,6 @@ def _first_absmax(x: torch.Tensor) -> torch.Tensor:
     return mx
 
 
-def _grid(x: torch.Tensor, mn: torch.Tensor, iscale: torch.Tensor, lo: int, hi: int, out: torch.Tensor,
-          xm: torch.Tensor) -> torch.Tensor:
-    """out = clamp(nearest_int(iscale·(x − mn)), lo, hi) (mn = None: iscale·x), through preallocated buffers:
-    fresh [n, N] temporaries cost more than the arithmetic (page faults)."""
-    if mn is None:
-        torch.mul(x, iscale, out=out)
-    else:
-        torch.sub(x, mn, out=xm)
-        torch.mul(xm, iscale, out=out)
-    return out.round_().clamp_(lo, hi)
-
-
 # make_qkx2_quants runs in numpy: its ~40 operations per candidate step cost 1-2 µs each to dispatch there against
 # 3-5 µs in torch, the arithmetic (float32 SIMD loops, rint = round half to even, true division) is the same, and
 # np.add.reduce gives the in-order lane sums in one call: 15-25% faster per super-block, codes unchanged.
@@ -183,36 +171,51 @@ def _qkx2(xt: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelta: fl
     return torch.from_numpy(scale), torch.from_numpy(-mn), torch.from_numpy(L)
 
 
-def _qx(x: torch.Tensor, nmax: int):
-    """make_qx_quants(rmse_type 1, no weights) for N sub-blocks at once. x: [n, N]. Returns (scale [N],
-    L [n, N] float codes in [0, 2·nmax))."""
-    mx = _first_absmax(x)
-    zero = mx.abs() < _f32(GROUP_MAX_EPS)
-    mx = torch.where(zero, torch.ones_like(mx), mx)
+def _np_first_absmax(x: np.ndarray) -> np.ndarray:
+    """_first_absmax of a numpy array."""
+    mx, amax = np.zeros_like(x[0]), np.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        ax = np.abs(x[i])
+        up = ax > amax
+        mx, amax = np.where(up, x[i], mx), np.where(up, ax, amax)
+    return mx
+
+
+def _qx(xt: torch.Tensor, nmax: int):
+    """make_qx_quants(rmse_type 1, no weights) for N sub-blocks at once, in numpy as _qkx2. x: [n, N]. Returns
+    (scale [N], L [n, N] float codes in [0, 2·nmax))."""
+    x = xt.numpy()
+    mx = _np_first_absmax(x)
+    zero = np.abs(mx) < _F(GROUP_MAX_EPS)
+    mx = np.where(zero, _F(1), mx)
     w = x * x
     wx = w * x
-    L, buf = torch.empty_like(x), torch.empty_like(x)
-    P = torch.empty((x.shape[0], 2, x.shape[1]))
+    L, buf = np.empty_like(x), np.empty_like(x)
+    P = np.empty((x.shape[0], 2, x.shape[1]), _F)
     g_iscale = scale = best = None
-    for k in [0] + [i for i in range(-9, 10) if i]:  # each candidate is compared with the best so far
-        iscale = _rdiv(-_f32(nmax + _f32(_f32(0.1) * k)), mx)
-        _grid(x, None, iscale, -nmax, nmax - 1, L, buf)
-        torch.mul(wx, L, out=P[:, 0])
-        torch.mul(torch.mul(w, L, out=buf), L, out=P[:, 1])
-        sumlx, suml2 = _seqsum(P)
-        if g_iscale is None:
-            g_iscale = iscale
-            scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(mx))
-            best = scale * sumlx
-            continue
-        up = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        g_iscale = torch.where(up, iscale, g_iscale)
-        scale = torch.where(up, sumlx / suml2, scale)
-        best = torch.where(up, scale * sumlx, best)
-    L = _grid(x, None, g_iscale, -nmax, nmax - 1, L, buf).add_(nmax)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = L.masked_fill_(zero, 0)
-    return scale, L
+    with np.errstate(all="ignore"):
+        for k in [0] + [i for i in range(-9, 10) if i]:  # each candidate is compared with the best so far
+            iscale = np.divide(_F(-_f32(nmax + _f32(_f32(0.1) * k))), mx)
+            np.multiply(x, iscale, out=L)
+            np.clip(np.rint(L, out=L), -nmax, nmax - 1, out=L)
+            np.multiply(wx, L, out=P[:, 0])
+            np.multiply(np.multiply(w, L, out=buf), L, out=P[:, 1])
+            sumlx, suml2 = _np_seqsum(P)
+            if g_iscale is None:
+                g_iscale = iscale
+                scale = np.where(suml2 != 0, sumlx / suml2, _F(0))
+                best = scale * sumlx
+                continue
+            up = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            g_iscale = np.where(up, iscale, g_iscale)
+            scale = np.where(up, sumlx / suml2, scale)
+            best = np.where(up, scale * sumlx, best)
+        np.multiply(x, g_iscale, out=L)
+        np.clip(np.rint(L, out=L), -nmax, nmax - 1, out=L)
+    L += nmax
+    scale = np.where(zero, _F(0), scale)
+    L[:, zero] = 0
+    return torch.from_numpy(scale), torch.from_numpy(L)
 
 
 def _q3(x: torch.Tensor, nmax: int):
