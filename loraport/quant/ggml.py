@@ -141,8 +141,10 @@ def _q8_0(x, out):
     below, and unlike y ± 0.5 the largest float below 0.5 stays 0; the product c·sign(y) is exact (±c, or 0
     where y = ±0: code 0 either way), so add(alpha=c) rounds once whether or not it fuses the multiply."""
     y = torch.abs(x)
-    d = torch.amax(y, 1, keepdim=True).div_(127)
-    torch.mul(x, _inverse(d), out=y)
+    # the largest |x| as the largest bit pattern: for floats without a sign bit the orders agree, and torch's
+    # integer max is twice as fast as its float max over rows of 32
+    d = torch.amax(y.view(torch.int32), 1, keepdim=True).view(torch.float32).div_(127)
+    torch.mul(x, torch.reciprocal(d).masked_fill_(d == 0, 0), out=y)
     s = torch.sign(y)
     torch.add(y, s, alpha=_JUST_BELOW_HALF, out=s)
     out[:, 2:].view(torch.int8).copy_(s)  # converts (truncating) straight into the strided code bytes
