@@ -17,10 +17,12 @@ fit of least weighted error; Q6_K (`make_qx_quants`) tries 19 grids around absma
 raises Σwxl²/Σwl²; Q3_K (`make_q3_quants`) sweeps one weight at a time. The candidates are tried in the
 reference's order (a kept fit's min moves the next grids), each one vectorized over every sub-block of a
 chunk, laid out lanes-first ([lane, sub-block]) so that a sum over a sub-block's weights is a loop of
-contiguous adds. The codes equal libggml's because the float32 arithmetic is the same: every product in C's
-association order, every sum accumulated lane by lane in order (`_seqsum`; torch's own reductions add in
-another order), true division (`_rdiv`), a correctly rounded √ (`_sqrt`), nearest_int = round half to even,
-fp16 by round-to-nearest-even, C's integer conversions (`_byte`).
+contiguous adds. The searches of Q2_K/Q4_K/Q5_K (`_qkx2`) and Q6_K (`_qx`) run in numpy (their ~40 small ops
+per candidate dispatch 2-3x cheaper there), the rest in torch. The codes equal libggml's because the float32
+arithmetic is the same: every product in C's association order, every sum accumulated lane by lane in order
+(`_seqsum`, numpy's add.reduce over the lane axis; torch's own reductions add in another order), true
+division (`_rdiv`), a correctly rounded √ (`_sqrt`), nearest_int = round half to even, fp16 by
+round-to-nearest-even, C's integer conversions (`_byte`).
 """
 
 from __future__ import annotations
