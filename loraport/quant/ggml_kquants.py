@@ -17,8 +17,8 @@ fit of least weighted error; Q6_K (`make_qx_quants`) tries 19 grids around absma
 raises Σwxl²/Σwl²; Q3_K (`make_q3_quants`) sweeps one weight at a time. The candidates are tried in the
 reference's order (a kept fit's min moves the next grids), each one vectorized over every sub-block of a
 chunk, laid out lanes-first ([lane, sub-block]) so that a sum over a sub-block's weights is a loop of
-contiguous adds. The searches of Q2_K/Q4_K/Q5_K (`_qkx2`) and Q6_K (`_qx`) run in numpy (their ~40 small ops
-per candidate dispatch 2-3x cheaper there), the rest in torch. The codes equal libggml's because the float32
+contiguous adds. The searches (`_qkx2` for Q2_K/Q4_K/Q5_K, `_qx` for Q6_K, `_q3`) run in numpy (their many
+small ops dispatch 2-3x cheaper there), the rest in torch. The codes equal libggml's because the float32
 arithmetic is the same: every product in C's association order, every sum accumulated lane by lane in order
 (`_seqsum`, numpy's add.reduce over the lane axis; torch's own reductions add in another order), true
 division (`_rdiv`), a correctly rounded √ (`_sqrt`), nearest_int = round half to even, fp16 by
@@ -79,26 +79,6 @@ def _byte(i: torch.Tensor) -> torch.Tensor:
 
 
 # --- the per-sub-block searches -----------------------------------------------------------------------------
-def _nearest_int(f: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int bit for bit, also past |f| > 2²² where it wraps (as a float tensor): the low 23 bits
-    of f + 1.5·2²³ in float32. Within range it is round half to even (torch.round), used where f is bounded."""
-    bits = (f + 12582912.0).view(torch.int32)
-    return ((bits & 0x7FFFFF) - 0x400000).float()
-
-
-def _first_absmax(x: torch.Tensor) -> torch.Tensor:
-    """The value of largest magnitude over dim 0, signed, the first one on ties: C's `if (ax > amax) { amax = ax;
-    max = x[i]; }`. A scan over the lanes: argmax across dim 0 is not vectorized in torch (~50x slower)."""
-    mx = torch.zeros_like(x[0])
-    amax = torch.zeros_like(x[0])
-    for i in range(x.shape[0]):
-        ax = x[i].abs()
-        up = ax > amax
-        mx = torch.where(up, x[i], mx)
-        amax = torch.where(up, ax, amax)
-    return mx
-
-
 # make_qkx2_quants runs in numpy: its ~40 operations per candidate step cost 1-2 µs each to dispatch there against
 # 3-5 µs in torch, the arithmetic (float32 SIMD loops, rint = round half to even, true division) is the same, and
 # np.add.reduce gives the in-order lane sums in one call: 15-25% faster per super-block, codes unchanged.
@@ -173,8 +153,16 @@ def _qkx2(xt: torch.Tensor, wt: torch.Tensor, nmax: int, rmin: float, rdelta: fl
     return torch.from_numpy(scale), torch.from_numpy(-mn), torch.from_numpy(L)
 
 
+def _nearest_int(f: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int bit for bit, also past |f| > 2²² where it wraps (as a float array): the low 23 bits
+    of f + 1.5·2²³ in float32. Within range it is round half to even (np.rint), used where f is bounded."""
+    bits = (f + _F(12582912.0)).view(np.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).astype(_F)
+
+
 def _np_first_absmax(x: np.ndarray) -> np.ndarray:
-    """_first_absmax of a numpy array."""
+    """The value of largest magnitude over axis 0, signed, the first one on ties: C's `if (ax > amax) { amax =
+    ax; max = x[i]; }` (NaN never taken). A scan over the lanes."""
     mx, amax = np.zeros_like(x[0]), np.zeros_like(x[0])
     for i in range(x.shape[0]):
         ax = np.abs(x[i])
@@ -220,34 +208,36 @@ def _qx(xt: torch.Tensor, nmax: int):
     return torch.from_numpy(scale), torch.from_numpy(L)
 
 
-def _q3(x: torch.Tensor, nmax: int):
-    """make_q3_quants(do_rmse) for N sub-blocks at once: the absmax grid, then up to 5 sweeps that move one
-    weight at a time to the code that best fits the others, kept when Σwxl²/Σwl² grows (w = x²). A sweep that
-    changes nothing is the reference's stop, and repeating it changes nothing, so every sub-block sweeps 5
-    times. x: [n, N]. Returns (scale [N], L [n, N] float codes in [0, 2·nmax))."""
-    mx = _first_absmax(x)
-    zero = mx.abs() < _f32(GROUP_MAX_EPS)
-    iscale = _rdiv(-nmax, torch.where(zero, torch.ones_like(mx), mx))
-    L = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx, suml2 = _seqsum(wx * L), _seqsum(w * L * L)
-    for _ in range(5):
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx0 = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
-            new = _nearest_int(x[i] * sl2 / slx0).clamp_(-nmax, nmax - 1)  # unbounded where slx0 is tiny
-            slx = slx0 + wx[i] * new
-            sl2 = sl2 + w[i] * new * new
-            up = (slx0 > 0) & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(up, new, li)
-            sumlx = torch.where(up, slx, sumlx)
-            suml2 = torch.where(up, sl2, suml2)
-    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = torch.where(zero, torch.zeros_like(L), L + nmax)
-    return scale, L
+def _q3(xt: torch.Tensor, nmax: int):
+    """make_q3_quants(do_rmse) for N sub-blocks at once, in numpy as _qkx2: the absmax grid, then up to 5 sweeps
+    that move one weight at a time to the code that best fits the others, kept when Σwxl²/Σwl² grows (w = x²).
+    A sweep that changes nothing is the reference's stop, and repeating it changes nothing, so every sub-block
+    sweeps 5 times. x: [n, N]. Returns (scale [N], L [n, N] float codes in [0, 2·nmax))."""
+    x = xt.numpy()
+    with np.errstate(all="ignore"):
+        mx = _np_first_absmax(x)
+        zero = np.abs(mx) < _F(GROUP_MAX_EPS)
+        iscale = np.divide(_F(-nmax), np.where(zero, _F(1), mx))
+        L = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
+        w = x * x
+        wx = w * x
+        sumlx, suml2 = _np_seqsum(wx * L), _np_seqsum(w * L * L)
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                li, wi, wxi = L[i], w[i], wx[i]
+                slx0 = sumlx - wxi * li
+                sl2 = suml2 - wi * li * li
+                new = np.clip(_nearest_int(x[i] * sl2 / slx0), -nmax, nmax - 1)  # unbounded where slx0 is tiny
+                slx = slx0 + wxi * new
+                sl2 = sl2 + wi * new * new
+                up = (slx0 > 0) & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                L[i] = np.where(up, new, li)
+                sumlx = np.where(up, slx, sumlx)
+                suml2 = np.where(up, sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, _F(0))
+    scale = np.where(zero, _F(0), scale)
+    L = np.where(zero, _F(0), L + nmax)
+    return torch.from_numpy(scale), torch.from_numpy(L)
 
 
 def _lanes(x: torch.Tensor, n: int) -> torch.Tensor:
