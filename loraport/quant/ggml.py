@@ -218,15 +218,20 @@ def _chunked(fn, blocks: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK, wo
     starts = range(0, blocks.shape[0], chunk)
     workers = workers or cores()
 
+    def run(i: int) -> None:
+        if into:
+            fn(blocks[i:i + chunk], out[i:i + chunk])
+        else:
+            out[i:i + chunk] = fn(blocks[i:i + chunk])
+
     def one(i: int) -> None:
         with torch_threads(1):
-            if into:
-                fn(blocks[i:i + chunk], out[i:i + chunk])
-            else:
-                out[i:i + chunk] = fn(blocks[i:i + chunk])
+            run(i)
 
     if len(starts) == 1 or workers == 1:
-        one(0) if len(starts) == 1 else [one(i) for i in starts]
+        with torch_threads(1):  # once, not per chunk (switching per chunk: ~3% of Q8_0's time)
+            for i in starts:
+                run(i)
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(starts))) as ex:
         list(ex.map(one, starts))
