@@ -133,3 +133,25 @@ def test_type_table():
         qt = gguf.GGMLQuantizationType(t.id)
         assert (t.block, t.nbytes) == gguf.GGML_QUANT_SIZES[qt] and qt.name == t.name
     assert not set(ggml.UNSUPPORTED) & (set(ggml.TYPES) | set(ggml.READ_ONLY))
+
+
+def test_lane_sums_add_in_index_order():
+    """The searches' sums over a sub-block's lanes (ggml_kquants._seqsum, numpy's add.reduce over the outer axis,
+    the row-by-row adds where a row is one element) equal C's float loop `s += p[i]` in index order, on values
+    spread over 40 orders of magnitude where any other order (pairwise, blocked) rounds differently."""
+    from loraport.quant.ggml_kquants import _seqsum
+
+    rng = np.random.default_rng(5)
+    for n, N in ((16, 4099), (32, 8192), (2, 9), (32, 1)):
+        p = (rng.standard_normal((n, 3, N)) * np.exp(rng.uniform(-45, 45, (n, 3, N)))).astype(np.float32)
+        want = np.zeros((3, N), np.float32)
+        for i in range(n):  # float32 adds, one row after the other
+            want = want + p[i]
+        for got, ref in ((_seqsum(torch.from_numpy(p)), want), (_seqsum(torch.from_numpy(p)[:, 1]), want[1])):
+            assert np.array_equal(got.numpy(), ref), (n, N)
+    p = (rng.standard_normal((32, 64)) * np.exp(rng.uniform(-45, 45, (32, 64)))).astype(np.float32)
+    seq = p[0].copy()
+    for i in range(1, 32):
+        seq = seq + p[i]
+    assert not np.array_equal(np.add.reduce(np.ascontiguousarray(p.T), axis=1), seq)  # the data tells orders apart
+    assert not np.array_equal(torch.from_numpy(p).sum(0).numpy(), seq)

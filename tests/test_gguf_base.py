@@ -264,3 +264,20 @@ def test_inspect_adapter_against_gguf_base_is_the_merge(tmp_path):
             changed[y.tensor_type.name] = changed.get(y.tensor_type.name, 0) + 1
     assert b["merge"]["written"] == changed and b["merge"]["updated"] == sum(changed.values()) == 14
     assert b["merge"]["copied"] == 7
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_q8_0_over_many_chunks_and_nonfinite_blocks_equals_gguf_quants(workers):
+    """Q8_0 writes each chunk of blocks into its slice of the output (quant/ggml.py _q8_0): 2.5 chunks' worth, on
+    one thread and two, with NaN, ±inf, subnormal and signed-zero blocks among the hostile ones; codes equal
+    gguf.quants'."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([_hostile_blocks(rng)] + [rng.standard_normal((64, 256)).astype(np.float32)] * 9)
+    x = np.concatenate([x, rng.standard_normal((ggml.CHUNK * 32 * 2 // 256 - 64 * 10 + 40, 256))]).astype(np.float32)
+    x[9, 5], x[10, 40], x[11, 70] = np.nan, np.inf, -np.inf
+    x[12, :32], x[12, 32:64], x[13, :32] = np.float32(1e-40), np.float32(-1e-44), -0.0
+    assert x.size // 32 > 2 * ggml.CHUNK
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(-1).view(np.uint8)
+    ours = ggml.quantize(torch.from_numpy(x), ggml.BY_NAME["Q8_0"], workers=workers).numpy()
+    assert np.array_equal(ref, ours)
