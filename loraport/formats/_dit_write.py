@@ -72,16 +72,15 @@ def regroup(adapter, column: str, base, where) -> tuple[list[tuple[str, Delta]],
     names = DitNames.detect(modules, base, where, family=read["family"] if read.get("stated") else "")
     if names is None:
         return [], list(adapter.deltas), None
-    # a family whose table sends these modules where this one's does (Chroma's pruned Flux rows; HunyuanVideo's
-    # Flux-shaped blocks) gives the same file: no tie to break
-    ties = tuple(f for f in names.alike or read.get("also_fits") or ()
-                 if not dit.kin(names.family, f) and not _spelled_alike(adapter, names, f, column))
     read_columns = {dit.DIALECTS[d][0] for d in read.get("dialects") or () if d in dit.DIALECTS}
-    if ties and base is None and column not in (read_columns or {names.column}):
-        # read without a base as the first family's: the other one names these modules otherwise
-        raise BadInputError(f"{where}: a {dit.family_title(names.family)} or "
-                            f"{' or '.join(dit.family_title(f) for f in ties)} LoRA (it trains only modules "
-                            "both have); pass --base, or --read-option family=NAME, to say which")
+    if base is None and column not in (read_columns or {names.column}):
+        # read without a base as the first family's: a family that fits as well but whose table sends the modules
+        # elsewhere in `column` names them otherwise (one sending them alike — Chroma's pruned Flux rows — is no tie)
+        ties = [f for f in names.alike or read.get("also_fits") or () if not _spelled_alike(adapter, names, f, column)]
+        if ties:
+            raise BadInputError(f"{where}: a {dit.family_title(names.family)} or "
+                                f"{' or '.join(dit.family_title(f) for f in ties)} LoRA (it trains only modules "
+                                "both have); pass --base, or --read-option family=NAME, to say which")
     table = dit.TABLES[names.family]
     groups: dict[tuple[str, str], list[tuple[Delta, tuple[int, int] | None]]] = defaultdict(list)
     rest = []
