@@ -2,8 +2,8 @@
 parts; consumed by loraport/names/dit.py. Spec: formats/dit.md."""
 
 # ------------------------------------------------------------------------------------------------- Flux.1
-# diffusers module (canonical)                      original (BFL) module
-FLUX_ROWS: tuple[tuple[str, str], ...] = (
+# the double blocks' joint attention: BFL's fused img / txt qkv, the same in Flux.1 and Flux.2 (dit_flux2.py)
+FLUX_DOUBLE_ATTN: tuple[tuple[str, str], ...] = (
     ("transformer_blocks.{i}.attn.to_q",                "double_blocks.{i}.img_attn.qkv[0]"),
     ("transformer_blocks.{i}.attn.to_k",                "double_blocks.{i}.img_attn.qkv[1]"),
     ("transformer_blocks.{i}.attn.to_v",                "double_blocks.{i}.img_attn.qkv[2]"),
@@ -12,6 +12,10 @@ FLUX_ROWS: tuple[tuple[str, str], ...] = (
     ("transformer_blocks.{i}.attn.add_k_proj",          "double_blocks.{i}.txt_attn.qkv[1]"),
     ("transformer_blocks.{i}.attn.add_v_proj",          "double_blocks.{i}.txt_attn.qkv[2]"),
     ("transformer_blocks.{i}.attn.to_add_out",          "double_blocks.{i}.txt_attn.proj"),
+)
+
+# diffusers module (canonical)                      original (BFL) module
+FLUX_ROWS: tuple[tuple[str, str], ...] = FLUX_DOUBLE_ATTN + (
     ("transformer_blocks.{i}.ff.net.0.proj",            "double_blocks.{i}.img_mlp.0"),
     ("transformer_blocks.{i}.ff.net.2",                 "double_blocks.{i}.img_mlp.2"),
     ("transformer_blocks.{i}.ff_context.net.0.proj",    "double_blocks.{i}.txt_mlp.0"),

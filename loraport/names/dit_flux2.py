@@ -5,16 +5,10 @@ same names). Unlike Flux.1, the single block's linear1 stays fused in diffusers 
 modulations are shared by all blocks (double_stream_modulation_img / _txt, single_stream_modulation), and no
 linear has a bias. Spec: formats/dit.md."""
 
+from loraport.names.dit_flux import FLUX_DOUBLE_ATTN
+
 # diffusers module (canonical)                            original (BFL) module
-FLUX2_ROWS: tuple[tuple[str, str], ...] = (
-    ("transformer_blocks.{i}.attn.to_q",                      "double_blocks.{i}.img_attn.qkv[0]"),
-    ("transformer_blocks.{i}.attn.to_k",                      "double_blocks.{i}.img_attn.qkv[1]"),
-    ("transformer_blocks.{i}.attn.to_v",                      "double_blocks.{i}.img_attn.qkv[2]"),
-    ("transformer_blocks.{i}.attn.to_out.0",                  "double_blocks.{i}.img_attn.proj"),
-    ("transformer_blocks.{i}.attn.add_q_proj",                "double_blocks.{i}.txt_attn.qkv[0]"),
-    ("transformer_blocks.{i}.attn.add_k_proj",                "double_blocks.{i}.txt_attn.qkv[1]"),
-    ("transformer_blocks.{i}.attn.add_v_proj",                "double_blocks.{i}.txt_attn.qkv[2]"),
-    ("transformer_blocks.{i}.attn.to_add_out",                "double_blocks.{i}.txt_attn.proj"),
+FLUX2_ROWS: tuple[tuple[str, str], ...] = FLUX_DOUBLE_ATTN + (  # the double blocks' attention: Flux.1's
     ("transformer_blocks.{i}.ff.linear_in",                   "double_blocks.{i}.img_mlp.0"),
     ("transformer_blocks.{i}.ff.linear_out",                  "double_blocks.{i}.img_mlp.2"),
     ("transformer_blocks.{i}.ff_context.linear_in",           "double_blocks.{i}.txt_mlp.0"),
