@@ -72,28 +72,32 @@ class _Group(click.Group):
                 # transformers and onnxscript created (measured 1.36 s -> 0.16 s after an ONNX capture)
                 gc.freeze()
             return rv
-        except LoraportError as e:
-            click.echo(f"error: {e}{_hint(self, ctx, e)}", err=True)
-            sys.exit(e.exit_code)
-        except MemoryError:
-            click.echo("error: out of memory", err=True)
-            sys.exit(1)
-        except OSError as e:
-            if os.environ.get("LORAPORT_DEBUG"):
-                raise
-            click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
-            sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
             interrupted()
-        except Exception as e:  # noqa: BLE001 - a bug, but still one line for the user
-            if os.environ.get("LORAPORT_DEBUG"):
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"error: {type(e).__name__}: {msg} (internal error; LORAPORT_DEBUG=1 shows the traceback)",
-                       err=True)
-            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - one line for the user whatever it was
+            if INTERRUPTS.seen.is_set():  # what failed after a Ctrl-C failed because of it: a KeyboardInterrupt
+                interrupted()  # swallowed mid-import leaves numpy half-loaded, and its next import raises ImportError
+            _fail(self, ctx, e)
+
+
+def _fail(group: click.Group, ctx: click.Context, e: Exception) -> None:
+    """The one line (and exit status) for an error a command raised."""
+    if isinstance(e, LoraportError):
+        click.echo(f"error: {e}{_hint(group, ctx, e)}", err=True)
+        sys.exit(e.exit_code)
+    if isinstance(e, MemoryError):
+        click.echo("error: out of memory", err=True)
+        sys.exit(1)
+    if os.environ.get("LORAPORT_DEBUG"):
+        raise e
+    if isinstance(e, OSError):
+        click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        sys.exit(1)
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""  # a bug, but still one line for the user
+    click.echo(f"error: {type(e).__name__}: {msg} (internal error; LORAPORT_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
 
 
 def _hint(group: click.Group, ctx: click.Context, e: LoraportError) -> str:

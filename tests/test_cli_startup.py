@@ -181,3 +181,34 @@ def test_ctrl_c_while_torch_loads_and_mid_merge(big):
         _check(rc, lines, sent, f"{kind} at {moment}")
         assert not out.exists() and not _litter(out)
     assert {p: p.read_bytes() for p in inputs} == inputs
+
+
+_SWALLOWED = (
+    "import os, signal, sys, click\n"
+    "import loraport.cli\n"
+    "@loraport.cli.main.command('boom')\n"
+    "@click.option('--ctrl-c', is_flag=True)\n"
+    "def boom(ctrl_c):\n"
+    "    if ctrl_c:\n"
+    "        try:\n"  # a C extension mid-import swallows the KeyboardInterrupt (seen in numpy under torch) ...
+    "            os.kill(os.getpid(), signal.SIGINT)\n"
+    "            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (a call that lets the handler run here)\n"
+    "        except KeyboardInterrupt:\n"
+    "            pass\n"
+    "    raise ImportError('cannot load module more than once per process')  # ... and its retry fails\n"
+    "loraport.cli.main(sys.argv[1:], prog_name='loraport')\n")
+
+
+@pytest.mark.parametrize("ctrl_c", [True, False])
+def test_error_after_a_swallowed_ctrl_c_is_the_interrupt(ctrl_c):
+    """CI saw it once: Ctrl-C 0.3 s in landed inside numpy's import under torch, which swallowed it; the next
+    import of numpy raised ImportError, reported as an internal error with exit 1. After a Ctrl-C, whatever fails
+    is the interrupt's doing: one line, 130. Without one the same error stays an internal error."""
+    r = subprocess.run([sys.executable, "-c", _SWALLOWED, "boom", *(["--ctrl-c"] if ctrl_c else [])],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    if ctrl_c:
+        assert (r.returncode, lines) == (130, [INTERRUPTED]), r.stderr
+    else:
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: ImportError: cannot load module more than once"), r.stderr
