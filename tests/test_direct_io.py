@@ -1,6 +1,7 @@
-"""The merge's output writer with O_DIRECT (safetensors_io._DirectSink): the same bytes and sha256 as the page-cache
-writer at every chunk boundary, a clean fallback where a filesystem refuses O_DIRECT, and write errors raised
-(not hung on) in the producing thread."""
+"""The merge's output writer (loraport/chunk_sink.py) in both of its modes, write-behind and O_DIRECT: the same
+bytes and sha256 as the page-cache writer at every chunk boundary, a clean fallback where a filesystem refuses
+O_DIRECT, write errors raised (not hung on) in the producing thread, and write-behind leaving the written file
+out of the page cache."""
 
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ import pytest
 import torch
 
 import loraport.safetensors_io as S
+from loraport import pagecache
+from loraport.chunk_sink import ChunkSink
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 64 << 10  # small chunks (16 buffers' worth of data in a test) so every boundary case is cheap
 
 
+MODES = ["direct"] + (["behind"] if pagecache.write_behind() else [])
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(S._DirectSink, "CHUNK", CHUNK)
-    monkeypatch.setattr(S, "DIRECT_IO", True)
+    monkeypatch.setattr(ChunkSink, "CHUNK", CHUNK)
+    monkeypatch.setenv("LORAPORT_WRITE_MODE", "direct")
 
 
 def _tensors(sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,10 +61,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_direct_writer_matches_the_page_cache_writer(tmp_path, case):
+def test_chunked_writer_matches_the_page_cache_writer(tmp_path, monkeypatch, case, mode):
+    monkeypatch.setenv("LORAPORT_WRITE_MODE", mode)
     ts = _tensors(CASES[case])
     a = _write(tmp_path / "direct.safetensors", ts, True)
+    assert a._sink is not None and a._sink.direct == (mode == "direct")
     b = _write(tmp_path / "buffered.safetensors", ts, False)
     da, db = (tmp_path / "direct.safetensors").read_bytes(), (tmp_path / "buffered.safetensors").read_bytes()
     assert da == db and len(da) == a.file_size
@@ -67,7 +76,9 @@ def test_direct_writer_matches_the_page_cache_writer(tmp_path, case):
     assert all(torch.equal(got[k], v) for k, v in ts.items())
 
 
-def test_copy_range_reads_unaligned_spans_into_chunks(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_copy_range_reads_unaligned_spans_into_chunks(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("LORAPORT_WRITE_MODE", mode)
     src = tmp_path / "src.bin"
     blob = os.urandom(3 * CHUNK + 999)
     src.write_bytes(blob)
@@ -122,8 +133,10 @@ def test_filesystem_refusing_o_direct_at_write_gets_the_page_cache(tmp_path, mon
     assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("at", [0, 2])
-def test_write_error_reaches_the_writer_thread_and_nothing_hangs(tmp_path, monkeypatch, at):
+def test_write_error_reaches_the_writer_thread_and_nothing_hangs(tmp_path, monkeypatch, at, mode):
+    monkeypatch.setenv("LORAPORT_WRITE_MODE", mode)
     real = os.pwrite
     calls = []
 
@@ -147,17 +160,17 @@ def test_write_error_reaches_the_writer_thread_and_nothing_hangs(tmp_path, monke
     assert threading.active_count() <= before - 2  # the I/O and hash threads are gone
 
 
-def test_merge_output_is_the_same_with_and_without_direct_io(tmp_path, monkeypatch):
+def test_merge_output_is_the_same_in_every_write_mode(tmp_path, monkeypatch):
     from loraport.merging import merge
 
     base = ROOT / "fixtures" / "peft" / "bases" / "llama"
     ad = ROOT / "fixtures" / "peft" / "adapters" / "llama_plain"
-    merge(base, [(ad, 1.0)], tmp_path / "direct", device="cpu")
-    monkeypatch.setattr(S, "DIRECT_IO", False)
-    merge(base, [(ad, 1.0)], tmp_path / "buffered", device="cpu")
-    fa = {p.name: p.read_bytes() for p in (tmp_path / "direct").iterdir()}
-    fb = {p.name: p.read_bytes() for p in (tmp_path / "buffered").iterdir()}
-    assert fa == fb and any(n.endswith(".safetensors") for n in fa)
+    files = {}
+    for mode in [*MODES, "cache"]:
+        monkeypatch.setenv("LORAPORT_WRITE_MODE", mode)
+        merge(base, [(ad, 1.0)], tmp_path / mode, device="cpu")
+        files[mode] = {p.name: p.read_bytes() for p in (tmp_path / mode).iterdir()}
+    assert all(f == files["cache"] for f in files.values()) and any(n.endswith(".safetensors") for n in files["cache"])
 
 
 def _takes_o_direct(folder: Path) -> bool:

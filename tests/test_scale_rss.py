@@ -27,7 +27,7 @@ from bench.common import PY, SIZES, build_adapter, build_base, run_child, shapes
 from loraport.engine import stream as STREAM  # noqa: E402
 
 BOUND = 600 << 20
-# beyond the buffer budget and the adapter (held whole): the output writer's O_DIRECT chunks (16 MiB), code pages
+# beyond the buffer budget and the adapter (held whole): the output writer's chunk ring (16 MiB), code pages
 # the merge touches, the plan, thread stacks, allocator slack. Measured: 110-113 MiB over start-up for a bound of
 # 128 MiB; the memory-mapped read path of bfeb962 took 195 MiB.
 ALLOWANCE = 48 << 20

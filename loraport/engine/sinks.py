@@ -1,8 +1,9 @@
 """Sinks: where the stream's tensors go. `Sink` is the role; `SafetensorsSink` writes the layout's files (HF
 folder, diffusers folder, single file; a bitsandbytes layout is the same files with the quantizer's entries) with
-the O_DIRECT streaming writer of `loraport.safetensors_io`; `write_side_files` carries over the base's non-weight
-files and writes indexes and the updated config.json. ONNX external data (export and bake) is
-`loraport.onnx.sink.OnnxDataSink`, the same role (the engine imports nothing of loraport.onnx)."""
+the streaming writer of `loraport.safetensors_io` (its chunked sink writes behind: loraport/chunk_sink.py);
+`write_side_files` carries over the base's non-weight files and writes indexes and the updated config.json. ONNX
+external data (export and bake) is `loraport.onnx.sink.OnnxDataSink`, the same role (the engine imports nothing
+of loraport.onnx)."""
 
 from __future__ import annotations
 
