@@ -140,38 +140,76 @@ class HashCache:
             self._disk = _read_cache(self.folder / CACHE_FILE, self._secret) if self.folder is not None else {}
         return self._disk
 
+    def _known(self, real: str, ident: list[int]) -> str | None:
+        """The remembered digest of an unchanged file (the lock held)."""
+        hit = self._run.get(real)
+        if hit is not None and hit[0] == ident:
+            return hit[1]
+        ent = self._load().get(real)
+        if ent is not None and ent[:5] == ident:
+            self._run[real] = (ident, ent[5])
+            self._new[real] = [*ident, ent[5], time.time()]  # refreshes its last use
+            return ent[5]
+        return None
+
     def sha256(self, path: str | Path) -> str:
         real = os.path.realpath(path)
         while True:
             st = os.stat(real)
             ident = _identity(st)
             with self._lock:
-                hit = self._run.get(real)
-                if hit is not None and hit[0] == ident:
-                    return hit[1]
-                ent = self._load().get(real)
-                if ent is not None and ent[:5] == ident:
-                    self._run[real] = (ident, ent[5])
-                    self._new[real] = [*ident, ent[5], time.time()]  # refreshes its last use
-                    return ent[5]
+                known = self._known(real, ident)
+                if known is not None:
+                    return known
                 busy = self._busy.get(real)
                 if busy is None:  # nobody is hashing it: this thread does
                     busy = self._busy[real] = threading.Event()
                     break
             busy.wait()  # another thread is hashing this file: wait for its digest, then look again
+        started, digest = time.time(), None
         try:
-            started = time.time()
             digest = sha256_file(real)
-            after = _identity(os.stat(real))
+        finally:
+            self._publish(real, ident, digest, started)
+        return digest
+
+    def _publish(self, real: str, ident: list[int], digest: str | None, started: float) -> None:
+        """Remember the digest of a file hashed since `started` (None: none was made) and wake its waiters."""
+        try:
+            after = _identity(os.stat(real)) if digest is not None else None
             with self._lock:
                 if after == ident:  # unchanged while it was read
                     self._run[real] = (ident, digest)
-                    if st.st_ctime_ns < (started - RACY_SECONDS) * 1e9:
+                    if ident[4] < (started - RACY_SECONDS) * 1e9:  # its ctime: see RACY_SECONDS
                         self._new[real] = [*ident, digest, started]
         finally:
             with self._lock:
                 self._busy.pop(real).set()
-        return digest
+
+    def known(self, path: str | Path) -> str | None:
+        """The digest of `path` if this run or the cache knows it for the file as it is now, else None."""
+        real = os.path.realpath(path)
+        ident = _identity(os.stat(real))
+        with self._lock:
+            return self._known(real, ident)
+
+    def claim(self, path: str | Path, fd: int):
+        """A loraport.hash_tap.HashTap through which the merge's reader hashes `path` from the bytes it reads
+        from `fd` (that file, open); None when its digest is known already, another thread is hashing it, or
+        `fd` is not that file. Until the tap finishes, `sha256(path)` waits for its digest."""
+        from loraport.hash_tap import HashTap
+
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        ident = _identity(st)
+        if _identity(os.fstat(fd))[:2] != ident[:2]:  # (device, inode): the path now names another file
+            return None
+        with self._lock:
+            if real in self._busy or self._known(real, ident) is not None:
+                return None
+            self._busy[real] = threading.Event()
+        started = time.time()
+        return HashTap(fd, st.st_size, lambda digest: self._publish(real, ident, digest, started))
 
     def save(self) -> None:
         """Merge this run's entries into the cache file (re-read first: other runs may have written it) and

@@ -23,7 +23,7 @@ from loraport.engine.device import pick_device, warm_cuda
 from loraport.engine.layout import OutEntry, OutFile, build_layout, nbytes
 from loraport.engine.plan import DTYPES, FLOATS, QUANTIZE_CASTS, MergePlan, build_plan
 from loraport.engine.sinks import SafetensorsSink, provenance, write_side_files
-from loraport.engine.sources import check_loadable, open_base
+from loraport.engine.sources import base_reading, check_loadable, open_base
 from loraport.engine.stream import stream
 from loraport.engine.vocab import adapter_tokenizer, check_tokenizer, config_updates
 from loraport.engine.widen import write_config_updates
@@ -71,41 +71,45 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     from loraport import manifest as mf
 
     cache = mf.HashCache.of(hash_cache)
-    # the inputs' sha256 (most of the manifest's cost) start now, overlapping the adapter reading and planning;
-    # the adapters come last: _load_adapters hashes them as it reads them, and the cache shares those digests
-    hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
-    if quantizer is None and out_dtype is None:
-        quantizer = ckpt.own_layout()  # an fp8 base is written back in its own layout unless --dtype says otherwise
-    if quantizer is not None:
-        quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
-    loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force, transformer)
-    plan = _plan(ckpt, loaded, strict, tie_embeddings, widen=type(ckpt) is Checkpoint and quantizer is None)
-    single = ckpt.kind == "safetensors-file"
-    if single and shard_size:
-        raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
-    tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
-    warns += tok_warns
-    check_tokenizer(tok, plan.base, plan.shapes)  # a token the merged embedding has no row for: refused now
-    layout = build_layout(plan, out_dtype, quantizer, shard_size)
-    total = sum(nbytes(e) for f in layout for e in f.entries)
-    check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
-    prov = provenance(loaded, dtype, quantize, cache.sha256)
-    with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
-        sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
-        stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite)
-        if not single:
-            write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
-                             config_updates=config_updates(plan.base, plan.shapes))
-            warns += [f"config changed: {c}" for c in write_config_updates(plan, stage)]  # a widened input
-        if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
-            summary = {"base": str(base_p), "dtype": dtype, "quantize": quantize, "strict": strict,
-                       "adapters": _adapter_rows(loaded), "tensors": len(ckpt.names()),
-                       "tensors_updated": len(plan.updates), "skipped_targets": len(plan.skipped)}
-            man = mf.build(stage, inputs=hashes.result(), plan=summary, name=out_p.name, known=stats["hashes"])
+    # a plain safetensors base is hashed by the stream's reader from the bytes it reads (loraport/hash_tap.py);
+    # one too big to stay cached leaves the page cache behind the reader (loraport/pagecache.py)
+    with base_reading(ckpt, cache if manifest else None) as (taps, drop):
+        # the other inputs' sha256 start now, overlapping the adapter reading and planning; the adapters come
+        # last: _load_adapters hashes them as it reads them, and the cache shares those digests
+        hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
+        if quantizer is None and out_dtype is None:
+            quantizer = ckpt.own_layout()  # an fp8 base is written back in its own layout unless --dtype says otherwise
+        if quantizer is not None:
+            quantizer.bind(ckpt)  # compute dtype from the base; warns when re-quantizing an already-quantized base
+        loaded, warns = _load_adapters(adapters, ckpt, adapter_format, strict, nonfinite, cache, force, transformer)
+        plan = _plan(ckpt, loaded, strict, tie_embeddings, widen=type(ckpt) is Checkpoint and quantizer is None)
+        single = ckpt.kind == "safetensors-file"
+        if single and shard_size:
+            raise BadInputError("--shard-size applies to model folders; the base is a single .safetensors file")
+        tok, tok_warns = adapter_tokenizer(loaded) if ckpt.kind == "hf-folder" else ({}, [])
+        warns += tok_warns
+        check_tokenizer(tok, plan.base, plan.shapes)  # a token the merged embedding has no row for: refused now
+        layout = build_layout(plan, out_dtype, quantizer, shard_size)
+        total = sum(nbytes(e) for f in layout for e in f.entries)
+        check_free_space(out_p.parent, total + sum((ckpt.root / x).stat().st_size for x in ckpt.extra_files))
+        prov = provenance(loaded, dtype, quantize, cache.sha256)
+        with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
+            sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
+            stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite,
+                           taps=taps, drop=drop)
             if not single:
-                mf.write_into(stage, man)
-    if hashes is not None and single:
-        mf.write_sibling(out_p, man)
+                write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
+                                 config_updates=config_updates(plan.base, plan.shapes))
+                warns += [f"config changed: {c}" for c in write_config_updates(plan, stage)]  # a widened input
+            if hashes is not None:  # the manifest describes the staged files, so it is renamed into place with them
+                summary = {"base": str(base_p), "dtype": dtype, "quantize": quantize, "strict": strict,
+                           "adapters": _adapter_rows(loaded), "tensors": len(ckpt.names()),
+                           "tensors_updated": len(plan.updates), "skipped_targets": len(plan.skipped)}
+                man = mf.build(stage, inputs=hashes.result(), plan=summary, name=out_p.name, known=stats["hashes"])
+                if not single:
+                    mf.write_into(stage, man)
+        if hashes is not None and single:
+            mf.write_sibling(out_p, man)
     report = {
         "base": str(base_p), "out": str(out_p), "device": str(dev), "dtype": dtype,
         "quantize": quantize, "adapters": _adapter_rows(loaded),

@@ -8,8 +8,10 @@
 * `layout`  — the output files, keys, dtypes and shapes (headers known before the first write).
 * `stream`  — the one pipeline: read ► apply ► write in three threads, bounded buffers (`buffers`), the CUDA
   stager (`device`), progress and the finite check.
-* `sinks`   — the sink role (`Sink`); safetensors shards (O_DIRECT writer; the bitsandbytes layout is the
-  quantizer's entries in them) and the side files (indexes, config.json).
+* `sinks`   — the sink role (`Sink`); safetensors shards (the chunked writer of loraport/chunk_sink.py, with
+  write-behind; the bitsandbytes layout is the quantizer's entries in them) and the side files (indexes,
+  config.json). A plain safetensors base is hashed by the reader as it reads it (loraport/hash_tap.py) and,
+  when too big to stay cached, leaves the page cache behind it (loraport/pagecache.py).
 
 `loraport.merging.merge` is the entry point for a merge. Importing this package loads nothing: import the stage
 you need.
