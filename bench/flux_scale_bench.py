@@ -13,7 +13,8 @@ included, bf16 factors with an `alpha` per module as sd-scripts saves them.
 Rows, each its own child process (bench/common.py: wall time, peak RssAnon and VmHWM sampled every 10 ms):
        copy      shutil.copyfile of the base + fsync (what reading and writing the bytes costs)
        loraport  `loraport merge --base flux.safetensors --adapter lora.safetensors --out merged.safetensors`
-                 (default flags: the integrity manifest on, so the inputs are hashed too)
+                 (default flags: the integrity manifest on, so the inputs are hashed too — every time: the
+                 hash cache is off, as on a first merge of this base)
        loraport-nomanifest   the same with --no-manifest (no sha256 of the 24 GB input and output)
 The base is larger than the page cache can hold on this machine, so every row starts cold: before each row
 the previous output is deleted and synced and the base and LoRA are evicted from the page cache
@@ -176,6 +177,8 @@ def child(kind: str, *argv: str) -> None:
         if kind == "copy":
             child_copy(*argv)
         else:
+            # a first merge of this base: its sha256 is computed, not taken from an earlier run's hash cache
+            os.environ["LORAPORT_NO_HASH_CACHE"] = "1"
             from loraport.cli import main as cli
 
             cli(list(argv), prog_name="loraport")
@@ -236,7 +239,8 @@ def main() -> None:
         print(f"inputs: base {gib(nbytes)} ({params / 1e9:.2f}B params, {blocks(a.scale)} double/single blocks), "
               f"LoRA r={a.rank} {gib(lora.stat().st_size)}, ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         res, out = {}, work / "out.safetensors"
-        for row in filter(None, a.rows.split(",")):
+        for i, row in enumerate(filter(None, a.rows.split(","))):
+            key = row if row not in res else f"{row} #{i + 1}"  # a row asked for again is a repeat, kept too
             drop_written(out)
             evict(base, lora)
             if row == "copy":
@@ -247,11 +251,11 @@ def main() -> None:
                         "--out", str(out), "--json", *extra, *a.merge_args.split()]
             print(f"{row} ...", file=sys.stderr)
             load0 = os.getloadavg()[0]
-            r = run_child(row, argv)
+            r = run_child(key, argv)
             r.load = (load0 + os.getloadavg()[0]) / 2  # the machine is shared: how busy it was meanwhile
             if r.rc != 0:
                 raise SystemExit(f"{row}: exit {r.rc}\n{r.err[-2000:]}")
-            res[row] = r
+            res[key] = r
             if row.startswith("loraport") and "steps" not in res:
                 res["steps"] = check(base, lora, out, a.scale)
         drop_written(out)
@@ -262,12 +266,16 @@ def main() -> None:
               f"{os.cpu_count()} cores, {gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM")
         print(table(rows, ["row", "wall s", "GB/s", "cpu s", "peak anon", "peak RSS", "disk read",
                            "disk write", "load avg"]))
-        if "copy" in res and "loraport" in res:
-            lp, cp = res["loraport"], res["copy"]
-            print(f"\nloraport / copy wall: {lp.wall / cp.wall:.3f} (goal <= 1.5); loraport peak anon "
-                  f"{gib(lp.anon)} (goal < 2 GB); merged vs reference: max {res['steps']:.2f} bf16 steps")
-        if "copy" in res and "loraport-nomanifest" in res:
-            print(f"loraport --no-manifest / copy wall: {res['loraport-nomanifest'].wall / res['copy'].wall:.3f}")
+        copy = None  # each merge row against the copy row run last before it (side by side, similar load)
+        for k, r in res.items():
+            if k.startswith("copy"):
+                copy = r
+            elif k.startswith("loraport") and copy is not None:
+                goal = " (goal <= 1.5)" if "nomanifest" not in k else ""
+                print(f"{k} / {copy.label} wall: {r.wall / copy.wall:.3f}{goal}; peak anon {gib(r.anon)} (goal < 2 GB)")
+        if "steps" in res:
+            print(f"merged vs reference (W + alpha/r * up @ down, block 0's linears): max {res['steps']:.2f} bf16 "
+                  "steps")
         print("load avg: the 1-minute load average of the machine (shared, 2 cores) at the start and end of the row")
     finally:
         shutil.rmtree(work, ignore_errors=True)
