@@ -12,6 +12,7 @@ import torch
 
 from loraport.safetensors_io import itemsize
 
+FIT = 2  # a reused buffer may be up to this many times larger than asked for (Buffers._fit)
 DONE = object()  # end of the stream (or a stop): what `Pipeline.get` returns when there is nothing more
 
 
@@ -91,18 +92,27 @@ class Buffers:
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         with self.lock:
-            lst = self.free.get(n)
-            buf = lst.pop() if lst else None
-            if buf is not None:
-                self.kept -= n
-            else:
+            buf = self._fit(n)
+            if buf is None:
                 self._trim(n)  # a new buffer: idle ones of other sizes make room for it first
         if buf is None:
             buf = torch.empty(n, dtype=torch.uint8, pin_memory=True) if self.pin else _mapped(n)
         with self.lock:
             self.issued[buf.data_ptr()] = buf
-            self.out += n
-        return buf.view(dtype).view(shape)
+            self.out += buf.numel()
+        return buf[:n].view(dtype).view(shape)
+
+    def _fit(self, n: int) -> torch.Tensor | None:
+        """An idle buffer for n bytes (the lock held): one of that size, else the smallest of at most FIT × n
+        bytes. A model's tensors come in a handful of sizes whose buffers together pass the cap (Flux: six fp32
+        sizes from 38 to 264 MB); reused by size alone, the largest idle ones were dropped and mapped afresh again
+        and again, and first-touch page faults on the new maps took most of the reader's upcast time."""
+        sizes = [s for s, lst in self.free.items() if lst and n <= s <= n * FIT]
+        if not sizes:
+            return None
+        s = n if n in sizes else min(sizes)
+        self.kept -= s
+        return self.free[s].pop()
 
     def give(self, t: torch.Tensor | None) -> None:
         if t is None or t.device.type != "cpu" or t.numel() == 0:
