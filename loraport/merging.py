@@ -23,7 +23,8 @@ from loraport.engine.device import pick_device, warm_cuda
 from loraport.engine.layout import OutEntry, OutFile, build_layout, nbytes
 from loraport.engine.plan import DTYPES, FLOATS, QUANTIZE_CASTS, MergePlan, build_plan
 from loraport.engine.sinks import SafetensorsSink, provenance, write_side_files
-from loraport.engine.sources import base_reading, check_loadable, open_base
+from loraport.engine.reading import base_reading
+from loraport.engine.sources import check_loadable, open_base
 from loraport.engine.stream import stream
 from loraport.engine.vocab import adapter_tokenizer, check_tokenizer, config_updates
 from loraport.engine.widen import write_config_updates
@@ -73,7 +74,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
     cache = mf.HashCache.of(hash_cache)
     # a plain safetensors base is hashed by the stream's reader from the bytes it reads (loraport/hash_tap.py);
     # one too big to stay cached leaves the page cache behind the reader (loraport/pagecache.py)
-    with base_reading(ckpt, cache if manifest else None) as (taps, drop):
+    with base_reading(ckpt, cache if manifest else None) as reading:
         # the other inputs' sha256 start now, overlapping the adapter reading and planning; the adapters come
         # last: _load_adapters hashes them as it reads them, and the cache shares those digests
         hashes = mf.BackgroundHashes([base, fp16_base, *[a for a, _ in adapters]], cache) if manifest else None
@@ -96,7 +97,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]] | list[str 
         with staged_output(out_p, is_dir=not single, overwrite=overwrite) as stage:
             sink = SafetensorsSink(layout, stage, single, prov, hash_outputs=hashes is not None)
             stats = stream(plan, layout, sink, dev, out_dtype, quantizer, progress=progress, nonfinite=nonfinite,
-                           taps=taps, drop=drop)
+                           reading=reading)
             if not single:
                 write_side_files(plan.base, layout, stage, out_dtype, quantizer, tokenizer=tok,
                                  config_updates=config_updates(plan.base, plan.shapes))

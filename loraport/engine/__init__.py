@@ -10,8 +10,9 @@
   stager (`device`), progress and the finite check.
 * `sinks`   — the sink role (`Sink`); safetensors shards (the chunked writer of loraport/chunk_sink.py, with
   write-behind; the bitsandbytes layout is the quantizer's entries in them) and the side files (indexes,
-  config.json). A plain safetensors base is hashed by the reader as it reads it (loraport/hash_tap.py) and,
-  when too big to stay cached, leaves the page cache behind it (loraport/pagecache.py).
+  config.json).
+* `reading` — what the stream does besides reading a plain safetensors base: its sha256 from those reads
+  (loraport/hash_tap.py) and, when it is too big to stay cached, dropping it behind (loraport/pagecache.py).
 
 `loraport.merging.merge` is the entry point for a merge. Importing this package loads nothing: import the stage
 you need.

@@ -20,12 +20,10 @@ built from config.json (the ONNX export's names).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraport import pagecache
 from loraport.checkpoint import Checkpoint
 from loraport.errors import BadInputError
 
@@ -121,31 +119,6 @@ def open_base(path: str | Path, fp16_base=None, quantize: str | None = None) -> 
     if fp16_base is not None:
         raise BadInputError("--fp16-base is only meaningful with a quantized --base")
     return ckpt
-
-
-@contextmanager
-def base_reading(ckpt: Checkpoint, cache) -> Iterator[tuple[dict, frozenset[int]]]:
-    """How the stream reads a plain safetensors base: ({fd: HashTap} — the files the reader hashes as it reads
-    them, for the run's HashCache `cache` (None: no manifest, nothing to hash) —, the descriptors whose spans leave
-    the page cache once consumed: those of a base too big to stay cached whose digest nobody else still reads
-    for). Taps not finished by the stream are closed on the way out, so nobody waits for their digests."""
-    taps: dict = {}
-    drop: set[int] = set()
-    try:
-        if type(ckpt) is Checkpoint:  # a layered source serves its own (dequantized) tensors
-            files = [sh.file for sh in ckpt.shards]
-            big = pagecache.worth_dropping(sum(f.path.stat().st_size for f in files))
-            for f in files:
-                fd = f.fileno()
-                tap = cache.claim(f.path, fd) if cache is not None else None
-                if tap is not None:
-                    taps[fd] = tap
-                if big and (cache is None or tap is not None or cache.known(f.path) is not None):
-                    drop.add(fd)
-        yield taps, frozenset(drop)
-    finally:
-        for tap in taps.values():
-            tap.close()
 
 
 def check_loadable(ckpt: Checkpoint) -> None:

@@ -12,9 +12,9 @@ it is unmapped, and a merge touches every updated tensor's pages; read into a re
 one buffer per tensor in flight, whatever the model's size (measured on a 400 MB merge: see
 bench/results/merge-rss-before-after-2026-12-05.txt).
 
-Where the base is a plain safetensors file (or folder), the reader also hands every span it reads to that file's
-hash tap (loraport/hash_tap.py: the manifest's sha256 of the base without a second reader), and a base too big to
-stay cached leaves the page cache behind the writer, once each part is read, hashed and written (`_consumed`).
+Where the base is a plain safetensors file (or folder), the stream tells its `BaseReading` (engine/reading.py)
+what it reads, skips and writes: the manifest's sha256 of the base comes from those reads, and a base too big to
+stay cached leaves the page cache behind the writer.
 
 The source and the sink are roles (see loraport/engine/__init__.py): the safetensors layouts and
 `loraport.engine.sinks.SafetensorsSink` for a merge; the ONNX export's graph source or a foreign model's
@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraport import pagecache
 from loraport.engine.apply import merged_tensor
 from loraport.engine.buffers import DONE, Budget, Buffers, Pipeline
 from loraport.engine.device import CudaStager
 from loraport.engine.layout import OutFile, nbytes
 from loraport.engine.plan import FLOATS, MergePlan
+from loraport.engine.reading import BaseReading
 from loraport.engine.sinks import Sink
 from loraport.errors import BadInputError
 from loraport.finite import check_merged, may_be_nonfinite
@@ -73,11 +73,9 @@ class Stream:
 
     def __init__(self, plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device,
                  out_dtype: torch.dtype | None, quantizer, nonfinite: str = "warn", label: str | None = None,
-                 taps: dict | None = None, drop: frozenset[int] = frozenset()):
+                 reading: BaseReading | None = None):
         self.plan, self.base, self.layout, self.sink = plan, plan.base, layout, sink
-        # input file descriptor -> loraport.hash_tap.HashTap: the base's sha256 from the bytes read here; `drop`:
-        # descriptors whose spans leave the page cache once consumed (and hashed, where tapped)
-        self.taps, self.behind = taps or {}, pagecache.DropBehind(drop)
+        self.reading = reading or BaseReading()  # the base's hash taps and page-cache drop (engine/reading.py)
         self.label = label or ("merge" if quantizer is None else "merge+quantize")
         self.dtypes = _entry_dtypes(layout)
         self.dev, self.cuda = dev, dev.type == "cuda"
@@ -129,12 +127,11 @@ class Stream:
                     item = self._item(fi, name)
                     if item.how == "tensor" and not self._load(item):
                         return
-                    if item.how == "raw" and self.taps:
-                        self._tap_raw(item)
+                    if item.how == "raw" and self.reading.taps:
+                        self.reading.skipped(self.base.span(name))
                     if not self.pipe.put(self.pipe.q_loaded, item):
                         return
-            for tap in self.taps.values():  # the rest of each file (overlapping the last writes)
-                tap.finish()
+            self.reading.finish()  # the rest of each tapped file (overlapping the last writes)
             self.pipe.put(self.pipe.q_loaded, DONE)
         except BaseException as e:  # noqa: BLE001 - forwarded to the main thread
             self.pipe.fail(e)
@@ -204,32 +201,8 @@ class Stream:
         mv = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
         if n and read_into(fd, mv, offset) != n:
             raise BadInputError(f"{self.base.where(item.name)}: truncated while reading {item.name}")
-        tap = self.taps.get(fd)
-        if tap is not None:
-            tap.feed(offset, mv)
+        self.reading.read(fd, offset, mv)
         return True
-
-    def _tap_raw(self, item: Item) -> None:
-        """A tensor the sink copies untouched: its bytes are hashed here, in file order (read into the page
-        cache, where the sink's copy finds them)."""
-        span = self.base.span(item.name)
-        tap = self.taps.get(span[0]) if span is not None else None
-        if tap is not None:
-            tap.skip_to(span[1] + span[2])
-
-    def _consumed(self, name: str) -> None:
-        """After a tensor is written: the base before its end is read, copied and hashed (items come in file
-        order; the reader and its tap run ahead of the writer), so it may leave the page cache — unless a tap
-        broke (the file is then hashed whole, from the cache)."""
-        if not self.behind.marks:
-            return
-        span = self.base.span(name)
-        if span is None:
-            return
-        fd, offset, n = span
-        tap = self.taps.get(fd)
-        if tap is None or not tap.broken and tap.pos >= offset + n:
-            self.behind.consumed(fd, offset + n)
 
     def _fp32_like(self, view: torch.Tensor) -> torch.Tensor:
         """A reused fp32 copy of `view`, in its memory layout: a source that serves a matrix as the transpose of
@@ -321,8 +294,7 @@ class Stream:
             self.pipe.stop.set()
             for th in threads:
                 th.join(timeout=5)
-            for tap in self.taps.values():  # a tap not finished (an error) publishes nothing
-                tap.close()
+            self.reading.close()
         return {"bytes": written, "nonfinite": self.flagged, "hashes": self.sink.hashes()}
 
     def _drain(self, advance) -> tuple[int, tuple | None]:
@@ -361,7 +333,8 @@ class Stream:
         item.pooled = []
         self.budget.release(item.cost)
         self.base.release(item.name)
-        self._consumed(item.name)
+        if self.reading.behind.marks:
+            self.reading.consumed(self.base.span(item.name))
 
 
 class _progress:
@@ -404,7 +377,7 @@ def _entry_dtypes(layout: list[OutFile]) -> dict[str, torch.dtype]:
 
 
 def stream(plan: MergePlan, layout: list[OutFile], sink: Sink, dev: torch.device, out_dtype, quantizer,
-           progress=None, nonfinite: str = "warn", label: str | None = None, taps: dict | None = None,
-           drop: frozenset[int] = frozenset()) -> dict:
-    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite, label, taps, drop).run(progress)
+           progress=None, nonfinite: str = "warn", label: str | None = None, reading: BaseReading | None = None
+           ) -> dict:
+    return Stream(plan, layout, sink, dev, out_dtype, quantizer, nonfinite, label, reading).run(progress)
 
