@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from loraport.paths import identity
 from loraport.errors import BadInputError
 from loraport.jobs import KINDS, Job, JobResult, summary  # noqa: F401 - JobResult, summary: re-exported
 from loraport.jsonfile import MAX_JSON
@@ -54,7 +55,7 @@ def _refuse_collisions(jobs: list[Job], where: str) -> None:
     refused before anything is written. Names equal but for case collide too (macOS, Windows, exFAT)."""
     seen: dict[str, Job] = {}
     for j in jobs:
-        k = os.path.normcase(str(Path(j.out).resolve())).casefold()
+        k = os.path.normcase(str(identity(j.out))).casefold()
         first = seen.setdefault(k, j)
         if first is not j:
             a, b = (", ".join(x for x, _ in job.adapters) for job in (first, j))
@@ -177,7 +178,7 @@ def _link(jobs: list[Job], where: str) -> None:
     """A job that reads another job's output runs after it (`after`); the producer must come first in the file,
     which also rules out cycles."""
     def key(p: str) -> str:
-        return os.path.normcase(str(Path(p).resolve())).casefold()
+        return os.path.normcase(str(identity(p))).casefold()
 
     made = {key(j.out): i for i, j in enumerate(jobs) if j.kind != "validate"}
     for i, j in enumerate(jobs):

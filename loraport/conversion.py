@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from loraport.adapter import Adapter, Delta, LoraDelta
+from loraport.paths import identity
 from loraport.errors import BadInputError, Inexpressible
 
 
@@ -107,8 +108,8 @@ def _stamper(src, to: str, base, hash_cache):
 
     def stamp(written: Path, name: str | None) -> None:
         inputs = mf.input_hashes([src, base], mf.HashCache.of(hash_cache))
-        plan = {"to": to, "source": str(Path(src).resolve()),
-                "base": None if base is None else str(Path(base).resolve())}
+        plan = {"to": to, "source": str(identity(src)),
+                "base": None if base is None else str(identity(base))}
         m = mf.build(written, inputs=inputs, plan=plan, name=name)
         if name:
             mf.write_sibling(written, m)

@@ -19,9 +19,9 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 
 from loraport.jobs import Job, JobResult
+from loraport.paths import identity
 from loraport.errors import BadInputError
 from loraport.job_runner import run_job
 
@@ -180,7 +180,7 @@ def _sweep(jobs: list[Job]) -> None:
     for j in jobs:
         if j.kind != "validate":
             try:
-                sweep_stale(Path(j.out).resolve())
+                sweep_stale(identity(j.out))
             except OSError:
                 pass
 
@@ -223,7 +223,7 @@ def place_by_base(jobs: list[Job], workers: list[str]) -> dict[int, str]:
         return {}
     groups: dict[str, list[int]] = defaultdict(list)
     for i, j in enumerate(jobs):
-        key = str(Path(j.base).resolve()) if j.base else f"(no base) {i}"
+        key = str(identity(j.base)) if j.base else f"(no base) {i}"
         groups[key].append(i)
     share = -(-len(jobs) // len(workers))
     load = dict.fromkeys(workers, 0)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from loraport.jobs import Job, JobResult
+from loraport.paths import identity
 from loraport.errors import BadInputError, LoraportError
 
 # batch options that only a merge takes (the others go to every kind that has them)
@@ -120,7 +121,7 @@ def done_before(job: Job, options: dict) -> str | None:
 def _same_job(job: Job, plan: dict, options: dict) -> bool:
     def same(a, b) -> bool:
         return a is None and b is None or (a is not None and b is not None and
-                                           Path(str(a)).resolve() == Path(str(b)).resolve())
+                                           identity(str(a)) == identity(str(b)))
 
     if job.kind == "convert" and job.to != "onnx":
         return plan.get("to") == job.to and same(plan.get("source"), job.adapters[0][0]) \

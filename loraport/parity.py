@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from loraport.adapter import LowRank
+from loraport.paths import identity
 from loraport.errors import BadInputError
 from loraport.remote_code import NO_REMOTE_CODE, no_prompt, refuse_remote_code
 from loraport.jsonfile import read_json
@@ -542,7 +543,7 @@ def _tolerance(tolerance, precision: str) -> dict:
 def _match_adapters(entries: list[dict], loaded: list) -> dict:
     """Manifest adapter name -> (Adapter, weight): by source path, then name, then position."""
     out = {}
-    by_path = {str(Path(p).resolve()): (a, w) for a, w, p in loaded}
+    by_path = {str(identity(p)): (a, w) for a, w, p in loaded}
     by_name = {Path(p).name: (a, w) for a, w, p in loaded}
     for i, e in enumerate(entries):
         hit = by_path.get(e.get("source", "")) or by_name.get(e["name"]) or (

@@ -65,6 +65,16 @@ def regular(path: str | Path) -> Path:
     return p
 
 
+def identity(path: str | Path) -> Path:
+    """`path` with its links followed, for telling paths apart (a batch's outputs, jobs grouped by base); one
+    whose links cannot be followed (a symlink loop: RuntimeError before Python 3.13, OSError after) stays as
+    written, made absolute — the command that uses it then refuses it in one line, and a batch's other jobs run."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
 def named(path: str | Path) -> Path:
     """A path the user named directly: may be a symlink, but must resolve to a regular file or a folder."""
     return regular(path)

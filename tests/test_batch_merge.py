@@ -108,6 +108,21 @@ def test_jobs_file_weights_and_failures(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_job_whose_output_is_a_symlink_loop_fails_alone(tmp_path):
+    """Found reading the batch code: a symlink loop as one job's `out` raised RuntimeError while the batch compared
+    outputs (an internal error, and no job ran). Now that job fails with its one line and the others run."""
+    base, seeds = _family(1)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    jf = tmp_path / "jobs.json"
+    jf.write_text(json.dumps([{"adapter": str(seeds[0].path), "out": str(tmp_path / "loop")},
+                              {"adapter": str(seeds[0].path), "out": str(tmp_path / "ok")}]))
+    res = CliRunner().invoke(main, ["merge", "--base", str(base), "--jobs", str(jf)])
+    assert res.exit_code == 1, res.stderr
+    assert "1 of 2" in res.stderr and "cannot follow its symlinks" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert (tmp_path / "ok").is_dir() and (tmp_path / "loop").is_symlink()
+
+
 @pytest.mark.parametrize("bad", [
     "[", "{}", "[]", '[{"adapter": 3, "out": "x"}]', '[{"adapter": "a", "out": "x", "weight": [1, 2]}]',
     '[{"adapter": "a"}]', '[{"adapter": "a", "out": "x"}, {"adapter": "b", "out": "x"}]', "[" * 50000,
