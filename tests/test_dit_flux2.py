@@ -33,6 +33,19 @@ def test_flux2_merge_matches_diffusers(lora, layout, tmp_path):
     assert max_diff(merged(BASES[layout], F / f"flux2_{lora}.safetensors", tmp_path), want) <= 1e-5
 
 
+@pytest.mark.parametrize("layout", list(BASES))
+def test_flux2_aitoolkit_lokr_matches_diffusers(layout, tmp_path):
+    """ai-toolkit's Flux.2 LoKr (BFL names, Kronecker factors on the fused qkv, an MLP, linear1 and a rank-decomposed
+    linear2 with alpha/rank) against diffusers, which fuses the model's projections and applies PEFT's LoKr to them:
+    the same weights within 1e-5 in both base layouts (into the diffusers folder each fused delta's rows land on q,
+    k and v)."""
+    want = {**_base_sd(), **load_file(F / "expect_flux2_aitk_lokr.safetensors")}
+    assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) == 9, "the LoKr changes 9 tensors"
+    if layout != "diffusers":
+        want = maker("dit_flux2").to_original(want)
+    assert max_diff(merged(BASES[layout], F / "flux2_aitk_lokr.safetensors", tmp_path), want) <= 1e-5
+
+
 def test_flux2_table_covers_every_linear_weight_of_both_layouts():
     table = dit.TABLES["flux2"]
     dif = {k[:-7]: v.shape for k, v in _base_sd().items() if k.endswith(".weight") and v.dim() == 2}
