@@ -34,16 +34,17 @@ def test_flux2_merge_matches_diffusers(lora, layout, tmp_path):
 
 
 @pytest.mark.parametrize("layout", list(BASES))
-def test_flux2_aitoolkit_lokr_matches_diffusers(layout, tmp_path):
-    """ai-toolkit's Flux.2 LoKr (BFL names, Kronecker factors on the fused qkv, an MLP, linear1 and a rank-decomposed
-    linear2 with alpha/rank) against diffusers, which fuses the model's projections and applies PEFT's LoKr to them:
-    the same weights within 1e-5 in both base layouts (into the diffusers folder each fused delta's rows land on q,
-    k and v)."""
-    want = {**_base_sd(), **load_file(F / "expect_flux2_aitk_lokr.safetensors")}
-    assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) == 9, "the LoKr changes 9 tensors"
+@pytest.mark.parametrize("lokr, changed", [("aitk_lokr", 9), ("lycoris_lokr", 5)])
+def test_flux2_lokr_matches_diffusers(lokr, changed, layout, tmp_path):
+    """Flux.2 LoKr as ai-toolkit writes it (BFL names, Kronecker factors on the fused qkv, an MLP, linear1 and a
+    rank-decomposed linear2 with alpha/rank; diffusers fuses the model's projections and applies PEFT's LoKr to
+    them) and as LyCORIS's wrapper writes it (lycoris_<diffusers path>): diffusers' weights within 1e-5 in both base
+    layouts (into the diffusers folder a fused qkv delta's rows land on q, k and v)."""
+    want = {**_base_sd(), **load_file(F / f"expect_flux2_{lokr}.safetensors")}
+    assert sum(not torch.equal(want[k], v) for k, v in _base_sd().items()) == changed, "the LoKr changes the model"
     if layout != "diffusers":
         want = maker("dit_flux2").to_original(want)
-    assert max_diff(merged(BASES[layout], F / "flux2_aitk_lokr.safetensors", tmp_path), want) <= 1e-5
+    assert max_diff(merged(BASES[layout], F / f"flux2_{lokr}.safetensors", tmp_path), want) <= 1e-5
 
 
 def test_flux2_table_covers_every_linear_weight_of_both_layouts():
