@@ -147,3 +147,35 @@ def test_converted_zimage_files_load_in_diffusers(tmp_path):
         out = tmp_path / f"{src}-{to}.safetensors"
         convert(str(F / f"zimage_{src}.safetensors"), to=to, out=out)
         assert max_diff(diffusers_fuse(make, _base(), ZImagePipeline, out), _expected(src, "diffusers")) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", list(ZIMAGE))
+def test_aitoolkit_lokr_merges_as_lycoris_computes_it(layout, tmp_path):
+    """ai-toolkit's Z-Image LoKr (`diffusion_model.` + diffusers names, LyCORIS's `lokr_w1` / `lokr_w2[_a/_b]` /
+    `alpha`): diffusers has no Z-Image LoKr converter, so the reference is lycoris-lora's own LokrModule wrapped
+    around each base linear — the weight its forward uses (the Kronecker product times LyCORIS's scale: none for
+    full factors, alpha/rank for a decomposed one), checked against that forward on inputs — merged into both
+    layouts within 1e-5 (into the original file, q/k/v's deltas land on the rows of the fused qkv). Not its
+    get_diff_weight / get_merged_weight: in lycoris-lora 4.1.3 they apply a decomposed LoKr's scale twice."""
+    lokr = pytest.importorskip("lycoris.modules.lokr")
+    g = torch.Generator().manual_seed(11)
+    want, sd = dict(_base()), {}
+    for mod, full in (("layers.0.attention.to_q", True), ("layers.0.attention.to_v", True),
+                      ("layers.1.feed_forward.w2", False), ("layers.0.attention.to_out.0", True)):
+        w = _base()[f"{mod}.weight"]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        m = lokr.LokrModule("x", lin, multiplier=1.0, lora_dim=2, alpha=4.0, factor=2, full_matrix=full)
+        state = {k: (torch.randn(v.shape, generator=g) if k != "alpha" else v) for k, v in m.state_dict().items()}
+        m.load_state_dict(state)
+        assert full or ("lokr_w2_a" in state and m.scale == 2.0), "a decomposed factor: alpha/rank = 4/2 applies"
+        with torch.no_grad():
+            lin.weight.copy_(w.float())
+            want[f"{mod}.weight"] = w.float() + m.get_weight(tuple(w.shape)).float()
+            m.apply_to()  # lin now runs through the LoKr module
+            x = torch.randn(3, w.shape[1], generator=g)
+            assert torch.allclose(lin(x), x @ want[f"{mod}.weight"].t(), atol=1e-4), "the forward's own weight"
+        sd.update({f"diffusion_model.{mod}.{k}": v for k, v in state.items()})
+    save_file(sd, tmp_path / "lokr.safetensors")
+    if layout == "original":
+        want = maker("dit_zimage").to_zimage_original(want)
+    assert max_diff(merged(ZIMAGE[layout], tmp_path / "lokr.safetensors", tmp_path), want) <= 1e-5
