@@ -206,3 +206,20 @@ def test_hunyuan_16bit_and_fp8_single_files(dtype, tmp_path):
         assert float(err.max()) <= 1e-6, k
         changed += not torch.equal(got[k], stored[k])
     assert changed >= 20
+
+
+@pytest.mark.parametrize("lora", [*LORAS, *MADE])
+def test_hunyuan_loras_merge_into_a_framepack_base(lora, tmp_path):
+    """FramePack (HunyuanVideoFramepackTransformer3DModel) is HunyuanVideo's transformer plus an image projection
+    and a clean-latent embedder; its LoRAs are HunyuanVideo's. Into a FramePack diffusers folder holding the
+    HunyuanVideo base's weights, every dialect gives what diffusers gives on HunyuanVideo (the maker checks that
+    diffusers' FramePack pipeline fuses the diffusers LoRA the same) and leaves the extra modules untouched."""
+    fp = F / "framepack-diffusers"
+    base = folder_weights(fp)
+    extras = {k for k in base if k not in _base()}
+    assert any(k.startswith("image_projection.") for k in extras) and any("clean_x_embedder" in k for k in extras)
+    src = MADE[lora][0](tmp_path / "m.safetensors") if lora in MADE else F / f"hunyuan_{lora}.safetensors"
+    lora = MADE[lora][1] if lora in MADE else lora
+    want = {**base, **load_file(F / f"expect_hunyuan_{lora}.safetensors")}
+    assert inspect(src, base=fp).report["family"]["family"] == "hunyuan_video"
+    assert max_diff(merged(fp, src, tmp_path), want) <= 1e-5
