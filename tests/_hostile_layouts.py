@@ -41,7 +41,7 @@ OSS, OSS_LORA = FIX / "quant" / "gpt-oss-mxfp4", FIX / "quant" / "gpt-oss-lora"
 BF16, LLAMA_LORA = FIX / "quant" / "llama-bf16", FIX / "quant" / "lora-small"
 DIT = FIX / "dit"
 FLUX_LORA = DIT / "flux_kohya.safetensors"
-NEW_FAMILIES = ("chroma", "lumina2", "hidream", "flux2", "hunyuan_video", "ltx_video", "zimage")
+NEW_FAMILIES = ("chroma", "lumina2", "hidream", "flux2", "hunyuan_video", "ltx_video", "ltx2", "zimage")
 
 
 @dataclass(frozen=True)
@@ -339,8 +339,9 @@ def random_flux_gguf(out: Path, ch) -> str:
 # ------------------------------------------------------------------------------------------------ families
 FAMILY_NAMES = {"flux": "Flux", "sd3": "SD3", "wan": "Wan", "qwen": "Qwen-Image", "chroma": "Chroma",
                 "lumina2": "Lumina", "hidream": "HiDream", "flux2": "Flux.2", "hunyuan_video": "HunyuanVideo",
-                "ltx_video": "LTX-Video", "zimage": "Z-Image"}
-FIXTURE_FAMILY = {"hunyuan": "hunyuan_video", "ltx": "ltx_video"}  # fixture file prefix → family name
+                "ltx_video": "LTX-Video", "ltx2": "LTX-2", "zimage": "Z-Image"}
+# fixture file prefix → family name (a FramePack base is HunyuanVideo's transformer plus two modules)
+FIXTURE_FAMILY = {"hunyuan": "hunyuan_video", "framepack": "hunyuan_video", "ltx": "ltx_video"}
 
 
 def _family(p: Path) -> str:
@@ -370,6 +371,13 @@ def family_pairs() -> list[tuple[Path, Path]]:
     return [(lo, b) for lo in loras for b in bases if _family(lo) != _family(b)
             and {_family(lo), _family(b)} & set(NEW_FAMILIES) and not dit.kin(_family(lo), _family(b))
             and _family(b) not in _fits(lo)]
+
+
+def always_fits(lora_family: str, base_family: str) -> bool:
+    """Every fixture LoRA of `lora_family` fits `base_family`'s table by its names (LTX-Video's on LTX-2, whose
+    video stream has LTX-Video's names): no name mismatch there, the shapes decide."""
+    loras = [p for p in DIT.glob("*_*.safetensors") if not p.name.startswith("expect") and _family(p) == lora_family]
+    return bool(loras) and all(base_family in _fits(lo) for lo in loras)
 
 
 GGUF_ARCHS = {"flux": "flux-bfl", "chroma": "chroma-original", "lumina2": "lumina2-original", "wan": "wan-original"}

@@ -74,14 +74,16 @@ def test_hostile_new_layout_base(case, tmp_path):
 
 
 def test_every_new_family_pair_is_covered():
-    """Each new family's LoRAs meet every other family's base and the reverse, kin pairs (Chroma / Flux) aside."""
+    """Each new family's LoRAs meet every other family's base and the reverse, kin pairs (Chroma / Flux) aside, and
+    pairs where every LoRA of one family is named as the other's modules (LTX-Video's on LTX-2: shapes decide)."""
     from loraport.names import dit
 
     pairs = {(L._family(lo), L._family(b)) for lo, b in L.family_pairs()}
     for new in L.NEW_FAMILIES:
         others = {f for f in L.FAMILY_NAMES if f != new and not dit.kin(new, f)}
-        assert {b for lo, b in pairs if lo == new} == others, new
-        assert {lo for lo, b in pairs if b == new} == others, new
+        assert {b for lo, b in pairs if lo == new} == {f for f in others if not L.always_fits(new, f)}, new
+        assert {lo for lo, b in pairs if b == new} == {f for f in others if not L.always_fits(f, new)}, new
+    assert L.always_fits("ltx_video", "ltx2") and not L.always_fits("ltx2", "ltx_video")
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from loraport.names.dit_flux2 import FLUX2_FUSED, FLUX2_ROWS
 from loraport.names.dit_hidream import HIDREAM_ANCHOR, HIDREAM_ROWS
 from loraport.names.dit_hunyuan import HUNYUAN_ANCHORS, HUNYUAN_FUSED, HUNYUAN_ROWS
 from loraport.names.dit_ltx import LTX_ANCHORS, LTX_ROWS
+from loraport.names.dit_ltx2 import LTX2_ANCHORS, LTX2_ROWS
 from loraport.names.dit_lumina2 import LUMINA2_ANCHORS, LUMINA2_FUSED, LUMINA2_ROWS
 from loraport.names.dit_qwen import QWEN_ANCHOR, QWEN_ROWS
 from loraport.names.dit_sd3 import SD3_FUSED, SD3_ROWS
@@ -81,6 +82,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("hunyuan_video", "HunyuanVideo", _columns(HUNYUAN_ROWS), HUNYUAN_FUSED, HUNYUAN_ANCHORS,
            {}, shadows=("flux",)),
     Family("ltx_video", "LTX-Video", _columns(LTX_ROWS), {}, LTX_ANCHORS, {}),
+    Family("ltx2", "LTX-2", _columns(LTX2_ROWS), {}, LTX2_ANCHORS, {}, shadows=("ltx_video",)),
     Family("zimage", "Z-Image (Turbo, Omni)", _columns(ZIMAGE_ROWS), ZIMAGE_FUSED, ZIMAGE_ANCHORS, {}),
 )
 
